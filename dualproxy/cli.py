@@ -1,0 +1,552 @@
+"""The `dualproxy` command.
+
+Exit codes (a contract scripts rely on): 0 ok, 1 the thing checked is wrong (bad config,
+unusable key, failed check), 2 usage error (argparse's own code for a bad command line).
+
+Errors go to stderr as `error: FILE: KEY.PATH: problem; what to do`, the shape `ConfigError`
+and `KeyStoreError` already have. None of them carries key material: those exceptions are
+built not to, and this module prints pins (public) but never a private key.
+
+Long-running commands (`serve`, `dev`) take Ctrl-C as a request to stop: SIGINT cancels the
+server's nursery, so connections are torn down by trio and the process exits 0 without a
+KeyboardInterrupt traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import re
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Final, NoReturn, TextIO
+
+import trio
+from cryptography.hazmat.primitives import serialization
+
+from . import checks, keystore, pins, policy
+from .clienthello import ClientHello
+from .config import DEFAULT_CONFIG_FILE, Config, ConfigError, Role, load, parse_time
+from .keystore import KeySnapshot, KeyStoreError
+from .server import Server, raise_open_file_limit, utc_now
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+
+# What `dualproxy route` pretends the client sent besides the given SNI and ALPN: a current
+# browser's TLS 1.3 ClientHello (Chrome's cipher suites, signature schemes and groups), so that
+# with an ECDSA and an RSA key the key named is the one such a client gets.
+_ROUTE_CIPHERS: Final = (0x1301, 0x1302, 0x1303, 0xC02B, 0xC02F, 0xC02C, 0xC030, 0xCCA9, 0xCCA8)
+_ROUTE_SIGALGS: Final = (0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0501, 0x0806, 0x0601)
+_ROUTE_VERSIONS: Final = (0x0304, 0x0303)
+_ROUTE_GROUPS: Final = (0x001D, 0x0017, 0x0018)
+
+# Key names become folders under --dir: the rule config.py applies to [keys.NAME] tables, so
+# that a key made here can be named in the config (and "../x" cannot leave the folder).
+_KEY_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# A DNS label (RFC 1123, underscores tolerated as CAs and config.py do); 253: RFC 1035 limit.
+_DNS_LABEL: Final = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+_MAX_HOSTNAME: Final = 253
+
+KEY_TYPES: Final = ("ecdsa-p256", "rsa-2048")
+
+
+class CommandError(Exception):
+    """Stop the command: print `error: message` and exit with `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]); returns the exit code."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except (ConfigError, KeyStoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse's own error, plus where to look: a missing sub-command otherwise only
+        # prints a terse usage line.
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dualproxy",
+        description="TLS reverse proxy that keeps pinned apps working across key rotations.",
+        epilog="exit codes: 0 ok, 1 the thing checked is wrong, 2 usage error",
+    )
+    commands = parser.add_subparsers(metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = commands.add_parser(
+            name, help=help_text, description=help_text
+        )
+        return sub
+
+    def with_config(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "-c",
+            "--config",
+            type=Path,
+            default=Path(DEFAULT_CONFIG_FILE),
+            help=f"config file (default: ./{DEFAULT_CONFIG_FILE})",
+        )
+
+    def with_time(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--at",
+            type=_time_argument,
+            default=None,
+            metavar="TIME",
+            help="evaluate at this instant instead of now (e.g. 2026-12-15T00:00:00Z)",
+        )
+
+    serve = command("serve", "serve TLS with the configured keys and rotation")
+    with_config(serve)
+    serve.set_defaults(handler=_cmd_serve)
+
+    check = command("check", "validate config, keys and chains; show the rotation timeline")
+    with_config(check)
+    with_time(check)
+    check.set_defaults(handler=_cmd_check)
+
+    route = command("route", "dry run: which key a client would get, and why")
+    with_config(route)
+    with_time(route)
+    route.add_argument("--sni", metavar="NAME", help="server name the client sends")
+    route.add_argument(
+        "--alpn", action="extend", nargs="+", default=[], metavar="PROTOCOL",
+        help="ALPN tokens the client offers (several, or the flag repeated)",
+    )  # fmt: skip
+    route.add_argument(
+        "--client", type=_ip_argument, metavar="IP", help="client IP address (for network hints)"
+    )
+    route.set_defaults(handler=_cmd_route)
+
+    pins_cmd = command("pins", "pins of every configured key, for apps and curl")
+    with_config(pins_cmd)
+    with_time(pins_cmd)
+    pins_cmd.add_argument(
+        "--format",
+        choices=pins.FORMATS,
+        default=None,
+        help="output for a platform (default: a table); curl's works as --pinnedpubkey as-is",
+    )
+    pins_cmd.set_defaults(handler=_cmd_pins)
+
+    keys_cmd = command("keys", "make keys and certificate signing requests")
+    keys_sub = keys_cmd.add_subparsers(metavar="ACTION", required=True)
+    new = keys_sub.add_parser(
+        "new",
+        help="generate a private key (mode 0600) and print its pin",
+        description="Generate a private key (mode 0600, never overwriting) and print its pin.",
+    )
+    new.add_argument("name", type=_key_name_argument, help="key name, e.g. k2027a")
+    new.add_argument("--type", choices=KEY_TYPES, default="ecdsa-p256", help="key type")
+    new.add_argument("--dir", type=Path, default=Path("certs"), help="key store folder")
+    new.set_defaults(handler=_cmd_keys_new)
+    csr = keys_sub.add_parser(
+        "csr",
+        help="a CSR for an existing key (for any ACME client)",
+        description="Write a certificate signing request for an existing key.",
+    )
+    csr.add_argument("name", type=_key_name_argument, help="key name")
+    csr.add_argument(
+        "--name", dest="hostnames", action="append", required=True, metavar="HOST",
+        type=_host_argument, help="name to request (repeatable); the first is the subject CN",
+    )  # fmt: skip
+    csr.add_argument("--dir", type=Path, default=Path("certs"), help="key store folder")
+    csr.add_argument("--out", type=Path, help="CSR file (default: DIR/NAME/csr.pem; - for stdout)")
+    csr.set_defaults(handler=_cmd_keys_csr)
+
+    dev = command("dev", "local pinning test bench: a dev CA, old and new keys, a rotation")
+    dev.add_argument("--dir", type=Path, default=Path("certs/dev"), help="where dev material lives")
+    dev.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT to serve on")
+    dev.add_argument(
+        "--name", action="append", default=[], metavar="HOST", type=_host_argument,
+        help="extra name for the certificates, e.g. a LAN IP a phone can reach (repeatable)",
+    )  # fmt: skip
+    dev.add_argument(
+        "--reset", action="store_true", help="replace the dev CA and keys (only those files)"
+    )
+    dev.set_defaults(handler=_cmd_dev)
+    return parser
+
+
+# --- argument types (a ValueError or ArgumentTypeError here is a usage error, exit 2) -----
+
+
+def _time_argument(text: str) -> datetime:
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _ip_argument(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
+def _key_name_argument(text: str) -> str:
+    if not _KEY_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: key names are letters, digits, '.', '_' and '-' (at most 64), starting"
+            " with a letter or digit"
+        )
+    return text
+
+
+def _host_argument(text: str) -> str:
+    """A name a certificate can carry: a DNS name (a leading "*." allowed) or an IP address."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if not text.isascii():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write internationalized names in punycode (xn--...)"
+        )
+    name = text.lower().removesuffix(".")
+    labels = name.split(".")
+    if labels[0] == "*":
+        labels = labels[1:]
+    if (
+        len(name) > _MAX_HOSTNAME
+        or len(labels) < (2 if name.startswith("*.") else 1)
+        or not all(_DNS_LABEL.fullmatch(label) for label in labels)
+    ):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a host name or IP address (a wildcard only as a leading '*.')"
+        )
+    return name
+
+
+def _load(args: argparse.Namespace) -> tuple[Config, KeySnapshot]:
+    config = load(args.config)
+    return config, keystore.load_snapshot(config)
+
+
+# --- serve -------------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    _setup_logging()
+    config = load(args.config)
+    server = Server(config)  # loads the keys: an unusable one stops us here, exit 1
+    raise_open_file_limit(config.limits.max_connections)
+    code = _run_until_interrupted(server.run)
+    if code == EXIT_OK:
+        logging.getLogger("dualproxy").info("stopped")
+    return code
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_until_interrupted(body: Callable[[], Awaitable[None]]) -> int:
+    """trio.run(body) until it returns or Ctrl-C; an OSError (a port in use) is exit 1."""
+    failed = False
+    try:
+        trio.run(_cancel_on_sigint, body)
+    except* KeyboardInterrupt:
+        pass  # Ctrl-C before the handler below was in place: stopping is all it asks for
+    except* OSError as group:
+        for exc in _leaves(group):
+            print(f"error: {exc}", file=sys.stderr)
+        failed = True
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+async def _cancel_on_sigint(body: Callable[[], Awaitable[None]]) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_watch_sigint, nursery.cancel_scope)
+        await body()
+        nursery.cancel_scope.cancel()  # body ended by itself (SIGTERM): stop watching
+
+
+async def _watch_sigint(
+    scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        task_status.started()
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:
+    out: list[OSError] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out += _leaves(exc)
+        else:
+            out.append(exc)
+    return out
+
+
+# --- check -------------------------------------------------------------------------------
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    config, snapshot = _load(args)
+    at = args.at or utc_now()
+    out = sys.stdout
+    print(f"config: {config.path} (ok)", file=out)
+    for warning in snapshot.warnings:
+        print(f"warning: {warning}", file=out)
+    print(f"\nkeys (at {at:%Y-%m-%d %H:%M} UTC):", file=out)
+    for key in snapshot.keys.values():
+        role = policy.pin_role(config.rotation, key.name, at)
+        print(f"  {key.name} [{role}]", file=out)
+        print(f"    algorithm  {key.algorithm}", file=out)
+        print(f"    pin        sha256/{key.pin}", file=out)
+        print(f"    names      {', '.join(key.names) or '(none)'}", file=out)
+        valid = f"{key.not_before:%Y-%m-%d %H:%M} .. {key.not_after:%Y-%m-%d %H:%M} UTC"
+        print(f"    valid      {valid}", file=out)
+        print(f"    chain      {key.chain_file}", file=out)
+    print("", file=out)
+    _print_timeline(config, at, "now" if args.at is None else "at", out)
+    findings = checks.check_keys(config, snapshot.keys, at)
+    if findings:
+        print("", file=out)
+    for finding in findings:
+        # Errors also reach a CI log that discards the report on stdout.
+        stream = sys.stderr if finding.level == "error" else out
+        print(f"{finding.level}: {finding}", file=stream)
+    errors = sum(f.level == "error" for f in findings)
+    if errors:
+        print(f"check failed: {errors} error(s)", file=sys.stderr)
+        return EXIT_FAILED
+    warnings = len(findings) + len(snapshot.warnings)
+    print(f"\ncheck passed{f' with {warnings} warning(s)' if warnings else ''}", file=out)
+    return EXIT_OK
+
+
+def _print_timeline(config: Config, at: datetime, marker: str, out: TextIO) -> None:
+    rotation = config.rotation
+    if rotation is None:
+        print(f"rotation: none; every client gets {', '.join(config.keys)}", file=out)
+        return
+    phase = policy.phase(rotation, at)
+    mark = {p: (f"   <- {marker}" if p == phase else "") for p in ("before", "during", "after")}
+    hints = []
+    for role in ("new", "old"):
+        h = rotation.hints_for(role)
+        parts = [*h.sni, *(a.decode() for a in h.alpn), *(str(n) for n in h.networks)]
+        if parts:
+            hints.append(f"{role} for {', '.join(parts)}")
+    during = "; ".join(hints) or "no hints"
+    during += f"; others get {rotation.default}"
+    if rotation.canary_percent:
+        during += f" (canary: {rotation.canary_percent:g}% of them get new)"
+    start, end = (f"{t:%Y-%m-%d %H:%M}Z" for t in (rotation.grace_start, rotation.grace_end))
+    old, new = ", ".join(rotation.old), ", ".join(rotation.new)
+    print("rotation timeline:", file=out)
+    print(f"  until {start}  everyone gets old ({old}){mark['before']}", file=out)
+    print(f"  {start} .. {end}  grace window: {during}{mark['during']}", file=out)
+    print(f"  from {end}  everyone gets new ({new}){mark['after']}", file=out)
+
+
+# --- route -------------------------------------------------------------------------------
+
+
+def _cmd_route(args: argparse.Namespace) -> int:
+    config, snapshot = _load(args)
+    at = args.at or utc_now()
+    hello = ClientHello(
+        legacy_version=0x0303,
+        cipher_suites=_ROUTE_CIPHERS,
+        sni=args.sni,
+        alpn=tuple(a.encode() for a in args.alpn),
+        signature_algorithms=_ROUTE_SIGALGS,
+        supported_versions=_ROUTE_VERSIONS,
+        supported_groups=_ROUTE_GROUPS,
+    )
+    choice = policy.choose(config.rotation, hello, args.client, at)
+    identity = snapshot.identities[choice.identity]
+    key = identity.presented_key(hello)
+    print(f"key:      {key.name} ({key.algorithm}, sha256/{key.pin})")
+    others = [k for k in identity.keys if k is not key]
+    for other in others:
+        print(f"          {other.name} ({other.algorithm}) for clients that cannot take it")
+    print(f"identity: {choice.identity}")
+    print(f"reason:   {choice.reason}")
+    print(f"why:      {_explain(config, choice, args, at)}")
+    print(f"phase:    {policy.phase(config.rotation, at)} (at {at:%Y-%m-%d %H:%M:%S} UTC)")
+    return EXIT_OK
+
+
+def _explain(config: Config, choice: policy.Choice, args: argparse.Namespace, at: datetime) -> str:
+    """The rule of policy.choose that decided, in the config's own terms."""
+    rotation = config.rotation
+    reason = choice.reason
+    if rotation is None or reason is policy.Reason.SINGLE:
+        return "no [rotation] in the config: every client gets the configured keys"
+    role: Role = "new" if choice.identity == "new" else "old"
+    start, end = (f"{t:%Y-%m-%d %H:%M}Z" for t in (rotation.grace_start, rotation.grace_end))
+    if reason is policy.Reason.BEFORE_WINDOW:
+        return f"before rotation.grace_start ({start}) everyone gets old"
+    if reason is policy.Reason.AFTER_WINDOW:
+        return f"from rotation.grace_end ({end}) on everyone gets new"
+    if reason is policy.Reason.HINT_SNI:
+        pattern = next(p for p in rotation.hints_for(role).sni if policy.sni_matches(p, args.sni))
+        return f"SNI {args.sni} matches {pattern!r} in rotation.hints.{role}.sni"
+    if reason is policy.Reason.HINT_ALPN:
+        hinted = {a.decode() for a in rotation.hints_for(role).alpn}
+        token = next(a for a in args.alpn if a in hinted)
+        return f"ALPN {token} is in rotation.hints.{role}.alpn"
+    if reason is policy.Reason.HINT_NETWORK:
+        return f"client {args.client} is in rotation.hints.{role}.networks"
+    if reason is policy.Reason.CANARY:
+        bucket = policy.canary_bucket(args.client)
+        return (
+            f"no hint matched and client {args.client} is in the canary (bucket {bucket:.2f}"
+            f" < rotation.canary_percent = {rotation.canary_percent:g})"
+        )
+    hints = "no hint matched" + ("" if args.client else " (no --client given)")
+    return f"{hints}: rotation.default = {rotation.default!r}"
+
+
+# --- pins --------------------------------------------------------------------------------
+
+
+def _cmd_pins(args: argparse.Namespace) -> int:
+    config, snapshot = _load(args)
+    at = args.at or utc_now()
+    order = list(config.rotation.old + config.rotation.new) if config.rotation else []
+    order += [name for name in config.keys if name not in order]
+    try:
+        pinned = [
+            pins.PinnedKey(
+                name=name,
+                role=policy.pin_role(config.rotation, name, at),
+                pin=key.pin,
+                algorithm=key.algorithm,
+                # Mobile pin formats take host names; an IP address SAN is no domain to pin.
+                hostnames=tuple(n for n in key.names if not _is_ip(n)),
+                not_after=key.not_after,
+            )
+            for name in order
+            for key in [snapshot.keys[name]]
+        ]
+        rendered = None if args.format is None else pins.render(pinned, args.format)
+    except ValueError as exc:  # no keys, or a certificate name no pin format can carry
+        raise CommandError(f"{config.path}: keys: cannot render pins: {exc}") from None
+    if rendered is not None:
+        print(rendered)
+        return EXIT_OK
+    for p in pinned:
+        expires = f"{p.not_after:%Y-%m-%d}" if p.not_after else "-"
+        print(f"{p.name:<16} {p.role:<9} {p.algorithm:<12} until {expires}  sha256/{p.pin}")
+    return EXIT_OK
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+# --- keys --------------------------------------------------------------------------------
+
+
+def _cmd_keys_new(args: argparse.Namespace) -> int:
+    path = args.dir / args.name / "key.pem"
+    key = keystore.generate_private_key(args.type)
+    # Refuses an existing file (O_EXCL): the pin of a key may already ship in apps.
+    keystore.write_private_key(path, key)
+    public_key = key.public_key()
+    print(f"wrote {path} ({pins.describe_key_algorithm(public_key)}, mode 0600)")
+    print(f"pin: sha256/{pins.spki_pin(public_key)}")
+    print("next: publish this pin in your app as a backup pin now, then get a certificate:")
+    print(f"  dualproxy keys csr {args.name} --name api.example.com --dir {args.dir}")
+    return EXIT_OK
+
+
+def _cmd_keys_csr(args: argparse.Namespace) -> int:
+    key_path = args.dir / args.name / "key.pem"
+    if not key_path.exists() and not key_path.is_symlink():
+        raise CommandError(
+            f"{key_path}: no such key; make it first with"
+            f" `dualproxy keys new {args.name} --dir {args.dir}`, or pass the --dir it is in"
+        )
+    key = keystore.read_private_key(key_path)
+    csr = keystore.make_csr(key, args.hostnames)
+    pem = csr.public_bytes(serialization.Encoding.PEM)
+    pin = pins.spki_pin(key.public_key())
+    if args.out is not None and str(args.out) == "-":
+        sys.stdout.write(pem.decode("ascii"))
+        return EXIT_OK
+    out = args.out or args.dir / args.name / "csr.pem"
+    try:
+        out.write_bytes(pem)
+    except OSError as exc:
+        raise CommandError(f"{out}: cannot write the CSR: {exc.strerror}; pick --out") from None
+    print(f"wrote {out} for {', '.join(args.hostnames)}")
+    print(f"pin: sha256/{pin} (unchanged: same key)")
+    print("get it signed by any ACME client, e.g.:")
+    print(
+        f"  certbot certonly --csr {out} --fullchain-path {args.dir / args.name / 'chain.pem'}"
+        " --standalone"
+    )
+    return EXIT_OK
+
+
+# --- dev ---------------------------------------------------------------------------------
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    from . import dev
+
+    _setup_logging()
+    now = utc_now()
+    try:
+        material = dev.prepare(args.dir, args.name, reset=args.reset, now=now)
+    except OSError as exc:
+        raise CommandError(f"--dir {args.dir}: cannot prepare the dev material: {exc}") from None
+    try:
+        config = dev.build_config(material, args.listen, now)
+    except ConfigError as exc:
+        if exc.key_path.startswith("listen"):
+            raise CommandError(f"--listen: {exc.problem}", EXIT_USAGE) from None
+        raise
+    server = Server(config, dev_headers=True)
+    code = _run_until_interrupted(partial(dev.serve, server, material))
+    print("\nstopped", flush=True)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Read the TLS ClientHello at the start of a connection, without doing any I/O.
+
+The server peeks at the hello to choose which certificate to present, then replays the same
+bytes into OpenSSL. The peek is advisory: when it fails, the server uses its default identity
+and OpenSSL decides, so this parser may be strict without ever breaking a client that OpenSSL
+would accept with that default.
+
+Contract (the same shape as h11's readers): ``parse_client_hello(data)`` takes every byte
+received so far on the connection, from its first byte, and either
+
+1. returns a ``ClientHello`` once the whole hello has arrived (bytes after it are ignored),
+2. returns ``None`` when the bytes so far are a valid beginning and more are needed, or
+3. raises ``ClientHelloError`` when no continuation can make these bytes a hello we can read.
+
+It keeps no state between calls; the caller keeps the buffer and calls again when it grows.
+``None`` is only ever returned while ``len(data) < MAX_CLIENT_HELLO_BYTES``, so a caller that
+loops until it gets a value or an error buffers at most that many bytes.
+
+Theory of the record layer (RFC 8446 §5.1, RFC 5246 §6.2.1): the ClientHello is one handshake
+message (a 4-byte header: type, then a 3-byte body length) carried in one or more records of
+content type 22. Each record has a 5-byte header (content type, a version whose major byte is 3,
+a 2-byte payload length) and a payload of 1 to 2^14 bytes; a record may end anywhere inside the
+message, even inside its 4-byte header. Nothing but handshake records may come before the hello
+is complete. The handshake header's length tells when it is complete, and the record headers
+alone tell whether enough bytes have arrived, so an incomplete hello costs one step per record
+header (one, for every real client) and no copy; the body is copied and parsed only once all
+of it is here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "MAX_CLIENT_HELLO_BYTES",
+    "ClientHello",
+    "ClientHelloError",
+    "is_plain_http",
+    "parse_client_hello",
+]
+
+# Real hellos are 200 bytes to 2 KiB; a post-quantum key share (X25519MLKEM768, 1216 bytes)
+# is most of the 2 KiB. 16 KiB leaves 8x headroom, equals the largest record payload (2^14),
+# and bounds what an unauthenticated connection can make us buffer. A larger hello is not
+# lost: the peek gives up and OpenSSL still sees every byte.
+MAX_CLIENT_HELLO_BYTES: Final = 16 * 1024
+
+# Record layer, RFC 8446 §5.1.
+RECORD_HEADER_LEN: Final = 5
+MAX_RECORD_PAYLOAD_LEN: Final = 2**14  # TLSPlaintext.length "MUST NOT exceed 2^14 bytes"
+CONTENT_TYPE_HANDSHAKE: Final = 22
+RECORD_VERSION_MAJOR: Final = 3  # SSL 3.0 to TLS 1.3 all put 0x03 here
+
+# Handshake layer, RFC 8446 §4.
+HANDSHAKE_HEADER_LEN: Final = 4
+HANDSHAKE_CLIENT_HELLO: Final = 1
+RANDOM_LEN: Final = 32
+MAX_SESSION_ID_LEN: Final = 32  # legacy_session_id<0..32>
+
+# Extension types this module reads.
+EXT_SERVER_NAME: Final = 0  # RFC 6066 §3
+EXT_SUPPORTED_GROUPS: Final = 10  # RFC 8422 §5.1.1 (RFC 8446 §4.2.7)
+EXT_SIGNATURE_ALGORITHMS: Final = 13  # RFC 8446 §4.2.3
+EXT_ALPN: Final = 16  # application_layer_protocol_negotiation, RFC 7301 §3.1
+EXT_SUPPORTED_VERSIONS: Final = 43  # RFC 8446 §4.2.1
+
+SERVER_NAME_TYPE_HOST_NAME: Final = 0  # RFC 6066 §3, NameType.host_name
+TLS1_3: Final = 0x0304  # RFC 8446 §4.2.1
+
+# The size of a cipher suite, named group, signature scheme or protocol version.
+_U16_LEN: Final = 2
+
+# The start of a request line: method SP (RFC 9112 §3). Methods are case-sensitive tokens, and
+# every registered one is uppercase letters and "-" (IANA HTTP Method Registry; the longest,
+# BASELINE-CONTROL, has 16). A TLS record starts with 0x16, which is not a letter.
+_HTTP_REQUEST_START: Final = re.compile(rb"[A-Z][A-Z-]{0,15} ")
+
+
+class ClientHelloError(ValueError):
+    """These bytes can never become a ClientHello we can read (client's fault, or a protocol we
+    do not inspect)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    """The fields of a ClientHello that choosing a certificate may depend on.
+
+    Values are as the client sent them, in its order, GREASE values (RFC 8701) included.
+    """
+
+    legacy_version: int  # client_version: 0x0303 even from TLS 1.3 clients (RFC 8446 §4.1.2)
+    cipher_suites: tuple[int, ...]
+    sni: str | None  # the host_name as sent: printable ASCII, not lowercased; None when absent
+    alpn: tuple[bytes, ...]  # () when absent
+    signature_algorithms: tuple[int, ...]  # () when absent
+    supported_versions: tuple[int, ...]  # () when absent, as from every TLS 1.2-only client
+    supported_groups: tuple[int, ...]  # () when absent
+
+    @property
+    def offers_tls13(self) -> bool:
+        """The client can speak TLS 1.3 (only the supported_versions extension can say so)."""
+        return TLS1_3 in self.supported_versions
+
+
+def parse_client_hello(data: bytes) -> ClientHello | None:
+    """`data` is everything received so far on the connection, from its first byte.
+
+    Returns the ClientHello once complete, None when more bytes are needed, raises
+    ClientHelloError when the bytes can never be a readable ClientHello (not a TLS handshake
+    record, SSLv2-style hello, wrong handshake type, malformed lengths, duplicate extensions,
+    more than MAX_CLIENT_HELLO_BYTES needed, ...).
+    """
+    message = _reassemble(data)
+    if message is None:
+        return None
+    return _parse_body(_Reader(message, "ClientHello", start=HANDSHAKE_HEADER_LEN))
+
+
+def is_plain_http(data: bytes) -> bool:
+    """True when the first bytes look like a plain-text HTTP request (e.g. b"GET / HTTP/1.1")
+    sent to the TLS port, so the server can answer a short plain-text 400 instead of a TLS alert.
+
+    Decided by the first 17 bytes at most: an uppercase method token and a space. With fewer
+    bytes and no space yet, the answer is False. The HTTP/2 preface (b"PRI * HTTP/2.0") counts:
+    RFC 9113 §3.4 made it look like an HTTP/1.1 request on purpose.
+    """
+    return _HTTP_REQUEST_START.match(data) is not None
+
+
+def _reassemble(data: bytes) -> bytes | None:
+    """The whole handshake message (header included), None if incomplete, or raise."""
+    view = memoryview(data)
+    head = bytearray()  # the handshake header, collected across records
+    fragments: list[memoryview] = []  # handshake bytes, one slice per record, never copied
+    received = 0  # handshake bytes in `fragments`
+    message_len: int | None = None  # header + body, once the header is known
+    pos = 0  # start of the current record
+    while True:
+        _check_cap(pos, received, message_len)
+        _check_record_header(view[pos : pos + RECORD_HEADER_LEN], pos)
+        if len(data) < pos + RECORD_HEADER_LEN:
+            return None
+        length = int.from_bytes(view[pos + 3 : pos + RECORD_HEADER_LEN])  # the last 2 bytes
+        if length == 0:
+            raise ClientHelloError(f"empty handshake record at byte {pos}")
+        if length > MAX_RECORD_PAYLOAD_LEN:
+            raise ClientHelloError(f"record length {length} at byte {pos} exceeds 2^14")
+        fragment = view[pos + RECORD_HEADER_LEN : pos + RECORD_HEADER_LEN + length]
+        if message_len is None:
+            head += fragment[: HANDSHAKE_HEADER_LEN - len(head)]
+            message_len = _check_handshake_header(head)
+            _check_cap(pos, received, message_len)
+        fragments.append(fragment)
+        received += len(fragment)
+        if message_len is not None and received >= message_len:
+            fragments[-1] = fragment[: len(fragment) - (received - message_len)]
+            return b"".join(fragments)
+        if len(fragment) < length:
+            return None
+        pos += RECORD_HEADER_LEN + length
+
+
+def _check_cap(pos: int, received: int, message_len: int | None) -> None:
+    """Raise if the hello cannot end within MAX_CLIENT_HELLO_BYTES of the connection's start.
+
+    The missing handshake bytes come after the record header at `pos` at the earliest.
+    """
+    missing = (HANDSHAKE_HEADER_LEN if message_len is None else message_len) - received
+    if pos + RECORD_HEADER_LEN + missing > MAX_CLIENT_HELLO_BYTES:
+        raise ClientHelloError(
+            f"ClientHello needs more than MAX_CLIENT_HELLO_BYTES ({MAX_CLIENT_HELLO_BYTES})"
+        )
+
+
+def _check_record_header(header: memoryview, pos: int) -> None:
+    """Validate the bytes of a record header seen so far, so that garbage fails early."""
+    if len(header) >= 1 and header[0] != CONTENT_TYPE_HANDSHAKE:
+        if pos == 0 and header[0] & 0x80:
+            # An SSL 2.0 record header (2-byte form, high bit set): the SSLv2-compatible hello
+            # of very old clients. It cannot carry extensions, so there is nothing to read.
+            raise ClientHelloError("SSLv2-style ClientHello")
+        raise ClientHelloError(f"record content type {header[0]} at byte {pos}, expected 22")
+    if len(header) >= 2 and header[1] != RECORD_VERSION_MAJOR:
+        raise ClientHelloError(f"record version major byte {header[1]} at byte {pos}")
+
+
+def _check_handshake_header(head: bytearray) -> int | None:
+    """The handshake message length (header included), None until all 4 bytes are known."""
+    if head and head[0] != HANDSHAKE_CLIENT_HELLO:
+        raise ClientHelloError(f"handshake message type {head[0]}, expected client_hello (1)")
+    if len(head) < HANDSHAKE_HEADER_LEN:
+        return None
+    return HANDSHAKE_HEADER_LEN + int.from_bytes(head[1:4])
+
+
+def _parse_body(body: _Reader) -> ClientHello:
+    """ClientHello body, RFC 8446 §4.1.2 (extensions optional before TLS 1.3, RFC 5246 §7.4.1.2)."""
+    legacy_version = body.uint(2, "legacy_version")
+    body.skip(RANDOM_LEN, "random")
+    if body.vector(1, "legacy_session_id").remaining > MAX_SESSION_ID_LEN:
+        raise ClientHelloError("legacy_session_id longer than 32 bytes")
+    cipher_suites = body.vector(2, "cipher_suites").uint16s()
+    if body.vector(1, "legacy_compression_methods").remaining == 0:
+        raise ClientHelloError("legacy_compression_methods is empty")
+    extensions = _split_extensions(body.vector(2, "extensions")) if body.remaining else {}
+    body.expect_end()
+
+    server_name = extensions.get(EXT_SERVER_NAME)
+    alpn = extensions.get(EXT_ALPN)
+    return ClientHello(
+        legacy_version=legacy_version,
+        cipher_suites=cipher_suites,
+        sni=None if server_name is None else _parse_server_name(server_name),
+        alpn=() if alpn is None else _parse_alpn(alpn),
+        signature_algorithms=_u16_list(extensions, EXT_SIGNATURE_ALGORITHMS, length_size=2),
+        # versions<2..254>: the only one of these lists with a one-byte length.
+        supported_versions=_u16_list(extensions, EXT_SUPPORTED_VERSIONS, length_size=1),
+        supported_groups=_u16_list(extensions, EXT_SUPPORTED_GROUPS, length_size=2),
+    )
+
+
+def _split_extensions(block: _Reader) -> dict[int, _Reader]:
+    """Extension bodies by type; RFC 8446 §4.2 forbids two of one type."""
+    extensions: dict[int, _Reader] = {}
+    while block.remaining:
+        ext_type = block.uint(2, "extension type")
+        if ext_type in extensions:
+            raise ClientHelloError(f"duplicate extension {ext_type}")
+        extensions[ext_type] = block.vector(2, f"extension {ext_type}")
+    return extensions
+
+
+def _u16_list(
+    extensions: dict[int, _Reader], ext_type: int, *, length_size: int
+) -> tuple[int, ...]:
+    """An extension that is one nonempty list of 2-byte code points; () when it is absent."""
+    extension = extensions.get(ext_type)
+    return () if extension is None else extension.whole_vector(length_size).uint16s()
+
+
+def _parse_server_name(extension: _Reader) -> str | None:
+    """The host_name of a server_name extension (RFC 6066 §3); other name types are skipped."""
+    names = extension.whole_vector(2)
+    if not names.remaining:
+        raise ClientHelloError("server_name list is empty")
+    host_name: str | None = None
+    while names.remaining:
+        name_type = names.uint(1, "server_name type")
+        name = names.vector(2, "server_name").rest()
+        if name_type != SERVER_NAME_TYPE_HOST_NAME:
+            continue
+        if host_name is not None:
+            raise ClientHelloError("two host_name entries in server_name")  # RFC 6066 §3
+        # Printable ASCII only: what a DNS name can hold, and safe to log verbatim.
+        if not name or not all(0x21 <= byte <= 0x7E for byte in name):
+            raise ClientHelloError(f"host_name {name!r} is not printable ASCII")
+        host_name = name.decode("ascii")
+    return host_name
+
+
+def _parse_alpn(extension: _Reader) -> tuple[bytes, ...]:
+    """ProtocolName protocol_name_list<2..2^16-1>, each name opaque<1..2^8-1> (RFC 7301 §3.1)."""
+    names = extension.whole_vector(2)
+    protocols: list[bytes] = []
+    while names.remaining:
+        protocol = names.vector(1, "ALPN protocol name").rest()
+        if not protocol:
+            raise ClientHelloError("empty ALPN protocol name")
+        protocols.append(protocol)
+    if not protocols:
+        raise ClientHelloError("ALPN protocol list is empty")
+    return tuple(protocols)
+
+
+class _Reader:
+    """A cursor over bytes[start:end]; every read checks that it stays within end."""
+
+    __slots__ = ("_data", "_end", "_pos", "_what")
+
+    def __init__(self, data: bytes, what: str, start: int = 0, end: int | None = None) -> None:
+        self._data = data
+        self._what = what
+        self._pos = start
+        self._end = len(data) if end is None else end
+
+    @property
+    def remaining(self) -> int:
+        return self._end - self._pos
+
+    def skip(self, count: int, what: str) -> None:
+        if count > self.remaining:
+            raise ClientHelloError(f"{what} overruns {self._what}")
+        self._pos += count
+
+    def uint(self, size: int, what: str) -> int:
+        start = self._pos
+        self.skip(size, what)
+        return int.from_bytes(self._data[start : self._pos])
+
+    def vector(self, length_size: int, what: str) -> _Reader:
+        """A vector with a `length_size`-byte length prefix; the cursor moves past it."""
+        length = self.uint(length_size, f"{what} length")
+        start = self._pos
+        self.skip(length, what)
+        return _Reader(self._data, what, start, self._pos)
+
+    def whole_vector(self, length_size: int) -> _Reader:
+        """The one vector that must fill all of what is left, e.g. an extension's body."""
+        vector = self.vector(length_size, self._what)
+        self.expect_end()
+        return vector
+
+    def rest(self) -> bytes:
+        start, self._pos = self._pos, self._end
+        return self._data[start : self._end]
+
+    def uint16s(self) -> tuple[int, ...]:
+        """The rest as a nonempty list of 2-byte values (suites, groups, schemes, versions)."""
+        if self.remaining % _U16_LEN or not self.remaining:
+            raise ClientHelloError(f"{self._what} length {self.remaining} is not a list of u16")
+        values = self.rest()
+        return tuple(
+            int.from_bytes(values[i : i + _U16_LEN]) for i in range(0, len(values), _U16_LEN)
+        )
+
+    def expect_end(self) -> None:
+        if self.remaining:
+            raise ClientHelloError(f"{self._what} has {self.remaining} unexpected trailing byte(s)")

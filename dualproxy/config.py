@@ -1,0 +1,584 @@
+"""config.toml -> frozen dataclasses, strictly.
+
+Every value an operator writes is checked here, once, before anything listens: an unknown
+key, a wrong type, a missing file, a rotation naming a key that does not exist, a window that
+ends before it starts. Each rejection is a `ConfigError` naming the file, the key path
+(`rotation.grace_end`) and what to do. Misspelled keys are errors, never silently ignored:
+a typo in `grace_end` must not quietly become "the window never closes".
+
+The module is pure apart from reading the TOML file and checking that referenced files
+exist; it knows nothing about sockets, TLS or trio. Relative paths are relative to the
+directory of the config file, so a config can be moved with its certs/ folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final, Literal, TypeVar
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Role = Literal["old", "new"]
+# The identities the server presents: "single" when no rotation is configured.
+IdentityName = Literal["single", "old", "new"]
+
+DEFAULT_CONFIG_FILE: Final = "config.toml"
+
+# Key names become directory names under certs/ and appear in logs and metrics labels.
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# One DNS label, or a leading "*." wildcard label (RFC 6125 style: one whole left-most label).
+_DNS_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+# ALPN tokens every client offers: hinting on them would route everyone.
+_COMMON_ALPN: Final = frozenset({b"http/1.1", b"http/1.0", b"h2", b"h3", b"acme-tls/1"})
+
+
+class ConfigError(Exception):
+    """The operator's configuration is wrong: says where (file, key path) and what to do."""
+
+    def __init__(self, key_path: str, problem: str, *, file: Path | None = None) -> None:
+        self.file = file
+        self.key_path = key_path
+        self.problem = problem
+        where = f"{file}: " if file is not None else ""
+        super().__init__(f"{where}{key_path}: {problem}" if key_path else f"{where}{problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    addresses: tuple[ListenAddress, ...]
+    # SO_REUSEPORT: several dualproxy processes (one per core) share one port.
+    reuse_port: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class KeyConfig:
+    name: str
+    key: Path
+    chain: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Hints:
+    """During the grace window, a client matching any of these gets the hinted identity."""
+
+    sni: tuple[str, ...] = ()  # lowercase, no trailing dot; "*.example.com" wildcards allowed
+    alpn: tuple[bytes, ...] = ()
+    networks: tuple[IPNetwork, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.sni or self.alpn or self.networks)
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """Old and new identities and the grace window in which both are served."""
+
+    old: tuple[str, ...]
+    new: tuple[str, ...]
+    grace_start: datetime  # aware, UTC
+    grace_end: datetime  # aware, UTC, after grace_start
+    default: Role = "old"
+    canary_percent: float = 0.0
+    hints_new: Hints = field(default_factory=Hints)
+    hints_old: Hints = field(default_factory=Hints)
+
+    def keys_of(self, role: Role) -> tuple[str, ...]:
+        return self.old if role == "old" else self.new
+
+    def hints_for(self, role: Role) -> Hints:
+        return self.hints_old if role == "old" else self.hints_new
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Sizes and waits that bound what one client can cost us. Each default says why."""
+
+    # TLS handshake, ClientHello peek included. nginx's ssl_handshake_timeout and Envoy's
+    # transport_socket_connect_timeout are both 10 s; a real client on a slow mobile link
+    # finishes in a few round trips, a slowloris does not.
+    handshake_timeout: float = 10.0
+    # Request line and headers must be complete within this, however slowly they trickle
+    # (nginx client_header_timeout and HAProxy timeout http-request use 10-60 s).
+    request_header_timeout: float = 10.0
+    # Idle keep-alive connection is closed silently after this (nginx keepalive_timeout 75 s,
+    # Caddy idle_timeout 5 min, Envoy idle 1 h; 60 s keeps mobile reuse and bounds idle sockets).
+    keepalive_timeout: float = 60.0
+    # Concurrent client connections; beyond it we stop accepting and the kernel's backlog
+    # holds new ones (HAProxy maxconn behaviour) instead of failing the ones we have.
+    max_connections: int = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStoreSettings:
+    # Refuse private keys that others can read unless the platform cannot set modes
+    # (some volume drivers); when set, every load logs a warning.
+    allow_insecure_key_permissions: bool = False
+    # How often key, chain and config files are checked for changes (SIGHUP reloads at once).
+    # Two seconds: a renewal is picked up quickly and a stat() per file is negligible.
+    reload_poll_interval: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: ListenConfig
+    keys: Mapping[str, KeyConfig]
+    rotation: Rotation | None = None
+    limits: Limits = field(default_factory=Limits)
+    keystore: KeyStoreSettings = field(default_factory=KeyStoreSettings)
+    path: Path | None = None  # the file it was read from, when it was
+
+    def identities(self) -> dict[IdentityName, tuple[str, ...]]:
+        """The key names each served identity holds (one SSLContext per identity)."""
+        if self.rotation is None:
+            return {"single": tuple(self.keys)}
+        return {"old": self.rotation.old, "new": self.rotation.new}
+
+    def watched_files(self) -> tuple[Path, ...]:
+        """Files whose change triggers a reload."""
+        files = [self.path] if self.path is not None else []
+        for key in self.keys.values():
+            files += [key.key, key.chain]
+        return tuple(files)
+
+
+def load(path: Path | str) -> Config:
+    """Read and validate a config file; raises ConfigError."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            "", "config file not found; pass -c PATH or create it (see config.toml)", file=path
+        ) from None
+    except OSError as exc:
+        raise ConfigError("", f"cannot read the config file: {exc.strerror}", file=path) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("", "the config file is not UTF-8 text", file=path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"not valid TOML: {exc}", file=path) from None
+    try:
+        return parse(data, base_dir=path.parent.absolute(), path=path)
+    except ConfigError as exc:
+        raise ConfigError(exc.key_path, exc.problem, file=path) from None
+
+
+def parse(
+    data: Mapping[str, object],
+    *,
+    base_dir: Path,
+    path: Path | None = None,
+    check_files: bool = True,
+) -> Config:
+    """Validate already-decoded TOML; relative paths resolve against `base_dir`."""
+    root = _Table(data, "")
+    listen = _parse_listen(root.table("listen", required=True))
+    keys = _parse_keys(root.table("keys", required=True), base_dir, check_files)
+    rotation_table = root.table("rotation")
+    rotation = _parse_rotation(rotation_table, keys) if rotation_table is not None else None
+    if rotation is None and not keys:
+        raise ConfigError("keys", "no key is configured; add a [keys.NAME] table")
+    limits = _parse_limits(root.table("limits"))
+    keystore = _parse_keystore(root.table("keystore"))
+    root.done()
+    return Config(
+        listen=listen,
+        keys=MappingProxyType(keys),
+        rotation=rotation,
+        limits=limits,
+        keystore=keystore,
+        path=path,
+    )
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 instant with a zone ("2026-12-01T00:00:00Z"), as UTC; ValueError otherwise."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO 8601 time such as 2026-12-01T00:00:00Z") from None
+    if value.tzinfo is None:
+        raise ValueError(f"{text!r} has no time zone; add Z (UTC) or an offset such as +01:00")
+    return value.astimezone(UTC)
+
+
+def normalize_host(name: str) -> str:
+    """Lowercase and strip one trailing dot: how SNI names and hints are compared."""
+    return name.lower().removesuffix(".")
+
+
+# --- parsing helpers -------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+# difflib ratio above which an unknown key is reported as a likely typo of a known one
+# ("grace_ned" vs "grace_end" scores 0.89, unrelated keys of similar length about 0.3-0.5).
+_TYPO_SIMILARITY: Final = 0.75
+
+
+class _Table:
+    """A TOML table being read: typed getters, and `done()` rejects keys nobody asked for."""
+
+    def __init__(self, data: Mapping[str, object], prefix: str) -> None:
+        self._data = data
+        self._prefix = prefix
+        self._seen: set[str] = set()
+
+    def path(self, key: str) -> str:
+        return f"{self._prefix}.{key}" if self._prefix else key
+
+    def _get(self, key: str, kind: type[_T], kind_name: str, required: bool) -> _T | None:
+        self._seen.add(key)
+        if key not in self._data:
+            if required:
+                raise self.missing(key, f"add {kind_name}")
+            return None
+        value = self._data[key]
+        # bool is an int in Python; TOML keeps them apart and so do we.
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise ConfigError(
+                self.path(key), f"expected {kind_name}, got {_toml_type(value)} {value!r}"
+            )
+        return value
+
+    def table(self, key: str, *, required: bool = False) -> _Table | None:
+        value = self._get(key, dict, "a table", required)
+        return None if value is None else _Table(value, self.path(key))
+
+    def tables(self) -> list[tuple[str, _Table]]:
+        """Every entry, each of which must be a table (like [keys.NAME])."""
+        out = []
+        for key in self._data:
+            sub = self.table(key)
+            assert sub is not None
+            out.append((key, sub))
+        return out
+
+    def string(self, key: str, *, required: bool = False) -> str | None:
+        return self._get(key, str, "a string", required)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, bool, "true or false", False)
+        return default if value is None else value
+
+    def number(self, key: str, default: float, *, low: float, high: float) -> float:
+        self._seen.add(key)
+        value = self._data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(self.path(key), f"expected a number, got {_toml_type(value)}")
+        if not low <= value <= high:
+            raise ConfigError(self.path(key), f"{value} is out of range; use {low} to {high}")
+        return float(value)
+
+    def integer(self, key: str, default: int, *, low: int, high: int) -> int:
+        value = self._get(key, int, "an integer", False)
+        value = default if value is None else value
+        if not low <= value <= high:
+            raise ConfigError(self.path(key), f"{value} is out of range; use {low} to {high}")
+        return value
+
+    def strings(self, key: str, *, one_allowed: bool = False) -> tuple[str, ...]:
+        """A list of strings (or, with one_allowed, a single string); () when absent."""
+        self._seen.add(key)
+        if key not in self._data:
+            return ()
+        value = self._data[key]
+        if one_allowed and isinstance(value, str):
+            return (value,)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            expected = "a string or a list of strings" if one_allowed else "a list of strings"
+            raise ConfigError(self.path(key), f"expected {expected}, got {value!r}")
+        return tuple(value)
+
+    def instant(self, key: str) -> datetime:
+        self._seen.add(key)
+        value = self._data.get(key)
+        if value is None:
+            raise self.missing(key, "add a TOML datetime like 2026-12-01T00:00:00Z")
+        if isinstance(value, str):
+            raise ConfigError(
+                self.path(key), "write the time unquoted, as a TOML datetime (2026-12-01T00:00:00Z)"
+            )
+        if not isinstance(value, datetime):
+            raise ConfigError(
+                self.path(key), f"expected a datetime like 2026-12-01T00:00:00Z, got {value!r}"
+            )
+        if value.tzinfo is None:
+            raise ConfigError(
+                self.path(key), "the time has no zone; add Z (UTC) or an offset such as +01:00"
+            )
+        return value.astimezone(UTC)
+
+    def missing(self, key: str, advice: str) -> ConfigError:
+        """The error for a required key that is absent, pointing at a likely misspelling."""
+        strangers = [k for k in self._data if k not in self._seen and k != key]
+        typo = difflib.get_close_matches(key, strangers, n=1, cutoff=_TYPO_SIMILARITY)
+        found = f" (found {typo[0]!r}: misspelled?)" if typo else ""
+        return ConfigError(self.path(key), f"missing; {advice}{found}")
+
+    def done(self) -> None:
+        unknown = [k for k in self._data if k not in self._seen]
+        if unknown:
+            known = difflib.get_close_matches(unknown[0], self._seen, n=1, cutoff=_TYPO_SIMILARITY)
+            advice = f"did you mean {known[0]!r}?" if known else "check it against config.toml"
+            raise ConfigError(self.path(unknown[0]), f"unknown setting; {advice}")
+
+
+def _toml_type(value: object) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+        datetime: "a datetime",
+    }.get(type(value), type(value).__name__)
+
+
+def _parse_listen(table: _Table | None) -> ListenConfig:
+    assert table is not None
+    texts = table.strings("address", one_allowed=True)
+    if not texts:
+        raise table.missing("address", 'add e.g. address = "127.0.0.1:8443"')
+    addresses = []
+    for text in texts:
+        try:
+            addresses.append(_parse_address(text))
+        except ValueError as exc:
+            raise ConfigError(table.path("address"), str(exc)) from None
+    if len(set(addresses)) != len(addresses):
+        raise ConfigError(table.path("address"), "an address is listed twice")
+    reuse_port = table.boolean("reuse_port", False)
+    table.done()
+    return ListenConfig(addresses=tuple(addresses), reuse_port=reuse_port)
+
+
+def _parse_address(text: str) -> ListenAddress:
+    """ "127.0.0.1:8443", "[::1]:8443", "localhost:8443", ":8443" (every interface)."""
+    host, sep, port_text = text.rpartition(":")
+    # isdigit() alone admits non-ASCII digits ("²", Arabic-Indic) that int() rejects or reads.
+    port_ok = port_text.isascii() and port_text.isdigit()
+    if not sep or not port_ok or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8443 or [::1]:8443)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)  # raises ValueError with a clear message
+    elif ":" in host:
+        raise ValueError(f"{text!r}: put an IPv6 address in brackets, e.g. [::1]:8443")
+    return ListenAddress(host=host or "", port=int(port_text))
+
+
+def _parse_keys(table: _Table | None, base_dir: Path, check_files: bool) -> dict[str, KeyConfig]:
+    assert table is not None
+    keys = {}
+    for name, entry in table.tables():
+        if not _KEY_NAME.fullmatch(name):
+            raise ConfigError(
+                table.path(name),
+                "key names are letters, digits, '.', '_' and '-' (at most 64), starting with a"
+                " letter or digit",
+            )
+        paths = {}
+        for field_name in ("key", "chain"):
+            text = entry.string(field_name, required=True)
+            assert text is not None
+            file = base_dir / Path(text).expanduser()
+            if check_files and not file.is_file():
+                what = "private key" if field_name == "key" else "certificate chain"
+                raise ConfigError(
+                    entry.path(field_name),
+                    f"{what} file {file} does not exist; create it (dualproxy keys new"
+                    f" {name}) or fix the path (relative paths start at the config's folder)",
+                )
+            paths[field_name] = file
+        entry.done()
+        keys[name] = KeyConfig(name=name, key=paths["key"], chain=paths["chain"])
+    return keys
+
+
+def _parse_rotation(table: _Table, keys: Mapping[str, KeyConfig]) -> Rotation:
+    roles: dict[Role, tuple[str, ...]] = {}
+    for role in ("old", "new"):
+        names = table.strings(role, one_allowed=True)
+        if not names:
+            raise table.missing(role, "name one key, or a list of keys")
+        for name in names:
+            if name not in keys:
+                known = ", ".join(sorted(keys)) or "none"
+                raise ConfigError(
+                    table.path(role), f"no key named {name!r}; the [keys] tables define: {known}"
+                )
+        if len(set(names)) != len(names):
+            raise ConfigError(table.path(role), "a key is listed twice")
+        roles[role] = names
+    shared = set(roles["old"]) & set(roles["new"])
+    if shared:
+        raise ConfigError(
+            table.path("new"),
+            f"key {sorted(shared)[0]!r} is both old and new; a rotation moves to a different key",
+        )
+    start = table.instant("grace_start")
+    end = table.instant("grace_end")
+    if not start < end:
+        raise ConfigError(
+            table.path("grace_end"), "the grace window must end after it starts (grace_start)"
+        )
+    default = table.string("default")
+    default = "old" if default is None else default
+    if default not in ("old", "new"):
+        raise ConfigError(table.path("default"), f'{default!r} is neither "old" nor "new"')
+    canary = table.number("canary_percent", 0.0, low=0.0, high=100.0)
+    if canary and default == "new":
+        raise ConfigError(
+            table.path("canary_percent"),
+            'the canary sends a share of default clients to the new key; with default = "new"'
+            ' they all get it already: set canary_percent = 0 or default = "old"',
+        )
+    hints = table.table("hints")
+    hints_new = hints_old = Hints()
+    if hints is not None:
+        hints_new = _parse_hints(hints.table("new"))
+        hints_old = _parse_hints(hints.table("old"))
+        hints.done()
+        _check_hints_disjoint(hints_new, hints_old, table.path("hints"))
+    table.done()
+    return Rotation(
+        old=roles["old"],
+        new=roles["new"],
+        grace_start=start,
+        grace_end=end,
+        default="old" if default == "old" else "new",
+        canary_percent=canary,
+        hints_new=hints_new,
+        hints_old=hints_old,
+    )
+
+
+def _parse_hints(table: _Table | None) -> Hints:
+    if table is None:
+        return Hints()
+    sni = tuple(_parse_sni_pattern(table.path("sni"), s) for s in table.strings("sni"))
+    alpn = tuple(_parse_alpn_token(table.path("alpn"), a) for a in table.strings("alpn"))
+    networks = []
+    for text in table.strings("networks"):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=True))
+        except ValueError as exc:
+            raise ConfigError(
+                table.path("networks"), f"{exc} (write a network like 10.0.0.0/8 or 2001:db8::/32)"
+            ) from None
+    table.done()
+    return Hints(sni=sni, alpn=alpn, networks=tuple(networks))
+
+
+def _parse_sni_pattern(key_path: str, text: str) -> str:
+    name = normalize_host(text)
+    labels = name.split(".")
+    wildcard = labels[0] == "*"
+    if wildcard:
+        labels = labels[1:]
+    # Checked before lowercasing could hide it: the Kelvin sign "\u212a" lowercases to "k".
+    if not text.isascii():
+        raise ConfigError(key_path, f"{text!r}: write internationalized names in punycode (xn--)")
+    if len(labels) < (2 if wildcard else 1) or not all(_DNS_LABEL.fullmatch(x) for x in labels):
+        raise ConfigError(
+            key_path, f"{text!r} is not a host name (a wildcard is allowed only as a leading '*.')"
+        )
+    return name
+
+
+def _parse_alpn_token(key_path: str, text: str) -> bytes:
+    token = text.encode("utf-8")
+    if not 1 <= len(token) <= 255 or not text.isascii() or not text.isprintable():
+        raise ConfigError(key_path, f"{text!r}: an ALPN token is 1-255 printable ASCII bytes")
+    if token in _COMMON_ALPN:
+        raise ConfigError(
+            key_path,
+            f"{text!r} is offered by ordinary clients, so it cannot tell apps apart; pick a"
+            " dedicated token such as dualproxy-k2026b",
+        )
+    return token
+
+
+def _check_hints_disjoint(new: Hints, old: Hints, prefix: str) -> None:
+    for kind in ("sni", "alpn"):
+        both = set(getattr(new, kind)) & set(getattr(old, kind))
+        if both:
+            raise ConfigError(
+                f"{prefix}.old.{kind}",
+                f"{sorted(both)[0]!r} is hinted for both old and new; keep it in one of them",
+            )
+    # Equal names were caught above; a wildcard can still cover a name hinted the other way.
+    for new_sni in new.sni:
+        for old_sni in old.sni:
+            if _sni_patterns_overlap(new_sni, old_sni):
+                raise ConfigError(
+                    f"{prefix}.old.sni",
+                    f"{old_sni!r} and {new_sni!r} in hints.new.sni match the same host names;"
+                    " a client sending one would be ambiguous",
+                )
+    for a in new.networks:
+        for b in old.networks:
+            if a.version == b.version and a.overlaps(b):
+                raise ConfigError(
+                    f"{prefix}.old.networks",
+                    f"{b} overlaps {a} in hints.new.networks; a client in both would be ambiguous",
+                )
+
+
+def _sni_patterns_overlap(a: str, b: str) -> bool:
+    """Whether one host name matches both (normalized) patterns: "*.x.com" names every "h.x.com"."""
+    if a.startswith("*.") == b.startswith("*."):
+        return a == b
+    wildcard, name = (a, b) if a.startswith("*.") else (b, a)
+    return name.partition(".")[2] == wildcard[2:]
+
+
+def _parse_limits(table: _Table | None) -> Limits:
+    if table is None:
+        return Limits()
+    d = Limits()
+    limits = Limits(
+        handshake_timeout=table.number("handshake_timeout", d.handshake_timeout, low=0.1, high=300),
+        request_header_timeout=table.number(
+            "request_header_timeout", d.request_header_timeout, low=0.1, high=300
+        ),
+        keepalive_timeout=table.number("keepalive_timeout", d.keepalive_timeout, low=0, high=3600),
+        max_connections=table.integer("max_connections", d.max_connections, low=1, high=1_000_000),
+    )
+    table.done()
+    return limits
+
+
+def _parse_keystore(table: _Table | None) -> KeyStoreSettings:
+    if table is None:
+        return KeyStoreSettings()
+    d = KeyStoreSettings()
+    settings = KeyStoreSettings(
+        allow_insecure_key_permissions=table.boolean(
+            "allow_insecure_key_permissions", d.allow_insecure_key_permissions
+        ),
+        reload_poll_interval=table.number(
+            "reload_poll_interval", d.reload_poll_interval, low=0.1, high=3600
+        ),
+    )
+    table.done()
+    return settings

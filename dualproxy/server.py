@@ -1,0 +1,630 @@
+"""The TLS front: listeners, the per-connection task, reloads.
+
+Theory of operation. For every accepted connection we
+
+1. **peek**: read raw bytes until `parse_client_hello` returns a hello, bounded by
+   MAX_CLIENT_HELLO_BYTES and by the handshake timeout. The peek is advisory: bytes it cannot
+   parse still go to OpenSSL (with the default identity), which then decides. Only plain HTTP
+   sent to the TLS port is answered here, with a short 400, because a TLS alert would be
+   unreadable to the person who typed http:// by mistake;
+2. **choose** with the pure `policy.choose` from the hello, the peer address and the clock;
+3. **handshake**: replay the peeked bytes into `trio.SSLStream` with the chosen identity's
+   context. The context comes from the key snapshot current at that moment; a reload swaps
+   the snapshot (one attribute assignment) and never touches a context already in use, so
+   connections already open keep their material and new handshakes get the new one;
+4. **serve** HTTP/1.1 on the TLS stream (the reverse-proxy relay, see `respond`);
+5. **account**: one log line per connection with peer, SNI, ALPN offered, identity, key,
+   reason and outcome. Outcomes tell a client that aborted the handshake after seeing our
+   certificate (an alert such as bad_certificate, or a close mid-handshake: what a pinning
+   client does when it rejects our key) from one that completed it and left without a request.
+
+The handler owns the connection: whatever happens, its `finally` closes the socket and gives
+back the connection slot. Every wait is bounded by a named setting (config.Limits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import ipaddress
+import logging
+import re
+import signal
+import socket
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Final
+
+import h11
+import trio
+
+from . import config as config_mod
+from . import keystore, policy
+from .clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, ClientHelloError, parse_client_hello
+from .clienthello import is_plain_http as looks_like_plain_http
+from .config import Config, ConfigError, ListenAddress
+from .keystore import KeySnapshot, KeyStoreError
+from .streams import ReplayStream
+
+log = logging.getLogger("dualproxy")
+
+# Accept errors that mean "out of resources right now", not "the listener is broken":
+# back off and retry, as trio.serve_listeners and nginx do, instead of crashing.
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+# How long to pause accepting after such an error: long enough for a handler to free a
+# descriptor, short enough not to be noticed by clients waiting in the backlog.
+ACCEPT_BACKOFF_SECONDS: Final = 0.1
+# A close_notify is a courtesy: a client that stops reading must not hold our task.
+CLOSE_NOTIFY_TIMEOUT: Final = 1.0
+# Request bodies the placeholder responder reads and discards, in bytes: enough for any
+# health-check POST, small enough that nobody can make us read a file upload for nothing.
+PLACEHOLDER_MAX_BODY: Final = 64 * 1024
+# h11's own cap on an incomplete request head; 16 KiB like nginx's large_client_header_buffers.
+MAX_REQUEST_HEAD_BYTES: Final = 16 * 1024
+# One receive from the TLS stream; SSLStream decrypts at most one TLS record (16 KiB) at a time.
+RECEIVE_SIZE: Final = 16 * 1024
+
+
+class Outcome(enum.StrEnum):
+    """How a connection ended, as logged and counted."""
+
+    OK = "ok"  # handshake completed and at least one request answered
+    NO_REQUEST = "no-request"  # handshake completed, closed without a request
+    CLIENT_ABORTED = "client-aborted"  # alert or close from the client during the handshake
+    TLS_ERROR = "tls-error"  # the handshake failed on our side (no shared cipher, old version)
+    TIMEOUT = "timeout"  # hello or handshake not complete within handshake_timeout
+    NO_HELLO = "no-hello"  # closed before a complete ClientHello (port scans, TCP health checks)
+    PLAIN_HTTP = "plain-http"  # plain HTTP sent to the TLS port; answered 400
+    SHUTDOWN = "shutdown"  # the server stopped while the connection was open
+    INTERNAL_ERROR = "internal-error"  # a bug in dualproxy, logged with its traceback
+
+
+@dataclass(slots=True)
+class ConnectionRecord:
+    """What one connection did; logged once, when it ends."""
+
+    peer: str
+    hello: ClientHello | None = None
+    choice: policy.Choice | None = None
+    key: str | None = None
+    outcome: Outcome = Outcome.NO_HELLO
+    detail: str = ""
+    tls_version: str | None = None
+    requests: int = 0
+    started: float = field(default_factory=trio.current_time)
+
+    def log_line(self) -> str:
+        hello = self.hello
+        offered = hello.alpn if hello else ()  # none offered logs "-", as no SNI does
+        fields = {
+            "peer": self.peer,
+            "sni": hello.sni if hello else None,
+            "alpn": ",".join(p.decode("ascii", "replace") for p in offered) or None,
+            "identity": self.choice.identity if self.choice else None,
+            "key": self.key,
+            "reason": self.choice.reason if self.choice else None,
+            "outcome": self.outcome,
+            "detail": self.detail or None,
+            "tls": self.tls_version,
+            "requests": self.requests,
+            "ms": round((trio.current_time() - self.started) * 1000),
+        }
+        return "conn " + " ".join(f"{k}={_log_value(v)}" for k, v in fields.items())
+
+
+_UNSAFE_LOG_CHARS = re.compile(r"[^\x21-\x7e]|[\"\\=]")
+
+
+def _log_value(value: object) -> str:
+    """Client-controlled text (SNI, ALPN) must not forge log fields or lines."""
+    if value is None:
+        return "-"
+    text = str(value)
+    if text and not _UNSAFE_LOG_CHARS.search(text):
+        return text
+    escaped = text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+# OpenSSL reports an alert received from the peer with a reason such as
+# "SSLV3_ALERT_BAD_CERTIFICATE" or "TLSV1_ALERT_UNKNOWN_CA".
+_RECEIVED_ALERT = re.compile(r"^(?:SSLV3|TLSV1|TLSV13)_ALERT_([A-Z0-9_]+)$")
+
+
+def classify_handshake_failure(exc: BaseException) -> tuple[Outcome, str]:
+    """Whose fault a failed server handshake was: the client's (it aborted) or ours."""
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+    if isinstance(cause, ssl.SSLEOFError) or cause is None:
+        return Outcome.CLIENT_ABORTED, "closed"
+    if isinstance(cause, ssl.SSLError):
+        # OpenSSL sets .reason (maybe to None); an SSLError raised by Python code has none.
+        reason = getattr(cause, "reason", None) or ""
+        alert = _RECEIVED_ALERT.match(reason)
+        if alert:
+            return Outcome.CLIENT_ABORTED, alert.group(1).lower()
+        if reason == "UNEXPECTED_EOF_WHILE_READING":
+            return Outcome.CLIENT_ABORTED, "closed"
+        return Outcome.TLS_ERROR, reason.lower() or type(cause).__name__
+    if isinstance(cause, OSError):  # reset by the client mid-handshake
+        return Outcome.CLIENT_ABORTED, errno.errorcode.get(cause.errno or 0, "reset").lower()
+    return Outcome.TLS_ERROR, type(cause).__name__
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _peer_address(stream: trio.SocketStream) -> tuple[str, policy.IPAddress | None]:
+    try:
+        name = stream.socket.getpeername()
+    except OSError:
+        return "-", None
+    host = str(name[0]).split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host, None
+    text = f"[{address}]:{name[1]}" if address.version == 6 else f"{address}:{name[1]}"
+    return text, address
+
+
+class Server:
+    """One dualproxy server: its listeners, its current key snapshot, its connections."""
+
+    def __init__(
+        self,
+        config: Config,
+        snapshot: KeySnapshot | None = None,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        dev_headers: bool = False,
+        handle_signals: bool = True,
+    ) -> None:
+        self.config = config
+        # Taken before the keys are read, so the file poller sees any change made while they
+        # load (with a snapshot passed in, the caller vouches that it is that fresh).
+        self._files_seen = self._files_signature()
+        self.snapshot = snapshot if snapshot is not None else keystore.load_snapshot(config)
+        self._reload_lock = trio.Lock()
+        self._clock = clock
+        self._dev_headers = dev_headers
+        self._handle_signals = handle_signals
+        self._slots = trio.CapacityLimiter(config.limits.max_connections)
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen and serve until cancelled (or SIGTERM/SIGINT when handling signals).
+
+        Reports the bound (host, port) pairs through task_status once accepting, so tests can
+        listen on port 0 without races.
+        """
+        listeners = await open_listeners(
+            self.config.listen.addresses, self.config.listen.reuse_port
+        )
+        bound = [_sockname(listener) for listener in listeners]
+        for warning in self.snapshot.warnings:
+            log.warning("%s", warning)
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
+            nursery.start_soon(self._watch_files)
+            if self._handle_signals:
+                await nursery.start(self._watch_signals, nursery.cancel_scope)
+            log.info("listening on %s", describe_bound(bound))
+            task_status.started(bound)
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                # Wait for a client before taking a slot: a loop holding a slot while its own
+                # listener stays quiet would keep it from the other listeners' clients (with
+                # one slot left, forever). Only this task accepts on this socket, so accept()
+                # then finds the client at once.
+                await trio.lowlevel.wait_readable(listener.socket)
+                # A slot is taken before accepting: at max_connections we stop accepting and
+                # new clients wait in the kernel's backlog instead of being cut off.
+                token = object()
+                await self._slots.acquire_on_behalf_of(token)
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    self._slots.release_on_behalf_of(token)
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error("accept failed (%s); retrying: raise the open-file limit", exc)
+                    await trio.sleep(ACCEPT_BACKOFF_SECONDS)
+                    continue
+                except BaseException:
+                    self._slots.release_on_behalf_of(token)
+                    raise
+                nursery.start_soon(self._connection_task, stream, token)
+
+    async def _connection_task(self, stream: trio.SocketStream, token: object) -> None:
+        record = ConnectionRecord(peer="-")
+        try:
+            await self.handle_connection(stream, record)
+        except trio.Cancelled:
+            record.outcome = Outcome.SHUTDOWN
+            raise
+        except Exception:
+            # A bug must cost one connection, not the server and every other client with it.
+            record.outcome = Outcome.INTERNAL_ERROR
+            log.exception("internal error on the connection from %s", record.peer)
+        finally:
+            try:
+                # When the server is stopping, this closes the socket and then re-raises
+                # Cancelled: the slot and the log line need their own finally.
+                await trio.aclose_forcefully(stream)
+            finally:
+                self._slots.release_on_behalf_of(token)
+                log.info("%s", record.log_line())
+
+    # --- one connection ------------------------------------------------------------------
+
+    async def handle_connection(self, stream: trio.SocketStream, record: ConnectionRecord) -> None:
+        """Peek, choose, handshake, serve. Fills `record`; the caller closes the socket."""
+        record.peer, peer_ip = _peer_address(stream)
+        # One config and its snapshot for the whole handshake, whatever reloads do meanwhile:
+        # a reload swaps both at once, and the plan must name identities this snapshot has.
+        config, snapshot = self.config, self.snapshot
+        with trio.move_on_after(config.limits.handshake_timeout) as handshake_scope:
+            peeked = await self._peek(stream, record)
+            if peeked is None:
+                return
+            record.choice = policy.choose(config.rotation, record.hello, peer_ip, self._clock())
+            identity = snapshot.identities[record.choice.identity]
+            record.key = identity.presented_key(record.hello).name
+            # https_compatible=False: aclose sends close_notify (RFC 8446 6.1), so a client
+            # can tell our end of a response from a truncation. A client that closes without
+            # one makes receive_some raise BrokenResourceError, which ends the connection just
+            # as a clean close would.
+            tls = trio.SSLStream(ReplayStream(stream, peeked), identity.context, server_side=True)
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                record.outcome, record.detail = classify_handshake_failure(exc)
+                return
+            record.tls_version = tls.version()
+        if handshake_scope.cancelled_caught:
+            record.outcome = Outcome.TIMEOUT
+            record.detail = "handshake" if record.choice else "hello"
+            return
+        record.outcome = Outcome.NO_REQUEST
+        try:
+            await self.respond(tls, record)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away; the record already says how far it got
+        finally:
+            with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
+                await tls.aclose()
+
+    async def _peek(self, stream: trio.SocketStream, record: ConnectionRecord) -> bytes | None:
+        """Read until the ClientHello is complete or unparseable; the bytes read, or None when
+        the connection is already finished (closed, plain HTTP)."""
+        buffer = bytearray()
+        while True:
+            try:
+                chunk = await stream.receive_some(max(1, MAX_CLIENT_HELLO_BYTES - len(buffer)))
+            except trio.BrokenResourceError:
+                chunk = b""
+            if not chunk:
+                record.outcome = Outcome.NO_HELLO
+                record.detail = f"closed after {len(buffer)} bytes"
+                return None
+            buffer += chunk
+            data = bytes(buffer)
+            # Checked on every read, not only the first: a request may arrive a byte at a time.
+            if looks_like_plain_http(data):
+                record.outcome = Outcome.PLAIN_HTTP
+                await _send_plain_http_refusal(stream)
+                return None
+            try:
+                hello = parse_client_hello(data)
+            except ClientHelloError as exc:
+                if looks_like_plain_http(data + b" "):
+                    # So far a method token cut short (b"GE"): the next bytes tell.
+                    continue
+                record.detail = f"unparsed hello: {exc}"
+                return data
+            if hello is not None:
+                record.hello = hello
+                return data
+
+    async def respond(self, tls: trio.SSLStream[ReplayStream], record: ConnectionRecord) -> None:
+        """Serve HTTP/1.1 on the established TLS stream.
+
+        Until the reverse-proxy relay lands, dualproxy answers every request itself with a
+        short fixed response, honouring keep-alive so that clients behave as they will in front
+        of a real upstream.
+        """
+        limits = self.config.limits
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
+        while True:
+            # The first request may take the header timeout; later ones may idle for the
+            # keep-alive timeout first.
+            wait = limits.keepalive_timeout if record.requests else limits.request_header_timeout
+            request: h11.Request | None = None  # stays None when the wait times out
+            with trio.move_on_after(wait):
+                request = await _receive_request(tls, conn)
+            if request is None or conn.their_state is h11.ERROR:
+                # A bad head leaves our side IDLE, a bad body after a good head in
+                # SEND_RESPONSE; h11 lets a server answer 400 from either.
+                answerable = conn.our_state is h11.IDLE or conn.our_state is h11.SEND_RESPONSE
+                if conn.their_state is h11.ERROR and answerable:
+                    await _send_simple(tls, conn, 400, b"bad request\n", keep_alive=False)
+                return
+            record.requests += 1
+            record.outcome = Outcome.OK
+            headers = [(b"content-type", b"text/plain; charset=utf-8")]
+            if self._dev_headers and record.choice is not None and record.key is not None:
+                headers += [
+                    (b"x-dualproxy-key", record.key.encode()),
+                    (b"x-dualproxy-reason", str(record.choice.reason).encode()),
+                ]
+            body = b"dualproxy: TLS terminated; no upstream is configured yet.\n"
+            head_only = request.method == b"HEAD"
+            await _send_simple(tls, conn, 200, body, extra_headers=headers, head_only=head_only)
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+
+    # --- reloads ---------------------------------------------------------------------
+
+    async def reload(self, why: str) -> bool:
+        """Re-read the config and key files; swap in new material only if all of it is good.
+
+        Reloads run one at a time (the file poller and SIGHUP may ask together): two loads in
+        flight could finish out of order and leave the older files' material in place.
+        """
+        async with self._reload_lock:
+            return await self._reload_now(why)
+
+    async def _reload_now(self, why: str) -> bool:
+        try:
+            config, snapshot = await trio.to_thread.run_sync(self._load_fresh)
+        except (ConfigError, KeyStoreError) as exc:
+            self.reloads_failed += 1
+            log.error("reload (%s) failed, still serving the previous keys: %s", why, exc)
+            return False
+        except Exception:
+            # Our bug, not the operator's. It must not take down a server that is serving
+            # good material: the file poller and the signal watcher run in its nursery.
+            self.reloads_failed += 1
+            log.exception("reload (%s) failed unexpectedly, still serving the previous keys", why)
+            return False
+        if config.listen != self.config.listen:
+            log.warning("listen addresses changed: restart dualproxy to apply (kept the old ones)")
+            config = _replace_listen(config, self.config.listen)
+        if config.limits.max_connections != self.config.limits.max_connections:
+            self._slots.total_tokens = config.limits.max_connections
+        self.config, self.snapshot = config, snapshot
+        self.reloads_ok += 1
+        for warning in snapshot.warnings:
+            log.warning("%s", warning)
+        keys = ", ".join(f"{k.name} ({k.pin})" for k in snapshot.keys.values())
+        log.info("reloaded (%s): serving %s", why, keys)
+        return True
+
+    def _load_fresh(self) -> tuple[Config, KeySnapshot]:
+        config = config_mod.load(self.config.path) if self.config.path is not None else self.config
+        return config, keystore.load_snapshot(config)
+
+    def _files_signature(self) -> tuple[tuple[str, int, int, int, int], ...]:
+        signature = []
+        for path in self.config.watched_files():
+            try:
+                st = path.stat()
+                signature.append((str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode))
+            except OSError:
+                signature.append((str(path), -1, -1, -1, -1))
+        return tuple(signature)
+
+    async def _watch_files(self) -> None:
+        """Reload when a watched file changes (renewal tools, Kubernetes Secret updates).
+
+        A change that fails to load (a torn write: new chain, old key) is retried when the
+        files change again, which is when the writer finishes.
+
+        The signature a reload is compared against is always one taken *before* that reload
+        read the files, so a file that changes while we load (the key landing just after its
+        chain) is seen as a change at the next poll; the price is at most one reload of files
+        already loaded. The first signature was taken before the starting keys were read.
+        """
+        while True:
+            await trio.sleep(self.config.keystore.reload_poll_interval)
+            current = await trio.to_thread.run_sync(self._files_signature)
+            if current != self._files_seen:
+                await self.reload("files changed")
+                self._files_seen = current
+
+    async def _watch_signals(
+        self,
+        cancel_scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """SIGHUP reloads, SIGTERM stops. Started with nursery.start, it reports readiness
+        once the handlers are installed: a SIGHUP before that would kill the process."""
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload("SIGHUP")
+                else:
+                    log.info("SIGTERM: stopping")
+                    cancel_scope.cancel()
+
+
+def _replace_listen(config: Config, listen: config_mod.ListenConfig) -> Config:
+    # replace(), not Config(...): a field added to Config later must not be dropped here.
+    return replace(config, listen=listen)
+
+
+async def _receive_request(
+    tls: trio.SSLStream[ReplayStream], conn: h11.Connection
+) -> h11.Request | None:
+    """The next request, its body read and discarded (bounded); None when the client closed
+    or sent something h11 rejects (their_state is then ERROR)."""
+    request: h11.Request | None = None
+    body = 0
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError:
+            return None
+        if event is h11.NEED_DATA:
+            data = await tls.receive_some(RECEIVE_SIZE)
+            conn.receive_data(bytes(data))
+            continue
+        if isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            body += len(event.data)
+            if body > PLACEHOLDER_MAX_BODY:
+                return None
+        elif isinstance(event, h11.EndOfMessage):
+            return request
+        elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+            return None
+
+
+async def _send_simple(
+    tls: trio.SSLStream[ReplayStream],
+    conn: h11.Connection,
+    status: int,
+    body: bytes,
+    *,
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
+    keep_alive: bool = True,
+    head_only: bool = False,
+) -> None:
+    """One whole response; `head_only` (for HEAD) sends the GET headers without the body,
+    which h11 would refuse to send as too much data for a response to HEAD."""
+    headers = [(b"content-length", str(len(body)).encode()), *extra_headers]
+    if not keep_alive:
+        headers.append((b"connection", b"close"))
+    reason = HTTPStatus(status).phrase.encode()
+    events: list[h11.Response | h11.Data] = [
+        h11.Response(status_code=status, headers=headers, reason=reason)
+    ]
+    if not head_only:
+        events.append(h11.Data(data=body))
+    for event in events:
+        data = conn.send(event)
+        assert data is not None
+        await tls.send_all(data)
+    data = conn.send(h11.EndOfMessage())
+    if data:
+        await tls.send_all(data)
+
+
+_PLAIN_HTTP_REFUSAL: Final = (
+    b"HTTP/1.1 400 Bad Request\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: 40\r\n"
+    b"\r\n"
+    b"This port speaks HTTPS; use https:// .\r\n"
+)
+
+
+async def _send_plain_http_refusal(stream: trio.SocketStream) -> None:
+    with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(_PLAIN_HTTP_REFUSAL)
+
+
+def _sockname(listener: trio.SocketListener) -> tuple[str, int]:
+    name = listener.socket.getsockname()
+    return str(name[0]), int(name[1])
+
+
+async def open_listeners(
+    addresses: Sequence[ListenAddress], reuse_port: bool
+) -> list[trio.SocketListener]:
+    """Bind every configured address; with reuse_port, several processes may share them."""
+    listeners: list[trio.SocketListener] = []
+    try:
+        for address in addresses:
+            infos = await trio.socket.getaddrinfo(
+                address.host or None,
+                address.port,
+                type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE,
+            )
+            for family, kind, proto, _, sockaddr in _unique(infos):
+                sock = trio.socket.socket(family, kind, proto)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if reuse_port:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    if family == socket.AF_INET6:
+                        # One socket per family, as trio.open_tcp_listeners does.
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    await sock.bind(sockaddr)
+                    sock.listen(socket.SOMAXCONN)
+                except OSError as exc:
+                    sock.close()
+                    raise OSError(
+                        exc.errno, f"cannot listen on {address} (listen.address): {exc.strerror}"
+                    ) from exc
+                listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners
+
+
+_AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[object, ...]]
+
+
+def _unique(infos: Sequence[_AddrInfo]) -> list[_AddrInfo]:
+    """getaddrinfo lists an address once per protocol; bind each (family, address) once."""
+    seen: set[tuple[object, ...]] = set()
+    out: list[_AddrInfo] = []
+    for info in infos:
+        key = (info[0], info[4])
+        if key not in seen:
+            seen.add(key)
+            out.append(info)
+    return out
+
+
+def raise_open_file_limit(max_connections: int) -> None:
+    """Lift the soft RLIMIT_NOFILE to the hard limit, as Go and nginx do, and warn when even
+    that cannot hold max_connections (each client may also need an upstream socket)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    needed = 2 * max_connections + 64
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "open-file limit %d is below the %d that limits.max_connections = %d may need;"
+            " raise it (ulimit -n, LimitNOFILE=) or lower max_connections",
+            soft,
+            needed,
+            max_connections,
+        )
+
+
+def describe_bound(bound: Sequence[tuple[str, int]]) -> str:
+    return ", ".join(str(ListenAddress(host, port)) for host, port in bound)

@@ -1,0 +1,588 @@
+"""dualproxy.clienthello: golden hellos from real clients, synthetic ones broken one way at a time.
+
+Golden hellos are captured at test time: a real client connects to a loopback listener that
+reads until the parser returns a hello, then the client is killed. Each one is also fed byte by
+byte, re-fragmented into small records, with trailing bytes, and fuzzed with Hypothesis.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import hellos
+import pytest
+from hellos import (
+    ECDSA_SECP256R1_SHA256,
+    GREASE,
+    RSA_PKCS1_SHA256,
+    RSA_PSS_RSAE_SHA256,
+    TLS1_2,
+    TLS1_3,
+    X25519,
+    X25519MLKEM768,
+    alpn,
+    client_hello,
+    extension,
+    records,
+    server_name,
+    supported_groups,
+    vector,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dualproxy.clienthello import (
+    MAX_CLIENT_HELLO_BYTES,
+    MAX_RECORD_PAYLOAD_LEN,
+    RECORD_HEADER_LEN,
+    ClientHello,
+    ClientHelloError,
+    is_plain_http,
+    parse_client_hello,
+)
+
+# A client needs well under a second to start and send its hello; 10 s absorbs a loaded CI box.
+CAPTURE_TIMEOUT: Final = 10.0
+HOST: Final = "api.example.com"
+OUR_ALPN: Final = (b"dualproxy-k2026b", b"http/1.1")
+ECDHE_RSA_AES128_GCM_SHA256: Final = 0xC02F
+# Hypothesis examples per property and per real client: enough to hit every field of a hello
+# (a few hundred bytes) many times while the whole file stays within a few seconds.
+EXAMPLES: Final = 60
+
+# A real Python `ssl` client; argv: port, highest TLS version ("TLSv1_2" or "TLSv1_3").
+PYTHON_CLIENT: Final = """
+import socket, ssl, sys
+context = ssl.create_default_context()
+context.maximum_version = ssl.TLSVersion[sys.argv[2]]
+context.set_alpn_protocols(["dualproxy-k2026b", "http/1.1"])
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10) as sock:
+    context.wrap_socket(sock, server_hostname="api.example.com")
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RealClient:
+    """A command line ("{port}" is replaced) and what its hello must say."""
+
+    argv: tuple[str, ...]
+    alpn: tuple[bytes, ...]
+    tls13: bool
+    ecdsa: bool = True
+
+
+S_CLIENT: Final = ("openssl", "s_client", "-connect", "127.0.0.1:{port}", "-servername", HOST)
+CURL: Final = ("curl", "-sk", "--max-time", "5", "--resolve", f"{HOST}:{{port}}:127.0.0.1")
+CLIENTS: Final = {
+    "openssl-tls1_2": RealClient(
+        (*S_CLIENT, "-alpn", "dualproxy-k2026b,http/1.1", "-tls1_2"), OUR_ALPN, tls13=False
+    ),
+    "openssl-tls1_3": RealClient(
+        (*S_CLIENT, "-alpn", "dualproxy-k2026b,http/1.1", "-tls1_3"), OUR_ALPN, tls13=True
+    ),
+    "openssl-rsa-only": RealClient(
+        (
+            *S_CLIENT,
+            *("-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256"),
+            *("-sigalgs", "RSA-PSS+SHA256:RSA+SHA256"),
+        ),
+        alpn=(),
+        tls13=False,
+        ecdsa=False,
+    ),
+    "curl": RealClient((*CURL, f"https://{HOST}:{{port}}/"), (b"h2", b"http/1.1"), tls13=True),
+    "curl-http1.1": RealClient(
+        (*CURL, "--http1.1", f"https://{HOST}:{{port}}/"), (b"http/1.1",), tls13=True
+    ),
+    "python-ssl": RealClient(
+        (sys.executable, "-c", PYTHON_CLIENT, "{port}", "TLSv1_3"), OUR_ALPN, tls13=True
+    ),
+    "python-ssl-tls1_2": RealClient(
+        (sys.executable, "-c", PYTHON_CLIENT, "{port}", "TLSv1_2"), OUR_ALPN, tls13=False
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Captured:
+    client: RealClient
+    wire: bytes  # exactly the bytes the client sent before it waited for us
+    hello: ClientHello
+
+
+def capture_client_hello(argv: Sequence[str]) -> bytes:
+    """Run a real client against a loopback listener; the bytes it sent up to its hello's end."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = str(listener.getsockname()[1])
+        client = subprocess.Popen(
+            [arg.replace("{port}", port) for arg in argv],
+            stdin=subprocess.PIPE,  # s_client would otherwise read the test's stdin
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            return _read_client_hello(listener)
+        finally:
+            client.kill()
+            client.communicate(timeout=CAPTURE_TIMEOUT)
+
+
+def _read_client_hello(listener: socket.socket) -> bytes:
+    """Read until the parser returns a hello: bounded in time by the deadline, and in bytes
+    because the parser raises rather than return None past MAX_CLIENT_HELLO_BYTES."""
+    deadline = time.monotonic() + CAPTURE_TIMEOUT
+    listener.settimeout(CAPTURE_TIMEOUT)
+    connection, _ = listener.accept()
+    with connection:
+        wire = b""
+        while parse_client_hello(wire) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no complete ClientHello in {CAPTURE_TIMEOUT} s: {wire!r}")
+            connection.settimeout(remaining)
+            chunk = connection.recv(4096)
+            if not chunk:
+                raise AssertionError(f"client closed before its ClientHello ended: {wire!r}")
+            wire += chunk
+        return wire
+
+
+@pytest.fixture(
+    scope="module", params=[pytest.param(name, marks=pytest.mark.e2e, id=name) for name in CLIENTS]
+)
+def captured(request: pytest.FixtureRequest) -> Captured:
+    client = CLIENTS[request.param]
+    wire = capture_client_hello(client.argv)
+    hello = parse_client_hello(wire)
+    assert hello is not None
+    return Captured(client, wire, hello)
+
+
+def outcome(data: bytes) -> ClientHello | ClientHelloError | None:
+    """The parse result, with ClientHelloError as a value; any other exception escapes."""
+    try:
+        result = parse_client_hello(data)
+    except ClientHelloError as exc:
+        return exc
+    if result is None:
+        assert len(data) < MAX_CLIENT_HELLO_BYTES, "None past the cap lets a peer grow our buffer"
+    return result
+
+
+# Golden hellos from real clients.
+
+
+def test_real_client_hello_fields(captured: Captured) -> None:
+    hello, client = captured.hello, captured.client
+    assert hello.sni == HOST
+    assert hello.alpn == client.alpn
+    assert hello.offers_tls13 == client.tls13
+    if not client.tls13:
+        # OpenSSL sends no supported_versions at all when TLS 1.2 is its highest version.
+        assert hello.supported_versions == ()
+    assert hello.legacy_version == TLS1_2  # frozen at TLS 1.2 even by TLS 1.3 clients
+    assert (ECDSA_SECP256R1_SHA256 in hello.signature_algorithms) == client.ecdsa
+    assert RSA_PSS_RSAE_SHA256 in hello.signature_algorithms
+    assert X25519 in hello.supported_groups
+    assert hello.cipher_suites
+
+
+@pytest.mark.e2e
+def test_rsa_only_client_offers_no_ecdsa() -> None:
+    """The twin of the ECDSA check above, with the exact list the command line asked for."""
+    hello = parse_client_hello(capture_client_hello(CLIENTS["openssl-rsa-only"].argv))
+    assert hello is not None
+    assert hello.signature_algorithms == (RSA_PSS_RSAE_SHA256, RSA_PKCS1_SHA256)
+    assert all(scheme & 0xFF != 0x03 for scheme in hello.signature_algorithms)  # 0x03: ECDSA
+    assert ECDHE_RSA_AES128_GCM_SHA256 in hello.cipher_suites
+
+
+def test_real_clients_send_the_hello_in_one_record(captured: Captured) -> None:
+    """And nothing after it: so `wire` is exactly the hello, as the tests below assume."""
+    assert captured.wire[0] == 22
+    assert len(captured.wire) == RECORD_HEADER_LEN + int.from_bytes(captured.wire[3:5])
+
+
+def test_real_hello_byte_by_byte(captured: Captured) -> None:
+    for end in range(len(captured.wire)):
+        assert parse_client_hello(captured.wire[:end]) is None
+    assert parse_client_hello(captured.wire) == captured.hello
+
+
+@pytest.mark.parametrize("fragment_size", [1, 7, 100])
+def test_real_hello_in_small_records(captured: Captured, fragment_size: int) -> None:
+    wire = records(hellos.handshake_bytes(captured.wire), fragment_size)
+    assert len(wire) > len(captured.wire)
+    assert parse_client_hello(wire) == captured.hello
+    assert parse_client_hello(wire[:-1]) is None
+
+
+@pytest.mark.parametrize(
+    "trailing",
+    [
+        b"\x00",
+        b"\x14\x03\x03\x00\x01\x01",  # change_cipher_spec, as TLS 1.3 compatibility mode sends
+        b"\x17\x03\x03\x00\x05early",  # application data (0-RTT)
+        bytes(MAX_CLIENT_HELLO_BYTES),  # the cap bounds where the hello ends, not the buffer
+    ],
+    ids=["byte", "ccs", "early-data", "past-cap"],
+)
+def test_real_hello_with_trailing_data(captured: Captured, trailing: bytes) -> None:
+    assert parse_client_hello(captured.wire + trailing) == captured.hello
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(data=st.data())
+def test_every_cut_of_a_refragmented_real_hello_needs_more(
+    captured: Captured, data: st.DataObject
+) -> None:
+    size = data.draw(st.integers(1, 300), label="fragment size")
+    wire = records(hellos.handshake_bytes(captured.wire), size)
+    end = data.draw(st.integers(0, len(wire) - 1), label="cut")
+    assert parse_client_hello(wire[:end]) is None
+    assert parse_client_hello(wire) == captured.hello
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(trailing=st.binary(max_size=64))
+def test_random_trailing_bytes_do_not_change_a_real_hello(
+    captured: Captured, trailing: bytes
+) -> None:
+    assert parse_client_hello(captured.wire + trailing) == captured.hello
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(data=st.data())
+def test_corrupted_real_hello_gives_only_documented_outcomes(
+    captured: Captured, data: st.DataObject
+) -> None:
+    wire = bytearray(captured.wire)
+    for _ in range(data.draw(st.integers(1, 3), label="corruptions")):
+        wire[data.draw(st.integers(0, len(wire) - 1))] = data.draw(st.integers(0, 255))
+    end = data.draw(st.integers(0, len(wire)), label="cut")
+    assert isinstance(outcome(bytes(wire[:end])), ClientHello | ClientHelloError | None)
+
+
+# Arbitrary bytes, raw or behind headers that get them past the first checks.
+_TLS_PREFIXES: Final = [b"", b"\x16\x03\x01", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(prefix=st.sampled_from(_TLS_PREFIXES), tail=st.binary(max_size=600))
+def test_arbitrary_bytes_give_only_documented_outcomes(prefix: bytes, tail: bytes) -> None:
+    assert isinstance(outcome(prefix + tail), ClientHello | ClientHelloError | None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=300), fragment_size=st.integers(1, 64))
+def test_arbitrary_hello_bodies_give_only_documented_outcomes(
+    body: bytes, fragment_size: int
+) -> None:
+    """Well-formed records and handshake header around random bytes: fuzzes the body parser."""
+    wire = records(hellos.handshake(1, body), fragment_size)
+    assert isinstance(outcome(wire), ClientHello | ClientHelloError)
+
+
+# Synthetic hellos.
+
+
+def test_post_quantum_sized_hello_whole_and_split() -> None:
+    message = hellos.post_quantum_hello()
+    assert len(message) > hellos.X25519MLKEM768_SHARE_LEN
+    expected = ClientHello(
+        legacy_version=TLS1_2,
+        cipher_suites=(GREASE, hellos.TLS_AES_128_GCM_SHA256, hellos.ECDHE_ECDSA_AES128_GCM_SHA256),
+        sni=HOST,
+        alpn=(b"h2", b"http/1.1"),
+        signature_algorithms=(ECDSA_SECP256R1_SHA256, RSA_PSS_RSAE_SHA256, RSA_PKCS1_SHA256),
+        supported_versions=(GREASE, TLS1_3, TLS1_2),
+        supported_groups=(GREASE, X25519MLKEM768, X25519, hellos.SECP256R1),
+    )
+    for fragment_size in (MAX_RECORD_PAYLOAD_LEN, 1000, 100, 7, 1):
+        wire = records(message, fragment_size)
+        assert parse_client_hello(wire) == expected
+        assert parse_client_hello(wire[:-1]) is None
+
+
+def test_hello_without_extensions() -> None:
+    """Before TLS 1.3 the extensions block is optional: every extension field is empty."""
+    hello = parse_client_hello(records(client_hello(None)))
+    assert hello == ClientHello(
+        legacy_version=TLS1_2,
+        cipher_suites=(hellos.TLS_AES_128_GCM_SHA256, hellos.ECDHE_ECDSA_AES128_GCM_SHA256),
+        sni=None,
+        alpn=(),
+        signature_algorithms=(),
+        supported_versions=(),
+        supported_groups=(),
+    )
+    assert not hello.offers_tls13
+
+
+def test_bytes_after_the_hello_in_its_own_record_are_ignored() -> None:
+    """The twin of the trailing-data tests above, with the extra bytes inside the last record."""
+    message = client_hello(hellos.typical_extensions())
+    expected = parse_client_hello(records(message))
+    assert expected is not None
+    assert parse_client_hello(records(message + bytes(10))) == expected
+    assert parse_client_hello(records(message + bytes(10), 7)) == expected
+
+
+@pytest.mark.parametrize(
+    ("versions", "offers_tls13"),
+    [((TLS1_3, TLS1_2), True), ((GREASE, TLS1_3), True), ((TLS1_2,), False), ((0x7F1C,), False)],
+    ids=["tls1_3", "grease", "tls1_2-only", "tls1_3-draft-28"],
+)
+def test_offers_tls13(versions: tuple[int, ...], offers_tls13: bool) -> None:
+    hello = parse_client_hello(records(client_hello([hellos.supported_versions(*versions)])))
+    assert hello is not None
+    assert hello.supported_versions == versions
+    assert hello.offers_tls13 is offers_tls13
+
+
+def test_sni_is_kept_as_sent() -> None:
+    hello = parse_client_hello(records(client_hello([server_name(b"API.Example.com.")])))
+    assert hello is not None
+    assert hello.sni == "API.Example.com."
+
+
+def test_server_name_of_another_type_is_skipped() -> None:
+    other_type = vector(b"\x07" + vector(b"opaque", 2), 2)
+    hello = parse_client_hello(records(client_hello([extension(0, other_type)])))
+    assert hello is not None
+    assert hello.sni is None
+
+
+def test_empty_input_needs_more() -> None:
+    assert parse_client_hello(b"") is None
+
+
+# Each valid hello next to the same hello with one defect.
+
+GOOD_BODY: Final = {
+    "legacy_version": TLS1_2.to_bytes(2),
+    "random": bytes(32),
+    "session_id": vector(bytes(32), 1),
+    "cipher_suites": vector(hellos.u16s([hellos.TLS_AES_128_GCM_SHA256]), 2),
+    "compression_methods": b"\x01\x00",
+    "extensions": vector(b"".join(hellos.typical_extensions()), 2),
+}
+
+
+def wire_from(**parts: bytes) -> bytes:
+    """A one-record hello from GOOD_BODY with some parts replaced by raw bytes."""
+    unknown = parts.keys() - GOOD_BODY.keys()
+    assert not unknown, unknown
+    return records(hellos.handshake(1, b"".join({**GOOD_BODY, **parts}.values())))
+
+
+def with_extensions(*extensions: bytes) -> bytes:
+    return wire_from(extensions=vector(b"".join(extensions), 2))
+
+
+GOOD_MESSAGE: Final = client_hello(hellos.typical_extensions())
+GOOD_WIRE: Final = records(GOOD_MESSAGE)
+# The hello cut after 50 bytes, so that a record can be put in the middle of it (at byte 55).
+FIRST: Final = records(GOOD_MESSAGE[:50])
+REST: Final = records(GOOD_MESSAGE[50:])
+CCS_RECORD: Final = b"\x14\x03\x03\x00\x01\x01"
+# A 12 KB hello: within the cap in 1000-byte records, past it in 10-byte ones (+50% headers).
+BIG_MESSAGE: Final = client_hello([hellos.padding(12_000)])
+
+
+def over_cap_hello(wire_len: int) -> bytes:
+    """A one-record hello, padded so that it ends at byte `wire_len` of the connection."""
+    unpadded = len(client_hello([*hellos.typical_extensions(), hellos.padding(4)])) - 4
+    padded = [*hellos.typical_extensions(), hellos.padding(wire_len - RECORD_HEADER_LEN - unpadded)]
+    return records(client_hello(padded))
+
+
+# name: (a valid hello, the same with one defect, what the error must say)
+TWINS: Final[dict[str, tuple[bytes, bytes, str]]] = {
+    # Record layer.
+    "alert-record": (GOOD_WIRE, records(GOOD_MESSAGE, content_type=21), "content type 21"),
+    "record-version": (GOOD_WIRE, records(GOOD_MESSAGE, record_version=0x0201), "major"),
+    "ccs-mid-hello": (FIRST + REST, FIRST + CCS_RECORD + REST, "content type 20 at byte 55"),
+    "empty-record": (FIRST + REST, FIRST + b"\x16\x03\x01\x00\x00" + REST, "empty"),
+    "record-length": (
+        b"\x16\x03\x01\x40\x00" + GOOD_MESSAGE,  # the rest of the record need not arrive
+        b"\x16\x03\x01\x40\x01" + GOOD_MESSAGE,
+        "exceeds 2\\^14",
+    ),
+    "over-cap": (
+        over_cap_hello(MAX_CLIENT_HELLO_BYTES),
+        over_cap_hello(MAX_CLIENT_HELLO_BYTES + 1),
+        "MAX_CLIENT_HELLO_BYTES",
+    ),
+    "over-cap-fragmented": (
+        records(BIG_MESSAGE, 1000),
+        records(BIG_MESSAGE, 10),
+        "MAX_CLIENT_HELLO_BYTES",
+    ),
+    # Handshake message.
+    "server-hello": (GOOD_WIRE, records(hellos.handshake(2, GOOD_MESSAGE[4:])), "type 2"),
+    "session-id-33": (wire_from(), wire_from(session_id=vector(bytes(33), 1)), "session_id"),
+    "suites-odd": (wire_from(), wire_from(cipher_suites=b"\x00\x03\x13\x01\x13"), "u16"),
+    "suites-empty": (wire_from(), wire_from(cipher_suites=b"\x00\x00"), "u16"),
+    "suites-overlong": (
+        wire_from(),
+        wire_from(cipher_suites=b"\xff\xff\x13\x01"),
+        "cipher_suites overruns",
+    ),
+    "no-compression": (
+        wire_from(),
+        wire_from(compression_methods=b"\x00"),
+        "compression_methods is empty",
+    ),
+    "extensions-length-cut": (
+        wire_from(extensions=b""),  # no extensions block at all is fine before TLS 1.3
+        wire_from(extensions=b"\x00"),
+        "extensions length overruns",
+    ),
+    "bytes-after-extensions": (
+        wire_from(),
+        wire_from(extensions=GOOD_BODY["extensions"] + b"\x00"),
+        "ClientHello has 1 unexpected trailing byte",
+    ),
+    # Extensions.
+    "extension-overlong": (
+        with_extensions(alpn(b"h2"), hellos.padding(8)),
+        with_extensions(alpn(b"h2"), b"\x00\x15\x00\x05" + bytes(4)),
+        "extension 21 overruns",
+    ),
+    "duplicate-extension": (
+        with_extensions(alpn(b"h2"), supported_groups(X25519)),
+        with_extensions(alpn(b"h2"), alpn(b"h2")),
+        "duplicate extension 16",
+    ),
+    "alpn-list-overlong": (
+        with_extensions(alpn(b"h2")),
+        with_extensions(extension(16, b"\x00\x04\x02h2")),
+        "extension 16 overruns",
+    ),
+    "alpn-list-short": (
+        with_extensions(alpn(b"h2")),
+        with_extensions(extension(16, b"\x00\x03\x02h2\x00")),
+        "extension 16 has 1 unexpected trailing byte",
+    ),
+    "alpn-empty-name": (
+        with_extensions(alpn(b"h2")),
+        with_extensions(alpn(b"h2", b"")),
+        "empty ALPN protocol name",
+    ),
+    "alpn-empty-list": (
+        with_extensions(alpn(b"h2")),
+        with_extensions(extension(16, b"\x00\x00")),
+        "ALPN protocol list is empty",
+    ),
+    "sni-non-ascii": (
+        with_extensions(server_name(b"bucher.example")),
+        with_extensions(server_name("bücher.example".encode())),
+        "not printable ASCII",
+    ),
+    "sni-nul": (
+        with_extensions(server_name(b"api.example.com")),
+        with_extensions(server_name(b"api.example.com\x00.attacker.example")),
+        "not printable ASCII",
+    ),
+    "sni-empty": (
+        with_extensions(server_name(b"a")),
+        with_extensions(server_name(b"")),
+        "not printable ASCII",
+    ),
+    "sni-twice": (
+        with_extensions(server_name(b"a")),
+        with_extensions(extension(0, vector(b"\x00\x00\x01a\x00\x00\x01b", 2))),
+        "two host_name entries",
+    ),
+    "sni-empty-list": (
+        with_extensions(server_name(b"a")),
+        with_extensions(extension(0, b"\x00\x00")),
+        "server_name list is empty",
+    ),
+    "sigalgs-odd": (
+        with_extensions(hellos.signature_algorithms(ECDSA_SECP256R1_SHA256)),
+        with_extensions(extension(13, b"\x00\x03\x04\x03\x05")),
+        "extension 13 length 3 is not a list of u16",
+    ),
+    "versions-empty": (
+        with_extensions(hellos.supported_versions(TLS1_3)),
+        with_extensions(extension(43, b"\x00")),
+        "extension 43 length 0 is not a list of u16",
+    ),
+    "groups-overlong": (
+        with_extensions(supported_groups(X25519)),
+        with_extensions(extension(10, b"\x00\x02\x00")),
+        "extension 10 overruns",
+    ),
+}
+
+
+@pytest.mark.parametrize(("valid", "invalid", "error"), TWINS.values(), ids=TWINS.keys())
+def test_one_defect_turns_a_hello_into_an_error(valid: bytes, invalid: bytes, error: str) -> None:
+    assert isinstance(parse_client_hello(valid), ClientHello)
+    with pytest.raises(ClientHelloError, match=error):
+        parse_client_hello(invalid)
+
+
+@pytest.mark.parametrize(
+    ("needs_more", "never", "error"),
+    [
+        (b"\x16", b"\x15", "content type 21"),  # an alert
+        (b"\x16\x03", b"\x16\x02", "major byte 2"),
+        (b"\x16", b"\x80\x2e\x01\x03\x01", "SSLv2-style"),
+        (b"\x16\x03\x01\x40\x00", b"\x16\x03\x01\x40\x01", "exceeds 2\\^14"),
+        (b"\x16\x03\x01\x00\x10\x01", b"\x16\x03\x01\x00\x10\x02", "handshake message type 2"),
+        # The hello's length alone proves it cannot end within the cap.
+        (b"\x16\x03\x01\x40\x00\x01\x00\x3f\xf7", b"\x16\x03\x01\x40\x00\x01\x00\x3f\xf8", "MAX_"),
+        (b"\x16", b"G", "content type 71"),  # plain HTTP: its first byte is enough
+    ],
+    ids=["alert", "version", "sslv2", "record-length", "handshake-type", "cap", "http"],
+)
+def test_errors_come_from_the_first_bytes(needs_more: bytes, never: bytes, error: str) -> None:
+    """No byte after `never` could help, so the parser says so without waiting for more."""
+    assert parse_client_hello(needs_more) is None
+    with pytest.raises(ClientHelloError, match=error):
+        parse_client_hello(never)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n", True),
+        (b"POST /v1/items HTTP/1.1\r\n", True),
+        (b"OPTIONS * HTTP/1.1\r\n", True),
+        (b"BASELINE-CONTROL /x HTTP/1.1\r\n", True),  # the longest registered method
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", True),  # HTTP/2 prior knowledge, in plain text
+        (b"GET ", True),  # four bytes suffice
+        (b"GET", False),  # not yet: no space
+        (b"get / HTTP/1.1\r\n", False),  # methods are case-sensitive
+        (b"Get / HTTP/1.1\r\n", False),
+        (b"g / HTTP/1.1\r\n", False),
+        (b" GET / HTTP/1.1\r\n", False),
+        (b"-GET / HTTP/1.1\r\n", False),
+        (b"VERYLONGMETHODNAME / HTTP/1.1\r\n", False),  # 18 letters: no registered method
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", False),  # a TLS record
+        (b"\x80\x2e\x01\x03\x01", False),  # an SSLv2 hello
+        (b"", False),
+    ],
+)
+def test_is_plain_http(data: bytes, expected: bool) -> None:
+    assert is_plain_http(data) is expected
+
+
+def test_fragmented_over_cap_hello_fails_before_the_cap_is_buffered() -> None:
+    """1-byte records cost 6 wire bytes per hello byte: the record headers alone show it."""
+    wire = records(BIG_MESSAGE, 1)
+    with pytest.raises(ClientHelloError, match="MAX_CLIENT_HELLO_BYTES"):
+        parse_client_hello(wire[: MAX_CLIENT_HELLO_BYTES - 1])
+
+
+def test_is_plain_http_never_matches_a_real_hello(captured: Captured) -> None:
+    assert not is_plain_http(captured.wire)

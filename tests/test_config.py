@@ -1,0 +1,710 @@
+"""config.py: the documented example parses to the expected values, and every kind of mistake
+is rejected with the key path that names it and a message that says what is wrong."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+
+from dualproxy.config import (
+    Config,
+    ConfigError,
+    Hints,
+    KeyConfig,
+    KeyStoreSettings,
+    Limits,
+    ListenAddress,
+    ListenConfig,
+    Rotation,
+    load,
+    parse,
+    parse_time,
+)
+
+EXAMPLE: Final = """
+[listen]
+address = "127.0.0.1:8443"
+
+[keys.k2026a]
+key = "certs/k2026a/key.pem"
+chain = "certs/k2026a/chain.pem"
+
+[keys.k2026b]
+key = "certs/k2026b/key.pem"
+chain = "certs/k2026b/chain.pem"
+
+[rotation]
+old = "k2026a"
+new = "k2026b"
+grace_start = 2026-12-01T00:00:00Z
+grace_end   = 2027-01-15T00:00:00Z
+default = "old"
+canary_percent = 0
+
+[rotation.hints.new]
+sni = ["k2.api.example.com"]
+alpn = ["dualproxy-k2026b"]
+networks = ["10.0.0.0/8"]
+
+[rotation.hints.old]
+sni = ["api-legacy.example.com"]
+"""
+KEY_FILES: Final = (
+    "certs/k2026a/key.pem",
+    "certs/k2026a/chain.pem",
+    "certs/k2026b/key.pem",
+    "certs/k2026b/chain.pem",
+)
+GRACE_START: Final = datetime(2026, 12, 1, tzinfo=UTC)
+GRACE_END: Final = datetime(2027, 1, 15, tzinfo=UTC)
+
+# An edit value that removes the key instead of setting it.
+DELETE: Final = object()
+
+
+def make_files(folder: Path) -> None:
+    """Empty key and chain files: config only checks that they exist."""
+    for relative in KEY_FILES:
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).touch()
+
+
+def edited(edits: Mapping[str, object]) -> dict[str, Any]:
+    """The example as decoded TOML, with each dotted key set to its value (or deleted)."""
+    data: dict[str, Any] = tomllib.loads(EXAMPLE)
+    for dotted, value in edits.items():
+        *parents, last = dotted.split(".")
+        table = data
+        for name in parents:
+            table = table.setdefault(name, {})
+        if value is DELETE:
+            del table[last]
+        else:
+            table[last] = value
+    return data
+
+
+def expected_example(folder: Path, path: Path | None) -> Config:
+    def key(name: str) -> KeyConfig:
+        return KeyConfig(
+            name=name,
+            key=folder / f"certs/{name}/key.pem",
+            chain=folder / f"certs/{name}/chain.pem",
+        )
+
+    return Config(
+        listen=ListenConfig(addresses=(ListenAddress("127.0.0.1", 8443),), reuse_port=False),
+        keys={"k2026a": key("k2026a"), "k2026b": key("k2026b")},
+        rotation=Rotation(
+            old=("k2026a",),
+            new=("k2026b",),
+            grace_start=GRACE_START,
+            grace_end=GRACE_END,
+            default="old",
+            canary_percent=0.0,
+            hints_new=Hints(
+                sni=("k2.api.example.com",),
+                alpn=(b"dualproxy-k2026b",),
+                networks=(IPv4Network("10.0.0.0/8"),),
+            ),
+            hints_old=Hints(sni=("api-legacy.example.com",)),
+        ),
+        limits=Limits(),
+        keystore=KeyStoreSettings(),
+        path=path,
+    )
+
+
+# --- the valid example ---------------------------------------------------------------------
+
+
+def test_example_file_loads_into_the_expected_dataclasses(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    path = tmp_path / "config.toml"
+    path.write_text(EXAMPLE)
+    assert load(path) == expected_example(tmp_path, path)
+
+
+def test_example_data_parses_into_the_expected_dataclasses(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    assert parse(edited({}), base_dir=tmp_path) == expected_example(tmp_path, None)
+
+
+def test_times_with_an_offset_become_utc(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    offset = datetime.fromisoformat("2026-12-01T01:00:00+01:00")
+    rotation = parse(edited({"rotation.grace_start": offset}), base_dir=tmp_path).rotation
+    assert rotation is not None
+    assert rotation.grace_start == GRACE_START
+    assert rotation.grace_start.tzinfo is UTC
+
+
+def test_optional_sections_override_their_defaults(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    config = parse(
+        edited(
+            {
+                "listen.reuse_port": True,
+                "limits": {"handshake_timeout": 5, "max_connections": 10},
+                "keystore": {"allow_insecure_key_permissions": True},
+            }
+        ),
+        base_dir=tmp_path,
+    )
+    assert config.listen.reuse_port
+    assert config.limits == Limits(handshake_timeout=5.0, max_connections=10)
+    assert config.keystore == KeyStoreSettings(allow_insecure_key_permissions=True)
+
+
+# Each accepted spelling, the twin of a rejection below.
+@pytest.mark.parametrize(
+    ("edits", "read", "expected"),
+    [
+        pytest.param(
+            {"listen.address": ["127.0.0.1:8443", "[::1]:8443", ":443"]},
+            lambda c: c.listen.addresses,
+            (ListenAddress("127.0.0.1", 8443), ListenAddress("::1", 8443), ListenAddress("", 443)),
+            id="address-list-ipv6-every-interface",
+        ),
+        pytest.param(
+            {"listen.address": "[::1]:8443"},
+            lambda c: str(c.listen.addresses[0]),
+            "[::1]:8443",
+            id="ipv6-address-round-trips",
+        ),
+        pytest.param(
+            {"rotation.old": ["k2026a", "k2025"], "keys.k2025": {"key": "k", "chain": "c"}},
+            lambda c: c.rotation.old,
+            ("k2026a", "k2025"),
+            id="old-as-list",
+        ),
+        pytest.param(
+            {"rotation.hints.new.sni": ["*.K2.Example.com.", "xn--bcher-kva.example"]},
+            lambda c: c.rotation.hints_new.sni,
+            ("*.k2.example.com", "xn--bcher-kva.example"),
+            id="sni-wildcard-punycode-normalized",
+        ),
+        pytest.param(
+            {"rotation.hints.new.networks": ["2001:db8::/32", "10.1.2.3"]},
+            lambda c: c.rotation.hints_new.networks,
+            (IPv6Network("2001:db8::/32"), IPv4Network("10.1.2.3/32")),
+            id="networks-ipv6-and-host",
+        ),
+        pytest.param(
+            {"rotation.hints.old.sni": ["*.legacy.example.com", "api.example.com"]},
+            lambda c: c.rotation.hints_old.sni,
+            ("*.legacy.example.com", "api.example.com"),
+            id="wildcard-not-covering-a-new-name",
+        ),
+        pytest.param(
+            {"rotation.canary_percent": 100},
+            lambda c: c.rotation.canary_percent,
+            100.0,
+            id="canary-100",
+        ),
+        pytest.param(
+            {"rotation.default": "new"},
+            lambda c: c.rotation.default,
+            "new",
+            id="default-new-without-canary",
+        ),
+        pytest.param(
+            {"rotation.default": DELETE},
+            lambda c: c.rotation.default,
+            "old",
+            id="default-defaults-to-old",
+        ),
+        pytest.param(
+            {"rotation.grace_end": GRACE_START + timedelta(microseconds=1)},
+            lambda c: c.rotation.grace_end,
+            GRACE_START + timedelta(microseconds=1),
+            id="shortest-window",
+        ),
+        pytest.param(
+            {"rotation.hints": DELETE},
+            lambda c: (c.rotation.hints_new, c.rotation.hints_old),
+            (Hints(), Hints()),
+            id="no-hints",
+        ),
+    ],
+)
+def test_accepted(
+    tmp_path: Path, edits: Mapping[str, object], read: Callable[[Config], object], expected: object
+) -> None:
+    assert read(parse(edited(edits), base_dir=tmp_path, check_files=False)) == expected
+
+
+# --- rejections ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("edits", "key_path", "message"),
+    [
+        pytest.param({"lisen": {}}, "lisen", "unknown setting", id="unknown-top-level"),
+        pytest.param(
+            {"listen.port": 8443}, "listen.port", "unknown setting", id="unknown-in-listen"
+        ),
+        pytest.param(
+            {"rotation.grace_ned": GRACE_END},
+            "rotation.grace_ned",
+            "unknown setting; did you mean 'grace_end'?",
+            id="grace_ned-next-to-grace_end",
+        ),
+        pytest.param(
+            {"rotation.grace_end": DELETE, "rotation.grace_ned": GRACE_END},
+            "rotation.grace_end",
+            "(found 'grace_ned': misspelled?)",
+            id="grace_ned-instead-of-grace_end",
+        ),
+        pytest.param({"listen": DELETE}, "listen", "missing; add a table", id="no-listen"),
+        pytest.param(
+            {"rotation": DELETE, "keys": {}}, "keys", "no key is configured", id="no-keys"
+        ),
+        pytest.param(
+            {"listen.address": 8443},
+            "listen.address",
+            "expected a string or a list of strings, got 8443",
+            id="port-as-integer",
+        ),
+        pytest.param(
+            {"limits": {"max_connections": "4096"}},
+            "limits.max_connections",
+            "expected an integer, got a string",
+            id="string-for-integer",
+        ),
+        pytest.param(
+            {"limits": {"max_connections": True}},
+            "limits.max_connections",
+            "expected an integer, got a boolean",
+            id="bool-for-integer",
+        ),
+        pytest.param(
+            {"rotation.hints.new.networks": 10},
+            "rotation.hints.new.networks",
+            "expected a list of strings, got 10",
+            id="int-for-list",
+        ),
+        pytest.param(
+            {"rotation.canary_percent": True},
+            "rotation.canary_percent",
+            "expected a number, got a boolean",
+            id="bool-for-number",
+        ),
+        pytest.param(
+            {"listen.reuse_port": "yes"},
+            "listen.reuse_port",
+            "expected true or false, got a string",
+            id="string-for-bool",
+        ),
+        pytest.param(
+            {"keys.k2026a": "certs/k2026a"}, "keys.k2026a", "expected a table", id="key-not-table"
+        ),
+        pytest.param(
+            {"keys.bad name": {"key": "certs/k2026a/key.pem", "chain": "certs/k2026a/chain.pem"}},
+            "keys.bad name",
+            "key names are letters",
+            id="bad-key-name",
+        ),
+        pytest.param(
+            {"keys.k2026a.key": "certs/k2026a/missing.pem"},
+            "keys.k2026a.key",
+            "private key file",
+            id="missing-key-file",
+        ),
+        pytest.param(
+            {"keys.k2026b.chain": "certs/k2026b/missing.pem"},
+            "keys.k2026b.chain",
+            "certificate chain file",
+            id="missing-chain-file",
+        ),
+        pytest.param({"keys.k2026a.chain": DELETE}, "keys.k2026a.chain", "missing", id="no-chain"),
+        pytest.param(
+            {"rotation.new": "k2027"},
+            "rotation.new",
+            "no key named 'k2027'; the [keys] tables define: k2026a, k2026b",
+            id="unknown-key-in-rotation",
+        ),
+        pytest.param(
+            {"rotation.new": ["k2026b", "k2026a"]},
+            "rotation.new",
+            "'k2026a' is both old and new",
+            id="key-both-old-and-new",
+        ),
+        pytest.param(
+            {"rotation.old": ["k2026a", "k2026a"]},
+            "rotation.old",
+            "listed twice",
+            id="key-listed-twice",
+        ),
+        pytest.param({"rotation.old": []}, "rotation.old", "missing", id="no-old-key"),
+        pytest.param(
+            {"rotation.grace_end": GRACE_START - timedelta(days=1)},
+            "rotation.grace_end",
+            "must end after it starts",
+            id="end-before-start",
+        ),
+        pytest.param(
+            {"rotation.grace_end": GRACE_START},
+            "rotation.grace_end",
+            "must end after it starts",
+            id="end-equals-start",
+        ),
+        pytest.param(
+            {"rotation.grace_start": "2026-12-01T00:00:00Z"},
+            "rotation.grace_start",
+            "write the time unquoted",
+            id="quoted-datetime",
+        ),
+        pytest.param(
+            {"rotation.grace_start": datetime(2026, 12, 1)},  # naive: the point
+            "rotation.grace_start",
+            "the time has no zone",
+            id="datetime-without-zone",
+        ),
+        pytest.param(
+            {"rotation.grace_start": GRACE_START.date()},
+            "rotation.grace_start",
+            "expected a datetime",
+            id="date-not-datetime",
+        ),
+        pytest.param(
+            {"rotation.default": "newest"},
+            "rotation.default",
+            '\'newest\' is neither "old" nor "new"',
+            id="default-neither",
+        ),
+        pytest.param(
+            {"rotation.default": ""},
+            "rotation.default",
+            "'' is neither",
+            id="default-empty",
+        ),
+        pytest.param(
+            {"rotation.canary_percent": 100.5},
+            "rotation.canary_percent",
+            "out of range",
+            id="canary-above-100",
+        ),
+        pytest.param(
+            {"rotation.canary_percent": -1},
+            "rotation.canary_percent",
+            "out of range",
+            id="canary-negative",
+        ),
+        pytest.param(
+            {"rotation.canary_percent": float("nan")},
+            "rotation.canary_percent",
+            "out of range",
+            id="canary-nan",
+        ),
+        pytest.param(
+            {"rotation.canary_percent": 5, "rotation.default": "new"},
+            "rotation.canary_percent",
+            "set canary_percent = 0",
+            id="canary-with-default-new",
+        ),
+        pytest.param(
+            {"rotation.hints.new.sni": ["a..b"]},
+            "rotation.hints.new.sni",
+            "'a..b' is not a host name",
+            id="sni-empty-label",
+        ),
+        pytest.param(
+            {"rotation.hints.new.sni": ["*."]},
+            "rotation.hints.new.sni",
+            "'*.' is not a host name",
+            id="sni-bare-wildcard",
+        ),
+        pytest.param(
+            {"rotation.hints.new.sni": ["*.com"]},
+            "rotation.hints.new.sni",
+            "'*.com' is not a host name",
+            id="sni-wildcard-on-tld",
+        ),
+        pytest.param(
+            {"rotation.hints.new.sni": ["foo.*.com"]},
+            "rotation.hints.new.sni",
+            "only as a leading '*.'",
+            id="sni-inner-wildcard",
+        ),
+        pytest.param(
+            {"rotation.hints.new.sni": ["bücher.example"]},
+            "rotation.hints.new.sni",
+            "punycode",
+            id="sni-non-ascii",
+        ),
+        pytest.param(
+            # The Kelvin sign lowercases to an ASCII "k": still not what a client can send.
+            {"rotation.hints.new.sni": ["\u212a2.api.example.com"]},
+            "rotation.hints.new.sni",
+            "punycode",
+            id="sni-non-ascii-folding-to-ascii",
+        ),
+        pytest.param(
+            {"rotation.hints.new.alpn": ["http/1.1"]},
+            "rotation.hints.new.alpn",
+            "offered by ordinary clients",
+            id="alpn-http1.1",
+        ),
+        pytest.param(
+            {"rotation.hints.new.alpn": [""]},
+            "rotation.hints.new.alpn",
+            "1-255 printable ASCII bytes",
+            id="alpn-empty",
+        ),
+        pytest.param(
+            {"rotation.hints.new.networks": ["10.0.0.1/8"]},
+            "rotation.hints.new.networks",
+            "has host bits set",
+            id="network-host-bits",
+        ),
+        pytest.param(
+            {"rotation.hints.new.networks": ["10.0.0.0/33"]},
+            "rotation.hints.new.networks",
+            "write a network like",
+            id="network-bad-prefix",
+        ),
+        pytest.param(
+            {"rotation.hints.new.nets": ["10.0.0.0/8"]},
+            "rotation.hints.new.nets",
+            "unknown setting",
+            id="unknown-in-hints",
+        ),
+        pytest.param(
+            {"rotation.hints.both": {}},
+            "rotation.hints.both",
+            "unknown setting",
+            id="unknown-hint-role",
+        ),
+        pytest.param(
+            {"rotation.hints.old.sni": ["K2.API.example.com."]},
+            "rotation.hints.old.sni",
+            "'k2.api.example.com' is hinted for both old and new",
+            id="same-sni-both-roles",
+        ),
+        pytest.param(
+            {"rotation.hints.old.sni": ["*.api.example.com"]},
+            "rotation.hints.old.sni",
+            "match the same host names",
+            id="old-wildcard-covers-new-sni",
+        ),
+        pytest.param(
+            {"rotation.hints.old.alpn": ["dualproxy-k2026b"]},
+            "rotation.hints.old.alpn",
+            "hinted for both old and new",
+            id="same-alpn-both-roles",
+        ),
+        pytest.param(
+            {"rotation.hints.old.networks": ["10.1.0.0/16"]},
+            "rotation.hints.old.networks",
+            "10.1.0.0/16 overlaps 10.0.0.0/8",
+            id="overlapping-networks",
+        ),
+        pytest.param(
+            {"listen.address": "8443"},
+            "listen.address",
+            "'8443' is not HOST:PORT",
+            id="address-port-only",
+        ),
+        pytest.param(
+            {"listen.address": "::1:8443"},
+            "listen.address",
+            "put an IPv6 address in brackets",
+            id="address-ipv6-unbracketed",
+        ),
+        pytest.param(
+            {"listen.address": "127.0.0.1:70000"},
+            "listen.address",
+            "is not HOST:PORT",
+            id="address-port-too-large",
+        ),
+        pytest.param(
+            {"listen.address": "127.0.0.1:\u0668\u0664\u0664\u0663"},
+            "listen.address",
+            "is not HOST:PORT",
+            id="address-port-non-ascii-digits",
+        ),
+        pytest.param(
+            {"listen.address": "[::1:8443"},
+            "listen.address",
+            "brackets",
+            id="address-half-bracketed",
+        ),
+        pytest.param(
+            {"listen.address": ["127.0.0.1:8443", "127.0.0.1:8443"]},
+            "listen.address",
+            "listed twice",
+            id="address-twice",
+        ),
+        pytest.param(
+            {"limits": {"handshake_timeout": 0}},
+            "limits.handshake_timeout",
+            "out of range",
+            id="zero-handshake-timeout",
+        ),
+    ],
+)
+def test_rejected(tmp_path: Path, edits: Mapping[str, object], key_path: str, message: str) -> None:
+    make_files(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        parse(edited(edits), base_dir=tmp_path)
+    assert caught.value.key_path == key_path
+    assert message in caught.value.problem
+    assert str(caught.value) == f"{key_path}: {caught.value.problem}"
+
+
+def test_missing_files_are_accepted_without_file_checks(tmp_path: Path) -> None:
+    config = parse(edited({}), base_dir=tmp_path, check_files=False)
+    assert config.keys["k2026a"].key == tmp_path / "certs/k2026a/key.pem"
+    assert not config.keys["k2026a"].key.exists()
+
+
+# --- load: files and their folder ----------------------------------------------------------
+
+
+def test_load_names_the_file_and_key_path(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    path = tmp_path / "config.toml"
+    path.write_text(EXAMPLE.replace('default = "old"', 'default = "newest"'))
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert caught.value.file == path
+    assert caught.value.key_path == "rotation.default"
+    assert str(caught.value).startswith(f"{path}: rotation.default: ")
+
+
+def test_load_rejects_a_datetime_without_zone_as_written(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    path = tmp_path / "config.toml"
+    path.write_text(EXAMPLE.replace("2027-01-15T00:00:00Z", "2027-01-15T00:00:00"))
+    with pytest.raises(ConfigError, match="the time has no zone") as caught:
+        load(path)
+    assert caught.value.key_path == "rotation.grace_end"
+
+
+def test_load_invalid_toml(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(EXAMPLE.replace("[listen]", "[listen"))
+    with pytest.raises(ConfigError, match="not valid TOML") as caught:
+        load(path)
+    assert caught.value.key_path == ""
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.toml"
+    with pytest.raises(ConfigError, match="config file not found") as caught:
+        load(path)
+    assert caught.value.key_path == ""
+    assert caught.value.file == path
+    assert "nowhere.toml" in str(caught.value)
+
+
+def test_load_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load(path)
+
+
+def test_relative_paths_start_at_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "deploy"
+    folder.mkdir()
+    make_files(folder)
+    (folder / "config.toml").write_text(EXAMPLE)
+    monkeypatch.chdir(tmp_path)
+    config = load("deploy/config.toml")
+    assert config.keys["k2026b"].chain == folder / "certs/k2026b/chain.pem"
+    assert config.keys["k2026b"].chain.is_absolute()
+
+
+def test_relative_paths_do_not_start_at_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "deploy"
+    folder.mkdir()
+    make_files(tmp_path)  # next to the working folder, not next to the config
+    (folder / "config.toml").write_text(EXAMPLE)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="does not exist") as caught:
+        load("deploy/config.toml")
+    assert caught.value.key_path == "keys.k2026a.key"
+
+
+def test_absolute_paths_are_kept(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    make_files(elsewhere)
+    absolute = elsewhere / "certs/k2026a/key.pem"
+    config = parse(
+        edited({"keys.k2026a.key": str(absolute)}), base_dir=tmp_path / "x", check_files=False
+    )
+    assert config.keys["k2026a"].key == absolute
+
+
+# --- Config methods ------------------------------------------------------------------------
+
+
+def test_identities_with_rotation_leave_standby_keys_out(tmp_path: Path) -> None:
+    config = parse(
+        edited({"keys.k2025": {"key": "k", "chain": "c"}}), base_dir=tmp_path, check_files=False
+    )
+    assert config.identities() == {"old": ("k2026a",), "new": ("k2026b",)}
+
+
+def test_identities_without_rotation_serve_every_key_as_single(tmp_path: Path) -> None:
+    config = parse(edited({"rotation": DELETE}), base_dir=tmp_path, check_files=False)
+    assert config.rotation is None
+    assert config.identities() == {"single": ("k2026a", "k2026b")}
+
+
+def test_watched_files_include_the_config_file_when_loaded(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    path = tmp_path / "config.toml"
+    path.write_text(EXAMPLE)
+    keys = tuple(tmp_path / relative for relative in KEY_FILES)
+    assert load(path).watched_files() == (path, *keys)
+    assert parse(edited({}), base_dir=tmp_path).watched_files() == keys
+
+
+# --- parse_time ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("2026-12-01T00:00:00Z", GRACE_START, id="utc-z"),
+        pytest.param("2026-12-01T00:00:00+00:00", GRACE_START, id="utc-offset"),
+        pytest.param("2026-12-01T01:00:00+01:00", GRACE_START, id="east-offset"),
+        pytest.param("2026-11-30T19:00:00-05:00", GRACE_START, id="west-offset"),
+        pytest.param(
+            "2026-12-01T00:00:00.250Z", GRACE_START + timedelta(milliseconds=250), id="fraction"
+        ),
+    ],
+)
+def test_parse_time(text: str, expected: datetime) -> None:
+    value = parse_time(text)
+    assert value == expected
+    assert value.tzinfo is UTC
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param("2026-12-01T00:00:00", "has no time zone", id="no-zone"),
+        pytest.param("2026-12-01", "has no time zone", id="date-only"),
+        pytest.param("next tuesday", "is not an ISO 8601 time", id="prose"),
+        pytest.param("2026-13-01T00:00:00Z", "is not an ISO 8601 time", id="month-13"),
+        pytest.param("", "is not an ISO 8601 time", id="empty"),
+    ],
+)
+def test_parse_time_rejects(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_time(text)
