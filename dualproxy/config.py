@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final, Literal, TypeVar
+from urllib.parse import urlsplit
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Role = Literal["old", "new"]
@@ -35,6 +36,9 @@ DEFAULT_CONFIG_FILE: Final = "config.toml"
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # One DNS label, or a leading "*." wildcard label (RFC 6125 style: one whole left-most label).
 _DNS_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+# RFC 9110 field names (tokens) and values (visible characters, spaces and tabs inside).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*|")
 # ALPN tokens every client offers: hinting on them would route everyone.
 _COMMON_ALPN: Final = frozenset({b"http/1.1", b"http/1.0", b"h2", b"h3", b"acme-tls/1"})
 
@@ -122,6 +126,83 @@ class Limits:
     # Concurrent client connections; beyond it we stop accepting and the kernel's backlog
     # holds new ones (HAProxy maxconn behaviour) instead of failing the ones we have.
     max_connections: int = 4096
+    # A request body that stalls this long is abandoned with 408 (nginx client_body_timeout
+    # 60 s): slow mobile uploads pass, a client that stopped sending does not pin a slot.
+    body_timeout: float = 60.0
+    # A client that does not read our response for this long is dropped (nginx send_timeout
+    # 60 s); with the bounded buffers, this is what frees a slot held by a reader that stalls.
+    send_timeout: float = 60.0
+    # Upstream TCP connect plus TLS handshake (Envoy connect_timeout 5 s): App Engine answers
+    # in tens of milliseconds; five seconds means it is down, and the client hears 502.
+    upstream_connect_timeout: float = 5.0
+    # Upstream response head, and each later read of its body (nginx proxy_read_timeout 60 s);
+    # exceeded before the head: 504.
+    upstream_timeout: float = 60.0
+    # Request line (414 beyond it): nginx's large_client_header_buffers line is 8 KiB.
+    max_request_line_bytes: int = 8 * 1024
+    # Whole request head, line and fields (431 beyond it): 16 KiB, nginx/Envoy's order of size.
+    max_header_bytes: int = 16 * 1024
+    # Header fields per request (431 beyond it): Envoy's max_headers_count default is 100.
+    max_header_count: int = 100
+    # Request body size (413 beyond it). nginx's client_max_body_size is 1 MiB; API uploads
+    # (a photo) need more. Raise it for APIs that take files.
+    max_body_bytes: int = 10 * 1024 * 1024
+    # SIGTERM: stop accepting, let requests in flight finish this long, then exit (Kubernetes
+    # gives 30 s before SIGKILL by default: terminationGracePeriodSeconds).
+    shutdown_grace: float = 30.0
+
+
+# Range each Limits field accepts: (lowest, highest). Zero-length waits would refuse everyone;
+# the highs are where a value stops being a limit.
+_LIMIT_RANGES: Final[Mapping[str, tuple[float, float]]] = MappingProxyType(
+    {
+        "handshake_timeout": (0.1, 300),
+        "request_header_timeout": (0.1, 300),
+        "keepalive_timeout": (0, 3600),
+        "max_connections": (1, 1_000_000),
+        "body_timeout": (0.1, 3600),
+        "send_timeout": (0.1, 3600),
+        "upstream_connect_timeout": (0.1, 300),
+        "upstream_timeout": (0.1, 3600),
+        "max_request_line_bytes": (256, 1024 * 1024),
+        "max_header_bytes": (1024, 1024 * 1024),
+        "max_header_count": (8, 10_000),
+        "max_body_bytes": (0, 1 << 40),
+        "shutdown_grace": (0, 3600),
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """Where requests go: the API that stays on managed hosting."""
+
+    url: str
+    scheme: Literal["https", "http"]
+    host: str  # as in the URL, lowercase; IPv6 without brackets
+    port: int
+    # Extra CA certificates trusted for the upstream, on top of the system store.
+    ca_file: Path | None = None
+    # "rewrite": Host is the upstream's (what App Engine routes by); "preserve": the client's.
+    host_header: Literal["rewrite", "preserve"] = "rewrite"
+    # Added to every upstream request, after hop-by-hop stripping (lets the API refuse bypasses).
+    headers: tuple[tuple[str, str], ...] = ()
+    # Peers whose X-Forwarded-For and Forwarded headers are kept (a load balancer in front).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    # Idle keep-alive connections kept per process; beyond it a released connection closes.
+    # 32 covers the burst a 2-core box serves without keeping sockets nobody reuses.
+    pool_max_idle: int = 32
+    # An idle pooled connection is closed after this, well before the upstream's own idle
+    # cut-off (Google's front ends and nginx keep idle connections for about 60 s or more),
+    # so we rarely pick one the upstream is about to close.
+    pool_idle_timeout: float = 30.0
+
+    @property
+    def authority(self) -> str:
+        """host[:port] as the Host header wants it (port omitted when it is the default)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +223,8 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     keystore: KeyStoreSettings = field(default_factory=KeyStoreSettings)
     path: Path | None = None  # the file it was read from, when it was
+    # None: dualproxy answers every request itself with a short 200 (TLS and pin testing).
+    upstream: UpstreamConfig | None = None
 
     def identities(self) -> dict[IdentityName, tuple[str, ...]]:
         """The key names each served identity holds (one SSLContext per identity)."""
@@ -197,6 +280,12 @@ def parse(
         raise ConfigError("keys", "no key is configured; add a [keys.NAME] table")
     limits = _parse_limits(root.table("limits"))
     keystore = _parse_keystore(root.table("keystore"))
+    upstream_table = root.table("upstream")
+    upstream = (
+        _parse_upstream(upstream_table, base_dir, check_files)
+        if upstream_table is not None
+        else None
+    )
     root.done()
     return Config(
         listen=listen,
@@ -205,6 +294,7 @@ def parse(
         limits=limits,
         keystore=keystore,
         path=path,
+        upstream=upstream,
     )
 
 
@@ -261,6 +351,10 @@ class _Table:
     def table(self, key: str, *, required: bool = False) -> _Table | None:
         value = self._get(key, dict, "a table", required)
         return None if value is None else _Table(value, self.path(key))
+
+    def names(self) -> list[str]:
+        """Every key present (for tables whose keys are the operator's, like [upstream.headers])."""
+        return list(self._data)
 
     def tables(self) -> list[tuple[str, _Table]]:
         """Every entry, each of which must be a table (like [keys.NAME])."""
@@ -555,17 +649,80 @@ def _sni_patterns_overlap(a: str, b: str) -> bool:
 def _parse_limits(table: _Table | None) -> Limits:
     if table is None:
         return Limits()
-    d = Limits()
-    limits = Limits(
-        handshake_timeout=table.number("handshake_timeout", d.handshake_timeout, low=0.1, high=300),
-        request_header_timeout=table.number(
-            "request_header_timeout", d.request_header_timeout, low=0.1, high=300
-        ),
-        keepalive_timeout=table.number("keepalive_timeout", d.keepalive_timeout, low=0, high=3600),
-        max_connections=table.integer("max_connections", d.max_connections, low=1, high=1_000_000),
+    defaults = Limits()
+    values: dict[str, float | int] = {}
+    for name, (low, high) in _LIMIT_RANGES.items():
+        default = getattr(defaults, name)
+        if isinstance(default, int):
+            values[name] = table.integer(name, default, low=int(low), high=int(high))
+        else:
+            values[name] = table.number(name, default, low=low, high=high)
+    table.done()
+    return Limits(**values)  # type: ignore[arg-type]
+
+
+def _parse_upstream(table: _Table, base_dir: Path, check_files: bool) -> UpstreamConfig:
+    url = table.string("url", required=True)
+    assert url is not None
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(
+            table.path("url"), f"{url!r} is not an http(s) URL like https://my-project.appspot.com"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError(
+            table.path("url"),
+            "give only the scheme, host and port: requests keep their own path and query",
+        )
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError(table.path("url"), f"{url!r} has an invalid port") from None
+    ca_file = None
+    if (ca_text := table.string("ca_file")) is not None:
+        ca_file = base_dir / Path(ca_text).expanduser()
+        if check_files and not ca_file.is_file():
+            raise ConfigError(table.path("ca_file"), f"CA file {ca_file} does not exist")
+    host_header = table.string("host") or "rewrite"
+    if host_header not in ("rewrite", "preserve"):
+        raise ConfigError(
+            table.path("host"), f'{host_header!r} is neither "rewrite" nor "preserve"'
+        )
+    headers = []
+    if (extra := table.table("headers")) is not None:
+        for name in extra.names():
+            value = extra.string(name, required=True)
+            assert value is not None
+            if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+                raise ConfigError(
+                    extra.path(name), "not a valid HTTP header name and value (no CR, LF or NUL)"
+                )
+            headers.append((name, value))
+        extra.done()
+    trusted = []
+    for text in table.strings("trusted_proxies"):
+        try:
+            trusted.append(ipaddress.ip_network(text, strict=True))
+        except ValueError as exc:
+            raise ConfigError(table.path("trusted_proxies"), str(exc)) from None
+    defaults = UpstreamConfig(url="", scheme="https", host="", port=0)
+    pool_max_idle = table.integer("pool_max_idle", defaults.pool_max_idle, low=0, high=10_000)
+    pool_idle_timeout = table.number(
+        "pool_idle_timeout", defaults.pool_idle_timeout, low=0.1, high=3600
     )
     table.done()
-    return limits
+    return UpstreamConfig(
+        url=url,
+        scheme="https" if parts.scheme == "https" else "http",
+        host=parts.hostname.lower(),
+        port=port,
+        ca_file=ca_file,
+        host_header="preserve" if host_header == "preserve" else "rewrite",
+        headers=tuple(headers),
+        trusted_proxies=tuple(trusted),
+        pool_max_idle=pool_max_idle,
+        pool_idle_timeout=pool_idle_timeout,
+    )
 
 
 def _parse_keystore(table: _Table | None) -> KeyStoreSettings:

@@ -39,6 +39,14 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
+@pytest.fixture
+def cafile(ca: trustme.CA, tmp_path: Path) -> Path:
+    """The test CA's certificate as a file, for clients' --cacert."""
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
 @dataclass(frozen=True)
 class KeyFiles:
     name: str

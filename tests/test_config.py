@@ -22,6 +22,7 @@ from dualproxy.config import (
     ListenAddress,
     ListenConfig,
     Rotation,
+    UpstreamConfig,
     load,
     parse,
     parse_time,
@@ -708,3 +709,147 @@ def test_parse_time(text: str, expected: datetime) -> None:
 def test_parse_time_rejects(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_time(text)
+
+
+# --- [upstream] and the proxy limits -------------------------------------------------------
+
+UPSTREAM: Final = "upstream.url"
+
+
+def test_upstream_defaults_and_authority(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    upstream = parse(
+        edited({UPSTREAM: "https://My-Project.appspot.com"}), base_dir=tmp_path
+    ).upstream
+    assert upstream == UpstreamConfig(
+        url="https://My-Project.appspot.com",
+        scheme="https",
+        host="my-project.appspot.com",
+        port=443,
+    )
+    assert upstream.authority == "my-project.appspot.com"
+
+
+def test_upstream_every_setting(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    (tmp_path / "upstream-ca.pem").touch()
+    data = edited(
+        {
+            UPSTREAM: "http://[::1]:8080",
+            "upstream.ca_file": "upstream-ca.pem",
+            "upstream.host": "preserve",
+            "upstream.headers": {"X-Proxy-Secret": "s3cret value"},
+            "upstream.trusted_proxies": ["10.0.0.0/8", "2001:db8::/32"],
+            "upstream.pool_max_idle": 0,
+            "upstream.pool_idle_timeout": 5,
+        }
+    )
+    upstream = parse(data, base_dir=tmp_path).upstream
+    assert upstream is not None
+    assert (upstream.scheme, upstream.host, upstream.port) == ("http", "::1", 8080)
+    assert upstream.authority == "[::1]:8080"
+    assert upstream.ca_file == tmp_path / "upstream-ca.pem"
+    assert upstream.host_header == "preserve"
+    assert upstream.headers == (("X-Proxy-Secret", "s3cret value"),)
+    assert upstream.trusted_proxies == (IPv4Network("10.0.0.0/8"), IPv6Network("2001:db8::/32"))
+    assert (upstream.pool_max_idle, upstream.pool_idle_timeout) == (0, 5.0)
+
+
+def test_no_upstream_means_dualproxy_answers_itself(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    assert parse(edited({}), base_dir=tmp_path).upstream is None
+
+
+@pytest.mark.parametrize(
+    ("edits", "key_path", "message"),
+    [
+        pytest.param({UPSTREAM: "ftp://x.example"}, UPSTREAM, "not an http(s) URL", id="scheme"),
+        pytest.param({UPSTREAM: "https://"}, UPSTREAM, "not an http(s) URL", id="no-host"),
+        pytest.param({UPSTREAM: "https://x.example/api"}, UPSTREAM, "only the scheme", id="path"),
+        pytest.param({UPSTREAM: "https://x.example/?a=1"}, UPSTREAM, "only the scheme", id="query"),
+        pytest.param({UPSTREAM: "https://u:p@x.example"}, UPSTREAM, "only the scheme", id="user"),
+        pytest.param({UPSTREAM: "https://x.example:99999"}, UPSTREAM, "invalid port", id="port"),
+        pytest.param({"upstream.ca_file": "x.pem"}, "upstream.url", "missing", id="no-url"),
+        pytest.param(
+            {UPSTREAM: "https://x.example", "upstream.ca_file": "nope.pem"},
+            "upstream.ca_file",
+            "does not exist",
+            id="missing-ca-file",
+        ),
+        pytest.param(
+            {UPSTREAM: "https://x.example", "upstream.host": "keep"},
+            "upstream.host",
+            "neither",
+            id="host-mode",
+        ),
+        pytest.param(
+            {UPSTREAM: "https://x.example", "upstream.headers": {"X Bad": "v"}},
+            "upstream.headers.X Bad",
+            "not a valid HTTP header",
+            id="header-name",
+        ),
+        pytest.param(
+            {UPSTREAM: "https://x.example", "upstream.headers": {"X-Ok": "a\r\nInjected: 1"}},
+            "upstream.headers.X-Ok",
+            "not a valid HTTP header",
+            id="header-value-crlf",
+        ),
+        pytest.param(
+            {UPSTREAM: "https://x.example", "upstream.trusted_proxies": ["10.0.0.1/8"]},
+            "upstream.trusted_proxies",
+            "host bits set",
+            id="trusted-host-bits",
+        ),
+        pytest.param(
+            {UPSTREAM: "https://x.example", "upstream.timeout": 5},
+            "upstream.timeout",
+            "unknown setting",
+            id="unknown-upstream-key",
+        ),
+        pytest.param(
+            {"limits": {"max_header_count": 2}},
+            "limits.max_header_count",
+            "out of range",
+            id="header-count-too-low",
+        ),
+        pytest.param(
+            {"limits": {"max_body_bytes": 1.5}},
+            "limits.max_body_bytes",
+            "expected an integer",
+            id="body-size-not-integer",
+        ),
+        pytest.param(
+            {"limits": {"upstream_timeout": "60s"}},
+            "limits.upstream_timeout",
+            "expected a number",
+            id="timeout-with-unit",
+        ),
+    ],
+)
+def test_upstream_and_limits_rejected(
+    tmp_path: Path, edits: Mapping[str, object], key_path: str, message: str
+) -> None:
+    make_files(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        parse(edited(edits), base_dir=tmp_path)
+    assert (caught.value.key_path, message in caught.value.problem) == (key_path, True), (
+        caught.value
+    )
+
+
+def test_every_limit_is_settable(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    values = {
+        "body_timeout": 30,
+        "send_timeout": 31,
+        "upstream_connect_timeout": 2,
+        "upstream_timeout": 32,
+        "max_request_line_bytes": 4096,
+        "max_header_bytes": 8192,
+        "max_header_count": 50,
+        "max_body_bytes": 1024,
+        "shutdown_grace": 0,
+    }
+    limits = parse(edited({"limits": values}), base_dir=tmp_path).limits
+    assert {name: getattr(limits, name) for name in values} == values
+    assert limits.handshake_timeout == Limits().handshake_timeout

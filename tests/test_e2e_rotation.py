@@ -80,13 +80,6 @@ def rotation(old: str | Sequence[str], new: str, *, networks: Sequence[str]) -> 
 
 
 @pytest.fixture
-def cafile(ca: trustme.CA, tmp_path: Path) -> Path:
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return path
-
-
-@pytest.fixture
 def keys(ca: trustme.CA, tmp_path: Path) -> dict[str, KeyFiles]:
     return {name: make_key(ca, tmp_path / "certs", name) for name in ("k2026a", "k2026b")}
 
