@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,7 +30,17 @@ from cryptography.hazmat.primitives import serialization
 
 from . import checks, keystore, pins, policy
 from .clienthello import ClientHello
-from .config import DEFAULT_CONFIG_FILE, Config, ConfigError, Role, load, parse_time
+from .config import (
+    DEFAULT_CONFIG_FILE,
+    Config,
+    ConfigError,
+    Role,
+    host_name_problem,
+    key_name_problem,
+    load,
+    normalize_host,
+    parse_time,
+)
 from .keystore import KeySnapshot, KeyStoreError
 from .server import Server, raise_open_file_limit, utc_now
 
@@ -47,12 +56,6 @@ _ROUTE_SIGALGS: Final = (0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0501, 0x0806,
 _ROUTE_VERSIONS: Final = (0x0304, 0x0303)
 _ROUTE_GROUPS: Final = (0x001D, 0x0017, 0x0018)
 
-# Key names become folders under --dir: the rule config.py applies to [keys.NAME] tables, so
-# that a key made here can be named in the config (and "../x" cannot leave the folder).
-_KEY_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-# A DNS label (RFC 1123, underscores tolerated as CAs and config.py do); 253: RFC 1035 limit.
-_DNS_LABEL: Final = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
-_MAX_HOSTNAME: Final = 253
 
 KEY_TYPES: Final = ("ecdsa-p256", "rsa-2048")
 
@@ -213,11 +216,10 @@ def _ip_argument(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 
 def _key_name_argument(text: str) -> str:
-    if not _KEY_NAME.fullmatch(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: key names are letters, digits, '.', '_' and '-' (at most 64), starting"
-            " with a letter or digit"
-        )
+    # The rule of [keys.NAME] tables: a key made here can be named in the config, and a name
+    # such as "../x" cannot leave --dir.
+    if (problem := key_name_problem(text)) is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 
@@ -227,23 +229,9 @@ def _host_argument(text: str) -> str:
         return str(ipaddress.ip_address(text))
     except ValueError:
         pass
-    if not text.isascii():
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: write internationalized names in punycode (xn--...)"
-        )
-    name = text.lower().removesuffix(".")
-    labels = name.split(".")
-    if labels[0] == "*":
-        labels = labels[1:]
-    if (
-        len(name) > _MAX_HOSTNAME
-        or len(labels) < (2 if name.startswith("*.") else 1)
-        or not all(_DNS_LABEL.fullmatch(label) for label in labels)
-    ):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a host name or IP address (a wildcard only as a leading '*.')"
-        )
-    return name
+    if (problem := host_name_problem(text)) is not None:
+        raise argparse.ArgumentTypeError(f"{problem}, nor an IP address")
+    return normalize_host(text)
 
 
 def _load(args: argparse.Namespace) -> tuple[Config, KeySnapshot]:

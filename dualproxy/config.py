@@ -33,9 +33,11 @@ IdentityName = Literal["single", "old", "new"]
 DEFAULT_CONFIG_FILE: Final = "config.toml"
 
 # Key names become directory names under certs/ and appear in logs and metrics labels.
-_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+KEY_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # One DNS label, or a leading "*." wildcard label (RFC 6125 style: one whole left-most label).
 _DNS_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+# RFC 1035's limit on a whole name.
+_MAX_HOST_NAME: Final = 253
 # RFC 9110 field names (tokens) and values (visible characters, spaces and tabs inside).
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(r"[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*|")
@@ -484,12 +486,8 @@ def _parse_keys(table: _Table | None, base_dir: Path, check_files: bool) -> dict
     assert table is not None
     keys = {}
     for name, entry in table.tables():
-        if not _KEY_NAME.fullmatch(name):
-            raise ConfigError(
-                table.path(name),
-                "key names are letters, digits, '.', '_' and '-' (at most 64), starting with a"
-                " letter or digit",
-            )
+        if (problem := key_name_problem(name)) is not None:
+            raise ConfigError(table.path(name), problem)
         paths = {}
         for field_name in ("key", "chain"):
             text = entry.string(field_name, required=True)
@@ -583,20 +581,41 @@ def _parse_hints(table: _Table | None) -> Hints:
     return Hints(sni=sni, alpn=alpn, networks=tuple(networks))
 
 
-def _parse_sni_pattern(key_path: str, text: str) -> str:
+def host_name_problem(text: str) -> str | None:
+    """Why `text` is not a DNS name a certificate or SNI can carry (a leading "*." allowed);
+    None when it is one."""
+    # Checked before lowercasing could hide it: the Kelvin sign "\u212a" lowercases to "k".
+    if not text.isascii():
+        return f"{text!r}: write internationalized names in punycode (xn--)"
     name = normalize_host(text)
     labels = name.split(".")
     wildcard = labels[0] == "*"
     if wildcard:
         labels = labels[1:]
-    # Checked before lowercasing could hide it: the Kelvin sign "\u212a" lowercases to "k".
-    if not text.isascii():
-        raise ConfigError(key_path, f"{text!r}: write internationalized names in punycode (xn--)")
-    if len(labels) < (2 if wildcard else 1) or not all(_DNS_LABEL.fullmatch(x) for x in labels):
-        raise ConfigError(
-            key_path, f"{text!r} is not a host name (a wildcard is allowed only as a leading '*.')"
-        )
-    return name
+    if (
+        len(name) > _MAX_HOST_NAME
+        or len(labels) < (2 if wildcard else 1)
+        or not all(_DNS_LABEL.fullmatch(x) for x in labels)
+    ):
+        return f"{text!r} is not a host name (a wildcard is allowed only as a leading '*.')"
+    return None
+
+
+def key_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a key (it becomes a folder under certs/); None when it can."""
+    if KEY_NAME.fullmatch(name):
+        return None
+    return (
+        f"{name!r}: key names are letters, digits, '.', '_' and '-' (at most 64), starting with"
+        " a letter or digit"
+    )
+
+
+def _parse_sni_pattern(key_path: str, text: str) -> str:
+    problem = host_name_problem(text)
+    if problem is not None:
+        raise ConfigError(key_path, problem)
+    return normalize_host(text)
 
 
 def _parse_alpn_token(key_path: str, text: str) -> bytes:
