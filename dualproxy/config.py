@@ -730,7 +730,7 @@ def _parse_upstream(table: _Table, base_dir: Path, check_files: bool) -> Upstrea
         "pool_idle_timeout", defaults.pool_idle_timeout, low=0.1, high=3600
     )
     table.done()
-    return UpstreamConfig(
+    upstream = UpstreamConfig(
         url=url,
         scheme="https" if parts.scheme == "https" else "http",
         host=parts.hostname.lower(),
@@ -742,6 +742,16 @@ def _parse_upstream(table: _Table, base_dir: Path, check_files: bool) -> Upstrea
         pool_max_idle=pool_max_idle,
         pool_idle_timeout=pool_idle_timeout,
     )
+    # The forwarding rules know which headers dualproxy manages itself (hop-by-hop, framing,
+    # Host); asking them now turns a header we could never send into a config error.
+    from .forwarding import ForwardingRules  # here: forwarding imports this module
+
+    try:
+        ForwardingRules.from_config(upstream)
+    except ValueError as exc:
+        key_path, _, problem = str(exc).partition(": ")
+        raise ConfigError(key_path, problem) from None
+    return upstream
 
 
 def _parse_keystore(table: _Table | None) -> KeyStoreSettings:

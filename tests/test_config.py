@@ -853,3 +853,21 @@ def test_every_limit_is_settable(tmp_path: Path) -> None:
     limits = parse(edited({"limits": values}), base_dir=tmp_path).limits
     assert {name: getattr(limits, name) for name in values} == values
     assert limits.handshake_timeout == Limits().handshake_timeout
+
+
+@pytest.mark.parametrize("name", ["Connection", "Host", "Content-Length", "Transfer-Encoding"])
+def test_upstream_headers_dualproxy_manages_are_refused(tmp_path: Path, name: str) -> None:
+    make_files(tmp_path)
+    data = edited({UPSTREAM: "https://x.example", "upstream.headers": {name: "v"}})
+    with pytest.raises(ConfigError) as caught:
+        parse(data, base_dir=tmp_path)
+    assert caught.value.key_path == "upstream.headers"
+    assert "cannot be added" in caught.value.problem
+
+
+def test_upstream_header_dualproxy_does_not_manage_is_accepted(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    data = edited({UPSTREAM: "https://x.example", "upstream.headers": {"X-Proxy-Secret": "v"}})
+    upstream = parse(data, base_dir=tmp_path).upstream
+    assert upstream is not None
+    assert upstream.headers == (("X-Proxy-Secret", "v"),)

@@ -1,0 +1,695 @@
+"""Strict checks on HTTP/1.1 message heads, and the header rewriting of a reverse proxy.
+
+h11 is lenient in ways that are harmless for a client and dangerous for an internet-facing
+proxy: it unfolds obs-fold lines, merges identical duplicate Content-Length fields, accepts
+bare-LF line endings. Those are the shapes of request smuggling: a front end and a back end
+disagreeing on where a request ends (RFC 9112 §11.2). So the relay reads each raw head itself
+(the bytes up to and including the blank line, found by ``find_head_end``), runs it through
+``check_request_head`` or ``check_response_head``, and only then gives the same bytes to h11.
+Everything here is pure: bytes and values in, values out or ``HeadError``.
+
+Finding a head (the same shape as h11's readers and ``clienthello``): ``find_head_end(data,
+limits, start=n)`` takes everything buffered so far, from the first byte of the message, and
+
+1. returns the index just past the blank line (CRLF CRLF) once the head is complete (bytes
+   after it, a body or the next request, are not looked at),
+2. returns ``None`` while the bytes so far may still become a head within the limits, or
+3. raises ``HeadError`` as soon as they cannot: a request line longer than
+   ``max_request_line_bytes`` (414) or no blank line within ``max_header_bytes`` (431; 502 for a
+   response, whose bounds are the fixed ``MAX_RESPONSE_*`` constants).
+
+It keeps no state. ``start`` is ``len(data)`` at the previous call on the same buffer (0 at the
+first): that call returned ``None``, so the search resumes 3 bytes before it (a CRLF CRLF may
+straddle two reads) and a head trickling in byte by byte costs linear, not quadratic, time.
+``None`` is only returned while ``len(data) < max_header_bytes``: a caller looping until it
+gets an index or an error buffers at most that much.
+
+A request head is refused, without forwarding a byte, by the first rule it breaks, in order:
+
+- 414 request line longer than ``max_request_line_bytes``; 431 head longer than
+  ``max_header_bytes``.
+- 400 a line ending other than CRLF (a bare CR or LF anywhere), or a control character other
+  than HT (RFC 9112 §2.2, RFC 9110 §5.5: CR, LF and NUL in values are "invalid and dangerous").
+  An empty line before the request line is refused too, as h11 does (RFC 9112 §2.2 lets a
+  server ignore it; refusing keeps both parsers on the same bytes).
+- 431 more than ``max_header_count`` field lines.
+- 400 a request line that is not ``method SP request-target SP HTTP-version`` with single
+  spaces (RFC 9112 §3), a method that is not a token, a target with a non-visible character.
+  505 a well-formed version other than HTTP/1.1 and HTTP/1.0 (HTTP/2.0, HTTP/1.2, ...).
+- 400 a field line that is not ``field-name ":" OWS field-value OWS`` (RFC 9112 §5): obs-fold
+  (a line starting with SP or HT, §5.2), whitespace before the colon (§5.1), a name that is not a
+  token or that holds an underscore. Underscores are tokens, but CGI and WSGI map "-" and "_" to
+  the same variable, so X_Forwarded_For could pose as X-Forwarded-For behind us; we refuse
+  rather than drop, since a silently dropped field tells an attacker our parser differs.
+- 405 CONNECT and TRACE: we tunnel nothing and reflect nothing (the relay adds Allow).
+- 400 a target with a fragment ("#" is in no request-target form, RFC 9112 §3.2), "*" with a
+  method other than OPTIONS (§3.2.4), authority-form (§3.2.3, CONNECT only), or anything else
+  that is neither origin-form nor absolute-form. Absolute-form
+  ``http(s)://authority[/path][?query]`` (§3.2.2) is converted: the target becomes its path and
+  query ("/" when empty, "*" for OPTIONS with neither, §3.2.4), and its authority replaces the
+  Host field's value, which is then ignored (§3.2.2), though still checked as below.
+- 400 HTTP/1.1 without Host, more than one Host field, or a Host that is not an authority
+  (§3.2). HTTP/1.0 may omit Host (``host`` is then b""). We accept an authority as host
+  [":" port] where host is a reg-name of unreserved characters (letters, digits, "-._~"), or an
+  IPv6 literal in brackets, and port is 1 to 5 digits up to 65535: RFC 3986 also allows
+  percent-encoding and sub-delims (",;=!$&'()*+") in a reg-name, which no client sends to an
+  API and which would reach the upstream's logs and X-Forwarded-Host readers unfiltered.
+- 400 Content-Length that is not 1 to ``MAX_CONTENT_LENGTH_DIGITS`` digits (a list "5, 5", a
+  sign, anything else), or that appears twice, even with equal values (RFC 9110 §8.6 lets a
+  recipient merge those; we refuse: it is the duplicate-CL smuggling shape).
+- Transfer-Encoding (RFC 9112 §6.1): 400 together with Content-Length (allowed by §6.1, and
+  the CL.TE / TE.CL shape), in an HTTP/1.0 request, in two fields, malformed, with chunked not
+  last (§6.3 says 400: the body's length cannot be determined) or chunked twice. 501 when
+  chunked is last but other codings precede it ("gzip, chunked"): framing is clear, the coding
+  is one we do not implement (§6.1 says 501). Only exactly "chunked" (any case) is accepted.
+- 417 an Expect value other than 100-continue (RFC 9110 §10.1.1). 100-continue sets
+  ``expect_continue``, except in HTTP/1.0 where the server must ignore it.
+
+A response head (the upstream's fault, always 502) is refused for the same line, field,
+Content-Length and Transfer-Encoding rules (names may hold underscores: the CGI concern is the
+request's), a status line other than ``HTTP/1.x SP 3DIGIT [SP reason]`` with a code from 100 to
+599, a version other than 1.0 and 1.1, a 101 (we never send Upgrade, so never ask for a switch),
+more than ``MAX_RESPONSE_FIELDS`` fields or a head longer than ``MAX_RESPONSE_HEAD_BYTES``. No
+body follows a response to HEAD or a 1xx, 204 or 304 (RFC 9112 §6.3), whatever its fields say.
+
+Header rewriting (RFC 9110 §7.6.1), both directions: Connection, every field it names,
+Keep-Alive, Proxy-Connection, Proxy-Authenticate, Proxy-Authorization, TE, Trailer,
+Transfer-Encoding and Upgrade are hop-by-hop and removed, and so is Content-Length. Framing is
+the relay's: it writes ``content-length: N`` from ``content_length``, or
+``transfer-encoding: chunked`` when ``chunked`` (or lets h11 choose), on each side's own
+connection. Requests also lose Expect (dualproxy answers 100-continue itself) and Host, and get,
+after the surviving client fields in their order, X-Forwarded-For, -Proto and -Host; then
+the operator's added headers, which replace any field of the same name. See
+``upstream_request_headers`` for which client forwarding fields survive.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Final, Literal
+
+from dualproxy import config
+from dualproxy.config import IPNetwork
+
+__all__ = [
+    "MAX_CONTENT_LENGTH_DIGITS",
+    "MAX_RESPONSE_FIELDS",
+    "MAX_RESPONSE_HEAD_BYTES",
+    "ForwardingRules",
+    "HeadError",
+    "HeadLimits",
+    "IPAddress",
+    "RequestHead",
+    "ResponseHead",
+    "check_request_head",
+    "check_response_head",
+    "client_response_headers",
+    "find_head_end",
+    "upstream_request_headers",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Upstream heads are trusted more than clients' but not without bound. 64 KiB is 4x the client
+# head limit and Envoy's default cap on header size (max_request_headers_kb 60), room for a
+# response with many cookies; the relay's h11 client needs max_incomplete_event_size >= this.
+MAX_RESPONSE_HEAD_BYTES: Final = 64 * 1024
+# 2x the client field count (Envoy's max_headers_count, 100): CORS, security headers and a few
+# Set-Cookie fields fit many times over.
+MAX_RESPONSE_FIELDS: Final = 200
+# Every 18-digit number is below 2^63, so no recipient parsing into a signed 64-bit integer (or
+# h11's int) can overflow or wrap it; 10^18 bytes is an exabyte, beyond any real body.
+MAX_CONTENT_LENGTH_DIGITS: Final = 18
+# Client bytes quoted in an error: enough to recognise the offending field in a log, too short
+# to reflect anything useful back through the plain-text error body.
+_SNIPPET_BYTES: Final = 40
+
+_CRLF: Final = b"\r\n"
+_HEAD_END: Final = b"\r\n\r\n"
+_OWS: Final = b" \t"  # RFC 9110 §5.6.3
+_SUPPORTED_VERSIONS: Final = frozenset({b"1.1", b"1.0"})
+_REFUSED_METHODS: Final = frozenset({b"CONNECT", b"TRACE"})
+
+# Statuses as plain ints: looking up an HTTPStatus member costs more than the check it labels.
+_BAD_REQUEST: Final = HTTPStatus.BAD_REQUEST.value
+_METHOD_NOT_ALLOWED: Final = HTTPStatus.METHOD_NOT_ALLOWED.value
+_URI_TOO_LONG: Final = HTTPStatus.REQUEST_URI_TOO_LONG.value
+_EXPECTATION_FAILED: Final = HTTPStatus.EXPECTATION_FAILED.value
+_FIELDS_TOO_LARGE: Final = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE.value
+_NOT_IMPLEMENTED: Final = HTTPStatus.NOT_IMPLEMENTED.value
+_BAD_GATEWAY: Final = HTTPStatus.BAD_GATEWAY.value
+_VERSION_NOT_SUPPORTED: Final = HTTPStatus.HTTP_VERSION_NOT_SUPPORTED.value
+_SWITCHING_PROTOCOLS: Final = HTTPStatus.SWITCHING_PROTOCOLS.value
+_OK: Final = HTTPStatus.OK.value
+_NO_CONTENT: Final = HTTPStatus.NO_CONTENT.value
+_NOT_MODIFIED: Final = HTTPStatus.NOT_MODIFIED.value
+
+# RFC 9110 §5.6.2 tchar. Field names are checked with bytes.translate (deleting every tchar must
+# leave nothing), several times faster than a regex per line; requests leave out "_".
+_TCHARS: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_REQUEST_NAME_CHARS: Final = _TCHARS.replace(b"_", b"")
+_TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 9112 §3; the target is visible ASCII (RFC 3986 URIs have no other bytes).
+_REQUEST_LINE: Final = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])"
+)
+_HTTP_VERSION: Final = re.compile(rb"HTTP/[0-9]\.[0-9]")
+# RFC 9112 §4. The reason phrase is optional and ignored; its bytes were checked with the head.
+_STATUS_LINE: Final = re.compile(rb"HTTP/([0-9]\.[0-9]) ([1-5][0-9][0-9])(?: .*)?")
+# Control characters, HT excepted (RFC 9110 §5.5). A head is checked with bytes.translate:
+# deleting them all must remove exactly two bytes per CRLF, so no other control character and
+# no bare CR or LF is left; one C pass instead of a regex alternation.
+_CONTROLS: Final = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
+_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 §3.2.2, scheme case-insensitive (RFC 3986 §3.1); the rest starts with "/", "?" or ends.
+_ABSOLUTE_FORM: Final = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?]*)(.*)")
+# RFC 3986 §3.2.2 narrowed as the module docstring says: group 1 is an IPv6 literal's address.
+_AUTHORITY: Final = re.compile(rb"(?:\[([0-9A-Fa-f:.]+)\]|[A-Za-z0-9\-._~]+)(?::([0-9]{1,5}))?")
+_MAX_PORT: Final = 65535
+_DIGITS: Final = re.compile(rb"[0-9]+")
+
+_CHUNKED: Final = b"chunked"
+_CONTINUE: Final = b"100-continue"
+
+# Fields the checks read; every other field is only collected.
+_REQUEST_WATCHED: Final = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect"})
+_RESPONSE_WATCHED: Final = frozenset({b"content-length", b"transfer-encoding"})
+
+# RFC 9110 §7.6.1 (Connection, Proxy-Connection, Keep-Alive, TE, Transfer-Encoding, Upgrade),
+# §11.7 (Proxy-* credentials are for the proxy they reach: us), and Trailer, hop-by-hop in
+# RFC 2616 §13.5.1: it announces fields of the chunked framing that the relay regenerates.
+_HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Never forwarded as received: framing is regenerated by the relay's h11 on each side, Expect
+# is answered by the relay, Host is chosen by the rules.
+_RESPONSE_DROPPED: Final = _HOP_BY_HOP | {b"content-length"}
+_REQUEST_DROPPED: Final = _RESPONSE_DROPPED | {b"expect", b"host"}
+# What a client may claim about earlier hops; believed only from a trusted proxy. Besides
+# the standard ones, the client-address headers CDNs and nginx set (X-Real-IP, True-Client-IP,
+# CF-Connecting-IP, X-Client-IP): an API that trusts one must not get it from the client.
+_FORWARDING_CLAIMS: Final = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"x-client-ip",
+    }
+)
+_NO_OPTIONS: Final[frozenset[bytes]] = frozenset()
+# An operator's added header must not change framing, routing or hop-by-hop semantics.
+_NOT_ADDABLE: Final = _REQUEST_DROPPED
+
+
+class HeadError(Exception):
+    """A message head we refuse. For a request: the client's fault, `status` is what we answer
+    (400, 405, 414, 417, 431, 501, 505). For a response: the upstream's fault, status 502.
+
+    `problem` is short, for the log and the plain-text error body; it quotes at most a short,
+    escaped snippet of the received bytes.
+    """
+
+    status: int
+    problem: str
+
+    def __init__(self, status: int, problem: str) -> None:
+        super().__init__(f"{int(status)} {problem}")
+        self.status = int(status)
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLimits:
+    """Bounds on a client's request head; the defaults are `config.Limits`' (reasons there)."""
+
+    max_request_line_bytes: int = 8 * 1024
+    max_header_bytes: int = 16 * 1024
+    max_header_count: int = 100
+
+    @classmethod
+    def from_limits(cls, limits: config.Limits) -> HeadLimits:
+        return cls(
+            max_request_line_bytes=limits.max_request_line_bytes,
+            max_header_bytes=limits.max_header_bytes,
+            max_header_count=limits.max_header_count,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """A request head that passed every check."""
+
+    method: bytes  # as sent (case-sensitive, RFC 9110 §9.1)
+    target: bytes  # origin-form path and query to forward, or b"*" (OPTIONS)
+    version: bytes  # b"1.1" or b"1.0"
+    headers: tuple[tuple[bytes, bytes], ...]  # (lowercased name, value without OWS), in order
+    host: bytes  # the authority the client addressed (Host, or absolute-form's); b"" if none
+    content_length: int | None
+    chunked: bool
+    expect_continue: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """A response head that passed every check.
+
+    `content_length` and `chunked` say how the body that follows is framed. No body follows a
+    response to HEAD or a 1xx, 204 or 304 (RFC 9112 §6.3): `chunked` is then False, and
+    `content_length` is None for 1xx and 204 (which must not carry it, RFC 9110 §8.6) but kept
+    for HEAD and 304, where it is the representation's length for the relay to pass on.
+    """
+
+    version: bytes  # b"1.1" or b"1.0"
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]  # (lowercased name, value without OWS), in order
+    content_length: int | None
+    chunked: bool
+
+
+def find_head_end(
+    data: bytes | bytearray, limits: HeadLimits, *, response: bool = False, start: int = 0
+) -> int | None:
+    """Index just past the blank line ending the head at the start of `data`; None when more
+    bytes are needed. Raises HeadError once the bytes show the head cannot fit (see the module
+    docstring). `start`: len(data) at the previous call that returned None on this buffer.
+    For a response, `limits` is not consulted: the fixed MAX_RESPONSE_HEAD_BYTES applies, the
+    same bound check_response_head enforces.
+    """
+    if response:
+        max_head, too_large = MAX_RESPONSE_HEAD_BYTES, _BAD_GATEWAY
+    else:
+        max_head, too_large = limits.max_header_bytes, _FIELDS_TOO_LARGE
+        # Decidable once max+2 bytes are here (the line and its CRLF); decided once per head.
+        line_bound = limits.max_request_line_bytes + len(_CRLF)
+        if start < line_bound <= len(data) and data.find(_CRLF, 0, line_bound) < 0:
+            raise _line_too_long(limits)
+    end = data.find(_HEAD_END, max(0, start - len(_HEAD_END) + 1), max_head)
+    if end >= 0:
+        return end + len(_HEAD_END)
+    if len(data) >= max_head:
+        what = "response head" if response else "request head"
+        raise HeadError(too_large, f"{what} longer than {max_head} bytes")
+    return None
+
+
+def check_request_head(head: bytes, limits: HeadLimits) -> RequestHead:
+    """Check a client's request head (the bytes find_head_end delimited) against every rule in
+    the module docstring; raises HeadError with the status to answer."""
+    if head.find(_CRLF) > limits.max_request_line_bytes:
+        raise _line_too_long(limits)
+    if len(head) > limits.max_header_bytes:
+        raise HeadError(
+            _FIELDS_TOO_LARGE, f"request head longer than {limits.max_header_bytes} bytes"
+        )
+    lines = _split_lines(head, _BAD_REQUEST)
+    if len(lines) - 1 > limits.max_header_count:
+        raise HeadError(_FIELDS_TOO_LARGE, f"more than {limits.max_header_count} header fields")
+    match = _REQUEST_LINE.fullmatch(lines[0])
+    if match is None:
+        raise HeadError(_BAD_REQUEST, _request_line_problem(lines[0]))
+    method, target, version = match.groups()
+    if version not in _SUPPORTED_VERSIONS:
+        raise HeadError(_VERSION_NOT_SUPPORTED, f"HTTP/{version.decode()}")
+    headers, watched = _fields(lines, _REQUEST_NAME_CHARS, _REQUEST_WATCHED, _BAD_REQUEST)
+    if method in _REFUSED_METHODS:
+        raise HeadError(_METHOD_NOT_ALLOWED, f"method {method.decode()} not allowed")
+    target, authority = _origin_form(method, target)
+    hosts = watched.get(b"host", ())
+    if len(hosts) > 1:
+        raise HeadError(_BAD_REQUEST, "more than one Host field")
+    if hosts:
+        _check_authority(hosts[0], "Host")
+    elif version == b"1.1":
+        raise HeadError(_BAD_REQUEST, "HTTP/1.1 request without Host")
+    content_length, chunked = _framing(watched, version, _BAD_REQUEST)
+    expect_continue = b"expect" in watched and _expects_continue(watched[b"expect"])
+    return RequestHead(
+        method=method,
+        target=target,
+        version=version,
+        headers=headers,
+        host=authority if authority is not None else hosts[0] if hosts else b"",
+        content_length=content_length,
+        chunked=chunked,
+        expect_continue=expect_continue and version == b"1.1",
+    )
+
+
+def check_response_head(head: bytes, *, request_method: bytes) -> ResponseHead:
+    """Check the upstream's response head to a `request_method` request; raises
+    HeadError(502) for anything but a well-formed, unambiguously framed head."""
+    if len(head) > MAX_RESPONSE_HEAD_BYTES:
+        raise HeadError(_BAD_GATEWAY, f"response head longer than {MAX_RESPONSE_HEAD_BYTES} bytes")
+    lines = _split_lines(head, _BAD_GATEWAY)
+    if len(lines) - 1 > MAX_RESPONSE_FIELDS:
+        raise HeadError(_BAD_GATEWAY, f"response has more than {MAX_RESPONSE_FIELDS} fields")
+    match = _STATUS_LINE.fullmatch(lines[0])
+    if match is None:
+        raise HeadError(_BAD_GATEWAY, f"malformed status line {_snippet(lines[0])}")
+    version = match[1]
+    status = int(match[2])
+    if version not in _SUPPORTED_VERSIONS:
+        raise HeadError(_BAD_GATEWAY, f"response version HTTP/{version.decode()}")
+    if status == _SWITCHING_PROTOCOLS:
+        raise HeadError(_BAD_GATEWAY, "101 Switching Protocols, but we never ask for an upgrade")
+    headers, watched = _fields(lines, _TCHARS, _RESPONSE_WATCHED, _BAD_GATEWAY)
+    content_length, chunked = _framing(watched, version, _BAD_GATEWAY)
+    if status < _OK or status == _NO_CONTENT:
+        content_length, chunked = None, False
+    elif status == _NOT_MODIFIED or request_method == b"HEAD":
+        chunked = False
+    return ResponseHead(
+        version=version,
+        status=status,
+        headers=headers,
+        content_length=content_length,
+        chunked=chunked,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardingRules:
+    """How request headers are rewritten for the upstream (see upstream_request_headers)."""
+
+    upstream_authority: bytes  # what Host becomes in "rewrite" mode (UpstreamConfig.authority)
+    host_header: Literal["rewrite", "preserve"]
+    added_headers: tuple[tuple[bytes, bytes], ...]  # (lowercase name, value), sent last
+    trusted_proxies: tuple[IPNetwork, ...]
+    # Derived in __post_init__: the added names, and the client fields dropped from a peer
+    # we do not trust and from one we do.
+    _added_names: frozenset[bytes] = field(init=False, repr=False, compare=False)
+    _dropped: frozenset[bytes] = field(init=False, repr=False, compare=False)
+    _dropped_if_trusted: frozenset[bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """Raises ValueError (the operator's fault) for an added header we could not send."""
+        for name, value in self.added_headers:
+            if name in _NOT_ADDABLE:
+                raise ValueError(
+                    f"upstream.headers: {name.decode()} is managed by dualproxy (hop-by-hop,"
+                    " framing or Host) and cannot be added"
+                )
+            if (
+                not name
+                or name.translate(None, _REQUEST_NAME_CHARS)
+                or name != name.lower()
+                or _CONTROL.search(value) is not None
+                or value != value.strip(_OWS)
+            ):
+                raise ValueError(
+                    f"upstream.headers: {name!r}: {value!r} is not a lowercase header name"
+                    " (no underscore) and a value without control characters or edge spaces"
+                )
+        added = frozenset(name for name, _ in self.added_headers)
+        object.__setattr__(self, "_added_names", added)
+        object.__setattr__(self, "_dropped", _REQUEST_DROPPED | _FORWARDING_CLAIMS | added)
+        object.__setattr__(self, "_dropped_if_trusted", _REQUEST_DROPPED | added)
+
+    @classmethod
+    def from_config(cls, upstream: config.UpstreamConfig) -> ForwardingRules:
+        """Raises ValueError for a non-ASCII upstream host or an added header we cannot send."""
+        try:
+            authority = upstream.authority.encode("ascii")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"upstream.url: write the host {upstream.host!r} in punycode (xn--...)"
+            ) from None
+        try:
+            # Latin-1: the 0x80-0xFF range config accepts becomes obs-text bytes (RFC 9110 §5.5).
+            added = tuple(
+                (name.lower().encode("ascii"), value.encode("latin-1"))
+                for name, value in upstream.headers
+            )
+        except UnicodeEncodeError:
+            raise ValueError("upstream.headers: names must be ASCII, values Latin-1") from None
+        return cls(
+            upstream_authority=authority,
+            host_header=upstream.host_header,
+            added_headers=added,
+            trusted_proxies=upstream.trusted_proxies,
+        )
+
+
+def upstream_request_headers(
+    head: RequestHead, *, peer: IPAddress | None, rules: ForwardingRules
+) -> list[tuple[bytes, bytes]]:
+    """The header fields to send upstream for `head`, received from `peer`.
+
+    In order: Host (the upstream's authority in "rewrite" mode, the client's in "preserve"
+    mode, the upstream's when the client named none); the client's fields minus hop-by-hop ones,
+    Content-Length, Expect and Host; X-Forwarded-For, -Proto and -Host; the added headers.
+
+    A peer in `trusted_proxies` (an IPv4-mapped IPv6 peer counts as its IPv4 address) is a
+    proxy in front of us: its X-Forwarded-For fields are joined and the peer appended; its
+    X-Forwarded-Proto, X-Forwarded-Host and Forwarded fields are kept, and X-Forwarded-Proto
+    (https) and X-Forwarded-Host (`head.host`) are added only when it sent none. From any
+    other peer those four fields are dropped and ours replace them: X-Forwarded-For is the peer
+    alone. With no peer (`None`: the address is unknown) there is no X-Forwarded-For at all.
+    The relay adds the framing fields (content-length or transfer-encoding) itself.
+    """
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped
+    trusted = peer is not None and any(peer in network for network in rules.trusted_proxies)
+    dropped = rules._dropped_if_trusted if trusted else rules._dropped
+    named = _connection_options(head.headers)
+    if named:
+        dropped = dropped | named
+    kept = [field for field in head.headers if field[0] not in dropped]
+    forwarded_for: list[bytes] = []
+    sent: Collection[bytes] = ()
+    if trusted:
+        forwarded_for = [value for name, value in kept if name == b"x-forwarded-for"]
+        kept = [field for field in kept if field[0] != b"x-forwarded-for"]
+        sent = {name for name, _ in kept}
+    preserve = rules.host_header == "preserve" and head.host
+    out = [(b"host", head.host if preserve else rules.upstream_authority), *kept]
+    ours = []
+    if peer is not None:
+        forwarded_for.append(str(peer).encode("ascii"))
+        ours.append((b"x-forwarded-for", b", ".join(forwarded_for)))
+    if b"x-forwarded-proto" not in sent:
+        ours.append((b"x-forwarded-proto", b"https"))
+    if b"x-forwarded-host" not in sent and head.host:
+        ours.append((b"x-forwarded-host", head.host))
+    out += [field for field in ours if field[0] not in rules._added_names]
+    out += rules.added_headers
+    return out
+
+
+def client_response_headers(head: ResponseHead) -> list[tuple[bytes, bytes]]:
+    """The upstream's fields to send the client: all but hop-by-hop ones and Content-Length, in
+    order (Set-Cookie fields stay separate). The relay adds the framing fields itself."""
+    named = _connection_options(head.headers)
+    return [
+        (name, value)
+        for name, value in head.headers
+        if name not in _RESPONSE_DROPPED and name not in named
+    ]
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _split_lines(head: bytes, status: int) -> list[bytes]:
+    """The head's lines without their CRLFs, after the byte checks every line shares."""
+    if len(head) - len(head.translate(None, _CONTROLS)) != 2 * head.count(_CRLF):
+        raise HeadError(status, _control_problem(head))
+    if not head.endswith(_HEAD_END):
+        raise HeadError(status, "head does not end with an empty line (CRLF CRLF)")
+    return head[: -len(_HEAD_END)].split(_CRLF)
+
+
+def _fields(
+    lines: list[bytes], name_chars: bytes, watched_names: frozenset[bytes], status: int
+) -> tuple[tuple[tuple[bytes, bytes], ...], dict[bytes, list[bytes]]]:
+    """All field lines as (lowercase name, value), and the values of `watched_names`.
+
+    `name_chars`: the bytes a field name may hold. Built from whole-list operations (one
+    translate checks every name) because this runs for every field of every message.
+    """
+    parts = [line.partition(b":") for line in lines[1:]]
+    if not all(name and colon for name, colon, _ in parts) or b"".join(
+        [name for name, _, _ in parts]
+    ).translate(None, name_chars):
+        raise HeadError(status, _field_lines_problem(parts, name_chars))
+    headers = tuple([(name.lower(), value.strip(_OWS)) for name, _, value in parts])
+    watched: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        if name in watched_names:
+            watched.setdefault(name, []).append(value)
+    return headers, watched
+
+
+def _framing(
+    watched: dict[bytes, list[bytes]], version: bytes, status: int
+) -> tuple[int | None, bool]:
+    """(content_length, chunked) from the Content-Length and Transfer-Encoding values."""
+    lengths = watched.get(b"content-length", ())
+    codings = watched.get(b"transfer-encoding", ())
+    if len(lengths) > 1:
+        raise HeadError(status, "more than one Content-Length field")
+    if lengths and codings:
+        raise HeadError(status, "both Content-Length and Transfer-Encoding")
+    if lengths:
+        value = lengths[0]
+        if _DIGITS.fullmatch(value) is None:
+            raise HeadError(status, f"Content-Length {_snippet(value)} is not a number")
+        if len(value) > MAX_CONTENT_LENGTH_DIGITS:
+            raise HeadError(
+                status, f"Content-Length has more than {MAX_CONTENT_LENGTH_DIGITS} digits"
+            )
+        return int(value), False
+    if not codings:
+        return None, False
+    if version == b"1.0":
+        raise HeadError(status, "Transfer-Encoding in an HTTP/1.0 message")
+    if len(codings) > 1:
+        raise HeadError(status, "more than one Transfer-Encoding field")
+    if codings[0].lower() != _CHUNKED:
+        _refuse_coding(codings[0], status)
+    return None, True
+
+
+def _refuse_coding(value: bytes, status: int) -> None:
+    """Raise the error for a Transfer-Encoding other than exactly chunked."""
+    codings = [coding.strip(_OWS).lower() for coding in value.split(b",")]
+    if not all(_TOKEN.fullmatch(coding) for coding in codings):
+        problem = f"malformed Transfer-Encoding {_snippet(value)}"
+    elif codings[-1] != _CHUNKED:
+        problem = f"Transfer-Encoding {_snippet(value)} does not end with chunked"
+    elif codings.count(_CHUNKED) > 1:
+        problem = "Transfer-Encoding applies chunked more than once"
+    else:
+        if status == _BAD_REQUEST:
+            status = _NOT_IMPLEMENTED
+        problem = f"Transfer-Encoding {_snippet(value)}: only chunked is implemented"
+    raise HeadError(status, problem)
+
+
+def _origin_form(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
+    """(the target to forward, the absolute-form authority or None)."""
+    if b"#" in target:
+        raise HeadError(_BAD_REQUEST, f"fragment in request target {_snippet(target)}")
+    if target.startswith(b"/"):
+        return target, None
+    if target == b"*":
+        if method != b"OPTIONS":
+            raise HeadError(_BAD_REQUEST, "request target * is only for OPTIONS")
+        return target, None
+    match = _ABSOLUTE_FORM.fullmatch(target)
+    if match is None:
+        raise HeadError(
+            _BAD_REQUEST, f"request target {_snippet(target)} is not origin- or absolute-form"
+        )
+    authority, rest = match.groups()
+    _check_authority(authority, "request target authority")
+    if not rest:
+        rest = b"*" if method == b"OPTIONS" else b"/"
+    elif rest.startswith(b"?"):
+        rest = b"/" + rest
+    return rest, authority
+
+
+def _check_authority(value: bytes, what: str) -> None:
+    match = _AUTHORITY.fullmatch(value)
+    valid = match is not None
+    if match is not None and match[1] is not None:
+        try:
+            ipaddress.IPv6Address(match[1].decode("ascii"))
+        except ValueError:
+            valid = False
+    if match is not None and match[2] is not None and int(match[2]) > _MAX_PORT:
+        valid = False
+    if not valid:
+        raise HeadError(_BAD_REQUEST, f"{what} {_snippet(value)} is not host[:port]")
+
+
+def _expects_continue(values: Sequence[bytes]) -> bool:
+    """Whether Expect asks for 100-continue; HeadError(417) for any other expectation."""
+    expectations = [e.strip(_OWS).lower() for value in values for e in value.split(b",")]
+    for expectation in expectations:
+        if expectation and expectation != _CONTINUE:
+            raise HeadError(_EXPECTATION_FAILED, f"unsupported expectation {_snippet(expectation)}")
+    return _CONTINUE in expectations
+
+
+def _connection_options(headers: tuple[tuple[bytes, bytes], ...]) -> frozenset[bytes]:
+    """The field names that Connection fields list (RFC 9110 §7.6.1), lowercase."""
+    values = [value for name, value in headers if name == b"connection"]
+    if not values:
+        return _NO_OPTIONS
+    return frozenset(option.strip(_OWS).lower() for value in values for option in value.split(b","))
+
+
+def _request_line_problem(line: bytes) -> str:
+    parts = line.split(b" ")
+    if len(parts) != 3 or not all(parts):
+        return f"request line {_snippet(line)} is not METHOD SP TARGET SP VERSION"
+    method, _, version = parts
+    if _TOKEN.fullmatch(method) is None:
+        return f"method {_snippet(method)} is not a token"
+    if _HTTP_VERSION.fullmatch(version) is None:
+        return f"{_snippet(version)} is not an HTTP version"
+    return "request target has a byte that is not visible ASCII"
+
+
+def _line_too_long(limits: HeadLimits) -> HeadError:
+    return HeadError(
+        _URI_TOO_LONG, f"request line longer than {limits.max_request_line_bytes} bytes"
+    )
+
+
+def _control_problem(head: bytes) -> str:
+    """What is wrong in a head that failed the control character check."""
+    pairs = head.count(_CRLF)
+    if head.count(b"\n") > pairs:
+        return "bare LF in head (line endings must be CRLF)"
+    if head.count(b"\r") > pairs:
+        return "bare CR in head"
+    control = _CONTROL.search(head.replace(_CRLF, b""))
+    assert control is not None
+    return f"control character {_snippet(control[0])} in head"
+
+
+def _field_lines_problem(parts: list[tuple[bytes, bytes, bytes]], name_chars: bytes) -> str:
+    """What is wrong with the first field line that _fields refused."""
+    name, colon, _ = next(
+        (name, colon, value)
+        for name, colon, value in parts
+        if not (name and colon) or name.translate(None, name_chars)
+    )
+    if not (name or colon):
+        return "empty line inside the head"
+    if name[:1] in (b" ", b"\t"):
+        return "obs-fold (a field line starting with whitespace)"
+    if not colon:
+        return f"field line {_snippet(name)} has no colon"
+    if name.rstrip(_OWS) != name:
+        return f"whitespace between field name {_snippet(name.rstrip(_OWS))} and colon"
+    if b"_" in name and not name.translate(None, _TCHARS):
+        return f"underscore in field name {_snippet(name)}"
+    return f"invalid field name {_snippet(name)}"
+
+
+def _snippet(data: bytes) -> str:
+    """A bounded, escaped quote of received bytes for an error message."""
+    quoted = repr(data[:_SNIPPET_BYTES])[1:]  # b'...' -> '...'
+    return quoted if len(data) <= _SNIPPET_BYTES else f"{quoted}..."

@@ -1,0 +1,1162 @@
+"""forwarding.py: every smuggling shape refused with its status next to the valid twin it was
+bent from, the head finder fed whole, byte by byte and with trailing bytes, Hypothesis on
+arbitrary and head-shaped bytes, h11 reading every head we accept as we do, and the header
+rewriting tables for both directions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from typing import Final
+
+import h11
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dualproxy.config import Limits, UpstreamConfig
+from dualproxy.forwarding import (
+    MAX_RESPONSE_FIELDS,
+    MAX_RESPONSE_HEAD_BYTES,
+    ForwardingRules,
+    HeadError,
+    HeadLimits,
+    IPAddress,
+    RequestHead,
+    ResponseHead,
+    check_request_head,
+    check_response_head,
+    client_response_headers,
+    find_head_end,
+    upstream_request_headers,
+)
+
+LIMITS: Final = HeadLimits()
+HOST: Final = b"Host: api.example.com"
+GET: Final = b"GET /v1/items?page=2 HTTP/1.1"
+UPSTREAM: Final = b"my-project.appspot.com"
+# Hypothesis examples per property: enough to reach every rule many times while the whole
+# file stays within a few seconds.
+EXAMPLES: Final = 200
+
+
+def request(*fields: bytes, line: bytes = GET) -> bytes:
+    return line + b"\r\n" + b"".join(field + b"\r\n" for field in fields) + b"\r\n"
+
+
+def response(*fields: bytes, line: bytes = b"HTTP/1.1 200 OK") -> bytes:
+    return request(*fields, line=line)
+
+
+def padded(size: int, *, line: bytes = GET) -> bytes:
+    """A valid request head of exactly `size` bytes (one X-Pad field absorbs the rest)."""
+    bare = request(HOST, b"X-Pad: ", line=line)
+    return request(HOST, b"X-Pad: " + b"p" * (size - len(bare)), line=line)
+
+
+def many_fields(count: int) -> bytes:
+    return request(HOST, *(b"X-F%d: v" % i for i in range(count - 1)))
+
+
+def long_line(length: int) -> bytes:
+    """A request line of exactly `length` bytes."""
+    return b"GET /" + b"a" * (length - len(b"GET / HTTP/1.1")) + b" HTTP/1.1"
+
+
+# --- request heads: smuggling shapes and their valid twins ------------------------------
+
+# id: (valid twin, the same head bent one way, the status and problem it must get).
+REQUEST_TWINS: Final[dict[str, tuple[bytes, bytes, int, str]]] = {
+    # Content-Length with Transfer-Encoding, in both orders (CL.TE and TE.CL).
+    "cl+te": (
+        request(HOST, b"Content-Length: 5"),
+        request(HOST, b"Content-Length: 5", b"Transfer-Encoding: chunked"),
+        400,
+        "both Content-Length and Transfer-Encoding",
+    ),
+    "te+cl": (
+        request(HOST, b"Transfer-Encoding: chunked"),
+        request(HOST, b"Transfer-Encoding: chunked", b"Content-Length: 5"),
+        400,
+        "both Content-Length and Transfer-Encoding",
+    ),
+    "cl-duplicate-identical": (
+        request(HOST, b"Content-Length: 5"),
+        request(HOST, b"Content-Length: 5", b"Content-Length: 5"),
+        400,
+        "more than one Content-Length",
+    ),
+    "cl-list": (
+        request(HOST, b"Content-Length: 5"),
+        request(HOST, b"Content-Length: 5, 5"),
+        400,
+        "not a number",
+    ),
+    "cl-plus": (
+        request(HOST, b"Content-Length: 5"),
+        request(HOST, b"Content-Length: +5"),
+        400,
+        "not a number",
+    ),
+    "cl-minus": (
+        request(HOST, b"Content-Length: 0"),
+        request(HOST, b"Content-Length: -0"),
+        400,
+        "not a number",
+    ),
+    "cl-hex": (
+        request(HOST, b"Content-Length: 10"),
+        request(HOST, b"Content-Length: 0x10"),
+        400,
+        "not a number",
+    ),
+    "cl-empty": (
+        request(HOST, b"Content-Length: 0"),
+        request(HOST, b"Content-Length:"),
+        400,
+        "not a number",
+    ),
+    "cl-digits": (
+        request(HOST, b"Content-Length: " + b"9" * 18),
+        request(HOST, b"Content-Length: " + b"0" * 19),
+        400,
+        "more than 18 digits",
+    ),
+    # OWS (SP, HT) around a value is stripped; other whitespace is not OWS.
+    "cl-ows": (
+        request(HOST, b"Content-Length: \t 5 \t"),
+        request(HOST, b"Content-Length: \x0b5"),
+        400,
+        "control character",
+    ),
+    "cl-inner-space": (
+        request(HOST, b"Content-Length:  5"),
+        request(HOST, b"Content-Length: 5 5"),
+        400,
+        "not a number",
+    ),
+    "te-chunked-twice": (
+        request(HOST, b"Transfer-Encoding: chunked"),
+        request(HOST, b"Transfer-Encoding: chunked, chunked"),
+        400,
+        "chunked more than once",
+    ),
+    "te-two-fields": (
+        request(HOST, b"Transfer-Encoding: chunked"),
+        request(HOST, b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked"),
+        400,
+        "more than one Transfer-Encoding",
+    ),
+    # chunked last, but a coding we do not implement before it: 501 (RFC 9112 §6.1).
+    "te-gzip-chunked": (
+        request(HOST, b"Transfer-Encoding: chunked"),
+        request(HOST, b"Transfer-Encoding: gzip, chunked"),
+        501,
+        "only chunked is implemented",
+    ),
+    # chunked not last: the length cannot be determined, 400 (RFC 9112 §6.3).
+    "te-chunked-gzip": (
+        request(HOST, b"Transfer-Encoding: chunked"),
+        request(HOST, b"Transfer-Encoding: chunked, gzip"),
+        400,
+        "does not end with chunked",
+    ),
+    "te-xchunked": (
+        request(HOST, b"Transfer-Encoding: chunked"),
+        request(HOST, b"Transfer-Encoding: xchunked"),
+        400,
+        "does not end with chunked",
+    ),
+    "te-identity": (
+        request(HOST, b"Transfer-Encoding: chunked"),
+        request(HOST, b"Transfer-Encoding: identity"),
+        400,
+        "does not end with chunked",
+    ),
+    "te-parameter": (
+        request(HOST, b"Transfer-Encoding: CHUNKED"),
+        request(HOST, b"Transfer-Encoding: chunked;x=1"),
+        400,
+        "malformed Transfer-Encoding",
+    ),
+    "te-space-before-colon": (
+        request(HOST, b"Transfer-Encoding: chunked"),
+        request(HOST, b"Transfer-Encoding : chunked"),
+        400,
+        "whitespace between field name",
+    ),
+    "te-underscore": (
+        request(HOST, b"Transfer-Encoding: chunked"),
+        request(HOST, b"Transfer_Encoding: chunked"),
+        400,
+        "underscore in field name",
+    ),
+    "te-obs-fold": (
+        request(HOST, b"Transfer-Encoding: chunked"),
+        request(HOST, b"Transfer-Encoding:", b" chunked"),
+        400,
+        "obs-fold",
+    ),
+    "te-http10": (
+        request(HOST, b"Transfer-Encoding: chunked"),
+        request(HOST, b"Transfer-Encoding: chunked", line=b"POST / HTTP/1.0"),
+        400,
+        "Transfer-Encoding in an HTTP/1.0",
+    ),
+    "obs-fold-tab": (request(HOST, b"X-A: a b"), request(HOST, b"X-A: a", b"\tb"), 400, "obs-fold"),
+    # RFC 9112 §2.2: whitespace between the start line and the first field line.
+    "space-before-first-field": (request(HOST), request(b" " + HOST), 400, "obs-fold"),
+    "bare-lf": (
+        request(HOST, b"X-A: 1"),
+        request(HOST, b"X-A: 1").replace(b"\r\n", b"\n"),
+        400,
+        "bare LF",
+    ),
+    "bare-lf-one-line": (
+        request(HOST, b"X-A: 1", b"X-B: 2"),
+        request(HOST, b"X-A: 1\nX-B: 2"),
+        400,
+        "bare LF",
+    ),
+    "bare-cr": (
+        request(HOST, b"X-A: 1", b"X-B: 2"),
+        request(HOST, b"X-A: 1\rX-B: 2"),
+        400,
+        "bare CR",
+    ),
+    "nul-in-value": (
+        request(HOST, b"X-A: ab"),
+        request(HOST, b"X-A: a\x00b"),
+        400,
+        "control character",
+    ),
+    "del-in-value": (
+        request(HOST, b"X-A: ab"),
+        request(HOST, b"X-A: a\x7fb"),
+        400,
+        "control character",
+    ),
+    "control-in-name": (
+        request(HOST, b"X-A: ab"),
+        request(HOST, b"X-\x01A: ab"),
+        400,
+        "control character",
+    ),
+    "empty-field-name": (request(HOST, b"X: v"), request(HOST, b": v"), 400, "invalid field name"),
+    "no-colon": (request(HOST, b"X-A: v"), request(HOST, b"X-A v"), 400, "no colon"),
+    "name-not-token": (
+        request(HOST, b"X-A: v"),
+        request(HOST, b"X@A: v"),
+        400,
+        "invalid field name",
+    ),
+    "empty-line-inside": (
+        request(HOST, b"X-A: v"),
+        request(HOST, b"", b"X-A: v"),
+        400,
+        "empty line inside",
+    ),
+    "leading-empty-line": (
+        request(HOST),
+        b"\r\n" + request(HOST),
+        400,
+        "not METHOD SP TARGET SP VERSION",
+    ),
+    "missing-host-1.1": (request(HOST), request(b"X-A: v"), 400, "without Host"),
+    "two-hosts": (request(HOST), request(HOST, HOST), 400, "more than one Host"),
+    "host-empty": (request(HOST), request(b"Host:"), 400, "not host"),
+    "host-list": (request(HOST), request(b"Host: api.example.com, evil.example"), 400, "not host"),
+    "host-userinfo": (request(HOST), request(b"Host: user@api.example.com"), 400, "not host"),
+    "host-space": (request(HOST), request(b"Host: api example.com"), 400, "not host"),
+    "host-port-range": (
+        request(b"Host: api.example.com:65535"),
+        request(b"Host: api.example.com:65536"),
+        400,
+        "not host",
+    ),
+    "host-empty-port": (
+        request(b"Host: api.example.com:1"),
+        request(b"Host: api.example.com:"),
+        400,
+        "not host",
+    ),
+    "host-ipv6": (
+        request(b"Host: [2001:db8::1]:8443"),
+        request(b"Host: [2001:db8:::1]:8443"),
+        400,
+        "not host",
+    ),
+    "host-ipv6-unbracketed": (request(b"Host: [::1]"), request(b"Host: ::1"), 400, "not host"),
+    "host-percent": (request(b"Host: a.example"), request(b"Host: a%2e.example"), 400, "not host"),
+    "star-with-get": (
+        request(HOST, line=b"OPTIONS * HTTP/1.1"),
+        request(HOST, line=b"GET * HTTP/1.1"),
+        400,
+        "only for OPTIONS",
+    ),
+    "authority-form": (
+        request(HOST, line=b"GET http://api.example.com:443/ HTTP/1.1"),
+        request(HOST, line=b"GET api.example.com:443 HTTP/1.1"),
+        400,
+        "not origin- or absolute-form",
+    ),
+    "other-scheme": (
+        request(HOST, line=b"GET https://api.example.com/x HTTP/1.1"),
+        request(HOST, line=b"GET ftp://api.example.com/x HTTP/1.1"),
+        400,
+        "not origin- or absolute-form",
+    ),
+    "absolute-form-bad-authority": (
+        request(HOST, line=b"GET http://api.example.com/x HTTP/1.1"),
+        request(HOST, line=b"GET http://u@api.example.com/x HTTP/1.1"),
+        400,
+        "target authority",
+    ),
+    "fragment": (
+        request(HOST, line=b"GET /a?b HTTP/1.1"),
+        request(HOST, line=b"GET /a#b HTTP/1.1"),
+        400,
+        "fragment",
+    ),
+    "target-not-ascii": (
+        request(HOST, line=b"GET /caf%C3%A9 HTTP/1.1"),
+        request(HOST, line=b"GET /caf\xc3\xa9 HTTP/1.1"),
+        400,
+        "not visible ASCII",
+    ),
+    "connect": (
+        request(HOST, line=b"OPTIONS http://api.example.com:443 HTTP/1.1"),
+        request(HOST, line=b"CONNECT api.example.com:443 HTTP/1.1"),
+        405,
+        "CONNECT not allowed",
+    ),
+    "trace": (
+        request(HOST, line=b"GET / HTTP/1.1"),
+        request(HOST, line=b"TRACE / HTTP/1.1"),
+        405,
+        "TRACE not allowed",
+    ),
+    "http2-line": (request(HOST), request(HOST, line=b"GET / HTTP/2.0"), 505, "HTTP/2.0"),
+    "h2-preface": (request(HOST), b"PRI * HTTP/2.0\r\n\r\n", 505, "HTTP/2.0"),
+    "http-1.2": (request(HOST), request(HOST, line=b"GET / HTTP/1.2"), 505, "HTTP/1.2"),
+    "http-0.9": (
+        request(HOST, line=b"GET / HTTP/1.0"),
+        request(line=b"GET /"),
+        400,
+        "not METHOD SP TARGET SP VERSION",
+    ),
+    "version-lowercase": (
+        request(HOST),
+        request(HOST, line=b"GET / http/1.1"),
+        400,
+        "not an HTTP version",
+    ),
+    "version-two-digits": (
+        request(HOST),
+        request(HOST, line=b"GET / HTTP/1.10"),
+        400,
+        "not an HTTP version",
+    ),
+    "double-space": (
+        request(HOST),
+        request(HOST, line=b"GET  / HTTP/1.1"),
+        400,
+        "not METHOD SP TARGET SP VERSION",
+    ),
+    "tab-separator": (
+        request(HOST),
+        request(HOST, line=b"GET\t/ HTTP/1.1"),
+        400,
+        "not METHOD SP TARGET SP VERSION",
+    ),
+    "trailing-space": (
+        request(HOST),
+        request(HOST, line=b"GET / HTTP/1.1 "),
+        400,
+        "not METHOD SP TARGET SP VERSION",
+    ),
+    "method-not-token": (request(HOST), request(HOST, line=b"G(T / HTTP/1.1"), 400, "not a token"),
+    "request-line-too-long": (
+        request(HOST, line=long_line(LIMITS.max_request_line_bytes)),
+        request(HOST, line=long_line(LIMITS.max_request_line_bytes + 1)),
+        414,
+        "request line longer than 8192",
+    ),
+    "too-many-fields": (
+        many_fields(LIMITS.max_header_count),
+        many_fields(LIMITS.max_header_count + 1),
+        431,
+        "more than 100 header fields",
+    ),
+    "head-too-long": (
+        padded(LIMITS.max_header_bytes),
+        padded(LIMITS.max_header_bytes + 1),
+        431,
+        "head longer than 16384",
+    ),
+    "expect-other": (
+        request(HOST, b"Expect: 100-continue"),
+        request(HOST, b"Expect: something-else"),
+        417,
+        "unsupported expectation",
+    ),
+    "expect-list": (
+        request(HOST, b"Expect: 100-Continue"),
+        request(HOST, b"Expect: 100-continue, x"),
+        417,
+        "unsupported expectation",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("valid", "invalid", "status", "problem"), REQUEST_TWINS.values(), ids=REQUEST_TWINS.keys()
+)
+def test_request_shape_refused_with_status_and_twin_accepted(
+    valid: bytes, invalid: bytes, status: int, problem: str
+) -> None:
+    assert isinstance(check_request_head(valid, LIMITS), RequestHead)
+    with pytest.raises(HeadError) as refused:
+        check_request_head(invalid, LIMITS)
+    assert refused.value.status == status
+    assert problem in refused.value.problem
+
+
+def test_content_length_read() -> None:
+    head = check_request_head(request(HOST, b"Content-Length:  \t 0042 "), LIMITS)
+    assert (head.content_length, head.chunked) == (42, False)
+    assert (b"content-length", b"0042") in head.headers
+
+
+def test_chunked_read_in_any_case() -> None:
+    head = check_request_head(request(HOST, b"transfer-encoding: ChunKed"), LIMITS)
+    assert (head.content_length, head.chunked) == (None, True)
+
+
+def test_no_body_framing() -> None:
+    head = check_request_head(request(HOST), LIMITS)
+    assert (head.content_length, head.chunked, head.expect_continue) == (None, False, False)
+
+
+def test_golden_request_head() -> None:
+    head = check_request_head(
+        request(
+            b"Host: api.example.com:8443",
+            b"User-Agent: okhttp/4.12.0",
+            b"X-Obs-Text: caf\xe9\tau lait ",
+            b"Content-Length: 3",
+            line=b"POST /v1/items?x=%20 HTTP/1.1",
+        ),
+        LIMITS,
+    )
+    assert head == RequestHead(
+        method=b"POST",
+        target=b"/v1/items?x=%20",
+        version=b"1.1",
+        headers=(
+            (b"host", b"api.example.com:8443"),
+            (b"user-agent", b"okhttp/4.12.0"),
+            (b"x-obs-text", b"caf\xe9\tau lait"),
+            (b"content-length", b"3"),
+        ),
+        host=b"api.example.com:8443",
+        content_length=3,
+        chunked=False,
+        expect_continue=False,
+    )
+
+
+def test_method_kept_as_sent() -> None:
+    """Methods are case-sensitive: "get" is not GET, and is the upstream's to refuse."""
+    assert check_request_head(request(HOST, line=b"get / HTTP/1.1"), LIMITS).method == b"get"
+
+
+def test_options_star() -> None:
+    head = check_request_head(request(HOST, line=b"OPTIONS * HTTP/1.1"), LIMITS)
+    assert (head.method, head.target) == (b"OPTIONS", b"*")
+
+
+@pytest.mark.parametrize(
+    ("line", "target", "host"),
+    [
+        (b"GET http://api.example.com/v1?a=1 HTTP/1.1", b"/v1?a=1", b"api.example.com"),
+        (b"GET HTTPS://api.example.com:8443 HTTP/1.1", b"/", b"api.example.com:8443"),
+        (b"GET http://api.example.com?a=1 HTTP/1.1", b"/?a=1", b"api.example.com"),
+        (b"GET http://[2001:db8::1]/x HTTP/1.1", b"/x", b"[2001:db8::1]"),
+        # RFC 9112 §3.2.4: OPTIONS for the whole server, in absolute-form, becomes "*".
+        (b"OPTIONS http://api.example.com HTTP/1.1", b"*", b"api.example.com"),
+        (b"OPTIONS http://api.example.com/ HTTP/1.1", b"/", b"api.example.com"),
+    ],
+)
+def test_absolute_form_converted_and_host_field_ignored(
+    line: bytes, target: bytes, host: bytes
+) -> None:
+    head = check_request_head(request(b"Host: other.example", line=line), LIMITS)
+    assert (head.target, head.host) == (target, host)
+
+
+def test_absolute_form_still_needs_a_valid_host_field_on_http11() -> None:
+    line = b"GET http://api.example.com/ HTTP/1.1"
+    for fields in [(), (b"Host: a b",), (HOST, HOST)]:
+        with pytest.raises(HeadError) as refused:
+            check_request_head(request(*fields, line=line), LIMITS)
+        assert refused.value.status == 400
+
+
+def test_http10_without_host() -> None:
+    head = check_request_head(request(line=b"GET / HTTP/1.0"), LIMITS)
+    assert (head.version, head.host) == (b"1.0", b"")
+
+
+def test_http10_with_host() -> None:
+    head = check_request_head(request(HOST, line=b"GET / HTTP/1.0"), LIMITS)
+    assert head.host == b"api.example.com"
+
+
+@pytest.mark.parametrize(
+    ("fields", "expect_continue"),
+    [
+        ((b"Expect: 100-continue",), True),
+        ((b"Expect: 100-CONTINUE",), True),
+        ((b"Expect:",), False),  # an empty list asks for nothing (RFC 9110 §5.6.1)
+        ((), False),
+    ],
+)
+def test_expect_continue(fields: tuple[bytes, ...], expect_continue: bool) -> None:
+    head = check_request_head(request(HOST, *fields, b"Content-Length: 10"), LIMITS)
+    assert head.expect_continue is expect_continue
+
+
+def test_expect_continue_ignored_on_http10() -> None:
+    """RFC 9110 §10.1.1: a server MUST ignore 100-continue in an HTTP/1.0 request."""
+    line = b"POST / HTTP/1.0"
+    head = check_request_head(request(b"Expect: 100-continue", line=line), LIMITS)
+    assert head.expect_continue is False
+
+
+def test_error_problem_is_bounded_and_escaped() -> None:
+    evil = b"\xff\r\n<script>" * 1000
+    with pytest.raises(HeadError) as refused:
+        check_request_head(request(HOST, b"Content-Length: 5" + evil.replace(b"\r\n", b"")), LIMITS)
+    problem = refused.value.problem
+    assert len(problem) < 120
+    assert problem.isascii()
+    assert problem.isprintable()
+    assert "\\xff" in problem
+
+
+def test_limits_from_config() -> None:
+    limits = Limits(max_request_line_bytes=1000, max_header_bytes=2000, max_header_count=10)
+    assert HeadLimits.from_limits(limits) == HeadLimits(1000, 2000, 10)
+    assert HeadLimits.from_limits(Limits()) == HeadLimits()
+
+
+# --- finding the end of a head ----------------------------------------------------------
+
+
+def test_head_end_whole_and_with_trailing_bytes() -> None:
+    head = request(HOST, b"Content-Length: 5")
+    assert find_head_end(head, LIMITS) == len(head)
+    assert find_head_end(head + b"hello" + request(HOST), LIMITS) == len(head)
+    assert find_head_end(head[:-1], LIMITS) is None
+    assert find_head_end(b"", LIMITS) is None
+
+
+def test_head_end_accepts_a_bytearray() -> None:
+    head = request(HOST)
+    assert find_head_end(bytearray(head + b"body"), LIMITS) == len(head)
+
+
+def test_head_end_split_across_reads() -> None:
+    """A CRLF CRLF straddling two reads is found when `start` is the previous length."""
+    head = request(HOST)
+    for cut in range(len(head) - 4, len(head)):
+        assert find_head_end(head[:cut], LIMITS) is None
+        assert find_head_end(head, LIMITS, start=cut) == len(head)
+
+
+def test_request_line_too_long_found_as_soon_as_it_shows() -> None:
+    """414 is decidable at max+2 bytes without a CRLF, not earlier, and not when it fits."""
+    limit = LIMITS.max_request_line_bytes
+    line = long_line(limit + 1) + b"\r\n"
+    assert find_head_end(line[: limit + 1], LIMITS) is None
+    with pytest.raises(HeadError) as refused:
+        find_head_end(line[: limit + 2], LIMITS)
+    assert refused.value.status == 414
+    with pytest.raises(HeadError):
+        find_head_end(line[: limit + 2], LIMITS, start=limit + 1)
+    fits = long_line(limit) + b"\r\n"
+    assert find_head_end(fits, LIMITS) is None
+    assert find_head_end(fits + b"Host: a\r\n\r\n", LIMITS) == len(fits) + len(b"Host: a\r\n\r\n")
+
+
+def test_head_too_long_found_as_soon_as_it_shows() -> None:
+    head = padded(LIMITS.max_header_bytes + 1)
+    assert find_head_end(head[: LIMITS.max_header_bytes - 1], LIMITS) is None
+    with pytest.raises(HeadError) as refused:
+        find_head_end(head[: LIMITS.max_header_bytes], LIMITS)
+    assert refused.value.status == 431
+    with pytest.raises(HeadError):
+        find_head_end(head, LIMITS)
+    fits = padded(LIMITS.max_header_bytes)
+    assert find_head_end(fits + b"body", LIMITS) == LIMITS.max_header_bytes
+
+
+def test_response_head_end_uses_the_response_bound() -> None:
+    """A response is not held to the client limits, but to MAX_RESPONSE_HEAD_BYTES, as 502."""
+    tiny = HeadLimits(max_request_line_bytes=10, max_header_bytes=20, max_header_count=1)
+    head = response(b"Set-Cookie: " + b"c" * 5000)
+    assert find_head_end(head, tiny, response=True) == len(head)
+    endless = b"HTTP/1.1 200 OK\r\nX: " + b"x" * MAX_RESPONSE_HEAD_BYTES
+    assert find_head_end(endless[: MAX_RESPONSE_HEAD_BYTES - 1], tiny, response=True) is None
+    with pytest.raises(HeadError) as refused:
+        find_head_end(endless, tiny, response=True)
+    assert refused.value.status == 502
+
+
+# --- Hypothesis ---------------------------------------------------------------------------
+
+_NAME_CHARS: Final = "!#$%&'*+-.^`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_WATCHED: Final = {"host", "content-length", "transfer-encoding", "expect"}
+_field_names = st.text(_NAME_CHARS, min_size=1, max_size=20).filter(
+    lambda name: name.lower() not in _WATCHED
+)
+# Visible ASCII, obs-text, SP and HT: every byte a field value may hold.
+_field_values = st.binary(max_size=40).map(
+    lambda raw: bytes(b if 0x20 <= b != 0x7F or b == 0x09 else 0x20 for b in raw)
+)
+_targets = st.text(
+    st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="#"), max_size=30
+).map(lambda path: b"/" + path.encode())
+
+
+@st.composite
+def valid_requests(draw: st.DrawFn) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """A valid request head, and the (lowercase name, stripped value) fields it holds."""
+    method = draw(st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"M-SEARCH"]))
+    version = draw(st.sampled_from([b"1.1", b"1.0"]))
+    fields = [(b"Host", b"api.example.com")]
+    fields += [
+        (name.encode(), value)
+        for name, value in draw(st.lists(st.tuples(_field_names, _field_values), max_size=8))
+    ]
+    line = method + b" " + draw(_targets) + b" HTTP/" + version
+    head = request(*(name + b":" + value for name, value in fields), line=line)
+    return head, [(name.lower(), value.strip(b" \t")) for name, value in fields]
+
+
+# Pieces of heads, valid and not, so that random strings of them reach deep into the checks.
+_FRAGMENTS: Final = [
+    b"\r\n", b"\r\n\r\n", b"\n", b"\r", b" ", b"\t", b":", b",", b"\x00", b"_", b"#", b"*",
+    b"GET", b"OPTIONS", b"CONNECT", b"/", b"http://", b"[::1]", b"@", b"HTTP/1.1", b"HTTP/1.0",
+    b"HTTP/2.0", b"HTTP/1.1 200 OK", b"Host", b"Content-Length", b"Transfer-Encoding",
+    b"chunked", b"gzip", b"5", b"+", b"Expect", b"100-continue", b"Connection", b"\xff",
+]  # fmt: skip
+_head_shaped = st.lists(st.sampled_from(_FRAGMENTS) | st.binary(max_size=4), max_size=40).map(
+    b"".join
+)
+
+
+REQUEST_REFUSALS: Final = {("HeadError", status) for status in (400, 405, 414, 417, 431, 501, 505)}
+
+
+def _outcome(check: Callable[[], object]) -> object:
+    """What `check` returns, or ("HeadError", status) when it raises HeadError; any other
+    exception fails the test."""
+    try:
+        return check()
+    except HeadError as exc:
+        return ("HeadError", exc.status)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(data=st.binary(max_size=300) | _head_shaped)
+def test_arbitrary_bytes_give_a_head_or_head_error(data: bytes) -> None:
+    for candidate in (data, data + b"\r\n\r\n"):
+        request_outcome = _outcome(partial(check_request_head, candidate, LIMITS))
+        assert isinstance(request_outcome, RequestHead) or request_outcome in REQUEST_REFUSALS
+        check_response = partial(check_response_head, candidate, request_method=b"GET")
+        response_outcome = _outcome(check_response)
+        assert isinstance(response_outcome, ResponseHead) or response_outcome == ("HeadError", 502)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(data=_head_shaped, chunks=st.lists(st.integers(1, 16), min_size=1))
+def test_incremental_finding_agrees_with_one_call(data: bytes, chunks: list[int]) -> None:
+    """Fed in reads of any size with the `start` hint, the finder answers as it would on the
+    whole prefix: same index, same error, at the same read."""
+    tiny = HeadLimits(max_request_line_bytes=20, max_header_bytes=60, max_header_count=5)
+    start = 0
+    for size in [*chunks, len(data)]:
+        prefix = data[: start + size]
+        got = _outcome(partial(find_head_end, prefix, tiny, start=start))
+        assert got == _outcome(partial(find_head_end, prefix, tiny))
+        if got is not None:
+            return
+        start = len(prefix)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(case=valid_requests(), trailing=st.binary(max_size=20))
+def test_valid_head_found_byte_by_byte_then_accepted(
+    case: tuple[bytes, list[tuple[bytes, bytes]]], trailing: bytes
+) -> None:
+    head, fields = case
+    start = 0
+    for end in range(1, len(head)):
+        assert find_head_end(head[:end], LIMITS, start=start) is None
+        start = end
+    assert find_head_end(head, LIMITS, start=start) == len(head)
+    assert find_head_end(head + trailing, LIMITS) == len(head)
+    assert find_head_end(head + trailing, LIMITS, start=len(head) - 1) == len(head)
+    assert list(check_request_head(head, LIMITS).headers) == fields
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(case=valid_requests())
+def test_h11_reads_what_we_accept_as_we_do(case: tuple[bytes, list[tuple[bytes, bytes]]]) -> None:
+    """The relay hands h11 the bytes we checked: it must see the same request in them."""
+    ours = check_request_head(case[0], LIMITS)
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(case[0])
+    event = server.next_event()
+    assert isinstance(event, h11.Request)
+    assert (event.method, event.target, list(event.headers)) == (
+        ours.method,
+        ours.target,
+        list(ours.headers),
+    )
+
+
+# --- response heads -----------------------------------------------------------------------
+
+CL: Final = b"Content-Length: 5"
+TE: Final = b"Transfer-Encoding: chunked"
+
+# id: (valid twin, the same head bent one way, the problem); every bent one is a 502.
+RESPONSE_TWINS: Final[dict[str, tuple[bytes, bytes, str]]] = {
+    "bare-lf": (response(CL), response(CL).replace(b"\r\n", b"\n"), "bare LF"),
+    "bare-cr": (response(CL, b"X: 1"), response(CL + b"\rX: 1"), "bare CR"),
+    "nul": (response(b"X: ab"), response(b"X: a\x00b"), "control character"),
+    "status-two-digits": (response(CL), response(CL, line=b"HTTP/1.1 20 OK"), "status line"),
+    "status-missing": (response(CL), response(CL, line=b"HTTP/1.1 OK"), "status line"),
+    "status-double-space": (response(CL), response(CL, line=b"HTTP/1.1  200 OK"), "status line"),
+    "status-600": (
+        response(CL, line=b"HTTP/1.1 599 X"),
+        response(CL, line=b"HTTP/1.1 600 X"),
+        "status line",
+    ),
+    "status-099": (
+        response(line=b"HTTP/1.1 100 Continue"),
+        response(line=b"HTTP/1.1 099 X"),
+        "status line",
+    ),
+    "version-2": (response(CL), response(CL, line=b"HTTP/2.0 200 OK"), "version HTTP/2.0"),
+    "version-lowercase": (response(CL), response(CL, line=b"http/1.1 200 OK"), "status line"),
+    "switching-protocols": (
+        response(line=b"HTTP/1.1 103 Early Hints"),
+        response(b"Upgrade: websocket", line=b"HTTP/1.1 101 Switching Protocols"),
+        "101",
+    ),
+    "obs-fold": (response(b"X: a b"), response(b"X: a", b" b"), "obs-fold"),
+    "space-before-colon": (response(CL), response(b"Content-Length : 5"), "whitespace between"),
+    "name-not-token": (response(b"X-A: 1"), response(b"X(A: 1"), "invalid field name"),
+    "cl+te": (response(CL), response(CL, TE), "both Content-Length"),
+    "te+cl": (response(TE), response(TE, CL), "both Content-Length"),
+    "cl-duplicate-identical": (response(CL), response(CL, CL), "more than one Content-Length"),
+    "cl-list": (response(CL), response(b"Content-Length: 5, 5"), "not a number"),
+    "cl-plus": (response(CL), response(b"Content-Length: +5"), "not a number"),
+    "cl-digits": (
+        response(b"Content-Length: " + b"1" * 18),
+        response(b"Content-Length: " + b"1" * 19),
+        "more than 18 digits",
+    ),
+    "te-gzip": (response(TE), response(b"Transfer-Encoding: gzip"), "does not end with chunked"),
+    "te-gzip-chunked": (
+        response(TE),
+        response(b"Transfer-Encoding: gzip, chunked"),
+        "only chunked",
+    ),
+    "te-two-fields": (response(TE), response(TE, TE), "more than one Transfer-Encoding"),
+    "te-http10": (
+        response(CL, line=b"HTTP/1.0 200 OK"),
+        response(TE, line=b"HTTP/1.0 200 OK"),
+        "HTTP/1.0",
+    ),
+    "too-many-fields": (
+        response(*(b"X-%d: v" % i for i in range(MAX_RESPONSE_FIELDS))),
+        response(*(b"X-%d: v" % i for i in range(MAX_RESPONSE_FIELDS + 1))),
+        "more than 200",
+    ),
+    "too-long": (
+        response(b"X: " + b"x" * (MAX_RESPONSE_HEAD_BYTES - len(response(b"X: ")))),
+        response(b"X: " + b"x" * (MAX_RESPONSE_HEAD_BYTES - len(response(b"X: ")) + 1)),
+        "longer than 65536",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("valid", "invalid", "problem"), RESPONSE_TWINS.values(), ids=RESPONSE_TWINS.keys()
+)
+def test_response_shape_refused_with_502_and_twin_accepted(
+    valid: bytes, invalid: bytes, problem: str
+) -> None:
+    assert isinstance(check_response_head(valid, request_method=b"GET"), ResponseHead)
+    with pytest.raises(HeadError) as refused:
+        check_response_head(invalid, request_method=b"GET")
+    assert refused.value.status == 502
+    assert problem in refused.value.problem
+    client = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)
+    client.send(h11.Request(method="GET", target="/", headers=[("Host", "a")]))
+    client.receive_data(valid)
+    assert isinstance(client.next_event(), h11.Response | h11.InformationalResponse)
+
+
+@pytest.mark.parametrize(
+    ("head", "method", "expected"),
+    [
+        (response(CL), b"GET", (200, 5, False)),
+        (response(TE), b"POST", (200, None, True)),
+        (response(), b"GET", (200, None, False)),  # read until close (h11's business)
+        (response(CL, line=b"HTTP/1.0 200 OK"), b"GET", (200, 5, False)),
+        # No body follows (RFC 9112 §6.3). HEAD and 304 keep the length for the relay to pass
+        # on; 1xx and 204 must not carry one (RFC 9110 §8.6), so it is not reported.
+        (response(b"Content-Length: 1234"), b"HEAD", (200, 1234, False)),
+        (response(TE), b"HEAD", (200, None, False)),
+        (response(CL, line=b"HTTP/1.1 304 Not Modified"), b"GET", (304, 5, False)),
+        (
+            response(b"Content-Length: 0", line=b"HTTP/1.1 204 No Content"),
+            b"GET",
+            (204, None, False),
+        ),
+        (response(TE, line=b"HTTP/1.1 204 No Content"), b"DELETE", (204, None, False)),
+        (response(line=b"HTTP/1.1 100 Continue"), b"POST", (100, None, False)),
+    ],
+)
+def test_response_framing(
+    head: bytes, method: bytes, expected: tuple[int, int | None, bool]
+) -> None:
+    parsed = check_response_head(head, request_method=method)
+    assert (parsed.status, parsed.content_length, parsed.chunked) == expected
+
+
+def test_golden_response_head() -> None:
+    head = response(
+        b"Content-Type: application/json",
+        b"X_Legacy_Header: ok",  # underscores are refused from clients, not from the upstream
+        b"Set-Cookie: a=1",
+        b"Set-Cookie: b=2 ",
+        CL,
+        line=b"HTTP/1.1 201",  # the reason phrase is optional
+    )
+    assert check_response_head(head, request_method=b"POST") == ResponseHead(
+        version=b"1.1",
+        status=201,
+        headers=(
+            (b"content-type", b"application/json"),
+            (b"x_legacy_header", b"ok"),
+            (b"set-cookie", b"a=1"),
+            (b"set-cookie", b"b=2"),
+            (b"content-length", b"5"),
+        ),
+        content_length=5,
+        chunked=False,
+    )
+
+
+# --- header rewriting ---------------------------------------------------------------------
+
+CLIENT: Final = ip_address("203.0.113.5")
+PROXY_V4: Final = ip_address("10.0.0.2")
+PROXY_V6: Final = ip_address("2001:db8:1::2")
+RULES: Final = ForwardingRules(
+    upstream_authority=UPSTREAM,
+    host_header="rewrite",
+    added_headers=(),
+    trusted_proxies=(ip_network("10.0.0.0/8"), ip_network("2001:db8:1::/48")),
+)
+HOP_BY_HOP: Final = [
+    b"Connection: keep-alive",
+    b"Keep-Alive: timeout=5",
+    b"Proxy-Connection: keep-alive",
+    b"Proxy-Authorization: Basic eDp5",
+    b"Proxy-Authenticate: Basic",
+    b"TE: trailers",
+    b"Trailer: X-Checksum",
+    b"Transfer-Encoding: chunked",
+    b"Upgrade: websocket",
+    b"Content-Length: 5",
+]
+
+
+def forward(
+    *fields: bytes,
+    peer: IPAddress | None = CLIENT,
+    rules: ForwardingRules = RULES,
+    line: bytes = GET,
+) -> list[tuple[bytes, bytes]]:
+    return upstream_request_headers(
+        check_request_head(request(*fields, line=line), LIMITS), peer=peer, rules=rules
+    )
+
+
+def values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    return [value for field_name, value in headers if field_name == name]
+
+
+@pytest.mark.parametrize(
+    "field", [*HOP_BY_HOP, b"Expect: 100-continue"], ids=lambda f: f.split(b":")[0].decode()
+)
+def test_hop_by_hop_request_fields_stripped(field: bytes) -> None:
+    headers = forward(HOST, b"Accept: */*", field)
+    assert [name for name, _ in headers][:2] == [b"host", b"accept"]
+    assert field.split(b":")[0].lower() not in {name for name, _ in headers}
+
+
+@pytest.mark.parametrize("field", HOP_BY_HOP, ids=lambda f: f.split(b":")[0].decode())
+def test_hop_by_hop_response_fields_stripped(field: bytes) -> None:
+    head = check_response_head(response(field, b"Vary: Accept"), request_method=b"GET")
+    assert client_response_headers(head) == [(b"vary", b"Accept")]
+
+
+def test_connection_named_fields_stripped_both_ways() -> None:
+    fields = (
+        b"Connection: close, X-Hop",
+        b"X-Keep: 1",
+        b"x-hop: 2",
+        b"Connection: x-other",
+        b"X-Other: 3",
+    )
+    assert forward(HOST, *fields)[1:2] == [(b"x-keep", b"1")]
+    head = check_response_head(response(*fields), request_method=b"GET")
+    assert client_response_headers(head) == [(b"x-keep", b"1")]
+
+
+def test_connection_cannot_strip_what_we_add() -> None:
+    """Our X-Forwarded-* and the operator's headers are added after the client's are filtered."""
+    rules = replace(RULES, added_headers=((b"x-proxy-key", b"k"),))
+    headers = forward(HOST, b"Connection: x-forwarded-for, x-proxy-key, host", rules=rules)
+    assert values(headers, b"x-forwarded-for") == [b"203.0.113.5"]
+    assert values(headers, b"x-proxy-key") == [b"k"]
+    assert values(headers, b"host") == [UPSTREAM]
+
+
+def test_golden_rewrite_order() -> None:
+    rules = replace(RULES, added_headers=((b"x-proxy-key", b"k"), (b"accept", b"application/json")))
+    headers = forward(
+        HOST,
+        b"Accept: */*",
+        b"User-Agent: app/1.0",
+        b"Connection: keep-alive",
+        b"Authorization: Bearer t",
+        b"X-Forwarded-For: 6.6.6.6",
+        b"Content-Length: 2",
+        rules=rules,
+    )
+    assert headers == [
+        (b"host", UPSTREAM),
+        (b"user-agent", b"app/1.0"),
+        (b"authorization", b"Bearer t"),
+        (b"x-forwarded-for", b"203.0.113.5"),
+        (b"x-forwarded-proto", b"https"),
+        (b"x-forwarded-host", b"api.example.com"),
+        (b"x-proxy-key", b"k"),
+        (b"accept", b"application/json"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("peer", "client_fields", "expected"),
+    [
+        (CLIENT, (), [b"203.0.113.5"]),
+        (CLIENT, (b"X-Forwarded-For: 1.2.3.4",), [b"203.0.113.5"]),  # a lie from anyone
+        (PROXY_V4, (), [b"10.0.0.2"]),
+        (PROXY_V4, (b"X-Forwarded-For: 1.2.3.4",), [b"1.2.3.4, 10.0.0.2"]),
+        (
+            PROXY_V4,
+            (b"X-Forwarded-For: 1.2.3.4, 5.6.7.8", b"X-Forwarded-For: 9.9.9.9"),
+            [b"1.2.3.4, 5.6.7.8, 9.9.9.9, 10.0.0.2"],
+        ),
+        (ip_address("2001:db8:2::5"), (b"X-Forwarded-For: 1.2.3.4",), [b"2001:db8:2::5"]),
+        (PROXY_V6, (b"X-Forwarded-For: 1.2.3.4",), [b"1.2.3.4, 2001:db8:1::2"]),
+        # IPv4-mapped IPv6 peers (dual-stack sockets) are shown and trusted as IPv4.
+        (IPv6Address("::ffff:203.0.113.5"), (b"X-Forwarded-For: 1.2.3.4",), [b"203.0.113.5"]),
+        (IPv6Address("::ffff:10.0.0.2"), (b"X-Forwarded-For: 1.2.3.4",), [b"1.2.3.4, 10.0.0.2"]),
+        # An IPv4 peer is never inside an IPv6 network, nor the other way round.
+        (IPv4Address("32.1.13.184"), (b"X-Forwarded-For: 1.2.3.4",), [b"32.1.13.184"]),
+        (None, (b"X-Forwarded-For: 1.2.3.4",), []),
+    ],
+    ids=[
+        "v4-untrusted", "v4-untrusted-lies", "v4-trusted-alone", "v4-trusted-appends",
+        "v4-trusted-joins-fields", "v6-untrusted", "v6-trusted", "mapped-untrusted",
+        "mapped-trusted", "v4-not-in-v6-network", "no-peer",
+    ],
+)  # fmt: skip
+def test_x_forwarded_for(
+    peer: IPAddress | None, client_fields: tuple[bytes, ...], expected: list[bytes]
+) -> None:
+    assert values(forward(HOST, *client_fields, peer=peer), b"x-forwarded-for") == expected
+
+
+@pytest.mark.parametrize(
+    ("peer", "field", "name", "expected"),
+    [
+        (CLIENT, b"X-Forwarded-Proto: http", b"x-forwarded-proto", [b"https"]),
+        (PROXY_V4, b"X-Forwarded-Proto: http", b"x-forwarded-proto", [b"http"]),
+        (PROXY_V4, b"X-Other: 1", b"x-forwarded-proto", [b"https"]),
+        (CLIENT, b"X-Forwarded-Host: evil.example", b"x-forwarded-host", [b"api.example.com"]),
+        (PROXY_V4, b"X-Forwarded-Host: www.example", b"x-forwarded-host", [b"www.example"]),
+        (PROXY_V4, b"X-Other: 1", b"x-forwarded-host", [b"api.example.com"]),
+        (CLIENT, b"Forwarded: for=1.2.3.4", b"forwarded", []),
+        (None, b"Forwarded: for=1.2.3.4", b"forwarded", []),
+        (PROXY_V4, b"Forwarded: for=1.2.3.4", b"forwarded", [b"for=1.2.3.4"]),
+        (CLIENT, b"X-Real-IP: 1.2.3.4", b"x-real-ip", []),
+        (PROXY_V4, b"X-Real-IP: 1.2.3.4", b"x-real-ip", [b"1.2.3.4"]),
+        (CLIENT, b"True-Client-IP: 1.2.3.4", b"true-client-ip", []),
+        (CLIENT, b"CF-Connecting-IP: 1.2.3.4", b"cf-connecting-ip", []),
+    ],
+    ids=[
+        "proto-untrusted-replaced", "proto-trusted-kept", "proto-trusted-added",
+        "host-untrusted-replaced", "host-trusted-kept", "host-trusted-added",
+        "forwarded-untrusted-dropped", "forwarded-no-peer-dropped", "forwarded-trusted-kept",
+        "real-ip-untrusted-dropped", "real-ip-trusted-kept", "true-client-ip-untrusted-dropped",
+        "cf-connecting-ip-untrusted-dropped",
+    ],
+)  # fmt: skip
+def test_forwarding_claims(
+    peer: IPAddress | None, field: bytes, name: bytes, expected: list[bytes]
+) -> None:
+    assert values(forward(HOST, field, peer=peer), name) == expected
+
+
+ABSOLUTE: Final = b"GET http://abs.example:80/ HTTP/1.1"
+
+
+@pytest.mark.parametrize(
+    ("mode", "fields", "line", "host", "forwarded_host"),
+    [
+        ("rewrite", (HOST,), GET, UPSTREAM, [b"api.example.com"]),
+        ("preserve", (HOST,), GET, b"api.example.com", [b"api.example.com"]),
+        ("preserve", (HOST,), ABSOLUTE, b"abs.example:80", [b"abs.example:80"]),
+        ("preserve", (), b"GET / HTTP/1.0", UPSTREAM, []),  # the client named no host
+        ("rewrite", (), b"GET / HTTP/1.0", UPSTREAM, []),
+    ],
+    ids=["rewrite", "preserve", "preserve-absolute-form", "preserve-1.0-no-host", "rewrite-1.0"],
+)  # fmt: skip
+def test_host(
+    mode: str, fields: tuple[bytes, ...], line: bytes, host: bytes, forwarded_host: list[bytes]
+) -> None:
+    rules = replace(RULES, host_header="preserve" if mode == "preserve" else "rewrite")
+    headers = forward(*fields, line=line, rules=rules)
+    assert headers[0] == (b"host", host)
+    assert values(headers, b"host") == [host]
+    assert values(headers, b"x-forwarded-host") == forwarded_host
+
+
+def test_added_headers_replace_client_and_our_fields() -> None:
+    rules = replace(
+        RULES,
+        added_headers=((b"x-api-key", b"operator"), (b"x-forwarded-proto", b"wss")),
+    )
+    headers = forward(
+        HOST, b"X-Api-Key: client", b"X-Forwarded-Proto: http", peer=PROXY_V4, rules=rules
+    )
+    assert values(headers, b"x-api-key") == [b"operator"]
+    assert values(headers, b"x-forwarded-proto") == [b"wss"]
+    assert headers[-2:] == [(b"x-api-key", b"operator"), (b"x-forwarded-proto", b"wss")]
+
+
+def test_set_cookie_order_and_everything_else_kept() -> None:
+    head = check_response_head(
+        response(
+            b"Set-Cookie: a=1; Secure",
+            b"Content-Type: text/plain",
+            b"Set-Cookie: b=2",
+            b"Connection: keep-alive",
+            b"Set-Cookie: c=3",
+            CL,
+        ),
+        request_method=b"GET",
+    )
+    assert client_response_headers(head) == [
+        (b"set-cookie", b"a=1; Secure"),
+        (b"content-type", b"text/plain"),
+        (b"set-cookie", b"b=2"),
+        (b"set-cookie", b"c=3"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        (CL, b"Connection: keep-alive"),
+        (TE, b"Expect: 100-continue", b"Connection: close, X-Hop", b"X-Hop: 1"),
+        (b"Connection: content-length", CL),
+    ],
+)
+def test_no_framing_field_survives(fields: tuple[bytes, ...]) -> None:
+    for peer in (CLIENT, PROXY_V4, None):
+        headers = forward(HOST, b"Accept: */*", *fields, peer=peer)
+        assert {name for name, _ in headers}.isdisjoint(
+            {b"content-length", b"transfer-encoding", b"connection", b"expect", b"x-hop"}
+        )
+
+
+# --- rules from the configuration ----------------------------------------------------------
+
+
+UPSTREAM_CONFIG: Final = UpstreamConfig(
+    url="https://[2001:db8::1]:8443",
+    scheme="https",
+    host="2001:db8::1",
+    port=8443,
+    host_header="preserve",
+    headers=(("X-Proxy-Key", "s\xe9cret"),),
+    trusted_proxies=(ip_network("10.0.0.0/8"),),
+)
+
+
+def test_rules_from_config() -> None:
+    rules = ForwardingRules.from_config(UPSTREAM_CONFIG)
+    assert rules == ForwardingRules(
+        upstream_authority=b"[2001:db8::1]:8443",
+        host_header="preserve",
+        added_headers=((b"x-proxy-key", b"s\xe9cret"),),
+        trusted_proxies=(ip_network("10.0.0.0/8"),),
+    )
+
+
+@pytest.mark.parametrize(
+    "added",
+    [
+        (b"host", b"a"),
+        (b"content-length", b"0"),
+        (b"transfer-encoding", b"chunked"),
+        (b"connection", b"close"),
+        (b"expect", b"100-continue"),
+        (b"x_api_key", b"a"),  # would pose as x-api-key behind a CGI-style upstream
+        (b"X-Upper", b"a"),
+        (b"x-a", b"a\r\nx-b: b"),
+        (b"x-a", b" padded"),
+    ],
+)
+def test_rules_refuse_headers_we_could_not_add(added: tuple[bytes, bytes]) -> None:
+    with pytest.raises(ValueError, match=r"upstream\.headers"):
+        replace(RULES, added_headers=(added,))
+
+
+def test_rules_refuse_a_value_outside_latin1() -> None:
+    upstream = replace(UPSTREAM_CONFIG, headers=(("X-Price", "5 \u20ac"),))
+    with pytest.raises(ValueError, match="Latin-1"):
+        ForwardingRules.from_config(upstream)
+
+
+def test_rules_refuse_non_ascii_upstream_host() -> None:
+    upstream = UpstreamConfig(
+        url="https://b\xfccher.example", scheme="https", host="b\xfccher.example", port=443
+    )
+    with pytest.raises(ValueError, match="punycode"):
+        ForwardingRules.from_config(upstream)
