@@ -1,0 +1,503 @@
+"""Pooled, verified connections to the upstream: the trio edge towards the API we front.
+
+Theory of operation. A connection is TCP (TCP_NODELAY, which trio's SocketStream sets) plus,
+for https, a TLS client handshake that verifies the upstream's certificate against the system
+store and `upstream.ca_file`, always checks the host name, requires TLS 1.2 or later, offers
+ALPN http/1.1 only and sends `upstream.host` as SNI. Connecting and handshaking together get
+`limits.upstream_connect_timeout`. On it, one h11 CLIENT connection carries one exchange at a
+time: the relay `acquire`s, `send`s the request, reads `receive_head` and then
+`receive_body_event` until EndOfMessage, and `release`s (or `discard`s on any failure).
+
+Response heads are read raw up to the blank line (`forwarding.find_head_end`) and checked by
+`forwarding.check_response_head` before h11 sees them: h11 alone lets through shapes that
+make a proxy and its client disagree on where a response ends (CL with TE, a duplicate
+Content-Length, HTTP/1.0 with chunked). Interim 1xx responses are read and dropped.
+
+Pool invariants. A connection is in the idle pool only when
+
+1. nobody holds it: `acquire` takes it out, `release` puts it back;
+2. both h11 sides were DONE and `start_next_cycle` made them IDLE;
+3. nothing more came from the upstream: no byte after the framed response in h11's buffer,
+   no TLS record read from the socket but not yet decrypted, and, checked again at `acquire`
+   because time passes, a socket that is not readable. An idle socket turns readable for an
+   EOF, a reset, a close_notify or stray bytes (a second response smuggled after the first):
+   none is a connection to write a request into, so it is dropped and the next one tried;
+4. it has been idle for less than `upstream.pool_idle_timeout`: expired ones are closed when
+   `acquire`, `release` or `prune` find them.
+
+Idle connections are taken newest first (LIFO): the most recently used one is the most likely
+still open at the upstream, and the oldest ones age out. With `pool_max_idle` reached, a
+released connection displaces the oldest idle one.
+
+Who closes what: the pool closes the connections it holds (expired, stale, displaced, all of
+them at `aclose`); a caller holding one closes it by `discard`, and `release` closes one that
+cannot be reused. Closing is always forceful and never raises: the socket is closed at once,
+without a close_notify, which the framing of the last response already made unnecessary.
+
+Errors. Everything the upstream does wrong surfaces as `UpstreamError`, translated here from
+OSError, ssl errors, trio's stream errors and h11's RemoteProtocolError with ``raise ... from``:
+502 for refused, reset, unverifiable TLS or an invalid response, 504 for a timeout.
+`before_response` says that not one byte of a response arrived, which with `reused` is what
+the relay's retry of an idempotent request on a fresh connection keys on. h11's
+LocalProtocolError is not translated: it means the caller sent an invalid event, a bug.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+from collections import deque
+from http import HTTPStatus
+from typing import Final, cast
+
+import h11
+import trio
+
+from .config import ConfigError, Limits, UpstreamConfig
+from .forwarding import (
+    MAX_RESPONSE_HEAD_BYTES,
+    HeadError,
+    HeadLimits,
+    ResponseHead,
+    check_response_head,
+    find_head_end,
+)
+
+# One receive: 64 KiB lets a plain-TCP upstream hand over many segments at once (a TLS read
+# returns at most one record, 16 KiB, decrypted).
+RECEIVE_SIZE: Final = 64 * 1024
+# Interim responses (100 Continue, 103 Early Hints) read and dropped before the final one.
+# Servers send one or two; more is a broken upstream, refused even within the head timeout.
+MAX_INFORMATIONAL_RESPONSES: Final = 8
+# find_head_end applies MAX_RESPONSE_HEAD_BYTES to responses; its HeadLimits are for requests.
+_RESPONSE_LIMITS: Final = HeadLimits()
+_BAD_GATEWAY: Final = int(HTTPStatus.BAD_GATEWAY)
+_GATEWAY_TIMEOUT: Final = int(HTTPStatus.GATEWAY_TIMEOUT)
+
+
+class UpstreamError(Exception):
+    """The upstream failed us (its fault, or the network's, never the client's).
+
+    `status` is what the client gets: 502 for refused, reset, bad TLS or an invalid response,
+    504 for a timeout. `problem` is a short text for the log, naming the upstream host and
+    never a secret. `before_response` is True when no byte of a response had arrived.
+    """
+
+    status: int
+    problem: str
+    before_response: bool
+
+    def __init__(self, status: int, problem: str, *, before_response: bool = True) -> None:
+        super().__init__(f"{status} {problem}")
+        self.status = status
+        self.problem = problem
+        self.before_response = before_response
+
+
+class UpstreamConnection:
+    """One connection to the upstream and its h11 client state; see the module docstring."""
+
+    __slots__ = (
+        "_buffer",
+        "_closed",
+        "_idle_since",
+        "_pooled",
+        "_send_timeout",
+        "_started",
+        "_tcp",
+        "conn",
+        "response_head",
+        "reused",
+        "stream",
+    )
+
+    def __init__(self, stream: trio.abc.Stream, tcp: trio.SocketStream, send_timeout: float):
+        self.stream = stream  # trio.SSLStream over `tcp` (https), or `tcp` itself (http)
+        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)
+        self.reused = False  # taken from the idle pool: the relay's stale-retry candidate
+        # The final response head of the current exchange, as check_response_head read it.
+        self.response_head: ResponseHead | None = None
+        self._tcp = tcp
+        self._send_timeout = send_timeout
+        self._buffer = bytearray()  # response bytes while a head is incomplete
+        self._started = False  # a byte of the current response has arrived
+        self._idle_since = 0.0
+        self._pooled = False
+        self._closed = False
+
+    async def send(self, event: h11.Event) -> None:
+        """Send one request event (Request, Data, EndOfMessage): 504 when the upstream does
+        not take its bytes within upstream_timeout, 502 when the connection breaks."""
+        if type(event) is h11.Request:  # a new exchange: no byte of its response yet
+            self._started = False
+            self.response_head = None
+        data = self.conn.send(event)
+        if not data:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            with trio.fail_after(self._send_timeout):
+                await self.stream.send_all(data)
+        except trio.TooSlowError as exc:
+            raise UpstreamError(
+                _GATEWAY_TIMEOUT,
+                f"upstream did not take the request within {self._send_timeout:g} s",
+                before_response=not self._started,
+            ) from exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise UpstreamError(
+                _BAD_GATEWAY,
+                f"connection lost while sending the request ({_cause(exc)})",
+                before_response=not self._started,
+            ) from exc
+
+    # The timeouts are parameters (ASYNC109) because expiring is the upstream's failure, 504,
+    # and says which wait expired; the caller's own deadlines still apply on top.
+    async def receive_head(
+        self,
+        *,
+        timeout: float,  # noqa: ASYNC109
+        request_method: bytes,
+    ) -> h11.Response:
+        """The final response head, interim 1xx ones skipped; the whole wait is `timeout`.
+
+        The head is checked by forwarding.check_response_head (kept as `response_head`) and
+        then parsed by h11; body bytes read along with it stay buffered in h11.
+        """
+        try:
+            with trio.fail_after(timeout):
+                for _ in range(MAX_INFORMATIONAL_RESPONSES + 1):
+                    raw = await self._read_head()
+                    head = check_response_head(raw, request_method=request_method)
+                    self.conn.receive_data(raw)
+                    event = self.conn.next_event()
+                    if type(event) is h11.InformationalResponse:
+                        continue
+                    if type(event) is not h11.Response:  # the checks passed what h11 calls no head
+                        raise UpstreamError(
+                            _BAD_GATEWAY, "invalid response head", before_response=False
+                        )
+                    if self._buffer:  # body bytes that came with the head
+                        self.conn.receive_data(bytes(self._buffer))
+                        self._buffer.clear()
+                    self.response_head = head
+                    return event
+        except trio.TooSlowError as exc:
+            raise UpstreamError(
+                _GATEWAY_TIMEOUT,
+                f"no response head within {timeout:g} s",
+                before_response=not self._started,
+            ) from exc
+        except HeadError as exc:
+            raise UpstreamError(
+                _BAD_GATEWAY, f"invalid response: {exc.problem}", before_response=False
+            ) from exc
+        except h11.RemoteProtocolError as exc:
+            raise UpstreamError(
+                _BAD_GATEWAY, f"invalid response: {exc}", before_response=False
+            ) from exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise UpstreamError(
+                _BAD_GATEWAY,
+                f"connection lost before the response head ({_cause(exc)})",
+                before_response=not self._started,
+            ) from exc
+        raise UpstreamError(
+            _BAD_GATEWAY,
+            f"more than {MAX_INFORMATIONAL_RESPONSES} interim (1xx) responses",
+            before_response=False,
+        )
+
+    async def _read_head(self) -> bytes:
+        """Raw bytes up to and including the blank line ending the next response head."""
+        buffer = self._buffer
+        searched = 0
+        # Bounded: find_head_end raises once MAX_RESPONSE_HEAD_BYTES arrived without an end,
+        # and every round adds at least one byte or raises.
+        while True:
+            end = find_head_end(buffer, _RESPONSE_LIMITS, response=True, start=searched)
+            if end is not None:
+                head = bytes(buffer[:end])
+                del buffer[:end]
+                return head
+            searched = len(buffer)
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                raise UpstreamError(
+                    _BAD_GATEWAY,
+                    "upstream closed the connection before the response head"
+                    if not self._started
+                    else "upstream closed the connection in the middle of the response head",
+                    before_response=not self._started,
+                )
+            self._started = True
+            buffer += data
+
+    async def receive_body_event(
+        self,
+        *,
+        timeout: float,  # noqa: ASYNC109
+    ) -> h11.Data | h11.EndOfMessage:
+        """The next piece of the response body, or its end; `timeout` bounds each read."""
+        conn = self.conn
+        # Bounded: each round either returns or reads (an EOF ends the body or raises).
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamError(
+                    _BAD_GATEWAY, f"invalid response body: {exc}", before_response=False
+                ) from exc
+            if event is h11.NEED_DATA:
+                try:
+                    with trio.fail_after(timeout):
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                except trio.TooSlowError as exc:
+                    raise UpstreamError(
+                        _GATEWAY_TIMEOUT,
+                        f"response body stalled for {timeout:g} s",
+                        before_response=False,
+                    ) from exc
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise UpstreamError(
+                        _BAD_GATEWAY,
+                        f"connection lost in the response body ({_cause(exc)})",
+                        before_response=False,
+                    ) from exc
+                # b"" is the EOF: it ends a body delimited by the close, and makes h11 raise
+                # for a body cut short. TLS reads are bytearrays, which h11 takes as they are
+                # (it appends them to its own buffer): no bytes() copy per read.
+                conn.receive_data(cast(bytes, data))
+                continue
+            if type(event) is h11.Data or type(event) is h11.EndOfMessage:
+                return event
+            raise UpstreamError(
+                _BAD_GATEWAY,
+                f"unexpected {type(event).__name__} in the response body",
+                before_response=False,
+            )
+
+    def reusable(self) -> bool:
+        """Whether this connection may carry another exchange: both sides DONE and nothing
+        received past the end of the response (bytes there mean a broken upstream)."""
+        conn = self.conn
+        if self._closed or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return False
+        pending, closed = conn.trailing_data
+        if pending or closed or self._buffer:
+            return False
+        return not _tls_bytes_pending(self.stream)
+
+    def close(self) -> None:
+        """Close the socket now (no close_notify); idempotent, never raises."""
+        if not self._closed:
+            self._closed = True
+            self._tcp.socket.close()
+
+    async def aclose(self) -> None:
+        """Close forcefully, as `close`; a checkpoint that never raises, not even Cancelled."""
+        self.close()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _looks_alive(self, poller: select.poll) -> bool:
+        """True when the idle socket has nothing to read: no EOF, reset or unsolicited bytes."""
+        if self._closed:
+            return False
+        fd = self._tcp.socket.fileno()
+        poller.register(fd, select.POLLIN)
+        try:
+            return not poller.poll(0)
+        finally:
+            poller.unregister(fd)
+
+
+def _tls_bytes_pending(stream: trio.abc.Stream) -> bool:
+    """Whether a TLS stream holds response bytes nobody read: decrypted ones, or records read
+    from the socket and not yet decrypted. trio keeps the latter in a MemoryBIO it does not
+    expose; it is read defensively, and a test proves it is still where we look."""
+    if not isinstance(stream, trio.SSLStream):
+        return False
+    if stream.pending():
+        return True
+    incoming = getattr(stream, "_incoming", None)
+    return isinstance(incoming, ssl.MemoryBIO) and incoming.pending > 0
+
+
+class UpstreamPool:
+    """Connections to one upstream, opened on demand and kept idle for reuse."""
+
+    def __init__(self, upstream: UpstreamConfig, limits: Limits) -> None:
+        self._upstream = upstream
+        self._limits = limits
+        self._context = client_context(upstream) if upstream.scheme == "https" else None
+        self._where = upstream.authority  # for problems: host, and the port unless default
+        self._idle: deque[UpstreamConnection] = deque()  # oldest left, newest right
+        self._poller = select.poll()
+        # Stats for tests and metrics.
+        self.connections_opened = 0
+        self.reuses = 0
+        self.stale_dropped = 0  # idle connections found closed or readable at acquire
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    async def acquire(self) -> UpstreamConnection:
+        """An idle connection still open at the upstream (newest first), else a new one;
+        UpstreamError when a new one cannot be made (502, or 504 past the connect timeout)."""
+        # The checkpoint comes first: once a connection is taken off the pool, nothing may
+        # cancel us before it is handed over.
+        await trio.lowlevel.checkpoint()
+        idle = self._idle
+        expired_before = trio.current_time() - self._upstream.pool_idle_timeout
+        while idle:  # bounded by pool_max_idle
+            connection = idle.pop()
+            connection._pooled = False
+            if connection._idle_since < expired_before:
+                connection.close()
+                self._close_idle()  # all older still
+                break
+            if not connection._looks_alive(self._poller):
+                self.stale_dropped += 1
+                connection.close()
+                continue
+            connection.reused = True
+            self.reuses += 1
+            return connection
+        return await self._open()
+
+    def release(self, connection: UpstreamConnection) -> None:
+        """Return a connection after a complete exchange: pooled when `reusable()` and
+        `pool_max_idle` allows, closed otherwise."""
+        if connection._pooled:
+            raise RuntimeError("this upstream connection is already in the pool")
+        max_idle = self._upstream.pool_max_idle
+        if max_idle == 0 or not connection.reusable():
+            connection.close()
+            return
+        connection.conn.start_next_cycle()
+        now = trio.current_time()
+        self.prune(now)
+        idle = self._idle
+        if len(idle) >= max_idle:
+            idle.popleft().close()
+        connection._idle_since = now
+        connection._pooled = True
+        idle.append(connection)
+
+    def discard(self, connection: UpstreamConnection) -> None:
+        """Close a connection that is not coming back (failed, or not reusable)."""
+        connection.close()
+
+    def prune(self, now: float | None = None) -> int:
+        """Close idle connections older than pool_idle_timeout; returns how many."""
+        now = trio.current_time() if now is None else now
+        expired_before = now - self._upstream.pool_idle_timeout
+        idle = self._idle
+        closed = 0
+        while idle and idle[0]._idle_since < expired_before:
+            idle.popleft().close()
+            closed += 1
+        return closed
+
+    async def aclose(self) -> None:
+        """Close every idle connection (those held by callers are theirs to close)."""
+        self._close_idle()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _close_idle(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+    async def _open(self) -> UpstreamConnection:
+        upstream = self._upstream
+        timeout = self._limits.upstream_connect_timeout
+        try:
+            with trio.fail_after(timeout):
+                tcp = await trio.open_tcp_stream(upstream.host, upstream.port)
+                try:
+                    stream = await self._handshake(tcp)
+                except BaseException:
+                    tcp.socket.close()
+                    raise
+        except trio.TooSlowError as exc:
+            raise UpstreamError(
+                _GATEWAY_TIMEOUT, f"no connection to {self._where} within {timeout:g} s"
+            ) from exc
+        except trio.BrokenResourceError as exc:  # the TLS handshake failed
+            raise UpstreamError(_BAD_GATEWAY, _tls_problem(exc, upstream.host)) from exc
+        except OSError as exc:  # resolving or connecting
+            raise UpstreamError(_BAD_GATEWAY, _connect_problem(exc, self._where)) from exc
+        self.connections_opened += 1
+        return UpstreamConnection(stream, tcp, self._limits.upstream_timeout)
+
+    async def _handshake(self, tcp: trio.SocketStream) -> trio.abc.Stream:
+        if self._context is None:
+            return tcp
+        # https_compatible: an upstream closing without close_notify (common) reads as a
+        # plain EOF. Truncation cannot pass for a whole response: h11 holds a body framed by
+        # Content-Length or chunks to its end, and fails one cut short.
+        tls = trio.SSLStream(
+            tcp, self._context, server_hostname=self._upstream.host, https_compatible=True
+        )
+        await tls.do_handshake()
+        return tls
+
+
+def client_context(upstream: UpstreamConfig) -> ssl.SSLContext:
+    """The TLS client context for the upstream: system trust plus `ca_file`, host name always
+    checked, TLS 1.2 or later, ALPN http/1.1. Raises ConfigError when ca_file is unusable."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if upstream.ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(upstream.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                "upstream.ca_file",
+                f"cannot load {upstream.ca_file} as PEM CA certificates: {exc}",
+            ) from exc
+    # create_default_context set both already; stated so that no later edit can weaken them.
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.check_hostname = True
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def _cause(exc: BaseException) -> str:
+    """A short name for what broke a stream: 'reset', 'closed', an ssl reason."""
+    cause = exc.__cause__
+    if isinstance(exc, trio.ClosedResourceError):
+        return "closed locally"
+    if isinstance(cause, ssl.SSLError):
+        return str(cause.reason or type(cause).__name__).lower()
+    if isinstance(cause, ConnectionResetError):
+        return "reset"
+    if isinstance(cause, OSError):
+        return cause.strerror or type(cause).__name__
+    return "closed" if cause is None else type(cause).__name__
+
+
+def _tls_problem(exc: trio.BrokenResourceError, host: str) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"certificate verify failed for {host}: {cause.verify_message}"
+    return f"TLS handshake with {host} failed: {_cause(exc)}"
+
+
+def _connect_problem(exc: OSError, where: str) -> str:
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve {where}: {exc.strerror}"
+    # trio.open_tcp_stream raises one OSError for all addresses, caused by a group of the
+    # errors of each attempt.
+    group = exc.__cause__
+    errors = (
+        [e for e in group.exceptions if isinstance(e, OSError)]
+        if isinstance(group, BaseExceptionGroup)
+        else [exc]
+    ) or [exc]
+    if all(isinstance(e, ConnectionRefusedError) for e in errors):
+        return f"connection to {where} refused"
+    reasons = sorted({e.strerror or str(e) for e in errors})
+    return f"cannot connect to {where}: {'; '.join(reasons)}"
