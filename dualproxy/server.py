@@ -48,7 +48,9 @@ from .clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, ClientHelloError, 
 from .clienthello import is_plain_http as looks_like_plain_http
 from .config import Config, ConfigError, ListenAddress
 from .keystore import KeySnapshot, KeyStoreError
+from .relay import ClientConnection, Drain, RelaySettings
 from .streams import ReplayStream
+from .upstream import UpstreamPool
 
 log = logging.getLogger("dualproxy")
 
@@ -98,6 +100,14 @@ class ConnectionRecord:
     tls_version: str | None = None
     requests: int = 0
     started: float = field(default_factory=trio.current_time)
+
+    # The relay's Tally: it reports through these, without importing this module.
+    def request_received(self) -> None:
+        self.requests += 1
+        self.outcome = Outcome.OK
+
+    def note(self, detail: str) -> None:
+        self.detail = detail
 
     def log_line(self) -> str:
         hello = self.hello
@@ -198,13 +208,22 @@ class Server:
         self._slots = trio.CapacityLimiter(config.limits.max_connections)
         self.reloads_ok = 0
         self.reloads_failed = 0
+        self._drain = Drain()
+        # While run() runs: the scope of the accept loops (drain() cancels it) and that of
+        # the connection tasks (the grace deadline and a second SIGTERM act on it).
+        self._accepting: trio.CancelScope | None = None
+        self._connections: trio.CancelScope | None = None
+        # What requests are relayed with when config.upstream is set (a bad [upstream] stops
+        # us here, as an unusable key does); run() closes the pool's connections when it ends.
+        self._relay = RelaySettings.build(config) if config.upstream is not None else None
 
     # --- lifecycle -------------------------------------------------------------------
 
     async def run(
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Listen and serve until cancelled (or SIGTERM/SIGINT when handling signals).
+        """Listen and serve until cancelled, or until drained (`drain()`, or SIGTERM when
+        handling signals), which ends it gracefully.
 
         Reports the bound (host, port) pairs through task_status once accepting, so tests can
         listen on port 0 without races.
@@ -215,16 +234,68 @@ class Server:
         bound = [_sockname(listener) for listener in listeners]
         for warning in self.snapshot.warnings:
             log.warning("%s", warning)
-        async with trio.open_nursery() as nursery:
-            for listener in listeners:
-                nursery.start_soon(self._accept_loop, listener, nursery)
-            nursery.start_soon(self._watch_files)
-            if self._handle_signals:
-                await nursery.start(self._watch_signals, nursery.cancel_scope)
-            log.info("listening on %s", describe_bound(bound))
-            task_status.started(bound)
+        self._accepting = accepting = trio.CancelScope()
+        if self._drain.draining:
+            accepting.cancel()
+        try:
+            async with trio.open_nursery() as services:
+                services.start_soon(self._watch_files)
+                if self._handle_signals:
+                    await services.start(self._watch_signals)
+                async with trio.open_nursery() as connections:
+                    self._connections = connections.cancel_scope
+                    with accepting:
+                        async with trio.open_nursery() as acceptors:
+                            for listener in listeners:
+                                acceptors.start_soon(self._accept_loop, listener, connections)
+                            log.info("listening on %s", describe_bound(bound))
+                            task_status.started(bound)
+                    # Only drain() gets here: the listeners are closed, and the connections
+                    # still open get shutdown_grace to finish (a deadline, not a sleep).
+                    grace = self.config.limits.shutdown_grace
+                    connections.cancel_scope.deadline = min(
+                        connections.cancel_scope.deadline, trio.current_time() + grace
+                    )
+                if connections.cancel_scope.cancelled_caught:
+                    log.warning("drained: cancelled the connections still busy after the grace")
+                else:
+                    log.info("drained: every connection finished")
+                services.cancel_scope.cancel()
+        finally:
+            for listener in listeners:  # those whose accept loop never started
+                listener.socket.close()
+            self._accepting = self._connections = None
+            if self._relay is not None:
+                await _close_pool(self._relay.pool)
+
+    def drain(self) -> None:
+        """Shut down gracefully, as SIGTERM does: stop accepting (the listeners close, so new
+        clients are refused or go to another process on the port), close idle keep-alive
+        connections at once, give requests in flight limits.shutdown_grace to finish, their
+        responses saying `Connection: close`, then cancel whatever is left; run() returns.
+        """
+        if self._drain.draining:
+            return
+        idle = self._drain.idle_connections
+        log.info(
+            "draining: stopped accepting; closing %d idle connection(s), %d other(s) get"
+            " up to %g s to finish",
+            idle,
+            max(0, self._slots.borrowed_tokens - idle),
+            self.config.limits.shutdown_grace,
+        )
+        self._drain.start()
+        if self._accepting is not None:
+            self._accepting.cancel()
+
+    def stop_now(self) -> None:
+        """Cancel every connection at once (a second SIGTERM during the drain)."""
+        self.drain()
+        if self._connections is not None:
+            self._connections.cancel()
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept into `nursery` until cancelled; the listener is closed on the way out."""
         async with listener:
             while True:
                 # Wait for a client before taking a slot: a loop holding a slot while its own
@@ -342,20 +413,38 @@ class Server:
                 return data
 
     async def respond(self, tls: trio.SSLStream[ReplayStream], record: ConnectionRecord) -> None:
-        """Serve HTTP/1.1 on the established TLS stream.
+        """Serve HTTP/1.1 on the established TLS stream: relay to the upstream when the config
+        has one (see relay.py), otherwise answer every request ourselves."""
+        if self._relay is None:
+            await self._respond_placeholder(tls, record)
+            return
+        relay = ClientConnection(
+            tls,
+            peer=_stream_peer_ip(tls),
+            settings=self._relay_settings,
+            drain=self._drain,
+            tally=record,
+        )
+        await relay.serve()
 
-        Until the reverse-proxy relay lands, dualproxy answers every request itself with a
-        short fixed response, honouring keep-alive so that clients behave as they will in front
-        of a real upstream.
-        """
+    def _relay_settings(self) -> RelaySettings | None:
+        return self._relay
+
+    async def _respond_placeholder(
+        self, tls: trio.SSLStream[ReplayStream], record: ConnectionRecord
+    ) -> None:
+        """Without [upstream], dualproxy answers every request itself with a short fixed
+        response (the dev bench, TLS and pin testing), honouring keep-alive so that clients
+        behave as they will in front of a real upstream, and the drain: an idle connection
+        closes, a response says `Connection: close`."""
         limits = self.config.limits
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
         while True:
             # The first request may take the header timeout; later ones may idle for the
-            # keep-alive timeout first.
+            # keep-alive timeout first. The drain ends the wait (the whole request is small).
             wait = limits.keepalive_timeout if record.requests else limits.request_header_timeout
             request: h11.Request | None = None  # stays None when the wait times out
-            with trio.move_on_after(wait):
+            with self._drain.idle(wait):
                 request = await _receive_request(tls, conn)
             if request is None or conn.their_state is h11.ERROR:
                 # A bad head leaves our side IDLE, a bad body after a good head in
@@ -364,8 +453,7 @@ class Server:
                 if conn.their_state is h11.ERROR and answerable:
                     await _send_simple(tls, conn, 400, b"bad request\n", keep_alive=False)
                 return
-            record.requests += 1
-            record.outcome = Outcome.OK
+            record.request_received()
             headers = [(b"content-type", b"text/plain; charset=utf-8")]
             if self._dev_headers and record.choice is not None and record.key is not None:
                 headers += [
@@ -374,7 +462,15 @@ class Server:
                 ]
             body = b"dualproxy: TLS terminated; no upstream is configured yet.\n"
             head_only = request.method == b"HEAD"
-            await _send_simple(tls, conn, 200, body, extra_headers=headers, head_only=head_only)
+            await _send_simple(
+                tls,
+                conn,
+                200,
+                body,
+                extra_headers=headers,
+                head_only=head_only,
+                keep_alive=not self._drain.draining,
+            )
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
@@ -393,6 +489,7 @@ class Server:
     async def _reload_now(self, why: str) -> bool:
         try:
             config, snapshot = await trio.to_thread.run_sync(self._load_fresh)
+            relay = await trio.to_thread.run_sync(self._relay_for, config)
         except (ConfigError, KeyStoreError) as exc:
             self.reloads_failed += 1
             log.error("reload (%s) failed, still serving the previous keys: %s", why, exc)
@@ -408,13 +505,37 @@ class Server:
             config = _replace_listen(config, self.config.listen)
         if config.limits.max_connections != self.config.limits.max_connections:
             self._slots.total_tokens = config.limits.max_connections
-        self.config, self.snapshot = config, snapshot
+        old_pool = self._relay.pool if self._relay is not None else None
+        self.config, self.snapshot, self._relay = config, snapshot, relay
         self.reloads_ok += 1
         for warning in snapshot.warnings:
             log.warning("%s", warning)
         keys = ", ".join(f"{k.name} ({k.pin})" for k in snapshot.keys.values())
         log.info("reloaded (%s): serving %s", why, keys)
+        if old_pool is not None and (relay is None or relay.pool is not old_pool):
+            # Its idle connections close now; those in use finish their exchange first.
+            await _close_pool(old_pool)
+            if relay is not None:
+                log.info("upstream: now %s", relay.rules.upstream_authority.decode())
         return True
+
+    def _relay_for(self, config: Config) -> RelaySettings | None:
+        """Relay settings for a reloaded config: the current pool is kept unless the upstream
+        or the pool's own limits changed. Runs in a worker thread (a new pool reads CA files).
+        """
+        current = self._relay
+        if config.upstream is None:
+            return None
+        old, new = self.config, config
+        same_pool = (
+            current is not None
+            and new.upstream == old.upstream
+            and new.limits.upstream_connect_timeout == old.limits.upstream_connect_timeout
+            and new.limits.upstream_timeout == old.limits.upstream_timeout
+        )
+        if same_pool and current is not None and new.limits == old.limits:
+            return current
+        return RelaySettings.build(config, current.pool if same_pool and current else None)
 
     def _load_fresh(self) -> tuple[Config, KeySnapshot]:
         config = config_mod.load(self.config.path) if self.config.path is not None else self.config
@@ -449,21 +570,36 @@ class Server:
                 self._files_seen = current
 
     async def _watch_signals(
-        self,
-        cancel_scope: trio.CancelScope,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """SIGHUP reloads, SIGTERM stops. Started with nursery.start, it reports readiness
-        once the handlers are installed: a SIGHUP before that would kill the process."""
+        """SIGHUP reloads, SIGTERM drains (a second one stops at once). Started with
+        nursery.start, it reports readiness once the handlers are installed: a SIGHUP before
+        that would kill the process."""
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM) as signals:
             task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await self.reload("SIGHUP")
+                elif not self._drain.draining:
+                    log.info("SIGTERM: stopping, after the requests in flight")
+                    self.drain()
                 else:
-                    log.info("SIGTERM: stopping")
-                    cancel_scope.cancel()
+                    log.warning("SIGTERM again: stopping now")
+                    self.stop_now()
+
+
+async def _close_pool(pool: UpstreamPool) -> None:
+    """Close a pool's idle connections, also when the server is being cancelled."""
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
+        await pool.aclose()
+
+
+def _stream_peer_ip(tls: trio.SSLStream[ReplayStream]) -> policy.IPAddress | None:
+    """The client's address (for X-Forwarded-For), from the socket under the TLS stream."""
+    transport = tls.transport_stream.transport
+    if not isinstance(transport, trio.SocketStream):
+        return None
+    return _peer_address(transport)[1]
 
 
 def _replace_listen(config: Config, listen: config_mod.ListenConfig) -> Config:

@@ -1,0 +1,560 @@
+"""One client connection, relayed: HTTP/1.1 from the client to the upstream and back.
+
+Theory of operation. Each request on the client's (TLS) stream goes through, in order:
+
+1. **wait**: before the first byte of a request the connection is idle. The wait is bounded
+   (request_header_timeout for the first request, keepalive_timeout for the next ones) and
+   registered with the `Drain`, which cancels it when the server shuts down. Either way the
+   connection closes silently: no request was started, so there is nobody to answer.
+2. **head**: raw bytes are read (RECEIVE_SIZE at a time) until `find_head_end` finds the
+   blank line; it raises 414/431 when the head outgrows its limits, and the whole head must
+   arrive within request_header_timeout (408), however slowly it trickles: counted from its
+   first byte, or for a connection's first request from the end of the TLS handshake.
+3. **check**: `check_request_head` refuses, with the status it names, every head h11 would let
+   through but that an upstream could read differently (smuggling shapes) or that we do not
+   relay (CONNECT, TRACE: 405). A refused request never costs a byte upstream.
+4. **size**: a Content-Length above max_body_bytes is refused with 413, still before anything
+   goes upstream.
+5. **relay**: an upstream connection from the pool gets a request with rewritten headers
+   (`upstream_request_headers`) and framing we write ourselves, then the body, streamed
+   (`Expect: 100-continue` is answered here, when we start reading the body, and never
+   forwarded; trailers are dropped). Then the response head, rewritten the same way, and its
+   body, streamed back.
+
+Who owns which bytes. The relay reads the client stream and feeds every byte to an h11 SERVER
+connection as it arrives; while a head is incomplete it keeps its own copy to check. h11
+re-parses the head after the check, then hands out body events; bytes of a pipelined next
+request stay in h11's buffer (`trailing_data`), from which the next cycle's head check starts.
+The upstream side is an h11 CLIENT connection owned by `upstream.UpstreamConnection`.
+Bodies pass through as h11 Data events, a chunk at a time: memory per connection is about one
+receive of each side, because `send_all` does not return until the peer's socket took the
+bytes (a client that stops reading stops us reading the upstream, and send_timeout ends it).
+Toward the client, what the upstream's h11 already holds (typically a whole small response:
+head, body, end) is written together, in one TLS record and one send; anything that would
+need another upstream read is preceded by a send, so a streamed response is never held back.
+
+The retry rule. A pooled connection may have been closed by the upstream while it sat idle;
+that shows as a failure before any response byte. Only then, only on a *reused* connection,
+and only for an idempotent method (GET, HEAD, OPTIONS, PUT, DELETE) sent without a body, the
+request is sent once more on another connection. A request whose body bytes went out is never
+sent again: we cannot replay a stream, nor know what the upstream did with it.
+
+What happens on each failure:
+- client's fault before the response (bad head, too large, too slow): its 4xx, short plain
+  text, `Connection: close`, and the connection ends;
+- upstream's fault before the response head (refused, reset, bad TLS, malformed or smuggling
+  response head, upstream_timeout): 502 or 504 the same way;
+- anything after the response head went out (upstream reset or stalled mid-body, client not
+  reading for send_timeout): the client connection is cut without a final chunk and without a
+  TLS close_notify, so the client sees a truncated response, never a complete-looking one;
+- client gone at any point: the upstream connection is discarded;
+- in every case but a cleanly finished exchange the upstream connection is discarded, never
+  returned to the pool.
+
+Keep-alive follows h11 (Connection: close from the client, HTTP/1.0); our response says
+`Connection: close` while the server drains and on a connection's MAX_REQUESTS_PER_CONNECTION-th
+request. Logging is per connection (the server's record, through `Tally`), never per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Final, Protocol
+
+import h11
+import trio
+
+from .config import ConfigError
+from .forwarding import (
+    ForwardingRules,
+    HeadError,
+    HeadLimits,
+    IPAddress,
+    RequestHead,
+    ResponseHead,
+    check_request_head,
+    client_response_headers,
+    find_head_end,
+    upstream_request_headers,
+)
+from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
+
+if TYPE_CHECKING:
+    from .config import Config, Limits
+
+# One receive from either side. A TLS record carries at most 16 KiB, so a read returns at most
+# that much decrypted; 64 KiB lets a plain-TCP upstream hand over several segments at once.
+RECEIVE_SIZE: Final = 64 * 1024
+# What we relay; the answer to CONNECT and TRACE (405) says so (RFC 9110 15.5.6).
+ALLOWED_METHODS: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+# Idempotent methods (RFC 9110 9.2.2): sent again on a fresh connection when a reused one
+# failed before any response, provided the request had no body (see the retry rule above).
+REPLAYABLE_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
+# Requests served on one client connection, the last one answered with Connection: close
+# (nginx's keepalive_requests default): it bounds what one connection's lifetime holds, and
+# lets the kernel spread long-lived clients across the processes sharing the port.
+MAX_REQUESTS_PER_CONNECTION: Final = 1000
+# Methods whose request means a body: without one, the upstream still gets Content-Length: 0,
+# because Google's front ends, like many servers, answer 411 to a POST without it.
+_BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
+
+
+class Tally(Protocol):
+    """What the relay reports about its connection (the server's ConnectionRecord)."""
+
+    def request_received(self) -> None:
+        """A request head passed the checks."""
+
+    def note(self, detail: str) -> None:
+        """Why the connection ended early (logged once, with the connection)."""
+
+
+class Drain:
+    """Graceful shutdown as relays see it; one per server, shared by all its connections.
+
+    Once `start()` is called, connections waiting for a request (idle keep-alive ones, and
+    new ones that have not sent a byte yet) close at once, and busy ones finish their
+    exchange with `Connection: close` on the response.
+    """
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._idle: set[trio.CancelScope] = set()
+
+    def start(self) -> None:
+        self.draining = True
+        for scope in self._idle:
+            scope.cancel()
+
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
+
+    @contextmanager
+    def idle(self, timeout: float) -> Iterator[trio.CancelScope]:
+        """A cancel scope for waiting on a quiet connection: it ends after `timeout`, or as
+        soon as the drain starts (at once, when it already has)."""
+        scope = trio.CancelScope(deadline=trio.current_time() + timeout)
+        if self.draining:
+            scope.cancel()
+        self._idle.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._idle.discard(scope)
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    """What requests are relayed with; the server builds a new one when a reload changes it,
+    and each request uses the one current when its head arrived."""
+
+    limits: Limits
+    head_limits: HeadLimits
+    rules: ForwardingRules
+    pool: UpstreamPool
+
+    @classmethod
+    def build(cls, config: Config, pool: UpstreamPool | None = None) -> RelaySettings:
+        """Settings for `config` (which has an upstream), with `pool` or a new one.
+
+        Raises ConfigError for an [upstream] that cannot be served: an added header that
+        dualproxy manages itself, an unusable ca_file. A new pool loads the system's CA store:
+        call this from a worker thread once the server runs.
+        """
+        upstream = config.upstream
+        assert upstream is not None
+        try:
+            rules = ForwardingRules.from_config(upstream)
+            if pool is None:
+                pool = UpstreamPool(upstream, config.limits)
+        except ValueError as exc:
+            raise ConfigError("", str(exc), file=config.path) from None
+        except ConfigError as exc:
+            raise ConfigError(exc.key_path, exc.problem, file=config.path) from None
+        return cls(
+            limits=config.limits,
+            head_limits=HeadLimits.from_limits(config.limits),
+            rules=rules,
+            pool=pool,
+        )
+
+
+class _Refusal(Exception):
+    """The exchange cannot go on: answer `status` (nothing of the response was sent yet),
+    then close. 4xx: the client's fault; 502/504: the upstream's."""
+
+    def __init__(self, status: int, problem: str) -> None:
+        super().__init__(f"{status} {problem}")
+        self.status = status
+        self.problem = problem
+
+
+class _Cut(Exception):
+    """The response cannot be completed (or even started): close the client connection
+    abruptly, so that what it got cannot pass for a whole response."""
+
+
+class _ClientGone(Exception):
+    """The client closed its side mid-request."""
+
+
+def error_response(status: int, problem: str, *, head_only: bool = False) -> bytes:
+    """A short plain-text response that closes the connection; `head_only` for HEAD."""
+    phrase = HTTPStatus(status).phrase
+    body = f"{status} {phrase}: {problem}\n".encode("ascii", "backslashreplace")
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\n"
+        "content-type: text/plain; charset=utf-8\r\n"
+        "x-content-type-options: nosniff\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n"
+    ).encode()
+    if status == HTTPStatus.METHOD_NOT_ALLOWED:
+        head += b"allow: " + ALLOWED_METHODS + b"\r\n"
+    return head + b"\r\n" + (b"" if head_only else body)
+
+
+def response_framing(head: ResponseHead, request_method: bytes) -> list[tuple[bytes, bytes]]:
+    """The framing field of our response, from the upstream's (which forwarding strips).
+
+    A body of known length keeps its Content-Length; a chunked one, or one the upstream ends by
+    closing, goes out chunked (h11 falls back to ending it by our close for an HTTP/1.0
+    client). Responses without a body (1xx, 204, 304, any answer to HEAD) keep the
+    Content-Length they had: it tells what a GET would get.
+    """
+    if head.chunked:
+        return [(b"transfer-encoding", b"chunked")]
+    if head.content_length is not None:
+        return [(b"content-length", str(head.content_length).encode())]
+    status = head.status
+    if (
+        status < HTTPStatus.OK
+        or status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED)
+        or request_method == b"HEAD"
+    ):
+        return []
+    return [(b"transfer-encoding", b"chunked")]
+
+
+def _buffered_body_event(upstream: h11.Connection) -> h11.Data | h11.EndOfMessage | None:
+    """The upstream's next body event when h11 has its bytes already, else None: a read is
+    needed (or h11 refuses what it has, which `receive_body_event` then reports)."""
+    try:
+        event = upstream.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    if type(event) is h11.Data or type(event) is h11.EndOfMessage:
+        return event
+    return None  # NEED_DATA; anything else h11 repeats to receive_body_event
+
+
+class ClientConnection:
+    """Serves one client connection until it ends; see the module docstring."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        peer: IPAddress | None,
+        settings: Callable[[], RelaySettings | None],
+        drain: Drain,
+        tally: Tally,
+    ) -> None:
+        self._stream = stream
+        self._peer = peer
+        self._settings = settings
+        self._drain = drain
+        self._tally = tally
+        self._conn = h11.Connection(h11.SERVER)
+        self._requests = 0
+
+    async def serve(self) -> None:
+        """Relay requests until the client leaves, asks to close, or something fails.
+
+        The caller closes the stream (with a close_notify) afterwards, except after a cut,
+        which closes it here at once. Raises trio.BrokenResourceError and
+        trio.ClosedResourceError when the client disappears.
+        """
+        conn = self._conn
+        for _ in range(MAX_REQUESTS_PER_CONNECTION):
+            settings = self._settings()
+            if settings is None:  # a reload removed [upstream]: new connections get the rest
+                return
+            head_method: bytes | None = None
+            try:
+                try:
+                    head = await self._receive_head(settings)
+                    if head is None:
+                        return
+                    head_method = head.method
+                    self._requests += 1
+                    self._tally.request_received()
+                    # A reload may have come while the connection idled: the request goes
+                    # where the config says now.
+                    current = self._settings()
+                    if current is None:
+                        raise _Refusal(
+                            HTTPStatus.SERVICE_UNAVAILABLE, "the upstream was just unconfigured"
+                        )
+                    settings = current
+                    await self._exchange(head, settings)
+                except HeadError as exc:
+                    raise _Refusal(exc.status, exc.problem) from exc
+                except _ClientGone:
+                    self._tally.note("client closed mid-request")
+                    return
+            except _Refusal as exc:
+                self._tally.note(f"{exc.status} {exc.problem}")
+                await self._refuse(exc, settings.limits, head_only=head_method == b"HEAD")
+                return
+            except _Cut as exc:
+                self._tally.note(str(exc))
+                await trio.aclose_forcefully(self._stream)
+                return
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+
+    # --- the request ---------------------------------------------------------------------
+
+    async def _receive_head(self, settings: RelaySettings) -> RequestHead | None:
+        """Read and check the next request head; None when the connection ends quietly."""
+        conn = self._conn
+        limits = settings.limits
+        pending, closed = conn.trailing_data
+        buffer = bytearray(pending)
+        started = trio.current_time()
+        if not buffer:
+            if closed or self._drain.draining:
+                return None
+            # The first request's wait counts towards its header timeout; a kept-alive
+            # connection may idle longer, and its next head's clock starts at its first byte.
+            first = self._requests == 0
+            chunk: bytes | bytearray = b""
+            with self._drain.idle(
+                limits.request_header_timeout if first else limits.keepalive_timeout
+            ):
+                chunk = await self._stream.receive_some(RECEIVE_SIZE)
+            if not chunk:  # closed by the client, idle too long, or draining
+                return None
+            if not first:
+                started = trio.current_time()
+            conn.receive_data(bytes(chunk))
+            buffer += chunk
+        head_limits = settings.head_limits
+        end = find_head_end(buffer, head_limits)
+        if end is None:  # the head is still coming (usually it came whole, in one read)
+            end = await self._receive_rest_of_head(buffer, head_limits, started, limits)
+            if end is None:
+                return None
+        return check_request_head(bytes(buffer[:end]), head_limits)
+
+    async def _receive_rest_of_head(
+        self, buffer: bytearray, head_limits: HeadLimits, started: float, limits: Limits
+    ) -> int | None:
+        """Read into `buffer` until the head is complete: its end, or None when the client
+        closed mid-head (nobody left to answer). 408 after request_header_timeout."""
+        conn = self._conn
+        searched = len(buffer)  # find_head_end resumes where the previous call left off
+        with trio.move_on_at(started + limits.request_header_timeout) as scope:
+            while True:  # bounded: find_head_end raises at max_header_bytes; and the deadline
+                chunk = await self._stream.receive_some(RECEIVE_SIZE)
+                if not chunk:
+                    return None
+                conn.receive_data(bytes(chunk))
+                buffer += chunk
+                end = find_head_end(buffer, head_limits, start=searched)
+                if end is not None:
+                    return end
+                searched = len(buffer)
+        assert scope.cancelled_caught
+        raise _Refusal(
+            HTTPStatus.REQUEST_TIMEOUT, "request head not complete within the time allowed"
+        )
+
+    async def _exchange(self, head: RequestHead, settings: RelaySettings) -> None:
+        """Relay one checked request and its response."""
+        conn = self._conn
+        limits = settings.limits
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _Refusal(HTTPStatus.BAD_REQUEST, f"malformed request: {exc}") from exc
+        if type(event) is not h11.Request:  # our checks passed what h11 does not call a head
+            raise _Refusal(HTTPStatus.BAD_REQUEST, "malformed request head")
+        if head.content_length is not None and head.content_length > limits.max_body_bytes:
+            raise _Refusal(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"request body above {limits.max_body_bytes} bytes",
+            )
+        has_body = head.chunked or bool(head.content_length)
+        headers = upstream_request_headers(head, peer=self._peer, rules=settings.rules)
+        if head.chunked:
+            headers.append((b"transfer-encoding", b"chunked"))
+        elif head.content_length is not None:
+            headers.append((b"content-length", str(head.content_length).encode()))
+        elif head.method in _BODY_METHODS:
+            headers.append((b"content-length", b"0"))
+        request = h11.Request(method=head.method, target=head.target, headers=headers)
+        if not has_body:
+            # h11 delivers the (empty) end of the message without reading: the client's side
+            # is done before we go upstream, and the request may be sent twice.
+            await self._client_body_event(limits)
+
+        pool = settings.pool
+        replayable = not has_body and head.method in REPLAYABLE_METHODS
+        for attempt in range(2):  # the second only for the stale-connection retry
+            try:
+                upstream = await pool.acquire()
+            except UpstreamError as exc:
+                raise _Refusal(exc.status, f"upstream: {exc.problem}") from exc
+            try:
+                await upstream.send(request)
+                if has_body:
+                    await self._forward_body(upstream, head, limits)
+                else:
+                    await upstream.send(h11.EndOfMessage())
+                response = await upstream.receive_head(
+                    timeout=limits.upstream_timeout, request_method=head.method
+                )
+            except UpstreamError as exc:
+                pool.discard(upstream)
+                stale = exc.before_response and upstream.reused
+                if stale and replayable and attempt == 0:
+                    continue
+                raise _Refusal(exc.status, f"upstream: {exc.problem}") from exc
+            except BaseException:
+                pool.discard(upstream)
+                raise
+            await self._respond(upstream, response, head, settings)
+            return
+
+    async def _forward_body(
+        self, upstream: UpstreamConnection, head: RequestHead, limits: Limits
+    ) -> None:
+        """Stream the client's body upstream, as h11 Data events (trailers dropped)."""
+        conn = self._conn
+        if conn.they_are_waiting_for_100_continue:
+            interim = conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            assert interim is not None
+            await self._send(interim, limits)
+        received = 0
+        while True:  # bounded: max_body_bytes, and body_timeout for each read
+            event = await self._client_body_event(limits)
+            if isinstance(event, h11.EndOfMessage):
+                await upstream.send(h11.EndOfMessage())
+                return
+            received += len(event.data)
+            if received > limits.max_body_bytes:  # a chunked body that kept growing
+                raise _Refusal(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"request body above {limits.max_body_bytes} bytes",
+                )
+            await upstream.send(event)
+
+    async def _client_body_event(self, limits: Limits) -> h11.Data | h11.EndOfMessage:
+        """The next piece of the request body; body_timeout bounds each wait for bytes."""
+        conn = self._conn
+        while True:  # bounded: each round returns an event or reads (body_timeout) first
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                if conn.trailing_data[1]:
+                    raise _ClientGone from exc
+                raise _Refusal(HTTPStatus.BAD_REQUEST, f"malformed request body: {exc}") from exc
+            if event is h11.NEED_DATA:
+                with trio.move_on_after(limits.body_timeout) as scope:
+                    chunk = await self._stream.receive_some(RECEIVE_SIZE)
+                if scope.cancelled_caught:
+                    raise _Refusal(
+                        HTTPStatus.REQUEST_TIMEOUT, "request body stalled longer than allowed"
+                    )
+                conn.receive_data(bytes(chunk))
+                continue
+            if type(event) is h11.Data or type(event) is h11.EndOfMessage:
+                return event
+            raise _Refusal(HTTPStatus.BAD_REQUEST, f"unexpected {type(event).__name__}")
+
+    # --- the response --------------------------------------------------------------------
+
+    async def _respond(
+        self,
+        upstream: UpstreamConnection,
+        response: h11.Response,
+        head: RequestHead,
+        settings: RelaySettings,
+    ) -> None:
+        """Send the upstream's response to the client; the upstream connection goes back to
+        the pool only when both sides finished cleanly."""
+        conn = self._conn
+        limits = settings.limits
+        finished = False
+        try:
+            checked = upstream.response_head
+            assert checked is not None  # set by receive_head
+            headers = client_response_headers(checked)
+            headers += response_framing(checked, head.method)
+            if self._drain.draining or self._requests >= MAX_REQUESTS_PER_CONNECTION:
+                headers.append((b"connection", b"close"))
+            data = conn.send(
+                h11.Response(
+                    status_code=response.status_code, headers=headers, reason=response.reason
+                )
+            )
+            assert data is not None
+            # Bytes for the client are collected while the upstream's next event is already
+            # buffered, and sent before any read that may wait: a typical API response (head
+            # and body in one upstream read) costs one TLS record and one send, and the head
+            # of a slow or streamed body is never held back.
+            out = [data]
+            pending = len(data)
+            while True:  # bounded: the upstream's framing, upstream_timeout per read
+                event = _buffered_body_event(upstream.conn)
+                if event is None:
+                    if out:
+                        await self._send(b"".join(out) if len(out) > 1 else out[0], limits)
+                        out, pending = [], 0
+                    try:
+                        event = await upstream.receive_body_event(timeout=limits.upstream_timeout)
+                    except UpstreamError as exc:
+                        raise _Cut(f"upstream failed mid-response: {exc.problem}") from exc
+                if type(event) is not h11.Data:
+                    break
+                data = conn.send(event)
+                assert data is not None
+                out.append(data)
+                pending += len(data)
+                if pending >= RECEIVE_SIZE:
+                    await self._send(b"".join(out) if len(out) > 1 else out[0], limits)
+                    out, pending = [], 0
+            data = conn.send(h11.EndOfMessage())  # the upstream's trailers are dropped
+            if data:
+                out.append(data)
+            if out:
+                await self._send(b"".join(out), limits)
+            finished = True
+        finally:
+            if finished:  # pooled again if reusable() (nothing past the response), else closed
+                settings.pool.release(upstream)
+            else:
+                settings.pool.discard(upstream)
+
+    async def _send(self, data: bytes, limits: Limits) -> None:
+        """Send to the client; one that does not take the bytes within send_timeout is cut."""
+        with trio.move_on_after(limits.send_timeout) as scope:
+            await self._stream.send_all(data)
+        if scope.cancelled_caught:
+            raise _Cut("client did not read for send_timeout")
+
+    async def _refuse(self, refusal: _Refusal, limits: Limits, *, head_only: bool) -> None:
+        try:
+            await self._send(
+                error_response(refusal.status, refusal.problem, head_only=head_only), limits
+            )
+        except _Cut:
+            await trio.aclose_forcefully(self._stream)
