@@ -32,11 +32,13 @@ from conftest import (
     run_client,
     serving,
     tls_get,
+    tls_get_async,
     write_config,
 )
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from upstream_server import UpstreamServer, serve_upstream
 
 from dualproxy import cli, config, pins
 from dualproxy.dev import issue_certificate
@@ -44,6 +46,7 @@ from dualproxy.policy import canary_bucket
 
 EXAMPLE_CONFIG: Final = Path(__file__).resolve().parent.parent / "config.toml"
 EXAMPLE_LISTEN: Final = 'address = "127.0.0.1:8443"'
+EXAMPLE_UPSTREAM: Final = '[upstream]\nurl = "https://my-project.appspot.com"'
 # The example's rotation, and instants in each phase of it.
 GRACE_START: Final = datetime(2026, 12, 1, tzinfo=UTC)
 BEFORE: Final = "2026-11-01T00:00:00Z"
@@ -82,7 +85,11 @@ def example(tmp_path: Path, ca: trustme.CA) -> Example:
     shutil.copy(EXAMPLE_CONFIG, config_file)
     text = config_file.read_text()
     assert EXAMPLE_LISTEN in text
-    config_file.write_text(text.replace(EXAMPLE_LISTEN, 'address = "127.0.0.1:0"'))
+    assert EXAMPLE_UPSTREAM in text
+    # No network here: the example's App Engine upstream is dropped (dualproxy then answers
+    # itself); test_example_relays_to_its_upstream puts a local one back.
+    text = text.replace(EXAMPLE_LISTEN, 'address = "127.0.0.1:0"').replace(EXAMPLE_UPSTREAM, "")
+    config_file.write_text(text)
     cafile = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(cafile))
     old, new = (
@@ -415,6 +422,21 @@ async def test_curl_takes_the_curl_pins_as_they_are(
             assert result.returncode == expected, result.stderr
             if expected == 0:
                 assert b"dualproxy" in result.stdout
+
+
+async def test_example_relays_to_its_upstream(example: Example, tmp_path: Path) -> None:
+    """The example's [upstream] table, pointed at a local HTTPS upstream, relays requests."""
+    async with serve_upstream(UpstreamServer.https(tmp_path)) as upstream:
+        table = upstream.config_table()
+        with example.config_file.open("a") as file:
+            file.write(f'\n[upstream]\nurl = "{table["url"]}"\nca_file = "{table["ca_file"]}"\n')
+        async with serving(config.load(example.config_file)) as running:
+            answer = await tls_get_async(
+                running.host, running.port, cafile=example.cafile, server_name="api.example.com"
+            )
+    assert answer.response.startswith(b"HTTP/1.1 200 ")
+    [request] = upstream.requests
+    assert request.target == b"/"
 
 
 # --- keys new ----------------------------------------------------------------------------
