@@ -24,7 +24,7 @@ hex digits, followed directly by CRLF or by extensions (``;`` and up to the line
 visible bytes, spaces and tabs, ignored: we define none); no whitespace before the CRLF, no bare
 LF, CRLF right after each chunk's data. Trailer fields are read, checked for shape
 (``name: value``, no control characters) and dropped: the relay regenerates framing, and a
-trailer is metadata neither side of a proxy may rely on (RFC 9110 §6.5.1).
+recipient may discard trailers (RFC 9110 §6.5.1), so nobody can rely on them passing a proxy.
 
 Writing: ``request_head`` and ``response_head`` serialize a head as given, names and values
 already checked by ``forwarding`` (they contain no CR, LF or NUL). ``encode_chunk`` and
@@ -58,8 +58,8 @@ __all__ = [
 ]
 
 # A chunk-size line with its extensions. Sizes need at most 16 digits; the rest is extensions,
-# which nobody sends to an API: 1 KiB is h11's and nginx's order of magnitude and keeps a
-# client from parking memory in an endless size line.
+# which nobody sends to an API: 1 KiB leaves room for any that do, and keeps a client from
+# parking memory in an endless size line.
 MAX_CHUNK_LINE_BYTES: Final = 1024
 # 16 hex digits hold any 64-bit size; a longer number cannot be a real chunk, and every peer that
 # parses it into a 64-bit integer agrees with us on its value.
@@ -73,7 +73,9 @@ LAST_CHUNK: Final = b"0\r\n\r\n"
 _CRLF: Final = b"\r\n"
 # RFC 9112 §7.1.1: chunk-ext is a list of ";" name["=" value]; we ignore it, so we only require
 # that it holds no control character other than HT (nothing that could end the line early).
-_CHUNK_LINE: Final = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[\t\x20-\x7e\x80-\xff]*)?")
+_CHUNK_LINE: Final = re.compile(
+    rb"([0-9A-Fa-f]{1,%d})(?:;[\t\x20-\x7e\x80-\xff]*)?" % MAX_CHUNK_SIZE_DIGITS
+)
 # RFC 9112 §7.1.2: a trailer is a field line (RFC 9112 §5).
 _TRAILER_LINE: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*")
 _HEX_DIGITS: Final = frozenset(b"0123456789abcdefABCDEF")

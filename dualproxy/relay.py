@@ -35,7 +35,7 @@ send_timeout ends it). Toward the client, what the upstream connection already h
 one send; anything that would need another upstream read is preceded by a send, so a streamed
 response is never held back.
 
-Waits cost little. Each step (the request going upstream, the response coming back) runs in
+Waits cost little. An exchange (the request going upstream, the response coming back) runs in
 one cancel scope whose deadline moves to each wait's own bound (`_wait`), and an expiry is
 translated by the wait it was in (`_expired`); nothing yields without I/O to do.
 
@@ -67,10 +67,10 @@ Logging is per connection (the server's record, through `Tally`), never per requ
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
@@ -144,19 +144,42 @@ class Drain:
     def idle_connections(self) -> int:
         return len(self._idle)
 
-    @contextmanager
-    def idle(self, timeout: float) -> Iterator[trio.CancelScope]:
+    def idle(self, timeout: float) -> IdleWait:
         """A cancel scope for waiting on a quiet connection: it ends after `timeout`, or as
         soon as the drain starts (at once, when it already has)."""
         scope = trio.CancelScope(deadline=trio.current_time() + timeout)
         if self.draining:
             scope.cancel()
-        self._idle.add(scope)
+        return IdleWait(self._idle, scope)
+
+
+class IdleWait:
+    """`Drain.idle`'s context manager: its scope is cancelled by the drain while entered.
+
+    A class rather than a generator context manager: every kept-alive request waits in one,
+    and a generator's resumption costs more than the rest of the wait's bookkeeping.
+    """
+
+    __slots__ = ("_idle", "_scope")
+
+    def __init__(self, idle: set[trio.CancelScope], scope: trio.CancelScope) -> None:
+        self._idle = idle
+        self._scope = scope
+
+    def __enter__(self) -> trio.CancelScope:
+        self._idle.add(self._scope)
+        return self._scope.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
         try:
-            with scope:
-                yield scope
+            return self._scope.__exit__(exc_type, exc, traceback)
         finally:
-            self._idle.discard(scope)
+            self._idle.discard(self._scope)
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,8 +321,8 @@ class ClientConnection:
         self._eof = False  # the client closed its side
         self._requests = 0
         self._keep_alive = False  # the exchange just finished leaves the connection open
-        # The one cancel scope of the current step (the request upstream, or the response):
-        # `_wait` moves its deadline to each wait's own and records which wait it is.
+        # The one cancel scope of the current exchange: `_wait` moves its deadline to each
+        # wait's own and records which wait it is.
         self._scope = trio.CancelScope()
         self._phase = _Phase.CLIENT_SEND
 
@@ -441,8 +464,12 @@ class ClientConnection:
                         await upstream.send_request(request, bounded=False)
                     self._wait(_Phase.UPSTREAM_HEAD, limits.upstream_timeout)
                     response = await upstream.receive_head(timeout=None, request_method=head.method)
+                    # In the same scope: _respond raises no UpstreamError, and releases or
+                    # discards the upstream connection itself.
+                    await self._respond(upstream, response, head, settings)
                 if self._scope.cancelled_caught:
                     raise self._expired(upstream, limits)
+                return
             except UpstreamError as exc:
                 pool.discard(upstream)
                 stale = exc.before_response and upstream.reused
@@ -450,10 +477,8 @@ class ClientConnection:
                     continue
                 raise _Refusal(exc.status, f"upstream: {exc.problem}") from exc
             except BaseException:
-                pool.discard(upstream)
+                pool.discard(upstream)  # closing twice is harmless
                 raise
-            await self._respond(upstream, response, head, settings)
-            return
 
     async def _forward_body(
         self, upstream: UpstreamConnection, request: bytes, head: RequestHead, limits: Limits
@@ -520,8 +545,9 @@ class ClientConnection:
         head: RequestHead,
         settings: RelaySettings,
     ) -> None:
-        """Send the upstream's response to the client; the upstream connection goes back to
-        the pool only when both sides finished cleanly."""
+        """Send the upstream's response to the client, within the exchange's cancel scope;
+        the upstream connection goes back to the pool only when both sides finished cleanly.
+        Raises _Cut for anything that goes wrong, never UpstreamError."""
         limits = settings.limits
         finished = False
         try:
@@ -543,32 +569,29 @@ class ClientConnection:
             # of a slow or streamed body is never held back.
             out = [http1.response_head(response.status, response.reason, headers)]
             pending = len(out[0])
-            with trio.CancelScope() as self._scope:
-                while True:  # bounded: the upstream's framing, upstream_timeout per read
-                    try:
-                        piece = upstream.buffered_body()
-                    except UpstreamError:
-                        piece = None  # receive_body reports it, after what came is sent
-                    if piece is None:
-                        if out:
-                            await self._send_client(out, limits)
-                            out, pending = [], 0
-                        self._wait(_Phase.UPSTREAM_BODY, limits.upstream_timeout)
-                        piece = await upstream.receive_body(timeout=None)
-                    if piece is http1.END:
-                        break
-                    out.append(http1.encode_chunk(piece) if chunked else piece)
-                    pending += len(piece)
-                    if pending >= RECEIVE_SIZE:
+            while True:  # bounded: the upstream's framing, upstream_timeout per read
+                try:
+                    piece = upstream.buffered_body()
+                except UpstreamError:
+                    piece = None  # receive_body reports it, after what came is sent
+                if piece is None:
+                    if out:
                         await self._send_client(out, limits)
                         out, pending = [], 0
-                if chunked:  # the upstream's trailers are dropped
-                    out.append(http1.LAST_CHUNK)
-                if out:
+                    self._wait(_Phase.UPSTREAM_BODY, limits.upstream_timeout)
+                    piece = await upstream.receive_body(timeout=None)
+                if piece is http1.END:
+                    break
+                out.append(http1.encode_chunk(piece) if chunked else piece)
+                pending += len(piece)
+                if pending >= RECEIVE_SIZE:
                     await self._send_client(out, limits)
-                finished = True
-            if self._scope.cancelled_caught:
-                raise self._expired(upstream, limits)
+                    out, pending = [], 0
+            if chunked:  # the upstream's trailers are dropped
+                out.append(http1.LAST_CHUNK)
+            if out:
+                await self._send_client(out, limits)
+            finished = True
             self._keep_alive = keep_alive
         except UpstreamError as exc:
             raise _Cut(f"upstream failed mid-response: {exc.problem}") from exc
