@@ -101,8 +101,8 @@ TLS12_CIPHER_SUITES: Final = (
 )
 MOZILLA_INTERMEDIATE_TLS12_CIPHERS: Final = ":".join(s.openssl_name for s in TLS12_CIPHER_SUITES)
 
-# We relay HTTP/1.1 only (h11). Offering h2 would make HTTP/2 clients send a preface we cannot
-# read; a client that offers only other protocols still connects, without ALPN.
+# We relay HTTP/1.1 only (relay, http1). Offering h2 would make HTTP/2 clients send a preface
+# we cannot read; a client that offers only other protocols still connects, without ALPN.
 ALPN_PROTOCOLS: Final = ("http/1.1",)
 
 

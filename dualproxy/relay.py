@@ -10,9 +10,9 @@ Theory of operation. Each request on the client's (TLS) stream goes through, in 
    blank line; it raises 414/431 when the head outgrows its limits, and the whole head must
    arrive within request_header_timeout (408), however slowly it trickles: counted from its
    first byte, or for a connection's first request from the end of the TLS handshake.
-3. **check**: `check_request_head` refuses, with the status it names, every head h11 would let
-   through but that an upstream could read differently (smuggling shapes) or that we do not
-   relay (CONNECT, TRACE: 405). A refused request never costs a byte upstream.
+3. **check**: `check_request_head` refuses, with the status it names, every head a lenient
+   parser would let through but that an upstream could read differently (smuggling shapes) or
+   that we do not relay (CONNECT, TRACE: 405). A refused request never costs a byte upstream.
 4. **size**: a Content-Length above max_body_bytes is refused with 413, still before anything
    goes upstream.
 5. **relay**: an upstream connection from the pool gets a request with rewritten headers
@@ -21,17 +21,23 @@ Theory of operation. Each request on the client's (TLS) stream goes through, in 
    forwarded; trailers are dropped). Then the response head, rewritten the same way, and its
    body, streamed back.
 
-Who owns which bytes. The relay reads the client stream and feeds every byte to an h11 SERVER
-connection as it arrives; while a head is incomplete it keeps its own copy to check. h11
-re-parses the head after the check, then hands out body events; bytes of a pipelined next
-request stay in h11's buffer (`trailing_data`), from which the next cycle's head check starts.
-The upstream side is an h11 CLIENT connection owned by `upstream.UpstreamConnection`.
-Bodies pass through as h11 Data events, a chunk at a time: memory per connection is about one
-receive of each side, because `send_all` does not return until the peer's socket took the
-bytes (a client that stops reading stops us reading the upstream, and send_timeout ends it).
-Toward the client, what the upstream's h11 already holds (typically a whole small response:
-head, body, end) is written together, in one TLS record and one send; anything that would
-need another upstream read is preceded by a send, so a streamed response is never held back.
+Who owns which bytes. The relay reads the client stream into its own buffer as bytes arrive;
+the head is cut from its front, checked once (`check_request_head`) and drives the request: no
+second parser reads it. Body bytes are taken from the buffer by an `http1` reader for the head's
+framing; bytes of a pipelined next request stay in the buffer, where the next cycle's head
+search starts. The upstream side is `upstream.UpstreamConnection`, which reads the response the
+same way. We write both sides ourselves (`http1`): the request head goes upstream together with
+the body bytes that came with it, in one write. Bodies pass through a receive at a time: memory
+per connection is about one receive of each side, because `send_all` does not return until the
+peer's socket took the bytes (a client that stops reading stops us reading the upstream, and
+send_timeout ends it). Toward the client, what the upstream connection already holds
+(typically a whole small response: head, body, end) is written together, in one TLS record and
+one send; anything that would need another upstream read is preceded by a send, so a streamed
+response is never held back.
+
+Waits cost little. An exchange (the request going upstream, the response coming back) runs in
+one cancel scope whose deadline moves to each wait's own bound (`_wait`), and an expiry is
+translated by the wait it was in (`_expired`); nothing yields without I/O to do.
 
 The retry rule. A pooled connection may have been closed by the upstream while it sat idle;
 that shows as a failure before any response byte. Only then, only on a *reused* connection,
@@ -51,22 +57,25 @@ What happens on each failure:
 - in every case but a cleanly finished exchange the upstream connection is discarded, never
   returned to the pool.
 
-Keep-alive follows h11 (Connection: close from the client, HTTP/1.0); our response says
-`Connection: close` while the server drains and on a connection's MAX_REQUESTS_PER_CONNECTION-th
-request. Logging is per connection (the server's record, through `Tally`), never per request.
+Keep-alive (RFC 9112 §9.3): the connection closes after a request with `Connection: close` or
+in HTTP/1.0 (whose keep-alive extension we do not implement), after a body we could only end by
+closing (a body of unknown length to an HTTP/1.0 client), while the server drains and after a
+connection's MAX_REQUESTS_PER_CONNECTION-th request; the response then says `Connection: close`.
+Logging is per connection (the server's record, through `Tally`), never per request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol
 
-import h11
 import trio
 
+from . import http1
 from .config import ConfigError
 from .forwarding import (
     ForwardingRules,
@@ -100,6 +109,8 @@ MAX_REQUESTS_PER_CONNECTION: Final = 1000
 # Methods whose request means a body: without one, the upstream still gets Content-Length: 0,
 # because Google's front ends, like many servers, answer 411 to a POST without it.
 _BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
+# The interim answer to Expect: 100-continue, sent when we start reading the body.
+_CONTINUE: Final = http1.response_head(HTTPStatus.CONTINUE, b"Continue", [])
 
 
 class Tally(Protocol):
@@ -133,19 +144,42 @@ class Drain:
     def idle_connections(self) -> int:
         return len(self._idle)
 
-    @contextmanager
-    def idle(self, timeout: float) -> Iterator[trio.CancelScope]:
+    def idle(self, timeout: float) -> IdleWait:
         """A cancel scope for waiting on a quiet connection: it ends after `timeout`, or as
         soon as the drain starts (at once, when it already has)."""
         scope = trio.CancelScope(deadline=trio.current_time() + timeout)
         if self.draining:
             scope.cancel()
-        self._idle.add(scope)
+        return IdleWait(self._idle, scope)
+
+
+class IdleWait:
+    """`Drain.idle`'s context manager: its scope is cancelled by the drain while entered.
+
+    A class rather than a generator context manager: every kept-alive request waits in one,
+    and a generator's resumption costs more than the rest of the wait's bookkeeping.
+    """
+
+    __slots__ = ("_idle", "_scope")
+
+    def __init__(self, idle: set[trio.CancelScope], scope: trio.CancelScope) -> None:
+        self._idle = idle
+        self._scope = scope
+
+    def __enter__(self) -> trio.CancelScope:
+        self._idle.add(self._scope)
+        return self._scope.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
         try:
-            with scope:
-                yield scope
+            return self._scope.__exit__(exc_type, exc, traceback)
         finally:
-            self._idle.discard(scope)
+            self._idle.discard(self._scope)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +237,16 @@ class _ClientGone(Exception):
     """The client closed its side mid-request."""
 
 
+class _Phase(enum.Enum):
+    """The wait an exchange's cancel scope currently bounds (see `ClientConnection._wait`)."""
+
+    CLIENT_BODY = enum.auto()  # body_timeout: 408
+    CLIENT_SEND = enum.auto()  # send_timeout: cut
+    UPSTREAM_SEND = enum.auto()  # upstream_timeout: 504 (or the stale retry)
+    UPSTREAM_HEAD = enum.auto()  # upstream_timeout: 504 (or the stale retry)
+    UPSTREAM_BODY = enum.auto()  # upstream_timeout: cut
+
+
 def error_response(status: int, problem: str, *, head_only: bool = False) -> bytes:
     """A short plain-text response that closes the connection; `head_only` for HEAD."""
     phrase = HTTPStatus(status).phrase
@@ -219,38 +263,41 @@ def error_response(status: int, problem: str, *, head_only: bool = False) -> byt
     return head + b"\r\n" + (b"" if head_only else body)
 
 
-def response_framing(head: ResponseHead, request_method: bytes) -> list[tuple[bytes, bytes]]:
-    """The framing field of our response, from the upstream's (which forwarding strips).
+class Framing(enum.Enum):
+    """How a response's body goes to the client."""
+
+    NONE = enum.auto()  # no body: HEAD, 1xx, 204, 304
+    LENGTH = enum.auto()  # Content-Length
+    CHUNKED = enum.auto()  # Transfer-Encoding: chunked
+    CLOSE = enum.auto()  # ended by our close: an HTTP/1.0 client and a body of unknown length
+
+
+def response_framing(
+    head: ResponseHead, request_method: bytes, client_version: bytes
+) -> tuple[list[tuple[bytes, bytes]], Framing]:
+    """The framing field of our response, from the upstream's (which forwarding strips), and
+    how the body goes.
 
     A body of known length keeps its Content-Length; a chunked one, or one the upstream ends by
-    closing, goes out chunked (h11 falls back to ending it by our close for an HTTP/1.0
-    client). Responses without a body (1xx, 204, 304, any answer to HEAD) keep the
-    Content-Length they had: it tells what a GET would get.
+    closing, goes out chunked, or to an HTTP/1.0 client (which cannot read chunks) ended by our
+    close. Responses without a body (1xx, 204, 304, any answer to HEAD) keep the Content-Length
+    they had: it tells what a GET would get; for the same reason a HEAD response without one
+    says chunked to an HTTP/1.1 client, as the GET's would (RFC 9110 §9.3.2).
     """
-    if head.chunked:
-        return [(b"transfer-encoding", b"chunked")]
-    if head.content_length is not None:
-        return [(b"content-length", str(head.content_length).encode())]
     status = head.status
-    if (
-        status < HTTPStatus.OK
-        or status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED)
-        or request_method == b"HEAD"
-    ):
-        return []
-    return [(b"transfer-encoding", b"chunked")]
-
-
-def _buffered_body_event(upstream: h11.Connection) -> h11.Data | h11.EndOfMessage | None:
-    """The upstream's next body event when h11 has its bytes already, else None: a read is
-    needed (or h11 refuses what it has, which `receive_body_event` then reports)."""
-    try:
-        event = upstream.next_event()
-    except h11.RemoteProtocolError:
-        return None
-    if type(event) is h11.Data or type(event) is h11.EndOfMessage:
-        return event
-    return None  # NEED_DATA; anything else h11 repeats to receive_body_event
+    no_body_status = status < HTTPStatus.OK or status in (
+        HTTPStatus.NO_CONTENT,
+        HTTPStatus.NOT_MODIFIED,
+    )
+    no_body = no_body_status or request_method == b"HEAD"
+    if head.content_length is not None:
+        length = [(b"content-length", str(head.content_length).encode())]
+        return length, Framing.NONE if no_body else Framing.LENGTH
+    if no_body_status:
+        return [], Framing.NONE
+    if client_version != b"1.1":
+        return [], Framing.NONE if no_body else Framing.CLOSE
+    return [(b"transfer-encoding", b"chunked")], Framing.NONE if no_body else Framing.CHUNKED
 
 
 class ClientConnection:
@@ -270,8 +317,14 @@ class ClientConnection:
         self._settings = settings
         self._drain = drain
         self._tally = tally
-        self._conn = h11.Connection(h11.SERVER)
+        self._buffer = bytearray()  # received from the client and not yet consumed
+        self._eof = False  # the client closed its side
         self._requests = 0
+        self._keep_alive = False  # the exchange just finished leaves the connection open
+        # The one cancel scope of the current exchange: `_wait` moves its deadline to each
+        # wait's own and records which wait it is.
+        self._scope = trio.CancelScope()
+        self._phase = _Phase.CLIENT_SEND
 
     async def serve(self) -> None:
         """Relay requests until the client leaves, asks to close, or something fails.
@@ -280,12 +333,12 @@ class ClientConnection:
         which closes it here at once. Raises trio.BrokenResourceError and
         trio.ClosedResourceError when the client disappears.
         """
-        conn = self._conn
         for _ in range(MAX_REQUESTS_PER_CONNECTION):
             settings = self._settings()
             if settings is None:  # a reload removed [upstream]: new connections get the rest
                 return
             head_method: bytes | None = None
+            self._keep_alive = False
             try:
                 try:
                     head = await self._receive_head(settings)
@@ -316,21 +369,18 @@ class ClientConnection:
                 self._tally.note(str(exc))
                 await trio.aclose_forcefully(self._stream)
                 return
-            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            if not self._keep_alive:
                 return
-            conn.start_next_cycle()
 
     # --- the request ---------------------------------------------------------------------
 
     async def _receive_head(self, settings: RelaySettings) -> RequestHead | None:
         """Read and check the next request head; None when the connection ends quietly."""
-        conn = self._conn
         limits = settings.limits
-        pending, closed = conn.trailing_data
-        buffer = bytearray(pending)
+        buffer = self._buffer
         started = trio.current_time()
         if not buffer:
-            if closed or self._drain.draining:
+            if self._eof or self._drain.draining:
                 return None
             # The first request's wait counts towards its header timeout; a kept-alive
             # connection may idle longer, and its next head's clock starts at its first byte.
@@ -344,29 +394,30 @@ class ClientConnection:
                 return None
             if not first:
                 started = trio.current_time()
-            conn.receive_data(bytes(chunk))
             buffer += chunk
         head_limits = settings.head_limits
         end = find_head_end(buffer, head_limits)
         if end is None:  # the head is still coming (usually it came whole, in one read)
-            end = await self._receive_rest_of_head(buffer, head_limits, started, limits)
+            end = await self._receive_rest_of_head(head_limits, started, limits)
             if end is None:
                 return None
-        return check_request_head(bytes(buffer[:end]), head_limits)
+        head = bytes(buffer[:end])
+        del buffer[:end]  # what follows is the body, or a pipelined next request
+        return check_request_head(head, head_limits)
 
     async def _receive_rest_of_head(
-        self, buffer: bytearray, head_limits: HeadLimits, started: float, limits: Limits
+        self, head_limits: HeadLimits, started: float, limits: Limits
     ) -> int | None:
-        """Read into `buffer` until the head is complete: its end, or None when the client
+        """Read into the buffer until the head is complete: its end, or None when the client
         closed mid-head (nobody left to answer). 408 after request_header_timeout."""
-        conn = self._conn
+        buffer = self._buffer
         searched = len(buffer)  # find_head_end resumes where the previous call left off
         with trio.move_on_at(started + limits.request_header_timeout) as scope:
             while True:  # bounded: find_head_end raises at max_header_bytes; and the deadline
                 chunk = await self._stream.receive_some(RECEIVE_SIZE)
                 if not chunk:
+                    self._eof = True
                     return None
-                conn.receive_data(bytes(chunk))
                 buffer += chunk
                 end = find_head_end(buffer, head_limits, start=searched)
                 if end is not None:
@@ -379,14 +430,7 @@ class ClientConnection:
 
     async def _exchange(self, head: RequestHead, settings: RelaySettings) -> None:
         """Relay one checked request and its response."""
-        conn = self._conn
         limits = settings.limits
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise _Refusal(HTTPStatus.BAD_REQUEST, f"malformed request: {exc}") from exc
-        if type(event) is not h11.Request:  # our checks passed what h11 does not call a head
-            raise _Refusal(HTTPStatus.BAD_REQUEST, "malformed request head")
         if head.content_length is not None and head.content_length > limits.max_body_bytes:
             raise _Refusal(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -400,13 +444,11 @@ class ClientConnection:
             headers.append((b"content-length", str(head.content_length).encode()))
         elif head.method in _BODY_METHODS:
             headers.append((b"content-length", b"0"))
-        request = h11.Request(method=head.method, target=head.target, headers=headers)
-        if not has_body:
-            # h11 delivers the (empty) end of the message without reading: the client's side
-            # is done before we go upstream, and the request may be sent twice.
-            await self._client_body_event(limits)
+        request = http1.request_head(head.method, head.target, headers)
 
         pool = settings.pool
+        # Without a body, the client's side is done before we go upstream, and the request
+        # may be sent twice.
         replayable = not has_body and head.method in REPLAYABLE_METHODS
         for attempt in range(2):  # the second only for the stale-connection retry
             try:
@@ -414,14 +456,20 @@ class ClientConnection:
             except UpstreamError as exc:
                 raise _Refusal(exc.status, f"upstream: {exc.problem}") from exc
             try:
-                await upstream.send(request)
-                if has_body:
-                    await self._forward_body(upstream, head, limits)
-                else:
-                    await upstream.send(h11.EndOfMessage())
-                response = await upstream.receive_head(
-                    timeout=limits.upstream_timeout, request_method=head.method
-                )
+                with trio.CancelScope() as self._scope:
+                    if has_body:
+                        await self._forward_body(upstream, request, head, limits)
+                    else:
+                        self._wait(_Phase.UPSTREAM_SEND, limits.upstream_timeout)
+                        await upstream.send_request(request, bounded=False)
+                    self._wait(_Phase.UPSTREAM_HEAD, limits.upstream_timeout)
+                    response = await upstream.receive_head(timeout=None, request_method=head.method)
+                    # In the same scope: _respond raises no UpstreamError, and releases or
+                    # discards the upstream connection itself.
+                    await self._respond(upstream, response, head, settings)
+                if self._scope.cancelled_caught:
+                    raise self._expired(upstream, limits)
+                return
             except UpstreamError as exc:
                 pool.discard(upstream)
                 stale = exc.before_response and upstream.reused
@@ -429,120 +477,155 @@ class ClientConnection:
                     continue
                 raise _Refusal(exc.status, f"upstream: {exc.problem}") from exc
             except BaseException:
-                pool.discard(upstream)
+                pool.discard(upstream)  # closing twice is harmless
                 raise
-            await self._respond(upstream, response, head, settings)
-            return
 
     async def _forward_body(
-        self, upstream: UpstreamConnection, head: RequestHead, limits: Limits
+        self, upstream: UpstreamConnection, request: bytes, head: RequestHead, limits: Limits
     ) -> None:
-        """Stream the client's body upstream, as h11 Data events (trailers dropped)."""
-        conn = self._conn
-        if conn.they_are_waiting_for_100_continue:
-            interim = conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-            assert interim is not None
-            await self._send(interim, limits)
+        """Send the request head and stream the client's body after it (trailers dropped);
+        what the client already sent goes with the head, in one write."""
+        if head.expect_continue:
+            self._wait(_Phase.CLIENT_SEND, limits.send_timeout)
+            await self._stream.send_all(_CONTINUE)
+        reader = http1.body_reader(head.content_length, chunked=head.chunked)
+        chunked = head.chunked
+        buffer = self._buffer
+        out = [request]
+        first = True
         received = 0
         while True:  # bounded: max_body_bytes, and body_timeout for each read
-            event = await self._client_body_event(limits)
-            if isinstance(event, h11.EndOfMessage):
-                await upstream.send(h11.EndOfMessage())
+            try:
+                piece = reader.read(buffer)
+            except http1.BodyError as exc:
+                raise _Refusal(
+                    HTTPStatus.BAD_REQUEST, f"malformed request body: {exc.problem}"
+                ) from exc
+            if piece is None:
+                if out:
+                    await self._send_upstream(upstream, out, first, limits)
+                    out, first = [], False
+                self._wait(_Phase.CLIENT_BODY, limits.body_timeout)
+                chunk = await self._stream.receive_some(RECEIVE_SIZE)
+                if not chunk:  # the body framing says more is coming: cut short
+                    self._eof = True
+                    raise _ClientGone
+                buffer += chunk
+                continue
+            if piece is http1.END:
+                if chunked:
+                    out.append(http1.LAST_CHUNK)
+                if out:
+                    await self._send_upstream(upstream, out, first, limits)
                 return
-            received += len(event.data)
+            received += len(piece)
             if received > limits.max_body_bytes:  # a chunked body that kept growing
                 raise _Refusal(
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                     f"request body above {limits.max_body_bytes} bytes",
                 )
-            await upstream.send(event)
+            out.append(http1.encode_chunk(piece) if chunked else piece)
 
-    async def _client_body_event(self, limits: Limits) -> h11.Data | h11.EndOfMessage:
-        """The next piece of the request body; body_timeout bounds each wait for bytes."""
-        conn = self._conn
-        while True:  # bounded: each round returns an event or reads (body_timeout) first
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                if conn.trailing_data[1]:
-                    raise _ClientGone from exc
-                raise _Refusal(HTTPStatus.BAD_REQUEST, f"malformed request body: {exc}") from exc
-            if event is h11.NEED_DATA:
-                with trio.move_on_after(limits.body_timeout) as scope:
-                    chunk = await self._stream.receive_some(RECEIVE_SIZE)
-                if scope.cancelled_caught:
-                    raise _Refusal(
-                        HTTPStatus.REQUEST_TIMEOUT, "request body stalled longer than allowed"
-                    )
-                conn.receive_data(bytes(chunk))
-                continue
-            if type(event) is h11.Data or type(event) is h11.EndOfMessage:
-                return event
-            raise _Refusal(HTTPStatus.BAD_REQUEST, f"unexpected {type(event).__name__}")
+    async def _send_upstream(
+        self, upstream: UpstreamConnection, out: list[bytes], first: bool, limits: Limits
+    ) -> None:
+        self._wait(_Phase.UPSTREAM_SEND, limits.upstream_timeout)
+        data = b"".join(out) if len(out) > 1 else out[0]
+        if first:
+            await upstream.send_request(data, bounded=False)
+        else:
+            await upstream.send(data, bounded=False)
 
     # --- the response --------------------------------------------------------------------
 
     async def _respond(
         self,
         upstream: UpstreamConnection,
-        response: h11.Response,
+        response: ResponseHead,
         head: RequestHead,
         settings: RelaySettings,
     ) -> None:
-        """Send the upstream's response to the client; the upstream connection goes back to
-        the pool only when both sides finished cleanly."""
-        conn = self._conn
+        """Send the upstream's response to the client, within the exchange's cancel scope;
+        the upstream connection goes back to the pool only when both sides finished cleanly.
+        Raises _Cut for anything that goes wrong, never UpstreamError."""
         limits = settings.limits
         finished = False
         try:
-            checked = upstream.response_head
-            assert checked is not None  # set by receive_head
-            headers = client_response_headers(checked)
-            headers += response_framing(checked, head.method)
-            if self._drain.draining or self._requests >= MAX_REQUESTS_PER_CONNECTION:
-                headers.append((b"connection", b"close"))
-            data = conn.send(
-                h11.Response(
-                    status_code=response.status_code, headers=headers, reason=response.reason
-                )
+            headers = client_response_headers(response)
+            framing, body = response_framing(response, head.method, head.version)
+            headers += framing
+            keep_alive = not (
+                body is Framing.CLOSE
+                or self._drain.draining
+                or self._requests >= MAX_REQUESTS_PER_CONNECTION
+                or http1.wants_close(head.version, head.headers)
             )
-            assert data is not None
-            # Bytes for the client are collected while the upstream's next event is already
+            if not keep_alive:
+                headers.append((b"connection", b"close"))
+            chunked = body is Framing.CHUNKED
+            # Bytes for the client are collected while the upstream's next piece is already
             # buffered, and sent before any read that may wait: a typical API response (head
             # and body in one upstream read) costs one TLS record and one send, and the head
             # of a slow or streamed body is never held back.
-            out = [data]
-            pending = len(data)
+            out = [http1.response_head(response.status, response.reason, headers)]
+            pending = len(out[0])
             while True:  # bounded: the upstream's framing, upstream_timeout per read
-                event = _buffered_body_event(upstream.conn)
-                if event is None:
+                try:
+                    piece = upstream.buffered_body()
+                except UpstreamError:
+                    piece = None  # receive_body reports it, after what came is sent
+                if piece is None:
                     if out:
-                        await self._send(b"".join(out) if len(out) > 1 else out[0], limits)
+                        await self._send_client(out, limits)
                         out, pending = [], 0
-                    try:
-                        event = await upstream.receive_body_event(timeout=limits.upstream_timeout)
-                    except UpstreamError as exc:
-                        raise _Cut(f"upstream failed mid-response: {exc.problem}") from exc
-                if type(event) is not h11.Data:
+                    self._wait(_Phase.UPSTREAM_BODY, limits.upstream_timeout)
+                    piece = await upstream.receive_body(timeout=None)
+                if piece is http1.END:
                     break
-                data = conn.send(event)
-                assert data is not None
-                out.append(data)
-                pending += len(data)
+                out.append(http1.encode_chunk(piece) if chunked else piece)
+                pending += len(piece)
                 if pending >= RECEIVE_SIZE:
-                    await self._send(b"".join(out) if len(out) > 1 else out[0], limits)
+                    await self._send_client(out, limits)
                     out, pending = [], 0
-            data = conn.send(h11.EndOfMessage())  # the upstream's trailers are dropped
-            if data:
-                out.append(data)
+            if chunked:  # the upstream's trailers are dropped
+                out.append(http1.LAST_CHUNK)
             if out:
-                await self._send(b"".join(out), limits)
+                await self._send_client(out, limits)
             finished = True
+            self._keep_alive = keep_alive
+        except UpstreamError as exc:
+            raise _Cut(f"upstream failed mid-response: {exc.problem}") from exc
         finally:
             if finished:  # pooled again if reusable() (nothing past the response), else closed
                 settings.pool.release(upstream)
             else:
                 settings.pool.discard(upstream)
+
+    async def _send_client(self, out: list[bytes], limits: Limits) -> None:
+        self._wait(_Phase.CLIENT_SEND, limits.send_timeout)
+        await self._stream.send_all(b"".join(out) if len(out) > 1 else out[0])
+
+    # --- waits ---------------------------------------------------------------------------
+
+    def _wait(self, phase: _Phase, timeout: float) -> None:
+        """Bound the next wait by `timeout`: moving a deadline costs far less than a cancel
+        scope per wait, of which an exchange has several."""
+        self._phase = phase
+        self._scope.deadline = trio.current_time() + timeout
+
+    def _expired(self, upstream: UpstreamConnection, limits: Limits) -> Exception:
+        """What it means that the current step's deadline passed, by the wait it was in."""
+        phase = self._phase
+        if phase is _Phase.CLIENT_BODY:
+            return _Refusal(HTTPStatus.REQUEST_TIMEOUT, "request body stalled longer than allowed")
+        if phase is _Phase.CLIENT_SEND:
+            return _Cut("client did not read for send_timeout")
+        if phase is _Phase.UPSTREAM_SEND:
+            return upstream.timeout_error("send", limits.upstream_timeout)
+        if phase is _Phase.UPSTREAM_HEAD:
+            return upstream.timeout_error("head", limits.upstream_timeout)
+        problem = upstream.timeout_error("body", limits.upstream_timeout).problem
+        return _Cut(f"upstream failed mid-response: {problem}")
 
     async def _send(self, data: bytes, limits: Limits) -> None:
         """Send to the client; one that does not take the bytes within send_timeout is cut."""

@@ -4,20 +4,24 @@ Theory of operation. A connection is TCP (TCP_NODELAY, which trio's SocketStream
 for https, a TLS client handshake that verifies the upstream's certificate against the system
 store and `upstream.ca_file`, always checks the host name, requires TLS 1.2 or later, offers
 ALPN http/1.1 only and sends `upstream.host` as SNI. Connecting and handshaking together get
-`limits.upstream_connect_timeout`. On it, one h11 CLIENT connection carries one exchange at a
-time: the relay `acquire`s, `send`s the request, reads `receive_head` and then
-`receive_body_event` until EndOfMessage, and `release`s (or `discard`s on any failure).
+`limits.upstream_connect_timeout`. It carries one exchange at a time: the relay `acquire`s,
+sends the request (`send_request` with the head, then `send` for more body bytes), reads
+`receive_head` and then `buffered_body`/`receive_body` until `http1.END`, and `release`s (or
+`discard`s on any failure).
 
 Response heads are read raw up to the blank line (`forwarding.find_head_end`) and checked by
-`forwarding.check_response_head` before h11 sees them: h11 alone lets through shapes that
-make a proxy and its client disagree on where a response ends (CL with TE, a duplicate
-Content-Length, HTTP/1.0 with chunked). Interim 1xx responses are read and dropped.
+`forwarding.check_response_head`, which refuses the shapes that make a proxy and its client
+disagree on where a response ends (CL with TE, a duplicate Content-Length, HTTP/1.0 with
+chunked). The checked head drives the body: an `http1` reader for its framing (none after HEAD,
+1xx, 204 and 304; by Content-Length, chunked, or until the close), on the connection's own
+receive buffer. Interim 1xx responses are read and dropped.
 
 Pool invariants. A connection is in the idle pool only when
 
 1. nobody holds it: `acquire` takes it out, `release` puts it back;
-2. both h11 sides were DONE and `start_next_cycle` made them IDLE;
-3. nothing more came from the upstream: no byte after the framed response in h11's buffer,
+2. its last response was read to its end, and allows another on the connection (HTTP/1.1,
+   no `Connection: close`, a body not ended by the close; RFC 9112 §9.3);
+3. nothing more came from the upstream: no byte after the framed response in our buffer,
    no TLS record read from the socket but not yet decrypted, and, checked again at `acquire`
    because time passes, a socket that is not readable. An idle socket turns readable for an
    EOF, a reset, a close_notify or stray bytes (a second response smuggled after the first):
@@ -35,11 +39,12 @@ cannot be reused. Closing is always forceful and never raises: the socket is clo
 without a close_notify, which the framing of the last response already made unnecessary.
 
 Errors. Everything the upstream does wrong surfaces as `UpstreamError`, translated here from
-OSError, ssl errors, trio's stream errors and h11's RemoteProtocolError with ``raise ... from``:
-502 for refused, reset, unverifiable TLS or an invalid response, 504 for a timeout.
-`before_response` says that not one byte of a response arrived, which with `reused` is what
-the relay's retry of an idempotent request on a fresh connection keys on. h11's
-LocalProtocolError is not translated: it means the caller sent an invalid event, a bug.
+OSError, ssl errors, trio's stream errors, forwarding's HeadError and http1's BodyError with
+``raise ... from``: 502 for refused, reset, unverifiable TLS or an invalid response, 504 for a
+timeout. `before_response` says that not one byte of a response arrived, which with `reused` is
+what the relay's retry of an idempotent request on a fresh connection keys on. A caller that
+bounds the waits with its own cancel scope (``timeout=None``, ``bounded=False``) reports an
+expiry with `timeout_error`, so the 504 reads the same.
 """
 
 from __future__ import annotations
@@ -49,14 +54,13 @@ import socket
 import ssl
 from collections import deque
 from http import HTTPStatus
-from typing import Final, cast
+from typing import Final, Literal
 
-import h11
 import trio
 
+from . import http1
 from .config import ConfigError, Limits, UpstreamConfig
 from .forwarding import (
-    MAX_RESPONSE_HEAD_BYTES,
     HeadError,
     HeadLimits,
     ResponseHead,
@@ -74,6 +78,9 @@ MAX_INFORMATIONAL_RESPONSES: Final = 8
 _RESPONSE_LIMITS: Final = HeadLimits()
 _BAD_GATEWAY: Final = int(HTTPStatus.BAD_GATEWAY)
 _GATEWAY_TIMEOUT: Final = int(HTTPStatus.GATEWAY_TIMEOUT)
+_OK: Final = int(HTTPStatus.OK)
+_NO_CONTENT: Final = int(HTTPStatus.NO_CONTENT)
+_NOT_MODIFIED: Final = int(HTTPStatus.NOT_MODIFIED)
 
 
 class UpstreamError(Exception):
@@ -96,17 +103,21 @@ class UpstreamError(Exception):
 
 
 class UpstreamConnection:
-    """One connection to the upstream and its h11 client state; see the module docstring."""
+    """One connection to the upstream and the state of its current exchange; see the module
+    docstring."""
 
     __slots__ = (
         "_buffer",
         "_closed",
+        "_complete",
+        "_eof",
         "_idle_since",
+        "_keep_alive",
         "_pooled",
+        "_reader",
         "_send_timeout",
         "_started",
         "_tcp",
-        "conn",
         "response_head",
         "reused",
         "stream",
@@ -114,37 +125,43 @@ class UpstreamConnection:
 
     def __init__(self, stream: trio.abc.Stream, tcp: trio.SocketStream, send_timeout: float):
         self.stream = stream  # trio.SSLStream over `tcp` (https), or `tcp` itself (http)
-        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)
         self.reused = False  # taken from the idle pool: the relay's stale-retry candidate
         # The final response head of the current exchange, as check_response_head read it.
         self.response_head: ResponseHead | None = None
         self._tcp = tcp
         self._send_timeout = send_timeout
-        self._buffer = bytearray()  # response bytes while a head is incomplete
+        self._buffer = bytearray()  # received and not yet consumed: a head, then its body
+        self._reader: http1.BodyReader | None = None  # the current response's body framing
         self._started = False  # a byte of the current response has arrived
+        self._complete = False  # the current response was read to its end
+        self._keep_alive = False  # the current response lets the connection carry another
+        self._eof = False  # the upstream closed its side
         self._idle_since = 0.0
         self._pooled = False
         self._closed = False
 
-    async def send(self, event: h11.Event) -> None:
-        """Send one request event (Request, Data, EndOfMessage): 504 when the upstream does
-        not take its bytes within upstream_timeout, 502 when the connection breaks."""
-        if type(event) is h11.Request:  # a new exchange: no byte of its response yet
-            self._started = False
-            self.response_head = None
-        data = self.conn.send(event)
-        if not data:
-            await trio.lowlevel.checkpoint()
-            return
+    async def send_request(self, data: bytes, *, bounded: bool = True) -> None:
+        """Start an exchange: send a request head (and any body bytes that go with it).
+
+        Errors as `send`."""
+        self._started = False
+        self._complete = False
+        self.response_head = None
+        self._reader = None
+        await self.send(data, bounded=bounded)
+
+    async def send(self, data: bytes, *, bounded: bool = True) -> None:
+        """Send request bytes: 504 when the upstream does not take them within the
+        upstream_timeout, 502 when the connection breaks. `bounded=False` leaves the wait to
+        a cancel scope of the caller's (which then reports an expiry with `timeout_error`)."""
         try:
-            with trio.fail_after(self._send_timeout):
+            if bounded:
+                with trio.fail_after(self._send_timeout):
+                    await self.stream.send_all(data)
+            else:
                 await self.stream.send_all(data)
         except trio.TooSlowError as exc:
-            raise UpstreamError(
-                _GATEWAY_TIMEOUT,
-                f"upstream did not take the request within {self._send_timeout:g} s",
-                before_response=not self._started,
-            ) from exc
+            raise self.timeout_error("send", self._send_timeout) from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise UpstreamError(
                 _BAD_GATEWAY,
@@ -152,50 +169,43 @@ class UpstreamConnection:
                 before_response=not self._started,
             ) from exc
 
+    def timeout_error(
+        self, waiting_for: Literal["send", "head", "body"], timeout: float
+    ) -> UpstreamError:
+        """The error (504) for a wait on this connection that took longer than `timeout`."""
+        if waiting_for == "send":
+            problem = f"upstream did not take the request within {timeout:g} s"
+        elif waiting_for == "head":
+            problem = f"no response head within {timeout:g} s"
+        else:
+            problem = f"response body stalled for {timeout:g} s"
+        return UpstreamError(_GATEWAY_TIMEOUT, problem, before_response=not self._started)
+
     # The timeouts are parameters (ASYNC109) because expiring is the upstream's failure, 504,
-    # and says which wait expired; the caller's own deadlines still apply on top.
+    # and says which wait expired; the caller's own deadlines still apply on top. None: the
+    # caller's cancel scope bounds the wait (and reports it with `timeout_error`).
     async def receive_head(
         self,
         *,
-        timeout: float,  # noqa: ASYNC109
+        timeout: float | None,  # noqa: ASYNC109
         request_method: bytes,
-    ) -> h11.Response:
+    ) -> ResponseHead:
         """The final response head, interim 1xx ones skipped; the whole wait is `timeout`.
 
-        The head is checked by forwarding.check_response_head (kept as `response_head`) and
-        then parsed by h11; body bytes read along with it stay buffered in h11.
+        The head is checked by forwarding.check_response_head (and kept as `response_head`);
+        body bytes read along with it stay buffered for `buffered_body`/`receive_body`.
         """
         try:
+            if timeout is None:
+                return await self._receive_head(request_method)
             with trio.fail_after(timeout):
-                for _ in range(MAX_INFORMATIONAL_RESPONSES + 1):
-                    raw = await self._read_head()
-                    head = check_response_head(raw, request_method=request_method)
-                    self.conn.receive_data(raw)
-                    event = self.conn.next_event()
-                    if type(event) is h11.InformationalResponse:
-                        continue
-                    if type(event) is not h11.Response:  # the checks passed what h11 calls no head
-                        raise UpstreamError(
-                            _BAD_GATEWAY, "invalid response head", before_response=False
-                        )
-                    if self._buffer:  # body bytes that came with the head
-                        self.conn.receive_data(bytes(self._buffer))
-                        self._buffer.clear()
-                    self.response_head = head
-                    return event
+                return await self._receive_head(request_method)
         except trio.TooSlowError as exc:
-            raise UpstreamError(
-                _GATEWAY_TIMEOUT,
-                f"no response head within {timeout:g} s",
-                before_response=not self._started,
-            ) from exc
+            assert timeout is not None
+            raise self.timeout_error("head", timeout) from exc
         except HeadError as exc:
             raise UpstreamError(
                 _BAD_GATEWAY, f"invalid response: {exc.problem}", before_response=False
-            ) from exc
-        except h11.RemoteProtocolError as exc:
-            raise UpstreamError(
-                _BAD_GATEWAY, f"invalid response: {exc}", before_response=False
             ) from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise UpstreamError(
@@ -203,6 +213,22 @@ class UpstreamConnection:
                 f"connection lost before the response head ({_cause(exc)})",
                 before_response=not self._started,
             ) from exc
+
+    async def _receive_head(self, request_method: bytes) -> ResponseHead:
+        for _ in range(MAX_INFORMATIONAL_RESPONSES + 1):
+            head = check_response_head(await self._read_head(), request_method=request_method)
+            if head.status < _OK:  # interim: no body, the final head follows
+                continue
+            no_body = request_method == b"HEAD" or head.status in (_NO_CONTENT, _NOT_MODIFIED)
+            self._reader = http1.body_reader(
+                0 if no_body else head.content_length, chunked=head.chunked
+            )
+            # A body ended by the close leaves nothing to reuse either.
+            self._keep_alive = not http1.wants_close(head.version, head.headers) and (
+                no_body or head.chunked or head.content_length is not None
+            )
+            self.response_head = head
+            return head
         raise UpstreamError(
             _BAD_GATEWAY,
             f"more than {MAX_INFORMATIONAL_RESPONSES} interim (1xx) responses",
@@ -222,8 +248,9 @@ class UpstreamConnection:
                 del buffer[:end]
                 return head
             searched = len(buffer)
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            data = await self.stream.receive_some(RECEIVE_SIZE) if not self._eof else b""
             if not data:
+                self._eof = True
                 raise UpstreamError(
                     _BAD_GATEWAY,
                     "upstream closed the connection before the response head"
@@ -234,58 +261,71 @@ class UpstreamConnection:
             self._started = True
             buffer += data
 
-    async def receive_body_event(
+    def buffered_body(self) -> bytes | http1.End | None:
+        """The next piece of the response body, or its end, from bytes already received;
+        None when a read is needed. 502 (UpstreamError) for an invalid body."""
+        reader = self._reader
+        assert reader is not None, "no response head received"
+        try:
+            piece = reader.read(self._buffer)
+        except http1.BodyError as exc:
+            raise UpstreamError(
+                _BAD_GATEWAY, f"invalid response body: {exc.problem}", before_response=False
+            ) from exc
+        if piece is http1.END:
+            self._complete = True
+        return piece
+
+    async def receive_body(
         self,
         *,
-        timeout: float,  # noqa: ASYNC109
-    ) -> h11.Data | h11.EndOfMessage:
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> bytes | http1.End:
         """The next piece of the response body, or its end; `timeout` bounds each read."""
-        conn = self.conn
         # Bounded: each round either returns or reads (an EOF ends the body or raises).
         while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise UpstreamError(
-                    _BAD_GATEWAY, f"invalid response body: {exc}", before_response=False
-                ) from exc
-            if event is h11.NEED_DATA:
+            piece = self.buffered_body()
+            if piece is not None:
+                return piece
+            assert self._reader is not None
+            if self._eof:
                 try:
-                    with trio.fail_after(timeout):
-                        data = await self.stream.receive_some(RECEIVE_SIZE)
-                except trio.TooSlowError as exc:
-                    raise UpstreamError(
-                        _GATEWAY_TIMEOUT,
-                        f"response body stalled for {timeout:g} s",
-                        before_response=False,
-                    ) from exc
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    end = self._reader.read_eof()
+                except http1.BodyError as exc:
                     raise UpstreamError(
                         _BAD_GATEWAY,
-                        f"connection lost in the response body ({_cause(exc)})",
+                        f"invalid response body: {exc.problem}",
                         before_response=False,
                     ) from exc
-                # b"" is the EOF: it ends a body delimited by the close, and makes h11 raise
-                # for a body cut short. TLS reads are bytearrays, which h11 takes as they are
-                # (it appends them to its own buffer): no bytes() copy per read.
-                conn.receive_data(cast(bytes, data))
-                continue
-            if type(event) is h11.Data or type(event) is h11.EndOfMessage:
-                return event
-            raise UpstreamError(
-                _BAD_GATEWAY,
-                f"unexpected {type(event).__name__} in the response body",
-                before_response=False,
-            )
+                self._complete = True
+                return end
+            try:
+                if timeout is None:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                else:
+                    with trio.fail_after(timeout):
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
+            except trio.TooSlowError as exc:
+                assert timeout is not None
+                raise self.timeout_error("body", timeout) from exc
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise UpstreamError(
+                    _BAD_GATEWAY,
+                    f"connection lost in the response body ({_cause(exc)})",
+                    before_response=False,
+                ) from exc
+            if data:
+                self._buffer += data
+            else:
+                self._eof = True
 
     def reusable(self) -> bool:
-        """Whether this connection may carry another exchange: both sides DONE and nothing
-        received past the end of the response (bytes there mean a broken upstream)."""
-        conn = self.conn
-        if self._closed or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+        """Whether this connection may carry another exchange: the response read to its end,
+        the upstream keeping the connection open, and nothing received past the end of the
+        response (bytes there mean a broken upstream)."""
+        if self._closed or not self._complete or not self._keep_alive:
             return False
-        pending, closed = conn.trailing_data
-        if pending or closed or self._buffer:
+        if self._buffer or self._eof:
             return False
         return not _tls_bytes_pending(self.stream)
 
@@ -346,9 +386,9 @@ class UpstreamPool:
     async def acquire(self) -> UpstreamConnection:
         """An idle connection still open at the upstream (newest first), else a new one;
         UpstreamError when a new one cannot be made (502, or 504 past the connect timeout)."""
-        # The checkpoint comes first: once a connection is taken off the pool, nothing may
-        # cancel us before it is handed over.
-        await trio.lowlevel.checkpoint()
+        # No checkpoint on the way to an idle connection: it is handed over in the same step
+        # as it leaves the pool (nothing can cancel us in between), and the caller's send is
+        # the next checkpoint. Opening one checkpoints, as all I/O does.
         idle = self._idle
         expired_before = trio.current_time() - self._upstream.pool_idle_timeout
         while idle:  # bounded by pool_max_idle
@@ -376,7 +416,6 @@ class UpstreamPool:
         if max_idle == 0 or not connection.reusable():
             connection.close()
             return
-        connection.conn.start_next_cycle()
         now = trio.current_time()
         self.prune(now)
         idle = self._idle
@@ -436,8 +475,8 @@ class UpstreamPool:
         if self._context is None:
             return tcp
         # https_compatible: an upstream closing without close_notify (common) reads as a
-        # plain EOF. Truncation cannot pass for a whole response: h11 holds a body framed by
-        # Content-Length or chunks to its end, and fails one cut short.
+        # plain EOF. Truncation cannot pass for a whole response: a body framed by
+        # Content-Length or chunks is read to its end, and one cut short fails (http1).
         tls = trio.SSLStream(
             tcp, self._context, server_hostname=self._upstream.host, https_compatible=True
         )

@@ -36,7 +36,8 @@ from upstream_server import (
 )
 
 from dualproxy.config import ConfigError, Limits, UpstreamConfig
-from dualproxy.forwarding import MAX_RESPONSE_HEAD_BYTES
+from dualproxy.forwarding import MAX_RESPONSE_HEAD_BYTES, ResponseHead
+from dualproxy.http1 import END
 from dualproxy.upstream import (
     MAX_INFORMATIONAL_RESPONSES,
     UpstreamConnection,
@@ -110,6 +111,15 @@ def request_event(method: bytes = b"GET", target: bytes = b"/", body: bytes = b"
     return h11.Request(method=method, target=target, headers=headers)
 
 
+def request_head(method: bytes, *, body_size: int) -> bytes:
+    """The head of request_event(method, body=...) for a body of `body_size` bytes."""
+    conn = h11.Connection(h11.CLIENT)
+    event = request_event(method)
+    headers = [(name, value) for name, value in event.headers if name != b"content-length"]
+    headers.append((b"content-length", str(body_size).encode()))
+    return conn.send(h11.Request(method=method, target=b"/", headers=headers)) or b""
+
+
 def request_bytes(method: bytes = b"GET", target: bytes = b"/", body: bytes = b"") -> bytes:
     """What an h11 client writes for request_event(...) and its body."""
     conn = h11.Connection(h11.CLIENT)
@@ -120,25 +130,22 @@ def request_bytes(method: bytes = b"GET", target: bytes = b"/", body: bytes = b"
 async def send_request(
     connection: UpstreamConnection, method: bytes = b"GET", target: bytes = b"/", body: bytes = b""
 ) -> None:
-    await connection.send(request_event(method, target, body))
-    if body:
-        await connection.send(h11.Data(data=body))
-    await connection.send(h11.EndOfMessage())
+    await connection.send_request(request_bytes(method, target, body))
 
 
 async def read_body(connection: UpstreamConnection, *, timeout: float = TIMEOUT) -> bytes:
     body = bytearray()
     for _ in range(100_000):
-        event = await connection.receive_body_event(timeout=timeout)
-        if isinstance(event, h11.EndOfMessage):
+        piece = await connection.receive_body(timeout=timeout)
+        if piece is END:
             return bytes(body)
-        body += event.data
+        body += piece
     raise AssertionError("the body did not end")
 
 
 async def exchange(
     connection: UpstreamConnection, method: bytes = b"GET", target: bytes = b"/", body: bytes = b""
-) -> tuple[h11.Response, bytes]:
+) -> tuple[ResponseHead, bytes]:
     """One whole request/response on `connection`."""
     await send_request(connection, method, target, body)
     response = await connection.receive_head(timeout=TIMEOUT, request_method=method)
@@ -176,7 +183,7 @@ async def test_exchange_over_verified_tls(
     assert connection.stream.version() in ("TLSv1.2", "TLSv1.3")
     assert not connection.reused
     response, body = await exchange(connection, b"POST", b"/api/items?x=1", b"payload")
-    assert response.status_code == 200
+    assert response.status == 200
     echo = json.loads(body)
     assert echo["method"] == "POST"
     assert echo["target"] == "/api/items?x=1"
@@ -197,7 +204,7 @@ async def test_exchange_over_plain_http(pools: PoolFactory, http_upstream: Upstr
     # Small requests and response heads go out at once, not after Nagle's delay.
     assert connection.stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     response, body = await exchange(connection)
-    assert response.status_code == 200
+    assert response.status == 200
     assert json.loads(body)["method"] == "GET"
     assert http_upstream.received == request_bytes()
 
@@ -239,7 +246,7 @@ async def test_host_name_is_checked_against_the_configured_name(
     async with serve_upstream(server):
         pool = pools(server.config(host="upstream.test"))
         response, _ = await exchange(await pool.acquire())
-        assert response.status_code == 200
+        assert response.status == 200
         assert server.server_names == ["upstream.test"]
         # Twin: the same server reached as "localhost" is refused.
         with raises_upstream(502, "certificate verify failed for localhost"):
@@ -294,7 +301,7 @@ async def test_tls_handshake_counts_in_the_connect_timeout(
         mock_clock.autojump_threshold = float("inf")
         server.silent = False
         connection = await pool.acquire()
-        assert (await exchange(connection))[0].status_code == 200
+        assert (await exchange(connection))[0].status == 200
 
 
 def test_client_context_always_verifies(tmp_path: Path) -> None:
@@ -338,7 +345,7 @@ async def test_slow_response_head_within_the_timeout(
     await send_request(connection)
     mock_clock.autojump_threshold = 0
     response = await connection.receive_head(timeout=10, request_method=b"GET")
-    assert response.status_code == 200
+    assert response.status == 200
 
 
 @pytest.mark.parametrize("hang", [30, 9])
@@ -371,9 +378,9 @@ async def test_upstream_not_reading_the_request_is_504(
     async with serve_upstream(server):
         pool = pools(server.config(), Limits(upstream_timeout=10))
         connection = await pool.acquire()
-        await connection.send(request_event(b"POST", body=b"x" * (64 << 20)))
+        await connection.send_request(request_head(b"POST", body_size=64 << 20))
         mock_clock.autojump_threshold = 0
-        chunk = h11.Data(data=b"x" * (1 << 20))
+        chunk = b"x" * (1 << 20)
         with raises_upstream(504, "did not take the request within 10 s"):
             for _ in range(64):  # far more than the socket buffers hold
                 await connection.send(chunk)
@@ -383,7 +390,7 @@ async def test_interim_responses_are_skipped(pools: PoolFactory, upstream: Upstr
     upstream.behaviour = Behaviour.INFORMATIONAL_FIRST
     connection = await pools(upstream.config()).acquire()
     response, body = await exchange(connection)
-    assert response.status_code == 200
+    assert response.status == 200
     assert json.loads(body)["method"] == "GET"
     assert connection.reusable()
 
@@ -399,7 +406,7 @@ async def test_endless_interim_responses_are_502(
     await send_request(connection)
     if count <= MAX_INFORMATIONAL_RESPONSES:
         response = await connection.receive_head(timeout=TIMEOUT, request_method=b"GET")
-        assert response.status_code == 204
+        assert response.status == 204
         return
     with raises_upstream(502, "interim"):
         await connection.receive_head(timeout=TIMEOUT, request_method=b"GET")
@@ -452,7 +459,7 @@ async def test_malformed_response_heads_are_502(
     pool.discard(connection)
     upstream.behaviour = WELL_FORMED
     response, body = await exchange(await pool.acquire())
-    assert (response.status_code, body) == (200, b"hello")
+    assert (response.status, body) == (200, b"hello")
 
 
 @pytest.mark.parametrize("reused", [False, True])
@@ -481,18 +488,41 @@ async def test_reset_mid_body_is_502_after_response(
     connection = await pools(upstream.config()).acquire()
     await send_request(connection)
     response = await connection.receive_head(timeout=TIMEOUT, request_method=b"GET")
-    assert response.status_code == 200
+    assert response.status == 200
     with raises_upstream(502, "connection lost in the response body \\(reset\\)") as caught:
         await read_body(connection)
     assert not caught.value.before_response
     assert not connection.reusable()
 
 
+@pytest.mark.parametrize(
+    ("response", "reusable"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", True),
+        (b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok", True),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", False),
+        (b"HTTP/1.1 200 OK\r\nConnection: x-a, Close\r\nContent-Length: 2\r\n\r\nok", False),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", False),
+        (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok", False),
+    ],
+)
+async def test_a_response_that_ends_the_connection_makes_it_unusable(
+    pools: PoolFactory, upstream: UpstreamServer, response: bytes, reusable: bool
+) -> None:
+    """RFC 9112 §9.3: after Connection: close, or HTTP/1.0, no second request goes there."""
+    upstream.behaviour = response
+    connection = await pools(upstream.config()).acquire()
+    await send_request(connection)
+    await connection.receive_head(timeout=TIMEOUT, request_method=b"GET")
+    assert await read_body(connection) == b"ok"
+    assert connection.reusable() is reusable
+
+
 @pytest.mark.parametrize("close", [True, False])
 async def test_body_delimited_by_close(
     pools: PoolFactory, upstream: UpstreamServer, close: bool
 ) -> None:
-    """An HTTP/1.0 body without a length ends at the upstream's close, which h11 sees as EOF;
+    """An HTTP/1.0 body without a length ends at the upstream's close, which we see as EOF;
     a Content-Length body cut short by a close is an error, never a shorter body."""
     if close:
         upstream.behaviour = Raw(b"HTTP/1.0 200 OK\r\n\r\nuntil the end", close=True)
@@ -521,12 +551,12 @@ async def test_large_body_streams_in_bounded_pieces(
     await connection.receive_head(timeout=TIMEOUT, request_method=b"GET")
     digest, size, pieces = hashlib.sha256(), 0, 0
     for _ in range(100_000):
-        event = await connection.receive_body_event(timeout=TIMEOUT)
-        if isinstance(event, h11.EndOfMessage):
+        piece = await connection.receive_body(timeout=TIMEOUT)
+        if piece is END:
             break
-        assert len(event.data) <= 64 * 1024
-        digest.update(event.data)
-        size += len(event.data)
+        assert len(piece) <= 64 * 1024
+        digest.update(piece)
+        size += len(piece)
         pieces += 1
     assert size == upstream.large_body_size
     assert digest.digest() == hashlib.sha256(pattern_bytes(size)).digest()
@@ -537,7 +567,7 @@ async def test_large_body_streams_in_bounded_pieces(
 async def test_head_response_has_no_body(pools: PoolFactory, upstream: UpstreamServer) -> None:
     connection = await pools(upstream.config()).acquire()
     response, body = await exchange(connection, b"HEAD")
-    assert response.status_code == 200
+    assert response.status == 200
     assert dict(response.headers)[b"content-length"] != b"0"
     assert body == b""
     assert connection.reusable()
@@ -558,7 +588,7 @@ async def test_released_connection_is_reused(
     else:
         pool.discard(first)
     second = await pool.acquire()
-    assert (await exchange(second))[0].status_code == 200
+    assert (await exchange(second))[0].status == 200
     if release:
         assert second is first
         assert second.reused
@@ -662,7 +692,7 @@ async def test_stale_idle_connection_is_replaced(
     if how != "nothing (twin)":
         await wait_readable(connection)
     again = await pool.acquire()
-    assert (await exchange(again))[0].status_code == 200
+    assert (await exchange(again))[0].status == 200
     if how == "nothing (twin)":
         assert again is connection
         assert (pool.stale_dropped, upstream.accepted) == (0, 1)
@@ -680,7 +710,6 @@ async def test_connection_closed_while_held_fails_before_response(
     connection = await pools(upstream.config()).acquire()
     await exchange(connection)
     await upstream.close_idle(notify=False)
-    connection.conn.start_next_cycle()  # what release() would do
     with raises_upstream(502, "(before the response head|while sending the request)") as caught:
         await send_request(connection)
         await connection.receive_head(timeout=TIMEOUT, request_method=b"GET")
@@ -694,9 +723,8 @@ async def test_send_failure_on_a_used_connection_is_before_response(
     connection = await pools(upstream.config()).acquire()
     await exchange(connection)
     await upstream.close_idle(notify=False)
-    connection.conn.start_next_cycle()
-    await connection.send(request_event(b"POST", body=b"x" * 100_000))
-    chunk = h11.Data(data=b"x" * 1000)
+    await connection.send_request(request_head(b"POST", body_size=100_000))
+    chunk = b"x" * 1000
     with raises_upstream(502, "connection lost while sending the request") as caught:
         for _ in range(100):  # the first write draws the RST, a later one fails
             await connection.send(chunk)
@@ -712,7 +740,7 @@ async def test_bytes_after_the_body_make_a_connection_unusable(
     pool = pools(upstream.config())
     connection = await pool.acquire()
     response, body = await exchange(connection)
-    assert response.status_code == 200
+    assert response.status == 200
     if plan is Behaviour.ECHO:
         assert connection.reusable()
         return
@@ -723,7 +751,7 @@ async def test_bytes_after_the_body_make_a_connection_unusable(
     upstream.behaviour = Behaviour.ECHO
     again = await pool.acquire()
     assert again is not connection
-    assert (await exchange(again))[0].status_code == 200
+    assert (await exchange(again))[0].status == 200
     await upstream.connections[0].wait_done(TIMEOUT)
 
 
@@ -752,7 +780,7 @@ async def test_tls_records_after_the_body_make_a_connection_unusable(
     https_upstream.behaviour = Behaviour.ECHO
     again = await pool.acquire()
     assert (again is connection) is (not extra)
-    assert (await exchange(again))[0].status_code == 200
+    assert (await exchange(again))[0].status == 200
 
 
 @pytest.mark.parametrize("plan", [Behaviour.CONNECTION_CLOSE, Behaviour.ECHO], ids=str)
@@ -799,8 +827,7 @@ async def test_pool_aclose_closes_idle_connections(
     assert pool.idle_count == 0
     await upstream.connections[0].wait_done(TIMEOUT)
     # Twin: the connection a caller holds is the caller's; it still works.
-    held.conn.start_next_cycle()
-    assert (await exchange(held))[0].status_code == 200
+    assert (await exchange(held))[0].status == 200
     await held.aclose()
     await upstream.connections[1].wait_done(TIMEOUT)
 
