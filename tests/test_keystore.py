@@ -960,6 +960,52 @@ def test_default_python_client_gets_the_ecdsa_leaf(
 
 
 @pytest.mark.e2e
+def test_a_tls13_handshake_sends_one_session_ticket(
+    tmp_path: Path, material: dict[str, Material]
+) -> None:
+    identity = identity_of(tmp_path, material["ec"])
+    with serving(identity.context) as ((host, port), served):
+        result = subprocess.run(
+            ["openssl", "s_client", "-connect", f"{host}:{port}", "-servername", HOST,
+             "-tls1_3", "-ign_eof"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=IO_TIMEOUT,
+            check=False,
+        )  # fmt: skip
+    assert served.error is None
+    assert served.version == "TLSv1.3"
+    tickets = result.stdout.count("Post-Handshake New Session Ticket arrived")
+    assert tickets == keystore.TLS13_SESSION_TICKETS == 1
+
+
+@pytest.mark.e2e
+def test_a_client_resumes_with_its_ticket_and_gets_a_new_one(
+    tmp_path: Path, ca: trustme.CA, material: dict[str, Material]
+) -> None:
+    identity = identity_of(tmp_path, material["ec"])
+    client = trusting(ca)
+    sessions: list[ssl.SSLSession | None] = [None]
+    reused = []
+    for _ in range(3):  # full, resumed with the first ticket, resumed with the second
+        with (
+            serving(identity.context) as (address, served),
+            socket.create_connection(address, timeout=IO_TIMEOUT) as raw,
+            client.wrap_socket(raw, server_hostname=HOST, session=sessions[-1]) as tls,
+        ):
+            while tls.recv(1024):  # the ticket arrives before the server's line
+                pass
+            reused.append(tls.session_reused)
+            sessions.append(tls.session)
+        assert served.error is None
+    assert reused == [False, True, True]
+    assert sessions[1] is not None
+    assert sessions[2] is not None
+    assert sessions[1].id != sessions[2].id  # each ticket used once (RFC 8446 C.4)
+
+
+@pytest.mark.e2e
 def test_tls12_rsa_only_python_client_gets_the_rsa_leaf(
     tmp_path: Path, ca: trustme.CA, material: dict[str, Material]
 ) -> None:

@@ -997,6 +997,49 @@ async def test_malformed_request_gets_400_and_a_close(
     assert (line["outcome"], line["requests"]) == (("ok" if good else "no-request"), str(good))
 
 
+class SendRecorder:
+    """Stands in for the TLS stream: records each send_all."""
+
+    def __init__(self) -> None:
+        self.sends: list[bytes] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sends.append(bytes(data))
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+async def test_a_placeholder_response_is_one_send(method: bytes) -> None:
+    server_conn = h11.Connection(h11.SERVER)
+    server_conn.receive_data(method + b" / HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert isinstance(server_conn.next_event(), h11.Request)
+    assert server_conn.next_event() == h11.EndOfMessage()
+    stream = SendRecorder()
+    body = b"hello\n"
+    await server_mod._send_simple(
+        stream,  # type: ignore[arg-type]
+        server_conn,
+        200,
+        body,
+        keep_alive=False,
+        head_only=method == b"HEAD",
+    )
+    [sent] = stream.sends  # head, body and end of message in one record and one send(2)
+    assert server_conn.our_state is h11.MUST_CLOSE
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(sent)
+    response = client.next_event()
+    assert isinstance(response, h11.Response)
+    assert response.status_code == 200
+    assert (b"connection", b"close") in response.headers
+    received = b""
+    while not isinstance(event := client.next_event(), h11.EndOfMessage):
+        assert isinstance(event, h11.Data)
+        received += event.data
+    assert received == (b"" if method == b"HEAD" else body)
+
+
 # --- shutdown and crashes ------------------------------------------------------------------------
 
 
