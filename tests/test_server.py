@@ -71,13 +71,6 @@ DRAIN_BYTES: Final = 1 << 20
 
 
 @pytest.fixture
-def cafile(ca: trustme.CA, tmp_path: Path) -> Path:
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return path
-
-
-@pytest.fixture
 def old_key(ca: trustme.CA, tmp_path: Path) -> KeyFiles:
     return make_key(ca, tmp_path, "k1")
 
