@@ -50,6 +50,11 @@ What happens on each failure:
   text, `Connection: close`, and the connection ends;
 - upstream's fault before the response head (refused, reset, bad TLS, malformed or smuggling
   response head, upstream_timeout): 502 or 504 the same way;
+- after either, when the client may still be sending (the refused request was not read to its
+  end, or bytes past it had arrived), the server closes with a *lingering close*
+  (`client_may_be_sending`, `server.lingering_close`): a socket closed with unread bytes sends
+  a TCP reset, which can destroy our answer before the client reads it, so the server sends
+  close_notify and a FIN, then reads and discards until the client closes, within bounds;
 - anything after the response head went out (upstream reset or stalled mid-body, client not
   reading for send_timeout): the client connection is cut without a final chunk and without a
   TLS close_notify, so the client sees a truncated response, never a complete-looking one;
@@ -320,6 +325,10 @@ class ClientConnection:
         self._buffer = bytearray()  # received from the client and not yet consumed
         self._eof = False  # the client closed its side
         self._requests = 0
+        self._request_read = False  # the current request's head and body were read to the end
+        # Set when the connection ended on a refusal that the caller should close with a
+        # lingering close: see `serve`.
+        self.client_may_be_sending = False
         self._keep_alive = False  # the exchange just finished leaves the connection open
         # The one cancel scope of the current exchange: `_wait` moves its deadline to each
         # wait's own and records which wait it is.
@@ -330,7 +339,8 @@ class ClientConnection:
         """Relay requests until the client leaves, asks to close, or something fails.
 
         The caller closes the stream (with a close_notify) afterwards, except after a cut,
-        which closes it here at once. Raises trio.BrokenResourceError and
+        which closes it here at once; when `client_may_be_sending` is then set, with a
+        lingering close (see the module docstring). Raises trio.BrokenResourceError and
         trio.ClosedResourceError when the client disappears.
         """
         for _ in range(MAX_REQUESTS_PER_CONNECTION):
@@ -339,12 +349,14 @@ class ClientConnection:
                 return
             head_method: bytes | None = None
             self._keep_alive = False
+            self._request_read = False
             try:
                 try:
                     head = await self._receive_head(settings)
                     if head is None:
                         return
                     head_method = head.method
+                    self._request_read = not (head.chunked or head.content_length)
                     self._requests += 1
                     self._tally.request_received()
                     # A reload may have come while the connection idled: the request goes
@@ -513,6 +525,7 @@ class ClientConnection:
                 buffer += chunk
                 continue
             if piece is http1.END:
+                self._request_read = True
                 if chunked:
                     out.append(http1.LAST_CHUNK)
                 if out:
@@ -641,3 +654,9 @@ class ClientConnection:
             )
         except _Cut:
             await trio.aclose_forcefully(self._stream)
+            return
+        # Bytes already past the request (pipelined, or a body we did not trust the head to
+        # frame) say that more may be on the way, as nginx's lingering_close judges it.
+        self.client_may_be_sending = not self._eof and (
+            not self._request_read or bool(self._buffer)
+        )

@@ -19,7 +19,9 @@ Theory of operation. For every accepted connection we
    client does when it rejects our key) from one that completed it and left without a request.
 
 The handler owns the connection: whatever happens, its `finally` closes the socket and gives
-back the connection slot. Every wait is bounded by a named setting (config.Limits).
+back the connection slot; after a refusal whose client may still be sending, it first lingers
+(`lingering_close`), so that the close does not reset the connection and take the refusal with
+it. Every wait is bounded by a named setting (config.Limits) or constant.
 """
 
 from __future__ import annotations
@@ -64,6 +66,20 @@ _ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
 ACCEPT_BACKOFF_SECONDS: Final = 0.1
 # A close_notify is a courtesy: a client that stops reading must not hold our task.
 CLOSE_NOTIFY_TIMEOUT: Final = 1.0
+# The lingering close after a refusal whose client may still be sending (`lingering_close`),
+# bounded like nginx's (lingering_time 30s, lingering_timeout 5s). In total: long enough for a
+# client that sends its whole request before it reads to get to our answer over a slow link;
+# beyond it the client has had its chance, and the connection slot goes to someone else.
+LINGER_TIME: Final = 30.0
+# Between reads: a client that sends nothing for this long after our FIN is no longer sending
+# (it read the answer and holds the connection open), so it costs no more than an idle one.
+LINGER_TIMEOUT: Final = 5.0
+# Discarded in total: what a client can have in flight when it learns of the refusal (both
+# ends' socket buffers, up to a few MiB each under Linux's autotuning, and the network's) with
+# room to spare, while a refused client cannot make us read an upload for nothing.
+LINGER_MAX_BYTES: Final = 16 * 1024 * 1024
+# One receive while lingering: raw TLS bytes, never decrypted, so any size will do.
+LINGER_RECEIVE_SIZE: Final = 64 * 1024
 # Request bodies the placeholder responder reads and discards, in bytes: enough for any
 # health-check POST, small enough that nobody can make us read a file upload for nothing.
 PLACEHOLDER_MAX_BODY: Final = 64 * 1024
@@ -378,13 +394,17 @@ class Server:
             record.detail = "handshake" if record.choice else "hello"
             return
         record.outcome = Outcome.NO_REQUEST
+        linger = False
         try:
-            await self.respond(tls, record)
+            linger = await self.respond(tls, record)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; the record already says how far it got
         finally:
-            with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
-                await tls.aclose()
+            if linger:
+                await lingering_close(tls, stream)
+            else:
+                with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
+                    await tls.aclose()
 
     async def _peek(self, stream: trio.SocketStream, record: ConnectionRecord) -> bytes | None:
         """Read until the ClientHello is complete or unparseable; the bytes read, or None when
@@ -418,12 +438,13 @@ class Server:
                 record.hello = hello
                 return data
 
-    async def respond(self, tls: trio.SSLStream[ReplayStream], record: ConnectionRecord) -> None:
+    async def respond(self, tls: trio.SSLStream[ReplayStream], record: ConnectionRecord) -> bool:
         """Serve HTTP/1.1 on the established TLS stream: relay to the upstream when the config
-        has one (see relay.py), otherwise answer every request ourselves."""
+        has one (see relay.py), otherwise answer every request ourselves. True when the
+        connection should end with a lingering close (the client may still be sending)."""
         if self._relay is None:
             await self._respond_placeholder(tls, record)
-            return
+            return False
         relay = ClientConnection(
             tls,
             peer=_stream_peer_ip(tls),
@@ -432,6 +453,7 @@ class Server:
             tally=record,
         )
         await relay.serve()
+        return relay.client_may_be_sending
 
     def _relay_settings(self) -> RelaySettings | None:
         return self._relay
@@ -598,6 +620,37 @@ async def _close_pool(pool: UpstreamPool) -> None:
     """Close a pool's idle connections, also when the server is being cancelled."""
     with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
         await pool.aclose()
+
+
+async def lingering_close(tls: trio.SSLStream[ReplayStream], stream: trio.SocketStream) -> None:
+    """End a connection whose client may still be sending, without losing what we sent.
+
+    Closing a socket with unread bytes makes the kernel send a TCP reset instead of a FIN, and
+    the reset can destroy the client's copy of our last response before it reads it (a client
+    that sends its whole request before reading sees "connection reset", not our 413). So, as
+    nginx's lingering close does: close_notify, then our FIN (the client's reads end after the
+    response), then read and discard raw bytes until the client closes, LINGER_TIMEOUT passes
+    without any, or LINGER_TIME or LINGER_MAX_BYTES is reached. The caller closes the socket.
+
+    The close_notify goes out through `tls.aclose`, which does not wait for the client's: the
+    replay stream below keeps the socket open for the rest. It is not needed for the response
+    (Content-Length and `Connection: close` frame it), but without it a client that reads on
+    until the end sees a truncation error where a clean close was due.
+    """
+    tls.transport_stream.keep_transport_open()
+    with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
+        await tls.aclose()
+    # A reset from the client (BrokenResourceError) ends it as well as its close does.
+    with trio.move_on_after(LINGER_TIME), contextlib.suppress(trio.BrokenResourceError):
+        await stream.send_eof()
+        discarded = 0
+        while discarded < LINGER_MAX_BYTES:  # bounded, and by LINGER_TIME
+            chunk: bytes | bytearray = b""
+            with trio.move_on_after(LINGER_TIMEOUT):
+                chunk = await stream.receive_some(LINGER_RECEIVE_SIZE)
+            if not chunk:  # closed by the client (nothing is left unread), or quiet
+                break
+            discarded += len(chunk)
 
 
 def _stream_peer_ip(tls: trio.SSLStream[ReplayStream]) -> policy.IPAddress | None:

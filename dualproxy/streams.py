@@ -22,7 +22,8 @@ import trio
 class ReplayStream(trio.abc.Stream):
     """A stream that yields `prefix` first, then reads from `transport`.
 
-    Sends go straight to `transport`, and closing this stream closes `transport`.
+    Sends go straight to `transport`, and closing this stream closes `transport`, unless
+    `keep_transport_open` was called.
 
     Deliberately not a `trio.abc.HalfCloseableStream`, even over a `SocketStream`: its one
     consumer, `trio.SSLStream`, never calls `send_eof` (TLS ends with close_notify, not a
@@ -39,11 +40,18 @@ class ReplayStream(trio.abc.Stream):
         self._prefix = memoryview(bytes(prefix))
         self._closed = False
         self._receiving = False
+        self._keep_transport_open = False
 
     @property
     def transport(self) -> trio.abc.Stream:
         """The stream read after the prefix, and written to directly."""
         return self._transport
+
+    def keep_transport_open(self) -> None:
+        """Make `aclose` leave the transport open, for the caller to close: the server's
+        lingering close lets `SSLStream.aclose` send its close_notify through this stream, then
+        half-closes and drains the socket itself."""
+        self._keep_transport_open = True
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         """Return the next bytes of the prefix, or once it is used up, of the transport."""
@@ -78,6 +86,10 @@ class ReplayStream(trio.abc.Stream):
         await self._transport.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
-        """Close this stream and the transport; calling it again is harmless."""
+        """Close this stream and (see `keep_transport_open`) the transport; calling it again
+        is harmless."""
         self._closed = True
+        if self._keep_transport_open:
+            await trio.lowlevel.checkpoint()
+            return
         await self._transport.aclose()

@@ -38,6 +38,7 @@ from upstream_server import (
     serve_upstream,
 )
 
+from dualproxy import server as server_module
 from dualproxy.config import ConfigError
 from dualproxy.forwarding import ResponseHead
 from dualproxy.relay import ALLOWED_METHODS, Framing, response_framing
@@ -287,7 +288,7 @@ async def test_requests_reach_the_upstream_and_answers_come_back(
 # --- strictness: refused before a byte goes upstream ---------------------------------------------
 
 # Small head limits, so every refusal below fits in one TLS record the proxy reads whole
-# (a refusal with request bytes still unread could be lost to the TCP reset of the close).
+# (refusals with request bytes still unread, and the lingering close, are tested below).
 HEAD_LIMITS: Final = {
     "max_request_line_bytes": 512,
     "max_header_bytes": 2048,
@@ -1140,6 +1141,129 @@ async def test_a_bad_chunk_after_a_good_head_gets_400_and_the_connection_dropped
         await upstream.connections[0].wait_done()
     assert [r.status for r in parse_responses(answer)] == [400]
     assert not any(received.complete for received in upstream.requests)
+
+
+# --- the lingering close after a refusal ---------------------------------------------------------
+
+MiB: Final = 1024 * 1024
+# Written after a refused head before the client reads, like a client uploading a file: far
+# more than the proxy reads with the head and than both ends' socket buffers hold on loopback,
+# so the proxy's close finds bytes unread; well below server.LINGER_MAX_BYTES.
+SENT_BEFORE_READING: Final = 8 * MiB
+BODY_PIECE: Final = b"b" * (64 * 1024)
+
+REFUSED_UPLOADS: Final = [
+    ("content-length-above-max-body",
+     req("POST /upload HTTP/1.1", HOST, f"Content-Length: {50 * MiB}"), 413),
+    ("bad-chunk-mid-body",
+     req("POST /upload HTTP/1.1", HOST, "Transfer-Encoding: chunked", body=b"zz\r\n"), 400),
+    ("bad-head-followed-by-a-body",
+     req("POST /upload HTTP/1.1", HOST, f"Content-Length: {50 * MiB}",
+         "Transfer-Encoding: chunked"), 400),
+]  # fmt: skip
+
+
+async def upload_then_read(client: Client, head: bytes) -> tuple[bytes, bool] | None:
+    """Send `head` and SENT_BEFORE_READING body bytes, and only then read: what came until
+    the proxy closed and whether it closed cleanly, or None when the upload was reset."""
+    try:
+        await client.send(head)
+        for _ in range(SENT_BEFORE_READING // len(BODY_PIECE)):  # bounded
+            await client.send(BODY_PIECE)
+    except trio.BrokenResourceError:
+        return None
+    return await client.read_until_closed()
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [pytest.param(head, status, id=name) for name, head, status in REFUSED_UPLOADS],
+)
+async def test_a_client_still_uploading_when_refused_gets_the_whole_refusal(
+    key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    upstream: UpstreamServer,
+    caplog: pytest.LogCaptureFixture,
+    head: bytes,
+    status: int,
+) -> None:
+    caplog.set_level(logging.INFO, logger="dualproxy")
+    async with proxy(key, cafile, tmp_path, upstream) as p:
+        async with p.client() as client:
+            result = await upload_then_read(client, head)
+        await wait_until(lambda: bool(conn_lines(caplog)))
+    assert result is not None, "the upload was reset"
+    answer, clean = result
+    [refusal] = parse_responses(answer)
+    assert refusal.status == status
+    assert refusal.header(b"connection") == [b"close"]
+    assert clean  # close_notify, then the end of the stream: no reset
+    assert upstream.received == b""
+    [line] = conn_lines(caplog)
+    assert line["detail"] == f'"{status}'  # the record still says why it ended
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [pytest.param(head, status, id=name) for name, head, status in REFUSED_UPLOADS],
+)
+async def test_without_the_lingering_close_the_same_upload_is_reset(
+    key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    upstream: UpstreamServer,
+    monkeypatch: pytest.MonkeyPatch,
+    head: bytes,
+    status: int,
+) -> None:
+    """The negative twin: what the test above shows is the lingering close's doing."""
+    monkeypatch.setattr(server_module, "LINGER_TIME", 0)
+    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as client:
+        result = await upload_then_read(client, head)
+    if result is not None:  # the upload went through; then the answer was cut
+        answer, clean = result
+        assert not clean
+        assert f" {status} ".encode() not in answer
+
+
+async def test_only_a_refusal_with_the_request_unread_lingers(
+    key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    upstream: UpstreamServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cleanly finished exchange, or a refusal after the whole request was read, closes at
+    once; only a request left unread costs a lingering close."""
+    lingered: list[bool] = []
+    real = server_module.lingering_close
+
+    async def spy(tls: trio.SSLStream[Any], stream: trio.SocketStream) -> None:
+        lingered.append(True)
+        await real(tls, stream)
+
+    monkeypatch.setattr(server_module, "lingering_close", spy)
+    async with proxy(key, cafile, tmp_path, upstream, max_body_bytes=1000) as p:
+        async with p.client() as client:
+            reply = await client.request("POST", body=b"x" * 10, headers=[("connection", "close")])
+            assert reply.status == 200
+            # The proxy chose how to close before the client sees the end.
+            await client.read_until_closed()
+        assert lingered == []
+        async with p.client() as client:
+            await client.send(req("POST / HTTP/1.1", HOST, "Content-Length: 5", body=b"hello"))
+            await client.send(req("POST / HTTP/1.1", HOST, "Content-Length: 1001"))
+            answer, _ = await client.read_until_closed()
+        assert [r.status for r in parse_responses(answer)] == [200, 413]
+        assert lingered == [True]
+    with closed_port() as port:
+        table = upstream_table(upstream, url=f"https://localhost:{port}")
+        async with proxy(key, cafile, tmp_path, table) as p, p.client() as client:
+            await client.send(GOOD_REQUEST)  # no body: read whole with its head
+            answer, _ = await client.read_until_closed()
+    assert [r.status for r in parse_responses(answer)] == [502]
+    assert lingered == [True]
 
 
 # --- graceful shutdown ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ is blocked, so they wait for no real timeout; every other wait is bounded by CLI
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import re
@@ -45,6 +46,7 @@ from dualproxy.clienthello import ClientHello, parse_client_hello
 from dualproxy.config import Config, ListenAddress
 from dualproxy.pins import spki_pin_of_certificate
 from dualproxy.server import Outcome, Server, classify_handshake_failure, open_listeners
+from dualproxy.streams import ReplayStream
 
 NOW: Final = datetime(2026, 6, 1, tzinfo=UTC)
 HINTED_SNI: Final = "k2.api.example.com"  # rotating_config hints it to the new key, k2
@@ -1031,6 +1033,96 @@ async def test_a_placeholder_response_is_one_send(method: bytes) -> None:
         assert isinstance(event, h11.Data)
         received += event.data
     assert received == (b"" if method == b"HEAD" else body)
+
+
+# --- the lingering close (end to end after refusals: test_relay.py) ----------------------------
+
+
+@dataclass
+class LingerPair:
+    """A handshaken TLS connection over a socket pair: the server's end as
+    `handle_connection` has it, and a client."""
+
+    tls: trio.SSLStream[ReplayStream]
+    socket_stream: trio.SocketStream
+    raw: socket.socket  # the server's socket, for synchronous looks into its buffer
+    client: trio.SSLStream[trio.SocketStream]
+
+    def unread(self) -> bytes | None:
+        """What waits in our receive buffer: b"" after the client's close, None for nothing."""
+        try:
+            return self.raw.recv(1 << 20, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+
+
+@pytest.fixture
+async def linger_pair(ca: trustme.CA) -> AsyncIterator[LingerPair]:
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(PLAIN_SNI).configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    raw, raw_client = socket.socketpair()
+    ours, theirs = trio.socket.from_stdlib_socket(raw), trio.socket.from_stdlib_socket(raw_client)
+    socket_stream = trio.SocketStream(ours)
+    tls = trio.SSLStream(ReplayStream(socket_stream), server_context, server_side=True)
+    client = trio.SSLStream(trio.SocketStream(theirs), client_context, server_hostname=PLAIN_SNI)
+    with trio.fail_after(CLIENT_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tls.do_handshake)
+            nursery.start_soon(client.do_handshake)
+    try:
+        yield LingerPair(tls, socket_stream, raw, client)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+async def test_lingering_close_ends_our_side_and_reads_until_the_client_closes(
+    linger_pair: LingerPair,
+) -> None:
+    pair = linger_pair
+    with trio.fail_after(CLIENT_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server_mod.lingering_close, pair.tls, pair.socket_stream)
+            await pair.client.send_all(b"body bytes still coming" * 1000)
+            assert await pair.client.receive_some() == b""  # close_notify
+            # Then the end of the stream, from our SHUT_WR: the socket itself is still open.
+            assert await pair.client.transport_stream.receive_some() == b""
+            assert pair.socket_stream.socket.did_shutdown_SHUT_WR
+            await pair.client.send_all(b"and more")  # TLS 1.3: our close ends our side only
+            await pair.client.transport_stream.aclose()
+    assert pair.unread() == b""  # everything read, up to the close
+
+
+async def test_lingering_close_gives_up_on_a_quiet_client(
+    linger_pair: LingerPair, mock_clock: trio.testing.MockClock
+) -> None:
+    """The client reads our end and keeps the connection open: LINGER_TIMEOUT ends the wait."""
+    pair = linger_pair
+    with trio.fail_after(server_mod.LINGER_TIME / 2):  # on the mock clock: not a real wait
+        await server_mod.lingering_close(pair.tls, pair.socket_stream)
+        assert await pair.client.receive_some() == b""
+
+
+async def test_lingering_close_stops_reading_at_its_byte_limit(
+    linger_pair: LingerPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_mod, "LINGER_MAX_BYTES", 64 * 1024)
+    pair = linger_pair
+    with trio.fail_after(CLIENT_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+
+            async def send_until_refused() -> None:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    for _ in range(64):  # bounded: 4 MiB, more than the socket pair buffers
+                        await pair.client.send_all(b"x" * (64 * 1024))
+
+            nursery.start_soon(send_until_refused)
+            await server_mod.lingering_close(pair.tls, pair.socket_stream)
+            # The client never closed: what it sent past the limit is still unread.
+            assert pair.unread()
+            pair.socket_stream.socket.close()  # as _connection_task does; the sender stops
 
 
 # --- shutdown and crashes ------------------------------------------------------------------------

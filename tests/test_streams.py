@@ -105,6 +105,19 @@ async def test_closed_stream_refuses_everything_and_closes_transport() -> None:
         await near.receive_some()
 
 
+async def test_keep_transport_open_leaves_the_transport_to_the_caller() -> None:
+    near, far = trio.testing.memory_stream_pair()
+    stream = ReplayStream(near, b"never read")
+    stream.keep_transport_open()
+
+    await stream.aclose()
+
+    with pytest.raises(trio.ClosedResourceError):
+        await stream.receive_some()
+    await far.send_all(b"still")
+    assert await near.receive_some() == b"still"
+
+
 async def test_aclose_during_a_prefix_receive_raises_closed() -> None:
     near, _far = trio.testing.memory_stream_pair()
     stream = ReplayStream(near, b"peeked")
