@@ -1,0 +1,1372 @@
+"""dualproxy versus nginx as TLS-terminating reverse proxies: server CPU per request and per
+new connection, measured side by side in the same run.
+
+Theory of operation. On a small machine the load generator, the proxy under test and the
+upstream share the cores, so requests per second alone mostly measure who won the scheduler.
+What this script compares is what each proxy *costs*: the CPU time the kernel charged to the
+proxy's process tree (utime + stime of every process in it, plus cutime + cstime of children
+already reaped, from /proc/PID/stat) between just before and just after a load run, divided by
+the requests the load generator completed. Both proxies are measured in the same round, in
+alternating order, and each figure is reported as the median over rounds, next to the median
+of the per-round ratios dualproxy/nginx.
+
+The set-up, all on 127.0.0.1:
+
+    wrk / h2load  --TLS-->  nginx (1 worker)  --HTTP/1.1 keep-alive-->  upstream
+    wrk / h2load  --TLS-->  dualproxy         --HTTP/1.1 keep-alive-->  upstream
+
+The upstream is a separate nginx instance answering `return 200` (no file I/O, no logging),
+shared by both proxies and accounted separately. Certificates are ECDSA P-256, made with
+trustme at run time in a temporary directory. Session resumption is off on both: h2load and
+wrk resume whatever a server offers (`probe_load_generators` counts it), so nginx runs with
+its session cache and tickets off and dualproxy through serve_without_tickets.py, both with an
+OPENSSL_CONF that sends no tickets; `probe_tls` checks that neither resumes.
+
+Two loads per proxy and round:
+
+* keep-alive: `wrk -t1 -c32` for the duration: a handful of TLS handshakes, then requests;
+* new connection: `h2load --h1 -H 'Connection: close' -c16 -n N`, N sized by a calibration run
+  to last about the duration: one full TLS handshake per request.
+
+The machine may be shared (a test suite running next to us): before each run the script waits
+for it to be idle, and a run during which other processes were busy is measured again.
+
+Every process this script starts runs in its own session (process group) and is stopped in a
+`finally`: nginx with `nginx -s stop` on its pid file, dualproxy with SIGTERM, then SIGKILL to
+the whole group for anything still there. See benchmarks/README.md for how to read the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final, Literal
+
+REPO: Final = Path(__file__).resolve().parent.parent
+VENV_BIN: Final = Path(sys.executable).parent
+DEFAULT_RESULTS_DIR: Final = REPO / "benchmarks" / "results"
+
+# Debian packages providing each tool we run.
+DEBIAN_PACKAGES: Final = {"nginx": "nginx", "wrk": "wrk", "h2load": "nghttp2-client"}
+# The upstream's answer: distinctive, so a proxy that answers by itself is caught.
+UPSTREAM_BODY: Final = "dualproxy-bench upstream ok\n"
+# How long a server may take to start listening before we give up on it.
+START_TIMEOUT: Final = 15.0
+# After a load run ends, the servers finish closing connections and nginx flushes its
+# buffered access log (flush=1s below); only then is the "after" CPU sample taken. An idle
+# server costs nothing measurable in that time (dualproxy polls its key files every 2 s).
+SETTLE_SECONDS: Final = 1.5
+# A load generator is killed after LOAD_TIMEOUT_FACTOR * duration + LOAD_GRACE_SECONDS: an
+# h2load run sized from a calibration may run slower than calibrated, but not this much.
+LOAD_TIMEOUT_FACTOR: Final = 3
+LOAD_GRACE_SECONDS: Final = 30.0
+# Requests per h2load client in the calibration run that sizes the new-connection runs.
+CALIBRATION_REQUESTS_PER_CLIENT: Final = 25
+# Given to both proxies as OPENSSL_CONF: no TLS 1.3 session tickets, no TLS 1.2 tickets.
+# h2load and wrk resume any session a server offers when they reconnect
+# (probe_load_generators shows it), so a server that offers one would be measured on resumed
+# handshakes. For nginx this stops the (unusable) stateful tickets OpenSSL 3 still sends with
+# ssl_session_tickets off; dualproxy sets num_tickets itself, which this cannot override:
+# serve_without_tickets.py does. Debian 12's own openssl.cnf sets no TLS defaults, so
+# replacing it for these two processes changes nothing else.
+NO_TICKETS_OPENSSL_CONF: Final = """openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+NumTickets = 0
+Options = NoTicket
+"""
+# Before each run the machine must be this idle (cores busy, summed) over one window; the
+# servers between runs use next to nothing, so anything above it is someone else's work.
+QUIET_BUSY_CORES: Final = 0.15
+QUIET_WINDOW_SECONDS: Final = 1.0
+# A run during which processes other than ours used more than this share of the run's wall
+# time is flagged as noisy (printed, and in the JSON).
+NOISY_FOREIGN_SHARE: Final = 0.10
+# Targets from the issue, and the naive ~150-line trio+h11 proxy measured the same way.
+TARGET_KEEPALIVE_PER_CORE: Final = 0.15
+TARGET_NEWCONN_CPU: Final = 2.0
+REFERENCE_KEEPALIVE_PER_CORE: Final = 0.11
+REFERENCE_NEWCONN_CPU: Final = 2.5
+CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+
+ProxyName = Literal["nginx", "dualproxy"]
+LoadKind = Literal["keepalive", "newconn"]
+PROXIES: Final[tuple[ProxyName, ...]] = ("nginx", "dualproxy")
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on: a tool is missing, a server did not start or misbehaves."""
+
+
+# --- tools -------------------------------------------------------------------------------
+
+
+def tool_path(name: str) -> str | None:
+    """`name` on PATH, or in /usr/sbin (where Debian puts nginx, often off a user's PATH)."""
+    found = shutil.which(name)
+    if found is None and os.access(f"/usr/sbin/{name}", os.X_OK):
+        found = f"/usr/sbin/{name}"
+    return found
+
+
+def ensure_debian_packages() -> None:
+    """apt-get install whichever of nginx, wrk, nghttp2-client (h2load) is missing."""
+    missing = sorted({pkg for tool, pkg in DEBIAN_PACKAGES.items() if tool_path(tool) is None})
+    if not missing:
+        return
+    sudo: list[str] = []
+    if os.geteuid() != 0:
+        if shutil.which("sudo") is None:
+            raise BenchError(f"missing {', '.join(missing)}: apt-get install them as root")
+        sudo = ["sudo"]
+    print(f"installing {' '.join(missing)} with apt-get", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run([*sudo, "apt-get", "update", "-q"], check=True, env=env, timeout=900)
+    subprocess.run(
+        [*sudo, "apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+        check=True,
+        env=env,
+        timeout=1800,
+    )
+    still = [tool for tool in DEBIAN_PACKAGES if tool_path(tool) is None]
+    if still:
+        raise BenchError(f"apt-get ran but {', '.join(still)} is still not found")
+
+
+def ensure_py_spy() -> str:
+    """py-spy from the venv, pip-installed there when missing (only with --profile)."""
+    path = VENV_BIN / "py-spy"
+    if not path.exists():
+        print("installing py-spy into the venv", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True, timeout=600
+        )
+    return str(path)
+
+
+def tool_versions() -> dict[str, str]:
+    def first_line(cmd: Sequence[str]) -> str:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+        except OSError as exc:
+            return f"unavailable: {exc}"
+        return (
+            (done.stdout + done.stderr).strip().splitlines()[0] if done.stdout + done.stderr else ""
+        )
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10, check=False
+        )
+        return done.stdout.strip()
+
+    nginx = tool_path("nginx") or "nginx"
+    return {
+        "nginx": first_line([nginx, "-v"]),
+        "wrk": first_line(["wrk", "-v"]),
+        "h2load": first_line(["h2load", "--version"]),
+        "openssl": first_line(["openssl", "version"]),
+        "python": sys.version.split()[0],
+        "python_openssl": ssl.OPENSSL_VERSION,
+        "kernel": platform.release(),
+        "cpu": _cpu_model(),
+        "cores": str(os.cpu_count()),
+        "dualproxy_commit": git("rev-parse", "HEAD"),
+        "dualproxy_dirty_files": git("status", "--porcelain", "--", "dualproxy"),
+        "relay_module_present": str((REPO / "dualproxy" / "relay.py").exists()),
+    }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+# --- CPU accounting ----------------------------------------------------------------------
+
+
+def _stat(pid: int) -> tuple[int, int, int] | None:
+    """(parent pid, user ticks, system ticks) of one process: utime + cutime, stime + cstime
+    (cutime and cstime cover its children already reaped, gone from /proc); None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces or ")"; field n
+    # (1-based, proc(5)) is at index n - 3 after the last ")".
+    fields = text[text.rindex(")") + 2 :].split()
+    ppid = int(fields[4 - 3])
+    utime, stime, cutime, cstime = (int(x) for x in fields[14 - 3 : 17 - 3 + 1])
+    return ppid, utime + cutime, stime + cstime
+
+
+def machine_seconds() -> tuple[float, float]:
+    """(busy, stolen): CPU seconds since boot that all cores spent running something, and
+    that the hypervisor gave to someone else (/proc/stat, first line)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (
+            int(x) for x in f.readline().split()[1:9]
+        )
+    # Guest time is counted in user already. With tick-based accounting (no
+    # IRQ_TIME_ACCOUNTING) a tick in a softirq is also charged to the task it interrupted.
+    return (user + nice + system + irq + softirq) / CLOCK_TICKS, steal / CLOCK_TICKS
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this script's children that have been waited for (the load runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wait_for_quiet(timeout: float) -> float:
+    """Wait until the machine is nearly idle (other work, such as a test suite, would compete
+    with the run); gives up after `timeout`. Returns the busy share of the last second."""
+    if timeout <= 0:
+        return 0.0
+    deadline = time.monotonic() + timeout
+    while True:
+        before = machine_seconds()[0]
+        time.sleep(QUIET_WINDOW_SECONDS)
+        busy = (machine_seconds()[0] - before) / QUIET_WINDOW_SECONDS
+        if busy <= QUIET_BUSY_CORES or time.monotonic() >= deadline:
+            return busy
+
+
+def tree_cpu_seconds(root: int) -> tuple[float, float]:
+    """(user, system) CPU seconds charged so far to `root` and every live descendant (threads
+    included: /proc/PID/stat sums a process's threads), plus the children each of them reaped.
+    System time is the kernel working for the process: system calls, and the TCP work done
+    in its context."""
+    stats: dict[int, tuple[int, int, int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            stats[int(entry.name)] = stat
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    user = system = 0
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            user += stats[pid][1]
+            system += stats[pid][2]
+            todo += children.get(pid, [])
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
+
+
+# --- servers -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A free port below the kernel's ephemeral range. One inside it (what binding port 0
+    gives) may be taken as a source port by the thousands of connections h2load opens per
+    second, ours or another benchmark's, between now and the server binding it."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(max(1024, low - 12000), low))
+    random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise BenchError("no free port below the ephemeral range")
+
+
+@dataclass
+class Server:
+    """A process we started, in its own process group, and how to stop it politely."""
+
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+    stop_command: list[str] | None = None  # nginx -s stop; None: SIGTERM
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                if self.stop_command is not None:
+                    subprocess.run(self.stop_command, capture_output=True, timeout=10, check=False)
+                else:
+                    self.process.send_signal(signal.SIGTERM)
+                self.process.wait(timeout=10)
+            except (subprocess.TimeoutExpired, OSError):
+                pass
+        # Whatever is left in its group (an nginx worker whose master died, say) goes now.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+
+    def log_tail(self, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def start_server(
+    name: str,
+    cmd: Sequence[str],
+    port: int,
+    log: Path,
+    *,
+    stop_command: list[str] | None = None,
+    openssl_conf: Path | None = None,
+) -> Server:
+    env = dict(os.environ)
+    if openssl_conf is not None:
+        env["OPENSSL_CONF"] = str(openssl_conf)
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, env=env
+        )
+    return Server(name=name, port=port, process=process, log=log, stop_command=stop_command)
+
+
+def wait_listening(server: Server) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise BenchError(f"{server.name} exited at start:\n{server.log_tail()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", server.port), 1):
+            if server.process.poll() is None:
+                return
+        time.sleep(0.05)
+    raise BenchError(f"{server.name} did not listen on port {server.port}:\n{server.log_tail()}")
+
+
+def nginx_conf(directory: Path, name: str, events_and_http: str) -> Path:
+    """An nginx config running in the foreground (so its master is our child) in `directory`."""
+    temp = directory / f"{name}-temp"
+    temp.mkdir()
+    # As root, nginx would run its worker as nobody, who cannot enter our 0700 directory.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    text = (
+        f"{user}daemon off;\nmaster_process on;\nworker_processes 1;\n"
+        f"pid {directory}/{name}.pid;\nerror_log {directory}/{name}-error.log warn;\n"
+        f"worker_rlimit_nofile 65536;\nevents {{ worker_connections 8192; }}\n"
+        f"http {{\n"
+        f"    client_body_temp_path {temp}/client;\n    proxy_temp_path {temp}/proxy;\n"
+        f"    fastcgi_temp_path {temp}/fastcgi;\n    uwsgi_temp_path {temp}/uwsgi;\n"
+        f"    scgi_temp_path {temp}/scgi;\n"
+        f"{events_and_http}}}\n"
+    )
+    path = directory / f"{name}.conf"
+    path.write_text(text)
+    return path
+
+
+def upstream_http_block(port: int) -> str:
+    # No cap on requests per connection and a long idle time: neither proxy should ever
+    # pay for reconnecting to the upstream during a run.
+    return f"""    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            default_type text/plain;
+            return 200 "{UPSTREAM_BODY.strip()}\\n";
+        }}
+    }}
+"""
+
+
+def nginx_proxy_http_block(port: int, upstream_port: int, certs: CertFiles, log: Path) -> str:
+    # keepalive_requests: nginx closes a client connection after 1000 requests by default,
+    # which would make wrk reconnect (a TLS handshake) where dualproxy does not.
+    # The access log records resumption and requests per connection: the run checks both.
+    fields = "$connection $connection_requests $ssl_session_reused $ssl_protocol $status"
+    return f"""    log_format bench '{fields}';
+    access_log {log} bench buffer=64k flush=1s;
+    keepalive_requests 10000000;
+    keepalive_timeout 60s;
+    upstream backend {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 32;
+        keepalive_requests 10000000;
+        keepalive_timeout 30s;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl backlog=4096;
+        ssl_certificate {certs.chain};
+        ssl_certificate_key {certs.key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache off;
+        ssl_session_tickets off;
+        # Server order, as dualproxy's context has (it needs it to predict the certificate):
+        # both then pick TLS_AES_256_GCM_SHA384, whatever order h2load or wrk offer.
+        ssl_prefer_server_ciphers on;
+        # The headers dualproxy's forwarding adds; Host becomes the upstream's (both rewrite).
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto https;
+            proxy_set_header X-Forwarded-Host $host;
+        }}
+    }}
+"""
+
+
+def dualproxy_toml(port: int, upstream_port: int | None) -> str:
+    """dualproxy's config; without an upstream it answers every request itself."""
+    text = f"""# Generated by benchmarks/run.py.
+[listen]
+address = "127.0.0.1:{port}"
+
+[keys.bench]
+key = "key.pem"
+chain = "chain.pem"
+"""
+    if upstream_port is not None:
+        text += f'\n[upstream]\nurl = "http://127.0.0.1:{upstream_port}"\n'
+    return text
+
+
+@dataclass(frozen=True)
+class CertFiles:
+    ca: Path
+    key: Path
+    chain: Path
+
+
+def make_certs(directory: Path) -> CertFiles:
+    """An ECDSA P-256 CA and server certificate for 127.0.0.1 and localhost (trustme)."""
+    import trustme
+
+    ca = trustme.CA(key_type=trustme.KeyType.ECDSA)
+    leaf = ca.issue_cert("127.0.0.1", "localhost", key_type=trustme.KeyType.ECDSA)
+    files = CertFiles(
+        ca=directory / "ca.pem", key=directory / "key.pem", chain=directory / "chain.pem"
+    )
+    ca.cert_pem.write_to_path(str(files.ca))
+    # dualproxy refuses a private key others can read: create it 0600 before writing.
+    fd = os.open(files.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(leaf.private_key_pem.bytes())
+    files.chain.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    return files
+
+
+# --- checks ------------------------------------------------------------------------------
+
+
+@dataclass
+class TlsProbe:
+    """What a Python client sees: the certificate, the protocol, and whether resuming works."""
+
+    status_line: str
+    body: str
+    certificate_key: str
+    protocol: str
+    cipher: str
+    ticket_received: bool
+    resumed_on_reconnect: bool
+
+
+def _https_get(
+    port: int, context: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[bytes, ssl.SSLSocket]:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    tls = context.wrap_socket(raw, server_hostname="127.0.0.1", session=session)
+    tls.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    response = bytearray()
+    while chunk := tls.recv(65536):
+        response += chunk
+    return bytes(response), tls
+
+
+def probe_tls(port: int, certs: CertFiles) -> TlsProbe:
+    """One request with certificate verification, then a reconnect offering the session: tells
+    whether the server hands out resumable sessions (TLS 1.3 tickets) at all."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    response, tls = _https_get(port, context, None)
+    with tls:
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        public_key = x509.load_der_x509_certificate(der).public_key()
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            key = f"ECDSA {public_key.curve.name}"
+        else:
+            key = type(public_key).__name__
+        cipher = tls.cipher()
+        session = tls.session
+        protocol = tls.version() or "?"
+    ticket = session is not None and session.has_ticket
+    _, again = _https_get(port, context, session)
+    with again:
+        resumed = bool(again.session_reused)
+    head, _, body = response.partition(b"\r\n\r\n")
+    return TlsProbe(
+        status_line=head.split(b"\r\n", 1)[0].decode("latin-1"),
+        body=body.decode("utf-8", "replace"),
+        certificate_key=key,
+        protocol=protocol,
+        cipher=cipher[0] if cipher else "?",
+        ticket_received=ticket,
+        resumed_on_reconnect=resumed,
+    )
+
+
+def curl_body(port: int, certs: CertFiles) -> str:
+    done = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            str(certs.ca),
+            f"https://127.0.0.1:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"curl through port {port} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+class _ResumptionCounter:
+    """A tiny blocking HTTPS server with dualproxy's own TLS context that answers every
+    request with Connection: close and counts full and resumed handshakes: run a load
+    generator against it to see whether that client would resume sessions dualproxy issues."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.full = 0
+        self.resumed = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> _ResumptionCounter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                raw, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            raw.settimeout(2)
+            try:
+                with self.context.wrap_socket(raw, server_side=True) as tls:
+                    if tls.session_reused:
+                        self.resumed += 1
+                    else:
+                        self.full += 1
+                    head = b""
+                    while b"\r\n\r\n" not in head and (chunk := tls.recv(4096)):
+                        head += chunk
+                    tls.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
+                    )
+            except (OSError, ssl.SSLError):
+                raw.close()
+
+
+def probe_load_generators(dualproxy_toml_path: Path) -> dict[str, dict[str, int]]:
+    """Full and resumed handshakes h2load and wrk make when every response closes the
+    connection, against a server holding the very SSLContext dualproxy builds (which issues
+    TLS 1.3 tickets): proves whether the new-connection figures include any resumption."""
+    sys.path.insert(0, str(REPO))
+    from dualproxy import config, keystore
+
+    snapshot = keystore.load_snapshot(config.load(dualproxy_toml_path))
+    context = snapshot.identities["single"].context
+    results: dict[str, dict[str, int]] = {}
+    for name in ("h2load", "wrk"):
+        with _ResumptionCounter(context) as counter:
+            # The same commands as the measured runs, smaller: 200 requests, or one second.
+            if name == "h2load":
+                cmd = h2load_command(counter.port, 4, 200)
+            else:
+                cmd = wrk_command(counter.port, 4, 1)
+            subprocess.run(cmd, capture_output=True, timeout=60, check=False)
+        results[name] = {"full_handshakes": counter.full, "resumed_handshakes": counter.resumed}
+    return results
+
+
+# --- load --------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    requests: int  # completed with a 2xx
+    seconds: float
+    errors: int
+    tls: str = ""
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    output: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+_UNITS: Final = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _seconds(value: str, unit: str) -> float:
+    return float(value) * _UNITS[unit]
+
+
+def wrk_command(port: int, connections: int, duration: float) -> list[str]:
+    return [
+        "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s", "--latency",
+        f"https://127.0.0.1:{port}/",
+    ]  # fmt: skip
+
+
+def h2load_command(port: int, connections: int, requests: int) -> list[str]:
+    # A request count, not -D: h2load 1.52's timing mode never ends when the server closes
+    # every connection (it spins until killed). The count is sized from a calibration run so
+    # that a run lasts about --duration, and run_load bounds it in time regardless.
+    return [
+        "h2load", "--h1", "-H", "Connection: close", f"-c{connections}", "-t1", f"-n{requests}",
+        f"https://127.0.0.1:{port}/",
+    ]  # fmt: skip
+
+
+def parse_wrk(output: str) -> LoadResult:
+    done = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h),", output)
+    if done is None:
+        raise BenchError(f"wrk printed no summary:\n{output}")
+    requests, seconds = int(done.group(1)), _seconds(done.group(2), done.group(3))
+    errors = 0
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", output):
+        errors += int(m.group(1))
+    if m := re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    ):
+        errors += sum(int(x) for x in m.groups())
+    latency = {
+        f"p{p}": _seconds(v, u)
+        for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)", output, re.MULTILINE)
+    }
+    return LoadResult(
+        requests=requests - errors,
+        seconds=seconds,
+        errors=errors,
+        latency_ms={k: round(v * 1000, 3) for k, v in latency.items()},
+        output=output,
+    )
+
+
+def parse_h2load(output: str) -> LoadResult:
+    done = re.search(r"finished in ([\d.]+)(us|ms|s|m|h),", output)
+    counts = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed,"
+        r" (\d+) errored, (\d+) timeout",
+        output,
+    )
+    status = re.search(r"status codes: (\d+) 2xx", output)
+    if done is None or counts is None or status is None:
+        raise BenchError(f"h2load printed no summary:\n{output}")
+    tls = " ".join(
+        m.group(1).strip()
+        for key in ("TLS Protocol", "Cipher", "Server Temp Key")
+        if (m := re.search(rf"{key}: (.*)", output))
+    )
+    ok = int(status.group(1))
+    return LoadResult(
+        requests=ok,
+        seconds=_seconds(done.group(1), done.group(2)),
+        errors=int(counts.group(5))
+        + int(counts.group(6))
+        + int(counts.group(7))
+        + (int(counts.group(4)) - ok),
+        tls=tls,
+        output=output,
+    )
+
+
+def run_load(cmd: Sequence[str], duration: float, parse: Callable[[str], LoadResult]) -> LoadResult:
+    """Run a load generator to completion, killing it if it overruns `duration` by far."""
+    try:
+        done = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=LOAD_TIMEOUT_FACTOR * duration + LOAD_GRACE_SECONDS,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{' '.join(cmd)} overran its time and was killed") from None
+    if done.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout}{done.stderr}")
+    return parse(done.stdout)
+
+
+# --- what the servers saw ----------------------------------------------------------------
+
+
+def read_from(path: Path, offset: int) -> str:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode("utf-8", "replace")
+
+
+def server_view(proxy: ProxyName, text: str) -> dict[str, int]:
+    """Connections, requests and resumed sessions from the proxy's own log for one run."""
+    if proxy == "nginx":
+        # log_format bench: connection serial, its request number, r or ., protocol, status
+        # (499, "client closed request", is wrk stopping with requests in flight.)
+        rows = [line.split() for line in text.splitlines() if line.strip()]
+        statuses = Counter(row[4] for row in rows if not row[4].startswith("2"))
+        return {
+            "connections": len({row[0] for row in rows}),
+            "requests": len(rows),
+            "resumed_requests": sum(1 for row in rows if row[2] == "r"),
+        } | {f"status_{code}": n for code, n in sorted(statuses.items())}
+    # dualproxy: one "conn ... outcome=X ... requests=N" line per connection when it ends.
+    lines = [line for line in text.splitlines() if " conn " in line]
+    outcomes = Counter(m.group(1) for line in lines if (m := re.search(r" outcome=(\S+)", line)))
+    view = {
+        "connections": len(lines),
+        "requests": sum(
+            int(m.group(1)) for line in lines if (m := re.search(r" requests=(\d+)", line))
+        ),
+    }
+    view |= {f"outcome_{name}": count for name, count in sorted(outcomes.items())}
+    return view
+
+
+# --- one measured run --------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    proxy: ProxyName
+    kind: LoadKind
+    round: int
+    requests: int
+    seconds: float
+    errors: int
+    server_cpu_s: float  # user + system
+    server_system_cpu_s: float  # of which in the kernel
+    upstream_cpu_s: float
+    load_generator_cpu_s: float
+    # CPU the machine spent outside our servers and load generator during the run.
+    foreign_cpu_s: float
+    # CPU time the hypervisor gave to other machines (steal): a busy host.
+    stolen_cpu_s: float
+    server_view: dict[str, int]
+    tls: str
+    latency_ms: dict[str, float]
+
+    @property
+    def noisy(self) -> bool:
+        return self.foreign_cpu_s > NOISY_FOREIGN_SHARE * self.seconds
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return 1000 * self.server_cpu_s / self.requests if self.requests else float("nan")
+
+    @property
+    def kernel_share(self) -> float:
+        return self.server_system_cpu_s / self.server_cpu_s if self.server_cpu_s else float("nan")
+
+    @property
+    def requests_per_cpu_second(self) -> float:
+        return self.requests / self.server_cpu_s if self.server_cpu_s else float("nan")
+
+    def as_json(self) -> dict[str, object]:
+        return asdict(self) | {
+            "noisy": self.noisy,
+            "requests_per_second": round(self.rate, 1),
+            "cpu_ms_per_request": round(self.cpu_ms_per_request, 4),
+            "requests_per_cpu_second": round(self.requests_per_cpu_second, 1),
+        }
+
+
+@dataclass
+class Bench:
+    servers: dict[str, Server]
+    access_log: Path
+    args: argparse.Namespace
+    taskset_load: list[str]
+    # h2load -n per proxy, sized by calibrate() so that a run lasts about --duration.
+    newconn_requests: dict[str, int] = field(default_factory=dict)
+
+    def calibrate(self, proxy: ProxyName, duration: float) -> Run:
+        """A short h2load run (also a warm-up) that sizes this proxy's new-connection runs."""
+        clients = self.args.newconn_connections
+        self.newconn_requests[proxy] = clients * CALIBRATION_REQUESTS_PER_CLIENT
+        run = self.measure(proxy, "newconn", -1, duration)
+        per_client = max(4, round(run.rate * duration / clients))
+        self.newconn_requests[proxy] = per_client * clients
+        return run
+
+    def measure(self, proxy: ProxyName, kind: LoadKind, round_: int, duration: float) -> Run:
+        server = self.servers[proxy]
+        log = self.access_log if proxy == "nginx" else server.log
+        offset = log.stat().st_size
+        if kind == "keepalive":
+            cmd = wrk_command(server.port, self.args.keepalive_connections, duration)
+            parse = parse_wrk
+        else:
+            requests = self.newconn_requests[proxy]
+            cmd = h2load_command(server.port, self.args.newconn_connections, requests)
+            parse = parse_h2load
+        wait_for_quiet(self.args.quiet_timeout)
+        ours0 = {name: tree_cpu_seconds(s.pid) for name, s in self.servers.items()}
+        (busy0, steal0), load0 = machine_seconds(), children_cpu_seconds()
+        result = run_load([*self.taskset_load, *cmd], duration, parse)
+        time.sleep(SETTLE_SECONDS)
+        (busy1, steal1), load1 = machine_seconds(), children_cpu_seconds()
+        ours1 = {name: tree_cpu_seconds(s.pid) for name, s in self.servers.items()}
+        ours = {name: sum(ours1[name]) - sum(ours0[name]) for name in ours0}
+        server_system = ours1[proxy][1] - ours0[proxy][1]
+        for s in self.servers.values():
+            if s.process.poll() is not None:
+                raise BenchError(f"{s.name} died during the run:\n{s.log_tail()}")
+        return Run(
+            proxy=proxy,
+            kind=kind,
+            round=round_,
+            requests=result.requests,
+            seconds=round(result.seconds, 3),
+            errors=result.errors,
+            server_cpu_s=round(ours[proxy], 3),
+            server_system_cpu_s=round(server_system, 3),
+            upstream_cpu_s=round(ours["upstream"], 3),
+            load_generator_cpu_s=round(load1 - load0, 3),
+            foreign_cpu_s=round(busy1 - busy0 - sum(ours.values()) - (load1 - load0), 3),
+            stolen_cpu_s=round(steal1 - steal0, 3),
+            server_view=server_view(proxy, read_from(log, offset)),
+            tls=result.tls,
+            latency_ms=result.latency_ms,
+        )
+
+
+# --- summary -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Figure:
+    label: str
+    kind: LoadKind
+    value: Callable[[Run], float]
+    fmt: str
+    target: str = ""
+
+
+FIGURES: Final = (
+    Figure("requests/s", "keepalive", lambda r: r.rate, "{:,.0f}"),
+    Figure("server CPU s", "keepalive", lambda r: r.server_cpu_s, "{:.2f}"),
+    Figure("  of which kernel", "keepalive", lambda r: r.kernel_share, "{:.0%}"),
+    Figure("CPU-ms / request", "keepalive", lambda r: r.cpu_ms_per_request, "{:.4f}"),
+    Figure(
+        "requests / CPU-second",
+        "keepalive",
+        lambda r: r.requests_per_cpu_second,
+        "{:,.0f}",
+        f">= {TARGET_KEEPALIVE_PER_CORE:g}x (naive: {REFERENCE_KEEPALIVE_PER_CORE:g}x)",
+    ),
+    Figure("connections/s", "newconn", lambda r: r.rate, "{:,.0f}"),
+    Figure("server CPU s", "newconn", lambda r: r.server_cpu_s, "{:.2f}"),
+    Figure("  of which kernel", "newconn", lambda r: r.kernel_share, "{:.0%}"),
+    Figure(
+        "CPU-ms / new connection",
+        "newconn",
+        lambda r: r.cpu_ms_per_request,
+        "{:.4f}",
+        f"<= {TARGET_NEWCONN_CPU:g}x (naive: {REFERENCE_NEWCONN_CPU:g}x)",
+    ),
+    Figure("connections / CPU-second", "newconn", lambda r: r.requests_per_cpu_second, "{:,.0f}"),
+)
+
+
+def summarize(runs: Sequence[Run], rounds: int) -> list[dict[str, object]]:
+    """Per figure: each proxy's median over rounds, and the median of per-round ratios."""
+    rows: list[dict[str, object]] = []
+    for fig in FIGURES:
+        per_proxy = {
+            p: [fig.value(r) for r in runs if r.proxy == p and r.kind == fig.kind] for p in PROXIES
+        }
+        ratios = []
+        for n in range(rounds):
+            pair = {r.proxy: fig.value(r) for r in runs if r.round == n and r.kind == fig.kind}
+            if len(pair) == 2 and pair["nginx"]:
+                ratios.append(pair["dualproxy"] / pair["nginx"])
+        rows.append(
+            {
+                "kind": fig.kind,
+                "figure": fig.label,
+                "nginx": statistics.median(per_proxy["nginx"]),
+                "dualproxy": statistics.median(per_proxy["dualproxy"]),
+                "ratio_median": statistics.median(ratios) if ratios else None,
+                "ratio_per_round": [round(x, 4) for x in ratios],
+                "target": fig.target,
+            }
+        )
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, object]], args: argparse.Namespace) -> str:
+    titles = {
+        "keepalive": f"keep-alive: wrk -t1 -c{args.keepalive_connections}, {args.duration:g} s",
+        "newconn": (
+            f"new TLS connection per request: h2load --h1 -H 'Connection: close'"
+            f" -c{args.newconn_connections}, {args.duration:g} s"
+        ),
+    }
+    out = [f"{'':28}{'nginx':>12}{'dualproxy':>12}{'ratio':>9}  target (dualproxy/nginx)"]
+    kind = None
+    for row, fig in zip(rows, FIGURES, strict=True):
+        if row["kind"] != kind:
+            kind = row["kind"]
+            out.append(titles[fig.kind])
+        ratio = row["ratio_median"]
+        verdict = ""
+        if fig.target and isinstance(ratio, float):
+            ok = (
+                ratio >= TARGET_KEEPALIVE_PER_CORE
+                if fig.kind == "keepalive"
+                else ratio <= TARGET_NEWCONN_CPU
+            )
+            verdict = f"{fig.target}: {'MET' if ok else 'NOT MET'}"
+        nginx, dualproxy = fig.fmt.format(row["nginx"]), fig.fmt.format(row["dualproxy"])
+        shown = f"{ratio:.3f}x" if isinstance(ratio, float) else "-"
+        out.append(f"  {fig.label:26}{nginx:>12}{dualproxy:>12}{shown:>9}  {verdict}")
+    return "\n".join(out)
+
+
+# --- profile -----------------------------------------------------------------------------
+
+# Layers, by the file of a sample's innermost Python frame (py-spy's short file names). py-spy
+# samples Python stacks only, so time in C is charged to the Python frame that called it: the
+# self time of ssl.py's SSLObject methods is OpenSSL's (handshake, record crypto), that of
+# trio's socket wrapper is the send/recv system calls (the kernel's TCP loopback work).
+_CATEGORIES: Final = (
+    ("OpenSSL, via ssl.py (handshake, record encryption)", re.compile(r"\(ssl\.py:")),
+    ("socket system calls, via trio/_socket.py", re.compile(r"\(trio/_socket\.py:")),
+    ("trio SSLStream", re.compile(r"\(trio/_ssl\.py:")),
+    ("h11", re.compile(r"\(h11/")),
+    ("dualproxy's own Python", re.compile(r"\(dualproxy/")),
+    ("logging", re.compile(r"\(logging/")),
+    ("trio: scheduler, cancel scopes, checkpoints", re.compile(r"\(trio/")),
+    ("other (stdlib)", re.compile(r"")),
+)
+
+
+# py-spy leaves idle threads out, but takes trio's cached worker thread, parked in a lock wait
+# between jobs, for busy (its /proc CPU time stays 0 meanwhile): those samples are dropped.
+_IDLE_LEAF: Final = re.compile(r"^WorkerThread\._work \(trio/_core/_thread_cache\.py:")
+
+
+def profile_report(raw: Path, top: int = 20) -> str:
+    """A top table from py-spy's collapsed stacks ("frame;frame;... count" per line)."""
+    self_samples: Counter[str] = Counter()
+    total_samples: Counter[str] = Counter()
+    categories: Counter[str] = Counter()
+    total = idle = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        if _IDLE_LEAF.search(frames[-1]):
+            idle += count
+            continue
+        total += count
+        self_samples[frames[-1]] += count
+        for frame in set(frames):
+            total_samples[frame] += count
+        category = next(name for name, pattern in _CATEGORIES if pattern.search(frames[-1]))
+        categories[category] += count
+    if not total:
+        return "no samples"
+
+    out = [
+        f"{total} samples on CPU ({idle} more of trio's idle worker thread left out)",
+        "",
+        "self time by layer:",
+    ]
+    out += [f"  {100 * n / total:5.1f}%  {name}" for name, n in categories.most_common()]
+    out += ["", f"top {top} functions by self time:"]
+    out += [f"  {100 * n / total:5.1f}%  {f}" for f, n in self_samples.most_common(top)]
+    out += ["", f"top {top} functions by inclusive time:"]
+    out += [f"  {100 * n / total:5.1f}%  {f}" for f, n in total_samples.most_common(top)]
+    return "\n".join(out)
+
+
+def profile_dualproxy(bench: Bench, py_spy: str, out_dir: Path, duration: float) -> dict[str, str]:
+    """py-spy on dualproxy during a keep-alive and a new-connection run: an SVG flame graph
+    and a top table for each (two passes each: py-spy writes one format per recording).
+
+    py-spy pauses the process for each sample (without that, --nonblocking, a third of the
+    stacks came out torn), which slows it slightly: these runs are not measured."""
+    server = bench.servers["dualproxy"]
+    reports: dict[str, str] = {}
+    for kind in ("keepalive", "newconn"):
+        for fmt, suffix in (("flamegraph", "svg"), ("raw", "txt")):
+            output = out_dir / f"profile-{kind}.{suffix}"
+            if kind == "keepalive":
+                cmd = wrk_command(server.port, bench.args.keepalive_connections, duration + 2)
+            else:
+                requests = (
+                    bench.newconn_requests["dualproxy"] * (duration + 2) / bench.args.duration
+                )
+                cmd = h2load_command(server.port, bench.args.newconn_connections, round(requests))
+            load = subprocess.Popen(
+                [*bench.taskset_load, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            try:
+                time.sleep(1)  # sample the steady state, not the first connections
+                record = [py_spy, "record", "--pid", str(server.pid), "--duration", f"{duration:g}"]
+                record += ["--rate", "200", "--function", "--format", fmt, "--output", str(output)]
+                spy = subprocess.run(
+                    record,
+                    capture_output=True,
+                    text=True,
+                    timeout=duration + 60,
+                    check=False,
+                )
+                if spy.returncode != 0:
+                    raise BenchError(f"py-spy failed: {spy.stderr.strip()}")
+            finally:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    load.wait(timeout=duration + LOAD_GRACE_SECONDS)
+                if load.poll() is None:
+                    load.kill()
+                    load.wait()
+        report = profile_report(out_dir / f"profile-{kind}.txt")
+        (out_dir / f"profile-{kind}.top.txt").write_text(report + "\n")
+        reports[kind] = report
+    return reports
+
+
+# --- main --------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="dualproxy vs nginx: server CPU per request and per new TLS connection"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (medians over them)")
+    parser.add_argument("--duration", type=float, default=10, help="seconds per load run")
+    parser.add_argument("--warmup", type=float, default=2, help="seconds of unmeasured load first")
+    parser.add_argument("--keepalive-connections", type=int, default=32, help="wrk -c")
+    parser.add_argument("--newconn-connections", type=int, default=16, help="h2load -c")
+    parser.add_argument(
+        "--pin-cpus",
+        action="store_true",
+        help="taskset: proxies on the last CPU, load generator and upstream on the others",
+    )
+    parser.add_argument("--profile", action="store_true", help="py-spy dualproxy afterwards")
+    parser.add_argument(
+        "--quiet-timeout",
+        type=float,
+        default=10,
+        help="seconds to wait, before each run, for the machine to be idle (0: do not wait)",
+    )
+    parser.add_argument(
+        "--noisy-retries",
+        type=int,
+        default=1,
+        help="measure a run again, at most this often, when other processes were busy during it",
+    )
+    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    parser.add_argument(
+        "--no-install", action="store_true", help="do not apt-get/pip install missing tools"
+    )
+    parser.add_argument(
+        "--require-proxy",
+        action="store_true",
+        help="fail unless dualproxy relays to the upstream (not its placeholder answer)",
+    )
+    parser.add_argument(
+        "--dualproxy-default-tls",
+        action="store_true",
+        help="run dualproxy without the no-tickets OpenSSL config: h2load then resumes sessions",
+    )
+    parser.add_argument(
+        "--placeholder",
+        action="store_true",
+        help="give dualproxy no [upstream]: it answers itself (TLS front and HTTP handling)",
+    )
+    parser.add_argument("--keep-tmp", action="store_true", help="keep configs, certs and logs")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.duration <= 0:
+        parser.error("--rounds must be >= 1 and --duration > 0")
+    if args.placeholder and args.require_proxy:
+        parser.error("--placeholder and --require-proxy contradict each other")
+    return args
+
+
+@dataclass
+class Lab:
+    """The three servers, their files and ports, for one invocation."""
+
+    tmp: Path
+    certs: CertFiles
+    servers: dict[str, Server]
+    access_log: Path  # nginx-as-proxy's, one line per request
+    dualproxy_toml: Path
+    taskset_proxy: list[str]
+    taskset_load: list[str]
+
+
+def start_lab(args: argparse.Namespace, tmp: Path, servers: dict[str, Server]) -> Lab:
+    """Certificates, configs, then upstream, nginx and dualproxy, each listening when it
+    returns. `servers` is filled as they start, so the caller can stop them whatever fails."""
+    nginx = tool_path("nginx")
+    assert nginx is not None
+    taskset_proxy: list[str] = []
+    taskset_load: list[str] = []
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin_cpus and len(cpus) >= 2:
+        taskset_proxy = ["taskset", "-c", str(cpus[-1])]
+        taskset_load = ["taskset", "-c", ",".join(map(str, cpus[:-1]))]
+    certs = make_certs(tmp)
+    ports = {name: free_port() for name in ("upstream", "nginx", "dualproxy")}
+    access_log = tmp / "nginx-proxy-access.log"
+    access_log.touch()
+    no_tickets = tmp / "openssl-no-tickets.cnf"
+    no_tickets.write_text(NO_TICKETS_OPENSSL_CONF)
+    blocks = {
+        "upstream": upstream_http_block(ports["upstream"]),
+        "nginx": nginx_proxy_http_block(ports["nginx"], ports["upstream"], certs, access_log),
+    }
+    for name, block in blocks.items():
+        conf = nginx_conf(tmp, name, block)
+        base = [nginx, "-p", str(tmp), "-e", str(tmp / f"{name}-error.log"), "-c", str(conf)]
+        servers[name] = start_server(
+            name,
+            [*(taskset_load if name == "upstream" else taskset_proxy), *base],
+            ports[name],
+            tmp / f"{name}-stderr.log",
+            stop_command=[*base, "-s", "stop"],
+            openssl_conf=no_tickets if name == "nginx" else None,
+        )
+    toml = tmp / "dualproxy.toml"
+    toml.write_text(
+        dualproxy_toml(ports["dualproxy"], None if args.placeholder else ports["upstream"])
+    )
+    if args.dualproxy_default_tls:
+        dualproxy = [str(VENV_BIN / "dualproxy")]
+    else:
+        dualproxy = [sys.executable, str(Path(__file__).with_name("serve_without_tickets.py"))]
+    servers["dualproxy"] = start_server(
+        "dualproxy",
+        [*taskset_proxy, *dualproxy, "serve", "-c", str(toml)],
+        ports["dualproxy"],
+        tmp / "dualproxy.log",
+        openssl_conf=None if args.dualproxy_default_tls else no_tickets,
+    )
+    for server in servers.values():
+        wait_listening(server)
+    return Lab(tmp, certs, servers, access_log, toml, taskset_proxy, taskset_load)
+
+
+def check_lab(lab: Lab, args: argparse.Namespace) -> tuple[str, dict[str, object]]:
+    """Each proxy relays (curl gets the upstream's body), presents ECDSA P-256, and what it
+    does about resumption; whether the load generators resume. Returns dualproxy's mode."""
+    checks: dict[str, object] = {}
+    modes: dict[str, str] = {}
+    probes: dict[str, TlsProbe] = {}
+    for proxy in PROXIES:
+        port = lab.servers[proxy].port
+        body = curl_body(port, lab.certs)
+        probe = probes[proxy] = probe_tls(port, lab.certs)
+        modes[proxy] = "proxy" if body == UPSTREAM_BODY else "placeholder"
+        checks[proxy] = {"curl_body": body, "tls_probe": asdict(probe)}
+        print(
+            f"{proxy}: curl got {body.strip()!r} ({modes[proxy]}); {probe.certificate_key},"
+            f" {probe.protocol} {probe.cipher}; ticket received: {probe.ticket_received},"
+            f" resumed on reconnect: {probe.resumed_on_reconnect}",
+            flush=True,
+        )
+    if modes["nginx"] != "proxy":
+        raise BenchError(f"nginx did not return the upstream's body: {checks['nginx']}")
+    for proxy in PROXIES:
+        allowed = proxy == "dualproxy" and args.dualproxy_default_tls
+        if probes[proxy].resumed_on_reconnect and not allowed:
+            raise BenchError(
+                f"{proxy} resumed a TLS session although resumption should be off: its"
+                " new-connection figure would not be one of full handshakes"
+            )
+    if modes["dualproxy"] != "proxy":
+        why = "as asked (--placeholder)" if args.placeholder else "(no relay yet?)"
+        message = (
+            f"dualproxy answered by itself {why}: its figures measure its TLS front and HTTP"
+            " handling, without the upstream hop"
+        )
+        if args.require_proxy:
+            raise BenchError(message)
+        print(f"WARNING: {message}", flush=True)
+    generators = probe_load_generators(lab.dualproxy_toml)
+    checks["load_generators_vs_default_dualproxy_context"] = generators
+    print(f"load generators vs dualproxy's default TLS context: {generators}", flush=True)
+    return modes["dualproxy"], checks
+
+
+def measure_rounds(bench: Bench, args: argparse.Namespace) -> list[Run]:
+    print("warm-up and calibration", flush=True)
+    for proxy in PROXIES:
+        bench.measure(proxy, "keepalive", -1, args.warmup)
+        bench.calibrate(proxy, args.duration)
+    print(f"h2load -n per run: {bench.newconn_requests}", flush=True)
+    runs: list[Run] = []
+    kinds: tuple[LoadKind, ...] = ("keepalive", "newconn")
+    for n in range(args.rounds):
+        # Alternate who goes first, so a drift (thermal, a neighbour) hits both alike.
+        for proxy in PROXIES if n % 2 == 0 else PROXIES[::-1]:
+            for kind in kinds:
+                for attempt in range(1 + args.noisy_retries):
+                    run = bench.measure(proxy, kind, n, args.duration)
+                    print(
+                        f"round {n + 1}/{args.rounds} {proxy:9} {kind:9} {run.rate:9,.0f} req/s"
+                        f"  server CPU {run.server_cpu_s:5.2f} s"
+                        f"  {run.cpu_ms_per_request:.4f} ms/req  errors {run.errors}"
+                        f"  others' CPU {run.foreign_cpu_s:.2f} s"
+                        f"{' NOISY' if run.noisy else ''}  server saw {run.server_view}",
+                        flush=True,
+                    )
+                    if not run.noisy:
+                        break
+                    if attempt < args.noisy_retries:
+                        print("  (noisy: measured again)", flush=True)
+                runs.append(run)
+    return runs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.no_install:
+        ensure_debian_packages()
+    for tool, package in DEBIAN_PACKAGES.items():
+        if tool_path(tool) is None:
+            raise BenchError(f"{tool} not found: apt-get install {package}")
+    py_spy = ensure_py_spy() if args.profile and not args.no_install else str(VENV_BIN / "py-spy")
+    started = datetime.now(UTC)
+    out_dir = args.results_dir / started.strftime("%Y%m%dT%H%M%SZ")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="dualproxy-bench-"))
+    servers: dict[str, Server] = {}
+    try:
+        lab = start_lab(args, tmp, servers)
+        mode, checks = check_lab(lab, args)
+        bench = Bench(lab.servers, lab.access_log, args, lab.taskset_load)
+        runs = measure_rounds(bench, args)
+        rows = summarize(runs, args.rounds)
+        tls = {p: next((r.tls for r in runs if r.proxy == p and r.tls), "") for p in PROXIES}
+        noisy = sum(1 for r in runs if r.noisy)
+        table = (
+            f"dualproxy mode: {mode}; TLS as h2load saw it: nginx {tls['nginx']} |"
+            f" dualproxy {tls['dualproxy']}\n"
+            f"noisy runs (other processes busy > {NOISY_FOREIGN_SHARE:.0%} of the time):"
+            f" {noisy} of {len(runs)}\n"
+            f"medians of {args.rounds} rounds; ratio = median of the per-round dualproxy/nginx;"
+            " server CPU = utime+stime of the server's process tree\n" + format_table(rows, args)
+        )
+        print("\n" + table, flush=True)
+        profiles: dict[str, str] = {}
+        if args.profile:
+            print("\nprofiling dualproxy with py-spy", flush=True)
+            profiles = profile_dualproxy(bench, py_spy, out_dir, min(args.duration, 10))
+            for kind, report in profiles.items():
+                print(f"\n--- py-spy, {kind} ---\n{report}", flush=True)
+        result = {
+            "started": started.isoformat(),
+            "command": [sys.executable, *sys.argv],
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "environment": tool_versions(),
+            "pinning": {"proxies": lab.taskset_proxy, "load_and_upstream": lab.taskset_load},
+            "dualproxy_mode": mode,
+            "checks": checks,
+            "summary": rows,
+            "runs": [r.as_json() for r in runs],
+            "table": table,
+            "profiles": profiles,
+        }
+        (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out_dir / "table.txt").write_text(table + "\n")
+        print(f"\nresults: {out_dir}", flush=True)
+    finally:
+        for server in reversed(servers.values()):
+            server.stop()
+        if args.keep_tmp:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM (timeout(1), a CI runner) would end Python without running any finally, leaving
+    # the servers behind: unwind as for Ctrl-C instead, so every process gets stopped.
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
