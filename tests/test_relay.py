@@ -216,14 +216,8 @@ async def proxy(
         yield Proxy(run.server, run.port, cafile)
 
 
-@dataclass
-class RawResponse:
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-
-    def header(self, name: bytes) -> list[bytes]:
-        return [v for n, v in self.headers if n == name]
+# A response read off the raw socket is a Reply like any other.
+RawResponse = Reply
 
 
 def parse_responses(data: bytes, *, bodies: bool = True) -> list[RawResponse]:
