@@ -64,6 +64,9 @@ _ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
 # How long to pause accepting after such an error: long enough for a handler to free a
 # descriptor, short enough not to be noticed by clients waiting in the backlog.
 ACCEPT_BACKOFF_SECONDS: Final = 0.1
+# How often to look again for an [upstream] to prune while none is configured (a reload may
+# add one); idle pools are pruned every half pool_idle_timeout.
+IDLE_PRUNE_WITHOUT_UPSTREAM: Final = 30.0
 # A close_notify is a courtesy: a client that stops reading must not hold our task.
 CLOSE_NOTIFY_TIMEOUT: Final = 1.0
 # The lingering close after a refusal whose client may still be sending (`lingering_close`),
@@ -262,6 +265,7 @@ class Server:
         try:
             async with trio.open_nursery() as services:
                 services.start_soon(self._watch_files)
+                services.start_soon(self._prune_idle_upstream)
                 if self._handle_signals:
                     await services.start(self._watch_signals)
                 async with trio.open_nursery() as connections:
@@ -596,6 +600,18 @@ class Server:
             if current != self._files_seen:
                 await self.reload("files changed")
                 self._files_seen = current
+
+    async def _prune_idle_upstream(self) -> None:
+        """Close pooled upstream connections once they have idled pool_idle_timeout, also when
+        no request comes along to notice (the pool prunes itself only when used): a quiet
+        server must not sit on sockets the upstream is about to drop."""
+        while True:
+            upstream = self.config.upstream
+            await trio.sleep(
+                upstream.pool_idle_timeout / 2 if upstream else IDLE_PRUNE_WITHOUT_UPSTREAM
+            )
+            if self._relay is not None:
+                self._relay.pool.prune()
 
     async def _watch_signals(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

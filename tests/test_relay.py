@@ -1403,6 +1403,24 @@ async def test_a_reload_that_changes_the_upstream_moves_new_requests_and_closes_
     assert (other.accepted, len(other.requests)) == (1, 1)
 
 
+async def test_a_quiet_server_closes_upstream_connections_that_idled_too_long(
+    key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    # The pool prunes itself only when used; with no further request, the server's pruning
+    # task must close the idle connection before the upstream's own idle cut-off would.
+    table = upstream_table(upstream, pool_idle_timeout=0.2)
+    config = make_config([key], base_dir=tmp_path, extra={"upstream": table})
+    async with serving(config) as run:
+        async with Proxy(run.server, run.port, cafile).client() as client:
+            assert (await client.request()).status == 200
+        relay = run.server._relay
+        assert relay is not None
+        with trio.fail_after(CLIENT_TIMEOUT):
+            await upstream.connections[0].wait_done()
+        assert relay.pool.idle_count == 0
+    assert upstream.accepted == 1
+
+
 async def test_an_upstream_section_that_cannot_be_served_stops_the_server_before_it_listens(
     key: KeyFiles, tmp_path: Path, upstream: UpstreamServer
 ) -> None:
