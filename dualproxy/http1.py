@@ -145,15 +145,9 @@ class ContentLengthReader:
         remaining = self._remaining
         if remaining == 0:
             return END
-        size = len(buffer)
-        if size == 0:
+        if not buffer:
             return None
-        if size <= remaining:
-            data = bytes(buffer)
-            buffer.clear()
-        else:
-            data = bytes(buffer[:remaining])
-            del buffer[:remaining]
+        data = _take(buffer, remaining)
         self._remaining = remaining - len(data)
         return data
 
@@ -205,14 +199,8 @@ class ChunkedReader:
             if state is _Chunked.DATA:
                 if not buffer:
                     return None
-                remaining = self._remaining
-                if len(buffer) <= remaining:
-                    data = bytes(buffer)
-                    buffer.clear()
-                else:
-                    data = bytes(buffer[:remaining])
-                    del buffer[:remaining]
-                self._remaining = remaining - len(data)
+                data = _take(buffer, self._remaining)
+                self._remaining -= len(data)
                 if self._remaining == 0:
                     self._state = _Chunked.DATA_END
                 return data
@@ -303,3 +291,15 @@ def _snippet(data: bytes) -> str:
     """A short, escaped quote of received bytes for an error message."""
     quoted = repr(data[:_SNIPPET_BYTES])[1:]
     return quoted if len(data) <= _SNIPPET_BYTES else f"{quoted}..."
+
+
+def _take(buffer: bytearray, limit: int) -> bytes:
+    """Up to `limit` bytes from the front of `buffer`, removed from it (body data is handed
+    on as bytes: the buffer keeps being reused for what follows)."""
+    if len(buffer) <= limit:
+        data = bytes(buffer)
+        buffer.clear()
+    else:
+        data = bytes(buffer[:limit])
+        del buffer[:limit]
+    return data

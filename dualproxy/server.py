@@ -111,6 +111,7 @@ class ConnectionRecord:
     """What one connection did; logged once, when it ends."""
 
     peer: str
+    peer_ip: policy.IPAddress | None = None  # for the policy and X-Forwarded-For
     hello: ClientHello | None = None
     choice: policy.Choice | None = None
     key: str | None = None
@@ -371,7 +372,8 @@ class Server:
 
     async def handle_connection(self, stream: trio.SocketStream, record: ConnectionRecord) -> None:
         """Peek, choose, handshake, serve. Fills `record`; the caller closes the socket."""
-        record.peer, peer_ip = _peer_address(stream)
+        record.peer, record.peer_ip = _peer_address(stream)
+        peer_ip = record.peer_ip
         # One config and its snapshot for the whole handshake, whatever reloads do meanwhile:
         # a reload swaps both at once, and the plan must name identities this snapshot has.
         config, snapshot = self.config, self.snapshot
@@ -451,7 +453,7 @@ class Server:
             return False
         relay = ClientConnection(
             tls,
-            peer=_stream_peer_ip(tls),
+            peer=record.peer_ip,
             settings=self._relay_settings,
             drain=self._drain,
             tally=record,
@@ -667,14 +669,6 @@ async def lingering_close(tls: trio.SSLStream[ReplayStream], stream: trio.Socket
             if not chunk:  # closed by the client (nothing is left unread), or quiet
                 break
             discarded += len(chunk)
-
-
-def _stream_peer_ip(tls: trio.SSLStream[ReplayStream]) -> policy.IPAddress | None:
-    """The client's address (for X-Forwarded-For), from the socket under the TLS stream."""
-    transport = tls.transport_stream.transport
-    if not isinstance(transport, trio.SocketStream):
-        return None
-    return _peer_address(transport)[1]
 
 
 def _replace_listen(config: Config, listen: config_mod.ListenConfig) -> Config:
