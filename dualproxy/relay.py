@@ -72,7 +72,7 @@ Logging is per connection (the server's record, through `Tally`), never per requ
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import TracebackType
@@ -316,8 +316,11 @@ class ClientConnection:
         settings: Callable[[], RelaySettings | None],
         drain: Drain,
         tally: Tally,
+        response_headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         self._stream = stream
+        # Added to every relayed response (dev mode names the key served and why).
+        self._response_headers = list(response_headers)
         self._peer = peer
         self._settings = settings
         self._drain = drain
@@ -567,6 +570,7 @@ class ClientConnection:
             headers = client_response_headers(response)
             framing, body = response_framing(response, head.method, head.version)
             headers += framing
+            headers += self._response_headers
             keep_alive = not (
                 body is Framing.CLOSE
                 or self._drain.draining

@@ -457,9 +457,19 @@ class Server:
             settings=self._relay_settings,
             drain=self._drain,
             tally=record,
+            response_headers=self._dev_response_headers(record),
         )
         await relay.serve()
         return relay.client_may_be_sending
+
+    def _dev_response_headers(self, record: ConnectionRecord) -> list[tuple[bytes, bytes]]:
+        """In dev mode only: the key served on this connection and why it was chosen."""
+        if not self._dev_headers or record.choice is None or record.key is None:
+            return []
+        return [
+            (b"x-dualproxy-key", record.key.encode()),
+            (b"x-dualproxy-reason", str(record.choice.reason).encode()),
+        ]
 
     def _relay_settings(self) -> RelaySettings | None:
         return self._relay
@@ -489,11 +499,7 @@ class Server:
                 return
             record.request_received()
             headers = [(b"content-type", b"text/plain; charset=utf-8")]
-            if self._dev_headers and record.choice is not None and record.key is not None:
-                headers += [
-                    (b"x-dualproxy-key", record.key.encode()),
-                    (b"x-dualproxy-reason", str(record.choice.reason).encode()),
-                ]
+            headers += self._dev_response_headers(record)
             body = b"dualproxy: TLS terminated; no upstream is configured yet.\n"
             head_only = request.method == b"HEAD"
             await _send_simple(

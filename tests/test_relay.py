@@ -208,11 +208,26 @@ async def proxy(
     **limits: float,
 ) -> AsyncIterator[Proxy]:
     """The proxy in front of `upstream` (a test upstream, or an [upstream] table)."""
+    async with dev_proxy(key, cafile, tmp_path, upstream, False, **limits) as p:
+        yield p
+
+
+@asynccontextmanager
+async def dev_proxy(
+    key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    upstream: UpstreamServer | dict[str, Any],
+    dev_headers: bool,
+    **limits: float,
+) -> AsyncIterator[Proxy]:
+    """`proxy`, with or without dev mode's response headers."""
     table = upstream if isinstance(upstream, dict) else upstream.config_table()
     extra: dict[str, Any] = {"upstream": table}
     if limits:
         extra["limits"] = limits
-    async with serving(make_config([key], base_dir=tmp_path, extra=extra)) as run:
+    config = make_config([key], base_dir=tmp_path, extra=extra)
+    async with serving(config, dev_headers=dev_headers) as run:
         yield Proxy(run.server, run.port, cafile)
 
 
@@ -277,6 +292,23 @@ async def test_requests_reach_the_upstream_and_answers_come_back(
     # One client connection, one upstream connection, three exchanges on it.
     assert upstream.accepted == 1
     assert [r.number for r in upstream.requests] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("dev_headers", [False, True])
+async def test_only_dev_mode_names_the_key_served_on_relayed_responses(
+    key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer, dev_headers: bool
+) -> None:
+    async with (
+        dev_proxy(key, cafile, tmp_path, upstream, dev_headers) as p,
+        p.client() as client,
+    ):
+        reply = await client.request("GET", "/")
+    assert reply.status == 200
+    expected = [key.name.encode()] if dev_headers else []
+    assert reply.header(b"x-dualproxy-key") == expected
+    assert reply.header(b"x-dualproxy-reason") == ([b"single"] if dev_headers else [])
+    # Added for the client only: the upstream never sees them.
+    assert upstream.requests[0].header(b"x-dualproxy-key") == []
 
 
 # --- strictness: refused before a byte goes upstream ---------------------------------------------
