@@ -76,7 +76,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 import trio
 
@@ -94,7 +94,7 @@ from .forwarding import (
     find_head_end,
     upstream_request_headers,
 )
-from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
+from .upstream import UpstreamConnection, UpstreamError, UpstreamPool, timeout_problem
 
 if TYPE_CHECKING:
     from .config import Config, Limits
@@ -114,6 +114,12 @@ MAX_REQUESTS_PER_CONNECTION: Final = 1000
 # Methods whose request means a body: without one, the upstream still gets Content-Length: 0,
 # because Google's front ends, like many servers, answer 411 to a POST without it.
 _BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
+# How much later than its deadline a wait may be allowed to end, in seconds, so that a wait
+# following another within this long keeps the deadline already set: moving a trio deadline
+# costs more than a fast exchange's socket calls, and an exchange has several waits. So an
+# inactivity timeout may end a wait up to this much early, never late; nginx does the same with
+# its timers (NGX_TIMER_LAZY_DELAY, 300 ms).
+DEADLINE_SLACK: Final = 0.3
 # The interim answer to Expect: 100-continue, sent when we start reading the body.
 _CONTINUE: Final = http1.response_head(HTTPStatus.CONTINUE, b"Continue", [])
 
@@ -148,6 +154,15 @@ class Drain:
     @property
     def idle_connections(self) -> int:
         return len(self._idle)
+
+    def enter_idle(self, scope: trio.CancelScope) -> None:
+        """`scope` waits for a request: the drain cancels it (at once, if it has started)."""
+        if self.draining:
+            scope.cancel()
+        self._idle.add(scope)
+
+    def leave_idle(self, scope: trio.CancelScope) -> None:
+        self._idle.discard(scope)
 
     def idle(self, timeout: float) -> IdleWait:
         """A cancel scope for waiting on a quiet connection: it ends after `timeout`, or as
@@ -242,9 +257,16 @@ class _ClientGone(Exception):
     """The client closed its side mid-request."""
 
 
-class _Phase(enum.Enum):
-    """The wait an exchange's cancel scope currently bounds (see `ClientConnection._wait`)."""
+class _Restart(Exception):
+    """The connection's scope was cancelled just after an idle wait returned a request: the
+    request is served in a new scope (a cancelled scope cannot be used again)."""
 
+
+class _Phase(enum.Enum):
+    """The wait the connection's cancel scope currently bounds (see `ClientConnection._wait`)."""
+
+    IDLE = enum.auto()  # request_header_timeout or keepalive_timeout, or the drain: silent close
+    CLIENT_HEAD = enum.auto()  # the rest of a head, request_header_timeout in all: 408
     CLIENT_BODY = enum.auto()  # body_timeout: 408
     CLIENT_SEND = enum.auto()  # send_timeout: cut
     UPSTREAM_SEND = enum.auto()  # upstream_timeout: 504 (or the stale retry)
@@ -319,12 +341,12 @@ class ClientConnection:
         response_headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         self._stream = stream
-        # Added to every relayed response (dev mode names the key served and why).
-        self._response_headers = list(response_headers)
         self._peer = peer
         self._settings = settings
         self._drain = drain
         self._tally = tally
+        # Added to every relayed response (dev mode names the key served and why).
+        self._response_headers = list(response_headers)
         self._buffer = bytearray()  # received from the client and not yet consumed
         self._eof = False  # the client closed its side
         self._requests = 0
@@ -333,10 +355,12 @@ class ClientConnection:
         # lingering close: see `serve`.
         self.client_may_be_sending = False
         self._keep_alive = False  # the exchange just finished leaves the connection open
-        # The one cancel scope of the current exchange: `_wait` moves its deadline to each
-        # wait's own and records which wait it is.
+        # The connection's one cancel scope: `_wait` moves its deadline to each wait's own and
+        # records which wait it is, so that an expiry is answered as that wait's (`_expired`).
         self._scope = trio.CancelScope()
-        self._phase = _Phase.CLIENT_SEND
+        self._phase = _Phase.IDLE
+        self._limits: Limits | None = None  # the current request's
+        self._head_method: bytes | None = None  # the current request's, once its head is read
 
     async def serve(self) -> None:
         """Relay requests until the client leaves, asks to close, or something fails.
@@ -346,19 +370,42 @@ class ClientConnection:
         lingering close (see the module docstring). Raises trio.BrokenResourceError and
         trio.ClosedResourceError when the client disappears.
         """
+        failure: _Refusal | _Cut | None = None
+        # Bounded: each round but the last serves a request (see _Restart).
+        for _ in range(MAX_REQUESTS_PER_CONNECTION):
+            self._scope = trio.CancelScope()
+            try:
+                with self._scope:
+                    failure = await self._serve_requests()
+            except _Restart:
+                continue
+            if self._scope.cancelled_caught:
+                failure = self._expired()
+            break
+        if isinstance(failure, _Refusal):
+            self._tally.note(f"{failure.status} {failure.problem}")
+            assert self._limits is not None
+            await self._refuse(failure, self._limits, head_only=self._head_method == b"HEAD")
+        elif isinstance(failure, _Cut):
+            self._tally.note(str(failure))
+            await trio.aclose_forcefully(self._stream)
+
+    async def _serve_requests(self) -> _Refusal | _Cut | None:
+        """The requests in turn, within the connection's scope; how the last one failed."""
         for _ in range(MAX_REQUESTS_PER_CONNECTION):
             settings = self._settings()
             if settings is None:  # a reload removed [upstream]: new connections get the rest
-                return
-            head_method: bytes | None = None
+                return None
+            self._limits = settings.limits
+            self._head_method = None
             self._keep_alive = False
             self._request_read = False
             try:
                 try:
                     head = await self._receive_head(settings)
                     if head is None:
-                        return
-                    head_method = head.method
+                        return None
+                    self._head_method = head.method
                     self._request_read = not (head.chunked or head.content_length)
                     self._requests += 1
                     self._tally.request_received()
@@ -370,22 +417,18 @@ class ClientConnection:
                             HTTPStatus.SERVICE_UNAVAILABLE, "the upstream was just unconfigured"
                         )
                     settings = current
+                    self._limits = settings.limits
                     await self._exchange(head, settings)
                 except HeadError as exc:
                     raise _Refusal(exc.status, exc.problem) from exc
                 except _ClientGone:
                     self._tally.note("client closed mid-request")
-                    return
-            except _Refusal as exc:
-                self._tally.note(f"{exc.status} {exc.problem}")
-                await self._refuse(exc, settings.limits, head_only=head_method == b"HEAD")
-                return
-            except _Cut as exc:
-                self._tally.note(str(exc))
-                await trio.aclose_forcefully(self._stream)
-                return
+                    return None
+            except (_Refusal, _Cut) as exc:
+                return exc
             if not self._keep_alive:
-                return
+                return None
+        return None
 
     # --- the request ---------------------------------------------------------------------
 
@@ -400,16 +443,23 @@ class ClientConnection:
             # The first request's wait counts towards its header timeout; a kept-alive
             # connection may idle longer, and its next head's clock starts at its first byte.
             first = self._requests == 0
-            chunk: bytes | bytearray = b""
-            with self._drain.idle(
-                limits.request_header_timeout if first else limits.keepalive_timeout
-            ):
+            self._wait(
+                _Phase.IDLE, limits.request_header_timeout if first else limits.keepalive_timeout
+            )
+            self._drain.enter_idle(self._scope)
+            try:
                 chunk = await self._stream.receive_some(RECEIVE_SIZE)
-            if not chunk:  # closed by the client, idle too long, or draining
+            finally:
+                self._drain.leave_idle(self._scope)
+            if not chunk:  # closed by the client
                 return None
+            buffer += chunk
+            if self._scope.cancel_called:
+                # The drain (or the deadline) came just as the request did: it is served,
+                # in a fresh scope.
+                raise _Restart
             if not first:
                 started = trio.current_time()
-            buffer += chunk
         head_limits = settings.head_limits
         end = find_head_end(buffer, head_limits)
         if end is None:  # the head is still coming (usually it came whole, in one read)
@@ -424,24 +474,21 @@ class ClientConnection:
         self, head_limits: HeadLimits, started: float, limits: Limits
     ) -> int | None:
         """Read into the buffer until the head is complete: its end, or None when the client
-        closed mid-head (nobody left to answer). 408 after request_header_timeout."""
+        closed mid-head (nobody left to answer). 408 after request_header_timeout in all."""
         buffer = self._buffer
         searched = len(buffer)  # find_head_end resumes where the previous call left off
-        with trio.move_on_at(started + limits.request_header_timeout) as scope:
-            while True:  # bounded: find_head_end raises at max_header_bytes; and the deadline
-                chunk = await self._stream.receive_some(RECEIVE_SIZE)
-                if not chunk:
-                    self._eof = True
-                    return None
-                buffer += chunk
-                end = find_head_end(buffer, head_limits, start=searched)
-                if end is not None:
-                    return end
-                searched = len(buffer)
-        assert scope.cancelled_caught
-        raise _Refusal(
-            HTTPStatus.REQUEST_TIMEOUT, "request head not complete within the time allowed"
-        )
+        self._phase = _Phase.CLIENT_HEAD
+        self._scope.deadline = started + limits.request_header_timeout  # exactly: a total
+        while True:  # bounded: find_head_end raises at max_header_bytes; and the deadline
+            chunk = await self._stream.receive_some(RECEIVE_SIZE)
+            if not chunk:
+                self._eof = True
+                return None
+            buffer += chunk
+            end = find_head_end(buffer, head_limits, start=searched)
+            if end is not None:
+                return end
+            searched = len(buffer)
 
     async def _exchange(self, head: RequestHead, settings: RelaySettings) -> None:
         """Relay one checked request and its response."""
@@ -471,19 +518,16 @@ class ClientConnection:
             except UpstreamError as exc:
                 raise _Refusal(exc.status, f"upstream: {exc.problem}") from exc
             try:
-                with trio.CancelScope() as self._scope:
-                    if has_body:
-                        await self._forward_body(upstream, request, head, limits)
-                    else:
-                        self._wait(_Phase.UPSTREAM_SEND, limits.upstream_timeout)
-                        await upstream.send_request(request, bounded=False)
-                    self._wait(_Phase.UPSTREAM_HEAD, limits.upstream_timeout)
-                    response = await upstream.receive_head(timeout=None, request_method=head.method)
-                    # In the same scope: _respond raises no UpstreamError, and releases or
-                    # discards the upstream connection itself.
-                    await self._respond(upstream, response, head, settings)
-                if self._scope.cancelled_caught:
-                    raise self._expired(upstream, limits)
+                if has_body:
+                    await self._forward_body(upstream, request, head, limits)
+                else:
+                    self._wait(_Phase.UPSTREAM_SEND, limits.upstream_timeout)
+                    await upstream.send_request(request, bounded=False)
+                self._wait(_Phase.UPSTREAM_HEAD, limits.upstream_timeout)
+                response = await upstream.receive_head(timeout=None, request_method=head.method)
+                # _respond raises no UpstreamError, and releases or discards the upstream
+                # connection itself.
+                await self._respond(upstream, response, head, settings)
                 return
             except UpstreamError as exc:
                 pool.discard(upstream)
@@ -625,24 +669,37 @@ class ClientConnection:
     # --- waits ---------------------------------------------------------------------------
 
     def _wait(self, phase: _Phase, timeout: float) -> None:
-        """Bound the next wait by `timeout`: moving a deadline costs far less than a cancel
-        scope per wait, of which an exchange has several."""
+        """Bound the next wait by `timeout`, moving the connection scope's deadline: far
+        cheaper than a cancel scope per wait, of which a request has several. A deadline is
+        not pushed back by less than DEADLINE_SLACK (see there)."""
         self._phase = phase
-        self._scope.deadline = trio.current_time() + timeout
+        deadline = trio.current_time() + timeout
+        current = self._scope.deadline
+        if deadline < current or deadline - current > DEADLINE_SLACK:
+            self._scope.deadline = deadline
 
-    def _expired(self, upstream: UpstreamConnection, limits: Limits) -> Exception:
-        """What it means that the current step's deadline passed, by the wait it was in."""
+    def _expired(self) -> _Refusal | _Cut | None:
+        """What it means that the connection's deadline passed, by the wait it was in (None:
+        close quietly)."""
         phase = self._phase
+        limits = self._limits
+        assert limits is not None
+        if phase is _Phase.IDLE:  # no request started: nobody to answer (or the drain)
+            return None
+        if phase is _Phase.CLIENT_HEAD:
+            return _Refusal(
+                HTTPStatus.REQUEST_TIMEOUT, "request head not complete within the time allowed"
+            )
         if phase is _Phase.CLIENT_BODY:
             return _Refusal(HTTPStatus.REQUEST_TIMEOUT, "request body stalled longer than allowed")
         if phase is _Phase.CLIENT_SEND:
             return _Cut("client did not read for send_timeout")
-        if phase is _Phase.UPSTREAM_SEND:
-            return upstream.timeout_error("send", limits.upstream_timeout)
-        if phase is _Phase.UPSTREAM_HEAD:
-            return upstream.timeout_error("head", limits.upstream_timeout)
-        problem = upstream.timeout_error("body", limits.upstream_timeout).problem
-        return _Cut(f"upstream failed mid-response: {problem}")
+        if phase is _Phase.UPSTREAM_BODY:
+            problem = timeout_problem("body", limits.upstream_timeout)
+            return _Cut(f"upstream failed mid-response: {problem}")
+        waiting_for: Literal["send", "head"] = "send" if phase is _Phase.UPSTREAM_SEND else "head"
+        problem = timeout_problem(waiting_for, limits.upstream_timeout)
+        return _Refusal(HTTPStatus.GATEWAY_TIMEOUT, f"upstream: {problem}")
 
     async def _send(self, data: bytes, limits: Limits) -> None:
         """Send to the client; one that does not take the bytes within send_timeout is cut."""

@@ -8,10 +8,11 @@ Theory of operation. For every accepted connection we
    sent to the TLS port is answered here, with a short 400, because a TLS alert would be
    unreadable to the person who typed http:// by mistake;
 2. **choose** with the pure `policy.choose` from the hello, the peer address and the clock;
-3. **handshake**: replay the peeked bytes into `trio.SSLStream` with the chosen identity's
-   context. The context comes from the key snapshot current at that moment; a reload swaps
-   the snapshot (one attribute assignment) and never touches a context already in use, so
-   connections already open keep their material and new handshakes get the new one;
+3. **handshake**: feed the peeked bytes to OpenSSL first (`streams.TlsStream`'s prefix), with
+   the chosen identity's context. The context comes from the key snapshot current at that
+   moment; a reload swaps the snapshot (one attribute assignment) and never touches a
+   context already in use, so connections already open keep their material and new
+   handshakes get the new one;
 4. **serve** HTTP/1.1 on the TLS stream (the reverse-proxy relay, see `respond`);
 5. **account**: one log line per connection with peer, SNI, ALPN offered, identity, key,
    reason and outcome. Outcomes tell a client that aborted the handshake after seeing our
@@ -51,7 +52,7 @@ from .clienthello import is_plain_http as looks_like_plain_http
 from .config import Config, ConfigError, ListenAddress
 from .keystore import KeySnapshot, KeyStoreError
 from .relay import ClientConnection, Drain, RelaySettings
-from .streams import ReplayStream
+from .streams import TcpStream, TlsStream
 from .upstream import UpstreamPool
 
 log = logging.getLogger("dualproxy")
@@ -88,7 +89,7 @@ LINGER_RECEIVE_SIZE: Final = 64 * 1024
 PLACEHOLDER_MAX_BODY: Final = 64 * 1024
 # h11's own cap on an incomplete request head; 16 KiB like nginx's large_client_header_buffers.
 MAX_REQUEST_HEAD_BYTES: Final = 16 * 1024
-# One receive from the TLS stream; SSLStream decrypts at most one TLS record (16 KiB) at a time.
+# One receive from the TLS stream, which decrypts at most one TLS record (16 KiB) at a time.
 RECEIVE_SIZE: Final = 16 * 1024
 
 
@@ -196,10 +197,9 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _peer_address(stream: trio.SocketStream) -> tuple[str, policy.IPAddress | None]:
-    try:
-        name = stream.socket.getpeername()
-    except OSError:
+def _peer_address(name: object) -> tuple[str, policy.IPAddress | None]:
+    """The log text and the address of a peer, from the address accept() returned."""
+    if not isinstance(name, tuple) or len(name) < 2:
         return "-", None
     host = str(name[0]).split("%", 1)[0]
     try:
@@ -290,7 +290,7 @@ class Server:
                 services.cancel_scope.cancel()
         finally:
             for listener in listeners:  # those whose accept loop never started
-                listener.socket.close()
+                _close_listener(listener)
             self._accepting = self._connections = None
             if self._relay is not None:
                 await _close_pool(self._relay.pool)
@@ -321,21 +321,23 @@ class Server:
         if self._connections is not None:
             self._connections.cancel()
 
-    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+    async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
         """Accept into `nursery` until cancelled; the listener is closed on the way out."""
-        async with listener:
+        try:
             while True:
                 # Wait for a client before taking a slot: a loop holding a slot while its own
                 # listener stays quiet would keep it from the other listeners' clients (with
-                # one slot left, forever). Only this task accepts on this socket, so accept()
-                # then finds the client at once.
-                await trio.lowlevel.wait_readable(listener.socket)
+                # one slot left, forever).
+                await trio.lowlevel.wait_readable(listener)
                 # A slot is taken before accepting: at max_connections we stop accepting and
                 # new clients wait in the kernel's backlog instead of being cut off.
                 token = object()
                 await self._slots.acquire_on_behalf_of(token)
                 try:
-                    stream = await listener.accept()
+                    sock, address = listener.accept()
+                except BlockingIOError:  # the client gave up meanwhile
+                    self._slots.release_on_behalf_of(token)
+                    continue
                 except OSError as exc:
                     self._slots.release_on_behalf_of(token)
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
@@ -346,10 +348,19 @@ class Server:
                 except BaseException:
                     self._slots.release_on_behalf_of(token)
                     raise
-                nursery.start_soon(self._connection_task, stream, token)
+                nursery.start_soon(self._connection_task, sock, address, token)
+        finally:
+            _close_listener(listener)
 
-    async def _connection_task(self, stream: trio.SocketStream, token: object) -> None:
+    async def _connection_task(self, sock: socket.socket, address: object, token: object) -> None:
         record = ConnectionRecord(peer="-")
+        record.peer, record.peer_ip = _peer_address(address)
+        try:
+            stream = TcpStream(sock)
+        except OSError:  # reset before we could set it up
+            sock.close()
+            self._slots.release_on_behalf_of(token)
+            return
         try:
             await self.handle_connection(stream, record)
         except trio.Cancelled:
@@ -360,19 +371,17 @@ class Server:
             record.outcome = Outcome.INTERNAL_ERROR
             log.exception("internal error on the connection from %s", record.peer)
         finally:
-            # Closed synchronously: what aclose_forcefully(stream) does for a SocketStream,
-            # without its cancel scope and the scheduler round trip of its checkpoint, which
-            # cost more than the close itself. Usually the TLS stream's aclose closed it
-            # already, and closing again is a no-op. The task has checkpointed plenty.
-            stream.socket.close()
+            # Closed synchronously, without the scheduler round trip of an aclose: usually
+            # the TLS stream's aclose closed it already, and closing again is a no-op.
+            stream.close()
             self._slots.release_on_behalf_of(token)
             log.info("%s", record.log_line())
 
     # --- one connection ------------------------------------------------------------------
 
-    async def handle_connection(self, stream: trio.SocketStream, record: ConnectionRecord) -> None:
-        """Peek, choose, handshake, serve. Fills `record`; the caller closes the socket."""
-        record.peer, record.peer_ip = _peer_address(stream)
+    async def handle_connection(self, stream: TcpStream, record: ConnectionRecord) -> None:
+        """Peek, choose, handshake, serve. Fills `record` (its peer already set); the caller
+        closes the socket."""
         peer_ip = record.peer_ip
         # One config and its snapshot for the whole handshake, whatever reloads do meanwhile:
         # a reload swaps both at once, and the plan must name identities this snapshot has.
@@ -388,7 +397,7 @@ class Server:
             # can tell our end of a response from a truncation. A client that closes without
             # one makes receive_some raise BrokenResourceError, which ends the connection just
             # as a clean close would.
-            tls = trio.SSLStream(ReplayStream(stream, peeked), identity.context, server_side=True)
+            tls = TlsStream(stream, identity.context, server_side=True, prefix=peeked)
             try:
                 await tls.do_handshake()
             except trio.BrokenResourceError as exc:
@@ -412,7 +421,7 @@ class Server:
                 with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
                     await tls.aclose()
 
-    async def _peek(self, stream: trio.SocketStream, record: ConnectionRecord) -> bytes | None:
+    async def _peek(self, stream: TcpStream, record: ConnectionRecord) -> bytes | None:
         """Read until the ClientHello is complete or unparseable; the bytes read, or None when
         the connection is already finished (closed, plain HTTP)."""
         buffer = bytearray()
@@ -444,7 +453,7 @@ class Server:
                 record.hello = hello
                 return data
 
-    async def respond(self, tls: trio.SSLStream[ReplayStream], record: ConnectionRecord) -> bool:
+    async def respond(self, tls: TlsStream, record: ConnectionRecord) -> bool:
         """Serve HTTP/1.1 on the established TLS stream: relay to the upstream when the config
         has one (see relay.py), otherwise answer every request ourselves. True when the
         connection should end with a lingering close (the client may still be sending)."""
@@ -474,9 +483,7 @@ class Server:
     def _relay_settings(self) -> RelaySettings | None:
         return self._relay
 
-    async def _respond_placeholder(
-        self, tls: trio.SSLStream[ReplayStream], record: ConnectionRecord
-    ) -> None:
+    async def _respond_placeholder(self, tls: TlsStream, record: ConnectionRecord) -> None:
         """Without [upstream], dualproxy answers every request itself with a short fixed
         response (the dev bench, TLS and pin testing), honouring keep-alive so that clients
         behave as they will in front of a real upstream, and the drain: an idle connection
@@ -646,7 +653,7 @@ async def _close_pool(pool: UpstreamPool) -> None:
         await pool.aclose()
 
 
-async def lingering_close(tls: trio.SSLStream[ReplayStream], stream: trio.SocketStream) -> None:
+async def lingering_close(tls: TlsStream, stream: TcpStream) -> None:
     """End a connection whose client may still be sending, without losing what we sent.
 
     Closing a socket with unread bytes makes the kernel send a TCP reset instead of a FIN, and
@@ -656,14 +663,13 @@ async def lingering_close(tls: trio.SSLStream[ReplayStream], stream: trio.Socket
     response), then read and discard raw bytes until the client closes, LINGER_TIMEOUT passes
     without any, or LINGER_TIME or LINGER_MAX_BYTES is reached. The caller closes the socket.
 
-    The close_notify goes out through `tls.aclose`, which does not wait for the client's: the
-    replay stream below keeps the socket open for the rest. It is not needed for the response
+    The close_notify (`send_close_notify`, which does not wait for the client's) leaves the
+    socket open for the rest. It is not needed for the response
     (Content-Length and `Connection: close` frame it), but without it a client that reads on
     until the end sees a truncation error where a clean close was due.
     """
-    tls.transport_stream.keep_transport_open()
-    with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
-        await tls.aclose()
+    with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT), contextlib.suppress(trio.BrokenResourceError):
+        await tls.send_close_notify()
     # A reset from the client (BrokenResourceError) ends it as well as its close does.
     with trio.move_on_after(LINGER_TIME), contextlib.suppress(trio.BrokenResourceError):
         await stream.send_eof()
@@ -682,9 +688,7 @@ def _replace_listen(config: Config, listen: config_mod.ListenConfig) -> Config:
     return replace(config, listen=listen)
 
 
-async def _receive_request(
-    tls: trio.SSLStream[ReplayStream], conn: h11.Connection
-) -> h11.Request | None:
+async def _receive_request(tls: TlsStream, conn: h11.Connection) -> h11.Request | None:
     """The next request, its body read and discarded (bounded); None when the client closed
     or sent something h11 rejects (their_state is then ERROR)."""
     request: h11.Request | None = None
@@ -711,7 +715,7 @@ async def _receive_request(
 
 
 async def _send_simple(
-    tls: trio.SSLStream[ReplayStream],
+    tls: TlsStream,
     conn: h11.Connection,
     status: int,
     body: bytes,
@@ -753,22 +757,29 @@ _PLAIN_HTTP_REFUSAL: Final = (
 )
 
 
-async def _send_plain_http_refusal(stream: trio.SocketStream) -> None:
+async def _send_plain_http_refusal(stream: TcpStream) -> None:
     with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(_PLAIN_HTTP_REFUSAL)
 
 
-def _sockname(listener: trio.SocketListener) -> tuple[str, int]:
-    name = listener.socket.getsockname()
+def _sockname(listener: socket.socket) -> tuple[str, int]:
+    name = listener.getsockname()
     return str(name[0]), int(name[1])
+
+
+def _close_listener(listener: socket.socket) -> None:
+    if listener.fileno() >= 0:
+        trio.lowlevel.notify_closing(listener)
+    listener.close()
 
 
 async def open_listeners(
     addresses: Sequence[ListenAddress], reuse_port: bool
-) -> list[trio.SocketListener]:
-    """Bind every configured address; with reuse_port, several processes may share them."""
-    listeners: list[trio.SocketListener] = []
+) -> list[socket.socket]:
+    """Bind every configured address (non-blocking listening sockets); with reuse_port,
+    several processes may share them."""
+    listeners: list[socket.socket] = []
     try:
         for address in addresses:
             infos = await trio.socket.getaddrinfo(
@@ -778,7 +789,7 @@ async def open_listeners(
                 flags=socket.AI_PASSIVE,
             )
             for family, kind, proto, _, sockaddr in _unique(infos):
-                sock = trio.socket.socket(family, kind, proto)
+                sock = socket.socket(family, kind, proto)
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     if reuse_port:
@@ -786,17 +797,18 @@ async def open_listeners(
                     if family == socket.AF_INET6:
                         # One socket per family, as trio.open_tcp_listeners does.
                         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    await sock.bind(sockaddr)
+                    sock.bind(sockaddr)  # numeric: getaddrinfo resolved it
                     sock.listen(socket.SOMAXCONN)
+                    sock.setblocking(False)
                 except OSError as exc:
                     sock.close()
                     raise OSError(
                         exc.errno, f"cannot listen on {address} (listen.address): {exc.strerror}"
                     ) from exc
-                listeners.append(trio.SocketListener(sock))
+                listeners.append(sock)
     except BaseException:
         for listener in listeners:
-            listener.socket.close()
+            listener.close()
         raise
     return listeners
 

@@ -1,95 +1,432 @@
-"""The replay stream: hands bytes the server already read back to the TLS layer.
+"""The byte streams every connection runs on: TCP (`TcpStream`) and TLS over it (`TlsStream`).
 
-Theory of operation: to choose a certificate per connection, the server reads the client's
-first TLS record(s) itself, parses the ClientHello (SNI, ALPN, signature algorithms) and only
-then builds `trio.SSLStream` with the chosen `ssl.SSLContext`. OpenSSL must still see the
-hello from its first byte, and TCP cannot un-read, so `ReplayStream` sits between
-`SSLStream` and the socket: `receive_some` returns the already-read bytes first, then reads
-from the socket; sends pass straight through. Serving the prefix never mixes it with fresh
-transport data in one chunk, so a read from the buffer never waits on the network.
+Theory of operation. They implement trio's stream interfaces (`receive_some`, `send_all`,
+`aclose`, trio's exceptions) on a non-blocking stdlib socket and trio's I/O waits, and they
+exist for speed: on a kept-alive connection each request costs a few socket calls, and
+`trio.SocketStream` and `trio.SSLStream`, built for generality (several tasks on one stream,
+renegotiation, any transport), cost several times the system calls themselves in Python and
+scheduler work. What these classes leave out, and why that is safe here:
 
-The prefix is exactly what the caller has read, so its size is bounded by the caller's
-ClientHello peek limit; this module never reads ahead and adds no buffer of its own.
+- **One task at a time per direction.** Each connection is served by one task; a second
+  concurrent receiver (or sender) is refused with `trio.BusyResourceError`, as trio does.
+- **Schedule points.** A trio stream operation always yields to the scheduler, even when the
+  socket had the bytes ready. Here an operation that had to wait has yielded anyway; one that
+  did not checks for cancellation (so a cancelled caller still stops at once) and yields only
+  after `YIELD_EVERY` such operations in a row on the stream. So a client and an upstream
+  that never make us wait (a pipelining client, a fast body both ways) cannot keep the other
+  connections from running for more than a few operations, and a kept-alive request, which
+  waits for the client and for the upstream anyway, does not pay for two extra passes through
+  the scheduler.
+- **TLS through memory BIOs.** OpenSSL reads and writes memory buffers and we move bytes to
+  and from the socket (as trio does): the server reads the ClientHello itself to choose a
+  certificate (see server.py), and those bytes are simply the first ones fed to OpenSSL, so
+  no read-ahead has to be undone. No renegotiation (the server contexts refuse it); in TLS 1.3
+  the server's session tickets wait to go out with the first response, in one send.
+
+Errors are trio's: `trio.BrokenResourceError` (the peer reset, TLS failed, the stream was
+broken by a cancelled operation), `trio.ClosedResourceError` (used after `aclose`). A stream
+whose operation was cancelled half-way may have sent or consumed part of a record, so it is
+marked broken, and only closing it remains.
 """
 
 from __future__ import annotations
 
-import operator
+import contextlib
+import enum
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Final, TypeVar
 
 import trio
 
+__all__ = ["RECEIVE_SIZE", "YIELD_EVERY", "TcpStream", "TlsStream"]
 
-class ReplayStream(trio.abc.Stream):
-    """A stream that yields `prefix` first, then reads from `transport`.
+# The default and largest read: one full TLS record (16 KiB of plaintext) at a time, and as
+# much as a kept-alive request ever needs in one read.
+RECEIVE_SIZE: Final = 64 * 1024
+# Operations that found the socket ready, in a row on one stream, between two schedule points.
+# Each moves up to RECEIVE_SIZE bytes; 16 of them take well under a millisecond, so no other
+# connection waits longer than that for a busy one.
+YIELD_EVERY: Final = 16
+# Unsent bytes the kernel may hold before the socket stops counting as writable (what
+# trio.SocketStream sets too): a client that does not read makes send_all wait early, instead
+# of the kernel buffering megabytes for it.
+NOTSENT_LOWAT: Final = 16 * 1024
 
-    Sends go straight to `transport`, and closing this stream closes `transport`, unless
-    `keep_transport_open` was called.
+_T = TypeVar("_T")
 
-    Deliberately not a `trio.abc.HalfCloseableStream`, even over a `SocketStream`: its one
-    consumer, `trio.SSLStream`, never calls `send_eof` (TLS ends with close_notify, not a
-    half-close), and a class that is half-closeable only for some transports would make
-    `isinstance` checks lie about the others.
-    """
 
-    def __init__(
-        self, transport: trio.abc.Stream, prefix: bytes | bytearray | memoryview = b""
-    ) -> None:
-        self._transport = transport
-        # A private copy (the caller may reuse its buffer), viewed so that consuming it in
-        # small reads copies each byte only once more.
-        self._prefix = memoryview(bytes(prefix))
+class TcpStream(trio.abc.HalfCloseableStream):
+    """A connected stdlib socket as a trio stream; the socket is made non-blocking, and TCP
+    ones get TCP_NODELAY (each send is a whole response or request, never worth delaying)."""
+
+    __slots__ = (
+        "_closed",
+        "_eof_sent",
+        "_receiving",
+        "_sending",
+        "_unyielded",
+        "operations",
+        "socket",
+    )
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        self.socket = sock
         self._closed = False
+        self._eof_sent = False
         self._receiving = False
-        self._keep_transport_open = False
+        self._sending = False
+        self._unyielded = 0  # operations since this stream last yielded (see YIELD_EVERY)
+        self.operations = 0  # sends and receives so far (a TLS stream tells its own by it)
 
-    @property
-    def transport(self) -> trio.abc.Stream:
-        """The stream read after the prefix, and written to directly."""
-        return self._transport
-
-    def keep_transport_open(self) -> None:
-        """Make `aclose` leave the transport open, for the caller to close: the server's
-        lingering close lets `SSLStream.aclose` send its close_notify through this stream, then
-        half-closes and drains the socket itself."""
-        self._keep_transport_open = True
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        """Return the next bytes of the prefix, or once it is used up, of the transport."""
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Up to `max_bytes` (default RECEIVE_SIZE) bytes; b"" once the peer closed."""
+        if max_bytes is None:
+            max_bytes = RECEIVE_SIZE
+        elif max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
         try:
-            if max_bytes is not None:
-                max_bytes = operator.index(max_bytes)
-                if max_bytes < 1:
-                    raise ValueError("max_bytes must be >= 1")
-            if not self._prefix:
-                # The transport checkpoints and reports its own closed state.
-                return await self._transport.receive_some(max_bytes)
-            await trio.lowlevel.checkpoint()
-            # Checked after the checkpoint, so that an aclose() before or during it wins.
-            if self._closed:
-                raise trio.ClosedResourceError("this stream was closed")
-            size = len(self._prefix) if max_bytes is None else max_bytes
-            chunk = bytes(self._prefix[:size])
-            self._prefix = self._prefix[size:]
-            return chunk
+            await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False
+            while True:  # bounded: each round waits for readability, or returns
+                if self._closed:
+                    raise trio.ClosedResourceError("this stream was closed")
+                try:
+                    data = self.socket.recv(max_bytes)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self.socket)
+                    waited = True
+                    continue
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+                break
+            self.operations += 1
+            if waited:
+                self._unyielded = 0
+            else:
+                await self.pace()
+            return data
         finally:
             self._receiving = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Send `data` on the transport."""
-        await self._transport.send_all(data)
+        """Send every byte of `data`, waiting while the peer's window is full."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._closed or self._eof_sent:
+                raise trio.ClosedResourceError("this stream was closed for sending")
+            waited = False
+            total = len(data)
+            sent = 0
+            view: memoryview | None = None
+            while sent < total:  # bounded: each round sends bytes or waits to
+                if self._closed:
+                    raise trio.ClosedResourceError("this stream was closed")
+                try:
+                    if view is None:
+                        sent = self.socket.send(data)
+                        if sent < total:
+                            view = memoryview(data).cast("B")
+                    else:
+                        sent += self.socket.send(view[sent:])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.socket)
+                    waited = True
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+            self.operations += 1
+            if waited:
+                self._unyielded = 0
+            else:
+                await self.pace()
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        """Half-close: the peer reads an end of stream, and may still send to us; sending
+        after it raises ClosedResourceError, another send_eof does nothing."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        await trio.lowlevel.checkpoint()
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"half-close failed: {exc}") from exc
 
     async def wait_send_all_might_not_block(self) -> None:
-        """Wait until the transport might accept data without blocking."""
-        await self._transport.wait_send_all_might_not_block()
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        self._sending = True
+        try:
+            await trio.lowlevel.wait_writable(self.socket)
+        finally:
+            self._sending = False
+
+    def close(self) -> None:
+        """Close the socket now; idempotent. A task waiting on it gets ClosedResourceError."""
+        if not self._closed:
+            self._closed = True
+            if self.socket.fileno() >= 0:
+                trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
 
     async def aclose(self) -> None:
-        """Close this stream and (see `keep_transport_open`) the transport; calling it again
-        is harmless."""
-        self._closed = True
-        if self._keep_transport_open:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    async def pace(self) -> None:
+        """Count an operation on this connection that did not wait; yield at every
+        YIELD_EVERY-th (see the module docstring)."""
+        self._unyielded += 1
+        if self._unyielded >= YIELD_EVERY:
+            self._unyielded = 0
+            # Shielded: the operation's bytes are already sent or taken; a cancellation is
+            # seen by the next operation's check instead of losing them.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+class _State(enum.Enum):
+    OK = enum.auto()
+    BROKEN = enum.auto()
+    CLOSED = enum.auto()
+
+
+class TlsStream(trio.abc.Stream):
+    """TLS over a `TcpStream`, with OpenSSL working on memory buffers.
+
+    `prefix`: bytes already read from the socket that OpenSSL must see first (the server's
+    peeked ClientHello). `https_compatible` (for the upstream side): a peer that closes without
+    a close_notify reads as a plain end of stream, and aclose sends none either; without it
+    (the client side) such a close is BrokenResourceError, so a truncation can be told apart.
+    """
+
+    def __init__(
+        self,
+        transport: TcpStream,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        prefix: bytes | bytearray = b"",
+        https_compatible: bool = False,
+    ) -> None:
+        self.transport_stream = transport
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
+        )
+        if prefix:
+            self._incoming.write(prefix)
+        self._https_compatible = https_compatible
+        self._state = _State.OK
+        self._handshook = False
+        self._hold_outgoing = False  # TLS 1.3 tickets wait for the first response (see above)
+        self._receiving = False
+        self._sending = False
+
+    # --- what the handshake settled ------------------------------------------------------
+
+    def version(self) -> str | None:
+        return self._ssl.version()
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._ssl.selected_alpn_protocol()
+
+    def pending(self) -> bool:
+        """Bytes received and not yet returned: decrypted, or records not yet decrypted."""
+        return bool(self._ssl.pending() or self._incoming.pending)
+
+    # --- operations -----------------------------------------------------------------------
+
+    async def do_handshake(self) -> None:
+        """Run the handshake (idempotent); BrokenResourceError when it fails."""
+        self._check_state()
+        if self._handshook:
             await trio.lowlevel.checkpoint()
             return
-        await self._transport.aclose()
+        await self._call(self._ssl.do_handshake, flush=False)
+        self._handshook = True
+        # A TLS 1.3 server's last handshake bytes are session tickets: they go out with the
+        # first response, one send instead of two.
+        self._hold_outgoing = self._ssl.server_side and self._ssl.version() == "TLSv1.3"
+        if not self._hold_outgoing:
+            await self._flush()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Up to `max_bytes` decrypted bytes; b"" after the peer's close_notify (or, with
+        https_compatible, its plain close)."""
+        if max_bytes is None:
+            max_bytes = RECEIVE_SIZE
+        elif max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            if not self._handshook:
+                await self.do_handshake()
+            else:
+                self._check_state()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            transport = self.transport_stream
+            before = transport.operations
+            try:
+                data = await self._call(self._ssl.read, max_bytes)
+            except _CleanEnd:
+                data = b""
+            if transport.operations == before:  # served from records already received
+                await transport.pace()
+            return data
+        finally:
+            self._receiving = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt and send every byte of `data`."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            if not self._handshook:
+                await self.do_handshake()
+            else:
+                self._check_state()
+            if not data and not self._outgoing.pending:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                await self.transport_stream.pace()
+                return
+            try:
+                if data:
+                    self._ssl.write(data)  # into the memory BIO: never wants a read or write
+            except ssl.SSLError as exc:
+                self._state = _State.BROKEN
+                raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+            await self._flush()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._check_state()
+        self._sending = True
+        try:
+            await self.transport_stream.wait_send_all_might_not_block()
+        finally:
+            self._sending = False
+
+    async def send_close_notify(self) -> None:
+        """Send our close_notify (without waiting for the peer's) and leave the socket open:
+        for a lingering close, which half-closes and drains it afterwards."""
+        if self._state is not _State.OK or not self._handshook:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            self._ssl.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # the peer's close_notify: not waited for
+        except ssl.SSLError:
+            self._state = _State.BROKEN
+            await trio.lowlevel.checkpoint()
+            return
+        await self._flush()
+
+    async def aclose(self) -> None:
+        """Send a close_notify (unless https_compatible, or broken) and close the socket.
+        The socket is closed even when sending fails or is cancelled."""
+        if self._state is _State.CLOSED:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            if self._state is _State.OK and not self._https_compatible:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await self.send_close_notify()
+        finally:
+            self._state = _State.CLOSED
+            self.transport_stream.close()
+        await trio.lowlevel.checkpoint()
+
+    # --- moving bytes ---------------------------------------------------------------------
+
+    def _check_state(self) -> None:
+        if self._state is _State.CLOSED:
+            raise trio.ClosedResourceError("this stream was closed")
+        if self._state is _State.BROKEN:
+            raise trio.BrokenResourceError("this TLS stream broke earlier")
+
+    async def _call(self, operation: Callable[..., _T], *args: object, flush: bool = True) -> _T:
+        """Run an OpenSSL operation, feeding it socket bytes until it completes.
+
+        A receive cancelled while it waits has consumed nothing, so the stream stays usable
+        (an idle connection's close still gets its close_notify); a send cancelled half-way
+        breaks it (see _flush)."""
+        transport = self.transport_stream
+        while True:  # bounded: each round completes, or reads from the socket
+            try:
+                result = operation(*args)
+            except ssl.SSLWantReadError:
+                if self._outgoing.pending and not self._hold_outgoing:
+                    await self._flush()
+                try:
+                    data = await transport.receive_some(RECEIVE_SIZE)
+                except trio.BrokenResourceError:
+                    self._state = _State.BROKEN
+                    raise
+                if data:
+                    self._incoming.write(data)
+                else:
+                    self._incoming.write_eof()
+                continue
+            except ssl.SSLZeroReturnError:
+                raise _CleanEnd from None
+            except (ssl.SSLError, ssl.CertificateError) as exc:
+                if self._https_compatible and _is_eof(exc):
+                    raise _CleanEnd from None
+                self._state = _State.BROKEN
+                raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+            if flush and self._outgoing.pending and not self._hold_outgoing:
+                await self._flush()
+            return result
+
+    async def _flush(self) -> None:
+        """Send what OpenSSL wrote; a send cancelled half-way breaks the stream."""
+        if not self._outgoing.pending:
+            return
+        self._hold_outgoing = False
+        try:
+            await self.transport_stream.send_all(self._outgoing.read())
+        except BaseException:
+            if self._state is _State.OK:
+                self._state = _State.BROKEN
+            raise
+
+
+class _CleanEnd(Exception):
+    """The peer ended the TLS stream cleanly (or, https_compatible, closed the socket)."""
+
+
+def _is_eof(exc: BaseException) -> bool:
+    """A TCP close without close_notify (stringly too: OpenSSL 3 reports some of them as a
+    generic SSLError, as trio and AnyIO note)."""
+    return isinstance(exc, ssl.SSLEOFError | ssl.SSLSyscallError) or (
+        "UNEXPECTED_EOF_WHILE_READING" in str(getattr(exc, "strerror", "") or "")
+    )

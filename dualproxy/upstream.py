@@ -1,6 +1,6 @@
 """Pooled, verified connections to the upstream: the trio edge towards the API we front.
 
-Theory of operation. A connection is TCP (TCP_NODELAY, which trio's SocketStream sets) plus,
+Theory of operation. A connection is TCP (`streams.TcpStream`, with TCP_NODELAY) plus,
 for https, a TLS client handshake that verifies the upstream's certificate against the system
 store and `upstream.ca_file`, always checks the host name, requires TLS 1.2 or later, offers
 ALPN http/1.1 only and sends `upstream.host` as SNI. Connecting and handshaking together get
@@ -67,6 +67,7 @@ from .forwarding import (
     check_response_head,
     find_head_end,
 )
+from .streams import TcpStream, TlsStream
 
 # One receive: 64 KiB lets a plain-TCP upstream hand over many segments at once (a TLS read
 # returns at most one record, 16 KiB, decrypted).
@@ -102,6 +103,15 @@ class UpstreamError(Exception):
         self.before_response = before_response
 
 
+def timeout_problem(waiting_for: Literal["send", "head", "body"], timeout: float) -> str:
+    """What a wait on the upstream that took longer than `timeout` says (with 504)."""
+    if waiting_for == "send":
+        return f"upstream did not take the request within {timeout:g} s"
+    if waiting_for == "head":
+        return f"no response head within {timeout:g} s"
+    return f"response body stalled for {timeout:g} s"
+
+
 class UpstreamConnection:
     """One connection to the upstream and the state of its current exchange; see the module
     docstring."""
@@ -123,8 +133,8 @@ class UpstreamConnection:
         "stream",
     )
 
-    def __init__(self, stream: trio.abc.Stream, tcp: trio.SocketStream, send_timeout: float):
-        self.stream = stream  # trio.SSLStream over `tcp` (https), or `tcp` itself (http)
+    def __init__(self, stream: TcpStream | TlsStream, tcp: TcpStream, send_timeout: float):
+        self.stream = stream  # TLS over `tcp` (https), or `tcp` itself (http)
         self.reused = False  # taken from the idle pool: the relay's stale-retry candidate
         # The final response head of the current exchange, as check_response_head read it.
         self.response_head: ResponseHead | None = None
@@ -173,13 +183,11 @@ class UpstreamConnection:
         self, waiting_for: Literal["send", "head", "body"], timeout: float
     ) -> UpstreamError:
         """The error (504) for a wait on this connection that took longer than `timeout`."""
-        if waiting_for == "send":
-            problem = f"upstream did not take the request within {timeout:g} s"
-        elif waiting_for == "head":
-            problem = f"no response head within {timeout:g} s"
-        else:
-            problem = f"response body stalled for {timeout:g} s"
-        return UpstreamError(_GATEWAY_TIMEOUT, problem, before_response=not self._started)
+        return UpstreamError(
+            _GATEWAY_TIMEOUT,
+            timeout_problem(waiting_for, timeout),
+            before_response=not self._started,
+        )
 
     # The timeouts are parameters (ASYNC109) because expiring is the upstream's failure, 504,
     # and says which wait expired; the caller's own deadlines still apply on top. None: the
@@ -327,13 +335,13 @@ class UpstreamConnection:
             return False
         if self._buffer or self._eof:
             return False
-        return not _tls_bytes_pending(self.stream)
+        return not (isinstance(self.stream, TlsStream) and self.stream.pending())
 
     def close(self) -> None:
         """Close the socket now (no close_notify); idempotent, never raises."""
         if not self._closed:
             self._closed = True
-            self._tcp.socket.close()
+            self._tcp.close()
 
     async def aclose(self) -> None:
         """Close forcefully, as `close`; a checkpoint that never raises, not even Cancelled."""
@@ -350,18 +358,6 @@ class UpstreamConnection:
             return not poller.poll(0)
         finally:
             poller.unregister(fd)
-
-
-def _tls_bytes_pending(stream: trio.abc.Stream) -> bool:
-    """Whether a TLS stream holds response bytes nobody read: decrypted ones, or records read
-    from the socket and not yet decrypted. trio keeps the latter in a MemoryBIO it does not
-    expose; it is read defensively, and a test proves it is still where we look."""
-    if not isinstance(stream, trio.SSLStream):
-        return False
-    if stream.pending():
-        return True
-    incoming = getattr(stream, "_incoming", None)
-    return isinstance(incoming, ssl.MemoryBIO) and incoming.pending > 0
 
 
 class UpstreamPool:
@@ -454,11 +450,11 @@ class UpstreamPool:
         timeout = self._limits.upstream_connect_timeout
         try:
             with trio.fail_after(timeout):
-                tcp = await trio.open_tcp_stream(upstream.host, upstream.port)
+                tcp = await _connect(upstream.host, upstream.port)
                 try:
                     stream = await self._handshake(tcp)
                 except BaseException:
-                    tcp.socket.close()
+                    tcp.close()
                     raise
         except trio.TooSlowError as exc:
             raise UpstreamError(
@@ -471,17 +467,33 @@ class UpstreamPool:
         self.connections_opened += 1
         return UpstreamConnection(stream, tcp, self._limits.upstream_timeout)
 
-    async def _handshake(self, tcp: trio.SocketStream) -> trio.abc.Stream:
+    async def _handshake(self, tcp: TcpStream) -> TcpStream | TlsStream:
         if self._context is None:
             return tcp
         # https_compatible: an upstream closing without close_notify (common) reads as a
         # plain EOF. Truncation cannot pass for a whole response: a body framed by
         # Content-Length or chunks is read to its end, and one cut short fails (http1).
-        tls = trio.SSLStream(
-            tcp, self._context, server_hostname=self._upstream.host, https_compatible=True
+        tls = TlsStream(
+            tcp,
+            self._context,
+            server_side=False,
+            server_hostname=self._upstream.host,
+            https_compatible=True,
         )
         await tls.do_handshake()
         return tls
+
+
+async def _connect(host: str, port: int) -> TcpStream:
+    """A TCP connection to the upstream: trio resolves the name (in a thread) and tries its
+    addresses happy-eyeballs style; the socket it connected is then ours."""
+    connected = await trio.open_tcp_stream(host, port)
+    family, kind, proto = (
+        connected.socket.family,
+        connected.socket.type,
+        connected.socket.proto,
+    )
+    return TcpStream(socket.socket(family, kind, proto, fileno=connected.socket.detach()))
 
 
 def client_context(upstream: UpstreamConfig) -> ssl.SSLContext:

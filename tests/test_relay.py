@@ -43,6 +43,7 @@ from dualproxy.config import ConfigError
 from dualproxy.forwarding import ResponseHead
 from dualproxy.relay import ALLOWED_METHODS, Framing, response_framing
 from dualproxy.server import Server
+from dualproxy.streams import TcpStream, TlsStream
 
 SNI: Final = "api.example.com"
 # More than any answer in these tests: a reader stops there instead of running forever.
@@ -1265,7 +1266,7 @@ async def test_only_a_refusal_with_the_request_unread_lingers(
     lingered: list[bool] = []
     real = server_module.lingering_close
 
-    async def spy(tls: trio.SSLStream[Any], stream: trio.SocketStream) -> None:
+    async def spy(tls: TlsStream, stream: TcpStream) -> None:
         lingered.append(True)
         await real(tls, stream)
 
@@ -1330,6 +1331,37 @@ async def test_drain_finishes_requests_in_flight_and_closes_idle_connections(
     assert response.header(b"connection") == [b"close"]
     assert clean
     assert any(m.startswith("draining: stopped accepting") for m in messages(caplog))
+
+
+async def test_a_request_that_arrives_as_the_drain_starts_is_served(
+    key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    upstream: UpstreamServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The race the drain must not lose a request to: the idle wait had already returned the
+    request when the drain cancelled it."""
+    real_receive = TlsStream.receive_some
+    drain_on_next_receive: list[Server] = []
+
+    async def receive_then_drain(self: TlsStream, max_bytes: int | None = None) -> bytes:
+        data = await real_receive(self, max_bytes)
+        if drain_on_next_receive and data:
+            drain_on_next_receive.pop().drain()  # no checkpoint between the two
+        return data
+
+    monkeypatch.setattr(TlsStream, "receive_some", receive_then_drain)
+    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as client:
+        assert (await client.request("GET", "/first")).status == 200
+        drain_on_next_receive.append(p.server)
+        await client.send(req("GET /second HTTP/1.1", HOST))
+        answer, clean = await client.read_until_closed()
+    [response] = parse_responses(answer)
+    assert response.status == 200
+    assert response.header(b"connection") == [b"close"]
+    assert clean
+    assert [r.target for r in upstream.requests] == [b"/first", b"/second"]
 
 
 async def test_drain_cancels_what_is_still_busy_after_the_grace_period(

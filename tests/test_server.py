@@ -46,7 +46,7 @@ from dualproxy.clienthello import ClientHello, parse_client_hello
 from dualproxy.config import Config, ListenAddress
 from dualproxy.pins import spki_pin_of_certificate
 from dualproxy.server import Outcome, Server, classify_handshake_failure, open_listeners
-from dualproxy.streams import ReplayStream
+from dualproxy.streams import TcpStream, TlsStream
 
 NOW: Final = datetime(2026, 6, 1, tzinfo=UTC)
 HINTED_SNI: Final = "k2.api.example.com"  # rotating_config hints it to the new key, k2
@@ -1043,8 +1043,8 @@ class LingerPair:
     """A handshaken TLS connection over a socket pair: the server's end as
     `handle_connection` has it, and a client."""
 
-    tls: trio.SSLStream[ReplayStream]
-    socket_stream: trio.SocketStream
+    tls: TlsStream
+    socket_stream: TcpStream
     raw: socket.socket  # the server's socket, for synchronous looks into its buffer
     client: trio.SSLStream[trio.SocketStream]
 
@@ -1063,9 +1063,9 @@ async def linger_pair(ca: trustme.CA) -> AsyncIterator[LingerPair]:
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
     raw, raw_client = socket.socketpair()
-    ours, theirs = trio.socket.from_stdlib_socket(raw), trio.socket.from_stdlib_socket(raw_client)
-    socket_stream = trio.SocketStream(ours)
-    tls = trio.SSLStream(ReplayStream(socket_stream), server_context, server_side=True)
+    theirs = trio.socket.from_stdlib_socket(raw_client)
+    socket_stream = TcpStream(raw)
+    tls = TlsStream(socket_stream, server_context, server_side=True)
     client = trio.SSLStream(trio.SocketStream(theirs), client_context, server_hostname=PLAIN_SNI)
     with trio.fail_after(CLIENT_TIMEOUT):
         async with trio.open_nursery() as nursery:
@@ -1074,7 +1074,7 @@ async def linger_pair(ca: trustme.CA) -> AsyncIterator[LingerPair]:
     try:
         yield LingerPair(tls, socket_stream, raw, client)
     finally:
-        ours.close()
+        socket_stream.close()
         theirs.close()
 
 
@@ -1089,7 +1089,6 @@ async def test_lingering_close_ends_our_side_and_reads_until_the_client_closes(
             assert await pair.client.receive_some() == b""  # close_notify
             # Then the end of the stream, from our SHUT_WR: the socket itself is still open.
             assert await pair.client.transport_stream.receive_some() == b""
-            assert pair.socket_stream.socket.did_shutdown_SHUT_WR
             await pair.client.send_all(b"and more")  # TLS 1.3: our close ends our side only
             await pair.client.transport_stream.aclose()
     assert pair.unread() == b""  # everything read, up to the close
@@ -1122,7 +1121,7 @@ async def test_lingering_close_stops_reading_at_its_byte_limit(
             await server_mod.lingering_close(pair.tls, pair.socket_stream)
             # The client never closed: what it sent past the limit is still unread.
             assert pair.unread()
-            pair.socket_stream.socket.close()  # as _connection_task does; the sender stops
+            pair.socket_stream.close()  # as _connection_task does; the sender stops
 
 
 # --- shutdown and crashes ------------------------------------------------------------------------
@@ -1158,7 +1157,7 @@ async def test_a_bug_costs_one_connection_not_the_server(
         respond = run.server.respond
         calls = 0
 
-        async def first_call_fails(tls: trio.SSLStream[Any], record: Any) -> None:
+        async def first_call_fails(tls: TlsStream, record: Any) -> None:
             nonlocal calls
             calls += 1
             if calls == 1:
@@ -1257,18 +1256,18 @@ async def test_every_listen_address_serves(
 @pytest.mark.parametrize("reuse_port", [True, False])
 async def test_reuse_port_lets_a_second_server_bind_the_same_port(reuse_port: bool) -> None:
     first = await open_listeners([ListenAddress("127.0.0.1", 0)], reuse_port)
-    port = first[0].socket.getsockname()[1]
+    port = first[0].getsockname()[1]
     try:
         if reuse_port:
             second = await open_listeners([ListenAddress("127.0.0.1", port)], reuse_port)
-            assert second[0].socket.getsockname()[1] == port
-            second[0].socket.close()
+            assert second[0].getsockname()[1] == port
+            second[0].close()
         else:
             with pytest.raises(OSError, match=rf"127\.0\.0\.1:{port} \(listen\.address\)") as info:
                 await open_listeners([ListenAddress("127.0.0.1", port)], reuse_port)
             assert info.value.errno == errno.EADDRINUSE
     finally:
-        first[0].socket.close()
+        first[0].close()
 
 
 def open_fds() -> int:

@@ -1,136 +1,24 @@
-"""ReplayStream: the trio Stream contract, prefix semantics, and a TLS handshake through it."""
+"""TcpStream and TlsStream: trio's stream contract, the pacing of schedule points, the peeked
+prefix, and how TLS streams end, break and close. All on real sockets (socket pairs)."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
 import trio.testing
 import trustme
 
-from dualproxy.streams import ReplayStream
+from dualproxy import streams
+from dualproxy.streams import TcpStream, TlsStream
 
-# Generous bound on one in-memory handshake, so that a regression fails instead of hanging.
-HANDSHAKE_TIMEOUT_SECONDS = 10
+# Generous bound on anything here, so that a regression fails instead of hanging.
+TIMEOUT_SECONDS = 10
 SERVER_NAME = "proxy.example.org"
-
-
-async def replay_pair() -> tuple[ReplayStream, ReplayStream]:
-    left, right = trio.testing.memory_stream_pair()
-    return ReplayStream(left), ReplayStream(right)
-
-
-async def clogged_replay_pair() -> tuple[ReplayStream, ReplayStream]:
-    left, right = trio.testing.lockstep_stream_pair()
-    return ReplayStream(left), ReplayStream(right)
-
-
-async def test_two_way_stream_contract() -> None:
-    await trio.testing.check_two_way_stream(replay_pair, clogged_replay_pair)
-
-
-async def test_prefix_comes_first_split_by_max_bytes_then_transport() -> None:
-    near, far = trio.testing.memory_stream_pair()
-    stream = ReplayStream(near, b"hello")
-    await far.send_all(b"world")
-
-    assert await stream.receive_some(2) == b"he"
-    # The rest of the prefix alone: serving the buffer never waits for the network.
-    assert await stream.receive_some() == b"llo"
-    assert await stream.receive_some() == b"world"
-
-
-async def test_receive_from_prefix_is_a_checkpoint() -> None:
-    near, _far = trio.testing.memory_stream_pair()
-    stream = ReplayStream(near, b"ab")
-
-    with trio.testing.assert_checkpoints():
-        assert await stream.receive_some(1) == b"a"
-    with trio.testing.assert_checkpoints():
-        assert await stream.receive_some(None) == b"b"
-
-
-async def test_receive_without_prefix_reads_the_transport() -> None:
-    near, far = trio.testing.memory_stream_pair()
-    stream = ReplayStream(near)
-    await far.send_all(b"xyz")
-
-    assert await stream.receive_some(2) == b"xy"
-    assert stream.transport is near
-
-
-@pytest.mark.parametrize("prefix", [b"", b"peeked"])
-@pytest.mark.parametrize("max_bytes", [0, -1])
-async def test_max_bytes_must_be_positive(prefix: bytes, max_bytes: int) -> None:
-    near, _far = trio.testing.memory_stream_pair()
-    stream = ReplayStream(near, prefix)
-
-    with pytest.raises(ValueError, match="max_bytes"):
-        await stream.receive_some(max_bytes)
-
-
-async def test_max_bytes_must_be_an_integer() -> None:
-    near, _far = trio.testing.memory_stream_pair()
-    stream = ReplayStream(near, b"peeked")
-
-    with pytest.raises(TypeError):
-        await stream.receive_some(1.5)  # type: ignore[arg-type]
-    # The refused call consumed nothing.
-    assert await stream.receive_some() == b"peeked"
-
-
-async def test_concurrent_receive_while_serving_prefix_is_busy() -> None:
-    near, _far = trio.testing.memory_stream_pair()
-    stream = ReplayStream(near, b"peeked")
-
-    with pytest.RaisesGroup(trio.BusyResourceError):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream.receive_some, 1)
-            nursery.start_soon(stream.receive_some, 1)
-
-
-async def test_closed_stream_refuses_everything_and_closes_transport() -> None:
-    near, _far = trio.testing.memory_stream_pair()
-    stream = ReplayStream(near, b"never read")
-
-    await stream.aclose()
-    await stream.aclose()
-
-    with pytest.raises(trio.ClosedResourceError):
-        await stream.receive_some()
-    with pytest.raises(trio.ClosedResourceError):
-        await stream.send_all(b"x")
-    with pytest.raises(trio.ClosedResourceError):
-        await near.receive_some()
-
-
-async def test_keep_transport_open_leaves_the_transport_to_the_caller() -> None:
-    near, far = trio.testing.memory_stream_pair()
-    stream = ReplayStream(near, b"never read")
-    stream.keep_transport_open()
-
-    await stream.aclose()
-
-    with pytest.raises(trio.ClosedResourceError):
-        await stream.receive_some()
-    await far.send_all(b"still")
-    assert await near.receive_some() == b"still"
-
-
-async def test_aclose_during_a_prefix_receive_raises_closed() -> None:
-    near, _far = trio.testing.memory_stream_pair()
-    stream = ReplayStream(near, b"peeked")
-
-    async def receive_expecting_closed() -> None:
-        with pytest.raises(trio.ClosedResourceError):
-            await stream.receive_some()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(receive_expecting_closed)
-        # Whichever task the scheduler runs first, the receive must not return the prefix.
-        await trio.lowlevel.checkpoint()
-        await stream.aclose()
 
 
 @pytest.fixture(scope="module")
@@ -144,75 +32,285 @@ def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, client
 
 
-async def tls_echo_through_peek(
-    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
-    peek_bytes: int | None,
-    replay: bool,
-    raw_pair: tuple[trio.abc.Stream, trio.abc.Stream] | None = None,
-) -> bytes | bytearray:
-    """Handshake with the server peeking `peek_bytes` of the hello first; return the echo.
+@pytest.fixture
+def yield_every_operation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """trio's contract checks want every operation to be a schedule point: with
+    YIELD_EVERY = 1 these streams are held to all of trio's rules."""
+    monkeypatch.setattr(streams, "YIELD_EVERY", 1)
 
-    `raw_pair` is the (client, server) transport, a memory stream pair by default.
-    """
+
+def tcp_pair() -> tuple[TcpStream, TcpStream]:
+    left, right = socket.socketpair()
+    return TcpStream(left), TcpStream(right)
+
+
+async def fill(stream: trio.abc.SendStream) -> None:
+    """Send until the peer's buffers are full (nobody reads), then stop."""
+    async with trio.open_nursery() as nursery:
+
+        async def send_forever() -> None:
+            while True:  # bounded: cancelled once the send blocks
+                await stream.send_all(b"x" * 65536)
+
+        nursery.start_soon(send_forever)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+
+
+async def make_tcp_pair() -> tuple[TcpStream, TcpStream]:
+    return tcp_pair()
+
+
+async def make_clogged_tcp_pair() -> tuple[TcpStream, TcpStream]:
+    left, right = tcp_pair()
+    await fill(left)
+    await fill(right)
+    return left, right
+
+
+async def test_tcp_stream_keeps_trios_half_closeable_contract(
+    yield_every_operation: None,
+) -> None:
+    await trio.testing.check_half_closeable_stream(make_tcp_pair, make_clogged_tcp_pair)
+
+
+async def handshaken(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    *,
+    peek: int = 0,
+    https_compatible: bool = False,
+) -> tuple[TlsStream, TlsStream]:
+    """A (server, client) pair after the handshake; the server first reads `peek` bytes of
+    the ClientHello itself and hands them over as the prefix, as server.py does."""
     server_context, client_context = contexts
-    client_raw, server_raw = raw_pair or trio.testing.memory_stream_pair()
-    client = trio.SSLStream(client_raw, client_context, server_hostname=SERVER_NAME)
-    echoed: bytes | bytearray = b""
+    server_tcp, client_tcp = tcp_pair()
+    client = TlsStream(
+        client_tcp,
+        client_context,
+        server_side=False,
+        server_hostname=SERVER_NAME,
+        https_compatible=https_compatible,
+    )
+    server: TlsStream | None = None
 
     async def serve() -> None:
-        peeked = await server_raw.receive_some(peek_bytes)
-        assert peek_bytes is None or len(peeked) == peek_bytes
-        transport = ReplayStream(server_raw, peeked) if replay else server_raw
-        server = trio.SSLStream(transport, server_context, server_side=True)
-        try:
-            await server.send_all(await server.receive_some())
-        finally:
-            await trio.aclose_forcefully(server)
+        nonlocal server
+        prefix = b""
+        while len(prefix) < peek:  # bounded: peek bytes, TIMEOUT_SECONDS
+            prefix += await server_tcp.receive_some(peek - len(prefix))
+        server = TlsStream(server_tcp, server_context, server_side=True, prefix=prefix)
+        await server.do_handshake()
 
-    async def talk() -> None:
-        nonlocal echoed
-        try:
-            await client.send_all(b"ping")
-            echoed = await client.receive_some()
-        finally:
-            await trio.aclose_forcefully(client)
-
-    with trio.fail_after(HANDSHAKE_TIMEOUT_SECONDS):
+    with trio.fail_after(TIMEOUT_SECONDS):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve)
-            nursery.start_soon(talk)
-    return echoed
+            nursery.start_soon(client.do_handshake)
+    assert server is not None
+    return server, client
 
 
-# 1 byte cuts the record header, 5 is exactly the header, 64 cuts the hello body, None reads
-# the whole first flight.
-@pytest.mark.parametrize("peek_bytes", [1, 5, 64, None])
-async def test_tls_handshake_through_replayed_hello(
-    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext], peek_bytes: int | None
+@contextlib.asynccontextmanager
+async def tls_pair(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext], **options: int | bool
+) -> AsyncIterator[tuple[TlsStream, TlsStream]]:
+    server, client = await handshaken(contexts, **options)  # type: ignore[arg-type]
+    try:
+        yield server, client
+    finally:
+        server.transport_stream.close()
+        client.transport_stream.close()
+
+
+async def test_tls_stream_keeps_trios_two_way_contract(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext], yield_every_operation: None
 ) -> None:
-    assert await tls_echo_through_peek(tls_contexts, peek_bytes, replay=True) == b"ping"
+    async def make() -> tuple[TlsStream, TlsStream]:
+        return await handshaken(tls_contexts)
+
+    # No clogged pair: clogging means a send cancelled half-way, which breaks a TLS stream
+    # (as it does trio's); waiting on a full socket is the TcpStream's, checked above.
+    await trio.testing.check_two_way_stream(make, None)
 
 
-@pytest.mark.parametrize("peek_bytes", [1, 5, 64])
-async def test_tls_handshake_fails_without_replay(
-    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext], peek_bytes: int
+# 1 byte cuts the record header, 5 is exactly the header, 64 cuts the hello body.
+@pytest.mark.parametrize("peek", [0, 1, 5, 64])
+async def test_openssl_sees_the_peeked_hello_first(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext], peek: int
 ) -> None:
-    # OpenSSL itself rejects the hello's remains; the client is then cancelled with the nursery.
-    openssl_rejected = pytest.RaisesExc(
-        trio.BrokenResourceError, check=lambda exc: isinstance(exc.__cause__, ssl.SSLError)
-    )
-    with pytest.RaisesGroup(openssl_rejected):
-        await tls_echo_through_peek(tls_contexts, peek_bytes, replay=False)
+    async with tls_pair(tls_contexts, peek=peek) as (server, client):
+        await client.send_all(b"ping")
+        assert await server.receive_some() == b"ping"
+        await server.send_all(b"pong")
+        assert await client.receive_some() == b"pong"
+        assert server.version() == client.version() == "TLSv1.3"
 
 
-async def test_tls_handshake_through_replayed_hello_on_loopback(
+async def test_a_hello_missing_its_peeked_bytes_fails_the_handshake(
     tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
 ) -> None:
-    # The production shape: a real SocketStream under the replay, header peeked first.
-    async with (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0] as listener:
-        client_raw = await trio.testing.open_stream_to_socket_listener(listener)
-        server_raw = await listener.accept()
-        echoed = await tls_echo_through_peek(
-            tls_contexts, 5, replay=True, raw_pair=(client_raw, server_raw)
-        )
-    assert echoed == b"ping"
+    server_context, client_context = tls_contexts
+    server_tcp, client_tcp = tcp_pair()
+    client = TlsStream(client_tcp, client_context, server_side=False, server_hostname=SERVER_NAME)
+    with trio.fail_after(TIMEOUT_SECONDS):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            await server_tcp.receive_some(5)  # read, and then not handed over
+            server = TlsStream(server_tcp, server_context, server_side=True)
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await server.do_handshake()
+            assert isinstance(info.value.__cause__, ssl.SSLError)
+            nursery.cancel_scope.cancel()
+    server_tcp.close()
+    client_tcp.close()
+
+
+# --- schedule points --------------------------------------------------------------------------
+
+
+async def test_operations_that_find_the_socket_ready_still_yield_every_few() -> None:
+    left, right = tcp_pair()
+    rounds = 4 * streams.YIELD_EVERY
+    await right.send_all(b"x" * rounds)  # all there before the reads start
+    others_ran = 0
+
+    async def other() -> None:
+        nonlocal others_ran
+        while True:  # bounded: cancelled below
+            others_ran += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await trio.lowlevel.checkpoint()  # `other` is running
+        before = others_ran
+        for _ in range(rounds):
+            assert await left.receive_some(1) == b"x"
+        ran = others_ran - before
+        nursery.cancel_scope.cancel()
+    # Not at every read (that is the saving), but at least every YIELD_EVERY (the other
+    # task may miss the last one: the scheduler picks the order of a batch at random).
+    assert rounds // streams.YIELD_EVERY - 1 <= ran < rounds // 2
+    left.close()
+    right.close()
+
+
+@pytest.mark.parametrize("operation", ["receive", "send"])
+async def test_a_cancelled_caller_stops_even_when_the_socket_is_ready(operation: str) -> None:
+    left, right = tcp_pair()
+    await right.send_all(b"ready")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        if operation == "receive":
+            await left.receive_some()
+        else:
+            await left.send_all(b"data")
+    assert scope.cancelled_caught
+    # Nothing was taken or sent: the bytes are still there, the peer got nothing.
+    assert await left.receive_some() == b"ready"
+    with pytest.raises(BlockingIOError):
+        right.socket.recv(10)
+    left.close()
+    right.close()
+
+
+# --- how TLS streams end ----------------------------------------------------------------------
+
+
+async def test_close_notify_reads_as_the_end(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    async with tls_pair(tls_contexts) as (server, client):
+        await server.send_all(b"last")
+        await server.aclose()
+        assert await client.receive_some() == b"last"
+        assert await client.receive_some() == b""
+        with pytest.raises(trio.ClosedResourceError):
+            await server.receive_some()
+
+
+@pytest.mark.parametrize("https_compatible", [False, True])
+async def test_a_close_without_close_notify(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext], https_compatible: bool
+) -> None:
+    """A truncation on the client side (strict); a plain end towards an upstream
+    (https_compatible), where the framing of the response tells a truncation instead."""
+    async with tls_pair(tls_contexts, https_compatible=https_compatible) as (server, client):
+        await server.send_all(b"data")
+        server.transport_stream.close()  # no close_notify
+        assert await client.receive_some() == b"data"
+        if https_compatible:
+            assert await client.receive_some() == b""
+        else:
+            with pytest.raises(trio.BrokenResourceError):
+                await client.receive_some()
+
+
+async def test_send_close_notify_leaves_the_socket_open(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    async with tls_pair(tls_contexts) as (server, client):
+        await server.send_close_notify()
+        assert await client.receive_some() == b""
+        # TLS 1.3: our close_notify ends our side only; the client may still send.
+        await client.send_all(b"late")
+        assert await server.transport_stream.receive_some()  # raw bytes, still readable
+
+
+async def test_tls13_session_tickets_go_out_with_the_first_response(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    async with tls_pair(tls_contexts) as (server, client):
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(BlockingIOError):  # the handshake left nothing unsent to read
+            client.transport_stream.socket.recv(1, socket.MSG_PEEK)
+        await server.send_all(b"response")
+        assert await client.receive_some() == b"response"
+
+
+async def test_pending_counts_records_received_and_not_yet_read(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    async with tls_pair(tls_contexts) as (server, client):
+        assert not client.pending()
+        await server.send_all(b"a" * 100)
+        await server.send_all(b"b" * 100)  # two records
+        assert await client.receive_some(10) == b"a" * 10
+        assert client.pending()  # the rest of the first record, decrypted or not
+        assert await client.receive_some() == b"a" * 90
+        while client.pending():  # bounded: 100 bytes
+            assert set(await client.receive_some()) == {ord("b")}
+
+
+# --- breaking and busy ------------------------------------------------------------------------
+
+
+async def test_a_send_cancelled_half_way_breaks_the_stream(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    async with tls_pair(tls_contexts) as (server, _client):
+        with trio.move_on_after(0.2):  # nobody reads: the send blocks part-way
+            await server.send_all(b"x" * (8 * 1024 * 1024))
+        with pytest.raises(trio.BrokenResourceError):
+            await server.send_all(b"more")
+        await server.aclose()  # closing a broken stream just closes the socket
+        assert server.transport_stream.socket.fileno() == -1
+
+
+@pytest.mark.parametrize("side", ["receive", "send"])
+async def test_a_second_task_on_the_same_direction_is_refused(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext], side: str
+) -> None:
+    async with tls_pair(tls_contexts) as (server, _client):
+
+        async def operation() -> None:
+            if side == "receive":
+                await server.receive_some()  # nothing comes
+            else:
+                await server.send_all(b"x" * (8 * 1024 * 1024))  # nobody reads
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(operation)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                await operation()
+            nursery.cancel_scope.cancel()

@@ -38,6 +38,7 @@ from upstream_server import (
 from dualproxy.config import ConfigError, Limits, UpstreamConfig
 from dualproxy.forwarding import MAX_RESPONSE_HEAD_BYTES, ResponseHead
 from dualproxy.http1 import END
+from dualproxy.streams import TcpStream, TlsStream
 from dualproxy.upstream import (
     MAX_INFORMATIONAL_RESPONSES,
     UpstreamConnection,
@@ -152,11 +153,11 @@ async def exchange(
     return response, await read_body(connection)
 
 
-def socket_of(connection: UpstreamConnection) -> trio.socket.SocketType:
+def socket_of(connection: UpstreamConnection) -> socket.socket:
     stream = connection.stream
-    if isinstance(stream, trio.SSLStream):
+    if isinstance(stream, TlsStream):
         stream = stream.transport_stream
-    assert isinstance(stream, trio.SocketStream)
+    assert isinstance(stream, TcpStream)
     return stream.socket
 
 
@@ -178,7 +179,7 @@ async def test_exchange_over_verified_tls(
 ) -> None:
     pool = pools(https_upstream.config())
     connection = await pool.acquire()
-    assert isinstance(connection.stream, trio.SSLStream)
+    assert isinstance(connection.stream, TlsStream)
     assert connection.stream.selected_alpn_protocol() == "http/1.1"
     assert connection.stream.version() in ("TLSv1.2", "TLSv1.3")
     assert not connection.reused
@@ -200,9 +201,9 @@ async def test_exchange_over_verified_tls(
 async def test_exchange_over_plain_http(pools: PoolFactory, http_upstream: UpstreamServer) -> None:
     pool = pools(http_upstream.config())
     connection = await pool.acquire()
-    assert isinstance(connection.stream, trio.SocketStream)
+    assert isinstance(connection.stream, TcpStream)
     # Small requests and response heads go out at once, not after Nagle's delay.
-    assert connection.stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert connection.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     response, body = await exchange(connection)
     assert response.status == 200
     assert json.loads(body)["method"] == "GET"
