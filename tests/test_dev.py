@@ -352,17 +352,33 @@ def test_a_switch_reaches_the_next_connection_while_an_open_one_keeps_its_key(
     assert code == 0, err
 
 
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 @pytest.mark.e2e
-def test_options_upstream_and_new_network(tmp_path: Path) -> None:
+def test_options_upstream_new_network_and_ipv6(tmp_path: Path) -> None:
     """--upstream relays to another API (here a first bench's echo: its JSON shows what the
-    second bench forwarded); --new-network sends a client network to new during grace."""
+    second bench forwarded); --new-network sends a client network to new during grace; the
+    second bench listens on ::1 when the machine has it (its printed commands then say so)."""
+    v6 = ipv6_loopback()
+    host, network = ("::1", "::1/128") if v6 else ("127.0.0.1", "127.0.0.0/8")
+    address = f"[{host}]:0" if v6 else f"{host}:0"
     with bench(tmp_path / "a", tmp_path) as first:
         echo = first.field(r"^  upstream +built-in echo \((http://127\.0\.0\.1:\d+)\)")
-        options = ("--upstream", echo, "--new-network", "127.0.0.0/8")
+        options = ["--upstream", echo, "--new-network", network, "--listen", address]
+        options += ["--admin", address]
         with bench(tmp_path / "b", tmp_path, *options) as second:
             assert f"  upstream    {echo}\n" in second.banner
-            assert "clients from 127.0.0.0/8" in second.banner
+            assert f"clients from {network}" in second.banner
             commands = second.commands()
+            bracketed = f"[{host}]" if v6 else host
+            assert f"localhost:{second.port}:{bracketed}" in shlex.split(commands["both"].command)
             assert commands["both"].expectation == "works, served new (hint-network)"
             both = run_printed(commands["both"].command)
             assert both.returncode == 0, both.stderr
@@ -370,8 +386,11 @@ def test_options_upstream_and_new_network(tmp_path: Path) -> None:
             assert got.headers["x-dualproxy-key"] == "new"
             _, fields = echoed(got.body)
             assert fields["x-forwarded-host"] == f"localhost:{second.port}"
+            assert fields["x-forwarded-for"] == host
             assert commands["old"].expectation == "fails: curl exit 90, pin mismatch (new served)"
             assert run_printed(commands["old"].command).returncode == CURL_EXIT_PIN
+            switched = switch(tmp_path / "b", "old-only")  # the admin endpoint on ::1 too
+            assert switched.returncode == 0, switched.stderr
             assert second.stop()[0] == 0
         assert first.stop()[0] == 0
 
