@@ -189,50 +189,46 @@ def _build_parser() -> argparse.ArgumentParser:
     csr.add_argument("--out", type=Path, help="CSR file (default: DIR/NAME/csr.pem; - for stdout)")
     csr.set_defaults(handler=_cmd_keys_csr)
 
-    dev = command(
+    dev_cmd = command(
         "dev",
         "local pinning test bench: a dev CA, old, new and rogue keys, broken certificates, and"
         " scenarios you switch live",
     )
-    dev.add_argument(
+    dev_cmd.add_argument(
         "--dir", type=Path, default=Path(DEV_DIR), help=f"where dev material lives ({DEV_DIR})"
     )
-    dev.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT to serve on")
-    dev.add_argument(
-        "--name",
-        action="append",
-        default=[],
-        metavar="HOST",
-        type=_host_argument,
+    dev_cmd.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT to serve on")
+    dev_cmd.add_argument(
+        "--name", action="append", default=[], metavar="HOST", type=_host_argument,
         help="extra name for the certificates, e.g. a LAN IP a phone can reach (repeatable)",
-    )
-    dev.add_argument(
+    )  # fmt: skip
+    dev_cmd.add_argument(
         "--reset", action="store_true", help="replace the dev CA and keys (only those files)"
     )
-    dev.add_argument(
+    dev_cmd.add_argument(
         "--scenario",
         choices=DEV_SCENARIOS,
-        default="grace",
-        help="what to serve at start (default: grace); switch later with `dev switch`",
+        default=dev.DEFAULT_SCENARIO,
+        help=f"what to serve at start ({dev.DEFAULT_SCENARIO}); switch later with `dev switch`",
     )
-    dev.add_argument(
+    dev_cmd.add_argument(
         "--upstream",
         metavar="URL",
         help="relay to this API (http:// or https://) instead of the built-in echo upstream",
     )
-    dev.add_argument(
+    dev_cmd.add_argument(
         "--new-network",
         action="append",
         default=[],
         metavar="CIDR",
         help="in the grace scenario, clients from this network get new (repeatable)",
     )
-    dev.add_argument(
+    dev_cmd.add_argument(
         "--admin", type=_admin_argument, default=None, metavar="HOST:PORT",
         help=f"the admin endpoint `dev switch` talks to; loopback only ({DEFAULT_ADMIN_ADDRESS})",
     )  # fmt: skip
-    dev.set_defaults(handler=_cmd_dev)
-    dev_actions = dev.add_subparsers(metavar="ACTION")
+    dev_cmd.set_defaults(handler=_cmd_dev)
+    dev_actions = dev_cmd.add_subparsers(metavar="ACTION")
     switch = dev_actions.add_parser(
         "switch",
         help="switch a running bench to another scenario, without a restart",
