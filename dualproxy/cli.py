@@ -15,8 +15,10 @@ KeyboardInterrupt traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
+import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,7 +30,7 @@ from typing import Final, NoReturn, TextIO
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from . import checks, keystore, pins, policy
+from . import checks, dev, devcerts, devcontrol, echo, keystore, pins, policy
 from .clienthello import ClientHello
 from .config import (
     DEFAULT_CONFIG_FILE,
@@ -41,6 +43,9 @@ from .config import (
     normalize_host,
     parse_time,
 )
+from .dev import DEFAULT_DIR as DEV_DIR
+from .dev import SCENARIOS as DEV_SCENARIOS
+from .devcontrol import DEFAULT_ADMIN_ADDRESS
 from .keystore import KeySnapshot, KeyStoreError
 from .server import Server, raise_open_file_limit, utc_now
 
@@ -184,17 +189,63 @@ def _build_parser() -> argparse.ArgumentParser:
     csr.add_argument("--out", type=Path, help="CSR file (default: DIR/NAME/csr.pem; - for stdout)")
     csr.set_defaults(handler=_cmd_keys_csr)
 
-    dev = command("dev", "local pinning test bench: a dev CA, old and new keys, a rotation")
-    dev.add_argument("--dir", type=Path, default=Path("certs/dev"), help="where dev material lives")
-    dev.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT to serve on")
-    dev.add_argument(
+    dev_cmd = command(
+        "dev",
+        "local pinning test bench: a dev CA, old, new and rogue keys, broken certificates, and"
+        " scenarios you switch live",
+    )
+    dev_cmd.add_argument(
+        "--dir", type=Path, default=Path(DEV_DIR), help=f"where dev material lives ({DEV_DIR})"
+    )
+    dev_cmd.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT to serve on")
+    dev_cmd.add_argument(
         "--name", action="append", default=[], metavar="HOST", type=_host_argument,
         help="extra name for the certificates, e.g. a LAN IP a phone can reach (repeatable)",
     )  # fmt: skip
-    dev.add_argument(
+    dev_cmd.add_argument(
         "--reset", action="store_true", help="replace the dev CA and keys (only those files)"
     )
-    dev.set_defaults(handler=_cmd_dev)
+    dev_cmd.add_argument(
+        "--scenario",
+        choices=DEV_SCENARIOS,
+        default=dev.DEFAULT_SCENARIO,
+        help=f"what to serve at start ({dev.DEFAULT_SCENARIO}); switch later with `dev switch`",
+    )
+    dev_cmd.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="relay to this API (http:// or https://) instead of the built-in echo upstream",
+    )
+    dev_cmd.add_argument(
+        "--new-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="in the grace scenario, clients from this network get new (repeatable)",
+    )
+    dev_cmd.add_argument(
+        "--admin", type=_admin_argument, default=None, metavar="HOST:PORT",
+        help=f"the admin endpoint `dev switch` talks to; loopback only ({DEFAULT_ADMIN_ADDRESS})",
+    )  # fmt: skip
+    dev_cmd.set_defaults(handler=_cmd_dev)
+    dev_actions = dev_cmd.add_subparsers(metavar="ACTION")
+    switch = dev_actions.add_parser(
+        "switch",
+        help="switch a running bench to another scenario, without a restart",
+        description="Switch the running bench (found through DIR/admin-address) to SCENARIO: "
+        "connections already open keep their key, the next one gets the new scenario.",
+    )
+    switch.add_argument("scenario", choices=DEV_SCENARIOS, metavar="SCENARIO",
+                        help=f"one of: {', '.join(DEV_SCENARIOS)}")  # fmt: skip
+    # SUPPRESS: `dualproxy dev --dir X switch S` keeps the X given before the action.
+    switch.add_argument(
+        "--dir", type=Path, default=argparse.SUPPRESS, help=f"the bench's --dir ({DEV_DIR})"
+    )
+    switch.add_argument(
+        "--admin", type=_admin_argument, default=argparse.SUPPRESS, metavar="HOST:PORT",
+        help="the bench's admin endpoint (default: read from DIR/admin-address)",
+    )  # fmt: skip
+    switch.set_defaults(handler=_cmd_dev_switch)
     return parser
 
 
@@ -232,6 +283,13 @@ def _host_argument(text: str) -> str:
     if (problem := host_name_problem(text)) is not None:
         raise argparse.ArgumentTypeError(f"{problem}, nor an IP address")
     return normalize_host(text)
+
+
+def _admin_argument(text: str) -> tuple[str, int]:
+    try:
+        return devcontrol.parse_admin_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _load(args: argparse.Namespace) -> tuple[Config, KeySnapshot]:
@@ -516,24 +574,76 @@ def _cmd_keys_csr(args: argparse.Namespace) -> int:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from . import dev
-
     _setup_logging()
     now = utc_now()
     try:
         material = dev.prepare(args.dir, args.name, reset=args.reset, now=now)
     except OSError as exc:
         raise CommandError(f"--dir {args.dir}: cannot prepare the dev material: {exc}") from None
-    try:
-        config = dev.build_config(material, args.listen, now)
-    except ConfigError as exc:
-        if exc.key_path.startswith("listen"):
-            raise CommandError(f"--listen: {exc.problem}", EXIT_USAGE) from None
-        raise
-    server = Server(config, dev_headers=True)
-    code = _run_until_interrupted(partial(dev.serve, server, material))
+    # Bound before the event loop starts: the echo's URL goes into every scenario's config,
+    # and a port in use is reported before anything runs.
+    with contextlib.ExitStack() as sockets:
+        if args.upstream is None:
+            echo_socket = sockets.enter_context(echo.open_socket())
+            upstream = f"http://127.0.0.1:{echo_socket.getsockname()[1]}"
+        else:
+            echo_socket, upstream = None, args.upstream
+        settings = dev.BenchSettings(args.listen, upstream, tuple(args.new_network))
+        try:
+            bench = dev.Bench(material, settings, args.scenario, command=_command_name(), now=now)
+        except ConfigError as exc:
+            for prefix, option in _DEV_OPTIONS:
+                if exc.key_path.startswith(prefix):
+                    raise CommandError(f"{option}: {exc.problem}", EXIT_USAGE) from None
+            raise
+        try:
+            admin = args.admin or devcontrol.parse_admin_address(DEFAULT_ADMIN_ADDRESS)
+            admin_socket = sockets.enter_context(devcontrol.open_socket(*admin))
+        except OSError as exc:
+            where = devcontrol.format_address(*admin)
+            raise CommandError(
+                f"--admin: cannot listen on {where}: {exc.strerror}; is another bench running?"
+                " Stop it, or pick another port with --admin 127.0.0.1:PORT"
+            ) from None
+        code = _run_until_interrupted(partial(bench.run, admin_socket, echo_socket))
     print("\nstopped", flush=True)
     return code
+
+
+# Which command-line option a problem in the bench's generated config comes from.
+_DEV_OPTIONS: Final = (
+    ("listen", "--listen"),
+    ("upstream", "--upstream"),
+    ("rotation.hints.new.networks", "--new-network"),
+)
+
+
+def _cmd_dev_switch(args: argparse.Namespace) -> int:
+    folder: Path = getattr(args, "dir", Path(DEV_DIR))
+    try:
+        address = args.admin or devcontrol.read_address_file(folder / devcerts.ADMIN_ADDRESS_FILE)
+        previous = devcontrol.get_scenario(address)
+        text = devcontrol.switch(address, args.scenario)
+    except devcontrol.ControlError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"switched to {args.scenario} (was {previous}); the next connection gets it")
+    print(text)
+    return EXIT_OK
+
+
+def _command_name() -> str:
+    """How the user runs this command, for the commands we print: `dualproxy` when that is on
+    PATH and is us, otherwise the path it was started by (`.venv/bin/dualproxy`)."""
+    script = Path(sys.argv[0])
+    if script.name != "dualproxy":
+        return f"{Path(sys.executable).name} -m dualproxy"
+    found = shutil.which("dualproxy")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "dualproxy"
+    try:
+        return str(script.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(script.absolute())
 
 
 if __name__ == "__main__":  # pragma: no cover

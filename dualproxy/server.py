@@ -533,9 +533,28 @@ class Server:
         async with self._reload_lock:
             return await self._reload_now(why)
 
-    async def _reload_now(self, why: str) -> bool:
+    async def apply(self, config: Config, why: str) -> bool:
+        """Serve `config` from now on, exactly as a reload would serve a changed config file:
+        its keys are loaded first, all or nothing, and swapped in together with it; connections
+        already open keep their material. How the dev bench switches scenarios live. True when
+        it took effect; on failure the previous config and keys keep serving, and the log says
+        why. The listen addresses cannot change this way (a reload keeps them too)."""
+        async with self._reload_lock:
+            # The files the new config names, as they are before its keys are read (as at
+            # start): the file poller compares against these, so a switch is not a "change".
+            seen = await trio.to_thread.run_sync(self._files_signature, config)
+            applied = await self._reload_now(why, config)
+            if applied:
+                self._files_seen = seen
+            return applied
+
+    async def _reload_now(self, why: str, given: Config | None = None) -> bool:
         try:
-            config, snapshot = await trio.to_thread.run_sync(self._load_fresh)
+            if given is None:
+                config, snapshot = await trio.to_thread.run_sync(self._load_fresh)
+            else:
+                config = given
+                snapshot = await trio.to_thread.run_sync(keystore.load_snapshot, given)
             relay = await trio.to_thread.run_sync(self._relay_for, config)
         except (ConfigError, KeyStoreError) as exc:
             self.reloads_failed += 1
@@ -588,9 +607,11 @@ class Server:
         config = config_mod.load(self.config.path) if self.config.path is not None else self.config
         return config, keystore.load_snapshot(config)
 
-    def _files_signature(self) -> tuple[tuple[str, int, int, int, int], ...]:
+    def _files_signature(
+        self, config: Config | None = None
+    ) -> tuple[tuple[str, int, int, int, int], ...]:
         signature = []
-        for path in self.config.watched_files():
+        for path in (config or self.config).watched_files():
             try:
                 st = path.stat()
                 signature.append((str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode))

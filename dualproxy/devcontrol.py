@@ -1,0 +1,389 @@
+"""The dev bench's control surface: a small HTTP endpoint on loopback, and the client that
+`dualproxy dev switch` uses to talk to it.
+
+Switching the scenario changes what every client of the bench is served, so only this
+machine may do it, and not a web page open in its browser:
+- the endpoint listens on a loopback address only (`parse_admin_address` refuses any other),
+  and answers loopback peers only;
+- it answers only requests whose Host names a loopback address or `localhost`: a page that
+  rebinds its own DNS name to 127.0.0.1 still sends that name (DNS rebinding);
+- it refuses every request carrying an Origin header: browsers send one with every
+  cross-origin fetch, and with every form POST or PUT, so no page can switch behind your back.
+  `dualproxy dev switch` and curl send none.
+Each connection carries one request, bounded in size and time, and ends with our answer.
+
+The API (JSON answers, each with Connection: close):
+    GET /scenario        200 {"scenario": "grace", "scenarios": [...]}
+    PUT /scenario NAME   200 {"scenario": NAME, "previous": "grace", "text": "..."} where text
+                         says what the bench's curl commands get now; 400 for an unknown name,
+                         500 when the switch failed (the previous scenario keeps serving)
+The running bench writes its address to `admin-address` in its folder, which is where
+`dualproxy dev switch` looks for it, and removes it when it stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import ipaddress
+import json
+import logging
+import socket
+from collections.abc import Sequence
+from http import HTTPStatus
+from pathlib import Path
+from typing import Final, Protocol
+
+import h11
+import trio
+
+__all__ = [
+    "ADMIN_REQUEST_TIMEOUT",
+    "DEFAULT_ADMIN_ADDRESS",
+    "ControlError",
+    "SwitchError",
+    "Switchboard",
+    "format_address",
+    "get_scenario",
+    "handle",
+    "open_socket",
+    "parse_admin_address",
+    "read_address_file",
+    "remove_address_file",
+    "serve",
+    "switch",
+    "write_address_file",
+]
+
+log = logging.getLogger("dualproxy")
+
+# Next to the bench's default port (8443): easy to remember, and free on a developer machine.
+DEFAULT_ADMIN_ADDRESS: Final = "127.0.0.1:8444"
+# A local client sends its whole request at once; one that has not within this long is not
+# one of ours, and must not hold a task.
+ADMIN_REQUEST_TIMEOUT: Final = 5.0
+# Our client's request head is about 150 bytes; 8 KiB takes any tool's (curl's, a browser's).
+ADMIN_MAX_HEAD_BYTES: Final = 8 * 1024
+# The body is a scenario name.
+ADMIN_MAX_BODY_BYTES: Final = 1024
+# One read from the connection.
+RECEIVE_SIZE: Final = 4 * 1024
+# What `dualproxy dev switch` waits for an answer: a switch loads a few small key files
+# (milliseconds); this only bounds a bench that hangs.
+CLIENT_TIMEOUT: Final = 10.0
+
+
+class ControlError(Exception):
+    """The switch did not happen: says why and what to do (no bench running, wrong address,
+    an answer that is not the bench's)."""
+
+
+class SwitchError(Exception):
+    """The bench refused or failed a switch; the message is the answer's error text."""
+
+
+class Switchboard(Protocol):
+    """What the endpoint controls: the running bench."""
+
+    @property
+    def scenario(self) -> str: ...
+
+    @property
+    def scenarios(self) -> Sequence[str]: ...
+
+    async def switch(self, name: str) -> str:
+        """Serve scenario `name` from the next connection on; returns what to try now.
+        Raises SwitchError (unknown name, material that would not load)."""
+        ...
+
+
+# --- addresses ---------------------------------------------------------------------------
+
+
+def parse_admin_address(text: str) -> tuple[str, int]:
+    """HOST:PORT on loopback ("localhost" is 127.0.0.1); ValueError saying what is allowed."""
+    host, sep, port_text = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT, e.g. {DEFAULT_ADMIN_ADDRESS}")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is None or not address.is_loopback:
+        raise ValueError(
+            f"{text!r}: the admin endpoint switches what every client of the bench gets, so it"
+            " listens on loopback only: use 127.0.0.1:PORT or [::1]:PORT"
+        )
+    return str(address), int(port_text)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def write_address_file(path: Path, host: str, port: int) -> str:
+    """Tell `dualproxy dev switch` where the running bench listens; returns what was written."""
+    text = format_address(host, port) + "\n"
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="ascii")
+    partial.replace(path)
+    return text
+
+
+def remove_address_file(path: Path, written: str) -> None:
+    """Remove the file if it still says what we wrote (another bench may have taken over)."""
+    try:
+        if path.read_text(encoding="ascii") == written:
+            path.unlink()
+    except OSError:
+        pass  # already gone
+
+
+def read_address_file(path: Path) -> tuple[str, int]:
+    """Where the bench using that folder listens; ControlError when none is running there."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise ControlError(
+            f"{path} does not exist: no dev bench is running with --dir {path.parent};"
+            " start one with `dualproxy dev` (or pass the bench's --dir or --admin)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ControlError(f"{path}: cannot read the bench's admin address: {exc}") from None
+    try:
+        return parse_admin_address(text)
+    except ValueError as exc:
+        raise ControlError(f"{path}: {exc}; restart the bench to rewrite it") from None
+
+
+def open_socket(host: str, port: int) -> socket.socket:
+    """The endpoint's listening socket, bound before the event loop starts (so a port in use
+    is reported before anything else runs). Raises OSError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family)
+
+
+# --- the endpoint ------------------------------------------------------------------------
+
+
+async def serve(
+    sock: socket.socket,
+    board: Switchboard,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer on `sock` (from open_socket, on loopback) until cancelled."""
+    host = sock.getsockname()[0]
+    if not ipaddress.ip_address(str(host).split("%", 1)[0]).is_loopback:
+        raise ValueError(f"the admin endpoint must listen on loopback, not on {host}")
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+    async def handler(stream: trio.SocketStream) -> None:
+        if _peer_is_loopback(stream):
+            await handle(stream, board)
+        else:  # cannot happen on a loopback listener; if it does, say nothing
+            await trio.aclose_forcefully(stream)
+
+    await trio.serve_listeners(handler, [listener], task_status=task_status)
+
+
+async def handle(stream: trio.abc.Stream, board: Switchboard) -> None:
+    """Answer the one request on `stream` (from a loopback peer), then close it."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=ADMIN_MAX_HEAD_BYTES)
+    try:
+        request: tuple[h11.Request, bytes] | None = None
+        with trio.move_on_after(ADMIN_REQUEST_TIMEOUT):
+            request = await _receive(stream, conn)
+        if request is None:
+            return
+        status, answer = await _answer(*request, board)
+        await _send(stream, conn, status, answer)
+    except _Refused as refused:
+        await _send(stream, conn, refused.status, {"error": refused.message})
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client left
+    except Exception:
+        # Our bug: it costs this request, not the bench (serve_listeners would end with it).
+        log.exception("admin endpoint: internal error")
+        await _send(stream, conn, 500, {"error": "internal error: see the bench's log"})
+    finally:
+        with trio.move_on_after(ADMIN_REQUEST_TIMEOUT):
+            await stream.aclose()
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _peer_is_loopback(stream: trio.SocketStream) -> bool:
+    try:
+        host = str(stream.socket.getpeername()[0]).split("%", 1)[0]
+        address = ipaddress.ip_address(host)
+    except (OSError, ValueError):
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+async def _receive(stream: trio.abc.Stream, conn: h11.Connection) -> tuple[h11.Request, bytes]:
+    """The request and its body, or _Refused; raises BrokenResourceError if the client left."""
+    request: h11.Request | None = None
+    body = b""
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _Refused(exc.error_status_hint, f"cannot read the request: {exc}") from None
+        if event is h11.NEED_DATA:
+            conn.receive_data(bytes(await stream.receive_some(RECEIVE_SIZE)))
+        elif isinstance(event, h11.Request):
+            request = event
+            _check_origin(request)
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > ADMIN_MAX_BODY_BYTES:
+                raise _Refused(413, f"the body is a scenario name: at most {ADMIN_MAX_BODY_BYTES}")
+        elif isinstance(event, h11.EndOfMessage):
+            assert request is not None
+            return request, body
+        else:
+            raise trio.BrokenResourceError("the client closed before its request was complete")
+
+
+def _check_origin(request: h11.Request) -> None:
+    """Loopback Host, no Origin: see the module docstring for why."""
+    origins = [value for name, value in request.headers if name == b"origin"]
+    if origins:
+        raise _Refused(
+            403,
+            f"refused a request from a web page (Origin: {origins[0].decode('latin-1')}):"
+            " switch with `dualproxy dev switch SCENARIO`",
+        )
+    hosts = [value.decode("latin-1") for name, value in request.headers if name == b"host"]
+    if len(hosts) != 1 or not _is_loopback_host(hosts[0]):
+        raise _Refused(
+            403,
+            f"Host {', '.join(hosts)!r} is not this machine's loopback: the admin endpoint"
+            " answers only requests for localhost, 127.0.0.1 or [::1]",
+        )
+
+
+def _is_loopback_host(host: str) -> bool:
+    """A Host value naming loopback (localhost, 127.0.0.0/8, [::1]), with or without a port."""
+    if host.startswith("["):
+        name, _, rest = host[1:].partition("]")
+        port_ok = rest == "" or (rest.startswith(":") and rest[1:].isdigit())
+    else:
+        name, colon, port = host.partition(":")
+        port_ok = not colon or port.isdigit()
+    if not port_ok:
+        return False
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+async def _answer(
+    request: h11.Request, body: bytes, board: Switchboard
+) -> tuple[int, dict[str, object]]:
+    target = request.target.split(b"?", 1)[0]
+    if target != b"/scenario":
+        raise _Refused(404, "not found: the admin endpoint has GET and PUT /scenario")
+    if request.method == b"GET":
+        return 200, {"scenario": board.scenario, "scenarios": list(board.scenarios)}
+    if request.method != b"PUT":
+        raise _Refused(405, "method not allowed: GET /scenario, or PUT /scenario with a name")
+    name = body.decode("utf-8", "replace").strip()
+    previous = board.scenario
+    try:
+        text = await board.switch(name)
+    except SwitchError as exc:
+        status = 400 if name not in board.scenarios else 500
+        raise _Refused(status, str(exc)) from None
+    return 200, {"scenario": name, "previous": previous, "text": text}
+
+
+async def _send(
+    stream: trio.abc.Stream, conn: h11.Connection, status: int, answer: dict[str, object]
+) -> None:
+    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return
+    body = json.dumps(answer, indent=2).encode() + b"\n"
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    if status == 405:
+        headers.append((b"allow", b"GET, PUT"))
+    reason = HTTPStatus(status).phrase.encode()
+    data = conn.send(h11.Response(status_code=status, headers=headers, reason=reason)) or b""
+    data += conn.send(h11.Data(data=body)) or b""
+    data += conn.send(h11.EndOfMessage()) or b""
+    # A client that left or stopped reading loses its answer; nothing else depends on it.
+    with (
+        trio.move_on_after(ADMIN_REQUEST_TIMEOUT),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await stream.send_all(data)
+
+
+# --- the client (`dualproxy dev switch`) -------------------------------------------------
+
+
+def switch(address: tuple[str, int], name: str, *, timeout: float = CLIENT_TIMEOUT) -> str:
+    """Ask the bench at `address` to serve scenario `name`; the bench's text on what to try.
+
+    Raises ControlError (no bench there, or it refused: the message says why).
+    """
+    answer = _call(address, "PUT", name.encode(), timeout)
+    text = answer.get("text")
+    if not isinstance(text, str):
+        raise ControlError(f"{format_address(*address)} answered without a text: {answer}")
+    return text
+
+
+def get_scenario(address: tuple[str, int], *, timeout: float = CLIENT_TIMEOUT) -> str:
+    """The scenario the bench at `address` serves now; raises ControlError."""
+    scenario = _call(address, "GET", None, timeout).get("scenario")
+    if not isinstance(scenario, str):
+        raise ControlError(f"{format_address(*address)} did not name its scenario")
+    return scenario
+
+
+def _call(
+    address: tuple[str, int], method: str, body: bytes | None, timeout: float
+) -> dict[str, object]:
+    where = format_address(*address)
+    connection = http.client.HTTPConnection(*address, timeout=timeout)
+    try:
+        connection.request(method, "/scenario", body=body, headers={"Host": where})
+        response = connection.getresponse()
+        data = response.read(ADMIN_MAX_HEAD_BYTES)
+    except ConnectionRefusedError:
+        raise ControlError(
+            f"no dev bench answers at {where}: is `dualproxy dev` running (with this --dir)?"
+        ) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise ControlError(f"the dev bench at {where} did not answer: {exc}") from None
+    finally:
+        connection.close()
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise ControlError(f"{where} is not a dev bench's admin endpoint (HTTP {response.status})")
+    if response.status != 200:
+        raise ControlError(f"the dev bench refused: {answer.get('error', answer)}")
+    return answer
