@@ -120,6 +120,9 @@ _BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
 # inactivity timeout may end a wait up to this much early, never late; nginx does the same with
 # its timers (NGX_TIMER_LAZY_DELAY, 300 ms).
 DEADLINE_SLACK: Final = 0.3
+# Plain ints: an HTTPStatus member costs an enum lookup at each use, and this is per response.
+_OK: Final = int(HTTPStatus.OK)
+_NO_BODY_STATUSES: Final = frozenset({int(HTTPStatus.NO_CONTENT), int(HTTPStatus.NOT_MODIFIED)})
 # The interim answer to Expect: 100-continue, sent when we start reading the body.
 _CONTINUE: Final = http1.response_head(HTTPStatus.CONTINUE, b"Continue", [])
 
@@ -312,10 +315,7 @@ def response_framing(
     says chunked to an HTTP/1.1 client, as the GET's would (RFC 9110 §9.3.2).
     """
     status = head.status
-    no_body_status = status < HTTPStatus.OK or status in (
-        HTTPStatus.NO_CONTENT,
-        HTTPStatus.NOT_MODIFIED,
-    )
+    no_body_status = status < _OK or status in _NO_BODY_STATUSES
     no_body = no_body_status or request_method == b"HEAD"
     if head.content_length is not None:
         length = [(b"content-length", str(head.content_length).encode())]
@@ -359,6 +359,9 @@ class ClientConnection:
         # records which wait it is, so that an expiry is answered as that wait's (`_expired`).
         self._scope = trio.CancelScope()
         self._phase = _Phase.IDLE
+        # trio's clock, read directly: several times per request, and trio.current_time()
+        # is three calls deep.
+        self._now = trio.lowlevel.current_clock().current_time
         self._limits: Limits | None = None  # the current request's
         self._head_method: bytes | None = None  # the current request's, once its head is read
 
@@ -436,7 +439,7 @@ class ClientConnection:
         """Read and check the next request head; None when the connection ends quietly."""
         limits = settings.limits
         buffer = self._buffer
-        started = trio.current_time()
+        started = self._now()
         if not buffer:
             if self._eof or self._drain.draining:
                 return None
@@ -454,12 +457,13 @@ class ClientConnection:
             if not chunk:  # closed by the client
                 return None
             buffer += chunk
-            if self._scope.cancel_called:
-                # The drain (or the deadline) came just as the request did: it is served,
-                # in a fresh scope.
+            now = self._now()
+            if self._drain.draining or now >= self._scope.deadline:
+                # The drain (or the deadline) came just as the request did and may have
+                # cancelled the scope already: the request is served, in a fresh one.
                 raise _Restart
             if not first:
-                started = trio.current_time()
+                started = now
         head_limits = settings.head_limits
         end = find_head_end(buffer, head_limits)
         if end is None:  # the head is still coming (usually it came whole, in one read)
@@ -673,7 +677,7 @@ class ClientConnection:
         cheaper than a cancel scope per wait, of which a request has several. A deadline is
         not pushed back by less than DEADLINE_SLACK (see there)."""
         self._phase = phase
-        deadline = trio.current_time() + timeout
+        deadline = self._now() + timeout
         current = self._scope.deadline
         if deadline < current or deadline - current > DEADLINE_SLACK:
             self._scope.deadline = deadline

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import operator
 import socket
 import ssl
 from collections.abc import Callable
@@ -53,6 +54,10 @@ YIELD_EVERY: Final = 16
 # trio.SocketStream sets too): a client that does not read makes send_all wait early, instead
 # of the kernel buffering megabytes for it.
 NOTSENT_LOWAT: Final = 16 * 1024
+
+# The most plaintext one TLS record carries (RFC 8446 5.1): a read asks OpenSSL for no more,
+# because it allocates what is asked for before it knows what it has.
+TLS_RECORD_PLAINTEXT: Final = 16 * 1024
 
 _T = TypeVar("_T")
 
@@ -89,7 +94,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
         """Up to `max_bytes` (default RECEIVE_SIZE) bytes; b"" once the peer closed."""
         if max_bytes is None:
             max_bytes = RECEIVE_SIZE
-        elif max_bytes < 1:
+        elif operator.index(max_bytes) < 1:
             raise ValueError("max_bytes must be >= 1")
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
@@ -240,6 +245,7 @@ class TlsStream(trio.abc.Stream):
         self._https_compatible = https_compatible
         self._state = _State.OK
         self._handshook = False
+        self._ended = False  # the peer ended the stream: reads return b"" from now on
         self._hold_outgoing = False  # TLS 1.3 tickets wait for the first response (see above)
         self._receiving = False
         self._sending = False
@@ -277,7 +283,7 @@ class TlsStream(trio.abc.Stream):
         https_compatible, its plain close)."""
         if max_bytes is None:
             max_bytes = RECEIVE_SIZE
-        elif max_bytes < 1:
+        elif operator.index(max_bytes) < 1:
             raise ValueError("max_bytes must be >= 1")
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
@@ -290,10 +296,17 @@ class TlsStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint_if_cancelled()
             transport = self.transport_stream
             before = transport.operations
-            try:
-                data = await self._call(self._ssl.read, max_bytes)
-            except _CleanEnd:
+            if self._ended:
                 data = b""
+            else:
+                if not self._incoming.pending and not self._ssl.pending():
+                    # Nothing received that OpenSSL has not read: it would only ask for more.
+                    await self._receive_records()
+                try:
+                    data = await self._call(self._ssl.read, min(max_bytes, TLS_RECORD_PLAINTEXT))
+                except _CleanEnd:
+                    self._ended = True
+                    data = b""
             if transport.operations == before:  # served from records already received
                 await transport.pace()
             return data
@@ -379,22 +392,13 @@ class TlsStream(trio.abc.Stream):
         A receive cancelled while it waits has consumed nothing, so the stream stays usable
         (an idle connection's close still gets its close_notify); a send cancelled half-way
         breaks it (see _flush)."""
-        transport = self.transport_stream
         while True:  # bounded: each round completes, or reads from the socket
             try:
                 result = operation(*args)
             except ssl.SSLWantReadError:
                 if self._outgoing.pending and not self._hold_outgoing:
                     await self._flush()
-                try:
-                    data = await transport.receive_some(RECEIVE_SIZE)
-                except trio.BrokenResourceError:
-                    self._state = _State.BROKEN
-                    raise
-                if data:
-                    self._incoming.write(data)
-                else:
-                    self._incoming.write_eof()
+                await self._receive_records()
                 continue
             except ssl.SSLZeroReturnError:
                 raise _CleanEnd from None
@@ -406,6 +410,18 @@ class TlsStream(trio.abc.Stream):
             if flush and self._outgoing.pending and not self._hold_outgoing:
                 await self._flush()
             return result
+
+    async def _receive_records(self) -> None:
+        """Feed OpenSSL what the socket has next (its end, as an EOF)."""
+        try:
+            data = await self.transport_stream.receive_some(RECEIVE_SIZE)
+        except trio.BrokenResourceError:
+            self._state = _State.BROKEN
+            raise
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
 
     async def _flush(self) -> None:
         """Send what OpenSSL wrote; a send cancelled half-way breaks the stream."""
