@@ -94,6 +94,7 @@ from .forwarding import (
     find_head_end,
     upstream_request_headers,
 )
+from .streams import TlsStream
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool, timeout_problem
 
 if TYPE_CHECKING:
@@ -655,7 +656,7 @@ class ClientConnection:
             if chunked:  # the upstream's trailers are dropped
                 out.append(http1.LAST_CHUNK)
             if out:
-                await self._send_client(out, limits)
+                await self._send_client(out, limits, last=not keep_alive)
             finished = True
             self._keep_alive = keep_alive
         except UpstreamError as exc:
@@ -666,9 +667,15 @@ class ClientConnection:
             else:
                 settings.pool.discard(upstream)
 
-    async def _send_client(self, out: list[bytes], limits: Limits) -> None:
+    async def _send_client(self, out: list[bytes], limits: Limits, *, last: bool = False) -> None:
+        """Send to the client; `last`: the connection's final bytes, its TLS close_notify
+        going with them."""
         self._wait(_Phase.CLIENT_SEND, limits.send_timeout)
-        await self._stream.send_all(b"".join(out) if len(out) > 1 else out[0])
+        data = b"".join(out) if len(out) > 1 else out[0]
+        if last and isinstance(self._stream, TlsStream):
+            await self._stream.send_all(data, then_close_notify=True)
+        else:
+            await self._stream.send_all(data)
 
     # --- waits ---------------------------------------------------------------------------
 

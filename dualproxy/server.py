@@ -417,6 +417,8 @@ class Server:
         finally:
             if linger:
                 await lingering_close(tls, stream)
+            elif tls.close_notify_sent:  # with the last response: nothing left to send
+                tls.close()
             else:
                 with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
                     await tls.aclose()

@@ -246,6 +246,7 @@ class TlsStream(trio.abc.Stream):
         self._state = _State.OK
         self._handshook = False
         self._ended = False  # the peer ended the stream: reads return b"" from now on
+        self._close_notify_sent = False  # we ended ours: sends are refused from now on
         self._hold_outgoing = False  # TLS 1.3 tickets wait for the first response (see above)
         self._receiving = False
         self._sending = False
@@ -313,8 +314,12 @@ class TlsStream(trio.abc.Stream):
         finally:
             self._receiving = False
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt and send every byte of `data`."""
+    async def send_all(
+        self, data: bytes | bytearray | memoryview, *, then_close_notify: bool = False
+    ) -> None:
+        """Encrypt and send every byte of `data`; `then_close_notify`: and our close_notify
+        after it, in the same send (a response that ends the connection costs one send, not
+        two); nothing may be sent after it, and aclose then only closes the socket."""
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this stream")
         self._sending = True
@@ -323,13 +328,17 @@ class TlsStream(trio.abc.Stream):
                 await self.do_handshake()
             else:
                 self._check_state()
-            if not data and not self._outgoing.pending:
+            if self._close_notify_sent:
+                raise trio.ClosedResourceError("our close_notify was sent: nothing may follow")
+            if not data and not self._outgoing.pending and not then_close_notify:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 await self.transport_stream.pace()
                 return
             try:
                 if data:
                     self._ssl.write(data)  # into the memory BIO: never wants a read or write
+                if then_close_notify:
+                    self._write_close_notify()
             except ssl.SSLError as exc:
                 self._state = _State.BROKEN
                 raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
@@ -350,18 +359,32 @@ class TlsStream(trio.abc.Stream):
     async def send_close_notify(self) -> None:
         """Send our close_notify (without waiting for the peer's) and leave the socket open:
         for a lingering close, which half-closes and drains it afterwards."""
-        if self._state is not _State.OK or not self._handshook:
+        if self._state is not _State.OK or not self._handshook or self._close_notify_sent:
             await trio.lowlevel.checkpoint()
             return
         try:
-            self._ssl.unwrap()
-        except ssl.SSLWantReadError:
-            pass  # the peer's close_notify: not waited for
+            self._write_close_notify()
         except ssl.SSLError:
             self._state = _State.BROKEN
             await trio.lowlevel.checkpoint()
             return
         await self._flush()
+
+    def _write_close_notify(self) -> None:
+        """Put our close_notify in the outgoing buffer (SSLError: broken)."""
+        self._close_notify_sent = True
+        with contextlib.suppress(ssl.SSLWantReadError):  # the peer's: not waited for
+            self._ssl.unwrap()
+
+    @property
+    def close_notify_sent(self) -> bool:
+        """Whether our close_notify went out (closing then has nothing left to send)."""
+        return self._close_notify_sent
+
+    def close(self) -> None:
+        """Close the socket now, without sending anything more; idempotent."""
+        self._state = _State.CLOSED
+        self.transport_stream.close()
 
     async def aclose(self) -> None:
         """Send a close_notify (unless https_compatible, or broken) and close the socket.

@@ -245,6 +245,25 @@ async def test_a_close_without_close_notify(
                 await client.receive_some()
 
 
+async def test_the_last_response_carries_the_close_notify_in_the_same_send(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    async with tls_pair(tls_contexts) as (server, client):
+        sends = server.transport_stream.operations
+        await server.send_all(b"last response", then_close_notify=True)
+        assert server.transport_stream.operations == sends + 1  # one send for both
+        assert server.close_notify_sent
+        assert await client.receive_some() == b"last response"
+        assert await client.receive_some() == b""  # the close_notify: a clean end
+        with pytest.raises(trio.ClosedResourceError):
+            await server.send_all(b"more")
+        # Closing has nothing left to send: the socket just closes.
+        server.close()
+        assert server.transport_stream.socket.fileno() == -1
+        with pytest.raises(trio.ClosedResourceError):
+            await server.receive_some()
+
+
 async def test_send_close_notify_leaves_the_socket_open(
     tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
 ) -> None:
