@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -44,6 +44,7 @@ from dualproxy.clienthello import (
     EXT_SIGNATURE_ALGORITHMS,
     EXT_SUPPORTED_GROUPS,
     EXT_SUPPORTED_VERSIONS,
+    HANDSHAKE_HEADER_LEN,
     MAX_CLIENT_HELLO_BYTES,
     MAX_RECORD_PAYLOAD_LEN,
     RECORD_HEADER_LEN,
@@ -652,6 +653,15 @@ def test_every_small_change_of_a_real_hello_same_as_reference(captured: Captured
     assert_every_small_change_same_as_reference(captured.wire)
 
 
+@pytest.mark.parametrize(
+    ("valid", "invalid"), [twin[:2] for twin in TWINS.values()], ids=TWINS.keys()
+)
+def test_twins_same_as_reference(valid: bytes, invalid: bytes) -> None:
+    """The hand-made cases above, the cap among them, give the reference's exact messages."""
+    assert_same_as_reference(valid)
+    assert_same_as_reference(invalid)
+
+
 @pytest.mark.parametrize("wire", SMALL_CHANGE_SHAPES.values(), ids=SMALL_CHANGE_SHAPES.keys())
 def test_other_buffer_types_same_as_reference(wire: bytes) -> None:
     """The annotation says bytes, but the reference read any buffer: so does the parser."""
@@ -699,6 +709,59 @@ def _prefixed_extension(
     far as it stays representable), then the bytes `after`."""
     length = min(max(len(items) + skew, 0), 2 ** (8 * length_size) - 1)
     return extension(ext_type, length.to_bytes(length_size) + items + after)
+
+
+# An extension's type and length, 2 bytes each, before its body.
+EXTENSION_HEADER_LEN: Final = 4
+# Extensions whose body is one list behind a length of this many bytes (the rest are opaque
+# here): versions<2..254> has a 1-byte length, the others a 2-byte one.
+LIST_LENGTH_SIZES: Final = {
+    EXT_SERVER_NAME: 2,
+    EXT_SUPPORTED_GROUPS: 2,
+    EXT_SIGNATURE_ALGORITHMS: 2,
+    EXT_ALPN: 2,
+    EXT_SUPPORTED_VERSIONS: 1,
+}
+
+
+def cut_at_every_level(extensions: list[bytes]) -> Iterator[bytes]:
+    """Hellos with these extensions cut short at every byte of every level, each enclosing
+    length consistent with the cut, so that each field in turn is the one that overruns: the
+    body, the extensions block, each extension's body, and each list inside one."""
+    body = client_hello(extensions)[HANDSHAKE_HEADER_LEN:]
+    for end in range(len(body) + 1):
+        yield records(hellos.handshake(1, body[:end]))
+    block = b"".join(extensions)
+    for end in range(len(block) + 1):
+        yield records(client_hello([block[:end]]))
+    for index, whole in enumerate(extensions):
+        ext_type = int.from_bytes(whole[:2])
+        ext_body = whole[EXTENSION_HEADER_LEN:]
+        cuts = [extension(ext_type, ext_body[:end]) for end in range(len(ext_body) + 1)]
+        if ext_type in LIST_LENGTH_SIZES:
+            size = LIST_LENGTH_SIZES[ext_type]
+            items = ext_body[size:]
+            cuts += [extension(ext_type, vector(items[:end], size)) for end in range(len(items))]
+        for cut in cuts:
+            yield records(client_hello([*extensions[:index], cut, *extensions[index + 1 :]]))
+
+
+CUT_EXTENSIONS: Final = {
+    "typical": hellos.typical_extensions(),
+    "grease-first": [extension(GREASE, b""), *hellos.typical_extensions()],
+    # Other name types before and after the host_name; whole, it has two host_names: an error.
+    "sni-entries": [
+        _server_name_entries([(1, b"other"), (0, b"a"), (2, b"x"), (0, b"b")]),
+        alpn(b"h2"),
+    ],
+    "duplicate": [alpn(b"h2"), supported_groups(X25519), alpn(b"h2")],
+}
+
+
+@pytest.mark.parametrize("extensions", CUT_EXTENSIONS.values(), ids=CUT_EXTENSIONS.keys())
+def test_hellos_cut_at_every_level_same_as_reference(extensions: list[bytes]) -> None:
+    for wire in cut_at_every_level(extensions):
+        assert_same_as_reference(wire)
 
 
 # Host names: valid, empty, with a space or non-ASCII, and ones that repeat.
