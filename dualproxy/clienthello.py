@@ -169,15 +169,21 @@ def _reassemble(data: bytes) -> bytes | None:
     pos = 0  # start of the current record
     while True:
         _check_cap(pos, received, message_len)
-        _check_record_header(view[pos : pos + RECORD_HEADER_LEN], pos)
-        if len(data) < pos + RECORD_HEADER_LEN:
+        payload = pos + RECORD_HEADER_LEN  # where the record's payload starts
+        if (
+            len(data) < payload
+            or view[pos] != CONTENT_TYPE_HANDSHAKE
+            or view[pos + 1] != RECORD_VERSION_MAJOR
+        ):
+            # The header is cut short or wrong: raise if it is wrong so far, else wait.
+            _check_record_header(view[pos:payload], pos)
             return None
-        length = int.from_bytes(view[pos + 3 : pos + RECORD_HEADER_LEN])  # the last 2 bytes
+        length = view[pos + 3] << 8 | view[pos + 4]  # the header's last 2 bytes
         if length == 0:
             raise ClientHelloError(f"empty handshake record at byte {pos}")
         if length > MAX_RECORD_PAYLOAD_LEN:
             raise ClientHelloError(f"record length {length} at byte {pos} exceeds 2^14")
-        fragment = view[pos + RECORD_HEADER_LEN : pos + RECORD_HEADER_LEN + length]
+        fragment = view[payload : payload + length]
         if message_len is None:
             head += fragment[: HANDSHAKE_HEADER_LEN - len(head)]
             message_len = _check_handshake_header(head)
@@ -189,7 +195,7 @@ def _reassemble(data: bytes) -> bytes | None:
             return b"".join(fragments)
         if len(fragment) < length:
             return None
-        pos += RECORD_HEADER_LEN + length
+        pos = payload + length
 
 
 def _check_cap(pos: int, received: int, message_len: int | None) -> None:
