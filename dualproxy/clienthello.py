@@ -23,8 +23,9 @@ a 2-byte payload length) and a payload of 1 to 2^14 bytes; a record may end anyw
 message, even inside its 4-byte header. Nothing but handshake records may come before the hello
 is complete. The handshake header's length tells when it is complete, and the record headers
 alone tell whether enough bytes have arrived, so an incomplete hello costs one step per record
-header (one, for every real client) and no copy; the body is copied and parsed only once all
-of it is here.
+header (one, for every real client) and no copy. The body is parsed only once all of it is
+here: in place when it came in one record (as from every real client: a hello is far smaller
+than a record), else from one copy that joins the fragments.
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ TLS1_3: Final = 0x0304  # RFC 8446 §4.2.1
 
 # The size of a cipher suite, named group, signature scheme or protocol version.
 _U16_LEN: Final = 2
+# Where the body starts when the first record holds the whole handshake header.
+_FIRST_BODY_START: Final = RECORD_HEADER_LEN + HANDSHAKE_HEADER_LEN
+# An extension's header: its type, then its body's length (2 bytes each, big-endian).
+_EXTENSION_HEADER: Final = struct.Struct(">HH")
+_EXTENSION_HEADER_LEN: Final = _EXTENSION_HEADER.size
+# The bytes a host_name may hold: printable ASCII (what a DNS name can hold, and safe to log
+# verbatim). A space is not one of them.
+_HOST_NAME_BYTES: Final = bytes(range(0x21, 0x7F))
 
 # The start of a request line: method SP (RFC 9112 §3). Methods are case-sensitive tokens, and
 # every registered one is uppercase letters and "-" (IANA HTTP Method Registry; the longest,
@@ -113,10 +122,30 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
     record, SSLv2-style hello, wrong handshake type, malformed lengths, duplicate extensions,
     more than MAX_CLIENT_HELLO_BYTES needed, ...).
     """
+    # Fast path: the first record holds the whole hello, as from every real client. Its 9
+    # header bytes are read in place, and the body is parsed where it lies. Any other start (a
+    # hello in several records, a short or malformed header, a hello past the cap) goes to
+    # _reassemble, which gives the same answer for these bytes, only slower. Other buffers than
+    # bytes go there too: a slice of one would not be bytes.
+    if (
+        isinstance(data, bytes)
+        and len(data) >= _FIRST_BODY_START
+        and data[0] == CONTENT_TYPE_HANDSHAKE
+        and data[1] == RECORD_VERSION_MAJOR
+        and data[RECORD_HEADER_LEN] == HANDSHAKE_CLIENT_HELLO
+    ):
+        record_len = data[3] << 8 | data[4]  # the record header's last 2 bytes
+        # The handshake header's last 3 bytes give the body's length, hence the hello's end.
+        end = _FIRST_BODY_START + (data[6] << 16 | data[7] << 8 | data[8])
+        if (
+            end - RECORD_HEADER_LEN <= record_len <= MAX_RECORD_PAYLOAD_LEN
+            and end <= MAX_CLIENT_HELLO_BYTES
+        ):
+            return None if len(data) < end else _parse_body(data, _FIRST_BODY_START, end)
     message = _reassemble(data)
     if message is None:
         return None
-    return _parse_body(_Reader(message, "ClientHello", start=HANDSHAKE_HEADER_LEN))
+    return _parse_body(message, HANDSHAKE_HEADER_LEN, len(message))
 
 
 def is_plain_http(data: bytes) -> bool:
@@ -140,15 +169,21 @@ def _reassemble(data: bytes) -> bytes | None:
     pos = 0  # start of the current record
     while True:
         _check_cap(pos, received, message_len)
-        _check_record_header(view[pos : pos + RECORD_HEADER_LEN], pos)
-        if len(data) < pos + RECORD_HEADER_LEN:
+        payload = pos + RECORD_HEADER_LEN  # where the record's payload starts
+        if (
+            len(data) < payload
+            or view[pos] != CONTENT_TYPE_HANDSHAKE
+            or view[pos + 1] != RECORD_VERSION_MAJOR
+        ):
+            # The header is cut short or wrong: raise if it is wrong so far, else wait.
+            _check_record_header(view[pos:payload], pos)
             return None
-        length = int.from_bytes(view[pos + 3 : pos + RECORD_HEADER_LEN])  # the last 2 bytes
+        length = view[pos + 3] << 8 | view[pos + 4]  # the header's last 2 bytes
         if length == 0:
             raise ClientHelloError(f"empty handshake record at byte {pos}")
         if length > MAX_RECORD_PAYLOAD_LEN:
             raise ClientHelloError(f"record length {length} at byte {pos} exceeds 2^14")
-        fragment = view[pos + RECORD_HEADER_LEN : pos + RECORD_HEADER_LEN + length]
+        fragment = view[payload : payload + length]
         if message_len is None:
             head += fragment[: HANDSHAKE_HEADER_LEN - len(head)]
             message_len = _check_handshake_header(head)
@@ -160,7 +195,7 @@ def _reassemble(data: bytes) -> bytes | None:
             return b"".join(fragments)
         if len(fragment) < length:
             return None
-        pos += RECORD_HEADER_LEN + length
+        pos = payload + length
 
 
 def _check_cap(pos: int, received: int, message_len: int | None) -> None:
@@ -196,146 +231,181 @@ def _check_handshake_header(head: bytearray) -> int | None:
     return HANDSHAKE_HEADER_LEN + int.from_bytes(head[1:4])
 
 
-def _parse_body(body: _Reader) -> ClientHello:
-    """ClientHello body, RFC 8446 §4.1.2 (extensions optional before TLS 1.3, RFC 5246 §7.4.1.2)."""
-    legacy_version = body.uint(2, "legacy_version")
-    body.skip(RANDOM_LEN, "random")
-    if body.vector(1, "legacy_session_id").remaining > MAX_SESSION_ID_LEN:
+# The body parsers read in place: `data` is the buffer, and positions in it bound each vector
+# (start inclusive, end exclusive). Each length is checked against the end of the vector that
+# holds it before anything it covers is read, so an index never passes the end of its vector.
+# Error messages name the field, then the vector it overruns ("<field> overruns <vector>").
+
+
+def _parse_body(data: bytes, pos: int, end: int) -> ClientHello:
+    """ClientHello body in data[pos:end], RFC 8446 §4.1.2 (extensions optional before TLS 1.3,
+    RFC 5246 §7.4.1.2). Fields this module does not return are checked, not copied."""
+    if pos + 2 > end:
+        raise ClientHelloError("legacy_version overruns ClientHello")
+    legacy_version = data[pos] << 8 | data[pos + 1]
+    pos += 2 + RANDOM_LEN
+    if pos > end:
+        raise ClientHelloError("random overruns ClientHello")
+    # legacy_session_id<0..32>
+    if pos >= end:
+        raise ClientHelloError("legacy_session_id length overruns ClientHello")
+    session_id_len = data[pos]
+    pos += 1 + session_id_len
+    if pos > end:
+        raise ClientHelloError("legacy_session_id overruns ClientHello")
+    if session_id_len > MAX_SESSION_ID_LEN:
         raise ClientHelloError("legacy_session_id longer than 32 bytes")
-    cipher_suites = body.vector(2, "cipher_suites").uint16s()
-    if body.vector(1, "legacy_compression_methods").remaining == 0:
+    # cipher_suites<2..2^16-2>
+    if pos + 2 > end:
+        raise ClientHelloError("cipher_suites length overruns ClientHello")
+    suites_start = pos + 2
+    pos = suites_start + (data[pos] << 8 | data[pos + 1])
+    if pos > end:
+        raise ClientHelloError("cipher_suites overruns ClientHello")
+    suites_size = pos - suites_start
+    if suites_size % _U16_LEN or not suites_size:
+        raise _not_u16s("cipher_suites", suites_size)
+    cipher_suites = struct.unpack_from(f">{suites_size // _U16_LEN}H", data, suites_start)
+    # legacy_compression_methods<1..2^8-1>
+    if pos >= end:
+        raise ClientHelloError("legacy_compression_methods length overruns ClientHello")
+    methods_len = data[pos]
+    pos += 1 + methods_len
+    if pos > end:
+        raise ClientHelloError("legacy_compression_methods overruns ClientHello")
+    if not methods_len:
         raise ClientHelloError("legacy_compression_methods is empty")
-    extensions = _split_extensions(body.vector(2, "extensions")) if body.remaining else {}
-    body.expect_end()
+    extensions = _split_extensions(data, pos, end) if pos < end else {}
 
     server_name = extensions.get(EXT_SERVER_NAME)
     alpn = extensions.get(EXT_ALPN)
     return ClientHello(
         legacy_version=legacy_version,
         cipher_suites=cipher_suites,
-        sni=None if server_name is None else _parse_server_name(server_name),
-        alpn=() if alpn is None else _parse_alpn(alpn),
-        signature_algorithms=_u16_list(extensions, EXT_SIGNATURE_ALGORITHMS, length_size=2),
+        sni=None if server_name is None else _parse_server_name(data, server_name),
+        alpn=() if alpn is None else _parse_alpn(data, alpn),
+        signature_algorithms=_u16_list(data, extensions, EXT_SIGNATURE_ALGORITHMS, length_size=2),
         # versions<2..254>: the only one of these lists with a one-byte length.
-        supported_versions=_u16_list(extensions, EXT_SUPPORTED_VERSIONS, length_size=1),
-        supported_groups=_u16_list(extensions, EXT_SUPPORTED_GROUPS, length_size=2),
+        supported_versions=_u16_list(data, extensions, EXT_SUPPORTED_VERSIONS, length_size=1),
+        supported_groups=_u16_list(data, extensions, EXT_SUPPORTED_GROUPS, length_size=2),
     )
 
 
-def _split_extensions(block: _Reader) -> dict[int, _Reader]:
-    """Extension bodies by type; RFC 8446 §4.2 forbids two of one type."""
-    extensions: dict[int, _Reader] = {}
-    while block.remaining:
-        ext_type = block.uint(2, "extension type")
+def _split_extensions(data: bytes, pos: int, end: int) -> dict[int, int]:
+    """The extensions block at data[pos:], which must end the body at `end`: by extension type,
+    where its 2-byte length is (its body follows). RFC 8446 §4.2 forbids two of one type."""
+    if pos + 2 > end:
+        raise ClientHelloError("extensions length overruns ClientHello")
+    block_end = pos + 2 + (data[pos] << 8 | data[pos + 1])
+    if block_end > end:
+        raise ClientHelloError("extensions overruns ClientHello")
+    pos += 2
+    extensions: dict[int, int] = {}
+    while pos < block_end:
+        if pos + _EXTENSION_HEADER_LEN > block_end:
+            # The header is cut short. Fail as a field-by-field read would: on a cut type,
+            # else on a duplicate type, else on a cut length.
+            if pos + 2 > block_end:
+                raise ClientHelloError("extension type overruns extensions")
+            ext_type = data[pos] << 8 | data[pos + 1]
+            if ext_type in extensions:
+                raise ClientHelloError(f"duplicate extension {ext_type}")
+            raise ClientHelloError(f"extension {ext_type} length overruns extensions")
+        ext_type, body_len = _EXTENSION_HEADER.unpack_from(data, pos)
         if ext_type in extensions:
             raise ClientHelloError(f"duplicate extension {ext_type}")
-        extensions[ext_type] = block.vector(2, f"extension {ext_type}")
+        extensions[ext_type] = pos + 2  # where its length is
+        pos += _EXTENSION_HEADER_LEN + body_len
+        if pos > block_end:
+            raise ClientHelloError(f"extension {ext_type} overruns extensions")
+    if block_end < end:
+        raise ClientHelloError(f"ClientHello has {end - block_end} unexpected trailing byte(s)")
     return extensions
 
 
+def _extension_list(data: bytes, at: int, length_size: int, ext_type: int) -> tuple[int, int]:
+    """The start and end of the one vector, behind a `length_size`-byte length, that must fill
+    the body of the extension whose 2-byte length is at data[at] (as `_split_extensions` found
+    it, within bounds)."""
+    body_start = at + 2
+    body_end = body_start + (data[at] << 8 | data[at + 1])
+    start = body_start + length_size
+    if start > body_end:
+        raise ClientHelloError(f"extension {ext_type} length overruns extension {ext_type}")
+    if length_size == 1:
+        end = start + data[body_start]
+    else:
+        end = start + (data[body_start] << 8 | data[body_start + 1])
+    if end > body_end:
+        raise ClientHelloError(f"extension {ext_type} overruns extension {ext_type}")
+    if end < body_end:
+        raise ClientHelloError(
+            f"extension {ext_type} has {body_end - end} unexpected trailing byte(s)"
+        )
+    return start, end
+
+
 def _u16_list(
-    extensions: dict[int, _Reader], ext_type: int, *, length_size: int
+    data: bytes, extensions: dict[int, int], ext_type: int, *, length_size: int
 ) -> tuple[int, ...]:
     """An extension that is one nonempty list of 2-byte code points; () when it is absent."""
-    extension = extensions.get(ext_type)
-    return () if extension is None else extension.whole_vector(length_size).uint16s()
+    at = extensions.get(ext_type)
+    if at is None:
+        return ()
+    start, end = _extension_list(data, at, length_size, ext_type)
+    size = end - start
+    if size % _U16_LEN or not size:
+        raise _not_u16s(f"extension {ext_type}", size)
+    return struct.unpack_from(f">{size // _U16_LEN}H", data, start)  # big-endian u16s
 
 
-def _parse_server_name(extension: _Reader) -> str | None:
+def _not_u16s(what: str, size: int) -> ClientHelloError:
+    """The error for a list of 2-byte values (suites, groups, schemes, versions) that is empty
+    or has an odd number of bytes."""
+    return ClientHelloError(f"{what} length {size} is not a list of u16")
+
+
+def _parse_server_name(data: bytes, at: int) -> str | None:
     """The host_name of a server_name extension (RFC 6066 §3); other name types are skipped."""
-    names = extension.whole_vector(2)
-    if not names.remaining:
+    pos, end = _extension_list(data, at, 2, EXT_SERVER_NAME)
+    if pos == end:
         raise ClientHelloError("server_name list is empty")
     host_name: str | None = None
-    while names.remaining:
-        name_type = names.uint(1, "server_name type")
-        name = names.vector(2, "server_name").rest()
+    while pos < end:
+        # ServerName: a 1-byte NameType (within bounds, as pos < end), then a name behind a
+        # 2-byte length.
+        name_type = data[pos]
+        name_start = pos + 3
+        if name_start > end:
+            raise ClientHelloError(f"server_name length overruns extension {EXT_SERVER_NAME}")
+        pos = name_start + (data[pos + 1] << 8 | data[pos + 2])
+        if pos > end:
+            raise ClientHelloError(f"server_name overruns extension {EXT_SERVER_NAME}")
         if name_type != SERVER_NAME_TYPE_HOST_NAME:
             continue
         if host_name is not None:
             raise ClientHelloError("two host_name entries in server_name")  # RFC 6066 §3
-        # Printable ASCII only: what a DNS name can hold, and safe to log verbatim.
-        if not name or not all(0x21 <= byte <= 0x7E for byte in name):
+        name = data[name_start:pos]
+        # Deleting every allowed byte leaves the others.
+        if not name or name.translate(None, _HOST_NAME_BYTES):
             raise ClientHelloError(f"host_name {name!r} is not printable ASCII")
         host_name = name.decode("ascii")
     return host_name
 
 
-def _parse_alpn(extension: _Reader) -> tuple[bytes, ...]:
+def _parse_alpn(data: bytes, at: int) -> tuple[bytes, ...]:
     """ProtocolName protocol_name_list<2..2^16-1>, each name opaque<1..2^8-1> (RFC 7301 §3.1)."""
-    names = extension.whole_vector(2)
+    pos, end = _extension_list(data, at, 2, EXT_ALPN)
     protocols: list[bytes] = []
-    while names.remaining:
-        protocol = names.vector(1, "ALPN protocol name").rest()
-        if not protocol:
+    while pos < end:
+        # A name behind a 1-byte length (within bounds, as pos < end).
+        name_start = pos + 1
+        pos = name_start + data[pos]
+        if pos > end:
+            raise ClientHelloError(f"ALPN protocol name overruns extension {EXT_ALPN}")
+        if pos == name_start:
             raise ClientHelloError("empty ALPN protocol name")
-        protocols.append(protocol)
+        protocols.append(data[name_start:pos])
     if not protocols:
         raise ClientHelloError("ALPN protocol list is empty")
     return tuple(protocols)
-
-
-class _Reader:
-    """A cursor over bytes[start:end]; every read checks that it stays within end."""
-
-    __slots__ = ("_data", "_end", "_pos", "_what")
-
-    def __init__(self, data: bytes, what: str, start: int = 0, end: int | None = None) -> None:
-        self._data = data
-        self._what = what
-        self._pos = start
-        self._end = len(data) if end is None else end
-
-    @property
-    def remaining(self) -> int:
-        return self._end - self._pos
-
-    def skip(self, count: int, what: str) -> None:
-        if count > self._end - self._pos:
-            raise ClientHelloError(f"{what} overruns {self._what}")
-        self._pos += count
-
-    # uint and vector run ~100 times per hello, on every connection: they check bounds inline
-    # rather than through skip() and `remaining`.
-
-    def uint(self, size: int, what: str) -> int:
-        start = self._pos
-        end = start + size
-        if end > self._end:
-            raise ClientHelloError(f"{what} overruns {self._what}")
-        self._pos = end
-        return int.from_bytes(self._data[start:end])
-
-    def vector(self, length_size: int, what: str) -> _Reader:
-        """A vector with a `length_size`-byte length prefix; the cursor moves past it."""
-        start = self._pos + length_size
-        if start > self._end:
-            raise ClientHelloError(f"{what} length overruns {self._what}")
-        end = start + int.from_bytes(self._data[self._pos : start])
-        if end > self._end:
-            raise ClientHelloError(f"{what} overruns {self._what}")
-        self._pos = end
-        return _Reader(self._data, what, start, end)
-
-    def whole_vector(self, length_size: int) -> _Reader:
-        """The one vector that must fill all of what is left, e.g. an extension's body."""
-        vector = self.vector(length_size, self._what)
-        self.expect_end()
-        return vector
-
-    def rest(self) -> bytes:
-        start, self._pos = self._pos, self._end
-        return self._data[start : self._end]
-
-    def uint16s(self) -> tuple[int, ...]:
-        """The rest as a nonempty list of 2-byte values (suites, groups, schemes, versions)."""
-        if self.remaining % _U16_LEN or not self.remaining:
-            raise ClientHelloError(f"{self._what} length {self.remaining} is not a list of u16")
-        count = self.remaining // _U16_LEN
-        values = struct.unpack_from(f">{count}H", self._data, self._pos)  # big-endian u16s
-        self._pos = self._end
-        return values
-
-    def expect_end(self) -> None:
-        if self.remaining:
-            raise ClientHelloError(f"{self._what} has {self.remaining} unexpected trailing byte(s)")

@@ -163,6 +163,19 @@ def records(
     )
 
 
+def records_cut_at(
+    message: bytes, cuts: Iterable[int], *, record_version: int = INITIAL_RECORD_VERSION
+) -> bytes:
+    """`message` in handshake records of uneven sizes: one ends at each offset in `cuts` that
+    falls strictly inside `message`, and the last at its end."""
+    ends = sorted({cut for cut in cuts if 0 < cut < len(message)} | {len(message)})
+    starts = [0, *ends[:-1]]
+    return b"".join(
+        CONTENT_TYPE_HANDSHAKE.to_bytes(1) + record_version.to_bytes(2) + vector(message[a:b], 2)
+        for a, b in zip(starts, ends, strict=True)
+    )
+
+
 def handshake_bytes(wire: bytes) -> bytes:
     """The concatenated payloads of the complete handshake records in `wire`.
 

@@ -11,12 +11,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 import hellos
 import pytest
+from clienthello_reference import reference_parse_client_hello
 from hellos import (
     ECDSA_SECP256R1_SHA256,
     GREASE,
@@ -38,6 +39,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dualproxy.clienthello import (
+    EXT_ALPN,
+    EXT_SERVER_NAME,
+    EXT_SIGNATURE_ALGORITHMS,
+    EXT_SUPPORTED_GROUPS,
+    EXT_SUPPORTED_VERSIONS,
+    HANDSHAKE_HEADER_LEN,
     MAX_CLIENT_HELLO_BYTES,
     MAX_RECORD_PAYLOAD_LEN,
     RECORD_HEADER_LEN,
@@ -586,3 +593,261 @@ def test_fragmented_over_cap_hello_fails_before_the_cap_is_buffered() -> None:
 
 def test_is_plain_http_never_matches_a_real_hello(captured: Captured) -> None:
     assert not is_plain_http(captured.wire)
+
+
+# Equivalence with the reference: the reader-object parser this module replaced, kept verbatim
+# in tests/clienthello_reference.py. Same outcome on every input: the same ClientHello (field
+# types included, hence the repr), None, or a ClientHelloError with the same message.
+
+Comparable = tuple[str, object, str] | None
+
+
+def comparable(parse: Callable[[bytes], ClientHello | None], data: bytes) -> Comparable:
+    try:
+        result = parse(data)
+    except ClientHelloError as exc:
+        return ("error", type(exc), str(exc))
+    return None if result is None else ("hello", result, repr(result))
+
+
+def assert_same_as_reference(data: bytes) -> None:
+    expected = comparable(reference_parse_client_hello, data)
+    assert comparable(parse_client_hello, data) == expected, data
+
+
+def _byte_changes(byte: int) -> set[int]:
+    """The values a single-byte change tries: one less and one more (a length one shorter or
+    longer), and the extremes."""
+    return {(byte - 1) % 256, (byte + 1) % 256, 0x00, 0xFF} - {byte}
+
+
+def assert_every_small_change_same_as_reference(wire: bytes) -> None:
+    """Every prefix of `wire`, and `wire` with any one byte changed to a nearby or extreme
+    value: each length field made one shorter or longer, each type and version altered."""
+    for end in range(len(wire) + 1):
+        assert_same_as_reference(wire[:end])
+    for pos, byte in enumerate(wire):
+        for value in _byte_changes(byte):
+            assert_same_as_reference(wire[:pos] + bytes([value]) + wire[pos + 1 :])
+
+
+# The shapes the benchmark times, and a few more: one or several records, with and without
+# extensions, a hello split inside its 4-byte handshake header.
+SMALL_CHANGE_SHAPES: Final = {
+    "typical": GOOD_WIRE,
+    "post-quantum": records(hellos.post_quantum_hello()),
+    "post-quantum-2-records": hellos.records_cut_at(hellos.post_quantum_hello(), [700]),
+    "split-in-header": hellos.records_cut_at(GOOD_MESSAGE, [2, 60]),
+    "no-extensions": records(client_hello(None)),
+    "session-id-0": records(client_hello(hellos.typical_extensions(), session_id=b"")),
+    "ccs-after": GOOD_WIRE + CCS_RECORD,
+}
+
+
+@pytest.mark.parametrize("wire", SMALL_CHANGE_SHAPES.values(), ids=SMALL_CHANGE_SHAPES.keys())
+def test_every_small_change_of_a_synthetic_hello_same_as_reference(wire: bytes) -> None:
+    assert_every_small_change_same_as_reference(wire)
+
+
+def test_every_small_change_of_a_real_hello_same_as_reference(captured: Captured) -> None:
+    assert_every_small_change_same_as_reference(captured.wire)
+
+
+@pytest.mark.parametrize(
+    ("valid", "invalid"), [twin[:2] for twin in TWINS.values()], ids=TWINS.keys()
+)
+def test_twins_same_as_reference(valid: bytes, invalid: bytes) -> None:
+    """The hand-made cases above, the cap among them, give the reference's exact messages."""
+    assert_same_as_reference(valid)
+    assert_same_as_reference(invalid)
+
+
+@pytest.mark.parametrize("wire", SMALL_CHANGE_SHAPES.values(), ids=SMALL_CHANGE_SHAPES.keys())
+def test_other_buffer_types_same_as_reference(wire: bytes) -> None:
+    """The annotation says bytes, but the reference read any buffer: so does the parser."""
+    for end in (len(wire) - 1, len(wire)):
+        for buffer in (bytearray(wire[:end]), memoryview(wire[:end])):
+            expected = comparable(reference_parse_client_hello, cast(bytes, buffer))
+            assert comparable(parse_client_hello, cast(bytes, buffer)) == expected
+
+
+# Code points that draws pick from: the extension types the parser reads, and others.
+_EXTENSION_TYPES: Final = [
+    EXT_SERVER_NAME,
+    EXT_SUPPORTED_GROUPS,
+    EXT_SIGNATURE_ALGORITHMS,
+    EXT_ALPN,
+    EXT_SUPPORTED_VERSIONS,
+    hellos.EXT_KEY_SHARE,
+    hellos.EXT_PADDING,
+    GREASE,
+]
+# The legacy_version of SSL 3.0-era TLS 1.0 clients, next to TLS 1.2's.
+TLS1_0: Final = 0x0301
+# Generated hellos stay small (a few hundred bytes) so that many fit in a test's time; lists
+# of up to 6 code points, bodies of a dozen bytes and up to 8 extensions exercise every loop.
+MAX_LIST_ITEMS: Final = 6
+MAX_EXTENSIONS: Final = 8
+# One past legacy_session_id's maximum of 32, so that the "longer than 32" error is drawn too.
+MAX_DRAWN_SESSION_ID: Final = 34
+# More examples than the per-client properties: the whole message structure is drawn here.
+EQUIVALENCE_EXAMPLES: Final = 500
+_u16: Final = st.integers(0, 0xFFFF)
+_u16_lists: Final = st.lists(_u16, max_size=MAX_LIST_ITEMS)
+
+
+def _server_name_entries(entries: list[tuple[int, bytes]]) -> bytes:
+    """A server_name extension with any (name type, name) entries, host_name or not."""
+    names = b"".join(name_type.to_bytes(1) + vector(name, 2) for name_type, name in entries)
+    return extension(EXT_SERVER_NAME, vector(names, 2))
+
+
+def _prefixed_extension(
+    ext_type: int, length_size: int, items: bytes, skew: int, after: bytes
+) -> bytes:
+    """An extension holding `items` behind a `length_size`-byte length that is `skew` off (as
+    far as it stays representable), then the bytes `after`."""
+    length = min(max(len(items) + skew, 0), 2 ** (8 * length_size) - 1)
+    return extension(ext_type, length.to_bytes(length_size) + items + after)
+
+
+# An extension's type and length, 2 bytes each, before its body.
+EXTENSION_HEADER_LEN: Final = 4
+# Extensions whose body is one list behind a length of this many bytes (the rest are opaque
+# here): versions<2..254> has a 1-byte length, the others a 2-byte one.
+LIST_LENGTH_SIZES: Final = {
+    EXT_SERVER_NAME: 2,
+    EXT_SUPPORTED_GROUPS: 2,
+    EXT_SIGNATURE_ALGORITHMS: 2,
+    EXT_ALPN: 2,
+    EXT_SUPPORTED_VERSIONS: 1,
+}
+
+
+def cut_at_every_level(extensions: list[bytes]) -> Iterator[bytes]:
+    """Hellos with these extensions cut short at every byte of every level, each enclosing
+    length consistent with the cut, so that each field in turn is the one that overruns: the
+    body, the extensions block, each extension's body, and each list inside one."""
+    body = client_hello(extensions)[HANDSHAKE_HEADER_LEN:]
+    for end in range(len(body) + 1):
+        yield records(hellos.handshake(1, body[:end]))
+    block = b"".join(extensions)
+    for end in range(len(block) + 1):
+        yield records(client_hello([block[:end]]))
+    for index, whole in enumerate(extensions):
+        ext_type = int.from_bytes(whole[:2])
+        ext_body = whole[EXTENSION_HEADER_LEN:]
+        cuts = [extension(ext_type, ext_body[:end]) for end in range(len(ext_body) + 1)]
+        if ext_type in LIST_LENGTH_SIZES:
+            size = LIST_LENGTH_SIZES[ext_type]
+            items = ext_body[size:]
+            cuts += [extension(ext_type, vector(items[:end], size)) for end in range(len(items))]
+        for cut in cuts:
+            yield records(client_hello([*extensions[:index], cut, *extensions[index + 1 :]]))
+
+
+CUT_EXTENSIONS: Final = {
+    "typical": hellos.typical_extensions(),
+    "grease-first": [extension(GREASE, b""), *hellos.typical_extensions()],
+    # Other name types before and after the host_name; whole, it has two host_names: an error.
+    "sni-entries": [
+        _server_name_entries([(1, b"other"), (0, b"a"), (2, b"x"), (0, b"b")]),
+        alpn(b"h2"),
+    ],
+    "duplicate": [alpn(b"h2"), supported_groups(X25519), alpn(b"h2")],
+}
+
+
+@pytest.mark.parametrize("extensions", CUT_EXTENSIONS.values(), ids=CUT_EXTENSIONS.keys())
+def test_hellos_cut_at_every_level_same_as_reference(extensions: list[bytes]) -> None:
+    for wire in cut_at_every_level(extensions):
+        assert_same_as_reference(wire)
+
+
+# Host names: valid, empty, with a space or non-ASCII, and ones that repeat.
+_names: Final = st.sampled_from([b"api.example.com", b"", b"a b", b"\xc3\xbc", b"x", b"\x00"])
+# Extensions well formed or not, often of the types the parser reads, with odd contents:
+# non-ASCII or empty names, empty lists, GREASE, unknown types with arbitrary bodies.
+_extensions: Final = st.one_of(
+    st.builds(server_name, _names),
+    st.builds(
+        _server_name_entries,
+        st.lists(
+            st.tuples(st.sampled_from([0, 1, 255]), _names | st.binary(max_size=8)), max_size=3
+        ),
+    ),
+    st.lists(st.binary(max_size=4), max_size=3).map(lambda names: alpn(*names)),
+    _u16_lists.map(lambda values: hellos.signature_algorithms(*values)),
+    _u16_lists.map(lambda values: hellos.supported_versions(*values)),
+    _u16_lists.map(lambda values: supported_groups(*values)),
+    st.lists(st.tuples(_u16, st.integers(0, 40)), max_size=3).map(
+        lambda shares: hellos.key_share(*shares)
+    ),
+    st.integers(4, 40).map(hellos.padding),
+    st.builds(extension, st.sampled_from(_EXTENSION_TYPES) | _u16, st.binary(max_size=12)),
+    # A list behind a 1- or 2-byte length that is off by up to 2, or with bytes after it.
+    st.builds(
+        _prefixed_extension,
+        st.sampled_from(_EXTENSION_TYPES),
+        st.sampled_from([1, 2]),
+        st.binary(max_size=9),
+        st.integers(-2, 2),
+        st.binary(max_size=2),
+    ),
+)
+
+
+@st.composite
+def generated_messages(draw: st.DrawFn) -> bytes:
+    """A ClientHello handshake message from the builders: fields valid or not, extensions
+    absent, few or many, of distinct types or (less often) not."""
+    distinct = st.lists(_extensions, max_size=MAX_EXTENSIONS, unique_by=lambda ext: ext[:2])
+    any_types = st.lists(_extensions, max_size=MAX_EXTENSIONS // 2)  # duplicates likely
+    extensions = draw(st.none() | distinct | distinct | any_types, label="extensions")
+    return client_hello(
+        extensions,
+        legacy_version=draw(st.sampled_from([TLS1_2, TLS1_0]) | _u16, label="legacy_version"),
+        cipher_suites=draw(
+            st.lists(_u16, min_size=1, max_size=MAX_LIST_ITEMS), label="cipher_suites"
+        ),
+        session_id=draw(st.binary(max_size=MAX_DRAWN_SESSION_ID), label="session_id"),
+    )
+
+
+@st.composite
+def mutated_wires(draw: st.DrawFn, message: bytes) -> bytes:
+    """`message` cut into records at random offsets, then changed up to 3 times: byte flips,
+    small changes to any byte (every length field is one), inserted or deleted bytes,
+    other records, trailing bytes, truncation."""
+    cuts = draw(st.lists(st.integers(0, max(len(message), 1)), max_size=4), label="cuts")
+    wire = bytearray(hellos.records_cut_at(message, cuts))
+    for _ in range(draw(st.integers(0, 3), label="changes")):
+        pos = draw(st.integers(0, len(wire)), label="position")
+        change = draw(st.sampled_from(["flip", "nudge", "insert", "delete", "record", "cut"]))
+        if change == "flip" and pos < len(wire):
+            wire[pos] = draw(st.integers(0, 255))
+        elif change == "nudge" and pos < len(wire):
+            wire[pos] = (wire[pos] + draw(st.integers(-3, 3))) % 256
+        elif change == "insert":
+            wire[pos:pos] = draw(st.binary(min_size=1, max_size=4))
+        elif change == "delete":
+            del wire[pos : pos + draw(st.integers(1, 4))]
+        elif change == "record":
+            wire[pos:pos] = draw(st.sampled_from([CCS_RECORD, b"\x16\x03\x01\x00\x00"]))
+        elif change == "cut":
+            del wire[pos:]
+    return bytes(wire) + draw(st.binary(max_size=8), label="trailing")
+
+
+@settings(max_examples=EQUIVALENCE_EXAMPLES, deadline=None)
+@given(data=st.data())
+def test_generated_hellos_same_as_reference(data: st.DataObject) -> None:
+    message = data.draw(generated_messages(), label="message")
+    assert_same_as_reference(data.draw(mutated_wires(message), label="wire"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(data=st.data())
+def test_mutated_real_hellos_same_as_reference(captured: Captured, data: st.DataObject) -> None:
+    message = hellos.handshake_bytes(captured.wire)
+    assert_same_as_reference(data.draw(mutated_wires(message), label="wire"))
