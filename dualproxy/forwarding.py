@@ -236,7 +236,6 @@ _FORWARDING_CLAIMS: Final = frozenset(
         b"x-client-ip",
     }
 )
-_NO_OPTIONS: Final[frozenset[bytes]] = frozenset()
 # The options of the Connection values nearly every message has, parsed once: any other value
 # is split and parsed per message.
 _USUAL_CONNECTION_OPTIONS: Final = {
@@ -534,11 +533,7 @@ def upstream_request_headers(
             if peer in network:
                 trusted = True
                 break
-    dropped = rules._dropped_if_trusted if trusted else rules._dropped
-    named = _connection_options(head.headers)
-    if not named <= dropped:  # usually it names nothing, or keep-alive: dropped anyway
-        dropped = dropped | named
-    kept = [field for field in head.headers if field[0] not in dropped]
+    kept = _forwardable(head.headers, rules._dropped_if_trusted if trusted else rules._dropped)
     forwarded_for: list[bytes] = []
     sent: Collection[bytes] = ()
     if trusted:
@@ -569,11 +564,7 @@ def upstream_request_headers(
 def client_response_headers(head: ResponseHead) -> list[tuple[bytes, bytes]]:
     """The upstream's fields to send the client: all but hop-by-hop ones and Content-Length, in
     order (Set-Cookie fields stay separate). The relay adds the framing fields itself."""
-    dropped = _RESPONSE_DROPPED
-    named = _connection_options(head.headers)
-    if not named <= dropped:  # usually it names nothing, or keep-alive: dropped anyway
-        dropped = dropped | named
-    return [field for field in head.headers if field[0] not in dropped]
+    return _forwardable(head.headers, _RESPONSE_DROPPED)
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -721,11 +712,31 @@ def _expects_continue(values: Sequence[bytes]) -> bool:
     return _CONTINUE in expectations
 
 
-def _connection_options(headers: tuple[tuple[bytes, bytes], ...]) -> frozenset[bytes]:
-    """The field names that Connection fields list (RFC 9110 §7.6.1), lowercase."""
-    values = [value for name, value in headers if name == b"connection"]
-    if not values:
-        return _NO_OPTIONS
+def _forwardable(
+    headers: tuple[tuple[bytes, bytes], ...], dropped: frozenset[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """The fields, in order, but those named in `dropped` or listed by a Connection field
+    (RFC 9110 §7.6.1). Connection is hop-by-hop, in every `dropped`: one pass filters and
+    collects its values, and the options are parsed only when there are some; the kept fields
+    are filtered again only when an option names one (usually they name keep-alive or close).
+    """
+    kept = []
+    connection = []
+    for header in headers:
+        name = header[0]
+        if name not in dropped:
+            kept.append(header)
+        elif name == b"connection":
+            connection.append(header[1])
+    if connection:
+        named = _connection_options(connection)
+        if not named <= dropped:
+            kept = [field for field in kept if field[0] not in named]
+    return kept
+
+
+def _connection_options(values: list[bytes]) -> frozenset[bytes]:
+    """The field names that Connection fields with `values` list, lowercase."""
     if len(values) == 1:
         usual = _USUAL_CONNECTION_OPTIONS.get(values[0].lower())
         if usual is not None:
