@@ -71,6 +71,10 @@ MAX_TRAILER_BYTES: Final = 16 * 1024
 LAST_CHUNK: Final = b"0\r\n\r\n"
 
 _CRLF: Final = b"\r\n"
+_OWS: Final = b" \t"  # RFC 9110 §5.6.3
+_CLOSE: Final = b"close"  # the Connection option that ends the connection (RFC 9112 §9.6)
+# Between a field's name and value when we write it (RFC 9112 §5: one SP is the usual OWS).
+_FIELD_SEPARATOR: Final = b": "
 # RFC 9112 §7.1.1: chunk-ext is a list of ";" name["=" value]; we ignore it, so we only require
 # that it holds no control character other than HT (nothing that could end the line early).
 _CHUNK_LINE: Final = re.compile(
@@ -124,12 +128,14 @@ def wants_close(version: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bool:
     `headers` are (lowercase name, value) pairs."""
     if version != b"1.1":
         return True
-    return any(
-        option.strip(b" \t").lower() == b"close"
-        for name, value in headers
-        if name == b"connection"
-        for option in value.split(b",")
-    )
+    for name, value in headers:  # a loop, not any() over a generator: this runs per request
+        if name != b"connection":
+            continue
+        options = value.lower()
+        # No option can be close unless the value holds it: keep-alive costs one search.
+        if _CLOSE in options and _CLOSE in [option.strip(_OWS) for option in options.split(b",")]:
+            return True
+    return False
 
 
 class ContentLengthReader:
@@ -274,17 +280,17 @@ def encode_chunk(data: bytes) -> bytes:
 def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
     """An HTTP/1.1 request head: request line, the fields in order, blank line."""
     lines = [b"%b %b HTTP/1.1" % (method, target)]
-    lines += [b"%b: %b" % field for field in headers]
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+    lines += map(_FIELD_SEPARATOR.join, headers)  # "name: value", each joined in C
+    lines.append(_CRLF)
+    return _CRLF.join(lines)
 
 
 def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
     """An HTTP/1.1 response head: status line, the fields in order, blank line."""
     lines = [b"HTTP/1.1 %d %b" % (status, reason)]
-    lines += [b"%b: %b" % field for field in headers]
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+    lines += map(_FIELD_SEPARATOR.join, headers)
+    lines.append(_CRLF)
+    return _CRLF.join(lines)
 
 
 def _snippet(data: bytes) -> str:

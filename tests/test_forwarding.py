@@ -5,8 +5,10 @@ rewriting tables for both directions."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 from functools import partial
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from typing import Final
@@ -16,8 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dualproxy import forwarding
 from dualproxy.config import Limits, UpstreamConfig
 from dualproxy.forwarding import (
+    MAX_CONTENT_LENGTH_DIGITS,
     MAX_RESPONSE_FIELDS,
     MAX_RESPONSE_HEAD_BYTES,
     ForwardingRules,
@@ -1160,3 +1164,254 @@ def test_rules_refuse_non_ascii_upstream_host() -> None:
     )
     with pytest.raises(ValueError, match="punycode"):
         ForwardingRules.from_config(upstream)
+
+
+# --- the fast paths against the straightforward reading -----------------------------------
+# The checks are written for speed: whole-head and whole-list C operations, the usual
+# Connection values parsed once, heads built as drafts of their frozen classes. Each shortcut
+# is compared here with the plain, line-by-line reading it replaced (kept below as the
+# reference), on generated heads valid and not: the same result, or the same error.
+
+_REF_CONTROLS: Final = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
+_REF_TCHARS: Final = (
+    b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
+_REF_REQUEST_NAME_CHARS: Final = _REF_TCHARS.replace(b"_", b"")
+
+
+def _reference_lines(head: bytes, status: int) -> list[bytes]:
+    if len(head) - len(head.translate(None, _REF_CONTROLS)) != 2 * head.count(b"\r\n"):
+        raise HeadError(status, forwarding._control_problem(head))
+    if not head.endswith(b"\r\n\r\n"):
+        raise HeadError(status, "head does not end with an empty line (CRLF CRLF)")
+    return head[:-4].split(b"\r\n")
+
+
+def _reference_field_problem(name: bytes, colon: bytes) -> str:
+    if not (name or colon):
+        return "empty line inside the head"
+    if name[:1] in (b" ", b"\t"):
+        return "obs-fold (a field line starting with whitespace)"
+    if not colon:
+        return f"field line {forwarding._snippet(name)} has no colon"
+    bare = name.rstrip(b" \t")
+    if bare != name:
+        return f"whitespace between field name {forwarding._snippet(bare)} and colon"
+    if b"_" in name and not name.translate(None, _REF_TCHARS):
+        return f"underscore in field name {forwarding._snippet(name)}"
+    return f"invalid field name {forwarding._snippet(name)}"
+
+
+def _reference_fields(
+    lines: list[bytes], name_chars: bytes, watched_names: frozenset[bytes], status: int
+) -> tuple[tuple[tuple[bytes, bytes], ...], dict[bytes, list[bytes]]]:
+    parts = [line.partition(b":") for line in lines[1:]]
+    for name, colon, _ in parts:
+        if not (name and colon) or name.translate(None, name_chars):
+            raise HeadError(status, _reference_field_problem(name, colon))
+    headers = tuple((name.lower(), value.strip(b" \t")) for name, _, value in parts)
+    watched: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        if name in watched_names:
+            watched.setdefault(name, []).append(value)
+    return headers, watched
+
+
+def _problem(check: Callable[[], object]) -> object:
+    """What `check` returns, or its HeadError's status and problem."""
+    try:
+        return check()
+    except HeadError as exc:
+        return ("HeadError", exc.status, exc.problem)
+
+
+# Field-line pieces that reach every rule: names of every kind (watched ones in odd cases,
+# underscores, spaces, separators, obs-text), OWS runs, the bytes a value may hold, and the
+# ones a head may not (bare CR and LF, NUL, VT, FF: whitespace to bytes.strip()).
+_NAME_PIECES: Final = [
+    b"Host", b"content-LENGTH", b"Transfer-Encoding", b"expect", b"X-A", b"x_b", b"a",
+    b"", b" ", b"\t", b"(", b"\xe9", b":", b"Connection",
+]  # fmt: skip
+_VALUE_PIECES: Final = [
+    b"", b" ", b"\t", b"  \t", b"5", b"v a l", b"caf\xe9", b":", b"a:b", b"\r", b"\n", b"\x00",
+    b"\x0b", b"\x0c", b"\x7f", b"\r\n",
+]  # fmt: skip
+_field_lines = st.lists(
+    st.tuples(
+        st.lists(st.sampled_from(_NAME_PIECES), max_size=3).map(b"".join),
+        st.sampled_from([b":", b"", b" :", b"::"]),
+        st.lists(st.sampled_from(_VALUE_PIECES), max_size=5).map(b"".join),
+    ).map(b"".join),
+    max_size=8,
+)
+
+
+@settings(max_examples=EXAMPLES * 5, deadline=None)
+@given(fields=_field_lines, tail=st.sampled_from([b"\r\n\r\n", b"\r\n", b"\n\n", b""]))
+def test_fields_read_as_line_by_line(fields: list[bytes], tail: bytes) -> None:
+    """One split and translate for the head, one comprehension and translate for the fields
+    (values stripped with strip(): the byte checks leave no whitespace but SP and HT), agree
+    with the line-by-line reading, field values, watched fields and errors alike."""
+    head = b"\r\n".join([b"GET / HTTP/1.1", *fields]) + tail
+    for status in (400, 502):
+        lines = _problem(partial(forwarding._split_lines, head, status))
+        assert lines == _problem(partial(_reference_lines, head, status))
+        if not isinstance(lines, list):
+            continue
+        for table, chars, watched in (
+            (forwarding._REQUEST_NAME_TABLE, _REF_REQUEST_NAME_CHARS, forwarding._REQUEST_WATCHED),
+            (forwarding._TCHAR_TABLE, _REF_TCHARS, forwarding._RESPONSE_WATCHED),
+        ):
+            assert _problem(partial(forwarding._fields, lines, table, watched, status)) == (
+                _problem(partial(_reference_fields, lines, chars, watched, status))
+            )
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    value=st.lists(
+        st.sampled_from([b"0", b"7", b"1" * 9, b"+", b"-", b" ", b",", b"\xb2", b"\xd9\xa1", b"x"]),
+        max_size=4,
+    ).map(b"".join)
+)
+def test_content_length_is_ascii_digits(value: bytes) -> None:
+    """bytes.isdigit takes exactly what the regex [0-9]+ did (no sign, no non-ASCII digit)."""
+    head = request(HOST, b"Content-Length:" + value)
+    outcome = _outcome(partial(check_request_head, head, LIMITS))
+    digits = value.strip(b" \t")
+    if re.fullmatch(rb"[0-9]+", digits) and len(digits) <= MAX_CONTENT_LENGTH_DIGITS:
+        assert isinstance(outcome, RequestHead)
+        assert outcome.content_length == int(digits)
+    else:
+        assert outcome == ("HeadError", 400)
+
+
+def _reference_authority_ok(value: bytes) -> bool:
+    match = re.fullmatch(rb"(?:\[([0-9A-Fa-f:.]+)\]|[A-Za-z0-9\-._~]+)(?::([0-9]{1,5}))?", value)
+    if match is None:
+        return False
+    if match[1] is not None:
+        try:
+            IPv6Address(match[1].decode("ascii"))
+        except ValueError:
+            return False
+    return match[2] is None or int(match[2]) <= 65535
+
+
+# Pieces of authorities: reg-name bytes, IPv6 literals, ports in and out of range, and bytes
+# no authority we accept holds.
+_AUTHORITY_PIECES: Final = [
+    b"api", b".", b"-", b"_", b"~", b"[", b"]", b"::1", b"fe80::", b"1.2.3.4", b":", b"80",
+    b"65535", b"65536", b"99999", b"123456", b"%", b"@", b"x:y",
+]  # fmt: skip
+
+
+_authorities = st.tuples(
+    st.sampled_from([b"api.example.com", b"127.0.0.1", b"[::1]", b"[1:2]", b"[::1", b"a_b", b""]),
+    st.sampled_from([b"", b":", b":0", b":80", b":65535", b":65536", b":99999", b":123456"]),
+).map(b"".join) | st.lists(st.sampled_from(_AUTHORITY_PIECES), max_size=5).map(b"".join)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(host=_authorities)
+def test_host_authority_as_before(host: bytes) -> None:
+    outcome = _problem(partial(check_request_head, request(b"Host: " + host), LIMITS))
+    value = host.strip(b" \t")
+    if _reference_authority_ok(value):
+        assert isinstance(outcome, RequestHead)
+    else:
+        assert outcome == (
+            "HeadError",
+            400,
+            f"Host {forwarding._snippet(value)} is not host[:port]",
+        )
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    method=st.sampled_from([b"GET", b"OPTIONS"]),
+    target=st.lists(
+        st.sampled_from([b"/", b"#", b"*", b"?", b"a", b"http://", b"HTTPS://h", b"h:1"]),
+        max_size=4,
+    ).map(b"".join),
+)
+def test_origin_form_shortcut(method: bytes, target: bytes) -> None:
+    """check_request_head skips _origin_form for a target starting with "/" and without "#":
+    exactly the ones it returns unchanged, with no authority."""
+    if target[:1] == b"/" and b"#" not in target:
+        assert forwarding._origin_form(method, target) == (target, None)
+
+
+def _reference_connection_options(headers: tuple[tuple[bytes, bytes], ...]) -> frozenset[bytes]:
+    return frozenset(
+        option.strip(b" \t").lower()
+        for name, value in headers
+        if name == b"connection"
+        for option in value.split(b",")
+    )
+
+
+_CONNECTION_VALUES: Final = [
+    b"keep-alive", b"Keep-Alive", b"close", b"CLOSE", b" close", b"close, x-a", b"x-a",
+    b"keep-alive, close", b"te", b"closed", b"",
+]  # fmt: skip
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    connection=st.lists(st.sampled_from(_CONNECTION_VALUES), max_size=2),
+    others=st.lists(
+        st.sampled_from([b"x-a", b"close", b"keep-alive", b"closed", b"vary", b"te"]), max_size=4
+    ),
+    peer=st.none() | st.ip_addresses(),
+)
+def test_hop_by_hop_filter_as_before(
+    connection: list[bytes], others: list[bytes], peer: IPAddress | None
+) -> None:
+    """The usual Connection values' options come from a table, the rest are parsed: the fields
+    forwarded either way are the ones the plain filter keeps. X-Forwarded-For is the peer as
+    str() writes it (IPv4 is formatted by us)."""
+    if isinstance(peer, IPv6Address) and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped  # as upstream_request_headers does: shown and trusted as IPv4
+    fields = [b"Connection: " + value for value in connection] + [b"%b: 1" % n for n in others]
+    head = check_response_head(response(*fields), request_method=b"GET")
+    named = _reference_connection_options(head.headers)
+    dropped = forwarding._RESPONSE_DROPPED | named
+    assert client_response_headers(head) == [f for f in head.headers if f[0] not in dropped]
+    request_head = check_request_head(request(HOST, *fields), LIMITS)
+    forwarded = upstream_request_headers(request_head, peer=peer, rules=RULES)
+    dropped = forwarding._REQUEST_DROPPED | forwarding._FORWARDING_CLAIMS | named
+    if peer is not None and any(peer in network for network in RULES.trusted_proxies):
+        dropped -= forwarding._FORWARDING_CLAIMS  # a trusted proxy's claims stay
+    kept = [f for f in request_head.headers if f[0] not in dropped]
+    assert forwarded[1 : 1 + len(kept)] == kept
+    expected = [] if peer is None else [str(peer).encode()]
+    assert values(forwarded, b"x-forwarded-for") == expected
+
+
+def test_heads_are_built_as_drafts_of_their_frozen_classes() -> None:
+    """A checked head is its frozen class in every respect, as if built by its constructor."""
+    checked = check_request_head(request(HOST, b"Content-Length: 2"), LIMITS)
+    built = RequestHead(
+        method=b"GET",
+        target=b"/v1/items?page=2",
+        version=b"1.1",
+        headers=((b"host", b"api.example.com"), (b"content-length", b"2")),
+        host=b"api.example.com",
+        content_length=2,
+        chunked=False,
+        expect_continue=False,
+    )
+    response_checked = check_response_head(response(CL), request_method=b"GET")
+    response_built = ResponseHead(b"1.1", 200, ((b"content-length", b"5"),), 5, False, b"OK")
+    for head, twin in ((checked, built), (response_checked, response_built)):
+        assert type(head) is type(twin)
+        assert (head, hash(head), repr(head)) == (twin, hash(twin), repr(twin))
+        assert replace(head) == twin
+        with pytest.raises(FrozenInstanceError):
+            head.headers = ()  # type: ignore[misc]
+    for draft, frozen in (
+        (forwarding._REQUEST_DRAFT, RequestHead),
+        (forwarding._RESPONSE_DRAFT, ResponseHead),
+    ):  # the same slots: what __class__ assignment requires
+        assert draft.__dict__["__slots__"] == tuple(f.name for f in dataclasses.fields(frozen))

@@ -255,6 +255,52 @@ def test_wants_close(version: bytes, headers: list[tuple[bytes, bytes]], close: 
     assert wants_close(version, headers) is close
 
 
+# Connection values around close: options in any case, OWS, lists, look-alikes.
+_CONNECTION_VALUES: Final = [
+    b"close", b"Close", b" CLOSE\t", b"keep-alive", b"closed", b"x-close", b"close, te",
+    b"te,close", b"te , close ", b"", b",", b"clo se", b"upgrade",
+]  # fmt: skip
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    version=st.sampled_from([b"1.1", b"1.0"]),
+    headers=st.lists(
+        st.tuples(
+            st.sampled_from([b"connection", b"x-connection", b"te"]),
+            st.sampled_from(_CONNECTION_VALUES),
+        ),
+        max_size=3,
+    ),
+)
+def test_wants_close_as_any_option_is_close(
+    version: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """The loop (one search before any split) answers as the plain reading: any option of
+    any Connection field is close."""
+    expected = version != b"1.1" or any(
+        option.strip(b" \t").lower() == b"close"
+        for name, value in headers
+        if name == b"connection"
+        for option in value.split(b",")
+    )
+    assert wants_close(version, headers) is expected
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    headers=st.lists(
+        st.tuples(st.binary(min_size=1, max_size=8), st.binary(max_size=8)), max_size=5
+    ),
+    reason=st.binary(max_size=8),
+)
+def test_heads_written_field_by_field(headers: list[tuple[bytes, bytes]], reason: bytes) -> None:
+    """Fields joined in C write the bytes one %-format per line wrote."""
+    fields = b"".join(b"%b: %b\r\n" % field for field in headers)
+    assert request_head(b"GET", b"/x", headers) == b"GET /x HTTP/1.1\r\n" + fields + b"\r\n"
+    assert response_head(200, reason, headers) == b"HTTP/1.1 200 %b\r\n%b\r\n" % (reason, fields)
+
+
 def h11_body(chunked: bytes) -> bytes:
     """The body h11 reads from a chunked response body."""
     conn = h11.Connection(h11.CLIENT)
