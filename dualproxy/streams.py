@@ -41,7 +41,7 @@ from typing import Final, TypeVar
 
 import trio
 
-__all__ = ["RECEIVE_SIZE", "YIELD_EVERY", "TcpStream", "TlsStream"]
+__all__ = ["RECEIVE_SIZE", "YIELD_EVERY", "TcpStream", "TlsStream", "set_tcp_options"]
 
 # The default and largest read: one full TLS record (16 KiB of plaintext) at a time, and as
 # much as a kept-alive request ever needs in one read.
@@ -62,6 +62,14 @@ TLS_RECORD_PLAINTEXT: Final = 16 * 1024
 _T = TypeVar("_T")
 
 
+def set_tcp_options(sock: socket.socket) -> None:
+    """TCP_NODELAY (each send is a whole response or request, never worth delaying) and
+    TCP_NOTSENT_LOWAT (see NOTSENT_LOWAT) on a TCP socket."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+
+
 class TcpStream(trio.abc.HalfCloseableStream):
     """A connected stdlib socket as a trio stream; the socket is made non-blocking, and TCP
     ones get TCP_NODELAY (each send is a whole response or request, never worth delaying)."""
@@ -76,12 +84,12 @@ class TcpStream(trio.abc.HalfCloseableStream):
         "socket",
     )
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, options_set: bool = False) -> None:
+        """`options_set`: the socket already has TCP_NODELAY and TCP_NOTSENT_LOWAT (accepted
+        from a listener that has them: Linux copies them to each accepted socket)."""
         sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if hasattr(socket, "TCP_NOTSENT_LOWAT"):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        if not options_set and sock.family in (socket.AF_INET, socket.AF_INET6):
+            set_tcp_options(sock)
         self.socket = sock
         self._closed = False
         self._eof_sent = False

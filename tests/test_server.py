@@ -15,6 +15,7 @@ import logging
 import re
 import socket
 import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from conftest import (
 from cryptography import x509
 
 from dualproxy import server as server_mod
+from dualproxy import streams as streams_mod
 from dualproxy.clienthello import ClientHello, parse_client_hello
 from dualproxy.config import Config, ListenAddress
 from dualproxy.pins import spki_pin_of_certificate
@@ -1251,6 +1253,23 @@ async def test_every_listen_address_serves(
     peers = [x["peer"].rpartition(":")[0] for x in lines]
     assert peers == ["127.0.0.1", "127.0.0.1", "[::1]", "[::1]"]
     assert {x["outcome"] for x in lines} == {"ok"}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux copies the listener's options")
+async def test_accepted_sockets_get_nodelay_and_a_small_unsent_buffer() -> None:
+    """Set on the listener, inherited by every accepted socket (no call per connection)."""
+    [listener] = await open_listeners([ListenAddress("127.0.0.1", 0)], False)
+    try:
+        with socket.create_connection(listener.getsockname()[:2]):
+            await trio.lowlevel.wait_readable(listener)
+            accepted, _ = listener.accept()
+            with accepted:
+                stream = TcpStream(accepted, options_set=True)
+                assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                lowat = stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+                assert lowat == streams_mod.NOTSENT_LOWAT
+    finally:
+        listener.close()
 
 
 @pytest.mark.parametrize("reuse_port", [True, False])
