@@ -43,8 +43,8 @@ import trio
 
 __all__ = ["RECEIVE_SIZE", "YIELD_EVERY", "TcpStream", "TlsStream", "set_tcp_options"]
 
-# The default and largest read: one full TLS record (16 KiB of plaintext) at a time, and as
-# much as a kept-alive request ever needs in one read.
+# The default read from a socket: several TLS records (16 KiB of plaintext at most each), or
+# what a plain-TCP upstream has sent, at once; far more than a kept-alive request needs.
 RECEIVE_SIZE: Final = 64 * 1024
 # Operations that found the socket ready, in a row on one stream, between two schedule points.
 # Each moves up to RECEIVE_SIZE bytes; 16 of them take well under a millisecond, so no other
@@ -72,7 +72,7 @@ def set_tcp_options(sock: socket.socket) -> None:
 
 class TcpStream(trio.abc.HalfCloseableStream):
     """A connected stdlib socket as a trio stream; the socket is made non-blocking, and TCP
-    ones get TCP_NODELAY (each send is a whole response or request, never worth delaying)."""
+    ones get `set_tcp_options`."""
 
     __slots__ = (
         "_closed",
