@@ -35,15 +35,19 @@ send_timeout ends it). Toward the client, what the upstream connection already h
 one send; anything that would need another upstream read is preceded by a send, so a streamed
 response is never held back.
 
-Waits cost little. An exchange (the request going upstream, the response coming back) runs in
-one cancel scope whose deadline moves to each wait's own bound (`_wait`), and an expiry is
-translated by the wait it was in (`_expired`); nothing yields without I/O to do.
+Waits cost little. A connection runs in one cancel scope whose deadline moves to each wait's
+own bound (`_wait`; not pushed back by less than DEADLINE_SLACK, as nginx's lazy timers), and
+an expiry is translated by the wait it was in (`_expired`): a silent close when idle, 408,
+504, or a cut. The drain cancels the scope while the connection idles; a request that arrived
+just as it did is still served, in a new scope (`_Restart`). Nothing yields without I/O to do.
 
 The retry rule. A pooled connection may have been closed by the upstream while it sat idle;
-that shows as a failure before any response byte. Only then, only on a *reused* connection,
-and only for an idempotent method (GET, HEAD, OPTIONS, PUT, DELETE) sent without a body, the
-request is sent once more on another connection. A request whose body bytes went out is never
-sent again: we cannot replay a stream, nor know what the upstream did with it.
+that shows as a failure before any response byte (an upstream_timeout is not such a failure,
+and is never retried: the upstream may still be working on the request). Only then, only on
+a *reused* connection, and only for an idempotent method (GET, HEAD, OPTIONS, PUT, DELETE)
+sent without a body, the request is sent once more on another connection. A request whose
+body bytes went out is never sent again: we cannot replay a stream, nor know what the
+upstream did with it.
 
 What happens on each failure:
 - client's fault before the response (bad head, too large, too slow): its 4xx, short plain
