@@ -504,7 +504,7 @@ def _cmd_pins(args: argparse.Namespace) -> int:
                 pin=key.pin,
                 algorithm=key.algorithm,
                 # Mobile pin formats take host names; an IP address SAN is no domain to pin.
-                hostnames=tuple(n for n in key.names if not _is_ip(n)),
+                hostnames=tuple(n for n in key.names if not dev.is_ip(n)),
                 not_after=key.not_after,
             )
             for name in order
@@ -520,14 +520,6 @@ def _cmd_pins(args: argparse.Namespace) -> int:
         expires = f"{p.not_after:%Y-%m-%d}" if p.not_after else "-"
         print(f"{p.name:<16} {p.role:<9} {p.algorithm:<12} until {expires}  sha256/{p.pin}")
     return EXIT_OK
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 # --- keys --------------------------------------------------------------------------------

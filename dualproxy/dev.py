@@ -245,7 +245,7 @@ def curl_command(probe: Probe, material: DevMaterial, host: str, port: int) -> s
 
 def pin_snippets(material: DevMaterial, rotation: config_mod.Rotation | None, now: datetime) -> str:
     """Old + new pins for OkHttp, Android, TrustKit and iOS, for the bench's host names."""
-    hostnames = tuple(name for name in material.names if not _is_ip(name) and name != HINT_SNI)
+    hostnames = tuple(name for name in material.names if not is_ip(name) and name != HINT_SNI)
     both = [
         pins.PinnedKey(
             name=name,
@@ -288,7 +288,8 @@ def _with_debug_overrides(android: str) -> str:
     return android.removesuffix(closing) + _DEBUG_OVERRIDES
 
 
-def _is_ip(name: str) -> bool:
+def is_ip(name: str) -> bool:
+    """Whether `name` is an IP address rather than a host name."""
     try:
         ipaddress.ip_address(name)
     except ValueError:

@@ -62,6 +62,15 @@ TLS_RECORD_PLAINTEXT: Final = 16 * 1024
 _T = TypeVar("_T")
 
 
+def _receive_size(max_bytes: int | None) -> int:
+    """A receive's max_bytes, checked as trio's streams do (default RECEIVE_SIZE)."""
+    if max_bytes is None:
+        return RECEIVE_SIZE
+    if operator.index(max_bytes) < 1:
+        raise ValueError("max_bytes must be >= 1")
+    return max_bytes
+
+
 def set_tcp_options(sock: socket.socket) -> None:
     """TCP_NODELAY (each send is a whole response or request, never worth delaying) and
     TCP_NOTSENT_LOWAT (see NOTSENT_LOWAT) on a TCP socket."""
@@ -100,10 +109,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Up to `max_bytes` (default RECEIVE_SIZE) bytes; b"" once the peer closed."""
-        if max_bytes is None:
-            max_bytes = RECEIVE_SIZE
-        elif operator.index(max_bytes) < 1:
-            raise ValueError("max_bytes must be >= 1")
+        max_bytes = _receive_size(max_bytes)
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
@@ -290,10 +296,7 @@ class TlsStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Up to `max_bytes` decrypted bytes; b"" after the peer's close_notify (or, with
         https_compatible, its plain close)."""
-        if max_bytes is None:
-            max_bytes = RECEIVE_SIZE
-        elif operator.index(max_bytes) < 1:
-            raise ValueError("max_bytes must be >= 1")
+        max_bytes = _receive_size(max_bytes)
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True

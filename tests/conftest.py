@@ -328,3 +328,13 @@ def read_until(stream: IO[bytes], marker: bytes, *, timeout: float) -> bytes:
                 pytest.fail(f"the pipe closed (process exited?) before {marker!r}: {data!r}")
             data += chunk
     return data
+
+
+def ipv6_loopback() -> bool:
+    """Whether this machine can bind ::1 (some containers have no IPv6 loopback)."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True

@@ -34,7 +34,7 @@ from typing import Final, NamedTuple
 
 import pytest
 import trio
-from conftest import CLIENT_TIMEOUT, read_until, tls_get
+from conftest import CLIENT_TIMEOUT, ipv6_loopback, read_until, tls_get
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -350,15 +350,6 @@ def test_a_switch_reaches_the_next_connection_while_an_open_one_keeps_its_key(
             kept.close()
         code, _, err = running.stop()
     assert code == 0, err
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 @pytest.mark.e2e

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from conftest import ipv6_loopback
 
 from dualproxy import devcontrol
 from dualproxy.devcontrol import ControlError, SwitchError
@@ -181,15 +182,6 @@ async def test_a_request_from_a_web_page_is_refused() -> None:
         # The positive twin: the same request without Origin switches.
         assert (await raw(address, put("localhost", b"rogue")))[0] == 200
     assert board.asked == ["rogue"]
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")

@@ -34,6 +34,7 @@ from conftest import (
     Clock,
     KeyFiles,
     curl_pinned,
+    ipv6_loopback,
     make_config,
     make_key,
     run_client,
@@ -1209,15 +1210,6 @@ async def test_a_reload_during_a_handshake_does_not_mix_configs(
 
 
 # --- listeners -----------------------------------------------------------------------------------
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 @asynccontextmanager
