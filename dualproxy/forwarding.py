@@ -94,7 +94,6 @@ only once a check has failed, and checked heads built as drafts of their frozen 
 from __future__ import annotations
 
 import ipaddress
-import operator
 import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, fields, make_dataclass
@@ -245,8 +244,6 @@ _USUAL_CONNECTION_OPTIONS: Final = {
     b"keep-alive": frozenset({b"keep-alive"}),
     b"close": frozenset({b"close"}),
 }
-# The name of a (name, value) field, fetched in C when a whole list of names is joined.
-_FIELD_NAME: Final = operator.itemgetter(0)
 # An operator's added header must not change framing, routing or hop-by-hop semantics.
 _NOT_ADDABLE: Final = _REQUEST_DROPPED
 
@@ -594,12 +591,12 @@ def _fields(
     """All field lines as (lowercase name, value), and the values of `watched_names`.
 
     `name_table`: the _letter_table of the bytes a field name may hold. This runs for every
-    field of every message, so it is built from whole-list operations: one comprehension
-    splits, lowercases and strips every line, leaving out those without a name or colon (a
-    count then tells whether any was there), and one translate checks all the names at once.
-    It checks the lowercase names: lower() changes only A-Z, which are allowed in both cases.
-    Values are stripped of all whitespace: after _split_lines, SP and HT are the only
-    whitespace left (RFC 9110 §5.5 strips exactly OWS).
+    field of every message, so it does per field only what cannot be done for all at once: one
+    comprehension splits, lowercases and strips every line, leaving out those without a name or
+    colon (a count then tells whether any was there); one loop collects the names and the
+    watched values; one translate checks all the names. It checks the lowercase names: lower()
+    changes only A-Z, which are allowed in both cases. Values are stripped of all whitespace:
+    after _split_lines, SP and HT are the only whitespace left (RFC 9110 §5.5 strips OWS).
     """
     headers = tuple(
         [
@@ -609,13 +606,15 @@ def _fields(
             if name and colon
         ]
     )
-    names = b"".join(map(_FIELD_NAME, headers))
-    if len(headers) != len(lines) - 1 or (names and not names.translate(name_table).isalpha()):
-        raise HeadError(status, _field_lines_problem(lines, name_table))
+    names = []
     watched: dict[bytes, list[bytes]] = {}
     for name, value in headers:
+        names.append(name)
         if name in watched_names:
             watched.setdefault(name, []).append(value)
+    joined = b"".join(names)
+    if len(headers) != len(lines) - 1 or (joined and not joined.translate(name_table).isalpha()):
+        raise HeadError(status, _field_lines_problem(lines, name_table))
     return headers, watched
 
 
