@@ -175,10 +175,7 @@ class Drain:
     def idle(self, timeout: float) -> IdleWait:
         """A cancel scope for waiting on a quiet connection: it ends after `timeout`, or as
         soon as the drain starts (at once, when it already has)."""
-        scope = trio.CancelScope(deadline=trio.current_time() + timeout)
-        if self.draining:
-            scope.cancel()
-        return IdleWait(self._idle, scope)
+        return IdleWait(self, trio.CancelScope(deadline=trio.current_time() + timeout))
 
 
 class IdleWait:
@@ -188,14 +185,14 @@ class IdleWait:
     and a generator's resumption costs more than the rest of the wait's bookkeeping.
     """
 
-    __slots__ = ("_idle", "_scope")
+    __slots__ = ("_drain", "_scope")
 
-    def __init__(self, idle: set[trio.CancelScope], scope: trio.CancelScope) -> None:
-        self._idle = idle
+    def __init__(self, drain: Drain, scope: trio.CancelScope) -> None:
+        self._drain = drain
         self._scope = scope
 
     def __enter__(self) -> trio.CancelScope:
-        self._idle.add(self._scope)
+        self._drain.enter_idle(self._scope)
         return self._scope.__enter__()
 
     def __exit__(
@@ -207,7 +204,7 @@ class IdleWait:
         try:
             return self._scope.__exit__(exc_type, exc, traceback)
         finally:
-            self._idle.discard(self._scope)
+            self._drain.leave_idle(self._scope)
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,14 +441,13 @@ class ClientConnection:
         """Read and check the next request head; None when the connection ends quietly."""
         limits = settings.limits
         buffer = self._buffer
-        started = self._now()
         if not buffer:
             if self._eof or self._drain.draining:
                 return None
             # The first request's wait counts towards its header timeout; a kept-alive
             # connection may idle longer, and its next head's clock starts at its first byte.
             first = self._requests == 0
-            self._wait(
+            waited_from = self._wait(
                 _Phase.IDLE, limits.request_header_timeout if first else limits.keepalive_timeout
             )
             self._drain.enter_idle(self._scope)
@@ -467,8 +463,9 @@ class ClientConnection:
                 # The drain (or the deadline) came just as the request did and may have
                 # cancelled the scope already: the request is served, in a fresh one.
                 raise _Restart
-            if not first:
-                started = now
+            started = waited_from if first else now
+        else:  # a pipelined request, already here
+            started = self._now()
         head_limits = settings.head_limits
         end = find_head_end(buffer, head_limits)
         if end is None:  # the head is still coming (usually it came whole, in one read)
@@ -683,15 +680,17 @@ class ClientConnection:
 
     # --- waits ---------------------------------------------------------------------------
 
-    def _wait(self, phase: _Phase, timeout: float) -> None:
+    def _wait(self, phase: _Phase, timeout: float) -> float:
         """Bound the next wait by `timeout`, moving the connection scope's deadline: far
         cheaper than a cancel scope per wait, of which a request has several. A deadline is
-        not pushed back by less than DEADLINE_SLACK (see there)."""
+        not pushed back by less than DEADLINE_SLACK (see there). Returns the time it read."""
         self._phase = phase
-        deadline = self._now() + timeout
+        now = self._now()
+        deadline = now + timeout
         current = self._scope.deadline
         if deadline < current or deadline - current > DEADLINE_SLACK:
             self._scope.deadline = deadline
+        return now
 
     def _expired(self) -> _Refusal | _Cut | None:
         """What it means that the connection's deadline passed, by the wait it was in (None:
