@@ -107,6 +107,7 @@ __all__ = [
     "MAX_CONTENT_LENGTH_DIGITS",
     "MAX_RESPONSE_FIELDS",
     "MAX_RESPONSE_HEAD_BYTES",
+    "ClientPeer",
     "ForwardingRules",
     "HeadError",
     "HeadLimits",
@@ -508,8 +509,25 @@ class ForwardingRules:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class ClientPeer:
+    """A client's address as the header rewriting uses it, made once per connection: an
+    IPv4-mapped IPv6 address as its IPv4 address (how it is shown and matched against
+    trusted_proxies), and its X-Forwarded-For text (formatting an IPv6 address costs more
+    than the rest of a request's rewriting)."""
+
+    address: IPAddress
+    text: bytes
+
+    @classmethod
+    def of(cls, address: IPAddress) -> ClientPeer:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return cls(address, str(address).encode("ascii"))
+
+
 def upstream_request_headers(
-    head: RequestHead, *, peer: IPAddress | None, rules: ForwardingRules
+    head: RequestHead, *, peer: ClientPeer | None, rules: ForwardingRules
 ) -> list[tuple[bytes, bytes]]:
     """The header fields to send upstream for `head`, received from `peer`.
 
@@ -517,7 +535,7 @@ def upstream_request_headers(
     mode, the upstream's when the client named none); the client's fields minus hop-by-hop ones,
     Content-Length, Expect and Host; X-Forwarded-For, -Proto and -Host; the added headers.
 
-    A peer in `trusted_proxies` (an IPv4-mapped IPv6 peer counts as its IPv4 address) is a
+    A peer in `trusted_proxies` (as `ClientPeer.address`: IPv4-mapped counts as IPv4) is a
     proxy in front of us: its X-Forwarded-For fields are joined and the peer appended; its
     X-Forwarded-Proto, X-Forwarded-Host and Forwarded fields are kept, and X-Forwarded-Proto
     (https) and X-Forwarded-Host (`head.host`) are added only when it sent none. From any
@@ -525,12 +543,10 @@ def upstream_request_headers(
     alone. With no peer (`None`: the address is unknown) there is no X-Forwarded-For at all.
     The relay adds the framing fields (content-length or transfer-encoding) itself.
     """
-    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
-        peer = peer.ipv4_mapped
     trusted = False
     if peer is not None:
         for network in rules.trusted_proxies:  # usually none
-            if peer in network:
+            if peer.address in network:
                 trusted = True
                 break
     kept = _forwardable(head.headers, rules._dropped_if_trusted if trusted else rules._dropped)
@@ -544,10 +560,8 @@ def upstream_request_headers(
     out = [(b"host", head.host if preserve else rules.upstream_authority)]
     out += kept
     ours = []
-    if isinstance(peer, ipaddress.IPv4Address):  # the dotted quad str() gives, at half its cost
-        forwarded_for.append(b"%d.%d.%d.%d" % tuple(peer.packed))
-    elif peer is not None:
-        forwarded_for.append(str(peer).encode("ascii"))
+    if peer is not None:
+        forwarded_for.append(peer.text)
     if forwarded_for:
         ours.append((b"x-forwarded-for", b", ".join(forwarded_for)))
     if b"x-forwarded-proto" not in sent:

@@ -87,6 +87,7 @@ import trio
 from . import http1
 from .config import ConfigError
 from .forwarding import (
+    ClientPeer,
     ForwardingRules,
     HeadError,
     HeadLimits,
@@ -343,7 +344,10 @@ class ClientConnection:
         response_headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         self._stream = stream
-        self._peer = peer
+        # The stream as TLS, for a last response that carries our close_notify (an ABC's
+        # isinstance check costs more than once per connection).
+        self._tls = stream if isinstance(stream, TlsStream) else None
+        self._peer = ClientPeer.of(peer) if peer is not None else None
         self._settings = settings
         self._drain = drain
         self._tally = tally
@@ -673,8 +677,8 @@ class ClientConnection:
         going with them."""
         self._wait(_Phase.CLIENT_SEND, limits.send_timeout)
         data = b"".join(out) if len(out) > 1 else out[0]
-        if last and isinstance(self._stream, TlsStream):
-            await self._stream.send_all(data, then_close_notify=True)
+        if last and self._tls is not None:
+            await self._tls.send_all(data, then_close_notify=True)
         else:
             await self._stream.send_all(data)
 

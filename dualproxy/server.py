@@ -209,13 +209,16 @@ def _peer_address(name: object) -> tuple[str, policy.IPAddress | None]:
     """The log text and the address of a peer, from the address accept() returned."""
     if not isinstance(name, tuple) or len(name) < 2:
         return "-", None
-    host = str(name[0]).split("%", 1)[0]
+    host, port = name[0], name[1]
+    # From the packed form: parsing the text costs more, once per connection. The text of an
+    # IPv4 address is accept()'s own (inet_ntop, the canonical dotted quad).
     try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host, None
-    text = f"[{address}]:{name[1]}" if address.version == 6 else f"{address}:{name[1]}"
-    return text, address
+        if len(name) == 2:
+            return f"{host}:{port}", ipaddress.IPv4Address(socket.inet_aton(host))
+        address = ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0]))
+    except (OSError, TypeError, AttributeError):
+        return str(host), None
+    return f"[{address}]:{port}", address
 
 
 class Server:

@@ -305,15 +305,18 @@ class TlsStream(trio.abc.Stream):
                 await self.do_handshake()
             else:
                 self._check_state()
-            await trio.lowlevel.checkpoint_if_cancelled()
             transport = self.transport_stream
             before = transport.operations
             if self._ended:
+                await trio.lowlevel.checkpoint_if_cancelled()
                 data = b""
             else:
                 if not self._incoming.pending and not self._ssl.pending():
                     # Nothing received that OpenSSL has not read: it would only ask for more.
+                    # (The transport's receive checks for cancellation first, as we would.)
                     await self._receive_records()
+                else:
+                    await trio.lowlevel.checkpoint_if_cancelled()
                 try:
                     data = await self._call(self._ssl.read, min(max_bytes, TLS_RECORD_PLAINTEXT))
                 except _CleanEnd:

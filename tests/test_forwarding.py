@@ -24,6 +24,7 @@ from dualproxy.forwarding import (
     MAX_CONTENT_LENGTH_DIGITS,
     MAX_RESPONSE_FIELDS,
     MAX_RESPONSE_HEAD_BYTES,
+    ClientPeer,
     ForwardingRules,
     HeadError,
     HeadLimits,
@@ -903,7 +904,9 @@ def forward(
     line: bytes = GET,
 ) -> list[tuple[bytes, bytes]]:
     return upstream_request_headers(
-        check_request_head(request(*fields, line=line), LIMITS), peer=peer, rules=rules
+        check_request_head(request(*fields, line=line), LIMITS),
+        peer=ClientPeer.of(peer) if peer is not None else None,
+        rules=rules,
     )
 
 
@@ -1370,16 +1373,17 @@ def test_hop_by_hop_filter_as_before(
 ) -> None:
     """The usual Connection values' options come from a table, the rest are parsed: the fields
     forwarded either way are the ones the plain filter keeps. X-Forwarded-For is the peer as
-    str() writes it (IPv4 is formatted by us)."""
+    str() writes it."""
+    client = ClientPeer.of(peer) if peer is not None else None
     if isinstance(peer, IPv6Address) and peer.ipv4_mapped is not None:
-        peer = peer.ipv4_mapped  # as upstream_request_headers does: shown and trusted as IPv4
+        peer = peer.ipv4_mapped  # as ClientPeer does: shown and trusted as IPv4
     fields = [b"Connection: " + value for value in connection] + [b"%b: 1" % n for n in others]
     head = check_response_head(response(*fields), request_method=b"GET")
     named = _reference_connection_options(head.headers)
     dropped = forwarding._RESPONSE_DROPPED | named
     assert client_response_headers(head) == [f for f in head.headers if f[0] not in dropped]
     request_head = check_request_head(request(HOST, *fields), LIMITS)
-    forwarded = upstream_request_headers(request_head, peer=peer, rules=RULES)
+    forwarded = upstream_request_headers(request_head, peer=client, rules=RULES)
     dropped = forwarding._REQUEST_DROPPED | forwarding._FORWARDING_CLAIMS | named
     if peer is not None and any(peer in network for network in RULES.trusted_proxies):
         dropped -= forwarding._FORWARDING_CLAIMS  # a trusted proxy's claims stay
