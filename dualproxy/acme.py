@@ -47,6 +47,7 @@ from . import keystore, renewal
 from .challenges import (
     Challenge,
     ChallengeBoard,
+    ChallengeError,
     open_responders,
     publish,
     wait_until_served,
@@ -244,8 +245,22 @@ async def obtain(
                 f"no certificate for {key.name} within acme.order_timeout ({acme.order_timeout:g}"
                 " s); is the CA slow or unreachable? Try again later"
             ) from None
+        except ChallengeError as exc:
+            raise AcmeError(str(exc)) from None
+        except OSError as exc:  # the challenge folder
+            raise AcmeError(
+                f"cannot publish the challenge in {folder}: {exc.strerror or exc}; check that"
+                " folder's permissions"
+            ) from None
     _check_issued(chain_pem, private_key.public_key(), key)
-    await trio.to_thread.run_sync(_write_chain, key.chain, chain_pem)
+    try:
+        await trio.to_thread.run_sync(_write_chain, key.chain, chain_pem)
+    except OSError as exc:
+        raise AcmeError(
+            f"{key.chain}: keys.{key.name}.chain: cannot write the new chain: {exc.strerror};"
+            " the certificate is issued but not saved: fix the folder's permissions and run"
+            f" `dualproxy acme issue {key.name}` again"
+        ) from None
     return chain_pem
 
 
@@ -438,6 +453,13 @@ def validity_of(cert: x509.Certificate | None) -> renewal.Validity | None:
     return renewal.Validity(cert.not_valid_before_utc, cert.not_valid_after_utc)
 
 
+def retired(config: Config, name: str, now: datetime) -> bool:
+    """A rotation's old key after grace_end is served to nobody: renewing it would only spend
+    the CA's rate limits (`dualproxy acme issue` still can)."""
+    rotation = config.rotation
+    return rotation is not None and name in rotation.old and now >= rotation.grace_end
+
+
 def grace_start_for(config: Config, name: str) -> datetime | None:
     rotation = config.rotation
     return rotation.grace_start if rotation is not None and name in rotation.new else None
@@ -486,6 +508,8 @@ async def due_keys(
     policy = renewal.Policy.from_config(acme)
     out = []
     for key in config.acme_keys():
+        if retired(config, key.name, now) and not force:
+            continue
         leaf = await trio.to_thread.run_sync(read_leaf, key)
         window = await renewal_window(acme, leaf) if leaf is not None else None
         state = renewal.KeyState(
@@ -570,6 +594,8 @@ async def _renew_forever(
         policy = renewal.Policy.from_config(acme)
         plans = []
         for key in config.acme_keys():
+            if retired(config, key.name, clock()):
+                continue
             state = memory.setdefault(key.name, _KeyMemory(point=random.random()))
             plan = await _renew_one(server, config, key, state, policy, board, clock, probes)
             plans.append(plan)
@@ -621,7 +647,11 @@ async def _renew_one(
     memory.last_attempt = now
     try:
         await obtain(config, key, board=board, tls_probe=probes.tls, http_probe=probes.http)
-    except (AcmeError, KeyStoreError) as exc:
+    except Exception as exc:
+        # AcmeError and KeyStoreError say what to do; anything else is our bug, with its
+        # traceback. Either way the current chain keeps serving and a retry is scheduled.
+        if not isinstance(exc, AcmeError | KeyStoreError):
+            log.exception("acme: renewing %s failed unexpectedly", key.name)
         memory.failures += 1
         retry = now + renewal.retry_delay(memory.failures, policy)
         log.error(

@@ -46,7 +46,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .clienthello import MAX_CLIENT_HELLO_BYTES, ClientHelloError, parse_client_hello
+from .clienthello import (
+    MAX_CLIENT_HELLO_BYTES,
+    ClientHello,
+    ClientHelloError,
+    parse_client_hello,
+)
 from .config import ChallengeType, ListenAddress, normalize_host
 from .streams import TcpStream, TlsStream
 
@@ -145,8 +150,9 @@ def challenge_context(challenge: Challenge) -> ssl.SSLContext:
     return context
 
 
-def wants_challenge(alpn: Sequence[bytes]) -> bool:
-    return ACME_TLS_ALPN in alpn
+def wants_challenge(hello: ClientHello | None) -> bool:
+    """Whether a ClientHello comes from a CA validating tls-alpn-01 (it offers acme-tls/1)."""
+    return hello is not None and ACME_TLS_ALPN in hello.alpn
 
 
 async def answer_tls_alpn(stream: TcpStream, peeked: bytes, context: ssl.SSLContext) -> str:
@@ -527,7 +533,7 @@ async def _tls_alpn_connection(sock: socket.socket, board: ChallengeBoard) -> No
                 if hello is None:
                     continue
                 context = board.tls_alpn_context(hello.sni)
-                if wants_challenge(hello.alpn) and context is not None:
+                if wants_challenge(hello) and context is not None:
                     log.info("acme: %s", await answer_tls_alpn(stream, bytes(buffer), context))
                 return
     except (trio.BrokenResourceError, trio.ClosedResourceError):

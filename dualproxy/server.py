@@ -416,7 +416,12 @@ class Server:
             peeked = await self._peek(stream, record)
             if peeked is None:
                 return
-            if self.acme_board is not None and await self._answer_acme(stream, peeked, record):
+            # An ACME CA validating tls-alpn-01; checked without a wait for everyone else.
+            if (
+                self.acme_board is not None
+                and challenges.wants_challenge(record.hello)
+                and await self._answer_acme(stream, peeked, record)
+            ):
                 return
             record.choice = policy.choose(config.rotation, record.hello, peer_ip, self._clock())
             identity = snapshot.identities[record.choice.identity]
@@ -489,7 +494,7 @@ class Server:
         """A CA validating a pending tls-alpn-01 challenge gets the challenge certificate
         instead of ours (RFC 8737); True when that is what this connection was."""
         hello, board = record.hello, self.acme_board
-        if hello is None or board is None or not challenges.wants_challenge(hello.alpn):
+        if hello is None or board is None:
             return False
         context = board.tls_alpn_context(hello.sni)
         if context is None:

@@ -27,7 +27,7 @@ from pebble import Pebble, running_pebble
 
 from dualproxy import acme, keystore
 from dualproxy import config as config_mod
-from dualproxy.challenges import HTTP01_PREFIX
+from dualproxy.challenges import HTTP01_PREFIX, Challenge, probe_tls_alpn
 from dualproxy.cli import main
 from dualproxy.pins import spki_pin, spki_pin_of_certificate
 from dualproxy.server import Server
@@ -215,12 +215,17 @@ async def _serve_and_renew(setup: Setup, renew: Any) -> tuple[ClientLoop, Server
                 new = leaf(setup.chain_file).serial_number
                 assert new != first
                 loop.stop_after_serial = new
+        # The negative twin of the challenge hook: acme-tls/1 offered for a name with no
+        # pending challenge gets no challenge certificate.
+        stray = Challenge("tls-alpn-01", NAMES[0], "token", "token.thumbprint")
+        answered = await trio.to_thread.run_sync(probe_tls_alpn, "127.0.0.1", bound[0][1], stray)
+        assert not answered
         nursery.cancel_scope.cancel()
     return loop, server
 
 
 async def test_cli_issue_while_serving_hands_the_challenge_to_the_server(
-    tmp_path: Path, pebble: Pebble
+    tmp_path: Path, pebble: Pebble, caplog: pytest.LogCaptureFixture
 ) -> None:
     """serve holds the TLS port: the CLI publishes the challenge, the server answers it on its
     own listener, the chain is written and the server swaps it in; no client fails."""
@@ -232,11 +237,14 @@ async def test_cli_issue_while_serving_hands_the_challenge_to_the_server(
         argv = ["acme", "issue", "k1", "-c", str(setup.config_file)]
         assert await trio.to_thread.run_sync(main, argv) == 0
 
+    caplog.set_level("INFO", logger="dualproxy")
     loop, server = await _serve_and_renew(setup, cli_issue)
     assert loop.failures == []
     assert loop.pins == {setup.pin}
     assert len(set(loop.serials)) == 2  # old chain, then the new one
     assert server.reloads_failed == 0
+    # Pebble's validations reached the server's own listener (the CLI could not bind it).
+    assert any("outcome=acme-challenge" in r.getMessage() for r in caplog.records)
 
 
 async def test_server_renews_in_the_background_with_clients_connected(tmp_path: Path) -> None:
@@ -351,3 +359,124 @@ def test_check_reports_a_managed_key_without_a_certificate(
     err = capsys.readouterr().err
     assert "keys.k1.chain: no certificate yet" in err
     assert "dualproxy acme issue k1" in err
+
+
+def _cert_with(serial: int, key_id: bytes) -> x509.Certificate:
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([])
+    now = datetime.now(UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.AuthorityKeyIdentifier(key_id, None, None), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def test_ari_certificate_id_matches_rfc_9773_example() -> None:
+    """RFC 9773 section 4.1: keyIdentifier 69:88:5B:..., serial 00:87:65:43:21."""
+    key_id = bytes.fromhex("69885B6B87464041E1B37B847BA0AE2CDE01C8D4")
+    cert = _cert_with(0x87654321, key_id)
+    assert acme.ari_certificate_id(cert) == "aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE"
+    # The twin: a serial whose top bit is clear gets no leading zero byte.
+    assert acme.ari_certificate_id(_cert_with(0x7F, key_id)).endswith(".fw")
+
+
+@pytest.fixture
+def fake_ari(tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
+    """An HTTPS server with an ACME directory that offers renewalInfo, and the window it
+    suggests for any certificate; yields (directory URL, CA file, paths requested)."""
+    import http.server
+    import json
+    import threading
+
+    import trustme
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "ari-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    requested: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requested.append(self.path)
+            base = f"https://{self.headers['Host']}"
+            body: dict[str, object]
+            if self.path == "/dir":
+                body = {"newNonce": f"{base}/nonce", "renewalInfo": f"{base}/ari/"}
+            else:
+                window = {"start": "2027-01-01T00:00:00Z", "end": "2027-01-03T00:00:00Z"}
+                body = {"suggestedWindow": window}
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}/dir", ca_file, requested
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_renewal_window_is_fetched_when_the_ca_offers_it(
+    fake_ari: tuple[str, Path, list[str]],
+) -> None:
+    from datetime import UTC, datetime
+
+    from dualproxy.config import AcmeConfig
+
+    directory, ca_file, requested = fake_ari
+    settings = AcmeConfig(directory, Path("unused.pem"), ca_file=ca_file)
+    key_id = bytes.fromhex("69885B6B87464041E1B37B847BA0AE2CDE01C8D4")
+    window = acme.fetch_renewal_window(settings, _cert_with(0x87654321, key_id))
+    assert window is not None
+    assert window.start == datetime(2027, 1, 1, tzinfo=UTC)
+    assert window.end == datetime(2027, 1, 3, tzinfo=UTC)
+    assert requested[-1] == "/ari/aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE"
+
+
+def test_a_retired_old_key_is_not_renewed(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    data = {
+        "listen": {"address": "127.0.0.1:0"},
+        "acme": {"directory": "https://acme.invalid/dir"},
+        "keys": {
+            n: {"key": f"{n}/key.pem", "chain": f"{n}/chain.pem", "names": list(NAMES)}
+            for n in ("a", "b")
+        },
+        "rotation": {
+            "old": "a",
+            "new": "b",
+            "grace_start": datetime(2026, 12, 1, tzinfo=UTC),
+            "grace_end": datetime(2027, 1, 1, tzinfo=UTC),
+        },
+    }
+    config = config_mod.parse(data, base_dir=tmp_path, check_files=False)
+    during, after = datetime(2026, 12, 15, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
+    assert not acme.retired(config, "a", during)
+    assert acme.retired(config, "a", after)
+    assert not acme.retired(config, "b", after)
