@@ -25,11 +25,11 @@ import fcntl
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final, TypeVar, TypeVarTuple
 
 import trio
 from acme import challenges as acme_challenges
@@ -54,13 +54,16 @@ from .challenges import (
     write_atomically,
 )
 from .challenges import withdraw as withdraw_challenges
-from .config import AcmeConfig, Config, KeyConfig, ListenAddress
+from .config import AcmeConfig, ChallengeType, Config, KeyConfig, ListenAddress
 from .keystore import KeyStoreError
 
 if TYPE_CHECKING:
     from .server import Server
 
 log = logging.getLogger("dualproxy.acme")
+
+_T = TypeVar("_T")
+_Args = TypeVarTuple("_Args")
 
 USER_AGENT: Final = "dualproxy acme-python"
 # One HTTP request to the CA: Let's Encrypt answers in well under a second; a minute means
@@ -127,7 +130,9 @@ def _account_jwk(acme: AcmeConfig) -> tuple[jose_jwk.JWK, jwa.JWASignature]:
     return jose_jwk.JWKRSA(key=key), jwa.RS256
 
 
-def _network(acme: AcmeConfig, jwk: jose_jwk.JWK | None, alg: Any) -> acme_client.ClientNetwork:
+def _network(
+    acme: AcmeConfig, jwk: jose_jwk.JWK | None, alg: jwa.JWASignature
+) -> acme_client.ClientNetwork:
     net = acme_client.ClientNetwork(jwk, alg=alg, user_agent=USER_AGENT, timeout=NETWORK_TIMEOUT)
     if acme.ca_file is not None:
         # Passed as each request's `verify` (requests takes a CA file path there too); the
@@ -184,7 +189,7 @@ def _answer(
 
 
 def _pick_challenges(
-    order: messages.OrderResource, kind: str, jwk: jose_jwk.JWK
+    order: messages.OrderResource, kind: ChallengeType, jwk: jose_jwk.JWK
 ) -> list[tuple[messages.ChallengeBody, Challenge]]:
     """For each authorization still pending, the challenge of our type."""
     picked = []
@@ -195,7 +200,7 @@ def _pick_challenges(
         for challb in authz.body.challenges:
             if challb.chall.to_partial_json().get("type") == kind or challb.typ == kind:
                 token = str(challb.chall.to_partial_json()["token"])
-                challenge = Challenge(kind, name, token, _key_authorization(token, jwk))  # type: ignore[arg-type]
+                challenge = Challenge(kind, name, token, _key_authorization(token, jwk))
                 picked.append((challb, challenge))
                 break
         else:
@@ -286,8 +291,8 @@ async def _run_order(
             await wait_until_served(challenges, *probes, timeout)
             for challb, challenge in picked:
                 await _blocking(_answer, session.client, challb, challenge)
+            # The library compares its deadline with naive local time.
             deadline = datetime.now() + timedelta(seconds=acme.order_timeout)
-            # The library compares with naive local time.
             order = await _blocking(session.client.poll_and_finalize, order, deadline)
         finally:
             await trio.to_thread.run_sync(withdraw_challenges, paths)
@@ -301,10 +306,12 @@ async def _run_order(
     return str(order.fullchain_pem).encode("ascii")
 
 
-async def _blocking(function: Callable[..., Any], *args: Any) -> Any:
-    """One blocking call to the CA in a worker thread, its errors translated."""
+async def _blocking(function: Callable[[*_Args], _T], *args: *_Args) -> _T:
+    """One blocking call to the CA in a worker thread, its errors translated. Abandoned when
+    cancelled (a shutting-down server does not wait for the CA); the thread ends on its own
+    with the request's timeout, and nothing it returns is used."""
     try:
-        return await trio.to_thread.run_sync(lambda: function(*args), abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(function, *args, abandon_on_cancel=True)
     except (AcmeError, KeyStoreError):
         raise
     except messages.Error as exc:
@@ -375,8 +382,14 @@ def _write_chain(path: Path, chain_pem: bytes) -> None:
 def _order_lock(folder: Path) -> Iterator[None]:
     """One order at a time per challenge folder, across processes (flock, released on exit
     even when the process dies)."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise AcmeError(
+            f"{folder}: cannot create the ACME state folder or its lock: {exc.strerror}; it is"
+            " the folder of acme.account_key: fix its permissions or pick another"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -429,7 +442,7 @@ async def renewal_window(acme: AcmeConfig, cert: x509.Certificate) -> renewal.Wi
     """The CA's renewal window, or None when it offers none or cannot be asked now (logged:
     the lifetime rule applies meanwhile)."""
     try:
-        return await _blocking(fetch_renewal_window, acme, cert)  # type: ignore[no-any-return]
+        return await _blocking(fetch_renewal_window, acme, cert)
     except (AcmeError, ValueError, jose_errors.Error) as exc:
         log.warning("acme: no renewal information now (%s); using the lifetime rule", exc)
         return None
@@ -466,7 +479,7 @@ def grace_start_for(config: Config, name: str) -> datetime | None:
 
 
 @contextlib.asynccontextmanager
-async def responders_for(config: Config) -> Any:
+async def responders_for(config: Config) -> AsyncIterator[ChallengeBoard | None]:
     """Answer challenges ourselves on the configured ports when no `serve` holds them."""
     acme = config.acme
     assert acme is not None

@@ -33,7 +33,7 @@ import os
 import socket
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -73,6 +73,12 @@ RESPONDER_TIMEOUT: Final = 10.0
 # a challenge request or a browser's first request is well under 1 KiB, 8 KiB is nginx's
 # request-line buffer.
 MAX_HTTP_HEAD: Final = 8 * 1024
+# Connections the plain-HTTP listener (and the CLI's own responders) serve at once: a CA's
+# validators open a handful, browsers a few each; beyond it clients wait in the backlog, so
+# a flood on port 80 cannot take the descriptors the TLS port needs.
+RESPONDER_MAX_CONNECTIONS: Final = 256
+# Pause after accept fails for want of descriptors (as server.ACCEPT_BACKOFF_SECONDS).
+ACCEPT_BACKOFF: Final = 0.1
 # After answering, what the client may still send is read and discarded (at most this long
 # and this much) before the close, so that the close does not reset the connection and take
 # the answer with it (what server.lingering_close does for the TLS port, smaller: nothing
@@ -396,19 +402,42 @@ async def serve_http(
     listener: socket.socket, board: ChallengeBoard, https_port: int | None
 ) -> None:
     """The plain-HTTP listener: http-01 answers, a redirect to https for everything else."""
+    await _accept_forever(listener, lambda sock: _http_connection(sock, board, https_port))
+
+
+async def _accept_forever(
+    listener: socket.socket, handle: Callable[[socket.socket], Awaitable[None]]
+) -> None:
+    """Accept into per-connection tasks, at most RESPONDER_MAX_CONNECTIONS at once (beyond
+    it clients wait in the backlog); each task closes its socket."""
+    slots = trio.CapacityLimiter(RESPONDER_MAX_CONNECTIONS)
+
+    async def run(sock: socket.socket, token: object) -> None:
+        try:
+            await handle(sock)
+        finally:
+            slots.release_on_behalf_of(token)
+
     async with trio.open_nursery() as nursery:
         while True:
-            await trio.lowlevel.wait_readable(listener)
+            token = object()
+            await slots.acquire_on_behalf_of(token)
             try:
+                await trio.lowlevel.wait_readable(listener)
                 sock, _ = listener.accept()
-            except BlockingIOError:
+            except BlockingIOError:  # the client gave up between readiness and accept
+                slots.release_on_behalf_of(token)
                 continue
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    await trio.sleep(0.1)  # out of descriptors: let a connection finish
-                    continue
+                slots.release_on_behalf_of(token)
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                await trio.sleep(ACCEPT_BACKOFF)  # out of descriptors: let a connection end
+                continue
+            except BaseException:
+                slots.release_on_behalf_of(token)
                 raise
-            nursery.start_soon(_http_connection, sock, board, https_port)
+            nursery.start_soon(run, sock, token)
 
 
 async def _http_connection(
@@ -506,14 +535,7 @@ async def _send(
 async def serve_tls_alpn_only(listener: socket.socket, board: ChallengeBoard) -> None:
     """A TLS listener that answers acme-tls/1 challenges and closes everything else (what
     the CLI runs on the TLS port while no `serve` holds it)."""
-    async with trio.open_nursery() as nursery:
-        while True:
-            await trio.lowlevel.wait_readable(listener)
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                continue
-            nursery.start_soon(_tls_alpn_connection, sock, board)
+    await _accept_forever(listener, lambda sock: _tls_alpn_connection(sock, board))
 
 
 async def _tls_alpn_connection(sock: socket.socket, board: ChallengeBoard) -> None:

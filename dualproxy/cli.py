@@ -30,7 +30,7 @@ from typing import Final, NoReturn, TextIO, TypeVar
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from . import acme, checks, dev, devcerts, devcontrol, echo, keystore, pins, policy
+from . import acme, checks, dev, devcerts, devcontrol, echo, keystore, pins, policy, renewal
 from .clienthello import ClientHello
 from .config import (
     DEFAULT_CONFIG_FILE,
@@ -449,6 +449,8 @@ def _cmd_acme_renew(args: argparse.Namespace) -> int:
     plans = _run_acme(partial(acme.due_keys, config, now, force=args.force))
     due = [key for key, plan in plans if plan.attempt_now(now)]
     for key, plan in plans:
+        if plan.urgency in (renewal.Urgency.SOON, renewal.Urgency.EXPIRED):
+            print(f"warning: {key.name}: the certificate {plan.urgency}", file=sys.stderr)
         if not plan.attempt_now(now):
             print(f"{key.name}: not due until {plan.due:%Y-%m-%d %H:%M} UTC ({plan.reason})")
     if due:
