@@ -480,3 +480,15 @@ def test_a_retired_old_key_is_not_renewed(tmp_path: Path) -> None:
     assert not acme.retired(config, "a", during)
     assert acme.retired(config, "a", after)
     assert not acme.retired(config, "b", after)
+
+
+def test_missing_pebble_skips_unless_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pebble as pebble_module
+
+    monkeypatch.setattr(pebble_module, "find", lambda command: None)
+    monkeypatch.delenv("DUALPROXY_REQUIRE_PEBBLE", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install pebble"):
+        pebble_module.require_pebble()
+    monkeypatch.setenv("DUALPROXY_REQUIRE_PEBBLE", "1")
+    with pytest.raises(pytest.fail.Exception, match="DUALPROXY_REQUIRE_PEBBLE=1"):
+        pebble_module.require_pebble()

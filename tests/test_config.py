@@ -1032,3 +1032,23 @@ def test_acme_without_any_names_is_rejected(tmp_path: Path) -> None:
         parse(data, base_dir=tmp_path)
     assert caught.value.key_path == "acme"
     assert "no key has names" in caught.value.problem
+
+
+def test_the_commented_acme_example_in_config_toml_parses(tmp_path: Path) -> None:
+    """config.toml documents [acme] and names in comments; uncommented, they are valid."""
+    text = (Path(__file__).resolve().parent.parent / "config.toml").read_text()
+    lines = text.splitlines()
+    block = []
+    for line in lines[lines.index("# [acme]") :]:
+        if not line.startswith("# "):
+            break
+        if not line[2:].startswith(" "):  # a setting, not the continuation of a comment
+            block.append(line[2:])
+    data = tomllib.loads(text)
+    data.update(tomllib.loads("\n".join(block)))
+    names_line = next(line[2:] for line in lines if line.startswith("# names = "))
+    data["keys"]["k2026a"].update(tomllib.loads(names_line))
+    config = parse(data, base_dir=tmp_path, check_files=False)
+    assert config.acme is not None
+    assert config.acme.directory == "https://acme-v02.api.letsencrypt.org/directory"
+    assert [k.name for k in config.acme_keys()] == ["k2026a"]
