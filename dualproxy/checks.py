@@ -22,7 +22,7 @@ from typing import Final, Literal
 from .config import Config, Role, Rotation, normalize_host
 from .keystore import LoadedKey
 
-__all__ = ["EXPIRY_WARNING", "Finding", "certificate_covers", "check_keys"]
+__all__ = ["EXPIRY_WARNING", "Finding", "certificate_covers", "check_acme", "check_keys"]
 
 # Warn this long before a served certificate expires: two weeks leaves time to renew by hand
 # after an automated renewal failed (Let's Encrypt's own expiry mails start at 20 days).
@@ -182,6 +182,68 @@ def _names(
                 config_file,
             )
         )
+    return findings
+
+
+def check_acme(
+    config: Config, keys: Mapping[str, LoadedKey], missing: Sequence[str]
+) -> list[Finding]:
+    """ACME-managed keys: those without a certificate yet (`missing`, their chain files
+    absent), names that differ between a rotation's old and new keys, and certificates whose
+    names are not the ones configured (the next renewal changes them)."""
+    findings: list[Finding] = []
+    for name in missing:
+        key = config.keys[name]
+        findings.append(
+            Finding(
+                "error",
+                f"keys.{name}.chain",
+                f"no certificate yet; get one with `dualproxy acme issue {name}` (a running"
+                " serve answers the challenge), or start `dualproxy serve`, which gets it first",
+                key.chain,
+            )
+        )
+    rotation = config.rotation
+    if rotation is not None:
+        old = {n for k in rotation.old for n in config.keys[k].names}
+        new = {n for k in rotation.new for n in config.keys[k].names}
+        lost = sorted(n for n in old - new if not certificate_covers(list(new), n))
+        if old and new and lost:
+            findings.append(
+                Finding(
+                    "warning",
+                    f"keys.{rotation.new[0]}.names",
+                    f"the new key does not request {', '.join(lost)}, which the old key does;"
+                    " clients using those names fail once they get the new key: add them",
+                    config.path,
+                )
+            )
+        added = sorted(n for n in new - old if not certificate_covers(list(old), n))
+        if old and new and added:
+            findings.append(
+                Finding(
+                    "warning",
+                    f"keys.{rotation.old[0]}.names",
+                    f"the old key does not request {', '.join(added)}, which the new key does;"
+                    " clients using them before they get the new key fail: add them to the old",
+                    config.path,
+                )
+            )
+    for key_config in config.acme_keys():
+        loaded = keys.get(key_config.name)
+        if loaded is None:
+            continue
+        have = {normalize_host(n) for n in loaded.names}
+        if have != set(key_config.names):
+            findings.append(
+                _key_finding(
+                    "warning",
+                    loaded,
+                    f"the certificate covers {', '.join(sorted(have)) or 'no name'}, the config"
+                    f" asks for {', '.join(key_config.names)} (keys.{key_config.name}.names);"
+                    f" `dualproxy acme issue {key_config.name}` gets a matching one",
+                )
+            )
     return findings
 
 

@@ -25,17 +25,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Final, NoReturn, TextIO
+from typing import Final, NoReturn, TextIO, TypeVar
 
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from . import checks, dev, devcerts, devcontrol, echo, keystore, pins, policy
+from . import acme, checks, dev, devcerts, devcontrol, echo, keystore, pins, policy, renewal
 from .clienthello import ClientHello
 from .config import (
     DEFAULT_CONFIG_FILE,
     Config,
     ConfigError,
+    KeyConfig,
     Role,
     host_name_problem,
     key_name_problem,
@@ -63,6 +64,8 @@ _ROUTE_GROUPS: Final = (0x001D, 0x0017, 0x0018)
 
 
 KEY_TYPES: Final = ("ecdsa-p256", "rsa-2048")
+
+_R = TypeVar("_R")
 
 
 class CommandError(Exception):
@@ -163,6 +166,29 @@ def _build_parser() -> argparse.ArgumentParser:
         help="output for a platform (default: a table); curl's works as --pinnedpubkey as-is",
     )
     pins_cmd.set_defaults(handler=_cmd_pins)
+
+    acme_cmd = command("acme", "certificates for our own keys from an ACME CA ([acme] table)")
+    acme_sub = acme_cmd.add_subparsers(metavar="ACTION", required=True)
+    issue = acme_sub.add_parser(
+        "issue",
+        help="get a certificate for KEY now (same key: its pin does not change)",
+        description="Get a certificate for an ACME-managed key from the [acme] CA and write"
+        " its chain file atomically. A running `serve` answers the challenges and picks the"
+        " chain up; without one, this command answers them on the configured ports.",
+    )
+    issue.add_argument("key", type=_key_name_argument, help="key name ([keys.NAME] with names)")
+    with_config(issue)
+    issue.set_defaults(handler=_cmd_acme_issue)
+    renew = acme_sub.add_parser(
+        "renew",
+        help="renew every ACME-managed key whose certificate is due",
+        description="Renew every ACME-managed key whose certificate is due (ACME Renewal"
+        " Information when the CA offers it, else two thirds of the lifetime; a rotation's new"
+        " key ahead of its window). For a cron job; `serve` also renews by itself.",
+    )
+    renew.add_argument("--force", action="store_true", help="renew every ACME-managed key now")
+    with_config(renew)
+    renew.set_defaults(handler=_cmd_acme_renew)
 
     keys_cmd = command("keys", "make keys and certificate signing requests")
     keys_sub = keys_cmd.add_subparsers(metavar="ACTION", required=True)
@@ -303,6 +329,12 @@ def _load(args: argparse.Namespace) -> tuple[Config, KeySnapshot]:
 def _cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging()
     config = load(args.config)
+    missing = [key for key in config.acme_keys() if not key.chain.exists()]
+    if missing:
+        # Obtained before serving: the key store serves only keys that have a chain.
+        names = ", ".join(key.name for key in missing)
+        logging.getLogger("dualproxy").info("acme: no chain yet for %s; obtaining it", names)
+        _issue_or_fail(config, missing)
     server = Server(config)  # loads the keys: an unusable one stops us here, exit 1
     raise_open_file_limit(config.limits.max_connections)
     code = _run_until_interrupted(server.run)
@@ -311,7 +343,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return code
 
 
-def _setup_logging() -> None:
+def _setup_logging(level: int = logging.INFO) -> None:
     # What no log line of ours shows, so nothing records it (the logging HOWTO's
     # "Optimization"): a log line per connection is part of every connection's cost.
     logging.logThreads = False
@@ -319,7 +351,7 @@ def _setup_logging() -> None:
     logging.logMultiprocessing = False
     logging._srcfile = None  # no caller's file and line: saves a stack walk per line
     logging.basicConfig(
-        level=logging.INFO,
+        level=level,
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
@@ -366,13 +398,84 @@ def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:
     return out
 
 
+# --- acme --------------------------------------------------------------------------------
+
+
+def _issue_or_fail(config: Config, keys: list[KeyConfig]) -> None:
+    results = _run_acme(partial(acme.issue_keys, config, keys))
+    failed = [(name, error) for name, error in results if error is not None]
+    for name, error in results:
+        if error is None:
+            key = config.keys[name]
+            print(f"{name}: new certificate written to {key.chain}")
+    for name, error in failed:
+        print(f"error: {name}: {error}", file=sys.stderr)
+    if failed:
+        raise CommandError(f"{len(failed)} of {len(results)} certificate(s) not obtained")
+
+
+def _run_acme(body: Callable[[], Awaitable[_R]]) -> _R:
+    try:
+        return trio.run(body)
+    except OSError as exc:  # binding the challenge port
+        raise CommandError(f"{exc}") from None
+    except acme.AcmeError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _cmd_acme_issue(args: argparse.Namespace) -> int:
+    _setup_logging(logging.WARNING)
+    config = load(args.config)
+    try:
+        key = acme.managed_key(config, args.key)
+    except acme.AcmeError as exc:
+        raise CommandError(str(exc)) from None
+    _issue_or_fail(config, [key])
+    _print_pin(config, key)
+    return EXIT_OK
+
+
+def _print_pin(config: Config, key: KeyConfig) -> None:
+    loaded = keystore.load_key(key, config.keystore)
+    print(f"  pin sha256/{loaded.pin} (unchanged: same key)")
+    print(f"  valid until {loaded.not_after:%Y-%m-%d %H:%M} UTC, names {', '.join(loaded.names)}")
+
+
+def _cmd_acme_renew(args: argparse.Namespace) -> int:
+    _setup_logging(logging.WARNING)
+    config = load(args.config)
+    if config.acme is None:
+        raise CommandError(f"{config.path}: acme: no [acme] table; add one (see config.toml)")
+    now = utc_now()
+    plans = _run_acme(partial(acme.due_keys, config, now, force=args.force))
+    due = [key for key, plan in plans if plan.attempt_now(now)]
+    for key, plan in plans:
+        if plan.urgency in (renewal.Urgency.SOON, renewal.Urgency.EXPIRED):
+            print(f"warning: {key.name}: the certificate {plan.urgency}", file=sys.stderr)
+        if not plan.attempt_now(now):
+            print(f"{key.name}: not due until {plan.due:%Y-%m-%d %H:%M} UTC ({plan.reason})")
+    if due:
+        _issue_or_fail(config, due)
+    return EXIT_OK
+
+
 # --- check -------------------------------------------------------------------------------
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    config, snapshot = _load(args)
+    config = load(args.config)
     at = args.at or utc_now()
     out = sys.stdout
+    missing = [key.name for key in config.acme_keys() if not key.chain.exists()]
+    if missing:
+        # Nothing can be served before those exist: report what can be checked, and fail.
+        print(f"config: {config.path} (ok)", file=out)
+        for finding in checks.check_acme(config, {}, missing):
+            stream = sys.stderr if finding.level == "error" else out
+            print(f"{finding.level}: {finding}", file=stream)
+        print(f"check failed: {len(missing)} key(s) without a certificate", file=sys.stderr)
+        return EXIT_FAILED
+    snapshot = keystore.load_snapshot(config)
     print(f"config: {config.path} (ok)", file=out)
     for warning in snapshot.warnings:
         print(f"warning: {warning}", file=out)
@@ -389,6 +492,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     print("", file=out)
     _print_timeline(config, at, "now" if args.at is None else "at", out)
     findings = checks.check_keys(config, snapshot.keys, at)
+    findings += checks.check_acme(config, snapshot.keys, [])
     if findings:
         print("", file=out)
     for finding in findings:

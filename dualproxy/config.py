@@ -77,6 +77,45 @@ class KeyConfig:
     name: str
     key: Path
     chain: Path
+    # Names (SANs) to request from the ACME CA; non-empty makes the key ACME-managed.
+    names: tuple[str, ...] = ()
+
+
+ChallengeType = Literal["tls-alpn-01", "http-01"]
+CHALLENGE_TYPES: Final[tuple[ChallengeType, ...]] = ("tls-alpn-01", "http-01")
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeConfig:
+    """Certificates for our own keys from an RFC 8555 CA. Each default says why."""
+
+    directory: str  # the CA's directory URL (https)
+    account_key: Path  # made (mode 0600) at the first issuance when missing
+    email: str | None = None
+    challenge: ChallengeType = "tls-alpn-01"
+    # Plain-HTTP listener: http-01 answers, and a redirect to https for everything else.
+    http_listen: ListenAddress | None = None
+    # Trust for the directory's TLS certificate instead of the system store (a test CA).
+    ca_file: Path | None = None
+    # `serve` renews in the background; false leaves it to `dualproxy acme renew` (a cron job
+    # for many replicas sharing one certs folder).
+    renew: bool = True
+    # Without ACME Renewal Information, renew once this share of the lifetime has passed:
+    # two thirds is Let's Encrypt's and certbot's advice (30 days before a 90-day expiry).
+    renew_fraction: float = 2 / 3
+    # After a failed attempt wait this long, doubling per failure up to retry_max: 15 min
+    # keeps well under Let's Encrypt's failed-validation limit (5 per name per hour); 6 h is
+    # the ARI default retry interval (RFC 9773 4.3.3), so a long outage costs 4 attempts a day.
+    retry_initial: float = 15 * 60
+    retry_max: float = 6 * 60 * 60
+    # How often `serve` asks the CA again for renewal information (RFC 9773's default
+    # Retry-After is 6 h) and looks at the certificates again.
+    recheck_interval: float = 6 * 60 * 60
+    # A rotation's new key gets a fresh certificate this long before grace_start, so the
+    # window never opens on a certificate that is missing or about to be renewed.
+    new_key_lead_days: float = 7
+    # One whole issuance (order, validation, finalization), beyond which the attempt fails.
+    order_timeout: float = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +266,13 @@ class Config:
     path: Path | None = None  # the file it was read from, when it was
     # None: dualproxy answers every request itself with a short 200 (TLS and pin testing).
     upstream: UpstreamConfig | None = None
+    acme: AcmeConfig | None = None
+
+    def acme_keys(self) -> tuple[KeyConfig, ...]:
+        """The keys whose certificates dualproxy obtains itself ([acme] and `names`)."""
+        if self.acme is None:
+            return ()
+        return tuple(key for key in self.keys.values() if key.names)
 
     def identities(self) -> dict[IdentityName, tuple[str, ...]]:
         """The key names each served identity holds (one SSLContext per identity)."""
@@ -275,7 +321,15 @@ def parse(
     """Validate already-decoded TOML; relative paths resolve against `base_dir`."""
     root = _Table(data, "")
     listen = _parse_listen(root.table("listen", required=True))
-    keys = _parse_keys(root.table("keys", required=True), base_dir, check_files)
+    acme_table = root.table("acme")
+    acme = _parse_acme(acme_table, base_dir, check_files) if acme_table is not None else None
+    http_listen = acme.http_listen if acme is not None else None
+    # Port 0 (any free port, as tests use) cannot clash.
+    if http_listen is not None and http_listen.port and http_listen in listen.addresses:
+        raise ConfigError(
+            "acme.http_listen", "is also a TLS listen.address; give plain HTTP its own port"
+        )
+    keys = _parse_keys(root.table("keys", required=True), base_dir, check_files, acme)
     rotation_table = root.table("rotation")
     rotation = _parse_rotation(rotation_table, keys) if rotation_table is not None else None
     if rotation is None and not keys:
@@ -297,6 +351,7 @@ def parse(
         keystore=keystore,
         path=path,
         upstream=upstream,
+        acme=acme,
     )
 
 
@@ -353,6 +408,9 @@ class _Table:
     def table(self, key: str, *, required: bool = False) -> _Table | None:
         value = self._get(key, dict, "a table", required)
         return None if value is None else _Table(value, self.path(key))
+
+    def has(self, key: str) -> bool:
+        return key in self._data
 
     def names(self) -> list[str]:
         """Every key present (for tables whose keys are the operator's, like [upstream.headers])."""
@@ -482,28 +540,154 @@ def _parse_address(text: str) -> ListenAddress:
     return ListenAddress(host=host or "", port=int(port_text))
 
 
-def _parse_keys(table: _Table | None, base_dir: Path, check_files: bool) -> dict[str, KeyConfig]:
+def _parse_keys(
+    table: _Table | None, base_dir: Path, check_files: bool, acme: AcmeConfig | None
+) -> dict[str, KeyConfig]:
     assert table is not None
     keys = {}
     for name, entry in table.tables():
         if (problem := key_name_problem(name)) is not None:
             raise ConfigError(table.path(name), problem)
+        names = _parse_acme_names(entry, acme)
         paths = {}
         for field_name in ("key", "chain"):
             text = entry.string(field_name, required=True)
             assert text is not None
             file = base_dir / Path(text).expanduser()
-            if check_files and not file.is_file():
+            # An ACME-managed key's chain may be missing: dualproxy obtains it.
+            may_be_missing = field_name == "chain" and bool(names)
+            if check_files and not may_be_missing and not file.is_file():
                 what = "private key" if field_name == "key" else "certificate chain"
+                advice = f"create it (dualproxy keys new {name})"
+                if field_name == "chain":
+                    advice = (
+                        f"get a certificate for it (dualproxy keys csr {name}), or add names ="
+                        ' ["..."] and an [acme] table to have dualproxy obtain it'
+                    )
                 raise ConfigError(
                     entry.path(field_name),
-                    f"{what} file {file} does not exist; create it (dualproxy keys new"
-                    f" {name}) or fix the path (relative paths start at the config's folder)",
+                    f"{what} file {file} does not exist; {advice}, or fix the path (relative"
+                    " paths start at the config's folder)",
                 )
             paths[field_name] = file
         entry.done()
-        keys[name] = KeyConfig(name=name, key=paths["key"], chain=paths["chain"])
+        keys[name] = KeyConfig(name=name, key=paths["key"], chain=paths["chain"], names=names)
+    if acme is not None and not any(key.names for key in keys.values()):
+        raise ConfigError(
+            "acme",
+            'no key has names to request; add names = ["api.example.com"] to a [keys.NAME]'
+            " table, or remove [acme]",
+        )
     return keys
+
+
+def _parse_acme_names(entry: _Table, acme: AcmeConfig | None) -> tuple[str, ...]:
+    """A key's `names`: DNS names the ACME challenges dualproxy answers can prove."""
+    texts = entry.strings("names")
+    key_path = entry.path("names")
+    if entry.has("names") and not texts:
+        raise ConfigError(key_path, "is empty; list the names to request, or remove it")
+    if texts and acme is None:
+        raise ConfigError(
+            key_path,
+            "names are requested from an ACME CA; add an [acme] table (see config.toml),"
+            " or remove names",
+        )
+    names: list[str] = []
+    for text in texts:
+        if _is_ip(text):
+            raise ConfigError(
+                key_path, f"{text!r}: dualproxy requests DNS names only; use a host name"
+            )
+        if (problem := host_name_problem(text)) is not None:
+            raise ConfigError(key_path, problem)
+        name = normalize_host(text)
+        if name.startswith("*."):
+            raise ConfigError(
+                key_path,
+                f"{text!r}: a wildcard needs the dns-01 challenge, which dualproxy does not"
+                " answer; list each name",
+            )
+        if name in names:
+            raise ConfigError(key_path, f"{text!r} is listed twice")
+        names.append(name)
+    return tuple(names)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_acme(table: _Table, base_dir: Path, check_files: bool) -> AcmeConfig:
+    directory = table.string("directory", required=True)
+    assert directory is not None
+    parts = urlsplit(directory)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(
+            table.path("directory"),
+            f"{directory!r} is not an https URL like"
+            " https://acme-v02.api.letsencrypt.org/directory",
+        )
+    email = table.string("email")
+    if email is not None and not re.fullmatch(r"[^@\s:,]+@[^@\s:,]+\.[^@\s:,]+", email):
+        raise ConfigError(table.path("email"), f"{email!r} is not an email address")
+    account_text = table.string("account_key") or "certs/acme/account.pem"
+    account_key = base_dir / Path(account_text).expanduser()
+    challenge = table.string("challenge") or "tls-alpn-01"
+    if challenge not in CHALLENGE_TYPES:
+        raise ConfigError(
+            table.path("challenge"), f'{challenge!r} is neither "tls-alpn-01" nor "http-01"'
+        )
+    http_listen = None
+    if (http_text := table.string("http_listen")) is not None:
+        try:
+            http_listen = _parse_address(http_text)
+        except ValueError as exc:
+            raise ConfigError(table.path("http_listen"), str(exc)) from None
+    if challenge == "http-01" and http_listen is None:
+        raise table.missing(
+            "http_listen",
+            'the http-01 challenge is answered on plain HTTP: add http_listen = "0.0.0.0:80"'
+            ' (the CA connects to port 80), or use challenge = "tls-alpn-01"',
+        )
+    ca_file = None
+    if (ca_text := table.string("ca_file")) is not None:
+        ca_file = base_dir / Path(ca_text).expanduser()
+        if check_files and not ca_file.is_file():
+            raise ConfigError(table.path("ca_file"), f"CA file {ca_file} does not exist")
+    d = AcmeConfig(directory="", account_key=Path())
+    renew = table.boolean("renew", d.renew)
+    renew_fraction = table.number("renew_fraction", d.renew_fraction, low=0.1, high=0.95)
+    # One second at least: never a tight loop, whatever the config says.
+    retry_initial = table.number("retry_initial", d.retry_initial, low=1, high=86400)
+    retry_max = table.number("retry_max", d.retry_max, low=1, high=7 * 86400)
+    if retry_max < retry_initial:
+        raise ConfigError(
+            table.path("retry_max"), "must be at least retry_initial (the first wait)"
+        )
+    recheck = table.number("recheck_interval", d.recheck_interval, low=1, high=7 * 86400)
+    lead = table.number("new_key_lead_days", d.new_key_lead_days, low=0, high=365)
+    order_timeout = table.number("order_timeout", d.order_timeout, low=5, high=3600)
+    table.done()
+    return AcmeConfig(
+        directory=directory,
+        account_key=account_key,
+        email=email,
+        challenge="http-01" if challenge == "http-01" else "tls-alpn-01",
+        http_listen=http_listen,
+        ca_file=ca_file,
+        renew=renew,
+        renew_fraction=renew_fraction,
+        retry_initial=retry_initial,
+        retry_max=retry_max,
+        recheck_interval=recheck,
+        new_key_lead_days=lead,
+        order_timeout=order_timeout,
+    )
 
 
 def _parse_rotation(table: _Table, keys: Mapping[str, KeyConfig]) -> Rotation:

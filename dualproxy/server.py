@@ -46,8 +46,8 @@ from typing import Final
 import h11
 import trio
 
+from . import challenges, keystore, policy
 from . import config as config_mod
-from . import keystore, policy
 from .clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, ClientHelloError, parse_client_hello
 from .clienthello import is_plain_http as looks_like_plain_http
 from .config import Config, ConfigError, ListenAddress
@@ -111,6 +111,7 @@ class Outcome(enum.StrEnum):
     TIMEOUT = "timeout"  # hello or handshake not complete within handshake_timeout
     NO_HELLO = "no-hello"  # closed before a complete ClientHello (port scans, TCP health checks)
     PLAIN_HTTP = "plain-http"  # plain HTTP sent to the TLS port; answered 400
+    ACME_CHALLENGE = "acme-challenge"  # an ACME CA validating tls-alpn-01 (see challenges.py)
     SHUTDOWN = "shutdown"  # the server stopped while the connection was open
     INTERNAL_ERROR = "internal-error"  # a bug in dualproxy, logged with its traceback
 
@@ -253,6 +254,8 @@ class Server:
         # What requests are relayed with when config.upstream is set (a bad [upstream] stops
         # us here, as an unusable key does); run() closes the pool's connections when it ends.
         self._relay = RelaySettings.build(config) if config.upstream is not None else None
+        # Pending ACME challenges, while run() runs with [acme] (see acme.run_in_server).
+        self.acme_board: challenges.ChallengeBoard | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -280,6 +283,10 @@ class Server:
                 services.start_soon(self._prune_idle_upstream)
                 if self._handle_signals:
                     await services.start(self._watch_signals)
+                if self.config.acme is not None:
+                    from .acme import run_in_server  # the acme library loads only when used
+
+                    await services.start(run_in_server, self, self._clock, bound)
                 async with trio.open_nursery() as connections:
                     self._connections = connections.cancel_scope
                     with accepting:
@@ -412,6 +419,13 @@ class Server:
             peeked = await self._peek(stream, record)
             if peeked is None:
                 return
+            # An ACME CA validating tls-alpn-01; checked without a wait for everyone else.
+            if (
+                self.acme_board is not None
+                and challenges.wants_challenge(record.hello)
+                and await self._answer_acme(stream, peeked, record)
+            ):
+                return
             record.choice = policy.choose(config.rotation, record.hello, peer_ip, self._clock())
             identity = snapshot.identities[record.choice.identity]
             record.key = identity.presented_key(record.hello).name
@@ -476,6 +490,21 @@ class Server:
             if hello is not None:
                 record.hello = hello
                 return data
+
+    async def _answer_acme(
+        self, stream: TcpStream, peeked: bytes, record: ConnectionRecord
+    ) -> bool:
+        """A CA validating a pending tls-alpn-01 challenge gets the challenge certificate
+        instead of ours (RFC 8737); True when that is what this connection was."""
+        hello, board = record.hello, self.acme_board
+        if hello is None or board is None:
+            return False
+        context = board.tls_alpn_context(hello.sni)
+        if context is None:
+            return False
+        record.outcome = Outcome.ACME_CHALLENGE
+        record.detail = await challenges.answer_tls_alpn(stream, peeked, context)
+        return True
 
     async def respond(self, tls: TlsStream, record: ConnectionRecord) -> bool:
         """Serve HTTP/1.1 on the established TLS stream: relay to the upstream when the config

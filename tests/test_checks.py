@@ -17,7 +17,13 @@ import trustme
 from conftest import make_key
 
 from dualproxy import config as config_mod
-from dualproxy.checks import EXPIRY_WARNING, Finding, certificate_covers, check_keys
+from dualproxy.checks import (
+    EXPIRY_WARNING,
+    Finding,
+    certificate_covers,
+    check_acme,
+    check_keys,
+)
 from dualproxy.config import Config, KeyConfig, KeyStoreSettings
 from dualproxy.keystore import LoadedKey, load_key
 
@@ -253,3 +259,50 @@ def test_findings_name_the_file_and_key_path(template: LoadedKey) -> None:
 )
 def test_certificate_covers(cert_names: tuple[str, ...], host: str, expected: bool) -> None:
     assert certificate_covers(cert_names, host) is expected
+
+
+# --- ACME-managed keys ------------------------------------------------------------------------
+
+
+def acme_config(old_names: list[str], new_names: list[str]) -> Config:
+    data: dict[str, Any] = {
+        "listen": {"address": "127.0.0.1:0"},
+        "acme": {"directory": "https://acme.example/dir"},
+        "keys": {
+            "a": {"key": "certs/a/key.pem", "chain": "certs/a/chain.pem", "names": old_names},
+            "b": {"key": "certs/b/key.pem", "chain": "certs/b/chain.pem", "names": new_names},
+        },
+        "rotation": {"old": "a", "new": "b", "grace_start": GRACE_START, "grace_end": GRACE_END},
+    }
+    return config_mod.parse(data, base_dir=CONFIG_FILE.parent, path=CONFIG_FILE, check_files=False)
+
+
+def test_check_acme_reports_keys_without_a_certificate() -> None:
+    config = acme_config(list(NAMES), list(NAMES))
+    findings = check_acme(config, {}, ["b"])
+    assert [(f.level, f.key_path) for f in findings] == [("error", "keys.b.chain")]
+    assert "dualproxy acme issue b" in findings[0].message
+    assert check_acme(config, {}, []) == []  # the twin: nothing missing, nothing reported
+
+
+def test_check_acme_reports_names_that_differ_between_old_and_new() -> None:
+    config = acme_config(["api.example.com", "x.example.com"], ["api.example.com", "y.example.com"])
+    findings = check_acme(config, {}, [])
+    assert [(f.level, f.key_path) for f in findings] == [
+        ("warning", "keys.b.names"),
+        ("warning", "keys.a.names"),
+    ]
+    assert "x.example.com" in findings[0].message
+    assert "y.example.com" in findings[1].message
+
+
+def test_check_acme_reports_a_certificate_whose_names_are_not_the_configured_ones(
+    template: LoadedKey,
+) -> None:
+    config = acme_config(["api.example.com"], ["api.example.com"])
+    keys = {"a": loaded(template, "a", Cert(names=("api.example.com",)))}
+    assert check_acme(config, keys, []) == []
+    keys["b"] = loaded(template, "b", Cert(names=("other.example.com",)))
+    findings = check_acme(config, keys, [])
+    assert [(f.level, f.key_path) for f in findings] == [("warning", "keys.b.chain")]
+    assert "asks for api.example.com" in findings[0].message

@@ -13,6 +13,7 @@ from typing import Any, Final
 import pytest
 
 from dualproxy.config import (
+    AcmeConfig,
     Config,
     ConfigError,
     Hints,
@@ -871,3 +872,183 @@ def test_upstream_header_dualproxy_does_not_manage_is_accepted(tmp_path: Path) -
     upstream = parse(data, base_dir=tmp_path).upstream
     assert upstream is not None
     assert upstream.headers == (("X-Proxy-Secret", "v"),)
+
+
+# --- [acme] and keys.NAME.names --------------------------------------------------------------
+
+ACME: Final = {"directory": "https://acme.example/dir", "email": "ops@example.com"}
+
+
+def acme_data(acme: Mapping[str, object], names: object = ("api.example.com",)) -> dict[str, Any]:
+    data = edited({"keys.k2026a.names": list(names) if isinstance(names, tuple) else names})
+    data["acme"] = dict(acme)
+    return data
+
+
+def test_acme_defaults_and_managed_keys(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    config = parse(acme_data(ACME), base_dir=tmp_path)
+    acme = config.acme
+    assert acme is not None
+    assert acme == AcmeConfig(
+        directory="https://acme.example/dir",
+        account_key=tmp_path / "certs/acme/account.pem",
+        email="ops@example.com",
+    )
+    assert [k.name for k in config.acme_keys()] == ["k2026a"]
+    assert config.keys["k2026a"].names == ("api.example.com",)
+    assert config.keys["k2026b"].names == ()
+
+
+def test_acme_every_setting(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    (tmp_path / "ca.pem").touch()
+    settings = {
+        **ACME,
+        "account_key": "acct.pem",
+        "challenge": "http-01",
+        "http_listen": "0.0.0.0:80",
+        "ca_file": "ca.pem",
+        "renew": False,
+        "renew_fraction": 0.5,
+        "retry_initial": 60,
+        "retry_max": 3600,
+        "recheck_interval": 600,
+        "new_key_lead_days": 14,
+        "order_timeout": 60,
+    }
+    acme = parse(acme_data(settings), base_dir=tmp_path).acme
+    assert acme == AcmeConfig(
+        directory="https://acme.example/dir",
+        account_key=tmp_path / "acct.pem",
+        email="ops@example.com",
+        challenge="http-01",
+        http_listen=ListenAddress("0.0.0.0", 80),
+        ca_file=tmp_path / "ca.pem",
+        renew=False,
+        renew_fraction=0.5,
+        retry_initial=60,
+        retry_max=3600,
+        recheck_interval=600,
+        new_key_lead_days=14,
+        order_timeout=60,
+    )
+
+
+def test_acme_managed_key_may_lack_its_chain(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    (tmp_path / "certs/k2026a/chain.pem").unlink()
+    assert parse(acme_data(ACME), base_dir=tmp_path).keys["k2026a"].names
+
+
+def test_unmanaged_key_still_needs_its_chain(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    (tmp_path / "certs/k2026b/chain.pem").unlink()
+    with pytest.raises(ConfigError) as caught:
+        parse(acme_data(ACME), base_dir=tmp_path)
+    assert caught.value.key_path == "keys.k2026b.chain"
+    assert "names" in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    ("acme", "names", "key_path", "message"),
+    [
+        pytest.param({}, ("a.example",), "acme.directory", "missing", id="no-directory"),
+        pytest.param(
+            {"directory": "http://acme.example/dir"}, ("a.example",), "acme.directory",
+            "https URL", id="directory-not-https",
+        ),
+        pytest.param(
+            {**ACME, "email": "not-an-address"}, ("a.example",), "acme.email",
+            "not an email", id="bad-email",
+        ),
+        pytest.param(
+            {**ACME, "challenge": "dns-01"}, ("a.example",), "acme.challenge",
+            "neither", id="unknown-challenge",
+        ),
+        pytest.param(
+            {**ACME, "challenge": "http-01"}, ("a.example",), "acme.http_listen",
+            "add http_listen", id="http-01-without-listener",
+        ),
+        pytest.param(
+            {**ACME, "http_listen": "80"}, ("a.example",), "acme.http_listen",
+            "HOST:PORT", id="bad-http-listen",
+        ),
+        pytest.param(
+            {**ACME, "http_listen": "127.0.0.1:8443"}, ("a.example",), "acme.http_listen",
+            "own port", id="http-listen-is-tls-listen",
+        ),
+        pytest.param(
+            {**ACME, "ca_file": "nope.pem"}, ("a.example",), "acme.ca_file",
+            "does not exist", id="missing-ca-file",
+        ),
+        pytest.param(
+            {**ACME, "renew_fraction": 1.0}, ("a.example",), "acme.renew_fraction",
+            "out of range", id="renew-fraction-at-expiry",
+        ),
+        pytest.param(
+            {**ACME, "retry_initial": 0}, ("a.example",), "acme.retry_initial",
+            "out of range", id="retry-zero-tight-loop",
+        ),
+        pytest.param(
+            {**ACME, "retry_initial": 600, "retry_max": 60}, ("a.example",), "acme.retry_max",
+            "at least retry_initial", id="retry-max-below-initial",
+        ),
+        pytest.param(
+            {**ACME, "renw": True}, ("a.example",), "acme.renw", "did you mean 'renew'",
+            id="acme-typo",
+        ),
+        pytest.param(ACME, ["*.example.com"], "keys.k2026a.names", "dns-01", id="wildcard"),
+        pytest.param(ACME, ["192.0.2.1"], "keys.k2026a.names", "DNS names", id="ip"),
+        pytest.param(ACME, ["bad_name!"], "keys.k2026a.names", "not a host", id="bad-name"),
+        pytest.param(ACME, ["a.example", "A.example."], "keys.k2026a.names", "twice", id="dup"),
+        pytest.param(ACME, [], "keys.k2026a.names", "is empty", id="empty-names"),
+        pytest.param(ACME, "a.example", "keys.k2026a.names", "list of strings", id="not-list"),
+    ],
+)  # fmt: skip
+def test_acme_rejected(
+    tmp_path: Path, acme: Mapping[str, object], names: object, key_path: str, message: str
+) -> None:
+    make_files(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        parse(acme_data(acme, names), base_dir=tmp_path)
+    assert caught.value.key_path == key_path
+    assert message in caught.value.problem
+
+
+def test_names_without_acme_are_rejected(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        parse(edited({"keys.k2026a.names": ["api.example.com"]}), base_dir=tmp_path)
+    assert caught.value.key_path == "keys.k2026a.names"
+    assert "add an [acme] table" in caught.value.problem
+
+
+def test_acme_without_any_names_is_rejected(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    data = edited({})
+    data["acme"] = dict(ACME)
+    with pytest.raises(ConfigError) as caught:
+        parse(data, base_dir=tmp_path)
+    assert caught.value.key_path == "acme"
+    assert "no key has names" in caught.value.problem
+
+
+def test_the_commented_acme_example_in_config_toml_parses(tmp_path: Path) -> None:
+    """config.toml documents [acme] and names in comments; uncommented, they are valid."""
+    text = (Path(__file__).resolve().parent.parent / "config.toml").read_text()
+    lines = text.splitlines()
+    block = []
+    for line in lines[lines.index("# [acme]") :]:
+        if not line.startswith("# "):
+            break
+        if not line[2:].startswith(" "):  # a setting, not the continuation of a comment
+            block.append(line[2:])
+    data = tomllib.loads(text)
+    data.update(tomllib.loads("\n".join(block)))
+    names_line = next(line[2:] for line in lines if line.startswith("# names = "))
+    data["keys"]["k2026a"].update(tomllib.loads(names_line))
+    config = parse(data, base_dir=tmp_path, check_files=False)
+    assert config.acme is not None
+    assert config.acme.directory == "https://acme-v02.api.letsencrypt.org/directory"
+    assert [k.name for k in config.acme_keys()] == ["k2026a"]

@@ -1,0 +1,494 @@
+"""ACME against Pebble: issuance and renewal on the same key, both challenge types validated
+for real against dualproxy's own responders, the CLI with and without a running server, and
+a running server that takes a renewal while clients keep connecting.
+
+Pebble and pebble-challtestsrv run per test on free ports (tests/pebble.py); every name
+resolves to 127.0.0.1 and Pebble validates on the ports the test's dualproxy listens on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+import trio
+from conftest import CLIENT_TIMEOUT, config_toml, read_until
+from cryptography import x509
+from pebble import Pebble, running_pebble
+
+from dualproxy import acme, keystore
+from dualproxy import config as config_mod
+from dualproxy.challenges import HTTP01_PREFIX, Challenge, probe_tls_alpn
+from dualproxy.cli import main
+from dualproxy.pins import spki_pin, spki_pin_of_certificate
+from dualproxy.server import Server
+
+NAMES: Final = ("api.dualproxy.test", "www.dualproxy.test")
+# Clients that keep connecting while a renewal happens: at most this many, and the loop
+# stops soon after the renewal has been seen.
+MAX_CLIENTS: Final = 400
+AFTER_RENEWAL: Final = 5
+
+
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[Pebble]:
+    with running_pebble(tmp_path / "pebble") as started:
+        yield started
+
+
+@dataclass
+class Setup:
+    config_file: Path
+    key_file: Path
+    chain_file: Path
+    pin: str
+    pebble: Pebble
+
+    def config(self) -> config_mod.Config:
+        return config_mod.load(self.config_file)
+
+
+def make_setup(
+    folder: Path, pebble: Pebble, *, challenge: str = "tls-alpn-01", **acme_extra: Any
+) -> Setup:
+    key_file = folder / "certs/k1/key.pem"
+    key = keystore.generate_private_key("ecdsa-p256")
+    keystore.write_private_key(key_file, key)
+    acme_table: dict[str, Any] = {
+        "directory": pebble.directory,
+        "email": "ops@dualproxy.test",
+        "ca_file": str(pebble.ca_file),
+        "challenge": challenge,
+        "order_timeout": 30,
+        **acme_extra,
+    }
+    if challenge == "http-01":
+        acme_table.setdefault("http_listen", f"127.0.0.1:{pebble.http_port}")
+    data = {
+        "listen": {"address": f"127.0.0.1:{pebble.tls_port}"},
+        "acme": acme_table,
+        "keys": {
+            "k1": {"key": "certs/k1/key.pem", "chain": "certs/k1/chain.pem", "names": list(NAMES)}
+        },
+        "keystore": {"reload_poll_interval": 0.2},
+    }
+    config_file = folder / "config.toml"
+    config_file.write_text(config_toml(data))
+    return Setup(
+        config_file, key_file, folder / "certs/k1/chain.pem", spki_pin(key.public_key()), pebble
+    )
+
+
+def leaf(chain_file: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(chain_file.read_bytes())
+
+
+def verified_leaf(port: int, root_pem: bytes, server_name: str = NAMES[0]) -> x509.Certificate:
+    """A real TLS client that trusts Pebble's root and checks the host name: the leaf."""
+    context = ssl.create_default_context(cadata=root_pem.decode())
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode())
+        response = b""
+        while chunk := tls.recv(65536):
+            response += chunk
+        assert response.startswith(b"HTTP/1.1 200 ")
+        return x509.load_der_x509_certificate(der)
+
+
+# --- the CLI on its own (no serve running) ---------------------------------------------------
+
+
+def test_issue_then_renew_keep_the_key_tls_alpn(tmp_path: Path, pebble: Pebble) -> None:
+    setup = make_setup(tmp_path, pebble)
+    argv = ["-c", str(setup.config_file)]
+    assert main(["acme", "issue", "k1", *argv]) == 0
+    first = leaf(setup.chain_file)
+    assert spki_pin_of_certificate(first) == setup.pin
+    names = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sorted(names.get_values_for_type(x509.DNSName)) == sorted(NAMES)
+    # The chain written is one the key store serves (leaf first, issuer next).
+    loaded = keystore.load_key(setup.config().keys["k1"], setup.config().keystore)
+    assert loaded.pin == setup.pin
+    assert not list(setup.chain_file.parent.glob(".*.tmp"))  # the atomic write left nothing
+
+    assert main(["acme", "renew", *argv]) == 0  # not due: nothing changes
+    assert leaf(setup.chain_file) == first
+
+    assert main(["acme", "renew", "--force", *argv]) == 0
+    second = leaf(setup.chain_file)
+    assert second.serial_number != first.serial_number
+    assert spki_pin_of_certificate(second) == setup.pin  # the pin apps ship is untouched
+    assert not list((tmp_path / "certs/acme/challenges").glob("*.json"))  # withdrawn
+
+
+def test_issue_http01(tmp_path: Path, pebble: Pebble) -> None:
+    setup = make_setup(tmp_path, pebble, challenge="http-01")
+    assert main(["acme", "issue", "k1", "-c", str(setup.config_file)]) == 0
+    assert spki_pin_of_certificate(leaf(setup.chain_file)) == setup.pin
+
+
+def test_validation_failure_names_the_problem_not_a_traceback(
+    tmp_path: Path, pebble: Pebble, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """We answer on our port (the local check passes) but Pebble validates another one, where
+    nothing listens: the CA's problem document is what the operator reads."""
+    setup = make_setup(tmp_path, pebble)
+    text = setup.config_file.read_text().replace(
+        f"127.0.0.1:{pebble.tls_port}", f"127.0.0.1:{_free_port()}"
+    )
+    setup.config_file.write_text(text)
+    assert main(["acme", "issue", "k1", "-c", str(setup.config_file)]) == 1
+    err = capsys.readouterr().err
+    assert "the CA could not validate" in err
+    assert "urn:ietf:params:acme:error:" in err
+    assert "Traceback" not in err
+    assert not setup.chain_file.exists()
+
+
+def test_issue_refuses_a_key_without_names(tmp_path: Path, pebble: Pebble) -> None:
+    setup = make_setup(tmp_path, pebble)
+    assert main(["acme", "issue", "k9", "-c", str(setup.config_file)]) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# --- with a running server ----------------------------------------------------------------------
+
+
+@dataclass
+class ClientLoop:
+    """TLS clients connecting one after the other until told to stop (or MAX_CLIENTS)."""
+
+    port: int
+    root_pem: bytes
+    serials: list[int] = field(default_factory=list)
+    pins: set[str] = field(default_factory=set)
+    failures: list[str] = field(default_factory=list)
+    stop_after_serial: int | None = None
+
+    async def run(self) -> None:
+        after = 0
+        while len(self.serials) + len(self.failures) < MAX_CLIENTS:
+            try:
+                cert = await trio.to_thread.run_sync(verified_leaf, self.port, self.root_pem)
+            except (OSError, ssl.SSLError, AssertionError) as exc:
+                self.failures.append(repr(exc))
+                continue
+            self.serials.append(cert.serial_number)
+            self.pins.add(spki_pin_of_certificate(cert))
+            if self.stop_after_serial is not None and cert.serial_number == self.stop_after_serial:
+                after += 1
+                if after >= AFTER_RENEWAL:
+                    return
+
+
+async def _serve_and_renew(setup: Setup, renew: Any) -> tuple[ClientLoop, Server]:
+    """Serve setup's config, run `renew()` while clients connect, wait for the new chain."""
+    config = setup.config()
+    server = Server(config, handle_signals=False)
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(server.run)
+        loop = ClientLoop(bound[0][1], await trio.to_thread.run_sync(setup.pebble.root_pem))
+        first = leaf(setup.chain_file).serial_number
+        with trio.fail_after(60):
+            async with trio.open_nursery() as clients:
+                clients.start_soon(loop.run)
+                await renew()
+                new = leaf(setup.chain_file).serial_number
+                assert new != first
+                loop.stop_after_serial = new
+        # The negative twin of the challenge hook: acme-tls/1 offered for a name with no
+        # pending challenge gets no challenge certificate.
+        stray = Challenge("tls-alpn-01", NAMES[0], "token", "token.thumbprint")
+        answered = await trio.to_thread.run_sync(probe_tls_alpn, "127.0.0.1", bound[0][1], stray)
+        assert not answered
+        nursery.cancel_scope.cancel()
+    return loop, server
+
+
+async def test_cli_issue_while_serving_hands_the_challenge_to_the_server(
+    tmp_path: Path, pebble: Pebble, caplog: pytest.LogCaptureFixture
+) -> None:
+    """serve holds the TLS port: the CLI publishes the challenge, the server answers it on its
+    own listener, the chain is written and the server swaps it in; no client fails."""
+    setup = make_setup(tmp_path, pebble, renew=False)
+    config = setup.config()
+    assert await acme.issue_keys(config, list(config.acme_keys())) == [("k1", None)]
+
+    async def cli_issue() -> None:
+        argv = ["acme", "issue", "k1", "-c", str(setup.config_file)]
+        assert await trio.to_thread.run_sync(main, argv) == 0
+
+    caplog.set_level("INFO", logger="dualproxy")
+    loop, server = await _serve_and_renew(setup, cli_issue)
+    assert loop.failures == []
+    assert loop.pins == {setup.pin}
+    assert len(set(loop.serials)) == 2  # old chain, then the new one
+    assert server.reloads_failed == 0
+    # Pebble's validations reached the server's own listener (the CLI could not bind it).
+    assert any("outcome=acme-challenge" in r.getMessage() for r in caplog.records)
+
+
+async def test_server_renews_in_the_background_with_clients_connected(tmp_path: Path) -> None:
+    """Short-lived certificates (Pebble issues 30 s ones here) and renew_fraction 0.1: the
+    running server renews by itself and serves the new chain; no client fails."""
+    with running_pebble(tmp_path / "pebble", validity=30) as short_lived:
+        setup = make_setup(tmp_path, short_lived, renew_fraction=0.1, retry_initial=1)
+        config = setup.config()
+        assert await acme.issue_keys(config, list(config.acme_keys())) == [("k1", None)]
+        first = leaf(setup.chain_file).serial_number
+
+        async def background_renewal() -> None:
+            while leaf(setup.chain_file).serial_number == first:
+                await trio.sleep(0.2)
+
+        loop, server = await _serve_and_renew(setup, background_renewal)
+    assert loop.failures == []
+    assert loop.pins == {setup.pin}
+    assert len(set(loop.serials)) >= 2
+    assert server.reloads_ok >= 1
+
+
+async def test_http_listener_answers_http01_for_the_cli_and_redirects(
+    tmp_path: Path, pebble: Pebble
+) -> None:
+    setup = make_setup(tmp_path, pebble, challenge="http-01", renew=False)
+    config = setup.config()
+    assert await acme.issue_keys(config, list(config.acme_keys())) == [("k1", None)]
+    server = Server(config, handle_signals=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        argv = ["acme", "renew", "--force", "-c", str(setup.config_file)]
+        assert await trio.to_thread.run_sync(main, argv) == 0
+        redirect = await trio.to_thread.run_sync(
+            _plain_http,
+            pebble.http_port,
+            b"GET /v1/items?a=1 HTTP/1.1\r\nHost: API.dualproxy.test\r\n\r\n",
+        )
+        unknown = await trio.to_thread.run_sync(
+            _plain_http,
+            pebble.http_port,
+            f"GET {HTTP01_PREFIX}nope HTTP/1.1\r\nHost: a.test\r\n\r\n".encode(),
+        )
+        oversized = await trio.to_thread.run_sync(
+            _plain_http,
+            pebble.http_port,
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nX: " + b"x" * 20_000 + b"\r\n\r\n",
+        )
+        nursery.cancel_scope.cancel()
+    location = f"location: https://api.dualproxy.test:{pebble.tls_port}/v1/items?a=1"
+    assert redirect.startswith(b"HTTP/1.1 301 ")
+    assert location.encode() in redirect.lower()
+    assert unknown.startswith(b"HTTP/1.1 404 ")
+    assert oversized.startswith(b"HTTP/1.1 400 ")
+
+
+def _plain_http(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as sock:
+        sock.sendall(request)
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    return response
+
+
+def test_serve_obtains_a_missing_chain_then_serves_it(tmp_path: Path, pebble: Pebble) -> None:
+    """`dualproxy serve` with an ACME-managed key that has no chain yet: it gets one (answering
+    the challenge itself), then serves it."""
+    setup = make_setup(tmp_path, pebble)
+    assert not setup.chain_file.exists()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dualproxy", "serve", "-c", str(setup.config_file)],
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stderr is not None
+        read_until(process.stderr, b"listening on", timeout=60)
+        served = verified_leaf(pebble.tls_port, pebble.root_pem())
+        assert spki_pin_of_certificate(served) == setup.pin
+        assert served == leaf(setup.chain_file)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+# --- without Pebble ------------------------------------------------------------------------------
+
+
+def test_check_reports_a_managed_key_without_a_certificate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keystore.write_private_key(
+        tmp_path / "certs/k1/key.pem", keystore.generate_private_key("ecdsa-p256")
+    )
+    data = {
+        "listen": {"address": "127.0.0.1:0"},
+        "acme": {"directory": "https://acme.invalid/dir"},
+        "keys": {
+            "k1": {"key": "certs/k1/key.pem", "chain": "certs/k1/chain.pem", "names": list(NAMES)}
+        },
+    }
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(config_toml(data))
+    assert main(["check", "-c", str(config_file)]) == 1
+    err = capsys.readouterr().err
+    assert "keys.k1.chain: no certificate yet" in err
+    assert "dualproxy acme issue k1" in err
+
+
+def _cert_with(serial: int, key_id: bytes) -> x509.Certificate:
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([])
+    now = datetime.now(UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.AuthorityKeyIdentifier(key_id, None, None), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def test_ari_certificate_id_matches_rfc_9773_example() -> None:
+    """RFC 9773 section 4.1: keyIdentifier 69:88:5B:..., serial 00:87:65:43:21."""
+    key_id = bytes.fromhex("69885B6B87464041E1B37B847BA0AE2CDE01C8D4")
+    cert = _cert_with(0x87654321, key_id)
+    assert acme.ari_certificate_id(cert) == "aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE"
+    # The twin: a serial whose top bit is clear gets no leading zero byte.
+    assert acme.ari_certificate_id(_cert_with(0x7F, key_id)).endswith(".fw")
+
+
+@pytest.fixture
+def fake_ari(tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
+    """An HTTPS server with an ACME directory that offers renewalInfo, and the window it
+    suggests for any certificate; yields (directory URL, CA file, paths requested)."""
+    import http.server
+    import json
+    import threading
+
+    import trustme
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "ari-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    requested: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requested.append(self.path)
+            base = f"https://{self.headers['Host']}"
+            body: dict[str, object]
+            if self.path == "/dir":
+                body = {"newNonce": f"{base}/nonce", "renewalInfo": f"{base}/ari/"}
+            else:
+                window = {"start": "2027-01-01T00:00:00Z", "end": "2027-01-03T00:00:00Z"}
+                body = {"suggestedWindow": window}
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}/dir", ca_file, requested
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_renewal_window_is_fetched_when_the_ca_offers_it(
+    fake_ari: tuple[str, Path, list[str]],
+) -> None:
+    from datetime import UTC, datetime
+
+    from dualproxy.config import AcmeConfig
+
+    directory, ca_file, requested = fake_ari
+    settings = AcmeConfig(directory, Path("unused.pem"), ca_file=ca_file)
+    key_id = bytes.fromhex("69885B6B87464041E1B37B847BA0AE2CDE01C8D4")
+    window = acme.fetch_renewal_window(settings, _cert_with(0x87654321, key_id))
+    assert window is not None
+    assert window.start == datetime(2027, 1, 1, tzinfo=UTC)
+    assert window.end == datetime(2027, 1, 3, tzinfo=UTC)
+    assert requested[-1] == "/ari/aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE"
+
+
+def test_a_retired_old_key_is_not_renewed(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    data = {
+        "listen": {"address": "127.0.0.1:0"},
+        "acme": {"directory": "https://acme.invalid/dir"},
+        "keys": {
+            n: {"key": f"{n}/key.pem", "chain": f"{n}/chain.pem", "names": list(NAMES)}
+            for n in ("a", "b")
+        },
+        "rotation": {
+            "old": "a",
+            "new": "b",
+            "grace_start": datetime(2026, 12, 1, tzinfo=UTC),
+            "grace_end": datetime(2027, 1, 1, tzinfo=UTC),
+        },
+    }
+    config = config_mod.parse(data, base_dir=tmp_path, check_files=False)
+    during, after = datetime(2026, 12, 15, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
+    assert not acme.retired(config, "a", during)
+    assert acme.retired(config, "a", after)
+    assert not acme.retired(config, "b", after)
+
+
+def test_missing_pebble_skips_unless_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pebble as pebble_module
+
+    monkeypatch.setattr(pebble_module, "find", lambda command: None)
+    monkeypatch.delenv("DUALPROXY_REQUIRE_PEBBLE", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install pebble"):
+        pebble_module.require_pebble()
+    monkeypatch.setenv("DUALPROXY_REQUIRE_PEBBLE", "1")
+    with pytest.raises(pytest.fail.Exception, match="DUALPROXY_REQUIRE_PEBBLE=1"):
+        pebble_module.require_pebble()

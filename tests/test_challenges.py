@@ -1,0 +1,126 @@
+"""challenges.py without a CA: the challenge folder (publish, read, stale, withdraw), the
+board that answers from it, and the plain-HTTP listener's answers."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Final
+
+import h11
+import pytest
+
+from dualproxy.challenges import (
+    CHALLENGE_MAX_AGE,
+    HTTP01_PREFIX,
+    Challenge,
+    ChallengeBoard,
+    http_answer,
+    publish,
+    read_published,
+    withdraw,
+)
+
+NOW: Final = datetime(2026, 12, 1, tzinfo=UTC)
+TLS: Final = Challenge("tls-alpn-01", "api.example.com", "tok1", "tok1.thumb")
+HTTP: Final = Challenge("http-01", "api.example.com", "tok2", "tok2.thumb")
+
+
+def test_published_challenges_are_read_back_and_withdrawn(tmp_path: Path) -> None:
+    folder = tmp_path / "challenges"
+    paths = publish(folder, [TLS, HTTP], NOW)
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in paths)
+    assert sorted(read_published(folder, NOW), key=lambda c: c.token) == [TLS, HTTP]
+    withdraw(paths)
+    assert read_published(folder, NOW) == []
+    withdraw(paths)  # twice is fine: the order's cleanup may race a crash's
+
+
+def test_stale_challenges_are_ignored_then_removed(tmp_path: Path) -> None:
+    folder = tmp_path / "challenges"
+    [old] = publish(folder, [TLS], NOW - CHALLENGE_MAX_AGE - timedelta(seconds=1))
+    assert read_published(folder, NOW) == []
+    publish(folder, [HTTP], NOW)
+    assert not old.exists()
+    assert read_published(folder, NOW) == [HTTP]
+
+
+def test_unreadable_files_are_skipped(tmp_path: Path) -> None:
+    folder = tmp_path / "challenges"
+    publish(folder, [HTTP], NOW)
+    (folder / "torn.json").write_text('{"type": "http-01", "na')
+    (folder / "other.json").write_text(json.dumps({"unrelated": True}))
+    assert read_published(folder, NOW) == [HTTP]
+    assert read_published(tmp_path / "missing", NOW) == []
+
+
+def test_board_answers_what_is_published(tmp_path: Path) -> None:
+    board = ChallengeBoard(tmp_path / "challenges")
+    board.refresh(NOW)
+    assert board.tls_alpn_context("api.example.com") is None
+    assert board.http01_answer("tok2") is None
+    paths = publish(board.folder, [TLS, HTTP], NOW)
+    board.refresh(NOW)
+    context = board.tls_alpn_context("API.example.com.")  # as SNI may spell it
+    assert context is not None
+    assert board.tls_alpn_context("other.example.com") is None
+    assert board.tls_alpn_context(None) is None
+    assert board.http01_answer("tok2") == b"tok2.thumb"
+    board.refresh(NOW)
+    assert board.tls_alpn_context("api.example.com") is context  # kept, not remade
+    withdraw(paths)
+    board.refresh(NOW)
+    assert board.tls_alpn_context("api.example.com") is None
+    assert board.http01_answer("tok2") is None
+
+
+def request(method: bytes, target: bytes, host: bytes | None = b"api.example.com") -> h11.Request:
+    headers = [(b"host", host)] if host is not None else []
+    return h11.Request(method=method, target=target, headers=headers, http_version=b"1.0")
+
+
+@pytest.fixture
+def board(tmp_path: Path) -> ChallengeBoard:
+    board = ChallengeBoard(tmp_path / "challenges")
+    publish(board.folder, [HTTP], NOW)
+    board.refresh(NOW)
+    return board
+
+
+def test_http01_answer_and_its_unknown_twin(board: ChallengeBoard) -> None:
+    status, body, _ = http_answer(request(b"GET", f"{HTTP01_PREFIX}tok2".encode()), board, 443)
+    assert (status, body) == (200, b"tok2.thumb")
+    status, _, _ = http_answer(request(b"GET", f"{HTTP01_PREFIX}nope".encode()), board, 443)
+    assert status == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "host", "port", "status", "location"),
+    [
+        (b"GET", b"/a?b=1", b"api.example.com", 443, 301, b"https://api.example.com/a?b=1"),
+        (b"HEAD", b"/", b"API.example.com:80", 443, 301, b"https://api.example.com/"),
+        (b"POST", b"/upload", b"api.example.com", 8443, 308, b"https://api.example.com:8443/upload"),
+        (b"GET", b"/", b"[2001:db8::1]:80", 443, 301, b"https://[2001:db8::1]/"),
+        (b"OPTIONS", b"*", b"api.example.com", 443, 308, b"https://api.example.com/"),
+    ],
+)  # fmt: skip
+def test_other_plain_http_is_redirected_to_https(
+    board: ChallengeBoard,
+    method: bytes,
+    target: bytes,
+    host: bytes,
+    port: int,
+    status: int,
+    location: bytes,
+) -> None:
+    answer = http_answer(request(method, target, host), board, port)
+    assert answer == (status, b"", [(b"location", location)])
+
+
+@pytest.mark.parametrize("host", [None, b"evil\\name", b"a b"])
+def test_no_redirect_without_a_plausible_host(board: ChallengeBoard, host: bytes | None) -> None:
+    status, _, headers = http_answer(request(b"GET", b"/", host), board, 443)
+    assert status == 400
+    assert headers == []
