@@ -53,7 +53,7 @@ from .clienthello import (
     parse_client_hello,
 )
 from .config import ChallengeType, ListenAddress, normalize_host
-from .streams import TcpStream, TlsStream
+from .streams import TcpStream, TlsStream, discard_until_closed
 
 log = logging.getLogger("dualproxy.acme")
 
@@ -455,14 +455,13 @@ async def _http_connection(
             else:
                 status, body, headers = http_answer(request, board, https_port)
                 await _send(stream, conn, status, body, headers)
-        with trio.move_on_after(HTTP_LINGER_TIME):
-            await stream.send_eof()
-            discarded = 0
-            while discarded < HTTP_LINGER_BYTES:
-                chunk = await stream.receive_some(MAX_HTTP_HEAD)
-                if not chunk:
-                    break
-                discarded += len(chunk)
+        await discard_until_closed(
+            stream,
+            total=HTTP_LINGER_TIME,
+            idle=HTTP_LINGER_TIME,
+            max_bytes=HTTP_LINGER_BYTES,
+            receive_size=MAX_HTTP_HEAD,
+        )
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     finally:

@@ -53,7 +53,7 @@ from .clienthello import is_plain_http as looks_like_plain_http
 from .config import Config, ConfigError, ListenAddress
 from .keystore import KeySnapshot, KeyStoreError
 from .relay import ClientConnection, Drain, RelaySettings
-from .streams import TcpStream, TlsStream, set_tcp_options
+from .streams import TcpStream, TlsStream, discard_until_closed, set_tcp_options
 from .upstream import UpstreamPool
 
 log = logging.getLogger("dualproxy")
@@ -511,8 +511,7 @@ class Server:
         has one (see relay.py), otherwise answer every request ourselves. True when the
         connection should end with a lingering close (the client may still be sending)."""
         if self._relay is None:
-            await self._respond_placeholder(tls, record)
-            return False
+            return await self._respond_placeholder(tls, record)
         relay = ClientConnection(
             tls,
             peer=record.peer_ip,
@@ -536,11 +535,12 @@ class Server:
     def _relay_settings(self) -> RelaySettings | None:
         return self._relay
 
-    async def _respond_placeholder(self, tls: TlsStream, record: ConnectionRecord) -> None:
+    async def _respond_placeholder(self, tls: TlsStream, record: ConnectionRecord) -> bool:
         """Without [upstream], dualproxy answers every request itself with a short fixed
         response (the dev bench, TLS and pin testing), honouring keep-alive so that clients
         behave as they will in front of a real upstream, and the drain: an idle connection
-        closes, a response says `Connection: close`."""
+        closes, a response says `Connection: close`. True after a 400, which the client may
+        still be sending to (see `respond`)."""
         limits = self.config.limits
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
         while True:
@@ -556,7 +556,8 @@ class Server:
                 answerable = conn.our_state is h11.IDLE or conn.our_state is h11.SEND_RESPONSE
                 if conn.their_state is h11.ERROR and answerable:
                     await _send_simple(tls, conn, 400, b"bad request\n", keep_alive=False)
-                return
+                    return True
+                return False
             record.request_received()
             headers = [(b"content-type", b"text/plain; charset=utf-8")]
             headers += self._dev_response_headers(record)
@@ -572,7 +573,7 @@ class Server:
                 keep_alive=not self._drain.draining,
             )
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return
+                return False
             conn.start_next_cycle()
 
     # --- reloads ---------------------------------------------------------------------
@@ -744,17 +745,19 @@ async def lingering_close(tls: TlsStream, stream: TcpStream) -> None:
     """
     with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT), contextlib.suppress(trio.BrokenResourceError):
         await tls.send_close_notify()
-    # A reset from the client (BrokenResourceError) ends it as well as its close does.
-    with trio.move_on_after(LINGER_TIME), contextlib.suppress(trio.BrokenResourceError):
-        await stream.send_eof()
-        discarded = 0
-        while discarded < LINGER_MAX_BYTES:  # bounded, and by LINGER_TIME
-            chunk: bytes | bytearray = b""
-            with trio.move_on_after(LINGER_TIMEOUT):
-                chunk = await stream.receive_some(LINGER_RECEIVE_SIZE)
-            if not chunk:  # closed by the client (nothing is left unread), or quiet
-                break
-            discarded += len(chunk)
+    await _linger(stream)
+
+
+async def _linger(stream: TcpStream) -> None:
+    """Our FIN, then what the client still sends read and discarded, within the LINGER_*
+    bounds (see lingering_close)."""
+    await discard_until_closed(
+        stream,
+        total=LINGER_TIME,
+        idle=LINGER_TIMEOUT,
+        max_bytes=LINGER_MAX_BYTES,
+        receive_size=LINGER_RECEIVE_SIZE,
+    )
 
 
 def _replace_listen(config: Config, listen: config_mod.ListenConfig) -> Config:
@@ -832,9 +835,13 @@ _PLAIN_HTTP_REFUSAL: Final = (
 
 
 async def _send_plain_http_refusal(stream: TcpStream) -> None:
-    with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+    """Answer plain HTTP on the TLS port with 400, then linger: the client is likely to have
+    sent more of its request than we read, and closing on it would reset the answer away."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT) as sending:
             await stream.send_all(_PLAIN_HTTP_REFUSAL)
+        if not sending.cancelled_caught:  # else it does not read: nothing to linger for
+            await _linger(stream)
 
 
 def _sockname(listener: socket.socket) -> tuple[str, int]:

@@ -41,7 +41,14 @@ from typing import Final, TypeVar
 
 import trio
 
-__all__ = ["RECEIVE_SIZE", "YIELD_EVERY", "TcpStream", "TlsStream", "set_tcp_options"]
+__all__ = [
+    "RECEIVE_SIZE",
+    "YIELD_EVERY",
+    "TcpStream",
+    "TlsStream",
+    "discard_until_closed",
+    "set_tcp_options",
+]
 
 # The default read from a socket: several TLS records (16 KiB of plaintext at most each), or
 # what a plain-TCP upstream has sent, at once; far more than a kept-alive request needs.
@@ -221,6 +228,28 @@ class TcpStream(trio.abc.HalfCloseableStream):
             # Shielded: the operation's bytes are already sent or taken; a cancellation is
             # seen by the next operation's check instead of losing them.
             await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+async def discard_until_closed(
+    stream: TcpStream, *, total: float, idle: float, max_bytes: int, receive_size: int
+) -> None:
+    """Half-close `stream`, then read and discard what the peer still sends until it closes,
+    `idle` seconds pass without a byte, `total` seconds pass or `max_bytes` were read.
+
+    The end of a lingering close: a socket closed with unread bytes sends a TCP reset instead of
+    a FIN, and the reset can destroy the peer's copy of our last answer before it reads it. The
+    caller closes the socket afterwards. A reset from the peer ends it as its close does.
+    """
+    with trio.move_on_after(total), contextlib.suppress(trio.BrokenResourceError):
+        await stream.send_eof()
+        discarded = 0
+        while discarded < max_bytes:  # bounded, and by `total`
+            chunk = b""
+            with trio.move_on_after(idle):
+                chunk = await stream.receive_some(receive_size)
+            if not chunk:  # closed by the peer (nothing is left unread), or quiet
+                break
+            discarded += len(chunk)
 
 
 class _State(enum.Enum):

@@ -549,6 +549,90 @@ async def test_curl_plain_http_to_the_tls_port(
     assert line["outcome"] == "plain-http"
 
 
+# Sent before reading, like a client uploading a file: far more than the server reads before
+# refusing and than both ends' socket buffers hold on loopback, so the server's close finds
+# bytes unread; well below server.LINGER_MAX_BYTES.
+UPLOAD_BEFORE_READING: Final = 8 * 1024 * 1024
+UPLOAD_PIECE: Final = b"u" * (64 * 1024)
+
+
+async def upload_then_read(stream: trio.abc.Stream, head: bytes) -> tuple[bytes, bool] | None:
+    """Send `head` and UPLOAD_BEFORE_READING more bytes, and only then read: what came until
+    the server closed and whether it closed cleanly, or None when the upload was reset."""
+    try:
+        await stream.send_all(head)
+        for _ in range(UPLOAD_BEFORE_READING // len(UPLOAD_PIECE)):  # bounded
+            await stream.send_all(UPLOAD_PIECE)
+    except trio.BrokenResourceError:
+        return None
+    return await read_until_closed(stream)
+
+
+PLAIN_UPLOAD: Final = (
+    b"POST /upload HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: %d\r\n\r\n"
+    % (UPLOAD_BEFORE_READING)
+)
+
+
+@pytest.mark.parametrize("linger", [True, False], ids=["lingers", "twin-without-linger"])
+async def test_plain_http_upload_gets_the_whole_400(
+    old_key: KeyFiles,
+    tmp_path: Path,
+    conn_log: ConnLog,
+    monkeypatch: pytest.MonkeyPatch,
+    linger: bool,
+) -> None:
+    """A plain-HTTP client still sending when refused reads the whole 400: the server
+    half-closes and reads on, where closing at once would reset the answer away (the twin)."""
+    if not linger:
+        monkeypatch.setattr(server_mod, "LINGER_TIME", 0)
+    async with serving(single_config(old_key, tmp_path, handshake_timeout=300)) as run:
+        with trio.fail_after(CLIENT_TIMEOUT):
+            stream = await trio.open_tcp_stream("127.0.0.1", run.port)
+        async with stream:
+            result = await upload_then_read(stream, PLAIN_UPLOAD)
+        line = await conn_log.one()
+    assert line["outcome"] == "plain-http"
+    if linger:
+        assert result is not None, "the upload was reset"
+        answer, clean = result
+        assert clean
+        assert answer.startswith(REFUSAL_START), answer
+        assert answer.endswith(b"use https:// .\r\n")
+    elif result is not None:  # the upload went through; then the answer was cut
+        answer, clean = result
+        assert not clean
+        assert not answer.endswith(b"use https:// .\r\n")
+
+
+@pytest.mark.parametrize("linger", [True, False], ids=["lingers", "twin-without-linger"])
+async def test_placeholder_400_reaches_a_client_still_sending(
+    old_key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    linger: bool,
+) -> None:
+    """Without [upstream], a malformed request's 400 reaches a client that goes on sending
+    before it reads (the placeholder lingers as the relay does)."""
+    if not linger:
+        monkeypatch.setattr(server_mod, "LINGER_TIME", 0)
+    bad = b"POST /upload HTTP/1.1\r\nHost: api.example.com\r\nBad Field: x\r\n\r\n"
+    async with (
+        serving(single_config(old_key, tmp_path)) as run,
+        tls_client(run.port, cafile) as tls,
+    ):
+        result = await upload_then_read(tls, bad)
+    if linger:
+        assert result is not None, "the upload was reset"
+        answer, _ = result  # see test_malformed_request_gets_400_and_a_close on close_notify
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert answer.endswith(b"\r\n\r\nbad request\n")
+    elif result is not None:
+        answer, clean = result
+        assert not (clean and answer.endswith(b"bad request\n"))
+
+
 # --- timeouts (mock clock: in-loop clients only) -------------------------------------------------
 
 TIMEOUT: Final = 5.0  # each limit under test, in mock-clock seconds
