@@ -30,7 +30,7 @@ from typing import Final, NoReturn, TextIO, TypeVar
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from . import acme, checks, dev, devcerts, devcontrol, echo, keystore, pins, policy, renewal
+from . import checks, dev, devcerts, devcontrol, echo, keystore, pins, policy, renewal
 from .clienthello import ClientHello
 from .config import (
     DEFAULT_CONFIG_FILE,
@@ -399,9 +399,13 @@ def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:
 
 
 # --- acme --------------------------------------------------------------------------------
+# The acme module (and with it the acme library, requests and pyOpenSSL: a third of a second
+# to import) loads only for the commands that use it.
 
 
 def _issue_or_fail(config: Config, keys: list[KeyConfig]) -> None:
+    from . import acme
+
     results = _run_acme(partial(acme.issue_keys, config, keys))
     failed = [(name, error) for name, error in results if error is not None]
     for name, error in results:
@@ -415,6 +419,8 @@ def _issue_or_fail(config: Config, keys: list[KeyConfig]) -> None:
 
 
 def _run_acme(body: Callable[[], Awaitable[_R]]) -> _R:
+    from . import acme
+
     try:
         return trio.run(body)
     except OSError as exc:  # binding the challenge port
@@ -424,6 +430,8 @@ def _run_acme(body: Callable[[], Awaitable[_R]]) -> _R:
 
 
 def _cmd_acme_issue(args: argparse.Namespace) -> int:
+    from . import acme
+
     _setup_logging(logging.WARNING)
     config = load(args.config)
     try:
@@ -442,6 +450,8 @@ def _print_pin(config: Config, key: KeyConfig) -> None:
 
 
 def _cmd_acme_renew(args: argparse.Namespace) -> int:
+    from . import acme
+
     _setup_logging(logging.WARNING)
     config = load(args.config)
     if config.acme is None:

@@ -364,10 +364,12 @@ class ClientConnection:
         # The connection's one cancel scope: `_wait` moves its deadline to each wait's own and
         # records which wait it is, so that an expiry is answered as that wait's (`_expired`).
         self._scope = trio.CancelScope()
+        self._deadline = self._scope.deadline  # the scope's, mirrored: its property costs more
         self._phase = _Phase.IDLE
         # trio's clock, read directly: several times per request, and trio.current_time()
         # is three calls deep.
         self._now = trio.lowlevel.current_clock().current_time
+        self._read_at = 0.0  # when `_wait` last read the clock
         self._limits: Limits | None = None  # the current request's
         self._head_method: bytes | None = None  # the current request's, once its head is read
 
@@ -383,6 +385,7 @@ class ClientConnection:
         # Bounded: each round but the last serves a request (see _Restart).
         for _ in range(MAX_REQUESTS_PER_CONNECTION):
             self._scope = trio.CancelScope()
+            self._deadline = self._scope.deadline
             try:
                 with self._scope:
                     failure = await self._serve_requests()
@@ -463,7 +466,7 @@ class ClientConnection:
                 return None
             buffer += chunk
             now = self._now()
-            if self._drain.draining or now >= self._scope.deadline:
+            if self._drain.draining or now >= self._deadline:
                 # The drain (or the deadline) came just as the request did and may have
                 # cancelled the scope already: the request is served, in a fresh one.
                 raise _Restart
@@ -488,7 +491,7 @@ class ClientConnection:
         buffer = self._buffer
         searched = len(buffer)  # find_head_end resumes where the previous call left off
         self._phase = _Phase.CLIENT_HEAD
-        self._scope.deadline = started + limits.request_header_timeout  # exactly: a total
+        self._set_deadline(started + limits.request_header_timeout)  # exactly: a total
         while True:  # bounded: find_head_end raises at max_header_bytes; and the deadline
             chunk = await self._stream.receive_some(RECEIVE_SIZE)
             if not chunk:
@@ -523,15 +526,17 @@ class ClientConnection:
         # may be sent twice.
         replayable = not has_body and head.method in REPLAYABLE_METHODS
         for attempt in range(2):  # the second only for the stale-connection retry
+            # Before the pool may connect (within its connect_timeout): the deadline of the
+            # wait for this request must not expire as if the connection still idled.
+            now = self._wait(_Phase.UPSTREAM_SEND, limits.upstream_timeout)
             try:
-                upstream = await pool.acquire()
+                upstream = await pool.acquire(now)
             except UpstreamError as exc:
                 raise _Refusal(exc.status, f"upstream: {exc.problem}") from exc
             try:
                 if has_body:
                     await self._forward_body(upstream, request, head, limits)
                 else:
-                    self._wait(_Phase.UPSTREAM_SEND, limits.upstream_timeout)
                     await upstream.send_request(request, bounded=False)
                 self._wait(_Phase.UPSTREAM_HEAD, limits.upstream_timeout)
                 response = await upstream.receive_head(timeout=None, request_method=head.method)
@@ -668,7 +673,7 @@ class ClientConnection:
             raise _Cut(f"upstream failed mid-response: {exc.problem}") from exc
         finally:
             if finished:  # pooled again if reusable() (nothing past the response), else closed
-                settings.pool.release(upstream)
+                settings.pool.release(upstream, self._read_at)
             else:
                 settings.pool.discard(upstream)
 
@@ -689,12 +694,15 @@ class ClientConnection:
         cheaper than a cancel scope per wait, of which a request has several. A deadline is
         not pushed back by less than DEADLINE_SLACK (see there). Returns the time it read."""
         self._phase = phase
-        now = self._now()
+        self._read_at = now = self._now()
         deadline = now + timeout
-        current = self._scope.deadline
+        current = self._deadline
         if deadline < current or deadline - current > DEADLINE_SLACK:
-            self._scope.deadline = deadline
+            self._set_deadline(deadline)
         return now
+
+    def _set_deadline(self, deadline: float) -> None:
+        self._scope.deadline = self._deadline = deadline
 
     def _expired(self) -> _Refusal | _Cut | None:
         """What it means that the connection's deadline passed, by the wait it was in (None:

@@ -116,7 +116,8 @@ class TcpStream(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Up to `max_bytes` (default RECEIVE_SIZE) bytes; b"" once the peer closed."""
-        max_bytes = _receive_size(max_bytes)
+        if type(max_bytes) is not int or max_bytes < 1:  # not the usual positive int
+            max_bytes = _receive_size(max_bytes)
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True

@@ -379,14 +379,17 @@ class UpstreamPool:
     def idle_count(self) -> int:
         return len(self._idle)
 
-    async def acquire(self) -> UpstreamConnection:
+    async def acquire(self, now: float | None = None) -> UpstreamConnection:
         """An idle connection still open at the upstream (newest first), else a new one;
-        UpstreamError when a new one cannot be made (502, or 504 past the connect timeout)."""
+        UpstreamError when a new one cannot be made (502, or 504 past the connect timeout).
+        `now`: trio's clock, when the caller has just read it."""
         # No checkpoint on the way to an idle connection: it is handed over in the same step
         # as it leaves the pool (nothing can cancel us in between), and the caller's send is
         # the next checkpoint. Opening one checkpoints, as all I/O does.
         idle = self._idle
-        expired_before = trio.current_time() - self._upstream.pool_idle_timeout
+        if now is None:
+            now = trio.current_time()
+        expired_before = now - self._upstream.pool_idle_timeout
         while idle:  # bounded by pool_max_idle
             connection = idle.pop()
             connection._pooled = False
@@ -403,16 +406,18 @@ class UpstreamPool:
             return connection
         return await self._open()
 
-    def release(self, connection: UpstreamConnection) -> None:
+    def release(self, connection: UpstreamConnection, now: float | None = None) -> None:
         """Return a connection after a complete exchange: pooled when `reusable()` and
-        `pool_max_idle` allows, closed otherwise."""
+        `pool_max_idle` allows, closed otherwise. `now` as for `acquire` (its idle time is
+        counted from then)."""
         if connection._pooled:
             raise RuntimeError("this upstream connection is already in the pool")
         max_idle = self._upstream.pool_max_idle
         if max_idle == 0 or not connection.reusable():
             connection.close()
             return
-        now = trio.current_time()
+        if now is None:
+            now = trio.current_time()
         self.prune(now)
         idle = self._idle
         if len(idle) >= max_idle:

@@ -965,6 +965,37 @@ async def test_an_upstream_that_does_not_finish_the_handshake_gets_504(
     assert [r.status for r in parse_responses(answer)] == [504]
 
 
+async def test_a_request_after_a_long_idle_still_gets_its_504_when_connecting_times_out(
+    key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    upstream: UpstreamServer,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """The request's own bounds apply from its head on: a kept-alive connection that idled
+    nearly keepalive_timeout is not closed silently, as if still idle, while the pool opens an
+    upstream connection for it (the idle wait's deadline must not outlive the wait)."""
+    upstream.silent = True  # accepts, never finishes the TLS handshake
+    async with (
+        proxy(
+            key,
+            cafile,
+            tmp_path,
+            {**upstream.config_table(), "pool_max_idle": 0},  # each request connects anew
+            keepalive_timeout=SHORT,
+            upstream_connect_timeout=SHORT,
+        ) as p,
+        p.client() as client,
+    ):
+        upstream.silent = False
+        assert (await client.request()).status == 200
+        upstream.silent = True
+        await trio.sleep(SHORT * 0.9)  # idle, but not for long enough
+        await client.send(GOOD_REQUEST)
+        answer, _ = await client.read_until_closed()
+    assert [r.status for r in parse_responses(answer)] == [504]
+
+
 async def test_what_the_upstream_sent_reaches_the_client_before_the_upstream_sends_more(
     key: KeyFiles,
     cafile: Path,

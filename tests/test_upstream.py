@@ -60,8 +60,8 @@ class TrackedPool(UpstreamPool):
         super().__init__(upstream, limits)
         self.handed_out: list[UpstreamConnection] = []
 
-    async def acquire(self) -> UpstreamConnection:
-        connection = await super().acquire()
+    async def acquire(self, now: float | None = None) -> UpstreamConnection:
+        connection = await super().acquire(now)
         self.handed_out.append(connection)
         return connection
 
