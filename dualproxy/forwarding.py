@@ -81,18 +81,23 @@ the relay's: it writes ``content-length: N`` from ``content_length``, or
 side's own connection. Requests also lose Expect (dualproxy answers 100-continue itself) and
 Host, and get, after the surviving client fields in their order, X-Forwarded-For, -Proto and
 -Host; then the operator's added headers, which replace any field of the same name. See
-``upstream_request_headers`` for which client forwarding fields survive.
+``upstream_request_headers`` for which client forwarding fields survive. The fields that go on
+unchanged are relayed as they came, in their sender's case and spacing (every byte of them
+passed the checks above): ``client_response_lines`` and ``upstream_request_lines`` give the
+same fields as the rewriting functions, as lines, without joining each field anew.
 
 These checks run for every message, so they are written for CPython's speed: whole-head and
-whole-list C operations instead of a loop per line (one split into lines, one translate for
-the control characters, one comprehension for the fields, one translate for all their names),
-rare shapes (absolute-form, framing fields, Expect) left to helpers, error messages worked out
-only once a check has failed, and checked heads built as drafts of their frozen classes (see
-``_draft_class``). The tests compare each shortcut with the plain reading it replaced.
+whole-list C operations where one does (one split into lines, one translate for the control
+characters, one translate for all the field names), one loop over the fields that also sorts
+out what goes on as received, rare shapes (absolute-form, framing fields, Expect) left to
+helpers, error messages worked out only once a check has failed, and checked heads built as
+drafts of their frozen classes (see ``_draft_class``). The tests compare each shortcut with
+the plain reading it replaced.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Collection, Sequence
@@ -117,8 +122,10 @@ __all__ = [
     "check_request_head",
     "check_response_head",
     "client_response_headers",
+    "client_response_lines",
     "find_head_end",
     "upstream_request_headers",
+    "upstream_request_lines",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -196,13 +203,14 @@ _ABSOLUTE_FORM: Final = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?]*)(.*)")
 # RFC 3986 §3.2.2 narrowed as the module docstring says: group 1 is an IPv6 literal's address.
 _AUTHORITY: Final = re.compile(rb"(?:\[([0-9A-Fa-f:.]+)\]|[A-Za-z0-9\-._~]+)(?::([0-9]{1,5}))?")
 _MAX_PORT: Final = 65535
+# Authorities whose check is remembered (see _is_authority): more names than an API is
+# reached by, few enough (bytes up to a head's size each) to bound the memory.
+AUTHORITY_CACHE_SIZE: Final = 256
 
 _CHUNKED: Final = b"chunked"
 _CONTINUE: Final = b"100-continue"
 
 # Fields the checks read; every other field is only collected.
-_REQUEST_WATCHED: Final = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect"})
-_RESPONSE_WATCHED: Final = frozenset({b"content-length", b"transfer-encoding"})
 
 # RFC 9110 §7.6.1 (Connection, Proxy-Connection, Keep-Alive, TE, Transfer-Encoding, Upgrade),
 # §11.7 (Proxy-* credentials are for the proxy they reach: us), and Trailer, hop-by-hop in
@@ -245,6 +253,11 @@ _USUAL_CONNECTION_OPTIONS: Final = {
     b"keep-alive": frozenset({b"keep-alive"}),
     b"close": frozenset({b"close"}),
 }
+# The client fields that never go on as received: what the relay drops, and the forwarding
+# claims (a trusted proxy's are kept, by upstream_request_headers' own filter).
+_REQUEST_AS_IS_DROPPED: Final = _REQUEST_DROPPED | _FORWARDING_CLAIMS
+_CLOSE: Final = b"close"
+_FIELD_SEPARATOR: Final = b": "
 # An operator's added header must not change framing, routing or hop-by-hop semantics.
 _NOT_ADDABLE: Final = _REQUEST_DROPPED
 
@@ -295,6 +308,9 @@ class RequestHead:
     content_length: int | None
     chunked: bool
     expect_continue: bool
+    # Derived from `version` and `headers` (so not compared): see _HeadExtras.
+    close: bool = field(default=False, compare=False, repr=False)
+    forward: tuple[bytes, ...] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +329,31 @@ class ResponseHead:
     content_length: int | None
     chunked: bool
     reason: bytes = b""  # the reason phrase, relayed as it came (RFC 9112 §4: clients ignore it)
+    # Derived from `version` and `headers` (so not compared): see _HeadExtras.
+    close: bool = field(default=False, compare=False, repr=False)
+    forward: tuple[bytes, ...] | None = field(default=None, compare=False, repr=False)
+
+
+_Fields = tuple[tuple[bytes, bytes], ...]
+# What a checked head carries besides its fields, found in the same pass over them (each
+# message's relay would otherwise walk them again, and join each field anew):
+# - `close`: the connection ends after this message (RFC 9112 §9.3): HTTP/1.0 (whose
+#   keep-alive extension we do not implement, as h11 does not), or a Connection option close;
+# - `forward`: the field lines that go on as received, in order (every field but those the
+#   relay drops or writes itself; for a request also the forwarding claims, which only a
+#   trusted proxy's keep), or None when a Connection option names another field to drop (the
+#   relay then filters `headers`, see _forwardable).
+
+
+def _extras(
+    version: bytes, kept: list[bytes], connection: list[bytes], dropped: frozenset[bytes]
+) -> tuple[bool, tuple[bytes, ...] | None]:
+    """(close, forward) for a head, as the comment above says."""
+    if not connection:
+        return version != b"1.1", tuple(kept)
+    options = _connection_options(connection)
+    close = version != b"1.1" or _CLOSE in options
+    return close, tuple(kept) if options <= dropped else None
 
 
 def _draft_class(frozen: type) -> Callable[..., Any]:
@@ -385,7 +426,9 @@ def check_request_head(head: bytes, limits: HeadLimits) -> RequestHead:
     method, target, version = match.groups()
     if version not in _SUPPORTED_VERSIONS:
         raise HeadError(_VERSION_NOT_SUPPORTED, f"HTTP/{version.decode()}")
-    headers, watched = _fields(lines, _REQUEST_NAME_TABLE, _REQUEST_WATCHED, _BAD_REQUEST)
+    headers, watched, kept, connection = _fields(
+        lines, _REQUEST_NAME_TABLE, _REQUEST_AS_IS_DROPPED, _BAD_REQUEST
+    )
     if method in _REFUSED_METHODS:
         raise HeadError(_METHOD_NOT_ALLOWED, f"method {method.decode()} not allowed")
     authority = None
@@ -402,6 +445,7 @@ def check_request_head(head: bytes, limits: HeadLimits) -> RequestHead:
     if b"content-length" in watched or b"transfer-encoding" in watched:
         content_length, chunked = _framing(watched, version, _BAD_REQUEST)
     expect_continue = b"expect" in watched and _expects_continue(watched[b"expect"])
+    close, forward = _extras(version, kept, connection, _REQUEST_AS_IS_DROPPED)
     checked: RequestHead = _REQUEST_DRAFT(
         method,
         target,
@@ -411,6 +455,8 @@ def check_request_head(head: bytes, limits: HeadLimits) -> RequestHead:
         content_length,
         chunked,
         expect_continue and version == b"1.1",
+        close,
+        forward,
     )
     checked.__class__ = RequestHead  # see _draft_class
     return checked
@@ -433,14 +479,17 @@ def check_response_head(head: bytes, *, request_method: bytes) -> ResponseHead:
         raise HeadError(_BAD_GATEWAY, f"response version HTTP/{version.decode()}")
     if status == _SWITCHING_PROTOCOLS:
         raise HeadError(_BAD_GATEWAY, "101 Switching Protocols, but we never ask for an upgrade")
-    headers, watched = _fields(lines, _TCHAR_TABLE, _RESPONSE_WATCHED, _BAD_GATEWAY)
+    headers, watched, kept, connection = _fields(
+        lines, _TCHAR_TABLE, _RESPONSE_DROPPED, _BAD_GATEWAY
+    )
     content_length, chunked = _framing(watched, version, _BAD_GATEWAY)
     if status < _OK or status == _NO_CONTENT:
         content_length, chunked = None, False
     elif status == _NOT_MODIFIED or request_method == b"HEAD":
         chunked = False
+    close, forward = _extras(version, kept, connection, _RESPONSE_DROPPED)
     checked: ResponseHead = _RESPONSE_DRAFT(
-        version, status, headers, content_length, chunked, reason
+        version, status, headers, content_length, chunked, reason, close, forward
     )
     checked.__class__ = ResponseHead  # see _draft_class
     return checked
@@ -581,6 +630,35 @@ def client_response_headers(head: ResponseHead) -> list[tuple[bytes, bytes]]:
     return _forwardable(head.headers, _RESPONSE_DROPPED)
 
 
+def client_response_lines(head: ResponseHead) -> Sequence[bytes]:
+    """client_response_headers' fields as lines: as the upstream sent them (its case and
+    spacing: they passed every check), unless a Connection option names a field to drop."""
+    if head.forward is not None:
+        return head.forward
+    return [_FIELD_SEPARATOR.join(field) for field in client_response_headers(head)]
+
+
+def upstream_request_lines(
+    head: RequestHead, *, peer: ClientPeer | None, rules: ForwardingRules
+) -> list[bytes]:
+    """upstream_request_headers' fields as lines, the client's as it sent them (unless a
+    Connection option names a field to drop). Without trusted proxies or added headers (the
+    usual configuration) they are made here directly; the rest goes the general way."""
+    if head.forward is None or rules.trusted_proxies or rules.added_headers:
+        fields = upstream_request_headers(head, peer=peer, rules=rules)
+        return [_FIELD_SEPARATOR.join(field) for field in fields]
+    # As upstream_request_headers for a peer we do not trust: its claims are not in `forward`.
+    preserve = rules.host_header == "preserve" and head.host
+    lines = [b"host: " + (head.host if preserve else rules.upstream_authority)]
+    lines += head.forward
+    if peer is not None:
+        lines.append(b"x-forwarded-for: " + peer.text)
+    lines.append(b"x-forwarded-proto: https")
+    if head.host:
+        lines.append(b"x-forwarded-host: " + head.host)
+    return lines
+
+
 # --- helpers -----------------------------------------------------------------------------
 
 
@@ -600,36 +678,45 @@ def _split_lines(head: bytes, status: int) -> list[bytes]:
 
 
 def _fields(
-    lines: list[bytes], name_table: bytes, watched_names: frozenset[bytes], status: int
-) -> tuple[tuple[tuple[bytes, bytes], ...], dict[bytes, list[bytes]]]:
-    """All field lines as (lowercase name, value), and the values of `watched_names`.
+    lines: list[bytes], name_table: bytes, dropped: frozenset[bytes], status: int
+) -> tuple[_Fields, dict[bytes, list[bytes]], list[bytes], list[bytes]]:
+    """All field lines as (lowercase name, value); the values of the fields named in `dropped`
+    (the watched ones among them); the field lines not in `dropped`, as received; and the
+    Connection values.
 
     `name_table`: the _letter_table of the bytes a field name may hold. This runs for every
-    field of every message, so it does per field only what cannot be done for all at once: one
-    comprehension splits, lowercases and strips every line, leaving out those without a name or
-    colon (a count then tells whether any was there); one loop collects the names and the
-    watched values; one translate checks all the names. It checks the lowercase names: lower()
-    changes only A-Z, which are allowed in both cases. Values are stripped of all whitespace:
-    after _split_lines, SP and HT are the only whitespace left (RFC 9110 §5.5 strips OWS).
+    field of every message, so it does per field only what cannot be done for all at once:
+    one loop splits, lowercases and strips every line and sorts it by name; one translate then
+    checks all the names. It checks the lowercase names: lower() changes only A-Z, which are
+    allowed in both cases. Values are stripped of all whitespace: after _split_lines, SP and HT
+    are the only whitespace left (RFC 9110 §5.5 strips OWS). Every watched name is in
+    `dropped` (the relay writes framing, Host and Expect itself), so a field that is passed on
+    as received is looked at once.
     """
-    headers = tuple(
-        [
-            (name.lower(), value.strip())
-            for line in lines[1:]
-            for name, colon, value in [line.partition(b":")]
-            if name and colon
-        ]
-    )
+    headers = []
     names = []
-    watched: dict[bytes, list[bytes]] = {}
-    for name, value in headers:
+    kept = []
+    connection = []
+    special: dict[bytes, list[bytes]] = {}
+    for index in range(1, len(lines)):  # bounded: the head's lines
+        line = lines[index]
+        name, colon, value = line.partition(b":")
+        if not (name and colon):
+            raise HeadError(status, _field_lines_problem(lines, name_table))
+        name = name.lower()
+        value = value.strip()
+        headers.append((name, value))
         names.append(name)
-        if name in watched_names:
-            watched.setdefault(name, []).append(value)
+        if name not in dropped:
+            kept.append(line)
+        elif name == b"connection":
+            connection.append(value)
+        else:
+            special.setdefault(name, []).append(value)
     joined = b"".join(names)
-    if len(headers) != len(lines) - 1 or (joined and not joined.translate(name_table).isalpha()):
+    if joined and not joined.translate(name_table).isalpha():
         raise HeadError(status, _field_lines_problem(lines, name_table))
-    return headers, watched
+    return tuple(headers), special, kept, connection
 
 
 def _framing(
@@ -703,14 +790,21 @@ def _origin_form(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
 
 
 def _check_authority(value: bytes, what: str) -> None:
+    if not _is_authority(value):
+        raise HeadError(_BAD_REQUEST, f"{what} {_snippet(value)} is not host[:port]")
+
+
+# A client sends the same Host with every request, and an API has few names: remembered, the
+# answer costs a lookup instead of a regex match. Bounded, so varied names only cost misses.
+@functools.lru_cache(maxsize=AUTHORITY_CACHE_SIZE)
+def _is_authority(value: bytes) -> bool:
     match = _AUTHORITY.fullmatch(value)
-    if match is not None:
-        if match.lastindex is None:  # a reg-name without port, the usual Host
-            return
-        ipv6, port = match.groups()
-        if (ipv6 is None or _is_ipv6(ipv6)) and (port is None or int(port) <= _MAX_PORT):
-            return
-    raise HeadError(_BAD_REQUEST, f"{what} {_snippet(value)} is not host[:port]")
+    if match is None:
+        return False
+    if match.lastindex is None:  # a reg-name without port, the usual Host
+        return True
+    ipv6, port = match.groups()
+    return (ipv6 is None or _is_ipv6(ipv6)) and (port is None or int(port) <= _MAX_PORT)
 
 
 def _is_ipv6(address: bytes) -> bool:

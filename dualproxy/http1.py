@@ -277,20 +277,36 @@ def encode_chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """An HTTP/1.1 request head: request line, the fields in order, blank line."""
-    lines = [b"%b %b HTTP/1.1" % (method, target)]
-    lines += map(_FIELD_SEPARATOR.join, headers)  # "name: value", each joined in C
-    lines.append(_CRLF)
-    return _CRLF.join(lines)
+def request_head(
+    method: bytes,
+    target: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    *,
+    lines: Iterable[bytes] = (),
+) -> bytes:
+    """An HTTP/1.1 request head: request line, the field `lines` as given, the `headers` in
+    order, blank line."""
+    out = [b"%b %b HTTP/1.1" % (method, target)]
+    out += lines
+    out += map(_FIELD_SEPARATOR.join, headers)  # "name: value", each joined in C
+    out.append(_CRLF)
+    return _CRLF.join(out)
 
 
-def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """An HTTP/1.1 response head: status line, the fields in order, blank line."""
-    lines = [b"HTTP/1.1 %d %b" % (status, reason)]
-    lines += map(_FIELD_SEPARATOR.join, headers)
-    lines.append(_CRLF)
-    return _CRLF.join(lines)
+def response_head(
+    status: int,
+    reason: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    *,
+    lines: Iterable[bytes] = (),
+) -> bytes:
+    """An HTTP/1.1 response head: status line, the field `lines` as given (the upstream's,
+    as received), the `headers` in order, blank line."""
+    out = [b"HTTP/1.1 %d %b" % (status, reason)]
+    out += lines
+    out += map(_FIELD_SEPARATOR.join, headers)
+    out.append(_CRLF)
+    return _CRLF.join(out)
 
 
 def _snippet(data: bytes) -> str:

@@ -95,9 +95,9 @@ from .forwarding import (
     RequestHead,
     ResponseHead,
     check_request_head,
-    client_response_headers,
+    client_response_lines,
     find_head_end,
-    upstream_request_headers,
+    upstream_request_lines,
 )
 from .streams import TlsStream
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool, timeout_problem
@@ -512,14 +512,14 @@ class ClientConnection:
                 f"request body above {limits.max_body_bytes} bytes",
             )
         has_body = head.chunked or bool(head.content_length)
-        headers = upstream_request_headers(head, peer=self._peer, rules=settings.rules)
+        lines = upstream_request_lines(head, peer=self._peer, rules=settings.rules)
         if head.chunked:
-            headers.append((b"transfer-encoding", b"chunked"))
+            lines.append(b"transfer-encoding: chunked")
         elif head.content_length is not None:
-            headers.append((b"content-length", str(head.content_length).encode()))
+            lines.append(b"content-length: %d" % head.content_length)
         elif head.method in _BODY_METHODS:
-            headers.append((b"content-length", b"0"))
-        request = http1.request_head(head.method, head.target, headers)
+            lines.append(b"content-length: 0")
+        request = http1.request_head(head.method, head.target, (), lines=lines)
 
         pool = settings.pool
         # Without a body, the client's side is done before we go upstream, and the request
@@ -626,15 +626,13 @@ class ClientConnection:
         limits = settings.limits
         finished = False
         try:
-            headers = client_response_headers(response)
             framing, body = response_framing(response, head.method, head.version)
-            headers += framing
-            headers += self._response_headers
+            headers = framing + self._response_headers
             keep_alive = not (
                 body is Framing.CLOSE
                 or self._drain.draining
                 or self._requests >= MAX_REQUESTS_PER_CONNECTION
-                or http1.wants_close(head.version, head.headers)
+                or head.close
             )
             if not keep_alive:
                 headers.append((b"connection", b"close"))
@@ -643,7 +641,14 @@ class ClientConnection:
             # buffered, and sent before any read that may wait: a typical API response (head
             # and body in one upstream read) costs one TLS record and one send, and the head
             # of a slow or streamed body is never held back.
-            out = [http1.response_head(response.status, response.reason, headers)]
+            out = [
+                http1.response_head(
+                    response.status,
+                    response.reason,
+                    headers,
+                    lines=client_response_lines(response),
+                )
+            ]
             pending = len(out[0])
             while True:  # bounded: the upstream's framing, upstream_timeout per read
                 try:

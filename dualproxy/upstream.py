@@ -232,7 +232,7 @@ class UpstreamConnection:
                 0 if no_body else head.content_length, chunked=head.chunked
             )
             # A body ended by the close leaves nothing to reuse either.
-            self._keep_alive = not http1.wants_close(head.version, head.headers) and (
+            self._keep_alive = not head.close and (
                 no_body or head.chunked or head.content_length is not None
             )
             self.response_head = head
