@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -30,7 +31,7 @@ from typing import Final, NoReturn, TextIO
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from . import checks, dev, devcerts, devcontrol, echo, keystore, pins, policy
+from . import admin, checks, dev, devcerts, devcontrol, echo, keystore, pins, policy
 from .clienthello import ClientHello
 from .config import (
     DEFAULT_CONFIG_FILE,
@@ -47,6 +48,7 @@ from .dev import DEFAULT_DIR as DEV_DIR
 from .dev import SCENARIOS as DEV_SCENARIOS
 from .devcontrol import DEFAULT_ADMIN_ADDRESS
 from .keystore import KeySnapshot, KeyStoreError
+from .logformat import JsonFormatter
 from .server import Server, raise_open_file_limit, utc_now
 
 EXIT_OK: Final = 0
@@ -122,6 +124,15 @@ def _build_parser() -> argparse.ArgumentParser:
             help=f"config file (default: ./{DEFAULT_CONFIG_FILE})",
         )
 
+    def with_admin_url(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--admin",
+            type=_admin_url_argument,
+            default=admin.parse_url(admin.DEFAULT_URL),
+            metavar="URL",
+            help=f"the server's admin listener, its [admin] address ({admin.DEFAULT_URL})",
+        )
+
     def with_time(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
             "--at",
@@ -133,7 +144,32 @@ def _build_parser() -> argparse.ArgumentParser:
 
     serve = command("serve", "serve TLS with the configured keys and rotation")
     with_config(serve)
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text (default): one key=value line per connection; json: one JSON object per line",
+    )
     serve.set_defaults(handler=_cmd_serve)
+
+    status = command(
+        "status", "who gets which key and how it goes: the admin listener's summary, as text"
+    )
+    with_admin_url(status)
+    status.add_argument("--json", action="store_true", help="print /status.json instead")
+    status.set_defaults(handler=_cmd_status)
+
+    canary = command("canary", "the canary of a running server")
+    canary_sub = canary.add_subparsers(metavar="ACTION", required=True)
+    resume = canary_sub.add_parser(
+        "resume",
+        help="run a halted canary again (its samples start from zero)",
+        description="Resume the canary that the server halted when the new key's pin-failure"
+        " share rose above the old key's; fix the cause first (an app shipped without the new"
+        " pin).",
+    )
+    with_admin_url(resume)
+    resume.set_defaults(handler=_cmd_canary_resume)
 
     check = command("check", "validate config, keys and chains; show the rotation timeline")
     with_config(check)
@@ -285,6 +321,13 @@ def _host_argument(text: str) -> str:
     return normalize_host(text)
 
 
+def _admin_url_argument(text: str) -> tuple[str, int]:
+    try:
+        return admin.parse_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _admin_argument(text: str) -> tuple[str, int]:
     try:
         return devcontrol.parse_admin_address(text)
@@ -301,17 +344,55 @@ def _load(args: argparse.Namespace) -> tuple[Config, KeySnapshot]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    _setup_logging()
+    _setup_logging(args.log_format)
     config = load(args.config)
     server = Server(config)  # loads the keys: an unusable one stops us here, exit 1
     raise_open_file_limit(config.limits.max_connections)
-    code = _run_until_interrupted(server.run)
+    with contextlib.ExitStack() as sockets:
+        admin_socket = None
+        if config.admin.address is not None:
+            try:
+                admin_socket = sockets.enter_context(admin.open_socket(config.admin.address))
+            except OSError as exc:
+                raise CommandError(f"{config.path}: {exc.strerror}") from None
+        code = _run_until_interrupted(partial(_serve, server, admin_socket))
     if code == EXIT_OK:
         logging.getLogger("dualproxy").info("stopped")
     return code
 
 
-def _setup_logging() -> None:
+async def _serve(server: Server, admin_socket: socket.socket | None) -> None:
+    """The server and, beside it, its admin listener, which stops when the server does."""
+    async with trio.open_nursery() as nursery:
+        if admin_socket is not None:
+            await nursery.start(admin.serve, admin_socket, server)
+        await server.run()
+        nursery.cancel_scope.cancel()
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    path = "/status.json" if args.json else "/status.txt"
+    try:
+        data = admin.fetch(args.admin, path)
+    except admin.AdminError as exc:
+        raise CommandError(str(exc)) from None
+    sys.stdout.write(data.decode("utf-8", "replace"))
+    return EXIT_OK
+
+
+def _cmd_canary_resume(args: argparse.Namespace) -> int:
+    try:
+        text = admin.resume_canary(args.admin)
+    except admin.AdminError as exc:
+        raise CommandError(str(exc)) from None
+    print(text)
+    return EXIT_OK
+
+
+LOG_FORMATS: Final = ("text", "json")
+
+
+def _setup_logging(log_format: str = "text") -> None:
     # What no log line of ours shows, so nothing records it (the logging HOWTO's
     # "Optimization"): a log line per connection is part of every connection's cost.
     logging.logThreads = False
@@ -322,6 +403,9 @@ def _setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
 
 
 def _run_until_interrupted(body: Callable[[], Awaitable[None]]) -> int:

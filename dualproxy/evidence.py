@@ -35,6 +35,7 @@ kept in a ring) and for the canary's samples.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -96,6 +97,8 @@ CLIENT_ABORTED: Final = "client-aborted"
 NO_REQUEST: Final = "no-request"
 # Labels for connections that ended before a key was chosen (no hello, plain HTTP, timeout).
 NONE_LABEL: Final = "-"
+_CANARY: Final[str] = Reason.CANARY.value
+_DEFAULT: Final[str] = Reason.DEFAULT.value
 
 
 class FinishedConnection(Protocol):
@@ -106,7 +109,7 @@ class FinishedConnection(Protocol):
     @property
     def choice(self) -> Choice | None: ...
     @property
-    def outcome(self) -> str: ...
+    def outcome(self) -> enum.StrEnum: ...  # server.Outcome
     @property
     def detail(self) -> str: ...
     @property
@@ -172,11 +175,24 @@ class Window:
 
 def should_halt(canary: Sample, control: Sample, *, min_sample: int, margin: float) -> bool:
     """The canary rule (see the module docstring)."""
-    if canary.handshakes < min_sample:
+    return _halts(
+        canary.handshakes,
+        canary.pin_failures,
+        control.handshakes,
+        control.pin_failures,
+        min_sample,
+        margin,
+    )
+
+
+def _halts(
+    handshakes: int, failures: int, control: int, control_failures: int, least: int, margin: float
+) -> bool:
+    """should_halt on plain ints (per canary connection, without building Samples)."""
+    if handshakes < least:
         return False
-    canary_share = canary.share or 0.0
-    control_share = control.share or 0.0
-    return canary_share - control_share > margin
+    control_share = control_failures / control if control else 0.0
+    return failures / handshakes - control_share > margin
 
 
 class CanaryJudge:
@@ -188,24 +204,43 @@ class CanaryJudge:
         self.halted_at: float | None = None
         self.why: str | None = None
         self.halts = 0  # since the process started
-        self.canary = Sample()
-        self.control = Sample()
+        # [completed, aborted, no_request] of each sample: plain ints, counted per connection.
+        self._canary = [0, 0, 0]
+        self._control = [0, 0, 0]
 
-    def observe(self, reason: str, sample: Sample, rotation: Rotation | None) -> None:
-        """Count one handshake (`sample`: one of its fields is 1) and apply the rule."""
+    @property
+    def canary(self) -> Sample:
+        """The new key's canary handshakes (reason canary)."""
+        return Sample(*self._canary)
+
+    @property
+    def control(self) -> Sample:
+        """The old key's hint-less handshakes (reason default)."""
+        return Sample(*self._control)
+
+    def observe(self, reason: str, aborted: bool, quiet: bool, rotation: Rotation | None) -> None:
+        """Count one handshake that reached a certificate (`reason`: a Reason's value), and
+        apply the rule."""
         if self.halted or rotation is None or rotation.canary_percent <= 0:
             return
-        if reason == Reason.DEFAULT:
-            self.control += sample
+        if reason == _DEFAULT:
+            counts = self._control
+        elif reason == _CANARY:
+            counts = self._canary
+        else:
             return
-        if reason != Reason.CANARY:
+        counts[1 if aborted else 0] += 1
+        counts[2] += quiet
+        if counts is self._control:
             return
-        self.canary += sample
-        if should_halt(
-            self.canary,
-            self.control,
-            min_sample=rotation.canary_min_sample,
-            margin=rotation.canary_halt_margin,
+        control = self._control
+        if _halts(
+            counts[0] + counts[1],
+            counts[1] + counts[2],
+            control[0] + control[1],
+            control[1] + control[2],
+            rotation.canary_min_sample,
+            rotation.canary_halt_margin,
         ):
             self._halt(rotation)
 
@@ -232,8 +267,8 @@ class CanaryJudge:
         self.halted = False
         self.halted_at = None
         self.why = None
-        self.canary = Sample()
-        self.control = Sample()
+        self._canary = [0, 0, 0]
+        self._control = [0, 0, 0]
         if was_halted:
             log.warning("canary resumed by the operator; samples start from zero")
         return was_halted
@@ -391,10 +426,12 @@ class Evidence:
 
     def connection_ended(self, record: FinishedConnection, rotation: Rotation | None) -> None:
         """Count a finished connection; `rotation` is the config's current (for the canary)."""
+        # Plain strings from here on: enum members hash and compare in Python code (3.11),
+        # several times slower than str, and this runs for every connection.
         key = record.key or NONE_LABEL
         choice = record.choice
-        reason: str = choice.reason if choice is not None else NONE_LABEL
-        outcome = record.outcome
+        reason: str = choice.reason._value_ if choice is not None else NONE_LABEL
+        outcome: str = record.outcome._value_
         completed = record.tls_version is not None
         aborted = outcome == CLIENT_ABORTED
         quiet = outcome == NO_REQUEST and not record.detail
@@ -418,9 +455,8 @@ class Evidence:
             timeline = self._timelines[key] = _Timeline()
         timeline.handshakes[slot] += 1
         timeline.failures[slot] += failure
-        if choice is not None and (reason == Reason.CANARY or reason == Reason.DEFAULT):
-            one = Sample(aborted=1) if aborted else Sample(completed=1, no_request=int(quiet))
-            self.canary.observe(reason, one, rotation)
+        if reason in (_CANARY, _DEFAULT):
+            self.canary.observe(reason, aborted, quiet, rotation)
 
     # --- reading -----------------------------------------------------------------------
 

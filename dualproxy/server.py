@@ -318,6 +318,10 @@ class Server:
             if self._relay is not None:
                 await _close_pool(self._relay.pool)
 
+    def now(self) -> datetime:
+        """The policy's clock: the wall clock, or the one a test or the dev bench gave."""
+        return self._clock()
+
     @property
     def active_connections(self) -> int:
         """Connections open now (each holds a connection slot)."""

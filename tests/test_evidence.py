@@ -21,6 +21,7 @@ from dualproxy.evidence import (
     should_halt,
 )
 from dualproxy.policy import Choice, Reason
+from dualproxy.server import Outcome
 
 GRACE_START: Final = datetime(2026, 12, 1, tzinfo=UTC)
 GRACE_END: Final = datetime(2027, 1, 15, tzinfo=UTC)
@@ -44,22 +45,26 @@ class Finished:
 
     key: str | None
     choice: Choice | None
-    outcome: str
+    outcome: Outcome
     detail: str = ""
     tls_version: str | None = None
     requests: int = 0
 
 
 def ok(key: str, identity: IdentityName, reason: Reason, requests: int = 1) -> Finished:
-    return Finished(key, Choice(identity, reason), "ok", tls_version="TLSv1.3", requests=requests)
+    return Finished(
+        key, Choice(identity, reason), Outcome.OK, tls_version="TLSv1.3", requests=requests
+    )
 
 
 def aborted(key: str, identity: IdentityName, reason: Reason) -> Finished:
-    return Finished(key, Choice(identity, reason), "client-aborted", detail="bad_certificate")
+    return Finished(key, Choice(identity, reason), Outcome.CLIENT_ABORTED, detail="bad_certificate")
 
 
 def no_request(key: str, identity: IdentityName, reason: Reason, detail: str = "") -> Finished:
-    return Finished(key, Choice(identity, reason), "no-request", detail, tls_version="TLSv1.3")
+    return Finished(
+        key, Choice(identity, reason), Outcome.NO_REQUEST, detail, tls_version="TLSv1.3"
+    )
 
 
 class FakeClock:
@@ -109,7 +114,7 @@ def test_each_connection_counts_against_its_key_and_reason() -> None:
         no_request("k2026a", "old", Reason.DEFAULT, detail="400 bad head"), ROTATION
     )
     # Before any key: counted as a connection, never as a handshake.
-    evidence.connection_ended(Finished(None, None, "no-hello"), ROTATION)
+    evidence.connection_ended(Finished(None, None, Outcome.NO_HELLO), ROTATION)
     status = status_of(evidence)
     old, new = status.keys
     assert old.total == Sample(completed=2, aborted=0, no_request=0)
