@@ -219,8 +219,9 @@ def _card(key: KeyStatus, status: Status) -> str:
         f'<div class="big {quality}">{_e(_percent(share))}</div>'
         f'<div class="muted">{last.pin_failures} of {last.handshakes} handshakes</div>'
         "<dl>"
-        f"<dt>since start</dt><dd>{total.handshakes} handshakes · {total.aborted} aborted ·"
-        f" {total.no_request} without a request · {_e(_percent(total.share))}</dd>"
+        f"<dt>since start</dt><dd>{_count(total.handshakes, 'handshake')} ·"
+        f" {total.aborted} aborted · {total.no_request} without a request ·"
+        f" {_e(_percent(total.share))}</dd>"
         f"<dt>requests</dt><dd>{key.requests}</dd>"
         f"<dt>valid</dt><dd>{_e(_day(facts.not_before))} to {_e(_day(facts.not_after))}"
         f" ({_e(_left(key, status.now))})</dd>"
@@ -234,20 +235,15 @@ def _card(key: KeyStatus, status: Status) -> str:
 def _timeline(status: Status) -> str:
     """Each key's validity, the grace window and now, on one time axis."""
     keys = status.keys
-    moments = [status.now]
-    for key in keys:
-        moments += [key.facts.not_before, key.facts.not_after]
     rotation = status.rotation
-    if rotation is not None:
-        moments += [rotation.grace_start, rotation.grace_end]
-    first, last = min(moments), max(moments)
-    pad = max((last - first) * 0.04, timedelta(hours=12))
-    first, last = first - pad, last + pad
+    first, last = _view(status)
     span = (last - first).total_seconds()
     plot = _TL_WIDTH - _TL_LABEL - 10
     height = _TL_TOP + _TL_ROW * max(1, len(keys)) + _TL_AXIS
 
     def x(moment: datetime) -> float:
+        """The abscissa of `moment`, clipped to the picture (a bar may run past its edge)."""
+        moment = min(max(moment, first), last)
         return _TL_LABEL + (moment - first).total_seconds() / span * plot
 
     bottom = _TL_TOP + _TL_ROW * max(1, len(keys))
@@ -353,25 +349,51 @@ def _day_chart(key: KeyStatus, status: Status) -> str:
     last = key.last_24h
     return (
         f'<figure class="panel day"><h3>{_e(key.facts.name)} ({_e(key.facts.role)}):'
-        f" {last.handshakes} handshakes, {last.pin_failures} pin failures,"
-        f" share {_e(_percent(last.share))}</h3>{''.join(parts)}</figure>"
+        f" {_count(last.handshakes, 'handshake')},"
+        f" {_count(last.pin_failures, 'pin failure')}, share {_e(_percent(last.share))}</h3>"
+        f"{''.join(parts)}</figure>"
     )
 
 
+def _view(status: Status) -> tuple[datetime, datetime]:
+    """The span the timeline shows: the grace window and now, with room around them, and the
+    certificates' ends as long as they fall within a year of that (a bar that goes on
+    further runs off the edge, its label still giving its end)."""
+    focus = [status.now]
+    if status.rotation is not None:
+        focus += [status.rotation.grace_start, status.rotation.grace_end]
+    first, last = min(focus) - _VIEW_ROOM, max(focus) + _VIEW_ROOM
+    for key in status.keys:
+        for moment in (key.facts.not_before, key.facts.not_after):
+            if first - _VIEW_REACH <= moment < first:
+                first = moment
+            elif last < moment <= last + _VIEW_REACH:
+                last = moment
+    pad = (last - first) * 0.03
+    return first - pad, last + pad
+
+
+# Around the grace window and now, and how far beyond that a certificate's end is still shown.
+_VIEW_ROOM: Final = timedelta(days=14)
+_VIEW_REACH: Final = timedelta(days=365)
+# Axis steps, finest first: (days, months) apart; the first that gives at most _MAX_TICKS wins.
+_TICK_STEPS: Final = ((1, 0), (2, 0), (7, 0), (14, 0), (0, 1), (0, 2), (0, 3), (0, 6), (0, 12))
+_MAX_TICKS: Final = 10
+
+
 def _ticks(first: datetime, last: datetime) -> list[tuple[datetime, str]]:
-    """Axis ticks: days or weeks for a short span, month starts for a long one; at most 12."""
+    """Axis ticks at day or month starts, at most _MAX_TICKS (the view spans at most about
+    two and a half years, see _view)."""
     days = (last - first).total_seconds() / 86400
-    for step in (1, 2, 7, 14):
-        if days / step <= 12:
-            start = datetime(first.year, first.month, first.day, tzinfo=UTC) + timedelta(days=1)
+    for step_days, step_months in _TICK_STEPS:
+        if step_days and days / step_days <= _MAX_TICKS:
+            moment = datetime(first.year, first.month, first.day, tzinfo=UTC) + timedelta(days=1)
             out = []
-            moment = start
             while moment < last:
                 out.append((moment, f"{moment:%b} {moment.day}"))
-                moment += timedelta(days=step)
+                moment += timedelta(days=step_days)
             return out
-    for months in (1, 2, 3, 6, 12, 24):
-        if days / (30.4 * months) <= 12:
+        if step_months and days / (30.4 * step_months) <= _MAX_TICKS:
             break
     out = []
     year, month = first.year, first.month
@@ -382,7 +404,7 @@ def _ticks(first: datetime, last: datetime) -> list[tuple[datetime, str]]:
         moment = datetime(year, month, 1, tzinfo=UTC)
         if moment >= last:
             return out
-        if (year * 12 + month - 1) % months == 0:
+        if (month - 1) % step_months == 0:
             label = f"{moment:%b %Y}" if month == 1 or not out else f"{moment:%b}"
             out.append((moment, label))
 
@@ -433,9 +455,13 @@ def _phase_text(status: Status) -> str:
 
 def _sample_text(sample: Sample) -> str:
     return (
-        f"{sample.handshakes} handshakes, {sample.pin_failures} pin failures"
+        f"{_count(sample.handshakes, 'handshake')}, {_count(sample.pin_failures, 'pin failure')}"
         f" ({_percent(sample.share)})"
     )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _colour(role: str) -> str:

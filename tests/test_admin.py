@@ -73,13 +73,13 @@ def rotation(*, canary_percent: float = 0.0) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def admin_listener(server: Server) -> AsyncIterator[tuple[str, int]]:
-    """The server's admin listener on a free loopback port, for the block."""
-    sock = admin.open_socket(ListenAddress("127.0.0.1", 0))
-    address = sock.getsockname()[:2]
+async def admin_listener(server: Server, host: str = "127.0.0.1") -> AsyncIterator[tuple[str, int]]:
+    """The server's admin listener on a free port, for the block; its loopback address."""
+    sock = admin.open_socket(ListenAddress(host, 0))
+    port = int(sock.getsockname()[1])
     async with trio.open_nursery() as nursery:
         await nursery.start(admin.serve, sock, server)
-        yield str(address[0]), int(address[1])
+        yield "127.0.0.1", port
         nursery.cancel_scope.cancel()
 
 
@@ -323,6 +323,32 @@ async def test_web_pages_and_foreign_hosts_are_refused(
                 assert status == 403, (method, path, headers)
         assert await trio.to_thread.run_sync(lambda: raw_request(at, "GET", "/nope", {})) == 404
         assert await trio.to_thread.run_sync(lambda: raw_request(at, "PUT", "/", {})) == 405
+
+
+async def test_a_listener_opened_to_the_network_answers_any_host_but_no_web_page(
+    keys: dict[str, KeyFiles], tmp_path: Path
+) -> None:
+    """With admin.allow_non_loopback, a scraper may name the host as it likes; a page's
+    cross-origin read is still refused, and the resume still takes only this machine's
+    requests, with the loopback checks."""
+    config = make_config(
+        list(keys.values()),
+        rotation=rotation(canary_percent=5),
+        base_dir=tmp_path,
+        extra={"admin": {"address": "0.0.0.0:0", "allow_non_loopback": True}},
+    )
+    async with (
+        serving(config, clock=Clock(DURING)) as run,
+        admin_listener(run.server, "0.0.0.0") as at,
+    ):
+        for method, path, headers, expected in (
+            ("GET", "/metrics", {"Host": "dualproxy-1.internal:9901"}, 200),
+            ("GET", "/status.json", {"Origin": "https://evil.example"}, 403),
+            ("POST", "/canary/resume", {"Host": "dualproxy-1.internal:9901"}, 403),
+            ("POST", "/canary/resume", {}, 200),
+        ):
+            status = await trio.to_thread.run_sync(raw_request, at, method, path, headers)
+            assert status == expected, (method, path, headers)
 
 
 def raw_request(address: tuple[str, int], method: str, path: str, headers: dict[str, str]) -> int:

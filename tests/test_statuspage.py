@@ -11,8 +11,8 @@ import os
 import re
 import shutil
 import ssl
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
@@ -108,6 +108,53 @@ def test_the_page_shows_the_canary_state_keys_and_timeline(halted: bool) -> None
     text = render_text(status(halted=halted))
     assert ("canary: HALTED" in text) is halted
     assert "k2026b           new" in text
+
+
+async def test_a_single_key_page_has_no_grace_window_and_no_canary() -> None:
+    evidence = Evidence(clock=lambda: DURING.timestamp())
+    keys = [KeyFacts("k1", "single", "A" * 43 + "=", "ECDSA P-256", GRACE_START, GRACE_END)]
+    single = evidence.status(
+        now=DURING,
+        phase="single",
+        rotation=None,
+        keys=keys,
+        active_connections=0,
+        reloads_ok=0,
+        reloads_failed=0,
+    )
+    page = render_html(single)
+    assert page.count("<svg") == 2
+    assert 'class="grace"' not in page
+    assert "Canary" not in page
+    assert "no rotation configured" in page
+    assert "no rotation configured" in render_text(single)
+
+
+@pytest.mark.parametrize(
+    ("grace_days", "validity_days"),
+    [(1, 2), (14, 90), (45, 90), (400, 800), (30, 365_000)],
+    ids=["a-day", "two-weeks", "usual", "long", "trustme-millennium"],
+)
+def test_the_timeline_axis_stays_readable(grace_days: int, validity_days: int) -> None:
+    start = datetime(2026, 12, 1, tzinfo=UTC)
+    plan = replace(ROTATION, grace_start=start, grace_end=start + timedelta(days=grace_days))
+    until = start + timedelta(days=validity_days)
+    keys = [KeyFacts("k2026a", "old", "A" * 43 + "=", "ECDSA P-256", start, until)]
+    page = render_html(
+        Evidence(clock=lambda: DURING.timestamp()).status(
+            now=start + timedelta(hours=12),
+            phase="during",
+            rotation=plan,
+            keys=keys,
+            active_connections=0,
+            reloads_ok=0,
+            reloads_failed=0,
+        )
+    )
+    timeline = page[page.index('id="timeline"') : page.index("</figure>")]
+    labels = re.findall(r'text-anchor="middle">([^<]+)</text>', timeline)
+    assert 3 <= len(labels) - 1 <= 10, labels  # the ticks, and the "grace window" label
+    assert f"until {until:%Y-%m-%d}" in timeline  # a bar running off the edge keeps its end
 
 
 async def test_conn_lines_become_json_fields_exactly() -> None:
