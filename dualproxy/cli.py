@@ -128,9 +128,18 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--admin",
             type=_admin_url_argument,
-            default=admin.parse_url(admin.DEFAULT_URL),
+            default=None,
             metavar="URL",
-            help=f"the server's admin listener, its [admin] address ({admin.DEFAULT_URL})",
+            help="the server's admin listener (default: the config's [admin] address, or"
+            f" {admin.DEFAULT_URL} without a config)",
+        )
+        sub.add_argument(
+            "-c",
+            "--config",
+            type=Path,
+            default=None,
+            help=f"the server's config file, for its [admin] address (./{DEFAULT_CONFIG_FILE}"
+            " when it exists)",
         )
 
     def with_time(sub: argparse.ArgumentParser) -> None:
@@ -373,7 +382,7 @@ async def _serve(server: Server, admin_socket: socket.socket | None) -> None:
 def _cmd_status(args: argparse.Namespace) -> int:
     path = "/status.json" if args.json else "/status.txt"
     try:
-        data = admin.fetch(args.admin, path)
+        data = admin.fetch(_admin_address(args), path)
     except admin.AdminError as exc:
         raise CommandError(str(exc)) from None
     sys.stdout.write(data.decode("utf-8", "replace"))
@@ -382,7 +391,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_canary_resume(args: argparse.Namespace) -> int:
     try:
-        text = admin.resume_canary(args.admin)
+        text = admin.resume_canary(_admin_address(args))
     except admin.AdminError as exc:
         raise CommandError(str(exc)) from None
     print(text)
@@ -390,6 +399,26 @@ def _cmd_canary_resume(args: argparse.Namespace) -> int:
 
 
 LOG_FORMATS: Final = ("text", "json")
+
+
+def _admin_address(args: argparse.Namespace) -> tuple[str, int]:
+    """Where the server's admin listener is: --admin, else the config's [admin] address
+    (a wildcard address is reached on loopback)."""
+    if args.admin is not None:
+        address: tuple[str, int] = args.admin
+        return address
+    path = args.config if args.config is not None else Path(DEFAULT_CONFIG_FILE)
+    if args.config is None and not path.is_file():
+        return admin.parse_url(admin.DEFAULT_URL)
+    listen = load(path).admin.address
+    if listen is None:
+        raise CommandError(
+            f"{path}: admin: the admin listener is off ([admin] enabled = false); enable it,"
+            " or pass --admin URL"
+        )
+    # A listener on every interface (admin.allow_non_loopback) answers on loopback too.
+    wildcard = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104
+    return wildcard.get(listen.host, listen.host), listen.port
 
 
 def _setup_logging(log_format: str = "text") -> None:

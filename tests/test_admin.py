@@ -33,6 +33,7 @@ from conftest import (
     run_client,
     serving,
     tls_get_async,
+    write_config,
 )
 from prometheus_client.parser import text_string_to_metric_families
 from upstream_server import UpstreamServer, serve_upstream
@@ -371,6 +372,35 @@ def test_status_without_a_server_says_where_it_looked(capsys: pytest.CaptureFixt
         code = cli.main(["status", "--admin", f"http://127.0.0.1:{port}"])
     assert code == cli.EXIT_FAILED
     assert f"nothing answers at http://127.0.0.1:{port}/" in capsys.readouterr().err
+
+
+async def test_status_finds_the_admin_listener_through_the_config(
+    keys: dict[str, KeyFiles], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_file = tmp_path / "config.toml"
+    config = write_config(config_file, list(keys.values()), rotation=rotation(canary_percent=5))
+    async with serving(config, clock=Clock(DURING)) as run, admin_listener(run.server) as at:
+        # The config names the port the listener got (a real one names it from the start).
+        write_config(
+            config_file,
+            list(keys.values()),
+            rotation=rotation(canary_percent=5),
+            extra={"admin": {"address": f"127.0.0.1:{at[1]}"}},
+        )
+        code = await trio.to_thread.run_sync(cli.main, ["status", "-c", str(config_file)])
+        resumed = await trio.to_thread.run_sync(
+            cli.main, ["canary", "resume", "-c", str(config_file)]
+        )
+    assert (code, resumed) == (cli.EXIT_OK, cli.EXIT_OK)
+    out = capsys.readouterr().out
+    assert "canary: running, 5% of hint-less clients" in out
+    assert "the canary was not halted; nothing changed" in out
+    # Its twin: a config whose admin listener is off says so.
+    write_config(
+        config_file, list(keys.values()), rotation=rotation(), extra={"admin": {"enabled": False}}
+    )
+    assert cli.main(["status", "-c", str(config_file)]) == cli.EXIT_FAILED
+    assert "the admin listener is off" in capsys.readouterr().err
 
 
 def test_status_usage_error_for_a_bad_url(capsys: pytest.CaptureFixture[str]) -> None:
