@@ -162,14 +162,8 @@ async def _handle(
             request = await receive_request(stream, conn, max_body=MAX_BODY_BYTES)
         if request is None:
             return
-        refuse_origin = on_loopback or request[0].target.startswith(b"/canary/")
-        if refuse_origin:
-            refuse_web_pages(request[0], _ADVICE)
-        elif any(name == b"origin" for name, _ in request[0].headers):
-            # On a listener opened to the network, a Host check would refuse the operator's own
-            # scraper; a web page's cross-origin read is still refused.
-            raise Refused(403, "refused a request from a web page (Origin)")
-        status, content_type, body, extra = _answer(request[0], server, scrape, from_loopback)
+        _check_asker(request[0], on_loopback=on_loopback, from_loopback=from_loopback)
+        status, content_type, body, extra = _answer(request[0], server, scrape)
         await send_answer(stream, conn, status, body, content_type, extra)
     except Refused as refused:
         body = json.dumps({"error": refused.message}, indent=2).encode() + b"\n"
@@ -190,15 +184,24 @@ _Answer = tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]
 _GET_PATHS: Final = (b"/", b"/status.json", b"/status.txt", b"/metrics")
 
 
-def _answer(
-    request: h11.Request, server: Server, scrape: Callable[[], bytes], from_loopback: bool
-) -> _Answer:
+def _check_asker(request: h11.Request, *, on_loopback: bool, from_loopback: bool) -> None:
+    """Who may ask what (see the module docstring); Refused when the asker may not."""
+    changes = request.target.startswith(b"/canary/")
+    if changes and not from_loopback:
+        raise Refused(403, f"only this machine may resume the canary: {_ADVICE}")
+    if on_loopback or changes:
+        refuse_web_pages(request, _ADVICE)
+    elif any(name == b"origin" for name, _ in request.headers):
+        # On a listener opened to the network a Host check would refuse the operator's own
+        # scraper (it names the host as it likes); a web page's cross-origin read is refused.
+        raise Refused(403, "refused a request from a web page (Origin)")
+
+
+def _answer(request: h11.Request, server: Server, scrape: Callable[[], bytes]) -> _Answer:
     target = request.target.split(b"?", 1)[0]
     if target == b"/canary/resume":
         if request.method != b"POST":
             raise Refused(405, "method not allowed: POST /canary/resume")
-        if not from_loopback:
-            raise Refused(403, f"only this machine may resume the canary: {_ADVICE}")
         return _resume(server)
     if target not in _GET_PATHS:
         raise Refused(

@@ -161,7 +161,12 @@ async def test_each_signal_counts_against_the_key_and_reason_that_got_it(
                 answer = await tls_get_async(run.host, run.port, cafile=cafile)
                 assert answer.pin == old.pin
                 assert answer.response.startswith(b"HTTP/1.1 200 ")
-            await connections_counted(run.server, 6)
+            # A request the relay refuses (405) on a completed handshake: no request got
+            # through, yet it is no pin failure, and its status class is counted.
+            trace = [*curl_pinned(run.port, cafile=cafile, pin=old.pin), "-X", "TRACE"]
+            result = await run_client(trace)
+            assert (result.returncode, b"405" in result.stdout) == (0, True), result.stdout
+            await connections_counted(run.server, 7)
 
             exposition = (await get(at, "/metrics")).decode()
             document = json.loads(await get(at, "/status.json"))
@@ -173,7 +178,7 @@ async def test_each_signal_counts_against_the_key_and_reason_that_got_it(
     handshakes, failures = "dualproxy_handshakes_total", "dualproxy_pin_failures_total"
     assert value(parsed, handshakes, key="k2026b", reason="hint-sni", result="completed") == 2
     assert value(parsed, failures, key="k2026b", reason="hint-sni", kind="no_request") == 1
-    assert value(parsed, handshakes, key="k2026a", reason="default", result="completed") == 3
+    assert value(parsed, handshakes, key="k2026a", reason="default", result="completed") == 4
     assert value(parsed, handshakes, key="k2026a", reason="default", result="aborted") == 1
     assert value(parsed, failures, key="k2026a", reason="default", kind="aborted") == 1
     assert value(parsed, failures, key="k2026a", reason="default", kind="no_request") == 1
@@ -181,14 +186,16 @@ async def test_each_signal_counts_against_the_key_and_reason_that_got_it(
     assert value(parsed, failures, key="k2026b", reason="hint-sni", kind="aborted") == 0
     connections = "dualproxy_connections_total"
     assert value(parsed, connections, key="k2026a", reason="default", outcome="ok") == 2
+    assert value(parsed, connections, key="k2026a", reason="default", outcome="no-request") == 2
     assert value(parsed, connections, key="k2026b", reason="hint-sni", outcome="ok") == 1
     assert value(parsed, "dualproxy_requests_total", key="k2026a", reason="default") == 2
     # Both curl and Python got a 200 relayed from the upstream; the latency histogram has them.
     assert value(parsed, "dualproxy_responses_total", code_class="2xx") == 3
+    assert value(parsed, "dualproxy_responses_total", code_class="4xx") == 1
     assert value(parsed, "dualproxy_upstream_response_seconds_count") == 3
     assert value(parsed, "dualproxy_upstream_response_seconds_bucket", le="+Inf") == 3
     share = "dualproxy_pin_failure_share"
-    assert value(parsed, share, key="k2026a", window="since_start") == pytest.approx(2 / 4)
+    assert value(parsed, share, key="k2026a", window="since_start") == pytest.approx(2 / 5)
     assert value(parsed, share, key="k2026b", window="24h") == pytest.approx(1 / 2)
     assert value(parsed, "dualproxy_rotation_phase", phase="during") == 1
     assert value(parsed, "dualproxy_rotation_phase", phase="after") == 0
@@ -207,18 +214,18 @@ async def test_each_signal_counts_against_the_key_and_reason_that_got_it(
     by_name = {key["name"]: key for key in document["keys"]}
     assert [by_name[n]["role"] for n in ("k2026a", "k2026b")] == ["old", "new"]
     assert by_name["k2026a"]["total"] == {
-        "handshakes": 4,
-        "completed": 3,
+        "handshakes": 5,
+        "completed": 4,
         "aborted": 1,
         "no_request": 1,
         "pin_failures": 2,
-        "pin_failure_share": 0.5,
+        "pin_failure_share": 0.4,
     }
     assert by_name["k2026b"]["last_24h"]["pin_failures"] == 1
     assert by_name["k2026b"]["pin"] == f"sha256/{new.pin}"
-    assert sum(by_name["k2026a"]["series"]["handshakes"]) == 4
+    assert sum(by_name["k2026a"]["series"]["handshakes"]) == 5
     assert len(by_name["k2026a"]["series"]["handshakes"]) == document["series"]["buckets"]
-    assert document["responses"] == {"2xx": 3}
+    assert document["responses"] == {"2xx": 3, "4xx": 1}
     assert document["canary"] is None
 
     # The text summary, as served and as `dualproxy status` prints it.
@@ -229,7 +236,7 @@ async def test_each_signal_counts_against_the_key_and_reason_that_got_it(
     lines = {
         line.split()[0]: line.split() for line in text.splitlines() if line.startswith("k2026")
     }
-    assert lines["k2026a"][1:6] == ["old", "4", "2", "50.0%", "4"]
+    assert lines["k2026a"][1:6] == ["old", "5", "2", "40.0%", "5"]
     assert lines["k2026b"][1:6] == ["new", "2", "1", "50.0%", "2"]
 
 
