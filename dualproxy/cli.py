@@ -37,8 +37,10 @@ from .config import (
     DEFAULT_CONFIG_FILE,
     Config,
     ConfigError,
+    ListenAddress,
     Role,
     host_name_problem,
+    is_loopback_host,
     key_name_problem,
     load,
     normalize_host,
@@ -158,6 +160,14 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=LOG_FORMATS,
         default="text",
         help="text (default): one key=value line per connection; json: one JSON object per line",
+    )
+    serve.add_argument(
+        "--admin",
+        type=_admin_url_argument,
+        default=None,
+        metavar="HOST:PORT",
+        help="the admin listener's address instead of the config's [admin] address (one per"
+        " process when several share the port with reuse_port)",
     )
     serve.set_defaults(handler=_cmd_serve)
 
@@ -355,13 +365,23 @@ def _load(args: argparse.Namespace) -> tuple[Config, KeySnapshot]:
 def _cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(args.log_format)
     config = load(args.config)
+    admin_address = config.admin.address
+    if args.admin is not None:
+        host, port = args.admin
+        if not is_loopback_host(host) and not config.admin.allow_non_loopback:
+            raise CommandError(
+                f"--admin {host}:{port}: the admin listener listens on loopback unless the"
+                " config says admin.allow_non_loopback = true",
+                EXIT_USAGE,
+            )
+        admin_address = ListenAddress(host, port)
     server = Server(config)  # loads the keys: an unusable one stops us here, exit 1
     raise_open_file_limit(config.limits.max_connections)
     with contextlib.ExitStack() as sockets:
         admin_socket = None
-        if config.admin.address is not None:
+        if admin_address is not None:
             try:
-                admin_socket = sockets.enter_context(admin.open_socket(config.admin.address))
+                admin_socket = sockets.enter_context(admin.open_socket(admin_address))
             except OSError as exc:
                 raise CommandError(f"{config.path}: {exc.strerror}") from None
         code = _run_until_interrupted(partial(_serve, server, admin_socket))

@@ -657,7 +657,8 @@ def test_serve_json_logs_and_its_admin_listener_answer_status(
     included; `dualproxy status` reads the running server's admin listener."""
     script = Path(sys.executable).parent / "dualproxy"
     process = subprocess.Popen(
-        [str(script), "serve", "-c", str(example.config_file), "--log-format", "json"],
+        [str(script), "serve", "-c", str(example.config_file), "--log-format", "json",
+         "--admin", "127.0.0.1:0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -694,3 +695,11 @@ def test_serve_json_logs_and_its_admin_listener_answer_status(
 
 def answer_key(example: Example, pin: str) -> str:
     return "k2026a" if pin == example.old.pin else "k2026b"
+
+
+def test_serve_admin_override_stays_on_loopback(
+    example: Example, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["serve", "-c", str(example.config_file), "--admin", "0.0.0.0:9901"])
+    assert code == cli.EXIT_USAGE
+    assert "admin.allow_non_loopback = true" in capsys.readouterr().err
