@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -30,15 +31,17 @@ from typing import Final, NoReturn, TextIO, TypeVar
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from . import checks, dev, devcerts, devcontrol, echo, keystore, pins, policy, renewal
+from . import admin, checks, dev, devcerts, devcontrol, echo, keystore, pins, policy, renewal
 from .clienthello import ClientHello
 from .config import (
     DEFAULT_CONFIG_FILE,
     Config,
     ConfigError,
     KeyConfig,
+    ListenAddress,
     Role,
     host_name_problem,
+    is_loopback_host,
     key_name_problem,
     load,
     normalize_host,
@@ -48,6 +51,7 @@ from .dev import DEFAULT_DIR as DEV_DIR
 from .dev import SCENARIOS as DEV_SCENARIOS
 from .devcontrol import DEFAULT_ADMIN_ADDRESS
 from .keystore import KeySnapshot, KeyStoreError
+from .logformat import JsonFormatter
 from .server import Server, raise_open_file_limit, utc_now
 
 EXIT_OK: Final = 0
@@ -125,6 +129,24 @@ def _build_parser() -> argparse.ArgumentParser:
             help=f"config file (default: ./{DEFAULT_CONFIG_FILE})",
         )
 
+    def with_admin_url(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--admin",
+            type=_admin_url_argument,
+            default=None,
+            metavar="URL",
+            help="the server's admin listener (default: the config's [admin] address, or"
+            f" {admin.DEFAULT_URL} without a config)",
+        )
+        sub.add_argument(
+            "-c",
+            "--config",
+            type=Path,
+            default=None,
+            help=f"the server's config file, for its [admin] address (./{DEFAULT_CONFIG_FILE}"
+            " when it exists)",
+        )
+
     def with_time(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
             "--at",
@@ -136,7 +158,40 @@ def _build_parser() -> argparse.ArgumentParser:
 
     serve = command("serve", "serve TLS with the configured keys and rotation")
     with_config(serve)
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text (default): one key=value line per connection; json: one JSON object per line",
+    )
+    serve.add_argument(
+        "--admin",
+        type=_admin_url_argument,
+        default=None,
+        metavar="HOST:PORT",
+        help="the admin listener's address instead of the config's [admin] address (one per"
+        " process when several share the port with reuse_port)",
+    )
     serve.set_defaults(handler=_cmd_serve)
+
+    status = command(
+        "status", "who gets which key and how it goes: the admin listener's summary, as text"
+    )
+    with_admin_url(status)
+    status.add_argument("--json", action="store_true", help="print /status.json instead")
+    status.set_defaults(handler=_cmd_status)
+
+    canary = command("canary", "the canary of a running server")
+    canary_sub = canary.add_subparsers(metavar="ACTION", required=True)
+    resume = canary_sub.add_parser(
+        "resume",
+        help="run a halted canary again (its samples start from zero)",
+        description="Resume the canary that the server halted when the new key's pin-failure"
+        " share rose above the old key's; fix the cause first (an app shipped without the new"
+        " pin).",
+    )
+    with_admin_url(resume)
+    resume.set_defaults(handler=_cmd_canary_resume)
 
     check = command("check", "validate config, keys and chains; show the rotation timeline")
     with_config(check)
@@ -311,6 +366,13 @@ def _host_argument(text: str) -> str:
     return normalize_host(text)
 
 
+def _admin_url_argument(text: str) -> tuple[str, int]:
+    try:
+        return admin.parse_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _admin_argument(text: str) -> tuple[str, int]:
     try:
         return devcontrol.parse_admin_address(text)
@@ -327,8 +389,18 @@ def _load(args: argparse.Namespace) -> tuple[Config, KeySnapshot]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    _setup_logging()
+    _setup_logging(args.log_format)
     config = load(args.config)
+    admin_address = config.admin.address
+    if args.admin is not None:
+        host, port = args.admin
+        if not is_loopback_host(host) and not config.admin.allow_non_loopback:
+            raise CommandError(
+                f"--admin {host}:{port}: the admin listener listens on loopback unless the"
+                " config says admin.allow_non_loopback = true",
+                EXIT_USAGE,
+            )
+        admin_address = ListenAddress(host, port)
     missing = [key for key in config.acme_keys() if not key.chain.exists()]
     if missing:
         # Obtained before serving: the key store serves only keys that have a chain.
@@ -337,13 +409,71 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _issue_or_fail(config, missing)
     server = Server(config)  # loads the keys: an unusable one stops us here, exit 1
     raise_open_file_limit(config.limits.max_connections)
-    code = _run_until_interrupted(server.run)
+    with contextlib.ExitStack() as sockets:
+        admin_socket = None
+        if admin_address is not None:
+            try:
+                admin_socket = sockets.enter_context(admin.open_socket(admin_address))
+            except OSError as exc:
+                raise CommandError(f"{config.path}: {exc.strerror}") from None
+        code = _run_until_interrupted(partial(_serve, server, admin_socket))
     if code == EXIT_OK:
         logging.getLogger("dualproxy").info("stopped")
     return code
 
 
-def _setup_logging(level: int = logging.INFO) -> None:
+async def _serve(server: Server, admin_socket: socket.socket | None) -> None:
+    """The server and, beside it, its admin listener, which stops when the server does."""
+    async with trio.open_nursery() as nursery:
+        if admin_socket is not None:
+            await nursery.start(admin.serve, admin_socket, server)
+        await server.run()
+        nursery.cancel_scope.cancel()
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    path = "/status.json" if args.json else "/status.txt"
+    try:
+        data = admin.fetch(_admin_address(args), path)
+    except admin.AdminError as exc:
+        raise CommandError(str(exc)) from None
+    sys.stdout.write(data.decode("utf-8", "replace"))
+    return EXIT_OK
+
+
+def _cmd_canary_resume(args: argparse.Namespace) -> int:
+    try:
+        text = admin.resume_canary(_admin_address(args))
+    except admin.AdminError as exc:
+        raise CommandError(str(exc)) from None
+    print(text)
+    return EXIT_OK
+
+
+LOG_FORMATS: Final = ("text", "json")
+
+
+def _admin_address(args: argparse.Namespace) -> tuple[str, int]:
+    """Where the server's admin listener is: --admin, else the config's [admin] address
+    (a wildcard address is reached on loopback)."""
+    if args.admin is not None:
+        address: tuple[str, int] = args.admin
+        return address
+    path = args.config if args.config is not None else Path(DEFAULT_CONFIG_FILE)
+    if args.config is None and not path.is_file():
+        return admin.parse_url(admin.DEFAULT_URL)
+    listen = load(path).admin.address
+    if listen is None:
+        raise CommandError(
+            f"{path}: admin: the admin listener is off ([admin] enabled = false); enable it,"
+            " or pass --admin URL"
+        )
+    # A listener on every interface (admin.allow_non_loopback) answers on loopback too.
+    wildcard = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104
+    return wildcard.get(listen.host, listen.host), listen.port
+
+
+def _setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     # What no log line of ours shows, so nothing records it (the logging HOWTO's
     # "Optimization"): a log line per connection is part of every connection's cost.
     logging.logThreads = False
@@ -355,6 +485,9 @@ def _setup_logging(level: int = logging.INFO) -> None:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
 
 
 def _run_until_interrupted(body: Callable[[], Awaitable[None]]) -> int:
@@ -432,7 +565,7 @@ def _run_acme(body: Callable[[], Awaitable[_R]]) -> _R:
 def _cmd_acme_issue(args: argparse.Namespace) -> int:
     from . import acme
 
-    _setup_logging(logging.WARNING)
+    _setup_logging(level=logging.WARNING)
     config = load(args.config)
     try:
         key = acme.managed_key(config, args.key)
@@ -452,7 +585,7 @@ def _print_pin(config: Config, key: KeyConfig) -> None:
 def _cmd_acme_renew(args: argparse.Namespace) -> int:
     from . import acme
 
-    _setup_logging(logging.WARNING)
+    _setup_logging(level=logging.WARNING)
     config = load(args.config)
     if config.acme is None:
         raise CommandError(f"{config.path}: acme: no [acme] table; add one (see config.toml)")

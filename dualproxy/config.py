@@ -41,6 +41,13 @@ _MAX_HOST_NAME: Final = 253
 # RFC 9110 field names (tokens) and values (visible characters, spaces and tabs inside).
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(r"[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*|")
+# The canary's halt rule (policy, evidence). 200 handshakes: with a true pin-failure share
+# of 0 the chance of seeing 10 (5 %) failures by accident is nil, while a real pin failure
+# (shares of 20 % and more when an app ships without the new pin) shows well before; five
+# percentage points stays above the background of clients that connect and leave (browser
+# preconnects, health checks) that the old key sees just as much.
+DEFAULT_CANARY_MIN_SAMPLE: Final = 200
+DEFAULT_CANARY_HALT_MARGIN: Final = 0.05
 # ALPN tokens every client offers: hinting on them would route everyone.
 _COMMON_ALPN: Final = frozenset({b"http/1.1", b"http/1.0", b"h2", b"h3", b"acme-tls/1"})
 
@@ -140,6 +147,11 @@ class Rotation:
     grace_end: datetime  # aware, UTC, after grace_start
     default: Role = "old"
     canary_percent: float = 0.0
+    # The canary halts (hint-less clients get the default again) once the new key has served
+    # canary_min_sample canary handshakes and its pin-failure share exceeds the old key's by
+    # more than canary_halt_margin (a fraction: 0.05 is five percentage points).
+    canary_min_sample: int = DEFAULT_CANARY_MIN_SAMPLE
+    canary_halt_margin: float = DEFAULT_CANARY_HALT_MARGIN
     hints_new: Hints = field(default_factory=Hints)
     hints_old: Hints = field(default_factory=Hints)
 
@@ -257,6 +269,18 @@ class KeyStoreSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin listener: /metrics, /status.json, the status page, canary resume."""
+
+    # Loopback by default: the status page names keys and client counts, and the listener
+    # takes the canary resume. None: no admin listener.
+    address: ListenAddress | None = ListenAddress("127.0.0.1", 9901)
+    # A non-loopback address (so that Prometheus can scrape from another host) must be asked
+    # for explicitly; canary resume still answers loopback clients only.
+    allow_non_loopback: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: ListenConfig
     keys: Mapping[str, KeyConfig]
@@ -267,6 +291,7 @@ class Config:
     # None: dualproxy answers every request itself with a short 200 (TLS and pin testing).
     upstream: UpstreamConfig | None = None
     acme: AcmeConfig | None = None
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     def acme_keys(self) -> tuple[KeyConfig, ...]:
         """The keys whose certificates dualproxy obtains itself ([acme] and `names`)."""
@@ -342,6 +367,7 @@ def parse(
         if upstream_table is not None
         else None
     )
+    admin = _parse_admin(root.table("admin"))
     root.done()
     return Config(
         listen=listen,
@@ -352,6 +378,7 @@ def parse(
         path=path,
         upstream=upstream,
         acme=acme,
+        admin=admin,
     )
 
 
@@ -728,6 +755,10 @@ def _parse_rotation(table: _Table, keys: Mapping[str, KeyConfig]) -> Rotation:
             'the canary sends a share of default clients to the new key; with default = "new"'
             ' they all get it already: set canary_percent = 0 or default = "old"',
         )
+    min_sample = table.integer(
+        "canary_min_sample", DEFAULT_CANARY_MIN_SAMPLE, low=1, high=1_000_000_000
+    )
+    margin = table.number("canary_halt_margin", DEFAULT_CANARY_HALT_MARGIN, low=0.0, high=1.0)
     hints = table.table("hints")
     hints_new = hints_old = Hints()
     if hints is not None:
@@ -743,6 +774,8 @@ def _parse_rotation(table: _Table, keys: Mapping[str, KeyConfig]) -> Rotation:
         grace_end=end,
         default="old" if default == "old" else "new",
         canary_percent=canary,
+        canary_min_sample=min_sample,
+        canary_halt_margin=margin,
         hints_new=hints_new,
         hints_old=hints_old,
     )
@@ -936,6 +969,43 @@ def _parse_upstream(table: _Table, base_dir: Path, check_files: bool) -> Upstrea
         key_path, _, problem = str(exc).partition(": ")
         raise ConfigError(key_path, problem) from None
     return upstream
+
+
+def _parse_admin(table: _Table | None) -> AdminConfig:
+    if table is None:
+        return AdminConfig()
+    allow = table.boolean("allow_non_loopback", False)
+    text = table.string("address")
+    enabled = table.boolean("enabled", True)
+    address = AdminConfig().address
+    if text is not None:
+        try:
+            address = _parse_address(text)
+        except ValueError as exc:
+            raise ConfigError(table.path("address"), str(exc)) from None
+    table.done()
+    if not enabled:
+        return AdminConfig(address=None, allow_non_loopback=allow)
+    assert address is not None
+    if not allow and not is_loopback_host(address.host):
+        raise ConfigError(
+            table.path("address"),
+            f"{address} is not a loopback address; the admin listener shows which clients get"
+            " which key and takes the canary resume, so it listens on 127.0.0.1 or [::1] unless"
+            " admin.allow_non_loopback = true (then firewall it)",
+        )
+    return AdminConfig(address=address, allow_non_loopback=allow)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a listen host ("127.0.0.1", "::1", "localhost") is loopback; "" (every
+    interface) and other names are not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse_keystore(table: _Table | None) -> KeyStoreSettings:

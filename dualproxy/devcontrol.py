@@ -19,6 +19,9 @@ The API (JSON answers, each with Connection: close):
                          500 when the switch failed (the previous scenario keeps serving)
 The running bench writes its address to `admin-address` in its folder, which is where
 `dualproxy dev switch` looks for it, and removes it when it stops.
+
+The serve command's admin listener (`admin.py`) is built from the same parts: `Refused`,
+`receive_request`, `refuse_web_pages`, `peer_is_loopback` and `send_answer`.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "ADMIN_REQUEST_TIMEOUT",
     "DEFAULT_ADMIN_ADDRESS",
     "ControlError",
+    "Refused",
     "SwitchError",
     "Switchboard",
     "format_address",
@@ -48,8 +52,12 @@ __all__ = [
     "handle",
     "open_socket",
     "parse_admin_address",
+    "peer_is_loopback",
     "read_address_file",
+    "receive_request",
+    "refuse_web_pages",
     "remove_address_file",
+    "send_answer",
     "serve",
     "switch",
     "write_address_file",
@@ -182,7 +190,7 @@ async def serve(
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
     async def handler(stream: trio.SocketStream) -> None:
-        if _peer_is_loopback(stream):
+        if peer_is_loopback(stream):
             await handle(stream, board)
         else:  # cannot happen on a loopback listener; if it does, say nothing
             await trio.aclose_forcefully(stream)
@@ -196,12 +204,13 @@ async def handle(stream: trio.abc.Stream, board: Switchboard) -> None:
     try:
         request: tuple[h11.Request, bytes] | None = None
         with trio.move_on_after(ADMIN_REQUEST_TIMEOUT):
-            request = await _receive(stream, conn)
+            request = await receive_request(stream, conn, max_body=ADMIN_MAX_BODY_BYTES)
         if request is None:
             return
+        refuse_web_pages(request[0], "switch with `dualproxy dev switch SCENARIO`")
         status, answer = await _answer(*request, board)
         await _send(stream, conn, status, answer)
-    except _Refused as refused:
+    except Refused as refused:
         await _send(stream, conn, refused.status, {"error": refused.message})
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the client left
@@ -214,14 +223,16 @@ async def handle(stream: trio.abc.Stream, board: Switchboard) -> None:
             await stream.aclose()
 
 
-class _Refused(Exception):
+class Refused(Exception):
+    """The request is not answered as asked: its status and why (the client's fault)."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
 
 
-def _peer_is_loopback(stream: trio.SocketStream) -> bool:
+def peer_is_loopback(stream: trio.SocketStream) -> bool:
     try:
         host = str(stream.socket.getpeername()[0]).split("%", 1)[0]
         address = ipaddress.ip_address(host)
@@ -232,24 +243,25 @@ def _peer_is_loopback(stream: trio.SocketStream) -> bool:
     return address.is_loopback
 
 
-async def _receive(stream: trio.abc.Stream, conn: h11.Connection) -> tuple[h11.Request, bytes]:
-    """The request and its body, or _Refused; raises BrokenResourceError if the client left."""
+async def receive_request(
+    stream: trio.abc.Stream, conn: h11.Connection, *, max_body: int
+) -> tuple[h11.Request, bytes]:
+    """The request and its body, or Refused; raises BrokenResourceError if the client left."""
     request: h11.Request | None = None
     body = b""
     while True:
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
-            raise _Refused(exc.error_status_hint, f"cannot read the request: {exc}") from None
+            raise Refused(exc.error_status_hint, f"cannot read the request: {exc}") from None
         if event is h11.NEED_DATA:
             conn.receive_data(bytes(await stream.receive_some(RECEIVE_SIZE)))
         elif isinstance(event, h11.Request):
             request = event
-            _check_origin(request)
         elif isinstance(event, h11.Data):
             body += event.data
-            if len(body) > ADMIN_MAX_BODY_BYTES:
-                raise _Refused(413, f"the body is a scenario name: at most {ADMIN_MAX_BODY_BYTES}")
+            if len(body) > max_body:
+                raise Refused(413, f"the request body is too large: at most {max_body} bytes")
         elif isinstance(event, h11.EndOfMessage):
             assert request is not None
             return request, body
@@ -257,18 +269,18 @@ async def _receive(stream: trio.abc.Stream, conn: h11.Connection) -> tuple[h11.R
             raise trio.BrokenResourceError("the client closed before its request was complete")
 
 
-def _check_origin(request: h11.Request) -> None:
-    """Loopback Host, no Origin: see the module docstring for why."""
+def refuse_web_pages(request: h11.Request, advice: str) -> None:
+    """Loopback Host, no Origin (see the module docstring for why); else Refused, the message
+    ending with `advice` (how to do it instead)."""
     origins = [value for name, value in request.headers if name == b"origin"]
     if origins:
-        raise _Refused(
+        raise Refused(
             403,
-            f"refused a request from a web page (Origin: {origins[0].decode('latin-1')}):"
-            " switch with `dualproxy dev switch SCENARIO`",
+            f"refused a request from a web page (Origin: {origins[0].decode('latin-1')}): {advice}",
         )
     hosts = [value.decode("latin-1") for name, value in request.headers if name == b"host"]
     if len(hosts) != 1 or not _is_loopback_host(hosts[0]):
-        raise _Refused(
+        raise Refused(
             403,
             f"Host {', '.join(hosts)!r} is not this machine's loopback: the admin endpoint"
             " answers only requests for localhost, 127.0.0.1 or [::1]",
@@ -298,34 +310,46 @@ async def _answer(
 ) -> tuple[int, dict[str, object]]:
     target = request.target.split(b"?", 1)[0]
     if target != b"/scenario":
-        raise _Refused(404, "not found: the admin endpoint has GET and PUT /scenario")
+        raise Refused(404, "not found: the admin endpoint has GET and PUT /scenario")
     if request.method == b"GET":
         return 200, {"scenario": board.scenario, "scenarios": list(board.scenarios)}
     if request.method != b"PUT":
-        raise _Refused(405, "method not allowed: GET /scenario, or PUT /scenario with a name")
+        raise Refused(405, "method not allowed: GET /scenario, or PUT /scenario with a name")
     name = body.decode("utf-8", "replace").strip()
     previous = board.scenario
     try:
         text = await board.switch(name)
     except SwitchError as exc:
         status = 400 if name not in board.scenarios else 500
-        raise _Refused(status, str(exc)) from None
+        raise Refused(status, str(exc)) from None
     return 200, {"scenario": name, "previous": previous, "text": text}
 
 
 async def _send(
     stream: trio.abc.Stream, conn: h11.Connection, status: int, answer: dict[str, object]
 ) -> None:
+    body = json.dumps(answer, indent=2).encode() + b"\n"
+    extra = [(b"allow", b"GET, PUT")] if status == 405 else []
+    await send_answer(stream, conn, status, body, b"application/json", extra)
+
+
+async def send_answer(
+    stream: trio.abc.Stream,
+    conn: h11.Connection,
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    """The one response on this connection (then closed), unless one was already sent."""
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return
-    body = json.dumps(answer, indent=2).encode() + b"\n"
     headers = [
-        (b"content-type", b"application/json"),
+        (b"content-type", content_type),
         (b"content-length", str(len(body)).encode()),
         (b"connection", b"close"),
+        *extra_headers,
     ]
-    if status == 405:
-        headers.append((b"allow", b"GET, PUT"))
     reason = HTTPStatus(status).phrase.encode()
     data = conn.send(h11.Response(status_code=status, headers=headers, reason=reason)) or b""
     data += conn.send(h11.Data(data=body)) or b""

@@ -22,7 +22,9 @@ these rules, first match wins:
      address matches no network.
 5. The canary: with default old, a client whose `canary_bucket` (a hash of its address,
    mapped IPv4 as IPv4, IPv6 by its /64) is below `canary_percent` gets new (`canary`). An
-   unknown address is never in the canary. Raising the percentage only adds clients.
+   unknown address is never in the canary. Raising the percentage only adds clients. A halted
+   canary (`canary_halted`, decided by `evidence.CanaryJudge` from what clients did, and an
+   input here like the clock) sends no one: those clients get the default again.
 6. Otherwise the default identity (`default`).
 """
 
@@ -111,7 +113,12 @@ def phase(rotation: Rotation | None, now: datetime) -> Phase:
 
 
 def choose(
-    rotation: Rotation | None, hello: ClientHello | None, peer: IPAddress | None, now: datetime
+    rotation: Rotation | None,
+    hello: ClientHello | None,
+    peer: IPAddress | None,
+    now: datetime,
+    *,
+    canary_halted: bool = False,
 ) -> Choice:
     """The identity to present to this connection, by the rules in the module docstring."""
     if rotation is None:
@@ -130,6 +137,7 @@ def choose(
     if (
         rotation.default == "old"
         and rotation.canary_percent > 0
+        and not canary_halted
         and peer is not None
         and canary_bucket(peer) < rotation.canary_percent
     ):

@@ -142,6 +142,13 @@ class Tally(Protocol):
     def note(self, detail: str) -> None:
         """Why the connection ended early (logged once, with the connection)."""
 
+    def response_relayed(self, status: int, upstream_seconds: float) -> None:
+        """An upstream response head arrived, `upstream_seconds` after the request was sent;
+        called once per response, so it must cost a few integer operations at most."""
+
+    def response_generated(self, status: int) -> None:
+        """The relay answered the client itself (a refusal: 4xx, 502, 504)."""
+
 
 class Drain:
     """Graceful shutdown as relays see it; one per server, shared by all its connections.
@@ -396,6 +403,7 @@ class ClientConnection:
             break
         if isinstance(failure, _Refusal):
             self._tally.note(f"{failure.status} {failure.problem}")
+            self._tally.response_generated(failure.status)
             assert self._limits is not None
             await self._refuse(failure, self._limits, head_only=self._head_method == b"HEAD")
         elif isinstance(failure, _Cut):
@@ -538,8 +546,9 @@ class ClientConnection:
                     await self._forward_body(upstream, request, head, limits)
                 else:
                     await upstream.send_request(request, bounded=False)
-                self._wait(_Phase.UPSTREAM_HEAD, limits.upstream_timeout)
+                sent = self._wait(_Phase.UPSTREAM_HEAD, limits.upstream_timeout)
                 response = await upstream.receive_head(timeout=None, request_method=head.method)
+                self._tally.response_relayed(response.status, self._now() - sent)
                 # _respond raises no UpstreamError, and releases or discards the upstream
                 # connection itself.
                 await self._respond(upstream, response, head, settings)

@@ -37,6 +37,7 @@ import signal
 import socket
 import ssl
 import sys
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -51,6 +52,7 @@ from . import config as config_mod
 from .clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, ClientHelloError, parse_client_hello
 from .clienthello import is_plain_http as looks_like_plain_http
 from .config import Config, ConfigError, ListenAddress
+from .evidence import LATENCY_BOUNDS, Evidence, RequestCounters
 from .keystore import KeySnapshot, KeyStoreError
 from .relay import ClientConnection, Drain, RelaySettings
 from .streams import TcpStream, TlsStream, discard_until_closed, set_tcp_options
@@ -130,6 +132,8 @@ class ConnectionRecord:
     tls_version: str | None = None
     requests: int = 0
     started: float = field(default_factory=trio.current_time)
+    # The server's per-request counts (evidence.RequestCounters), shared by its connections.
+    counters: RequestCounters = field(default_factory=RequestCounters, repr=False)
 
     # The relay's Tally: it reports through these, without importing this module.
     def request_received(self) -> None:
@@ -138,6 +142,15 @@ class ConnectionRecord:
 
     def note(self, detail: str) -> None:
         self.detail = detail
+
+    def response_relayed(self, status: int, upstream_seconds: float) -> None:
+        counters = self.counters
+        counters.statuses[status // 100] += 1
+        counters.latency[bisect_right(LATENCY_BOUNDS, upstream_seconds)] += 1
+        counters.latency_sum += upstream_seconds
+
+    def response_generated(self, status: int) -> None:
+        self.counters.statuses[status // 100] += 1
 
     def log_line(self) -> str:
         """`conn` and the fields key=value, in a fixed order, "-" for none.
@@ -246,6 +259,8 @@ class Server:
         self._slots = trio.CapacityLimiter(config.limits.max_connections)
         self.reloads_ok = 0
         self.reloads_failed = 0
+        # Who got which key and how it went (the admin listener shows it); the canary's halt.
+        self.evidence = Evidence()
         self._drain = Drain()
         # While run() runs: the scope of the accept loops (drain() cancels it) and that of
         # the connection tasks (the grace deadline and a second SIGTERM act on it).
@@ -312,6 +327,15 @@ class Server:
             self._accepting = self._connections = None
             if self._relay is not None:
                 await _close_pool(self._relay.pool)
+
+    def now(self) -> datetime:
+        """The policy's clock: the wall clock, or the one a test or the dev bench gave."""
+        return self._clock()
+
+    @property
+    def active_connections(self) -> int:
+        """Connections open now (each holds a connection slot)."""
+        return self._slots.borrowed_tokens
 
     def drain(self) -> None:
         """Shut down gracefully, as SIGTERM does: stop accepting (the listeners close, so new
@@ -382,7 +406,7 @@ class Server:
             _close_listener(listener)
 
     async def _connection_task(self, sock: socket.socket, address: object, token: object) -> None:
-        record = ConnectionRecord(peer="-")
+        record = ConnectionRecord(peer="-", counters=self.evidence.requests)
         record.peer, record.peer_ip = _peer_address(address)
         try:
             stream = TcpStream(sock, options_set=_ACCEPTED_SOCKETS_INHERIT_OPTIONS)
@@ -404,6 +428,7 @@ class Server:
             # the TLS stream's aclose closed it already, and closing again is a no-op.
             stream.close()
             self._slots.release_on_behalf_of(token)
+            self.evidence.connection_ended(record, self.config.rotation)
             log.info("%s", record.log_line())
 
     # --- one connection ------------------------------------------------------------------
@@ -426,7 +451,13 @@ class Server:
                 and await self._answer_acme(stream, peeked, record)
             ):
                 return
-            record.choice = policy.choose(config.rotation, record.hello, peer_ip, self._clock())
+            record.choice = policy.choose(
+                config.rotation,
+                record.hello,
+                peer_ip,
+                self._clock(),
+                canary_halted=self.evidence.canary.halted,
+            )
             identity = snapshot.identities[record.choice.identity]
             record.key = identity.presented_key(record.hello).name
             # https_compatible=False: aclose sends close_notify (RFC 8446 6.1), so a client
@@ -555,10 +586,12 @@ class Server:
                 # SEND_RESPONSE; h11 lets a server answer 400 from either.
                 answerable = conn.our_state is h11.IDLE or conn.our_state is h11.SEND_RESPONSE
                 if conn.their_state is h11.ERROR and answerable:
+                    record.response_generated(400)
                     await _send_simple(tls, conn, 400, b"bad request\n", keep_alive=False)
                     return True
                 return False
             record.request_received()
+            record.response_generated(200)
             headers = [(b"content-type", b"text/plain; charset=utf-8")]
             headers += self._dev_response_headers(record)
             body = b"dualproxy: TLS terminated; no upstream is configured yet.\n"

@@ -47,6 +47,7 @@ from dualproxy.policy import canary_bucket
 EXAMPLE_CONFIG: Final = Path(__file__).resolve().parent.parent / "config.toml"
 EXAMPLE_LISTEN: Final = 'address = "127.0.0.1:8443"'
 EXAMPLE_UPSTREAM: Final = '[upstream]\nurl = "https://my-project.appspot.com"'
+EXAMPLE_ADMIN: Final = 'address = "127.0.0.1:9901"'
 # The example's rotation, and instants in each phase of it.
 GRACE_START: Final = datetime(2026, 12, 1, tzinfo=UTC)
 BEFORE: Final = "2026-11-01T00:00:00Z"
@@ -86,9 +87,11 @@ def example(tmp_path: Path, ca: trustme.CA) -> Example:
     text = config_file.read_text()
     assert EXAMPLE_LISTEN in text
     assert EXAMPLE_UPSTREAM in text
+    assert EXAMPLE_ADMIN in text
     # No network here: the example's App Engine upstream is dropped (dualproxy then answers
     # itself); test_example_relays_to_its_upstream puts a local one back.
     text = text.replace(EXAMPLE_LISTEN, 'address = "127.0.0.1:0"').replace(EXAMPLE_UPSTREAM, "")
+    text = text.replace(EXAMPLE_ADMIN, 'address = "127.0.0.1:0"')  # a free port, as listen's
     config_file.write_text(text)
     cafile = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(cafile))
@@ -644,3 +647,59 @@ def test_serve_answers_then_stops_cleanly(example: Example, signum: signal.Signa
     assert process.returncode == 0, err
     assert "Traceback" not in err
     assert err.rstrip().endswith("INFO stopped")
+
+
+@pytest.mark.e2e
+def test_serve_json_logs_and_its_admin_listener_answer_status(
+    example: Example, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`serve --log-format json` writes one JSON object per line, the connection's fields
+    included; `dualproxy status` reads the running server's admin listener."""
+    script = Path(sys.executable).parent / "dualproxy"
+    process = subprocess.Popen(
+        [str(script), "serve", "-c", str(example.config_file), "--log-format", "json",
+         "--admin", "127.0.0.1:0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        started = read_until(process.stderr, b"listening on ", timeout=SUBPROCESS_TIMEOUT)
+        if not re.search(rb"listening on .*\n", started):  # the rest of that line
+            started += read_until(process.stderr, b"\n", timeout=SUBPROCESS_TIMEOUT)
+        port = re.search(rb"listening on 127\.0\.0\.1:(\d+)", started)
+        admin = re.search(rb"admin listener on (http://127\.0\.0\.1:\d+)/", started)
+        assert port is not None, started
+        assert admin is not None, started
+        answer = tls_get("127.0.0.1", int(port.group(1)), cafile=example.cafile)
+        assert answer.response.startswith(b"HTTP/1.1 200 ")
+        code = cli.main(["status", "--admin", admin.group(1).decode()])
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    assert process.returncode == 0
+    entries = [json.loads(line) for line in (started + rest).decode().splitlines()]
+    conns = [e for e in entries if e.get("event") == "conn"]
+    # The status command's own connection is to the admin listener: one TLS client only.
+    assert len(conns) == 1, entries
+    assert conns[0]["key"] == answer_key(example, answer.pin)
+    assert (conns[0]["outcome"], conns[0]["requests"], conns[0]["alpn"]) == ("ok", 1, None)
+    assert entries[-1]["message"] == "stopped"
+    assert code == cli.EXIT_OK
+    printed = capsys.readouterr().out
+    assert printed.startswith("dualproxy status at ")
+    assert re.search(rf"^{answer_key(example, answer.pin)} .* 1 +0 +0\.0%", printed, re.M), printed
+
+
+def answer_key(example: Example, pin: str) -> str:
+    return "k2026a" if pin == example.old.pin else "k2026b"
+
+
+def test_serve_admin_override_stays_on_loopback(
+    example: Example, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["serve", "-c", str(example.config_file), "--admin", "0.0.0.0:9901"])
+    assert code == cli.EXIT_USAGE
+    assert "admin.allow_non_loopback = true" in capsys.readouterr().err

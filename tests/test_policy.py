@@ -224,6 +224,30 @@ def test_choose(
     assert choose(plan, client_hello, peer, now) == expected
 
 
+@pytest.mark.parametrize(
+    ("client_hello", "peer", "expected"),
+    [
+        pytest.param(hello(), IN_CANARY, Choice("old", Reason.DEFAULT), id="canary-client"),
+        pytest.param(hello(), OUT_OF_CANARY, Choice("old", Reason.DEFAULT), id="other-client"),
+        pytest.param(hello(NEW_SNI), IN_CANARY, Choice("new", Reason.HINT_SNI), id="hinted-new"),
+        pytest.param(
+            hello(None, NEW_ALPN), OUT_OF_CANARY, Choice("new", Reason.HINT_ALPN), id="alpn-new"
+        ),
+        pytest.param(hello(), NEW_NET_V4, Choice("new", Reason.HINT_NETWORK), id="network-new"),
+    ],
+)
+def test_a_halted_canary_sends_nobody_and_leaves_hints_alone(
+    client_hello: ClientHello, peer: IPAddress, expected: Choice
+) -> None:
+    assert choose(CANARY_ALL, client_hello, peer, DURING, canary_halted=True) == expected
+    # The twin: the same client, canary running (everyone unhinted is in it at 100%).
+    running = choose(CANARY_ALL, client_hello, peer, DURING, canary_halted=False)
+    if expected.reason is Reason.DEFAULT:
+        assert running == Choice("new", Reason.CANARY)
+    else:
+        assert running == expected
+
+
 def test_the_choose_table_covers_every_reason() -> None:
     assert {row[-1].reason for _, row in CHOOSE_CASES} == set(Reason)
 

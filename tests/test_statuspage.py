@@ -1,0 +1,268 @@
+"""The status page: what it says (pure rendering), and that it renders, in headless Chromium
+against a running server's admin listener (a screenshot that must not be blank, and the DOM).
+
+Without Chromium the browser tests skip, saying so; scripts/test installs it and sets
+DUALPROXY_REQUIRE_CHROMIUM=1, which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import ssl
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Final
+
+import pytest
+import trio
+import trustme
+from conftest import (
+    Clock,
+    KeyFiles,
+    make_config,
+    make_key,
+    run_client,
+    serving,
+    tls_get_async,
+)
+from png import colours
+from test_admin import DURING, admin_listener, connections_counted, rotation
+
+from dualproxy.config import Rotation
+from dualproxy.evidence import Evidence, KeyFacts, Status
+from dualproxy.logformat import JsonFormatter, conn_fields
+from dualproxy.policy import Choice, Reason
+from dualproxy.server import ConnectionRecord, Outcome
+from dualproxy.statuspage import render_html, render_text
+
+GRACE_START: Final = datetime(2026, 12, 1, tzinfo=UTC)
+GRACE_END: Final = datetime(2027, 1, 15, tzinfo=UTC)
+ROTATION: Final = Rotation(
+    old=("k2026a",),
+    new=("k2026b",),
+    grace_start=GRACE_START,
+    grace_end=GRACE_END,
+    canary_percent=10.0,
+    canary_min_sample=1,
+)
+OLD_COLOUR: Final = (0x4C, 0x6E, 0xF5)
+NEW_COLOUR: Final = (0x0C, 0xA6, 0x78)
+CHROMIUM_TIMEOUT: Final = 60.0
+
+
+@dataclass
+class Finished:
+    key: str
+    choice: Choice
+    outcome: Outcome
+    detail: str
+    tls_version: str | None = None
+    requests: int = 0
+
+
+def status(*, halted: bool) -> Status:
+    evidence = Evidence(clock=lambda: DURING.timestamp())
+    if halted:
+        record = Finished(
+            "k2026b", Choice("new", Reason.CANARY), Outcome.CLIENT_ABORTED, "unknown_ca"
+        )
+        evidence.connection_ended(record, ROTATION)
+    keys = [
+        KeyFacts("k2026a", "old", "A" * 43 + "=", "ECDSA P-256", GRACE_START, GRACE_END),
+        KeyFacts(
+            "k2026b",
+            "new",
+            "B" * 43 + "=",
+            "RSA 2048",
+            GRACE_START,
+            datetime(2027, 3, 1, tzinfo=UTC),
+        ),
+    ]
+    return evidence.status(
+        now=DURING,
+        phase="during",
+        rotation=ROTATION,
+        keys=keys,
+        active_connections=2,
+        reloads_ok=1,
+        reloads_failed=0,
+    )
+
+
+@pytest.mark.parametrize("halted", [True, False], ids=["halted", "running"])
+def test_the_page_shows_the_canary_state_keys_and_timeline(halted: bool) -> None:
+    page = render_html(status(halted=halted))
+    assert page.count("<svg") == 3  # the timeline and one day chart per key
+    assert 'class="grace"' in page
+    assert 'class="now"' in page
+    assert page.count('class="validity"') == 2
+    assert ("Canary halted" in page) is halted
+    assert ("Canary running" in page) is not halted
+    assert ("dualproxy canary resume" in page) is halted
+    assert ('class="failures"' in page) is halted  # the abort shows in its time bucket
+    assert "<script" not in page
+    assert not re.search(r"""(src|href)=["']?https?:""", page)  # nothing external
+    text = render_text(status(halted=halted))
+    assert ("canary: HALTED" in text) is halted
+    assert "k2026b           new" in text
+
+
+async def test_a_single_key_page_has_no_grace_window_and_no_canary() -> None:
+    evidence = Evidence(clock=lambda: DURING.timestamp())
+    keys = [KeyFacts("k1", "single", "A" * 43 + "=", "ECDSA P-256", GRACE_START, GRACE_END)]
+    single = evidence.status(
+        now=DURING,
+        phase="single",
+        rotation=None,
+        keys=keys,
+        active_connections=0,
+        reloads_ok=0,
+        reloads_failed=0,
+    )
+    page = render_html(single)
+    assert page.count("<svg") == 2
+    assert 'class="grace"' not in page
+    assert "Canary" not in page
+    assert "no rotation configured" in page
+    assert "no rotation configured" in render_text(single)
+
+
+@pytest.mark.parametrize(
+    ("grace_days", "validity_days"),
+    [(1, 2), (14, 90), (45, 90), (400, 800), (30, 365_000)],
+    ids=["a-day", "two-weeks", "usual", "long", "trustme-millennium"],
+)
+def test_the_timeline_axis_stays_readable(grace_days: int, validity_days: int) -> None:
+    start = datetime(2026, 12, 1, tzinfo=UTC)
+    plan = replace(ROTATION, grace_start=start, grace_end=start + timedelta(days=grace_days))
+    until = start + timedelta(days=validity_days)
+    keys = [KeyFacts("k2026a", "old", "A" * 43 + "=", "ECDSA P-256", start, until)]
+    page = render_html(
+        Evidence(clock=lambda: DURING.timestamp()).status(
+            now=start + timedelta(hours=12),
+            phase="during",
+            rotation=plan,
+            keys=keys,
+            active_connections=0,
+            reloads_ok=0,
+            reloads_failed=0,
+        )
+    )
+    timeline = page[page.index('id="timeline"') : page.index("</figure>")]
+    labels = re.findall(r'text-anchor="middle">([^<]+)</text>', timeline)
+    assert 3 <= len(labels) - 1 <= 10, labels  # the ticks, and the "grace window" label
+    assert f"until {until:%Y-%m-%d}" in timeline  # a bar running off the edge keeps its end
+
+
+async def test_conn_lines_become_json_fields_exactly() -> None:
+    """The JSON log's fields are the text line's, also for client-controlled text that the
+    text format must quote."""
+    record = ConnectionRecord(peer="203.0.113.7:4242", key="k2026a", requests=3)
+    record.choice = Choice("old", Reason.DEFAULT)
+    record.detail = 'weird "sni" = \\ \x00 é'
+    record.tls_version = "TLSv1.3"
+
+    text = record.log_line()
+    fields = conn_fields(text)
+    assert fields is not None
+    assert fields["detail"] == record.detail
+    assert fields["peer"] == "203.0.113.7:4242"
+    assert fields["sni"] is None
+    assert fields["requests"] == 3
+    assert isinstance(fields["ms"], int)
+    assert conn_fields("listening on 127.0.0.1:8443") is None
+
+    import json
+    import logging
+
+    entry = logging.LogRecord("dualproxy", logging.INFO, __file__, 1, "%s", (text,), None)
+    document = json.loads(JsonFormatter().format(entry))
+    assert document["event"] == "conn"
+    assert document["key"] == "k2026a"
+    assert document["level"] == "info"
+    other = logging.LogRecord("dualproxy", logging.ERROR, __file__, 1, "reload failed", (), None)
+    assert json.loads(JsonFormatter().format(other))["message"] == "reload failed"
+
+
+# --- in a browser -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def chromium() -> str:
+    """The browser; a sync fixture, so that a skip keeps its message."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("DUALPROXY_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("chromium is required (DUALPROXY_REQUIRE_CHROMIUM=1) but not on PATH")
+        pytest.skip(
+            "chromium is not installed (scripts/test installs it: apt-get install chromium)"
+        )
+    return found
+
+
+def browser_argv(binary: str, profile: Path) -> list[str]:
+    return [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1200,900",
+    ]
+
+
+@pytest.fixture
+def keys(ca: trustme.CA, tmp_path: Path) -> dict[str, KeyFiles]:
+    return {name: make_key(ca, tmp_path / "certs", name) for name in ("k2026a", "k2026b")}
+
+
+@pytest.mark.e2e
+async def test_the_status_page_renders_in_headless_chromium(
+    keys: dict[str, KeyFiles], cafile: Path, tmp_path: Path, chromium: str
+) -> None:
+    binary = chromium
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    config = make_config(
+        list(keys.values()), rotation=rotation(canary_percent=5), base_dir=tmp_path
+    )
+    async with serving(config, clock=Clock(DURING)) as run, admin_listener(run.server) as at:
+        # Some traffic on both keys, and a pin failure: the page has bars to draw.
+        await tls_get_async(run.host, run.port, cafile=cafile)
+        await tls_get_async(run.host, run.port, cafile=cafile, server_name="k2.api.example.com")
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await tls_get_async(run.host, run.port, cafile=other_ca)
+        await connections_counted(run.server, 3)
+        url = f"http://{at[0]}:{at[1]}/"
+        screenshot = tmp_path / "status.png"
+        shot = await run_client(
+            [*browser_argv(binary, tmp_path / "profile-1"), f"--screenshot={screenshot}", url],
+            timeout=CHROMIUM_TIMEOUT,
+        )
+        dom = await run_client(
+            [*browser_argv(binary, tmp_path / "profile-2"), "--dump-dom", url],
+            timeout=CHROMIUM_TIMEOUT,
+        )
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout.decode()
+    # The browser parsed what we sent into the elements we meant.
+    assert html.count("<svg") == 3, html[:2000]
+    assert 'class="grace"' in html
+    assert "k2026a" in html
+    assert "k2026b" in html
+    assert "Canary running" in html
+    # Not blank: text, bars and both keys' colours were painted, and the failure's red.
+    painted = await trio.to_thread.run_sync(colours, screenshot.read_bytes())
+    assert len(painted) > 50, painted.most_common(5)
+    for colour in (OLD_COLOUR, NEW_COLOUR):  # the cards' top borders, at least
+        assert painted[colour] > 100, (colour, painted.most_common(10))
+    assert 'class="failures"' in html  # the pin failure's red bar (below the fold)
