@@ -39,6 +39,7 @@ from . import (
     devcerts,
     devcontrol,
     echo,
+    endpoints,
     keystore,
     manifest,
     pins,
@@ -837,9 +838,8 @@ def _cmd_reports_summary(args: argparse.Namespace) -> int:
     except KeyStoreError:
         pass  # the counts do not need the keys, only their names for the pins
     else:
-        now = utc_now()
-        for key in snapshot.keys.values():
-            labels[key.pin] = f"{key.name} ({policy.pin_role(config.rotation, key.name, now)})"
+        keys = ((key.name, key.pin) for key in snapshot.keys.values())
+        labels = endpoints.pin_labels(keys, config.rotation, utc_now())
     data = reports.summary(reports.counts_from_store(store), labels)
     if args.json:
         print(json.dumps(data, indent=2))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from http import HTTPStatus
@@ -30,8 +30,9 @@ from typing import Final, Protocol
 import trio
 
 from . import manifest, reports
-from .config import Config, ManifestConfig, ReportsConfig
+from .config import Config, ManifestConfig, ReportsConfig, Rotation
 from .forwarding import IPAddress
+from .policy import pin_role
 
 log = logging.getLogger("dualproxy")
 
@@ -224,6 +225,13 @@ class LocalEndpoints:
         if self.reports_state is None:
             return None
         return reports.summary(self.reports_state.counts, pin_labels)
+
+
+def pin_labels(
+    keys: Iterable[tuple[str, str]], rotation: Rotation | None, now: datetime
+) -> dict[str, str]:
+    """pin -> "key (role)" for `reports.summary`, from (key name, pin) pairs."""
+    return {pin: f"{name} ({pin_role(rotation, name, now)})" for name, pin in keys}
 
 
 def _common_prefix(paths: Sequence[bytes]) -> bytes:

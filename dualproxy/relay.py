@@ -15,6 +15,10 @@ Theory of operation. Each request on the client's (TLS) stream goes through, in 
    that we do not relay (CONNECT, TRACE: 405). A refused request never costs a byte upstream.
 4. **size**: a Content-Length above max_body_bytes is refused with 413, still before anything
    goes upstream.
+   A request for a path dualproxy answers itself (the pin manifest, pin-failure reports:
+   `settings.local`, endpoints.py) stops here: its body is read within the endpoint's cap and
+   the answer is sent with the keep-alive rules below (`_answer_locally`). Every other
+   request pays one `startswith` against the endpoints' common prefix for it.
 5. **relay**: an upstream connection from the pool gets a request with rewritten headers
    (`upstream_request_headers`) and framing we write ourselves, then the body, streamed
    (`Expect: 100-continue` is answered here, when we start reading the body, and never

@@ -46,7 +46,7 @@ from typing import Final
 import h11
 import trio
 
-from . import challenges, endpoints, keystore, manifest, policy
+from . import challenges, endpoints, keystore, manifest, policy, reports
 from . import config as config_mod
 from .clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, ClientHelloError, parse_client_hello
 from .clienthello import is_plain_http as looks_like_plain_http
@@ -725,6 +725,15 @@ class Server:
             if current != self._files_seen:
                 await self.reload("files changed")
                 self._files_seen = current
+
+    def report_summary(self) -> reports.ReportSummary | None:
+        """The pin-failure report counts (reports.summary's shape), each known pin named by its
+        key and role now, for /status.json and the status page; None without [reports]."""
+        local = self._local
+        if local is None:
+            return None
+        keys = ((key.name, key.pin) for key in self.snapshot.keys.values())
+        return local.report_summary(endpoints.pin_labels(keys, self.config.rotation, self._clock()))
 
     def _log_manifest_problem(self) -> None:
         """At start and after each reload: a manifest that is missing or no manifest."""

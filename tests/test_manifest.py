@@ -592,3 +592,23 @@ async def test_serve_answers_the_manifest_without_an_upstream(
     assert other.status == 200
     assert b"no upstream" in other.body
     assert put.status == 405
+
+
+async def test_serve_logs_an_error_for_an_expired_manifest_and_still_serves_it(
+    tmp_path: Path, ca: trustme.CA, cafile: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = make_key(ca, tmp_path / "certs", "k1")
+    signing = ed25519.Ed25519PrivateKey.generate()
+    token = _write_manifest(
+        tmp_path / "pins.jws",
+        signing,
+        issued_at=datetime.now(UTC) - timedelta(days=10),
+        valid_for=timedelta(days=1),
+    )
+    extra = {"manifest": {"file": str(tmp_path / "pins.jws")}}
+    async with local_proxy(key, cafile, tmp_path, extra) as p, p.client() as client:
+        got = await client.request("GET", MANIFEST_PATH)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("expired at" in message for message in errors)
+    # Served as is: the app, not the server, refuses it.
+    assert got.body.decode().strip() == token
