@@ -51,10 +51,10 @@ from .challenges import (
     open_responders,
     publish,
     wait_until_served,
-    write_atomically,
 )
 from .challenges import withdraw as withdraw_challenges
 from .config import AcmeConfig, ChallengeType, Config, KeyConfig, ListenAddress
+from .files import write_atomically
 from .keystore import KeyStoreError
 
 if TYPE_CHECKING:

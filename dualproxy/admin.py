@@ -103,6 +103,7 @@ def status_of(server: Server) -> Status:
         active_connections=server.active_connections,
         reloads_ok=server.reloads_ok,
         reloads_failed=server.reloads_failed,
+        pin_reports=server.report_summary(),
     )
 
 

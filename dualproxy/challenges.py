@@ -53,6 +53,7 @@ from .clienthello import (
     parse_client_hello,
 )
 from .config import ChallengeType, ListenAddress, normalize_host
+from .files import write_atomically
 from .streams import TcpStream, TlsStream, discard_until_closed
 
 log = logging.getLogger("dualproxy.acme")
@@ -284,29 +285,6 @@ def withdraw(paths: Sequence[Path]) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-
-
-def write_atomically(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace `path` with `data` in one rename (a temporary file in the same folder, fsynced
-    first): a reader sees the old content or the new, never a torn file."""
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), mode)
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    with contextlib.suppress(OSError):  # the rename itself survives a crash
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 # --- probing our own answer --------------------------------------------------------------

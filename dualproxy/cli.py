@@ -15,15 +15,17 @@ KeyboardInterrupt traceback.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import ipaddress
+import json
 import logging
 import shutil
 import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Final, NoReturn, TextIO, TypeVar
@@ -31,7 +33,21 @@ from typing import Final, NoReturn, TextIO, TypeVar
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from . import admin, checks, dev, devcerts, devcontrol, echo, keystore, pins, policy, renewal
+from . import (
+    admin,
+    checks,
+    dev,
+    devcerts,
+    devcontrol,
+    echo,
+    endpoints,
+    keystore,
+    manifest,
+    pins,
+    policy,
+    renewal,
+    reports,
+)
 from .clienthello import ClientHello
 from .config import (
     DEFAULT_CONFIG_FILE,
@@ -50,6 +66,7 @@ from .config import (
 from .dev import DEFAULT_DIR as DEV_DIR
 from .dev import SCENARIOS as DEV_SCENARIOS
 from .devcontrol import DEFAULT_ADMIN_ADDRESS
+from .files import write_atomically
 from .keystore import KeySnapshot, KeyStoreError
 from .logformat import JsonFormatter
 from .server import Server, raise_open_file_limit, utc_now
@@ -245,6 +262,63 @@ def _build_parser() -> argparse.ArgumentParser:
     with_config(renew)
     renew.set_defaults(handler=_cmd_acme_renew)
 
+    manifest_cmd = command(
+        "manifest", "the signed pin manifest apps fetch from manifest.path ([manifest] table)"
+    )
+    manifest_sub = manifest_cmd.add_subparsers(metavar="ACTION", required=True)
+    keygen = manifest_sub.add_parser(
+        "keygen",
+        help="make an Ed25519 signing key (mode 0600) and its public key (FILE.pub.pem)",
+        description="Make an Ed25519 manifest signing key, separate from every TLS key (keep"
+        " it offline if you can), and write its public key next to it as NAME.pub.pem: that"
+        " is what apps ship to verify the manifest.",
+    )
+    keygen.add_argument("--out", type=Path, required=True, metavar="FILE", help="key file")
+    keygen.add_argument(
+        "--force", action="store_true", help="replace an existing key (apps may ship its pair)"
+    )
+    keygen.set_defaults(handler=_cmd_manifest_keygen)
+    sign = manifest_sub.add_parser(
+        "sign",
+        help="sign the pins of the configured keys into manifest.file",
+        description="Write manifest.file: the pins of the keys the rotation names (and"
+        " standby keys) with their roles, the window, issued-at and expires-at, signed as a"
+        " JWS (EdDSA). A running serve serves the new file from its next poll on.",
+    )
+    with_config(sign)
+    sign.add_argument("--key", type=Path, required=True, metavar="FILE", help="signing key")
+    sign.add_argument(
+        "--valid-for", type=_validity_argument, default=manifest.DEFAULT_VALIDITY,
+        metavar="DURATION", help="how long apps may trust it: 7d (default), 36h, 90m",
+    )  # fmt: skip
+    sign.set_defaults(handler=_cmd_manifest_sign)
+    verify = manifest_sub.add_parser(
+        "verify",
+        help="check a manifest as an app does (signature, expiry; with -c, the served pin)",
+        description="Check FILE as an app should: the EdDSA signature with the public key, and"
+        " that it has not expired; with -c, also that the pin of every key served now is"
+        " listed.",
+    )
+    verify.add_argument("file", type=Path, metavar="FILE", help="the signed manifest")
+    verify.add_argument(
+        "--public-key", type=Path, required=True, metavar="PUB", help="the .pub.pem keygen wrote"
+    )
+    verify.add_argument("-c", "--config", type=Path, default=None, help="check against it")
+    with_time(verify)
+    verify.set_defaults(handler=_cmd_manifest_verify)
+
+    reports_cmd = command("reports", "pin-failure reports received at reports.path")
+    reports_sub = reports_cmd.add_subparsers(metavar="ACTION", required=True)
+    summary = reports_sub.add_parser(
+        "summary",
+        help="count the stored reports by app version and known pins",
+        description="Count the reports in reports.store by app version and by the pins the"
+        " app knows: which app versions still only know the old pin.",
+    )
+    with_config(summary)
+    summary.add_argument("--json", action="store_true", help="the summary as JSON")
+    summary.set_defaults(handler=_cmd_reports_summary)
+
     keys_cmd = command("keys", "make keys and certificate signing requests")
     keys_sub = keys_cmd.add_subparsers(metavar="ACTION", required=True)
     new = keys_sub.add_parser(
@@ -338,6 +412,17 @@ def _time_argument(text: str) -> datetime:
         return parse_time(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _validity_argument(text: str) -> timedelta:
+    try:
+        valid_for = manifest.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    low, high = manifest.MIN_VALIDITY, manifest.MAX_VALIDITY
+    if not low <= valid_for <= high:
+        raise argparse.ArgumentTypeError(f"{text!r}: use {low} to {high}")
+    return valid_for
 
 
 def _ip_argument(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -739,25 +824,31 @@ def _explain(config: Config, choice: policy.Choice, args: argparse.Namespace, at
 # --- pins --------------------------------------------------------------------------------
 
 
+def _pinned_keys(config: Config, snapshot: KeySnapshot, at: datetime) -> list[pins.PinnedKey]:
+    """Every configured key with its role at `at`: the rotation's old, then new, then the rest.
+    ValueError for a certificate name no pin format can carry."""
+    order = list(config.rotation.old + config.rotation.new) if config.rotation else []
+    order += [name for name in config.keys if name not in order]
+    return [
+        pins.PinnedKey(
+            name=name,
+            role=policy.pin_role(config.rotation, name, at),
+            pin=key.pin,
+            algorithm=key.algorithm,
+            # Mobile pin formats take host names; an IP address SAN is no domain to pin.
+            hostnames=tuple(n for n in key.names if not dev.is_ip(n)),
+            not_after=key.not_after,
+        )
+        for name in order
+        for key in [snapshot.keys[name]]
+    ]
+
+
 def _cmd_pins(args: argparse.Namespace) -> int:
     config, snapshot = _load(args)
     at = args.at or utc_now()
-    order = list(config.rotation.old + config.rotation.new) if config.rotation else []
-    order += [name for name in config.keys if name not in order]
     try:
-        pinned = [
-            pins.PinnedKey(
-                name=name,
-                role=policy.pin_role(config.rotation, name, at),
-                pin=key.pin,
-                algorithm=key.algorithm,
-                # Mobile pin formats take host names; an IP address SAN is no domain to pin.
-                hostnames=tuple(n for n in key.names if not dev.is_ip(n)),
-                not_after=key.not_after,
-            )
-            for name in order
-            for key in [snapshot.keys[name]]
-        ]
+        pinned = _pinned_keys(config, snapshot, at)
         rendered = None if args.format is None else pins.render(pinned, args.format)
     except ValueError as exc:  # no keys, or a certificate name no pin format can carry
         raise CommandError(f"{config.path}: keys: cannot render pins: {exc}") from None
@@ -767,6 +858,144 @@ def _cmd_pins(args: argparse.Namespace) -> int:
     for p in pinned:
         expires = f"{p.not_after:%Y-%m-%d}" if p.not_after else "-"
         print(f"{p.name:<16} {p.role:<9} {p.algorithm:<12} until {expires}  sha256/{p.pin}")
+    return EXIT_OK
+
+
+# --- manifest ----------------------------------------------------------------------------
+
+
+def _cmd_manifest_keygen(args: argparse.Namespace) -> int:
+    try:
+        key = manifest.write_signing_key(args.out, force=args.force)
+    except manifest.ManifestError as exc:
+        raise CommandError(str(exc)) from None
+    public = key.public_key()
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    print(f"wrote {args.out} (Ed25519, mode 0600) and {manifest.public_key_file(args.out)}")
+    print(f"kid:        {manifest.public_key_thumbprint(public)}")
+    print(f"public key: {base64.b64encode(raw).decode()}  (raw 32 bytes, base64: ship it in apps)")
+    print("keep the private key offline if you can; sign with:")
+    print(f"  dualproxy manifest sign --key {args.out}")
+    return EXIT_OK
+
+
+def _cmd_manifest_sign(args: argparse.Namespace) -> int:
+    config, snapshot = _load(args)
+    if config.manifest is None:
+        raise CommandError(
+            f"{config.path}: manifest: no [manifest] table; add one (see config.toml)"
+        )
+    try:
+        key = manifest.read_signing_key(args.key)
+    except manifest.ManifestError as exc:
+        raise CommandError(str(exc)) from None
+    now = utc_now()
+    try:
+        payload = manifest.build_payload(
+            _pinned_keys(config, snapshot, now),
+            config.rotation,
+            issued_at=now,
+            valid_for=args.valid_for,
+        )
+    except ValueError as exc:
+        raise CommandError(f"{config.path}: keys: cannot sign a manifest: {exc}") from None
+    token = manifest.sign(payload, key)
+    out = config.manifest.file
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(out, token.encode("ascii") + b"\n", mode=0o644)
+    except OSError as exc:
+        raise CommandError(f"{out}: cannot write the manifest: {exc.strerror}") from None
+    signed = manifest.peek(token)
+    print(f"wrote {out}: {len(signed.pins)} pin(s), expires {signed.expires_at:%Y-%m-%d %H:%M} UTC")
+    for pin in signed.pins:
+        print(f"  {pin.key:<16} {pin.role:<9} sha256/{pin.pin}")
+    rotation = config.rotation
+    if rotation is not None:
+        for name, moment in (
+            ("grace_start", rotation.grace_start),
+            ("grace_end", rotation.grace_end),
+        ):
+            if now < moment < signed.expires_at:
+                print(
+                    f"note: rotation.{name} ({moment:%Y-%m-%d %H:%M} UTC) falls within its"
+                    " validity: the roles change then; sign again after it"
+                )
+    return EXIT_OK
+
+
+def _cmd_manifest_verify(args: argparse.Namespace) -> int:
+    at = args.at or utc_now()
+    try:
+        public_key = manifest.read_public_key(args.public_key)
+        token = args.file.read_bytes()
+    except manifest.ManifestError as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"{args.file}: cannot read the manifest: {exc.strerror}") from None
+    try:
+        verified = manifest.verify(token, public_key, now=at)
+    except manifest.ManifestError as exc:
+        raise CommandError(f"{args.file}: not trusted: {exc.problem}") from None
+    print(f"{args.file}: signature ok (kid {verified.kid or '-'})")
+    print(f"  issued   {verified.issued_at:%Y-%m-%d %H:%M:%S} UTC")
+    print(f"  expires  {verified.expires_at:%Y-%m-%d %H:%M:%S} UTC")
+    print(f"  hosts    {', '.join(verified.hosts) or '(none)'}")
+    for pin in verified.pins:
+        print(f"  {pin.key:<16} {pin.role:<9} sha256/{pin.pin}")
+    if args.config is None:
+        return EXIT_OK
+    config = load(args.config)
+    snapshot = keystore.load_snapshot(config)
+    listed = verified.pin_values()
+    missing = [
+        name
+        for name in manifest.served_key_names(config, at)
+        if snapshot.keys[name].pin not in listed
+    ]
+    for name in missing:
+        print(
+            f"error: key {name} (sha256/{snapshot.keys[name].pin}) is served now but not in"
+            " the manifest: apps that trust only the manifest would refuse it; sign it again",
+            file=sys.stderr,
+        )
+    if missing:
+        return EXIT_FAILED
+    print(f"  every key {config.path} serves now is listed")
+    return EXIT_OK
+
+
+# --- reports -----------------------------------------------------------------------------
+
+
+def _cmd_reports_summary(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    if config.reports is None:
+        raise CommandError(f"{config.path}: reports: no [reports] table; add one (see config.toml)")
+    settings = config.reports
+    store = reports.ReportStore(
+        settings.store, max_bytes=settings.store_max_bytes, keep=settings.store_files
+    )
+    labels: dict[str, str] = {}
+    try:
+        snapshot = keystore.load_snapshot(config)
+    except KeyStoreError:
+        pass  # the counts do not need the keys, only their names for the pins
+    else:
+        keys = ((key.name, key.pin) for key in snapshot.keys.values())
+        labels = endpoints.pin_labels(keys, config.rotation, utc_now())
+    data = reports.summary(reports.counts_from_store(store), labels)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    print(f"{data['total']} report(s) in {settings.store}, last {data['last_seen'] or '-'}")
+    for entry in data["by_app_version"]:
+        app = f"{entry['app']} {entry['version']}".strip() or "(no app: RFC 7469)"
+        known = "; ".join(
+            ", ".join(labels.get(pin, pin[:12] + "...") for pin in pin_set)
+            for pin_set in entry["known_pins"]
+        )
+        print(f"  {entry['count']:>6}  {app} {entry['platform']}  knows: {known}")
     return EXIT_OK
 
 

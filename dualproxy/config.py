@@ -259,6 +259,47 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ManifestConfig:
+    """The signed pin manifest that dualproxy serves itself (see manifest.py)."""
+
+    # What `dualproxy manifest sign` writes and `serve` serves as is (reloaded on change). It
+    # may be missing (requests get 404 until it is signed); it is public, not a secret.
+    file: Path
+    # Answered by dualproxy on its TLS listener, never forwarded: a path under /.well-known/
+    # (RFC 8615) cannot collide with the API's own routes.
+    path: str = "/.well-known/dualproxy/pins.json"
+    # Cache-Control max-age, in seconds: short, so that a re-signed manifest (a new key
+    # announced) reaches apps within minutes, while a burst of app launches costs one fetch.
+    max_age: int = 300
+    # `serve` logs a warning this long before the manifest expires (an error once it has):
+    # two days let a failed daily signing job be noticed and fixed before apps refuse it.
+    warn_before_days: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReportsConfig:
+    """The pin-failure report receiver that dualproxy answers itself (see reports.py)."""
+
+    # JSON Lines of accepted reports; rotated to store.1 .. store.<store_files>.
+    store: Path
+    # Answered by dualproxy, never forwarded; point TrustKit's kTSKReportUris here.
+    path: str = "/.well-known/dualproxy/pin-report"
+    # A report's body (413 beyond it): a TrustKit report with two chains of three or four
+    # PEM certificates is 8-15 KiB; 64 KiB leaves room and stays cheap to read.
+    max_body_bytes: int = 64 * 1024
+    # Reports per client (an IPv4 address, an IPv6 /64) and minute after a burst; beyond it
+    # 429 with Retry-After. TrustKit sends an identical report at most once a day per device,
+    # so an honest client stays far below; many phones behind one carrier NAT may not, and
+    # the counts are then a lower bound.
+    per_minute: float = 6.0
+    burst: int = 20
+    # Size of the store file before it is rotated, and how many rotated files are kept:
+    # 4 MiB holds ten thousand or more reports; the store never exceeds (files + 1) x size.
+    store_max_bytes: int = 4 * 1024 * 1024
+    store_files: int = 4
+
+
+@dataclass(frozen=True, slots=True)
 class KeyStoreSettings:
     # Refuse private keys that others can read unless the platform cannot set modes
     # (some volume drivers); when set, every load logs a warning.
@@ -292,6 +333,9 @@ class Config:
     upstream: UpstreamConfig | None = None
     acme: AcmeConfig | None = None
     admin: AdminConfig = field(default_factory=AdminConfig)
+    # App-facing endpoints answered by dualproxy itself (None: not served).
+    manifest: ManifestConfig | None = None
+    reports: ReportsConfig | None = None
 
     def acme_keys(self) -> tuple[KeyConfig, ...]:
         """The keys whose certificates dualproxy obtains itself ([acme] and `names`)."""
@@ -310,6 +354,8 @@ class Config:
         files = [self.path] if self.path is not None else []
         for key in self.keys.values():
             files += [key.key, key.chain]
+        if self.manifest is not None:  # re-signed: served from the next poll on
+            files.append(self.manifest.file)
         return tuple(files)
 
 
@@ -368,6 +414,12 @@ def parse(
         else None
     )
     admin = _parse_admin(root.table("admin"))
+    manifest_table = root.table("manifest")
+    manifest = _parse_manifest(manifest_table, base_dir) if manifest_table is not None else None
+    reports_table = root.table("reports")
+    reports = _parse_reports(reports_table, base_dir) if reports_table is not None else None
+    if manifest is not None and reports is not None and manifest.path == reports.path:
+        raise ConfigError("reports.path", "is also manifest.path; give each its own path")
     root.done()
     return Config(
         listen=listen,
@@ -379,6 +431,8 @@ def parse(
         upstream=upstream,
         acme=acme,
         admin=admin,
+        manifest=manifest,
+        reports=reports,
     )
 
 
@@ -1022,3 +1076,53 @@ def _parse_keystore(table: _Table | None) -> KeyStoreSettings:
     )
     table.done()
     return settings
+
+
+# An origin-form path of unreserved and sub-delimiter characters (RFC 3986 pchar without
+# percent-encoding, which clients may spell differently): compared byte for byte.
+_LOCAL_PATH: Final = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
+
+
+def _parse_local_path(table: _Table, default: str) -> str:
+    """The path of an endpoint dualproxy answers itself instead of the upstream."""
+    path = table.string("path") or default
+    if not _LOCAL_PATH.fullmatch(path) or path == "/":
+        raise ConfigError(
+            table.path("path"),
+            f"{path!r} is not a path like {default!r} (no query, no %-escapes, not / alone:"
+            " requests to it never reach the upstream)",
+        )
+    return path
+
+
+def _parse_manifest(table: _Table, base_dir: Path) -> ManifestConfig:
+    d = ManifestConfig(file=Path())
+    path = _parse_local_path(table, d.path)
+    file = base_dir / Path(table.string("file") or "certs/pins.jws").expanduser()
+    max_age = table.integer("max_age", d.max_age, low=0, high=86400)
+    warn = table.number("warn_before_days", d.warn_before_days, low=0, high=90)
+    table.done()
+    return ManifestConfig(file=file, path=path, max_age=max_age, warn_before_days=warn)
+
+
+def _parse_reports(table: _Table, base_dir: Path) -> ReportsConfig:
+    d = ReportsConfig(store=Path())
+    path = _parse_local_path(table, d.path)
+    store = base_dir / Path(table.string("store") or "reports/pin-reports.jsonl").expanduser()
+    # Below 1 KiB no real report fits; above 1 MiB it is no longer a report.
+    max_body = table.integer("max_body_bytes", d.max_body_bytes, low=1024, high=1024 * 1024)
+    per_minute = table.number("per_minute", d.per_minute, low=0.01, high=6000)
+    burst = table.integer("burst", d.burst, low=1, high=10_000)
+    # At least one report of the largest size per file, so that any report can be stored.
+    store_max = table.integer("store_max_bytes", d.store_max_bytes, low=2 * max_body, high=1 << 34)
+    store_files = table.integer("store_files", d.store_files, low=0, high=100)
+    table.done()
+    return ReportsConfig(
+        store=store,
+        path=path,
+        max_body_bytes=max_body,
+        per_minute=per_minute,
+        burst=burst,
+        store_max_bytes=store_max,
+        store_files=store_files,
+    )

@@ -28,7 +28,6 @@ Layout of the dev folder (git-ignored, like all of certs/):
 from __future__ import annotations
 
 import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,6 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from . import config as config_mod
 from . import keystore
+from .files import write_atomically
 from .pins import describe_key_algorithm, spki_pin
 
 __all__ = [
@@ -238,9 +238,7 @@ def _remove_material(folder: Path) -> None:
 def _write_atomically(path: Path, data: bytes) -> None:
     """A running bench (its file poller) never reads half a chain."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    write_atomically(path, data)
 
 
 def _normal_name(name: str) -> str:

@@ -41,10 +41,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from .config import Rotation
 from .policy import Choice, Phase, Reason
+
+if TYPE_CHECKING:
+    from .reports import ReportSummary
 
 __all__ = [
     "BUCKET_SECONDS",
@@ -346,6 +349,8 @@ class Status:
     canary: CanaryStatus | None
     bucket_seconds: int
     series_start: datetime  # the start of the oldest bucket in the series
+    # What apps reported about failed pins ([reports]; reports.ReportSummary), None without.
+    pin_reports: ReportSummary | None = None
 
     def to_json(self) -> dict[str, object]:
         """The /status.json document (schema 1; see the README)."""
@@ -392,6 +397,7 @@ class Status:
                 "start": _iso(self.series_start),
                 "buckets": SERIES_BUCKETS,
             },
+            "pin_reports": self.pin_reports,
         }
 
 
@@ -470,6 +476,7 @@ class Evidence:
         active_connections: int,
         reloads_ok: int,
         reloads_failed: int,
+        pin_reports: ReportSummary | None = None,
     ) -> Status:
         """A consistent picture of the counts (called at scrape time, never per request).
 
@@ -529,6 +536,7 @@ class Evidence:
             canary=canary,
             bucket_seconds=self._bucket_seconds,
             series_start=_utc(first_bucket * self._bucket_seconds),
+            pin_reports=pin_reports,
         )
 
     def _series(self, key: str, first_bucket: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -15,6 +15,10 @@ Theory of operation. Each request on the client's (TLS) stream goes through, in 
    that we do not relay (CONNECT, TRACE: 405). A refused request never costs a byte upstream.
 4. **size**: a Content-Length above max_body_bytes is refused with 413, still before anything
    goes upstream.
+   A request for a path dualproxy answers itself (the pin manifest, pin-failure reports:
+   `settings.local`, endpoints.py) stops here: its body is read within the endpoint's cap and
+   the answer is sent with the keep-alive rules below (`_answer_locally`). Every other
+   request pays one `startswith` against the endpoints' common prefix for it.
 5. **relay**: an upstream connection from the pool gets a request with rewritten headers
    (`upstream_request_headers`) and framing we write ourselves, then the body, streamed
    (`Expect: 100-continue` is answered here, when we start reading the body, and never
@@ -86,6 +90,7 @@ import trio
 
 from . import http1
 from .config import ConfigError
+from .endpoints import Endpoint, LocalEndpoints, LocalRequest
 from .forwarding import (
     ClientPeer,
     ForwardingRules,
@@ -224,9 +229,16 @@ class RelaySettings:
     head_limits: HeadLimits
     rules: ForwardingRules
     pool: UpstreamPool
+    # Paths dualproxy answers itself (the pin manifest, pin-failure reports), never relayed.
+    local: LocalEndpoints | None = None
 
     @classmethod
-    def build(cls, config: Config, pool: UpstreamPool | None = None) -> RelaySettings:
+    def build(
+        cls,
+        config: Config,
+        pool: UpstreamPool | None = None,
+        local: LocalEndpoints | None = None,
+    ) -> RelaySettings:
         """Settings for `config` (which has an upstream), with `pool` or a new one.
 
         Raises ConfigError for an [upstream] that cannot be served: an added header that
@@ -248,6 +260,7 @@ class RelaySettings:
             head_limits=HeadLimits.from_limits(config.limits),
             rules=rules,
             pool=pool,
+            local=local,
         )
 
 
@@ -355,6 +368,7 @@ class ClientConnection:
         # isinstance check costs more than once per connection).
         self._tls = stream if isinstance(stream, TlsStream) else None
         self._peer = ClientPeer.of(peer) if peer is not None else None
+        self._peer_address = peer  # for local endpoints (the report rate limit)
         self._settings = settings
         self._drain = drain
         self._tally = tally
@@ -438,7 +452,16 @@ class ClientConnection:
                         )
                     settings = current
                     self._limits = settings.limits
-                    await self._exchange(head, settings)
+                    # One startswith for every request that is not for a local endpoint.
+                    local = settings.local
+                    if (
+                        local is not None
+                        and head.target.startswith(local.prefix)
+                        and (endpoint := local.find(head.target)) is not None
+                    ):
+                        await self._answer_locally(endpoint, head, settings.limits)
+                    else:
+                        await self._exchange(head, settings)
                 except HeadError as exc:
                     raise _Refusal(exc.status, exc.problem) from exc
                 except _ClientGone:
@@ -619,6 +642,71 @@ class ClientConnection:
             await upstream.send_request(data, bounded=False)
         else:
             await upstream.send(data, bounded=False)
+
+    # --- requests dualproxy answers itself ------------------------------------------------
+
+    async def _answer_locally(self, endpoint: Endpoint, head: RequestHead, limits: Limits) -> None:
+        """Answer a request for a local endpoint (endpoints.py) here, never upstream: its body
+        read within the endpoint's cap (413 above it, before reading), the answer sent with
+        the keep-alive rules of a relayed response."""
+        cap = min(endpoint.max_body_bytes, limits.max_body_bytes)
+        if head.content_length is not None and head.content_length > cap:
+            raise _Refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body above {cap} bytes")
+        body = b""
+        if head.chunked or head.content_length:
+            body = await self._read_body(head, cap, limits)
+        request = LocalRequest(head.method, head.target, head.headers, self._peer_address, body)
+        # Bounded like a send: the endpoint may write to disk in a worker thread.
+        self._wait(_Phase.CLIENT_SEND, limits.send_timeout)
+        answer = await endpoint.answer(request)
+        keep_alive = not (
+            self._drain.draining or self._requests >= MAX_REQUESTS_PER_CONNECTION or head.close
+        )
+        self._tally.response_generated(answer.status)
+        headers = [*answer.headers, *self._response_headers]
+        if answer.status not in _NO_BODY_STATUSES:
+            headers.append((b"content-length", str(len(answer.body)).encode()))
+        if not keep_alive:
+            headers.append((b"connection", b"close"))
+        data = http1.response_head(
+            answer.status, HTTPStatus(answer.status).phrase.encode(), headers
+        )
+        if head.method != b"HEAD" and answer.status not in _NO_BODY_STATUSES:
+            data += answer.body
+        await self._send_client([data], limits, last=not keep_alive)
+        self._keep_alive = keep_alive
+
+    async def _read_body(self, head: RequestHead, cap: int, limits: Limits) -> bytes:
+        """The request's whole body (trailers dropped); 413 once it grows past `cap`."""
+        if head.expect_continue:
+            self._wait(_Phase.CLIENT_SEND, limits.send_timeout)
+            await self._stream.send_all(_CONTINUE)
+        reader = http1.body_reader(head.content_length, chunked=head.chunked)
+        buffer = self._buffer
+        body = bytearray()
+        while True:  # bounded: cap, and body_timeout for each read
+            try:
+                piece = reader.read(buffer)
+            except http1.BodyError as exc:
+                raise _Refusal(
+                    HTTPStatus.BAD_REQUEST, f"malformed request body: {exc.problem}"
+                ) from exc
+            if piece is None:
+                self._wait(_Phase.CLIENT_BODY, limits.body_timeout)
+                chunk = await self._stream.receive_some(RECEIVE_SIZE)
+                if not chunk:
+                    self._eof = True
+                    raise _ClientGone
+                buffer += chunk
+                continue
+            if piece is http1.END:
+                self._request_read = True
+                return bytes(body)
+            body += piece
+            if len(body) > cap:
+                raise _Refusal(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body above {cap} bytes"
+                )
 
     # --- the response --------------------------------------------------------------------
 

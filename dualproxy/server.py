@@ -40,14 +40,14 @@ import sys
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from typing import Final
 
 import h11
 import trio
 
-from . import challenges, keystore, policy
+from . import challenges, endpoints, keystore, manifest, policy, reports
 from . import config as config_mod
 from .clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, ClientHelloError, parse_client_hello
 from .clienthello import is_plain_http as looks_like_plain_http
@@ -97,6 +97,9 @@ LINGER_RECEIVE_SIZE: Final = 64 * 1024
 # Request bodies the placeholder responder reads and discards, in bytes: enough for any
 # health-check POST, small enough that nobody can make us read a file upload for nothing.
 PLACEHOLDER_MAX_BODY: Final = 64 * 1024
+# How often `serve` looks at the served manifest's expiry (a warning before it, an error
+# after): the warning window is days long, so a minute is prompt and costs nothing.
+MANIFEST_EXPIRY_CHECK_INTERVAL: Final = 60.0
 # h11's own cap on an incomplete request head; 16 KiB like nginx's large_client_header_buffers.
 MAX_REQUEST_HEAD_BYTES: Final = 16 * 1024
 # One receive from the TLS stream, which decrypts at most one TLS record (16 KiB) at a time.
@@ -266,9 +269,14 @@ class Server:
         # the connection tasks (the grace deadline and a second SIGTERM act on it).
         self._accepting: trio.CancelScope | None = None
         self._connections: trio.CancelScope | None = None
+        # The paths answered here, never upstream ([manifest], [reports]; endpoints.py).
+        self._local = endpoints.build(config, None, clock)
+        self._manifest_status: tuple[datetime, str] | None = None  # the last one logged
         # What requests are relayed with when config.upstream is set (a bad [upstream] stops
         # us here, as an unusable key does); run() closes the pool's connections when it ends.
-        self._relay = RelaySettings.build(config) if config.upstream is not None else None
+        self._relay = (
+            RelaySettings.build(config, local=self._local) if config.upstream is not None else None
+        )
         # Pending ACME challenges, while run() runs with [acme] (see acme.run_in_server).
         self.acme_board: challenges.ChallengeBoard | None = None
 
@@ -289,6 +297,8 @@ class Server:
         bound = [_sockname(listener) for listener in listeners]
         for warning in self.snapshot.warnings:
             log.warning("%s", warning)
+        self._log_manifest_problem()
+        self._check_manifest_expiry()
         self._accepting = accepting = trio.CancelScope()
         if self._drain.draining:
             accepting.cancel()
@@ -296,6 +306,7 @@ class Server:
             async with trio.open_nursery() as services:
                 services.start_soon(self._watch_files)
                 services.start_soon(self._prune_idle_upstream)
+                services.start_soon(self._watch_manifest_expiry)
                 if self._handle_signals:
                     await services.start(self._watch_signals)
                 if self.config.acme is not None:
@@ -579,8 +590,12 @@ class Server:
             # keep-alive timeout first. The drain ends the wait (the whole request is small).
             wait = limits.keepalive_timeout if record.requests else limits.request_header_timeout
             request: h11.Request | None = None  # stays None when the wait times out
+            body = bytearray()
+            local = self._local
             with self._drain.idle(wait):
-                request = await _receive_request(tls, conn)
+                request = await _receive_request(
+                    tls, conn, body, local.max_body_bytes if local is not None else 0
+                )
             if request is None or conn.their_state is h11.ERROR:
                 # A bad head leaves our side IDLE, a bad body after a good head in
                 # SEND_RESPONSE; h11 lets a server answer 400 from either.
@@ -591,16 +606,32 @@ class Server:
                     return True
                 return False
             record.request_received()
-            record.response_generated(200)
-            headers = [(b"content-type", b"text/plain; charset=utf-8")]
-            headers += self._dev_response_headers(record)
-            body = b"dualproxy: TLS terminated; no upstream is configured yet.\n"
             head_only = request.method == b"HEAD"
+            endpoint = local.find(request.target) if local is not None else None
+            if endpoint is not None and len(body) > endpoint.max_body_bytes:
+                status, reply = 413, b"request body too large\n"
+                headers = [(b"content-type", b"text/plain; charset=utf-8")]
+            elif endpoint is not None:  # the pin manifest, a pin-failure report
+                answer = await endpoint.answer(
+                    endpoints.LocalRequest(
+                        request.method,
+                        request.target,
+                        list(request.headers),
+                        record.peer_ip,
+                        bytes(body),
+                    )
+                )
+                status, reply, headers = answer.status, answer.body, [*answer.headers]
+            else:
+                status, reply = 200, b"dualproxy: TLS terminated; no upstream is configured yet.\n"
+                headers = [(b"content-type", b"text/plain; charset=utf-8")]
+            record.response_generated(status)
+            headers += self._dev_response_headers(record)
             await _send_simple(
                 tls,
                 conn,
-                200,
-                body,
+                status,
+                reply,
                 extra_headers=headers,
                 head_only=head_only,
                 keep_alive=not self._drain.draining,
@@ -643,6 +674,7 @@ class Server:
                 config = given
                 snapshot = await trio.to_thread.run_sync(keystore.load_snapshot, given)
             relay = await trio.to_thread.run_sync(self._relay_for, config)
+            local = await trio.to_thread.run_sync(endpoints.build, config, self._local, self._clock)
         except (ConfigError, KeyStoreError) as exc:
             self.reloads_failed += 1
             log.error("reload (%s) failed, still serving the previous keys: %s", why, exc)
@@ -658,13 +690,17 @@ class Server:
             config = _replace_listen(config, self.config.listen)
         if config.limits.max_connections != self.config.limits.max_connections:
             self._slots.total_tokens = config.limits.max_connections
+        if relay is not None and relay.local is not local:
+            relay = replace(relay, local=local)
         old_pool = self._relay.pool if self._relay is not None else None
-        self.config, self.snapshot, self._relay = config, snapshot, relay
+        self.config, self.snapshot, self._relay, self._local = config, snapshot, relay, local
         self.reloads_ok += 1
         for warning in snapshot.warnings:
             log.warning("%s", warning)
         keys = ", ".join(f"{k.name} ({k.pin})" for k in snapshot.keys.values())
         log.info("reloaded (%s): serving %s", why, keys)
+        self._log_manifest_problem()
+        self._check_manifest_expiry()
         if old_pool is not None and (relay is None or relay.pool is not old_pool):
             # Its idle connections close now; those in use finish their exchange first.
             await _close_pool(old_pool)
@@ -723,6 +759,53 @@ class Server:
             if current != self._files_seen:
                 await self.reload("files changed")
                 self._files_seen = current
+
+    def report_summary(self) -> reports.ReportSummary | None:
+        """The pin-failure report counts (reports.summary's shape), each known pin named by its
+        key and role now, for /status.json and the status page; None without [reports]."""
+        local = self._local
+        if local is None:
+            return None
+        keys = ((key.name, key.pin) for key in self.snapshot.keys.values())
+        return local.report_summary(endpoints.pin_labels(keys, self.config.rotation, self._clock()))
+
+    def _log_manifest_problem(self) -> None:
+        """At start and after each reload: a manifest that is missing or no manifest."""
+        local = self._local
+        if local is not None and local.manifest_problem is not None:
+            log.warning("manifest: %s", local.manifest_problem)
+
+    def _check_manifest_expiry(self) -> None:
+        """Log once per state (per manifest) that the served manifest expires soon, or has:
+        apps then refuse it and fall back to the pins they ship with."""
+        local, settings = self._local, self.config.manifest
+        if local is None or settings is None or local.manifest_expires is None:
+            return
+        expires = local.manifest_expires
+        status = manifest.expiry_status(
+            expires, self._clock(), timedelta(days=settings.warn_before_days)
+        )
+        if self._manifest_status == (expires, status):
+            return
+        self._manifest_status = (expires, status)
+        when = f"{expires:%Y-%m-%d %H:%M} UTC"
+        if status == "expired":
+            log.error(
+                "manifest: %s expired at %s; apps refuse it: run `dualproxy manifest sign`",
+                settings.file,
+                when,
+            )
+        elif status == "soon":
+            log.warning(
+                "manifest: %s expires at %s; sign a new one (`dualproxy manifest sign`)",
+                settings.file,
+                when,
+            )
+
+    async def _watch_manifest_expiry(self) -> None:
+        while True:  # run() checked once before it started accepting
+            await trio.sleep(MANIFEST_EXPIRY_CHECK_INTERVAL)
+            self._check_manifest_expiry()
 
     async def _prune_idle_upstream(self) -> None:
         """Close pooled upstream connections once they have idled pool_idle_timeout, also when
@@ -798,9 +881,12 @@ def _replace_listen(config: Config, listen: config_mod.ListenConfig) -> Config:
     return replace(config, listen=listen)
 
 
-async def _receive_request(tls: TlsStream, conn: h11.Connection) -> h11.Request | None:
-    """The next request, its body read and discarded (bounded); None when the client closed
-    or sent something h11 rejects (their_state is then ERROR)."""
+async def _receive_request(
+    tls: TlsStream, conn: h11.Connection, kept: bytearray, keep: int
+) -> h11.Request | None:
+    """The next request, its body read (bounded) and, when `keep` (a local endpoint's cap) is
+    not 0, kept in `kept`, otherwise discarded; None when the client closed or sent something
+    h11 rejects (their_state is then ERROR)."""
     request: h11.Request | None = None
     body = 0
     while True:
@@ -816,8 +902,10 @@ async def _receive_request(tls: TlsStream, conn: h11.Connection) -> h11.Request 
             request = event
         elif isinstance(event, h11.Data):
             body += len(event.data)
-            if body > PLACEHOLDER_MAX_BODY:
+            if body > max(PLACEHOLDER_MAX_BODY, keep):
                 return None
+            if keep:
+                kept += event.data
         elif isinstance(event, h11.EndOfMessage):
             return request
         elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
@@ -839,7 +927,9 @@ async def _send_simple(
 
     Sent with one send_all: one TLS record and one send(2) instead of one per h11 event;
     on a connection that carries one request, each send is a sizeable part of its cost."""
-    headers = [(b"content-length", str(len(body)).encode()), *extra_headers]
+    # A 204 or 304 carries no Content-Length (RFC 9110 §8.6, §15.4.5).
+    headers = [] if status in (204, 304) else [(b"content-length", str(len(body)).encode())]
+    headers += extra_headers
     if not keep_alive:
         headers.append((b"connection", b"close"))
     reason = HTTPStatus(status).phrase.encode()

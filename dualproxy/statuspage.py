@@ -28,6 +28,10 @@ __all__ = ["render_html", "render_text"]
 
 # The page reloads itself this often (seconds): a rollout is watched, not read once.
 REFRESH_SECONDS: Final = 30
+# Pin-failure report groups shown (most reports first; /status.json has them all), and app
+# versions named per group: what fits a glance.
+REPORT_GROUPS_SHOWN: Final = 10
+REPORT_VERSIONS_SHOWN: Final = 5
 
 _ROLE_COLOURS: Final = {"old": "#4c6ef5", "new": "#0ca678", "single": "#4c6ef5"}
 _OTHER_COLOUR: Final = "#868e96"
@@ -95,7 +99,47 @@ def render_text(status: Status) -> str:
         f"active connections {status.active_connections}; responses: {responses};"
         f" reloads: {status.reloads_ok} ok, {status.reloads_failed} failed"
     )
+    reports = status.pin_reports
+    if reports is not None:
+        lines.append("")
+        lines.append(
+            f"pin-failure reports from apps: {reports['total']}"
+            f" (last {reports['last_seen'] or 'never'}); by the pins they know:"
+        )
+        for group in reports["by_known_pins"][:REPORT_GROUPS_SHOWN]:
+            lines.append(
+                f"  {_pins_known(group['labels'])}: {group['count']} from"
+                f" {', '.join(group['app_versions'][:REPORT_VERSIONS_SHOWN])}"
+            )
     return "\n".join(lines) + "\n"
+
+
+def _pins_known(labels: Sequence[str | None]) -> str:
+    """The pins a report group's app knows, named by our key and role where they are ours."""
+    return " + ".join(label or "a pin of no key of ours" for label in labels) or "no pins"
+
+
+def _reports_html(status: Status) -> str:
+    """The pin-failure reports section: which app versions still know only which pins."""
+    reports = status.pin_reports
+    if reports is None:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(_pins_known(group['labels']))}</td><td>{group['count']}</td>"
+        f"<td>{_e(', '.join(group['app_versions'][:REPORT_VERSIONS_SHOWN]))}</td>"
+        f"<td>{_e(group['last_seen'] or '-')}</td></tr>"
+        for group in reports["by_known_pins"][:REPORT_GROUPS_SHOWN]
+    )
+    empty = '<tr><td colspan="4" class="muted">no reports yet</td></tr>'
+    return f"""<h2>Pin-failure reports from apps</h2>
+<p class="muted">{reports["total"]} reports (TrustKit, RFC 7469), grouped by the pins the
+app knows: the app versions that know only the retiring key's pin are the ones that fail
+once it is gone.</p>
+<table class="panel" id="pin-reports">
+<thead><tr><th>pins the app knows</th><th>reports</th><th>app versions</th>
+<th>last seen</th></tr></thead>
+<tbody>{rows or empty}</tbody>
+</table>"""
 
 
 def render_html(status: Status) -> str:
@@ -155,6 +199,7 @@ def render_html(status: Status) -> str:
 <th>pin-failure share</th><th>requests</th></tr></thead>
 <tbody>{rows or '<tr><td colspan="7" class="muted">no connections yet</td></tr>'}</tbody>
 </table>
+{_reports_html(status)}
 <footer class="muted">active connections {status.active_connections} ·
 responses {responses or "none yet"} · reloads {status.reloads_ok} ok,
 {status.reloads_failed} failed · <a href="/status.json">status.json</a> ·

@@ -22,6 +22,8 @@ from dualproxy.config import (
     Limits,
     ListenAddress,
     ListenConfig,
+    ManifestConfig,
+    ReportsConfig,
     Rotation,
     UpstreamConfig,
     load,
@@ -1142,3 +1144,106 @@ def test_the_commented_acme_example_in_config_toml_parses(tmp_path: Path) -> Non
     assert config.acme is not None
     assert config.acme.directory == "https://acme-v02.api.letsencrypt.org/directory"
     assert [k.name for k in config.acme_keys()] == ["k2026a"]
+
+
+# --- [manifest] and [reports] --------------------------------------------------------------
+
+
+def test_manifest_and_reports_defaults(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    config = parse(edited({"manifest": {}, "reports": {}}), base_dir=tmp_path)
+    assert config.manifest == ManifestConfig(file=tmp_path / "certs/pins.jws")
+    assert config.manifest.path == "/.well-known/dualproxy/pins.json"
+    assert config.reports == ReportsConfig(store=tmp_path / "reports/pin-reports.jsonl")
+    assert config.reports.path == "/.well-known/dualproxy/pin-report"
+    # The manifest may not exist yet (it is signed later); a change to it is a reload.
+    assert not config.manifest.file.exists()
+    assert config.manifest.file in config.watched_files()
+    without = parse(edited({}), base_dir=tmp_path)
+    assert (without.manifest, without.reports) == (None, None)
+
+
+def test_manifest_and_reports_every_setting(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    data = edited(
+        {
+            "manifest": {
+                "path": "/pins",
+                "file": "/srv/pins.jws",
+                "max_age": 60,
+                "warn_before_days": 3,
+            },
+            "reports": {
+                "path": "/report",
+                "store": "r.jsonl",
+                "max_body_bytes": 8192,
+                "per_minute": 2,
+                "burst": 5,
+                "store_max_bytes": 1 << 20,
+                "store_files": 2,
+            },
+        }
+    )
+    config = parse(data, base_dir=tmp_path)
+    assert config.manifest == ManifestConfig(
+        file=Path("/srv/pins.jws"), path="/pins", max_age=60, warn_before_days=3.0
+    )
+    assert config.reports == ReportsConfig(
+        store=tmp_path / "r.jsonl",
+        path="/report",
+        max_body_bytes=8192,
+        per_minute=2.0,
+        burst=5,
+        store_max_bytes=1 << 20,
+        store_files=2,
+    )
+
+
+@pytest.mark.parametrize(
+    ("edits", "key_path", "message"),
+    [
+        ({"manifest": {"path": "pins.json"}}, "manifest.path", "is not a path like"),
+        ({"manifest": {"path": "/"}}, "manifest.path", "not / alone"),
+        ({"manifest": {"path": "/pins?x=1"}}, "manifest.path", "no query"),
+        ({"manifest": {"path": "/pins%20x"}}, "manifest.path", "no %-escapes"),
+        ({"manifest": {"max_age": -1}}, "manifest.max_age", "out of range"),
+        ({"manifest": {"fiel": "x"}}, "manifest.fiel", "did you mean 'file'?"),
+        ({"reports": {"max_body_bytes": 10}}, "reports.max_body_bytes", "out of range"),
+        ({"reports": {"per_minute": 0}}, "reports.per_minute", "out of range"),
+        ({"reports": {"burst": 0}}, "reports.burst", "out of range"),
+        ({"reports": {"store_max_bytes": 1000}}, "reports.store_max_bytes", "out of range"),
+        ({"reports": {"stor": "x"}}, "reports.stor", "did you mean 'store'?"),
+        (
+            {"manifest": {"path": "/x"}, "reports": {"path": "/x"}},
+            "reports.path",
+            "is also manifest.path",
+        ),
+    ],
+)
+def test_manifest_and_reports_rejected(
+    tmp_path: Path, edits: Mapping[str, object], key_path: str, message: str
+) -> None:
+    make_files(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        parse(edited(edits), base_dir=tmp_path)
+    assert caught.value.key_path == key_path
+    assert message in caught.value.problem
+
+
+def test_the_commented_manifest_and_reports_examples_in_config_toml_parse(tmp_path: Path) -> None:
+    """config.toml documents [manifest] and [reports] in comments; uncommented, they are valid
+    and say what the defaults say."""
+    lines = (Path(__file__).resolve().parent.parent / "config.toml").read_text().splitlines()
+    block = []
+    for table in ("# [manifest]", "# [reports]"):
+        for line in lines[lines.index(table) :]:
+            if not line.startswith("# "):
+                break
+            if not line[2:].startswith(" "):
+                block.append(line[2:])
+    make_files(tmp_path)
+    data = edited({})
+    data.update(tomllib.loads("\n".join(block)))
+    config = parse(data, base_dir=tmp_path)
+    assert config.manifest == ManifestConfig(file=tmp_path / "certs/pins.jws")
+    assert config.reports == ReportsConfig(store=tmp_path / "reports/pin-reports.jsonl")

@@ -35,6 +35,7 @@ from dualproxy.config import Rotation
 from dualproxy.evidence import Evidence, KeyFacts, Status
 from dualproxy.logformat import JsonFormatter, conn_fields
 from dualproxy.policy import Choice, Reason
+from dualproxy.reports import ReportSummary
 from dualproxy.server import ConnectionRecord, Outcome
 from dualproxy.statuspage import render_html, render_text
 
@@ -90,6 +91,48 @@ def status(*, halted: bool) -> Status:
         reloads_ok=1,
         reloads_failed=0,
     )
+
+
+def test_pin_failure_reports_show_which_versions_know_which_pins() -> None:
+    """With [reports], the page, the text and status.json name the app versions by the pins
+    they know; without, none of them has the section."""
+    summary: ReportSummary = {
+        "total": 3,
+        "by_kind": {"trustkit": 3},
+        "last_seen": "2026-12-10T12:00:00Z",
+        "ungrouped": 0,
+        "by_app_version": [],
+        "by_known_pins": [
+            {
+                "pins": ["A" * 43 + "="],
+                "labels": ["k2026a (retiring)"],
+                "count": 2,
+                "last_seen": "2026-12-10T12:00:00Z",
+                "app_versions": ["com.example.app 2.3 (IOS)"],
+            },
+            {
+                "pins": ["Z" * 43 + "="],
+                "labels": [None],
+                "count": 1,
+                "last_seen": None,
+                "app_versions": ["<b>evil</b> 1 (ANDROID)"],
+            },
+        ],
+    }
+    with_reports = replace(status(halted=False), pin_reports=summary)
+    page = render_html(with_reports)
+    assert 'id="pin-reports"' in page
+    assert "<td>k2026a (retiring)</td><td>2</td><td>com.example.app 2.3 (IOS)</td>" in page
+    assert "&lt;b&gt;evil&lt;/b&gt;" in page  # app-supplied text is escaped
+    text = render_text(with_reports)
+    assert "pin-failure reports from apps: 3" in text
+    assert "  k2026a (retiring): 2 from com.example.app 2.3 (IOS)" in text
+    assert "  a pin of no key of ours: 1 from" in text
+    assert with_reports.to_json()["pin_reports"] == summary
+    without = status(halted=False)
+    assert 'id="pin-reports"' not in render_html(without)
+    assert "pin-failure reports" not in render_text(without)
+    assert without.to_json()["pin_reports"] is None
 
 
 @pytest.mark.parametrize("halted", [True, False], ids=["halted", "running"])
