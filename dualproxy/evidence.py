@@ -122,9 +122,10 @@ class FinishedConnection(Protocol):
 
 
 class RequestCounters:
-    """Per-request counts, shared by every connection of a server: the relay reports through
-    the connection's record (server.ConnectionRecord.response_relayed), which increments these
-    directly, without a call deeper: it runs once per response."""
+    """Per-request counts of the connections served one key for one reason (a connection
+    takes its set once, when its key is chosen: Evidence.counters_for): the relay reports
+    through the connection's record (server.ConnectionRecord.response_relayed), which
+    increments these directly, without a call deeper: it runs once per response."""
 
     __slots__ = ("latency", "latency_sum", "statuses")
 
@@ -331,6 +332,17 @@ class CanaryStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseRow:
+    """Responses and upstream latency of the connections served one key for one reason."""
+
+    key: str
+    reason: str
+    responses: Mapping[str, int]  # "2xx": count
+    latency_counts: tuple[int, ...]  # per LATENCY_BOUNDS bucket, then above the last
+    latency_sum: float
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     """Everything the surfaces show, at one instant."""
 
@@ -340,9 +352,10 @@ class Status:
     rotation: Rotation | None
     keys: tuple[KeyStatus, ...]
     rows: tuple[Row, ...]
-    responses: Mapping[str, int]  # "2xx": count
+    responses: Mapping[str, int]  # "2xx": count, over every key
     latency_counts: tuple[int, ...]  # per LATENCY_BOUNDS bucket, then above the last
     latency_sum: float
+    response_rows: tuple[ResponseRow, ...]  # the same by key and reason
     active_connections: int
     reloads_ok: int
     reloads_failed: int
@@ -390,6 +403,15 @@ class Status:
                 "counts": list(self.latency_counts),
                 "sum": self.latency_sum,
             },
+            "responses_by_key": [
+                {
+                    "key": r.key,
+                    "reason": r.reason,
+                    "responses": dict(r.responses),
+                    "upstream_latency": {"counts": list(r.latency_counts), "sum": r.latency_sum},
+                }
+                for r in self.response_rows
+            ],
             "active_connections": self.active_connections,
             "reloads": {"ok": self.reloads_ok, "failed": self.reloads_failed},
             "series": {
@@ -423,12 +445,21 @@ class Evidence:
         self._clock = clock
         self._bucket_seconds = bucket_seconds
         self.started = clock()
-        self.requests = RequestCounters()
+        self._request_counters: dict[tuple[str, str], RequestCounters] = {}
         self.canary = CanaryJudge(clock)
         self._rows: dict[_RowKey, list[int]] = {}  # [connections, requests]
         self._timelines: dict[str, _Timeline] = {}
         # The bucket number each ring slot holds now; a slot is cleared when time reuses it.
         self._slot_bucket = [-1] * SERIES_BUCKETS
+
+    def counters_for(self, key: str, reason: str) -> RequestCounters:
+        """The per-request counts of connections served `key` for `reason`; a connection
+        takes them once, so that counting a response costs no lookup. Bounded: keys and
+        reasons come from the config and the policy."""
+        counters = self._request_counters.get((key, reason))
+        if counters is None:
+            counters = self._request_counters[key, reason] = RequestCounters()
+        return counters
 
     def connection_ended(self, record: FinishedConnection, rotation: Rotation | None) -> None:
         """Count a finished connection; `rotation` is the config's current (for the canary)."""
@@ -504,8 +535,23 @@ class Evidence:
                     failures_series=failures,
                 )
             )
-        counters = self.requests
-        responses = {f"{index}xx": count for index, count in enumerate(counters.statuses) if count}
+        response_rows = tuple(
+            ResponseRow(
+                key,
+                reason,
+                _classes(counters.statuses),
+                tuple(counters.latency),
+                counters.latency_sum,
+            )
+            for (key, reason), counters in sorted(self._request_counters.items())
+            if any(counters.statuses)
+        )
+        classes = [0] * _STATUS_CLASSES
+        latency = [0] * (len(LATENCY_BOUNDS) + 1)
+        for counters in self._request_counters.values():
+            classes = [a + b for a, b in zip(classes, counters.statuses, strict=True)]
+            latency = [a + b for a, b in zip(latency, counters.latency, strict=True)]
+        responses = _classes(classes)
         canary = None
         if (rotation is not None and rotation.canary_percent > 0) or self.canary.halts:
             judge = self.canary
@@ -528,8 +574,9 @@ class Evidence:
             keys=tuple(statuses),
             rows=rows,
             responses=responses,
-            latency_counts=tuple(counters.latency),
-            latency_sum=counters.latency_sum,
+            latency_counts=tuple(latency),
+            latency_sum=sum(row.latency_sum for row in response_rows),
+            response_rows=response_rows,
             active_connections=active_connections,
             reloads_ok=reloads_ok,
             reloads_failed=reloads_failed,
@@ -567,6 +614,11 @@ def _total(rows: Sequence[Row], key: str) -> tuple[Sample, int]:
             if row.pin_failure:
                 quiet += row.connections
     return Sample(completed, aborted, quiet), requests
+
+
+def _classes(statuses: Sequence[int]) -> dict[str, int]:
+    """{"2xx": count, ...} for the classes with responses."""
+    return {f"{index}xx": count for index, count in enumerate(statuses) if count}
 
 
 def _percent(share: float | None) -> str:

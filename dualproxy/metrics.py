@@ -129,23 +129,27 @@ def families(status: Status) -> list[Metric]:
 
     responses = CounterMetricFamily(
         "dualproxy_responses",
-        "Responses sent to clients, relayed or our own (refusals, 502, 504), by status class.",
-        labels=["code_class"],
+        "Responses sent to clients, relayed or our own (refusals, 502, 504), by the key their"
+        " connection was served, why it was chosen, and status class.",
+        labels=["key", "reason", "code_class"],
     )
-    for code_class, count in sorted(status.responses.items()):
-        responses.add_metric([code_class], count)
-
-    cumulative: list[tuple[str, float]] = []
-    running = 0
-    for bound, count in zip((*LATENCY_BOUNDS, float("inf")), status.latency_counts, strict=True):
-        running += count
-        cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
     latency = HistogramMetricFamily(
         "dualproxy_upstream_response_seconds",
-        "From the request sent upstream to the upstream's response head.",
-        buckets=cumulative,
-        sum_value=status.latency_sum,
+        "From the request sent upstream to the upstream's response head, by the key the"
+        " client's connection was served and why it was chosen.",
+        labels=["key", "reason"],
     )
+    for answered in status.response_rows:
+        key_reason = [answered.key, answered.reason]
+        for code_class, count in sorted(answered.responses.items()):
+            responses.add_metric([*key_reason, code_class], count)
+        cumulative: list[tuple[str, float]] = []
+        running = 0
+        bounds = (*LATENCY_BOUNDS, float("inf"))
+        for bound, count in zip(bounds, answered.latency_counts, strict=True):
+            running += count
+            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        latency.add_metric(key_reason, cumulative, sum_value=answered.latency_sum)
 
     phase = GaugeMetricFamily(
         "dualproxy_rotation_phase",

@@ -52,7 +52,7 @@ from . import config as config_mod
 from .clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, ClientHelloError, parse_client_hello
 from .clienthello import is_plain_http as looks_like_plain_http
 from .config import Config, ConfigError, ListenAddress
-from .evidence import LATENCY_BOUNDS, Evidence, RequestCounters
+from .evidence import LATENCY_BOUNDS, NONE_LABEL, Evidence, RequestCounters
 from .keystore import KeySnapshot, KeyStoreError
 from .relay import ClientConnection, Drain, RelaySettings
 from .streams import TcpStream, TlsStream, discard_until_closed, set_tcp_options
@@ -264,6 +264,8 @@ class Server:
         self.reloads_failed = 0
         # Who got which key and how it went (the admin listener shows it); the canary's halt.
         self.evidence = Evidence()
+        # Responses before a key is chosen (none, today): counted all the same.
+        self._unkeyed_counters = self.evidence.counters_for(NONE_LABEL, NONE_LABEL)
         self._drain = Drain()
         # While run() runs: the scope of the accept loops (drain() cancels it) and that of
         # the connection tasks (the grace deadline and a second SIGTERM act on it).
@@ -417,7 +419,7 @@ class Server:
             _close_listener(listener)
 
     async def _connection_task(self, sock: socket.socket, address: object, token: object) -> None:
-        record = ConnectionRecord(peer="-", counters=self.evidence.requests)
+        record = ConnectionRecord(peer="-", counters=self._unkeyed_counters)
         record.peer, record.peer_ip = _peer_address(address)
         try:
             stream = TcpStream(sock, options_set=_ACCEPTED_SOCKETS_INHERIT_OPTIONS)
@@ -471,6 +473,7 @@ class Server:
             )
             identity = snapshot.identities[record.choice.identity]
             record.key = identity.presented_key(record.hello).name
+            record.counters = self.evidence.counters_for(record.key, record.choice.reason.value)
             # https_compatible=False: aclose sends close_notify (RFC 8446 6.1), so a client
             # can tell our end of a response from a truncation. A client that closes without
             # one makes receive_some raise BrokenResourceError, which ends the connection just
