@@ -54,7 +54,6 @@ __all__ = [
     "encode_chunk",
     "request_head",
     "response_head",
-    "wants_close",
 ]
 
 # A chunk-size line with its extensions. Sizes need at most 16 digits; the rest is extensions,
@@ -120,22 +119,6 @@ def body_reader(content_length: int | None, *, chunked: bool) -> BodyReader:
     if content_length is not None:
         return ContentLengthReader(content_length)
     return CloseDelimitedReader()
-
-
-def wants_close(version: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """Whether the connection ends after this message (RFC 9112 §9.3): HTTP/1.0 (we do not
-    implement its keep-alive extension, as h11 does not), or a Connection field naming close.
-    `headers` are (lowercase name, value) pairs."""
-    if version != b"1.1":
-        return True
-    for name, value in headers:  # a loop, not any() over a generator: this runs per request
-        if name != b"connection":
-            continue
-        options = value.lower()
-        # No option can be close unless the value holds it: keep-alive costs one search.
-        if _CLOSE in options and _CLOSE in [option.strip(_OWS) for option in options.split(b",")]:
-            return True
-    return False
 
 
 class ContentLengthReader:

@@ -39,7 +39,6 @@ from dualproxy.forwarding import (
     upstream_request_headers,
     upstream_request_lines,
 )
-from dualproxy.http1 import wants_close
 
 LIMITS: Final = HeadLimits()
 HOST: Final = b"Host: api.example.com"
@@ -1403,6 +1402,70 @@ def test_hop_by_hop_filter_as_before(
     assert values(forwarded, b"x-forwarded-for") == expected
 
 
+def _plain_close(version: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """RFC 9112 §9.3 read plainly: the connection ends after an HTTP/1.0 message, or after one
+    with close among the options of any Connection field."""
+    return version != b"1.1" or any(
+        option.strip(b" \t").lower() == b"close"
+        for name, value in headers
+        if name == b"connection"
+        for option in value.split(b",")
+    )
+
+
+@pytest.mark.parametrize(
+    ("version", "fields", "close"),
+    [
+        (b"1.1", [], False),
+        (b"1.1", [b"Connection: keep-alive"], False),
+        (b"1.1", [b"Connection: close"], True),
+        (b"1.1", [b"Connection: Upgrade, CLOSE "], True),
+        (b"1.1", [b"Connection: x-a", b"Connection: close"], True),
+        (b"1.1", [b"X-Connection: close"], False),
+        (b"1.1", [b"Connection: closed"], False),
+        (b"1.0", [], True),
+        (b"1.0", [b"Connection: keep-alive"], True),
+    ],
+)
+def test_a_head_says_whether_the_connection_closes_after_it(
+    version: bytes, fields: list[bytes], close: bool
+) -> None:
+    request_head = check_request_head(request(HOST, *fields, line=b"GET / HTTP/" + version), LIMITS)
+    response_head = check_response_head(
+        response(*fields, line=b"HTTP/" + version + b" 200 OK"), request_method=b"GET"
+    )
+    assert (request_head.close, response_head.close) == (close, close)
+
+
+# Connection values around close: options in any case, OWS, lists, look-alikes.
+_CLOSE_VALUES: Final = [
+    b"close", b"Close", b" CLOSE\t", b"keep-alive", b"closed", b"x-close", b"close, te",
+    b"te,close", b"te , close ", b"", b",", b"clo se", b"upgrade",
+]  # fmt: skip
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    version=st.sampled_from([b"1.1", b"1.0"]),
+    fields=st.lists(
+        st.tuples(
+            st.sampled_from([b"Connection", b"X-Connection"]), st.sampled_from(_CLOSE_VALUES)
+        ),
+        max_size=3,
+    ),
+)
+def test_close_is_any_option_close(version: bytes, fields: list[tuple[bytes, bytes]]) -> None:
+    """The usual values from a table, one search before any split: the same answer as the
+    plain reading, for requests and responses."""
+    lines = [name + b":" + value for name, value in fields]
+    request_head = check_request_head(request(HOST, *lines, line=b"GET / HTTP/" + version), LIMITS)
+    assert request_head.close is _plain_close(version, request_head.headers)
+    response_head = check_response_head(
+        response(*lines, line=b"HTTP/" + version + b" 200 OK"), request_method=b"GET"
+    )
+    assert response_head.close is _plain_close(version, response_head.headers)
+
+
 def _normalized(lines: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
     """Field lines as (lowercase name, value without OWS): what they mean."""
     return [
@@ -1450,19 +1513,19 @@ def test_lines_as_received_mean_what_the_fields_say(
 ) -> None:
     """The fast path relays the client's and the upstream's field lines as they came: they
     mean exactly the fields the general rewriting selects, in the same order; and a head's
-    `close` is http1.wants_close of its fields."""
+    `close` is the plain reading of its fields (_plain_close)."""
     lines = [b"Connection: " + value for value in connection] + fields
     client = ClientPeer.of(peer) if peer is not None else None
     request_head = check_request_head(request(HOST, *lines, line=b"GET / HTTP/" + version), LIMITS)
     as_lines = upstream_request_lines(request_head, peer=client, rules=rules)
     assert _normalized(as_lines) == upstream_request_headers(request_head, peer=client, rules=rules)
-    assert request_head.close is wants_close(version, request_head.headers)
+    assert request_head.close is _plain_close(version, request_head.headers)
     response_head = check_response_head(
         response(*lines, line=b"HTTP/" + version + b" 200 OK"), request_method=b"GET"
     )
     relayed = client_response_lines(response_head)
     assert _normalized(relayed) == client_response_headers(response_head)
-    assert response_head.close is wants_close(version, response_head.headers)
+    assert response_head.close is _plain_close(version, response_head.headers)
     if response_head.forward is not None:  # the usual case: passed on byte for byte
         assert list(relayed) == [
             line for line in lines if line.partition(b":")[0].lower() not in _DROPPED_BY_US

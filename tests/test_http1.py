@@ -27,7 +27,6 @@ from dualproxy.http1 import (
     encode_chunk,
     request_head,
     response_head,
-    wants_close,
 )
 
 # Hypothesis examples per property: enough to reach every state many times while the whole
@@ -235,56 +234,6 @@ def test_response_head_golden() -> None:
     response = conn.next_event()
     assert isinstance(response, h11.Response)
     assert (response.status_code, response.reason) == (404, b"Not Found")
-
-
-@pytest.mark.parametrize(
-    ("version", "headers", "close"),
-    [
-        (b"1.1", [], False),
-        (b"1.1", [(b"connection", b"keep-alive")], False),
-        (b"1.1", [(b"connection", b"close")], True),
-        (b"1.1", [(b"connection", b"Upgrade, CLOSE ")], True),
-        (b"1.1", [(b"connection", b"x-a"), (b"connection", b"close")], True),
-        (b"1.1", [(b"x-connection", b"close")], False),
-        (b"1.1", [(b"connection", b"closed")], False),
-        (b"1.0", [], True),
-        (b"1.0", [(b"connection", b"keep-alive")], True),
-    ],
-)
-def test_wants_close(version: bytes, headers: list[tuple[bytes, bytes]], close: bool) -> None:
-    assert wants_close(version, headers) is close
-
-
-# Connection values around close: options in any case, OWS, lists, look-alikes.
-_CONNECTION_VALUES: Final = [
-    b"close", b"Close", b" CLOSE\t", b"keep-alive", b"closed", b"x-close", b"close, te",
-    b"te,close", b"te , close ", b"", b",", b"clo se", b"upgrade",
-]  # fmt: skip
-
-
-@settings(max_examples=EXAMPLES, deadline=None)
-@given(
-    version=st.sampled_from([b"1.1", b"1.0"]),
-    headers=st.lists(
-        st.tuples(
-            st.sampled_from([b"connection", b"x-connection", b"te"]),
-            st.sampled_from(_CONNECTION_VALUES),
-        ),
-        max_size=3,
-    ),
-)
-def test_wants_close_as_any_option_is_close(
-    version: bytes, headers: list[tuple[bytes, bytes]]
-) -> None:
-    """The loop (one search before any split) answers as the plain reading: any option of
-    any Connection field is close."""
-    expected = version != b"1.1" or any(
-        option.strip(b" \t").lower() == b"close"
-        for name, value in headers
-        if name == b"connection"
-        for option in value.split(b",")
-    )
-    assert wants_close(version, headers) is expected
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
