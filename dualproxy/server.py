@@ -135,7 +135,8 @@ class ConnectionRecord:
     tls_version: str | None = None
     requests: int = 0
     started: float = field(default_factory=trio.current_time)
-    # The server's per-request counts (evidence.RequestCounters), shared by its connections.
+    # The per-request counts of the key and reason this connection was served, shared with
+    # the other connections served them (Evidence.counters_for; taken when the key is chosen).
     counters: RequestCounters = field(default_factory=RequestCounters, repr=False)
 
     # The relay's Tally: it reports through these, without importing this module.
