@@ -447,6 +447,12 @@ def parse_time(text: str) -> datetime:
     return value.astimezone(UTC)
 
 
+def format_time(moment: datetime) -> str:
+    """An instant as RFC 3339 in UTC to the second ("2026-12-01T00:00:00Z"): what parse_time
+    reads, and how every document and message of ours writes a time."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def normalize_host(name: str) -> str:
     """Lowercase and strip one trailing dot: how SNI names and hints are compared."""
     return name.lower().removesuffix(".")

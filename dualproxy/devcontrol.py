@@ -40,6 +40,8 @@ from typing import Final, Protocol
 import h11
 import trio
 
+from .config import is_loopback_host
+
 __all__ = [
     "ADMIN_REQUEST_TIMEOUT",
     "DEFAULT_ADMIN_ADDRESS",
@@ -295,14 +297,7 @@ def _is_loopback_host(host: str) -> bool:
     else:
         name, colon, port = host.partition(":")
         port_ok = not colon or port.isdigit()
-    if not port_ok:
-        return False
-    if name.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return port_ok and is_loopback_host(name)
 
 
 async def _answer(

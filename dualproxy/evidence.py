@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final, Protocol
 
-from .config import Rotation
+from .config import Rotation, format_time
 from .policy import Choice, Phase, Reason
 
 if TYPE_CHECKING:
@@ -370,16 +370,16 @@ class Status:
         rotation = self.rotation
         return {
             "schema": 1,
-            "now": _iso(self.now),
-            "started": _iso(self.started),
+            "now": format_time(self.now),
+            "started": format_time(self.started),
             "phase": self.phase,
             "rotation": None
             if rotation is None
             else {
                 "old": list(rotation.old),
                 "new": list(rotation.new),
-                "grace_start": _iso(rotation.grace_start),
-                "grace_end": _iso(rotation.grace_end),
+                "grace_start": format_time(rotation.grace_start),
+                "grace_end": format_time(rotation.grace_end),
                 "default": rotation.default,
                 "canary_percent": rotation.canary_percent,
             },
@@ -416,7 +416,7 @@ class Status:
             "reloads": {"ok": self.reloads_ok, "failed": self.reloads_failed},
             "series": {
                 "bucket_seconds": self.bucket_seconds,
-                "start": _iso(self.series_start),
+                "start": format_time(self.series_start),
                 "buckets": SERIES_BUCKETS,
             },
             "pin_reports": self.pin_reports,
@@ -629,10 +629,6 @@ def _utc(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def _sample_json(sample: Sample) -> dict[str, object]:
     return {
         "handshakes": sample.handshakes,
@@ -652,8 +648,8 @@ def _key_json(status: KeyStatus) -> dict[str, object]:
         "role": facts.role,
         "pin": f"sha256/{facts.pin}",
         "algorithm": facts.algorithm,
-        "not_before": _iso(facts.not_before),
-        "not_after": _iso(facts.not_after),
+        "not_before": format_time(facts.not_before),
+        "not_after": format_time(facts.not_after),
         "total": _sample_json(status.total),
         "last_24h": {
             "handshakes": last.handshakes,
@@ -674,7 +670,7 @@ def _canary_json(canary: CanaryStatus) -> dict[str, object]:
         "min_sample": canary.min_sample,
         "halt_margin": canary.margin,
         "halted": canary.halted,
-        "halted_at": _iso(canary.halted_at) if canary.halted_at is not None else None,
+        "halted_at": format_time(canary.halted_at) if canary.halted_at is not None else None,
         "why": canary.why,
         "halts": canary.halts,
         "canary_sample": _sample_json(canary.canary),

@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from .config import Config, Rotation
+from .config import Config, Rotation, format_time
 from .files import write_atomically
 from .keystore import key_file_permission_problem
 from .pins import PinnedKey
@@ -167,8 +167,8 @@ def build_payload(
     if rotation is not None:
         window = {
             "phase": phase(rotation, issued_at),
-            "grace_start": _rfc3339(rotation.grace_start),
-            "grace_end": _rfc3339(rotation.grace_end),
+            "grace_start": format_time(rotation.grace_start),
+            "grace_end": format_time(rotation.grace_end),
         }
     seen: set[str] = set()
     pins = []
@@ -182,7 +182,7 @@ def build_payload(
                 "role": key.role,
                 "pin": key.pin,
                 "algorithm": key.algorithm,
-                "not_after": _rfc3339(key.not_after) if key.not_after else None,
+                "not_after": format_time(key.not_after) if key.not_after else None,
             }
         )
     return {
@@ -235,9 +235,9 @@ def verify(token: str | bytes, public_key: ed25519.Ed25519PublicKey, *, now: dat
         raise ManifestError("the signature does not verify with this public key") from None
     manifest = _claims(payload, kid if isinstance(kid, str) else None)
     if manifest.issued_at > now + CLOCK_SKEW:
-        raise ManifestError(f"issued in the future ({_rfc3339(manifest.issued_at)})")
+        raise ManifestError(f"issued in the future ({format_time(manifest.issued_at)})")
     if now >= manifest.expires_at:
-        raise ManifestError(f"expired at {_rfc3339(manifest.expires_at)}")
+        raise ManifestError(f"expired at {format_time(manifest.expires_at)}")
     return manifest
 
 
@@ -365,10 +365,6 @@ def _instant(value: object) -> datetime:
     if moment.tzinfo is None:
         raise ManifestError(f"{value!r} has no time zone")
     return moment.astimezone(UTC)
-
-
-def _rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- key files (the only I/O here: for the CLI) ---------------------------------------------

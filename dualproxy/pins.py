@@ -36,6 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from .config import format_time
+
 PinRole = Literal["current", "next", "retiring", "retired", "standby"]
 _ROLES: Final[tuple[str, ...]] = get_args(PinRole)
 
@@ -326,9 +328,7 @@ def _render_hpkp(keys: Sequence[PinnedKey], hostnames: tuple[str, ...]) -> str:
 
 
 def _iso_utc(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_time(moment) if moment is not None else None
 
 
 def _render_json(keys: Sequence[PinnedKey], hostnames: tuple[str, ...]) -> str:

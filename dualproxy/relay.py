@@ -316,6 +316,10 @@ def error_response(status: int, problem: str, *, head_only: bool = False) -> byt
     return head + b"\r\n" + (b"" if head_only else body)
 
 
+def _too_large(cap: int) -> _Refusal:
+    return _Refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body above {cap} bytes")
+
+
 class Framing(enum.Enum):
     """How a response's body goes to the client."""
 
@@ -368,7 +372,6 @@ class ClientConnection:
         # isinstance check costs more than once per connection).
         self._tls = stream if isinstance(stream, TlsStream) else None
         self._peer = ClientPeer.of(peer) if peer is not None else None
-        self._peer_address = peer  # for local endpoints (the report rate limit)
         self._settings = settings
         self._drain = drain
         self._tally = tally
@@ -538,10 +541,7 @@ class ClientConnection:
         """Relay one checked request and its response."""
         limits = settings.limits
         if head.content_length is not None and head.content_length > limits.max_body_bytes:
-            raise _Refusal(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"request body above {limits.max_body_bytes} bytes",
-            )
+            raise _too_large(limits.max_body_bytes)
         has_body = head.chunked or bool(head.content_length)
         lines = upstream_request_lines(head, peer=self._peer, rules=settings.rules)
         if head.chunked:
@@ -591,32 +591,18 @@ class ClientConnection:
     ) -> None:
         """Send the request head and stream the client's body after it (trailers dropped);
         what the client already sent goes with the head, in one write."""
-        if head.expect_continue:
-            self._wait(_Phase.CLIENT_SEND, limits.send_timeout)
-            await self._stream.send_all(_CONTINUE)
-        reader = http1.body_reader(head.content_length, chunked=head.chunked)
+        reader = await self._body_reader(head, limits)
         chunked = head.chunked
-        buffer = self._buffer
         out = [request]
         first = True
         received = 0
         while True:  # bounded: max_body_bytes, and body_timeout for each read
-            try:
-                piece = reader.read(buffer)
-            except http1.BodyError as exc:
-                raise _Refusal(
-                    HTTPStatus.BAD_REQUEST, f"malformed request body: {exc.problem}"
-                ) from exc
+            piece = self._body_piece(reader)
             if piece is None:
                 if out:
                     await self._send_upstream(upstream, out, first, limits)
                     out, first = [], False
-                self._wait(_Phase.CLIENT_BODY, limits.body_timeout)
-                chunk = await self._stream.receive_some(RECEIVE_SIZE)
-                if not chunk:  # the body framing says more is coming: cut short
-                    self._eof = True
-                    raise _ClientGone
-                buffer += chunk
+                await self._receive_body_bytes(limits)
                 continue
             if piece is http1.END:
                 self._request_read = True
@@ -627,11 +613,36 @@ class ClientConnection:
                 return
             received += len(piece)
             if received > limits.max_body_bytes:  # a chunked body that kept growing
-                raise _Refusal(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"request body above {limits.max_body_bytes} bytes",
-                )
+                raise _too_large(limits.max_body_bytes)
             out.append(http1.encode_chunk(piece) if chunked else piece)
+
+    async def _body_reader(self, head: RequestHead, limits: Limits) -> http1.BodyReader:
+        """The reader for the request's body, once 100 Continue went out if it was asked for
+        (we are about to read the body, RFC 9110 §10.1.1)."""
+        if head.expect_continue:
+            self._wait(_Phase.CLIENT_SEND, limits.send_timeout)
+            await self._stream.send_all(_CONTINUE)
+        return http1.body_reader(head.content_length, chunked=head.chunked)
+
+    def _body_piece(self, reader: http1.BodyReader) -> bytes | http1.End | None:
+        """The next piece of the body from the buffer (None: receive more first); 400 for a
+        malformed one."""
+        try:
+            return reader.read(self._buffer)
+        except http1.BodyError as exc:
+            raise _Refusal(
+                HTTPStatus.BAD_REQUEST, f"malformed request body: {exc.problem}"
+            ) from exc
+
+    async def _receive_body_bytes(self, limits: Limits) -> None:
+        """More of the body into the buffer, within body_timeout; _ClientGone when the client
+        closed though the body's framing says more is coming."""
+        self._wait(_Phase.CLIENT_BODY, limits.body_timeout)
+        chunk = await self._stream.receive_some(RECEIVE_SIZE)
+        if not chunk:
+            self._eof = True
+            raise _ClientGone
+        self._buffer += chunk
 
     async def _send_upstream(
         self, upstream: UpstreamConnection, out: list[bytes], first: bool, limits: Limits
@@ -651,11 +662,12 @@ class ClientConnection:
         the keep-alive rules of a relayed response."""
         cap = min(endpoint.max_body_bytes, limits.max_body_bytes)
         if head.content_length is not None and head.content_length > cap:
-            raise _Refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body above {cap} bytes")
+            raise _too_large(cap)
         body = b""
         if head.chunked or head.content_length:
             body = await self._read_body(head, cap, limits)
-        request = LocalRequest(head.method, head.target, head.headers, self._peer_address, body)
+        peer = self._peer.address if self._peer is not None else None
+        request = LocalRequest(head.method, head.target, head.headers, peer, body)
         # Bounded like a send: the endpoint may write to disk in a worker thread.
         self._wait(_Phase.CLIENT_SEND, limits.send_timeout)
         answer = await endpoint.answer(request)
@@ -678,35 +690,19 @@ class ClientConnection:
 
     async def _read_body(self, head: RequestHead, cap: int, limits: Limits) -> bytes:
         """The request's whole body (trailers dropped); 413 once it grows past `cap`."""
-        if head.expect_continue:
-            self._wait(_Phase.CLIENT_SEND, limits.send_timeout)
-            await self._stream.send_all(_CONTINUE)
-        reader = http1.body_reader(head.content_length, chunked=head.chunked)
-        buffer = self._buffer
+        reader = await self._body_reader(head, limits)
         body = bytearray()
         while True:  # bounded: cap, and body_timeout for each read
-            try:
-                piece = reader.read(buffer)
-            except http1.BodyError as exc:
-                raise _Refusal(
-                    HTTPStatus.BAD_REQUEST, f"malformed request body: {exc.problem}"
-                ) from exc
+            piece = self._body_piece(reader)
             if piece is None:
-                self._wait(_Phase.CLIENT_BODY, limits.body_timeout)
-                chunk = await self._stream.receive_some(RECEIVE_SIZE)
-                if not chunk:
-                    self._eof = True
-                    raise _ClientGone
-                buffer += chunk
+                await self._receive_body_bytes(limits)
                 continue
             if piece is http1.END:
                 self._request_read = True
                 return bytes(body)
             body += piece
             if len(body) > cap:
-                raise _Refusal(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body above {cap} bytes"
-                )
+                raise _too_large(cap)
 
     # --- the response --------------------------------------------------------------------
 

@@ -47,6 +47,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Literal, TypedDict
 
+from .config import format_time
+
 ReportKind = Literal["trustkit", "rfc7469"]
 
 # Reports counted apart; beyond it, a report whose group is new counts as `ungrouped` (an
@@ -105,7 +107,7 @@ class PinReport:
     def record(self, received_at: datetime) -> dict[str, object]:
         """The line the store keeps: every field, and when it arrived."""
         return {
-            "received-at": _rfc3339(received_at),
+            "received-at": format_time(received_at),
             "kind": self.kind,
             "hostname": self.hostname,
             "port": self.port,
@@ -432,7 +434,7 @@ def summary(counts: ReportCounts, pin_labels: Mapping[str, str] | None = None) -
     apps: dict[tuple[str, str, str], AppVersionSummary] = {}
     pin_sets: dict[tuple[str, ...], PinSetSummary] = {}
     for key, count, _first, last in counts.groups():
-        seen = _rfc3339(last) if last else None
+        seen = format_time(last) if last else None
         app = apps.setdefault(
             (key.app, key.version, key.platform),
             AppVersionSummary(
@@ -465,7 +467,7 @@ def summary(counts: ReportCounts, pin_labels: Mapping[str, str] | None = None) -
     return ReportSummary(
         total=counts.total,
         by_kind=dict(sorted(counts.by_kind.items())),
-        last_seen=_rfc3339(counts.last_seen) if counts.last_seen else None,
+        last_seen=format_time(counts.last_seen) if counts.last_seen else None,
         ungrouped=counts.ungrouped,
         by_app_version=sorted(
             apps.values(), key=lambda e: (-e["count"], e["app"], e["version"], e["platform"])
@@ -607,7 +609,3 @@ def _log_text(value: str | None) -> str:
         return text
     escaped = text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
     return f'"{escaped}"'
-
-
-def _rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
