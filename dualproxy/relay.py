@@ -49,7 +49,9 @@ The retry rule. A pooled connection may have been closed by the upstream while i
 that shows as a failure before any response byte (an upstream_timeout is not such a failure,
 and is never retried: the upstream may still be working on the request). Only then, only on
 a *reused* connection, and only for an idempotent method (GET, HEAD, OPTIONS, PUT, DELETE)
-sent without a body, the request is sent once more on another connection. A request whose
+sent without a body, the request is sent once more on another connection. Such a request's
+first attempt takes an idle connection without the pool's look at its socket (a system call
+per request): a closed one fails, and the retry, on a checked connection, answers. A request whose
 body bytes went out is never sent again: we cannot replay a stream, nor know what the
 upstream did with it.
 
@@ -561,7 +563,9 @@ class ClientConnection:
             # wait for this request must not expire as if the connection still idled.
             now = self._wait(_Phase.UPSTREAM_SEND, limits.upstream_timeout)
             try:
-                upstream = await pool.acquire(now)
+                # A first attempt that may be retried skips the pool's look at the socket:
+                # a connection found closed by then costs the retry, on a checked one.
+                upstream = await pool.acquire(now, check=not (replayable and attempt == 0))
             except UpstreamError as exc:
                 raise _Refusal(exc.status, f"upstream: {exc.problem}") from exc
             try:

@@ -17,6 +17,11 @@ scheduler work. What these classes leave out, and why that is safe here:
   connections from running for more than a few operations, and a kept-alive request, which
   waits for the client and for the upstream anyway, does not pay for two extra passes through
   the scheduler.
+- **A receive right after a send waits first.** trio's streams try the socket first and wait
+  when it has nothing; in a request-response protocol the answer to what we just sent is never
+  there yet, so that try is a system call and an exception per exchange on each side. Here the
+  first receive after a send waits for readability before reading; the rare peer whose bytes
+  were already there (pipelining) costs a pass through the scheduler instead.
 - **TLS through memory BIOs.** OpenSSL reads and writes memory buffers and we move bytes to
   and from the socket (as trio does): the server reads the ClientHello itself to choose a
   certificate (see server.py), and those bytes are simply the first ones fed to OpenSSL, so
@@ -91,6 +96,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
     ones get `set_tcp_options`."""
 
     __slots__ = (
+        "_answer_due",
         "_closed",
         "_eof_sent",
         "_receiving",
@@ -113,6 +119,8 @@ class TcpStream(trio.abc.HalfCloseableStream):
         self._sending = False
         self._unyielded = 0  # operations since this stream last yielded (see YIELD_EVERY)
         self.operations = 0  # sends and receives so far (a TLS stream tells its own by it)
+        # The last operation was a send: see receive_some.
+        self._answer_due = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Up to `max_bytes` (default RECEIVE_SIZE) bytes; b"" once the peer closed."""
@@ -122,8 +130,13 @@ class TcpStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
         try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            waited = False
+            # After a send, wait before reading (see the module docstring).
+            waited = self._answer_due and not self._closed
+            if waited:
+                self._answer_due = False
+                await trio.lowlevel.wait_readable(self.socket)
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
             while True:  # bounded: each round waits for readability, or returns
                 if self._closed:
                     raise trio.ClosedResourceError("this stream was closed")
@@ -174,6 +187,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
                 except OSError as exc:
                     raise trio.BrokenResourceError(f"send failed: {exc}") from exc
             self.operations += 1
+            self._answer_due = True
             if waited:
                 self._unyielded = 0
             else:

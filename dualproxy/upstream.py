@@ -25,7 +25,10 @@ Pool invariants. A connection is in the idle pool only when
    no TLS record read from the socket but not yet decrypted, and, checked again at `acquire`
    because time passes, a socket that is not readable. An idle socket turns readable for an
    EOF, a reset, a close_notify or stray bytes (a second response smuggled after the first):
-   none is a connection to write a request into, so it is dropped and the next one tried;
+   none is a connection to write a request into, so it is dropped and the next one tried.
+   That look costs a poll(2) per request, so `acquire(check=False)` skips it for a request
+   the relay may send again on a fresh connection (a stale connection then fails before any
+   response byte, which is its retry rule); what such an exchange reads is checked as ever;
 4. it has been idle for less than `upstream.pool_idle_timeout`: expired ones are closed when
    `acquire`, `release` or `prune` find them.
 
@@ -379,10 +382,12 @@ class UpstreamPool:
     def idle_count(self) -> int:
         return len(self._idle)
 
-    async def acquire(self, now: float | None = None) -> UpstreamConnection:
+    async def acquire(self, now: float | None = None, *, check: bool = True) -> UpstreamConnection:
         """An idle connection still open at the upstream (newest first), else a new one;
         UpstreamError when a new one cannot be made (502, or 504 past the connect timeout).
-        `now`: trio's clock, when the caller has just read it."""
+        `now`: trio's clock, when the caller has just read it. `check=False` skips the look
+        at the idle connection's socket (a poll(2)) for a request that may be sent again
+        anyway should the connection turn out closed (the relay's retry rule)."""
         # No checkpoint on the way to an idle connection: it is handed over in the same step
         # as it leaves the pool (nothing can cancel us in between), and the caller's send is
         # the next checkpoint. Opening one checkpoints, as all I/O does.
@@ -397,7 +402,7 @@ class UpstreamPool:
                 connection.close()
                 self._close_idle()  # all older still
                 break
-            if not connection._looks_alive(self._poller):
+            if check and not connection._looks_alive(self._poller):
                 self.stale_dropped += 1
                 connection.close()
                 continue

@@ -1169,6 +1169,26 @@ async def test_connections_the_upstream_closed_while_idle_are_not_used(
     assert [r.connection for r in upstream.requests] == [0, 1]
 
 
+@pytest.mark.parametrize("notify", [False, True], ids=["close", "close_notify"])
+async def test_a_replayable_request_on_a_connection_closed_while_idle_is_answered(
+    key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer, notify: bool
+) -> None:
+    """A GET's first attempt takes the idle connection without looking at its socket; closed
+    by the upstream meanwhile, it fails before any response byte and the GET goes again on a
+    fresh connection, once."""
+    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as client:
+        assert (await client.request()).status == 200
+        assert await upstream.close_idle(notify=notify) == 1
+        reply = await client.request("GET", "/after")
+        again = await client.request("GET", "/then")
+    assert (reply.status, again.status) == (200, 200)
+    assert [(r.connection, r.target) for r in upstream.requests] == [
+        (0, b"/"),
+        (1, b"/after"),
+        (1, b"/then"),
+    ]
+
+
 # --- request body limits -------------------------------------------------------------------------
 
 

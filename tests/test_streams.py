@@ -213,6 +213,57 @@ async def test_a_cancelled_caller_stops_even_when_the_socket_is_ready(operation:
     right.close()
 
 
+class CountingSocket(socket.socket):
+    """A socket that counts its recv calls, failed ones included."""
+
+    recvs = 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self.recvs += 1
+        return super().recv(bufsize, flags)
+
+
+def counting_pair() -> tuple[TcpStream, TcpStream, CountingSocket]:
+    left, right = socket.socketpair()
+    counted = CountingSocket(left.family, left.type, left.proto, fileno=left.detach())
+    return TcpStream(counted), TcpStream(right), counted
+
+
+async def test_a_receive_after_a_send_waits_before_it_reads() -> None:
+    """The answer to what was just sent is not there yet: no recv is tried (and fails) first."""
+    left, right, counted = counting_pair()
+    answer = b""
+
+    async def ask() -> None:
+        nonlocal answer
+        await left.send_all(b"question")
+        answer = await left.receive_some()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await right.receive_some() == b"question"
+        await right.send_all(b"answer")
+    assert (answer, counted.recvs) == (b"answer", 1)
+    left.close()
+    right.close()
+
+
+async def test_a_receive_after_a_send_still_reads_what_came_early_and_can_be_cancelled() -> None:
+    left, right, _ = counting_pair()
+    await right.send_all(b"pipelined")  # there before we even send
+    await left.send_all(b"question")
+    assert await left.receive_some() == b"pipelined"
+    await left.send_all(b"again")
+    with trio.move_on_after(0.01) as scope:  # nothing to read: the wait is cancelled
+        await left.receive_some()
+    assert scope.cancelled_caught
+    await right.send_all(b"late")
+    assert await left.receive_some() == b"late"  # nothing lost, the stream still works
+    left.close()
+    right.close()
+
+
 # --- how TLS streams end ----------------------------------------------------------------------
 
 

@@ -60,8 +60,8 @@ class TrackedPool(UpstreamPool):
         super().__init__(upstream, limits)
         self.handed_out: list[UpstreamConnection] = []
 
-    async def acquire(self, now: float | None = None) -> UpstreamConnection:
-        connection = await super().acquire(now)
+    async def acquire(self, now: float | None = None, *, check: bool = True) -> UpstreamConnection:
+        connection = await super().acquire(now, check=check)
         self.handed_out.append(connection)
         return connection
 
