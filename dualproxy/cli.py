@@ -68,7 +68,7 @@ from .dev import SCENARIOS as DEV_SCENARIOS
 from .devcontrol import DEFAULT_ADMIN_ADDRESS
 from .files import write_atomically
 from .keystore import KeySnapshot, KeyStoreError
-from .logformat import JsonFormatter
+from .logformat import JsonFormatter, TextFormatter
 from .server import Server, raise_open_file_limit, utc_now
 
 EXIT_OK: Final = 0
@@ -565,11 +565,9 @@ def _setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None  # no caller's file and line: saves a stack walk per line
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(TextFormatter())
+    logging.basicConfig(level=level, handlers=[stderr])  # no-op when logging is set up already
     if log_format == "json":
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonFormatter())

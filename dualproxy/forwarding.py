@@ -100,6 +100,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import socket
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, fields, make_dataclass
 from http import HTTPStatus
@@ -570,9 +571,12 @@ class ClientPeer:
 
     @classmethod
     def of(cls, address: IPAddress) -> ClientPeer:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        if isinstance(address, ipaddress.IPv6Address):
+            if address.ipv4_mapped is None:
+                return cls(address, str(address).encode("ascii"))
             address = address.ipv4_mapped
-        return cls(address, str(address).encode("ascii"))
+        # inet_ntoa writes str(address) (the dotted quad) in C, at a fraction of the cost.
+        return cls(address, socket.inet_ntoa(address.packed).encode("ascii"))
 
 
 def upstream_request_headers(

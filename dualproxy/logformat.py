@@ -1,8 +1,10 @@
-"""`dualproxy serve --log-format json`: one JSON object per log line.
+"""How log lines are written: `TextFormatter` (the default) and `JsonFormatter`
+(`dualproxy serve --log-format json`, one JSON object per line).
 
-The text format stays the default. The per-connection line (`conn peer=... key=...`, see
-server.ConnectionRecord.log_line) becomes an object with `"event": "conn"` and one member per
-field, so a log pipeline needs no parser of its own:
+Text lines are `time level message`, as logging.basicConfig's usual format writes them. In
+JSON, the per-connection line (`conn peer=... key=...`, see server.ConnectionRecord.log_line)
+becomes an object with `"event": "conn"` and one member per field, so a log pipeline needs no
+parser of its own:
 
     {"time": "2026-12-10T12:00:00.123Z", "level": "info", "event": "conn",
      "peer": "203.0.113.7:51234", "sni": "api.example.com", "alpn": ["h2", "http/1.1"],
@@ -23,13 +25,17 @@ import codecs
 import json
 import logging
 import re
+import time
 from datetime import UTC, datetime
 from typing import Final
 
-__all__ = ["JsonFormatter", "conn_fields"]
+__all__ = ["JsonFormatter", "TextFormatter", "conn_fields"]
 
 _FIELD: Final = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 _INTEGERS: Final = frozenset({"requests", "ms"})
+# logging.Formatter's default_time_format and default_msec_format, as it writes asctime.
+_TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
+_MSEC_FORMAT: Final = "%s,%03d"
 
 
 def conn_fields(line: str) -> dict[str, object] | None:
@@ -51,6 +57,26 @@ def conn_fields(line: str) -> dict[str, object] | None:
         else:
             fields[name] = value
     return fields
+
+
+class TextFormatter(logging.Formatter):
+    """`%(asctime)s %(levelname)s %(message)s`, written as logging.Formatter writes it, with
+    the date and time text made once per second instead of once per line: there is a line per
+    connection, and strftime is a good part of its cost."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+        # (second, its text) in one attribute: a line logged from a worker thread reads both
+        # from the same assignment.
+        self._second_text: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        cached, text = self._second_text
+        if second != cached:
+            text = time.strftime(_TIME_FORMAT, self.converter(record.created))
+            self._second_text = (second, text)
+        return _MSEC_FORMAT % (text, record.msecs)
 
 
 class JsonFormatter(logging.Formatter):

@@ -42,7 +42,7 @@ import operator
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Final, TypeVar
+from typing import Final, NoReturn, TypeVar
 
 import trio
 
@@ -223,10 +223,15 @@ class TcpStream(trio.abc.HalfCloseableStream):
             self._sending = False
 
     def close(self) -> None:
-        """Close the socket now; idempotent. A task waiting on it gets ClosedResourceError."""
+        """Close the socket now; idempotent. A task in an operation on this stream gets
+        ClosedResourceError.
+
+        trio is told (notify_closing) only when such a task exists: usually the one task that
+        uses the stream is the one closing it, and the closed descriptor leaves the epoll set
+        by itself, so the notice would cost an epoll_ctl for nothing."""
         if not self._closed:
             self._closed = True
-            if self.socket.fileno() >= 0:
+            if (self._receiving or self._sending) and self.socket.fileno() >= 0:
                 trio.lowlevel.notify_closing(self.socket)
             self.socket.close()
 
@@ -361,8 +366,19 @@ class TlsStream(trio.abc.Stream):
                     await self._receive_records()
                 else:
                     await trio.lowlevel.checkpoint_if_cancelled()
+                size = min(max_bytes, TLS_RECORD_PLAINTEXT)
                 try:
-                    data = await self._call(self._ssl.read, min(max_bytes, TLS_RECORD_PLAINTEXT))
+                    # Usually the records just received hold the bytes: read them here, and
+                    # go through _call's loop only when OpenSSL wants more.
+                    try:
+                        data = self._ssl.read(size)
+                    except ssl.SSLWantReadError:
+                        data = await self._call(self._ssl.read, size)
+                    except (ssl.SSLError, ssl.CertificateError) as exc:
+                        self._failed(exc)
+                    else:
+                        if self._outgoing.pending and not self._hold_outgoing:
+                            await self._flush()
                 except _CleanEnd:
                     self._ended = True
                     data = b""
@@ -481,16 +497,19 @@ class TlsStream(trio.abc.Stream):
                     await self._flush()
                 await self._receive_records()
                 continue
-            except ssl.SSLZeroReturnError:
-                raise _CleanEnd from None
             except (ssl.SSLError, ssl.CertificateError) as exc:
-                if self._https_compatible and _is_eof(exc):
-                    raise _CleanEnd from None
-                self._state = _State.BROKEN
-                raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+                self._failed(exc)
             if flush and self._outgoing.pending and not self._hold_outgoing:
                 await self._flush()
             return result
+
+    def _failed(self, exc: ssl.SSLError | ssl.CertificateError) -> NoReturn:
+        """Raise what an OpenSSL error means: _CleanEnd for the peer's end of the stream,
+        else BrokenResourceError (and the stream is broken)."""
+        if isinstance(exc, ssl.SSLZeroReturnError) or (self._https_compatible and _is_eof(exc)):
+            raise _CleanEnd from None
+        self._state = _State.BROKEN
+        raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
 
     async def _receive_records(self) -> None:
         """Feed OpenSSL what the socket has next (its end, as an EOF)."""

@@ -16,6 +16,7 @@ import re
 import socket
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -1388,3 +1389,18 @@ async def test_taken_port_fails_naming_the_setting_and_closes_what_was_bound(
         server = Server(config, handle_signals=False)
         with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{port} \(listen"):
             await server.run()
+
+
+def test_the_wall_clock_reading_is_reused_for_a_moment_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The policy's default clock reads the wall clock once per CLOCK_REUSE_SECONDS."""
+    monotonic = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: monotonic[0])
+    clock = server_mod._ReusedUtcNow()
+    first = clock()
+    assert abs((first - datetime.now(UTC)).total_seconds()) < 5
+    monotonic[0] += server_mod.CLOCK_REUSE_SECONDS / 2
+    assert clock() is first
+    monotonic[0] += server_mod.CLOCK_REUSE_SECONDS
+    assert clock() is not first

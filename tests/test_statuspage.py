@@ -7,6 +7,7 @@ DUALPROXY_REQUIRE_CHROMIUM=1, which turns the skip into a failure.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -33,7 +34,7 @@ from test_admin import DURING, admin_listener, connections_counted, rotation
 
 from dualproxy.config import Rotation
 from dualproxy.evidence import Evidence, KeyFacts, Status
-from dualproxy.logformat import JsonFormatter, conn_fields
+from dualproxy.logformat import JsonFormatter, TextFormatter, conn_fields
 from dualproxy.policy import Choice, Reason
 from dualproxy.reports import ReportSummary
 from dualproxy.server import ConnectionRecord, Outcome
@@ -309,3 +310,16 @@ async def test_the_status_page_renders_in_headless_chromium(
     for colour in (OLD_COLOUR, NEW_COLOUR):  # the cards' top borders, at least
         assert painted[colour] > 100, (colour, painted.most_common(10))
     assert 'class="failures"' in html  # the pin failure's red bar (below the fold)
+
+
+@pytest.mark.parametrize("offsets", [(0.0, 0.25, 0.999, 1.0, 61.5, 3600.001)])
+def test_text_lines_read_as_loggings_own_format(offsets: tuple[float, ...]) -> None:
+    """The time text made once per second is the one logging.Formatter makes for each line."""
+    reference = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    ours = TextFormatter()
+    start = 1_800_000_000.0
+    for offset in (*offsets, *offsets):  # each second again, after others
+        entry = logging.LogRecord("dualproxy", logging.INFO, "", 0, "conn peer=-", (), None)
+        entry.created = start + offset
+        entry.msecs = (entry.created - int(entry.created)) * 1000
+        assert ours.format(entry) == reference.format(entry)

@@ -264,6 +264,30 @@ async def test_a_receive_after_a_send_still_reads_what_came_early_and_can_be_can
     right.close()
 
 
+@pytest.mark.parametrize("operation", ["receive", "send"])
+async def test_closing_wakes_a_task_waiting_in_an_operation(operation: str) -> None:
+    left, right = tcp_pair()
+    if operation == "send":
+        await fill(left)
+    failed: list[BaseException] = []
+
+    async def wait() -> None:
+        try:
+            if operation == "receive":
+                await left.receive_some()
+            else:
+                await left.send_all(b"x" * 65536)
+        except trio.ClosedResourceError as exc:
+            failed.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        left.close()
+    assert len(failed) == 1
+    right.close()
+
+
 # --- how TLS streams end ----------------------------------------------------------------------
 
 
