@@ -82,6 +82,7 @@ Logging is per connection (the server's record, through `Tally`), never per requ
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -387,10 +388,11 @@ class ClientConnection:
         # lingering close: see `serve`.
         self.client_may_be_sending = False
         self._keep_alive = False  # the exchange just finished leaves the connection open
-        # The connection's one cancel scope: `_wait` moves its deadline to each wait's own and
-        # records which wait it is, so that an expiry is answered as that wait's (`_expired`).
-        self._scope = trio.CancelScope()
-        self._deadline = self._scope.deadline  # the scope's, mirrored: its property costs more
+        # The connection's one cancel scope (made by `serve`): `_wait` moves its deadline to
+        # each wait's own and records which wait it is, so that an expiry is answered as that
+        # wait's (`_expired`).
+        self._scope: trio.CancelScope
+        self._deadline = math.inf  # the scope's, mirrored: its property costs more
         self._phase = _Phase.IDLE
         # trio's clock, read directly: several times per request, and trio.current_time()
         # is three calls deep.
@@ -411,7 +413,7 @@ class ClientConnection:
         # Bounded: each round but the last serves a request (see _Restart).
         for _ in range(MAX_REQUESTS_PER_CONNECTION):
             self._scope = trio.CancelScope()
-            self._deadline = self._scope.deadline
+            self._deadline = math.inf
             try:
                 with self._scope:
                     failure = await self._serve_requests()
