@@ -70,6 +70,8 @@ _ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
 # Linux gives an accepted TCP socket the listener's TCP options: set once on the listener,
 # TCP_NODELAY and TCP_NOTSENT_LOWAT cost no system calls per connection (elsewhere, per socket).
 _ACCEPTED_SOCKETS_INHERIT_OPTIONS: Final = sys.platform == "linux"
+# What trio calls a connection's task (in tracebacks and trio's instruments).
+_CONNECTION_TASK_NAME: Final = "dualproxy.server.Server._connection_task"
 # Clients accepted from the backlog in a row before the accept loop yields: enough to save
 # a wait per client under a burst, few enough that the connections just accepted (and every
 # other task) run soon.
@@ -165,10 +167,11 @@ class ConnectionRecord:
     def log_line(self) -> str:
         """`conn` and the fields key=value, in a fixed order, "-" for none.
 
-        One f-string: it is built for every connection. Text that a client controls (the peer
-        as we could name it, SNI, ALPN, the detail, which may quote the client's bytes) goes
-        through _log_value; the other values are our own vocabulary (enum values, config key
-        and identity names, OpenSSL's version names), which never needs quoting.
+        One f-string: it is built for every connection. Text that a client controls (SNI,
+        ALPN, the detail, which may quote the client's bytes) goes through _log_value; the
+        other values are our own vocabulary (enum values, config key and identity names,
+        OpenSSL's version names) or our own writing (the peer, from the address accept()
+        returned: see _peer_address), which never need quoting.
         """
         hello, choice = self.hello, self.choice
         if hello is not None:
@@ -180,7 +183,7 @@ class ConnectionRecord:
         identity, reason = (choice.identity, choice.reason) if choice is not None else ("-", "-")
         ms = round((trio.current_time() - self.started) * 1000)
         return (
-            f"conn peer={_log_value(self.peer)} sni={sni} alpn={alpn} identity={identity}"
+            f"conn peer={self.peer} sni={sni} alpn={alpn} identity={identity}"
             f" key={self.key or '-'} reason={reason} outcome={self.outcome}"
             f" detail={_log_value(self.detail or None)} tls={self.tls_version or '-'}"
             f" requests={self.requests} ms={ms}"
@@ -260,7 +263,7 @@ def _peer_address(name: object) -> tuple[str, policy.IPAddress | None]:
             return f"{host}:{port}", ipaddress.IPv4Address(socket.inet_aton(host))
         address = ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0]))
     except (OSError, TypeError, AttributeError):
-        return str(host), None
+        return _log_value(host), None  # escaped: the log line takes the peer text as it is
     return f"[{address}]:{port}", address
 
 
@@ -438,7 +441,10 @@ class Server:
                     except BaseException:
                         self._slots.release_on_behalf_of(token)
                         raise
-                    nursery.start_soon(self._connection_task, sock, address, token)
+                    # A name given: trio would otherwise format one for every task.
+                    nursery.start_soon(
+                        self._connection_task, sock, address, token, name=_CONNECTION_TASK_NAME
+                    )
                 else:  # a full batch: let the connections just accepted run first
                     await trio.lowlevel.checkpoint()
         finally:
