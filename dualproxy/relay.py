@@ -51,8 +51,8 @@ and is never retried: the upstream may still be working on the request). Only th
 a *reused* connection, and only for an idempotent method (GET, HEAD, OPTIONS, PUT, DELETE)
 sent without a body, the request is sent once more on another connection. Such a request's
 first attempt takes an idle connection without the pool's look at its socket (a system call
-per request): a closed one fails, and the retry, on a checked connection, answers. A request whose
-body bytes went out is never sent again: we cannot replay a stream, nor know what the
+per request): a closed one fails, and the retry, on a checked connection, answers. A request
+whose body bytes went out is never sent again: we cannot replay a stream, nor know what the
 upstream did with it.
 
 What happens on each failure:
@@ -412,8 +412,11 @@ class ClientConnection:
         failure: _Refusal | _Cut | None = None
         # Bounded: each round but the last serves a request (see _Restart).
         for _ in range(MAX_REQUESTS_PER_CONNECTION):
-            self._scope = trio.CancelScope()
-            self._deadline = math.inf
+            # Made with the deadline of the wait that comes first, for the next request's head,
+            # which then keeps it (DEADLINE_SLACK): entering a scope registers its deadline
+            # anyway, and moving it afterwards would cost as much again.
+            self._deadline = self._idle_deadline()
+            self._scope = trio.CancelScope(deadline=self._deadline)
             try:
                 with self._scope:
                     failure = await self._serve_requests()
@@ -492,9 +495,7 @@ class ClientConnection:
             # The first request's wait counts towards its header timeout; a kept-alive
             # connection may idle longer, and its next head's clock starts at its first byte.
             first = self._requests == 0
-            waited_from = self._wait(
-                _Phase.IDLE, limits.request_header_timeout if first else limits.keepalive_timeout
-            )
+            waited_from = self._wait(_Phase.IDLE, self._idle_timeout(limits))
             self._drain.enter_idle(self._scope)
             try:
                 chunk = await self._stream.receive_some(RECEIVE_SIZE)
@@ -804,6 +805,15 @@ class ClientConnection:
         if deadline < current or deadline - current > DEADLINE_SLACK:
             self._set_deadline(deadline)
         return now
+
+    def _idle_timeout(self, limits: Limits) -> float:
+        """How long the connection may wait for the next request's first byte."""
+        return limits.request_header_timeout if self._requests == 0 else limits.keepalive_timeout
+
+    def _idle_deadline(self) -> float:
+        """When that wait would end, were it to start now."""
+        settings = self._settings()
+        return math.inf if settings is None else self._now() + self._idle_timeout(settings.limits)
 
     def _set_deadline(self, deadline: float) -> None:
         self._scope.deadline = self._deadline = deadline
