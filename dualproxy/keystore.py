@@ -633,6 +633,10 @@ def build_context(keys: Sequence[LoadedKey]) -> ssl.SSLContext:
         ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     )
     context.num_tickets = TLS13_SESSION_TICKETS
+    # A client's close without close_notify must stay an error, so that a cut is told from the
+    # end of its stream: some interpreters (CPython 3.10 to 3.11.2, as Debian 12 ships) set
+    # this option on every new context.
+    context.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
     for key in keys:
         _load_chain(context, key)
     return context

@@ -757,6 +757,24 @@ def test_context_settings(tmp_path: Path, material: dict[str, Material]) -> None
     assert tls12 == [suite.openssl_name for suite in keystore.TLS12_CIPHER_SUITES]
 
 
+def test_a_client_close_without_close_notify_stays_an_error_whatever_the_interpreter(
+    tmp_path: Path, material: dict[str, Material], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Older CPython 3.10 and 3.11 releases (Debian 12's 3.11.2) set OP_IGNORE_UNEXPECTED_EOF
+    on every new context; ours clears it, so a cut client is never read as a clean end."""
+    new = ssl.SSLContext.__new__
+
+    def lenient(cls: type[ssl.SSLContext], *args: Any, **kwargs: Any) -> ssl.SSLContext:
+        context = new(cls, *args, **kwargs)
+        context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+        return context
+
+    monkeypatch.setattr(ssl.SSLContext, "__new__", lenient)
+    assert ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).options & ssl.OP_IGNORE_UNEXPECTED_EOF
+    context = identity_of(tmp_path, material["ec"]).context
+    assert not context.options & ssl.OP_IGNORE_UNEXPECTED_EOF
+
+
 # --- which key OpenSSL presents: the model, on constructed hellos ------------------------
 
 TLS12: Final = 0x0303

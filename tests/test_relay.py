@@ -28,7 +28,15 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from conftest import CLIENT_TIMEOUT, KeyFiles, make_config, make_key, serving, write_config
+from conftest import (
+    CLIENT_TIMEOUT,
+    KeyFiles,
+    make_config,
+    make_key,
+    serving,
+    strict_eof,
+    write_config,
+)
 from upstream_server import (
     Behaviour,
     UpstreamServer,
@@ -190,7 +198,7 @@ class Proxy:
             if receive_buffer is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
             await sock.connect(("127.0.0.1", self.port))
-            context = ssl.create_default_context(cafile=str(self.cafile))
+            context = strict_eof(ssl.create_default_context(cafile=str(self.cafile)))
             tls = trio.SSLStream(trio.SocketStream(sock), context, server_hostname=SNI)
         try:
             with trio.fail_after(CLIENT_TIMEOUT):

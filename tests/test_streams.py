@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from conftest import strict_eof
 
 from dualproxy import streams
 from dualproxy.streams import TcpStream, TlsStream
@@ -25,9 +26,9 @@ SERVER_NAME = "proxy.example.org"
 def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """A (server, client) context pair trusting a throwaway CA."""
     ca = trustme.CA()
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server = strict_eof(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH))
     ca.issue_cert(SERVER_NAME).configure_cert(server)
-    client = ssl.create_default_context()
+    client = strict_eof(ssl.create_default_context())
     ca.configure_trust(client)
     return server, client
 
