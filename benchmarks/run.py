@@ -191,6 +191,8 @@ def tool_versions() -> dict[str, str]:
         "h2load": first_line(["h2load", "--version"]),
         "openssl": first_line(["openssl", "version"]),
         "python": sys.version.split()[0],
+        # Whose build: the distribution's (optimised) or a source build (see the README).
+        "python_interpreter": os.path.realpath(getattr(sys, "_base_executable", sys.executable)),
         "python_openssl": ssl.OPENSSL_VERSION,
         "kernel": platform.release(),
         "cpu": _cpu_model(),
