@@ -54,7 +54,7 @@ from .clienthello import (
 )
 from .config import ChallengeType, ListenAddress, normalize_host
 from .files import write_atomically
-from .streams import TcpStream, TlsStream, discard_until_closed
+from .streams import TcpStream, TlsStream, discard_until_closed, receive_h11_request
 
 log = logging.getLogger("dualproxy.acme")
 
@@ -447,16 +447,10 @@ async def _http_connection(
 
 
 async def _read_request_head(stream: TcpStream, conn: h11.Connection) -> h11.Request | None:
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError:
-            return None
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(MAX_HTTP_HEAD)
-            conn.receive_data(bytes(data))
-            continue
-        return event if isinstance(event, h11.Request) else None
+    try:
+        return await receive_h11_request(stream, conn, receive_size=MAX_HTTP_HEAD)
+    except h11.RemoteProtocolError:
+        return None
 
 
 def http_answer(

@@ -41,6 +41,7 @@ import h11
 import trio
 
 from .config import is_loopback_host
+from .streams import receive_h11_request
 
 __all__ = [
     "ADMIN_REQUEST_TIMEOUT",
@@ -249,26 +250,20 @@ async def receive_request(
     stream: trio.abc.Stream, conn: h11.Connection, *, max_body: int
 ) -> tuple[h11.Request, bytes]:
     """The request and its body, or Refused; raises BrokenResourceError if the client left."""
-    request: h11.Request | None = None
-    body = b""
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise Refused(exc.error_status_hint, f"cannot read the request: {exc}") from None
-        if event is h11.NEED_DATA:
-            conn.receive_data(bytes(await stream.receive_some(RECEIVE_SIZE)))
-        elif isinstance(event, h11.Request):
-            request = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > max_body:
-                raise Refused(413, f"the request body is too large: at most {max_body} bytes")
-        elif isinstance(event, h11.EndOfMessage):
-            assert request is not None
-            return request, body
-        else:
-            raise trio.BrokenResourceError("the client closed before its request was complete")
+    body = bytearray()
+
+    def take(data: bytes) -> None:
+        body.extend(data)
+        if len(body) > max_body:
+            raise Refused(413, f"the request body is too large: at most {max_body} bytes")
+
+    try:
+        request = await receive_h11_request(stream, conn, receive_size=RECEIVE_SIZE, on_body=take)
+    except h11.RemoteProtocolError as exc:
+        raise Refused(exc.error_status_hint, f"cannot read the request: {exc}") from None
+    if request is None:
+        raise trio.BrokenResourceError("the client closed before its request was complete")
+    return request, bytes(body)
 
 
 def refuse_web_pages(request: h11.Request, advice: str) -> None:

@@ -57,7 +57,13 @@ from .config import Config, ConfigError, ListenAddress
 from .evidence import LATENCY_BOUNDS, NONE_LABEL, Evidence, RequestCounters
 from .keystore import KeySnapshot, KeyStoreError
 from .relay import ClientConnection, Drain, RelaySettings
-from .streams import TcpStream, TlsStream, discard_until_closed, set_tcp_options
+from .streams import (
+    TcpStream,
+    TlsStream,
+    discard_until_closed,
+    receive_h11_request,
+    set_tcp_options,
+)
 from .upstream import UpstreamPool
 
 log = logging.getLogger("dualproxy")
@@ -921,31 +927,27 @@ async def _receive_request(
     tls: TlsStream, conn: h11.Connection, kept: bytearray, keep: int
 ) -> h11.Request | None:
     """The next request, its body read (bounded) and, when `keep` (a local endpoint's cap) is
-    not 0, kept in `kept`, otherwise discarded; None when the client closed or sent something
-    h11 rejects (their_state is then ERROR)."""
-    request: h11.Request | None = None
-    body = 0
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError:
-            return None
-        if event is h11.NEED_DATA:
-            data = await tls.receive_some(RECEIVE_SIZE)
-            conn.receive_data(bytes(data))
-            continue
-        if isinstance(event, h11.Request):
-            request = event
-        elif isinstance(event, h11.Data):
-            body += len(event.data)
-            if body > max(PLACEHOLDER_MAX_BODY, keep):
-                return None
-            if keep:
-                kept += event.data
-        elif isinstance(event, h11.EndOfMessage):
-            return request
-        elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-            return None
+    not 0, kept in `kept`, otherwise discarded; None when the client closed, sent too large a
+    body or something h11 rejects (their_state is then ERROR)."""
+    cap = max(PLACEHOLDER_MAX_BODY, keep)
+    received = 0
+
+    def take(data: bytes) -> None:
+        nonlocal received
+        received += len(data)
+        if received > cap:
+            raise _BodyTooLarge
+        if keep:
+            kept.extend(data)
+
+    try:
+        return await receive_h11_request(tls, conn, receive_size=RECEIVE_SIZE, on_body=take)
+    except (h11.RemoteProtocolError, _BodyTooLarge):
+        return None
+
+
+class _BodyTooLarge(Exception):
+    """A request body past what the placeholder reads."""
 
 
 async def _send_simple(
