@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from .config import Config, Rotation, format_time
+from .config import Config, Rotation, format_time, parse_time
 from .files import write_atomically
 from .keystore import key_file_permission_problem
 from .pins import PinnedKey
@@ -356,15 +356,13 @@ def _pin(item: object) -> ManifestPin:
 
 
 def _instant(value: object) -> datetime:
+    """A time in the manifest, read as the config reads one (config.parse_time)."""
     if not isinstance(value, str):
         raise ManifestError(f"{value!r} is not an RFC 3339 time")
     try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise ManifestError(f"{value!r} is not an RFC 3339 time") from None
-    if moment.tzinfo is None:
-        raise ManifestError(f"{value!r} has no time zone")
-    return moment.astimezone(UTC)
+        return parse_time(value)
+    except ValueError as exc:
+        raise ManifestError(str(exc)) from None
 
 
 # --- key files (the only I/O here: for the CLI) ---------------------------------------------

@@ -197,6 +197,31 @@ def test_a_wrong_key_fails_both_verifiers() -> None:
         manifest.verify(token, other.public_key(), now=NOW)
 
 
+@pytest.mark.parametrize(
+    ("grace_start", "problem"),
+    [
+        ("2026-12-01T00:00:00", "has no time zone"),
+        ("1 December 2026", "is not an ISO 8601 time"),
+        (1764547200, "is not an RFC 3339 time"),
+    ],
+)
+def test_a_rotation_time_that_is_not_a_zoned_instant_is_refused(
+    grace_start: object, problem: str
+) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    payload = manifest.build_payload(
+        [pinned("k2026a", "retiring", PIN_A), pinned("k2026b", "current", PIN_B)],
+        ROTATION,
+        issued_at=NOW,
+        valid_for=manifest.DEFAULT_VALIDITY,
+    )
+    rotation = payload["rotation"]
+    assert isinstance(rotation, dict)
+    rotation["grace_start"] = grace_start
+    with pytest.raises(manifest.ManifestError, match=problem):
+        manifest.verify(manifest.sign(payload, key), key.public_key(), now=NOW)
+
+
 def test_a_manifest_from_the_future_is_refused() -> None:
     key = ed25519.Ed25519PrivateKey.generate()
     token = signed(key, issued_at=NOW + timedelta(hours=1))
