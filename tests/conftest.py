@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 import pytest
 import trio
@@ -24,10 +24,23 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from dualproxy import config as config_mod
-from dualproxy.config import Config
+from dualproxy.config import Config, Rotation
 from dualproxy.dev import issue_certificate
 from dualproxy.pins import spki_pin_of_certificate
 from dualproxy.server import Server
+
+# The rotation window the tests share: keys k2026a (old) and k2026b (new), from the first of
+# December 2026 to the 15th of January 2027.
+GRACE_START: Final = datetime(2026, 12, 1, tzinfo=UTC)
+GRACE_END: Final = datetime(2027, 1, 15, tzinfo=UTC)
+
+
+def grace_window(**changes: Any) -> Rotation:
+    """That window as a Rotation, with `changes` to its other settings."""
+    return Rotation(
+        old=("k2026a",), new=("k2026b",), grace_start=GRACE_START, grace_end=GRACE_END, **changes
+    )
+
 
 # Every client call in tests is bounded; generous so a loaded 2-core CI box never flakes.
 CLIENT_TIMEOUT = 20.0

@@ -24,6 +24,8 @@ import trio
 import trustme
 from conftest import (
     CLIENT_TIMEOUT,
+    GRACE_END,
+    GRACE_START,
     Clock,
     KeyFiles,
     Running,
@@ -44,8 +46,6 @@ from dualproxy.server import Server
 
 pytestmark = pytest.mark.e2e
 
-GRACE_START: Final = datetime(2026, 12, 1, tzinfo=UTC)
-GRACE_END: Final = datetime(2027, 1, 15, tzinfo=UTC)
 DURING: Final = datetime(2026, 12, 10, tzinfo=UTC)
 NEW_SNI: Final = "k2.api.example.com"
 PLAIN_SNI: Final = "api.example.com"

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import pytest
 import trustme
-from conftest import make_key
+from conftest import GRACE_END, GRACE_START, make_key
 
 from dualproxy import config as config_mod
 from dualproxy.checks import (
@@ -27,8 +27,6 @@ from dualproxy.checks import (
 from dualproxy.config import Config, KeyConfig, KeyStoreSettings
 from dualproxy.keystore import LoadedKey, load_key
 
-GRACE_START: Final = datetime(2026, 12, 1, tzinfo=UTC)
-GRACE_END: Final = datetime(2027, 1, 15, tzinfo=UTC)
 BEFORE: Final = GRACE_START - timedelta(days=30)
 DURING: Final = GRACE_START + timedelta(days=7)
 AFTER: Final = GRACE_END + timedelta(days=30)

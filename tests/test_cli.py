@@ -24,6 +24,7 @@ from typing import Final
 import pytest
 import trustme
 from conftest import (
+    GRACE_START,
     NAMES,
     KeyFiles,
     curl_pinned,
@@ -49,7 +50,6 @@ EXAMPLE_LISTEN: Final = 'address = "127.0.0.1:8443"'
 EXAMPLE_UPSTREAM: Final = '[upstream]\nurl = "https://my-project.appspot.com"'
 EXAMPLE_ADMIN: Final = 'address = "127.0.0.1:9901"'
 # The example's rotation, and instants in each phase of it.
-GRACE_START: Final = datetime(2026, 12, 1, tzinfo=UTC)
 BEFORE: Final = "2026-11-01T00:00:00Z"
 DURING: Final = "2026-12-10T00:00:00Z"
 AFTER: Final = "2027-02-01T00:00:00Z"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
+from conftest import GRACE_END, GRACE_START
 
 from dualproxy.config import (
     AcmeConfig,
@@ -65,8 +66,6 @@ KEY_FILES: Final = (
     "certs/k2026b/key.pem",
     "certs/k2026b/chain.pem",
 )
-GRACE_START: Final = datetime(2026, 12, 1, tzinfo=UTC)
-GRACE_END: Final = datetime(2027, 1, 15, tzinfo=UTC)
 
 # An edit value that removes the key instead of setting it.
 DELETE: Final = object()

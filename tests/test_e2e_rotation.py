@@ -25,6 +25,8 @@ import trio
 import trustme
 from conftest import (
     CLIENT_TIMEOUT,
+    GRACE_END,
+    GRACE_START,
     Clock,
     KeyFiles,
     Running,
@@ -46,8 +48,6 @@ pytestmark = pytest.mark.e2e
 Phase = Literal["before", "during", "after"]
 Family = Literal["ipv4", "ipv6"]
 
-GRACE_START: Final = datetime(2026, 12, 1, tzinfo=UTC)
-GRACE_END: Final = datetime(2027, 1, 15, tzinfo=UTC)
 AT: Final[dict[Phase, datetime]] = {
     "before": datetime(2026, 11, 20, tzinfo=UTC),
     "during": datetime(2026, 12, 15, tzinfo=UTC),

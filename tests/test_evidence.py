@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Final
 
 import pytest
+from conftest import GRACE_END, GRACE_START, grace_window
 
 from dualproxy.config import IdentityName, Rotation
 from dualproxy.evidence import (
@@ -23,17 +24,7 @@ from dualproxy.evidence import (
 from dualproxy.policy import Choice, Reason
 from dualproxy.server import Outcome
 
-GRACE_START: Final = datetime(2026, 12, 1, tzinfo=UTC)
-GRACE_END: Final = datetime(2027, 1, 15, tzinfo=UTC)
-ROTATION: Final = Rotation(
-    old=("k2026a",),
-    new=("k2026b",),
-    grace_start=GRACE_START,
-    grace_end=GRACE_END,
-    canary_percent=10.0,
-    canary_min_sample=20,
-    canary_halt_margin=0.05,
-)
+ROTATION: Final = grace_window(canary_percent=10.0, canary_min_sample=20, canary_halt_margin=0.05)
 NO_CANARY: Final = replace(ROTATION, canary_percent=0.0)
 # A wall-clock instant on a bucket boundary, inside the window.
 T0: Final = datetime(2026, 12, 10, tzinfo=UTC).timestamp()

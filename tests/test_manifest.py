@@ -21,7 +21,7 @@ from typing import Any, Final
 import pytest
 import trio
 import trustme
-from conftest import KeyFiles, make_config, make_key, serving, write_config
+from conftest import KeyFiles, grace_window, make_config, make_key, serving, write_config
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -29,7 +29,6 @@ from test_relay import Proxy
 from upstream_server import UpstreamServer, serve_upstream
 
 from dualproxy import cli, manifest
-from dualproxy.config import Rotation
 from dualproxy.files import write_atomically
 from dualproxy.pins import PinnedKey
 
@@ -81,12 +80,7 @@ def pinned(name: str, role: Any, pin: str) -> PinnedKey:
     )
 
 
-ROTATION: Final = Rotation(
-    old=("k2026a",),
-    new=("k2026b",),
-    grace_start=datetime(2026, 12, 1, tzinfo=UTC),
-    grace_end=datetime(2027, 1, 15, tzinfo=UTC),
-)
+ROTATION: Final = grace_window()
 
 
 def signed(

@@ -8,6 +8,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from typing import Final
 
 import pytest
+from conftest import GRACE_END, GRACE_START
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,8 +27,6 @@ from dualproxy.policy import (
     sni_matches,
 )
 
-GRACE_START: Final = datetime(2026, 12, 1, tzinfo=UTC)
-GRACE_END: Final = datetime(2027, 1, 15, tzinfo=UTC)
 DURING: Final = GRACE_START + timedelta(days=7)
 # datetime's resolution: the last instant before a boundary.
 TICK: Final = timedelta(microseconds=1)

@@ -21,8 +21,11 @@ import pytest
 import trio
 import trustme
 from conftest import (
+    GRACE_END,
+    GRACE_START,
     Clock,
     KeyFiles,
+    grace_window,
     make_config,
     make_key,
     run_client,
@@ -32,7 +35,6 @@ from conftest import (
 from png import colours
 from test_admin import DURING, admin_listener, connections_counted, rotation
 
-from dualproxy.config import Rotation
 from dualproxy.evidence import Evidence, KeyFacts, Status
 from dualproxy.logformat import JsonFormatter, TextFormatter, conn_fields
 from dualproxy.policy import Choice, Reason
@@ -40,16 +42,7 @@ from dualproxy.reports import ReportSummary
 from dualproxy.server import ConnectionRecord, Outcome
 from dualproxy.statuspage import render_html, render_text
 
-GRACE_START: Final = datetime(2026, 12, 1, tzinfo=UTC)
-GRACE_END: Final = datetime(2027, 1, 15, tzinfo=UTC)
-ROTATION: Final = Rotation(
-    old=("k2026a",),
-    new=("k2026b",),
-    grace_start=GRACE_START,
-    grace_end=GRACE_END,
-    canary_percent=10.0,
-    canary_min_sample=1,
-)
+ROTATION: Final = grace_window(canary_percent=10.0, canary_min_sample=1)
 OLD_COLOUR: Final = (0x4C, 0x6E, 0xF5)
 NEW_COLOUR: Final = (0x0C, 0xA6, 0x78)
 CHROMIUM_TIMEOUT: Final = 60.0
