@@ -60,6 +60,11 @@ What happens on each failure:
   text, `Connection: close`, and the connection ends;
 - upstream's fault before the response head (refused, reset, bad TLS, malformed or smuggling
   response head, upstream_timeout): 502 or 504 the same way;
+- the upstream answered before taking the whole body, then closed or reset the connection (a
+  401 or 413 from a server that does not read what it refuses): its answer, read from what it
+  sent before the connection broke, is relayed like any response, and the connection ends
+  after it (the rest of the body was never read). An upstream that answers early but keeps
+  the connection open without reading is not told apart: 504 after upstream_timeout;
 - after either, when the client may still be sending (the refused request was not read to its
   end, or bytes past it had arrived), the server closes with a *lingering close*
   (`client_may_be_sending`, `server.lingering_close`): a socket closed with unread bytes sends
@@ -384,8 +389,8 @@ class ClientConnection:
         self._eof = False  # the client closed its side
         self._requests = 0
         self._request_read = False  # the current request's head and body were read to the end
-        # Set when the connection ended on a refusal that the caller should close with a
-        # lingering close: see `serve`.
+        # Set when the connection ended on a refusal, or on an upstream's early answer, that
+        # the caller should close with a lingering close: see `serve`.
         self.client_may_be_sending = False
         self._keep_alive = False  # the exchange just finished leaves the connection open
         # The connection's one cancel scope (made by `serve`): `_wait` moves its deadline to
@@ -572,12 +577,16 @@ class ClientConnection:
             except UpstreamError as exc:
                 raise _Refusal(exc.status, f"upstream: {exc.problem}") from exc
             try:
+                early = None
                 if has_body:
-                    await self._forward_body(upstream, request, head, limits)
+                    early = await self._forward_body(upstream, request, head, limits)
                 else:
                     await upstream.send_request(request, bounded=False)
                 sent = self._wait(_Phase.UPSTREAM_HEAD, limits.upstream_timeout)
-                response = await upstream.receive_head(timeout=None, request_method=head.method)
+                if early is None:
+                    response = await upstream.receive_head(timeout=None, request_method=head.method)
+                else:
+                    response = early
                 self._tally.response_relayed(response.status, self._now() - sent)
                 # _respond raises no UpstreamError, and releases or discards the upstream
                 # connection itself.
@@ -594,6 +603,26 @@ class ClientConnection:
                 raise
 
     async def _forward_body(
+        self, upstream: UpstreamConnection, request: bytes, head: RequestHead, limits: Limits
+    ) -> ResponseHead | None:
+        """Send the request head and stream the client's body after it (see _stream_body).
+        None once all of it went; the upstream's response when the upstream broke the
+        connection before taking it all, having answered first (an answer that needs no body:
+        401, 413). Its error when it had not."""
+        try:
+            await self._stream_body(upstream, request, head, limits)
+        except UpstreamError as failure:
+            # What it sent before it went is still in our socket: the response, if any.
+            self._wait(_Phase.UPSTREAM_HEAD, limits.upstream_timeout)
+            try:
+                response = await upstream.receive_head(timeout=None, request_method=head.method)
+            except UpstreamError:
+                raise failure from None
+            self._tally.note("upstream answered before taking the whole request body")
+            return response
+        return None
+
+    async def _stream_body(
         self, upstream: UpstreamConnection, request: bytes, head: RequestHead, limits: Limits
     ) -> None:
         """Send the request head and stream the client's body after it (trailers dropped);
@@ -728,8 +757,15 @@ class ClientConnection:
         try:
             framing, body = response_framing(response, head.method, head.version)
             headers = framing + self._response_headers
+            # An answer that came before the whole request body went upstream (_forward_body)
+            # leaves the rest of it unread: the connection ends after the response, with a
+            # lingering close, as the client may still be sending it.
+            body_unread = not self._request_read
+            if body_unread:
+                self.client_may_be_sending = not self._eof
             keep_alive = not (
-                body is Framing.CLOSE
+                body_unread
+                or body is Framing.CLOSE
                 or self._drain.draining
                 or self._requests >= MAX_REQUESTS_PER_CONNECTION
                 or head.close

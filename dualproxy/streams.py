@@ -31,7 +31,8 @@ scheduler work. What these classes leave out, and why that is safe here:
 Errors are trio's: `trio.BrokenResourceError` (the peer reset, TLS failed, the stream was
 broken by a cancelled operation), `trio.ClosedResourceError` (used after `aclose`). A stream
 whose operation was cancelled half-way may have sent or consumed part of a record, so it is
-marked broken, and only closing it remains.
+marked broken, and only closing it remains. A TLS send that failed because the peer went (a
+reset) ends sending only: what the peer sent before it went can still be read.
 """
 
 from __future__ import annotations
@@ -344,6 +345,10 @@ class TlsStream(trio.abc.Stream):
             self._incoming.write(prefix)
         self._https_compatible = https_compatible
         self._state = _State.OK
+        # A send failed because the peer went (reset, closed): nothing more can be sent, but
+        # what it sent before stays readable (an HTTP server may answer a request, 413 or 401,
+        # without reading its body, then close).
+        self._send_failed = False
         self._handshook = False
         self._ended = False  # the peer ended the stream: reads return b"" from now on
         self._close_notify_sent = False  # we ended ours: sends are refused from now on
@@ -441,6 +446,8 @@ class TlsStream(trio.abc.Stream):
                 self._check_state()
             if self._close_notify_sent:
                 raise trio.ClosedResourceError("our close_notify was sent: nothing may follow")
+            if self._send_failed:
+                raise trio.BrokenResourceError("an earlier send on this TLS stream failed")
             if not data and not self._outgoing.pending and not then_close_notify:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 await self.transport_stream.pace()
@@ -470,7 +477,12 @@ class TlsStream(trio.abc.Stream):
     async def send_close_notify(self) -> None:
         """Send our close_notify (without waiting for the peer's) and leave the socket open:
         for a lingering close, which half-closes and drains it afterwards."""
-        if self._state is not _State.OK or not self._handshook or self._close_notify_sent:
+        if (
+            self._state is not _State.OK
+            or not self._handshook
+            or self._close_notify_sent
+            or self._send_failed
+        ):
             await trio.lowlevel.checkpoint()
             return
         try:
@@ -482,8 +494,15 @@ class TlsStream(trio.abc.Stream):
         await self._flush()
 
     def _write_close_notify(self) -> None:
-        """Put our close_notify in the outgoing buffer (SSLError: broken)."""
+        """Put our close_notify in the outgoing buffer (SSLError: broken).
+
+        Records received and not read yet are dropped first: nothing reads them after our
+        close_notify, and OpenSSL, looking for the peer's close_notify after writing ours,
+        would take their application data for an error (a client still sending a body we
+        answered without reading)."""
         self._close_notify_sent = True
+        if self._incoming.pending:
+            self._incoming.read()
         with contextlib.suppress(ssl.SSLWantReadError):  # the peer's: not waited for
             self._ssl.unwrap()
 
@@ -561,12 +580,17 @@ class TlsStream(trio.abc.Stream):
             self._incoming.write_eof()
 
     async def _flush(self) -> None:
-        """Send what OpenSSL wrote; a send cancelled half-way breaks the stream."""
+        """Send what OpenSSL wrote; a send cancelled half-way breaks the stream, one that failed
+        (the peer went) ends sending only."""
         if not self._outgoing.pending:
             return
         self._hold_outgoing = False
         try:
             await self.transport_stream.send_all(self._outgoing.read())
+        except trio.BrokenResourceError:
+            # The peer went: reading what it sent before may still succeed (see _send_failed).
+            self._send_failed = True
+            raise
         except BaseException:
             if self._state is _State.OK:
                 self._state = _State.BROKEN

@@ -128,6 +128,7 @@ class UpstreamConnection:
         "_keep_alive",
         "_pooled",
         "_reader",
+        "_send_failed",
         "_send_timeout",
         "_started",
         "_tcp",
@@ -152,6 +153,9 @@ class UpstreamConnection:
         self._idle_since = 0.0
         self._pooled = False
         self._closed = False
+        # A send broke: a response may still be read (see the relay's early answer), but the
+        # connection carries nothing more.
+        self._send_failed = False
 
     async def send_request(self, data: bytes, *, bounded: bool = True) -> None:
         """Start an exchange: send a request head (and any body bytes that go with it).
@@ -176,6 +180,7 @@ class UpstreamConnection:
         except trio.TooSlowError as exc:
             raise self.timeout_error("send", self._send_timeout) from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._send_failed = True
             raise UpstreamError(
                 _BAD_GATEWAY,
                 f"connection lost while sending the request ({_cause(exc)})",
@@ -332,9 +337,9 @@ class UpstreamConnection:
 
     def reusable(self) -> bool:
         """Whether this connection may carry another exchange: the response read to its end,
-        the upstream keeping the connection open, and nothing received past the end of the
-        response (bytes there mean a broken upstream)."""
-        if self._closed or not self._complete or not self._keep_alive:
+        the upstream keeping the connection open, every send of the request taken, and nothing
+        received past the end of the response (bytes there mean a broken upstream)."""
+        if self._closed or self._send_failed or not self._complete or not self._keep_alive:
             return False
         if self._buffer or self._eof:
             return False

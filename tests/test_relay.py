@@ -38,6 +38,7 @@ from conftest import (
     write_config,
 )
 from upstream_server import (
+    EARLY_ANSWER,
     Behaviour,
     UpstreamServer,
     closed_port,
@@ -1259,6 +1260,41 @@ async def upload_then_read(client: Client, head: bytes) -> tuple[bytes, bool] | 
     except trio.BrokenResourceError:
         return None
     return await client.read_until_closed()
+
+
+@pytest.mark.parametrize("scheme", ["https", "http"])
+async def test_an_upstream_answer_before_the_whole_body_reaches_the_client(
+    key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    scheme: str,
+) -> None:
+    """The upstream answers 413 once it has the head and goes, the body unread (a reset):
+    the client gets that answer, not a 502, and the broken connection is not pooled."""
+    caplog.set_level(logging.INFO, logger="dualproxy")
+    server = UpstreamServer.https(tmp_path) if scheme == "https" else UpstreamServer.http()
+    server.behaviour = in_turn(Behaviour.ANSWER_BEFORE_BODY, Behaviour.ECHO)
+    more_than_sent = 2 * SENT_BEFORE_READING  # the body never ends: only the upstream can
+    async with (
+        serve_upstream(server),
+        proxy(key, cafile, tmp_path, server, max_body_bytes=more_than_sent) as p,
+    ):
+        async with p.client() as client:
+            head = req("PUT /big HTTP/1.1", HOST, f"Content-Length: {more_than_sent}")
+            result = await upload_then_read(client, head)
+        async with p.client() as client:
+            assert (await client.request()).status == 200
+        await wait_until(lambda: len(conn_lines(caplog)) == 2)
+    assert result is not None, "the upload was reset"
+    answer, clean = result
+    [reply] = parse_responses(answer)
+    assert (reply.status, reply.body) == (413, EARLY_ANSWER.rpartition(b"\r\n\r\n")[2])
+    assert reply.header(b"connection") == [b"close"]
+    assert clean  # close_notify, then the end of the stream, though the body was unread
+    assert server.accepted == 2  # the second request did not get the broken connection
+    first, _ = (m for m in messages(caplog) if m.startswith("conn "))
+    assert 'detail="upstream answered before taking the whole request body"' in first
 
 
 @pytest.mark.parametrize(

@@ -519,6 +519,26 @@ async def test_a_response_that_ends_the_connection_makes_it_unusable(
     assert connection.reusable() is reusable
 
 
+async def test_an_answer_before_the_whole_request_is_read_but_never_reused(
+    pools: PoolFactory, upstream: UpstreamServer
+) -> None:
+    """An upstream that answers without reading the request body, then goes (a reset): the
+    send fails, the answer it sent before is still read, and the connection, whose request
+    never went whole, is not reused although the answer does not say it closes."""
+    upstream.behaviour = Behaviour.ANSWER_BEFORE_BODY
+    connection = await pools(upstream.config()).acquire()
+    piece, pieces = b"x" * 65536, 1024
+    head = b"PUT / HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
+    await connection.send_request(head % (len(piece) * pieces))
+    with raises_upstream(502, "connection lost while sending the request"):
+        for _ in range(pieces):  # bounded: 64 MiB; the reset comes long before
+            await connection.send(piece)
+    response = await connection.receive_head(timeout=TIMEOUT, request_method=b"PUT")
+    assert response.status == 413
+    assert await read_body(connection) == b"too large"
+    assert not connection.reusable()
+
+
 @pytest.mark.parametrize("close", [True, False])
 async def test_body_delimited_by_close(
     pools: PoolFactory, upstream: UpstreamServer, close: bool

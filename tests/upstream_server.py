@@ -104,6 +104,9 @@ class Behaviour(enum.Enum):
     # Read the body `slow_read_size` bytes per `slow_read_delay` s, then ECHO (the read that
     # got the head may have taken up to RECEIVE_SIZE of the body with it).
     SLOW_READ = "slow-read"
+    # Answer EARLY_ANSWER (a 413 that does not say it closes) once the head is read, and close
+    # without reading the body: the unread bytes make the close a reset.
+    ANSWER_BEFORE_BODY = "answer-before-body"
     # Raw responses (RAW_RESPONSES below), written as they are:
     CL_AND_TE = "cl-and-te"
     CONFLICTING_CONTENT_LENGTH = "conflicting-content-length"
@@ -112,6 +115,7 @@ class Behaviour(enum.Enum):
     HTTP10_CHUNKED = "http10-chunked"
 
 
+EARLY_ANSWER: Final = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\n\r\ntoo large"
 RAW_RESPONSES: Final[Mapping[Behaviour, bytes]] = MappingProxyType(
     {
         Behaviour.CL_AND_TE: (
@@ -398,6 +402,9 @@ class _Session:
             if request is None:
                 return
             plan = self.server._plan(request)
+            if plan is Behaviour.ANSWER_BEFORE_BODY:
+                await self._send_raw(EARLY_ANSWER)
+                return  # _handle closes the socket, the body unread
             if isinstance(plan, bytes):
                 plan = Raw(plan)
             elif isinstance(plan, Behaviour) and plan in RAW_RESPONSES:
