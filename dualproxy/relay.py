@@ -73,7 +73,9 @@ What happens on each failure:
 - anything after the response head went out (upstream reset or stalled mid-body, client not
   reading for send_timeout): the client connection is cut without a final chunk and without a
   TLS close_notify, so the client sees a truncated response, never a complete-looking one;
-- client gone at any point: the upstream connection is discarded;
+- client gone at any point: the upstream connection is discarded; while the upstream works on
+  the response head, the client's close is noticed within DEPARTURE_CHECK_SECONDS, not only
+  when the answer comes (`Departures`; nginx's 499);
 - in every case but a cleanly finished exchange the upstream connection is discarded, never
   returned to the pool.
 
@@ -88,6 +90,7 @@ from __future__ import annotations
 
 import enum
 import math
+import select
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -161,6 +164,45 @@ class Tally(Protocol):
 
     def response_generated(self, status: int) -> None:
         """The relay answered the client itself (a refusal: 4xx, 502, 504)."""
+
+
+# How often the clients waiting for an upstream's response are looked at for having left: a
+# gone client holds its upstream connection this long at most; a look is one poll(2) for all.
+DEPARTURE_CHECK_SECONDS: Final = 1.0
+# poll(2)'s word for a peer that closed or reset: POLLRDHUP (Linux) is its FIN, which plain
+# readability cannot tell from bytes; elsewhere only a reset or an error shows.
+_HUNG_UP: Final = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+
+
+class Departures:
+    """Clients waiting for an upstream's response head, looked at for having left.
+
+    A response can take the upstream a while (upstream_timeout, 60 s by default), and a client
+    that closes meanwhile would otherwise be noticed only when its answer is sent. Like nginx
+    (a 499), the exchange then ends at once and its upstream connection is closed, never
+    pooled: the upstream sees the close and may stop working for nobody. One per server; its
+    `check`, every DEPARTURE_CHECK_SECONDS, looks at every waiting client in one poll(2), so a
+    request pays for two dict operations only. A client that closes only its sending side
+    counts as gone too (as in nginx), which RFC 9112 §9.6 asks clients not to do.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, ClientConnection] = {}  # by the client socket's descriptor
+
+    def check(self) -> int:
+        """End the wait of every client that left; how many did."""
+        waiting = self.waiting
+        if not waiting:
+            return 0
+        poller = select.poll()
+        for fd in waiting:
+            poller.register(fd, _HUNG_UP)
+        gone = 0
+        for fd, events in poller.poll(0):
+            if events & _HUNG_UP and (relay := waiting.pop(fd, None)) is not None:
+                relay.client_left()
+                gone += 1
+        return gone
 
 
 class Drain:
@@ -374,11 +416,19 @@ class ClientConnection:
         drain: Drain,
         tally: Tally,
         response_headers: Sequence[tuple[bytes, bytes]] = (),
+        departures: Departures | None = None,
     ) -> None:
         self._stream = stream
         # The stream as TLS, for a last response that carries our close_notify (an ABC's
         # isinstance check costs more than once per connection).
         self._tls = stream if isinstance(stream, TlsStream) else None
+        # Where this client waits for a response head to be looked at (see Departures): the
+        # server's, by its socket's descriptor; None when there is nothing to look at.
+        self._departures = (
+            departures.waiting if departures is not None and self._tls is not None else None
+        )
+        self._fd = self._tls.transport_stream.socket.fileno() if self._tls is not None else -1
+        self._client_left = False  # Departures saw the client go while it waited
         self._peer = ClientPeer.of(peer) if peer is not None else None
         self._settings = settings
         self._drain = drain
@@ -583,10 +633,18 @@ class ClientConnection:
                 else:
                     await upstream.send_request(request, bounded=False)
                 sent = self._wait(_Phase.UPSTREAM_HEAD, limits.upstream_timeout)
-                if early is None:
+                if early is not None:
+                    response = early
+                elif (departures := self._departures) is None:
                     response = await upstream.receive_head(timeout=None, request_method=head.method)
                 else:
-                    response = early
+                    departures[self._fd] = self
+                    try:
+                        response = await upstream.receive_head(
+                            timeout=None, request_method=head.method
+                        )
+                    finally:
+                        departures.pop(self._fd, None)
                 self._tally.response_relayed(response.status, self._now() - sent)
                 # _respond raises no UpstreamError, and releases or discards the upstream
                 # connection itself.
@@ -854,9 +912,17 @@ class ClientConnection:
     def _set_deadline(self, deadline: float) -> None:
         self._scope.deadline = self._deadline = deadline
 
+    def client_left(self) -> None:
+        """The client closed while it waited for the upstream's response head (Departures):
+        that wait ends now, and with it the connection."""
+        self._client_left = True
+        self._scope.cancel()
+
     def _expired(self) -> _Refusal | _Cut | None:
-        """What it means that the connection's deadline passed, by the wait it was in (None:
+        """What it means that the connection's scope ended, by the wait it was in (None:
         close quietly)."""
+        if self._client_left:
+            return _Cut("client closed while waiting for the upstream's response")
         phase = self._phase
         limits = self._limits
         assert limits is not None

@@ -56,7 +56,7 @@ from .clienthello import is_plain_http as looks_like_plain_http
 from .config import Config, ConfigError, ListenAddress
 from .evidence import LATENCY_BOUNDS, NONE_LABEL, Evidence, RequestCounters
 from .keystore import KeySnapshot, KeyStoreError
-from .relay import ClientConnection, Drain, RelaySettings
+from .relay import DEPARTURE_CHECK_SECONDS, ClientConnection, Departures, Drain, RelaySettings
 from .streams import (
     TcpStream,
     TlsStream,
@@ -302,6 +302,7 @@ class Server:
         # Responses before a key is chosen (none, today): counted all the same.
         self._unkeyed_counters = self.evidence.counters_for(NONE_LABEL, NONE_LABEL)
         self._drain = Drain()
+        self._departures = Departures()  # relayed clients waiting for a response head
         # While run() runs: the scope of the accept loops (drain() cancels it) and that of
         # the connection tasks (the grace deadline and a second SIGTERM act on it).
         self._accepting: trio.CancelScope | None = None
@@ -343,6 +344,7 @@ class Server:
             async with trio.open_nursery() as services:
                 services.start_soon(self._watch_files)
                 services.start_soon(self._prune_idle_upstream)
+                services.start_soon(self._watch_departures)
                 services.start_soon(self._watch_manifest_expiry)
                 if self._handle_signals:
                     await services.start(self._watch_signals)
@@ -601,6 +603,7 @@ class Server:
             peer=record.peer_ip,
             settings=self._relay_settings,
             drain=self._drain,
+            departures=self._departures,
             tally=record,
             response_headers=self._dev_response_headers(record),
         )
@@ -860,6 +863,12 @@ class Server:
             )
             if self._relay is not None:
                 self._relay.pool.prune()
+
+    async def _watch_departures(self) -> None:
+        """End the exchanges of clients that left while the upstream worked (Departures)."""
+        while True:
+            await trio.sleep(DEPARTURE_CHECK_SECONDS)
+            self._departures.check()
 
     async def _watch_signals(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -14,9 +14,11 @@ import hashlib
 import json
 import logging
 import re
+import select
 import signal
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from conftest import (
 )
 from upstream_server import (
     EARLY_ANSWER,
+    Accepted,
     Behaviour,
     UpstreamServer,
     closed_port,
@@ -50,7 +53,12 @@ from upstream_server import (
 from dualproxy import server as server_module
 from dualproxy.config import ConfigError
 from dualproxy.forwarding import ResponseHead
-from dualproxy.relay import ALLOWED_METHODS, Framing, response_framing
+from dualproxy.relay import (
+    ALLOWED_METHODS,
+    DEPARTURE_CHECK_SECONDS,
+    Framing,
+    response_framing,
+)
 from dualproxy.server import Server
 from dualproxy.streams import TcpStream, TlsStream
 
@@ -1457,6 +1465,53 @@ async def test_a_request_that_arrives_as_the_drain_starts_is_served(
     assert response.header(b"connection") == [b"close"]
     assert clean
     assert [r.target for r in upstream.requests] == [b"/first", b"/second"]
+
+
+def closed_by_the_proxy(accepted: Accepted) -> bool:
+    """Whether the proxy closed its end of this upstream connection (the upstream's socket
+    reads an end of stream: poll(2)'s POLLRDHUP), without reading from it."""
+    stream = accepted.stream
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    assert isinstance(stream, trio.SocketStream)
+    poller = select.poll()
+    poller.register(stream.socket.fileno(), select.POLLRDHUP)
+    return bool(poller.poll(0))
+
+
+@pytest.mark.parametrize("how", ["close", "reset", "half-close"])
+async def test_a_client_gone_while_the_upstream_works_closes_the_upstream_connection(
+    key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    upstream: UpstreamServer,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
+) -> None:
+    """Like nginx's 499: the exchange ends within DEPARTURE_CHECK_SECONDS of the client's
+    close, and its upstream connection is closed, not when the upstream answers (in 80 s,
+    within the 85 s upstream_timeout). On the real clock: a second per case."""
+    caplog.set_level(logging.INFO, logger="dualproxy")
+    upstream.behaviour = Behaviour.HANG_BEFORE_HEAD
+    async with proxy(key, cafile, tmp_path, upstream, upstream_timeout=upstream.hang + 5) as p:
+        async with p.client() as client:
+            await client.send(GOOD_REQUEST)
+            await wait_until(lambda: len(upstream.requests) == 1)
+            sock = client.tls.transport_stream.socket
+            if how == "reset":  # SO_LINGER 0: the close sends a reset
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if how == "half-close":  # still reading, no longer sending
+                sock.shutdown(socket.SHUT_WR)
+            else:
+                sock.close()
+            await wait_until(lambda: bool(conn_lines(caplog)))
+        [accepted] = upstream.connections
+        assert closed_by_the_proxy(accepted)
+        assert accepted.sent == 0  # the upstream had not answered
+    [line] = conn_lines(caplog)
+    assert int(line["ms"]) <= (DEPARTURE_CHECK_SECONDS + 1) * 1000
+    [text] = (m for m in messages(caplog) if m.startswith("conn "))
+    assert 'detail="client closed while waiting for the upstream\'s response"' in text
 
 
 async def test_drain_cancels_what_is_still_busy_after_the_grace_period(
