@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import h11
 import pytest
@@ -56,6 +56,8 @@ from dualproxy.forwarding import ResponseHead
 from dualproxy.relay import (
     ALLOWED_METHODS,
     DEPARTURE_CHECK_SECONDS,
+    ClientConnection,
+    Departures,
     Framing,
     response_framing,
 )
@@ -1465,6 +1467,39 @@ async def test_a_request_that_arrives_as_the_drain_starts_is_served(
     assert response.header(b"connection") == [b"close"]
     assert clean
     assert [r.target for r in upstream.requests] == [b"/first", b"/second"]
+
+
+class Waiting:
+    """Stands in for a ClientConnection waiting for a response head: notes client_left()."""
+
+    def __init__(self) -> None:
+        self.left = False
+
+    def client_left(self) -> None:
+        self.left = True
+
+
+def test_departures_end_only_the_waits_of_clients_that_left() -> None:
+    """A client that sends more (a pipelined request) is still there; one that closed or
+    half-closed is gone. Checked with socket pairs, no server."""
+    pairs = [socket.socketpair() for _ in range(4)]
+    quiet, pipelining, closed, half_closed = relays = [Waiting() for _ in pairs]
+    departures = Departures()
+    try:
+        for (ours, _), relay in zip(pairs, relays, strict=True):
+            departures.waiting[ours.fileno()] = cast(ClientConnection, relay)
+        pairs[1][1].sendall(b"GET /next HTTP/1.1\r\n")
+        pairs[2][1].close()
+        pairs[3][1].shutdown(socket.SHUT_WR)
+        assert departures.check() == 2
+        assert (quiet.left, pipelining.left) == (False, False)
+        assert (closed.left, half_closed.left) == (True, True)
+        assert set(departures.waiting) == {pairs[0][0].fileno(), pairs[1][0].fileno()}
+        assert departures.check() == 0  # nobody else left
+    finally:
+        for pair in pairs:
+            for end in pair:
+                end.close()
 
 
 def closed_by_the_proxy(accepted: Accepted) -> bool:
