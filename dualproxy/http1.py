@@ -269,11 +269,7 @@ def request_head(
 ) -> bytes:
     """An HTTP/1.1 request head: request line, the field `lines` as given, the `headers` in
     order, blank line."""
-    out = [b"%b %b HTTP/1.1" % (method, target)]
-    out += lines
-    out += map(_FIELD_SEPARATOR.join, headers)  # "name: value", each joined in C
-    out.append(_CRLF)
-    return _CRLF.join(out)
+    return _head(b"%b %b HTTP/1.1" % (method, target), lines, headers)
 
 
 def response_head(
@@ -285,9 +281,15 @@ def response_head(
 ) -> bytes:
     """An HTTP/1.1 response head: status line, the field `lines` as given (the upstream's,
     as received), the `headers` in order, blank line."""
-    out = [b"HTTP/1.1 %d %b" % (status, reason)]
+    return _head(b"HTTP/1.1 %d %b" % (status, reason), lines, headers)
+
+
+def _head(
+    start_line: bytes, lines: Iterable[bytes], headers: Iterable[tuple[bytes, bytes]]
+) -> bytes:
+    out = [start_line]
     out += lines
-    out += map(_FIELD_SEPARATOR.join, headers)
+    out += map(_FIELD_SEPARATOR.join, headers)  # "name: value", each joined in C
     out.append(_CRLF)
     return _CRLF.join(out)
 

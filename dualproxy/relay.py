@@ -423,9 +423,9 @@ class ClientConnection:
         # isinstance check costs more than once per connection).
         self._tls = stream if isinstance(stream, TlsStream) else None
         # Where this client waits for a response head to be looked at (see Departures): the
-        # server's, by its socket's descriptor; None when there is nothing to look at.
-        self._departures = (
-            departures.waiting if departures is not None and self._tls is not None else None
+        # server's, by its socket's descriptor; a dict nobody looks at without one.
+        self._departures: dict[int, ClientConnection] = (
+            departures.waiting if departures is not None and self._tls is not None else {}
         )
         self._fd = self._tls.transport_stream.socket.fileno() if self._tls is not None else -1
         self._client_left = False  # Departures saw the client go while it waited
@@ -635,16 +635,14 @@ class ClientConnection:
                 sent = self._wait(_Phase.UPSTREAM_HEAD, limits.upstream_timeout)
                 if early is not None:
                     response = early
-                elif (departures := self._departures) is None:
-                    response = await upstream.receive_head(timeout=None, request_method=head.method)
                 else:
-                    departures[self._fd] = self
+                    self._departures[self._fd] = self
                     try:
                         response = await upstream.receive_head(
                             timeout=None, request_method=head.method
                         )
                     finally:
-                        departures.pop(self._fd, None)
+                        self._departures.pop(self._fd, None)
                 self._tally.response_relayed(response.status, self._now() - sent)
                 # _respond raises no UpstreamError, and releases or discards the upstream
                 # connection itself.
