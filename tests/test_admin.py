@@ -12,6 +12,7 @@ and leaves without a request (what OkHttp's CertificatePinner does), and plain r
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+import h11
 import pytest
 import trio
 import trustme
@@ -42,6 +44,7 @@ from upstream_server import UpstreamServer, serve_upstream
 
 from dualproxy import admin, cli
 from dualproxy.config import ListenAddress
+from dualproxy.devcontrol import Refused
 from dualproxy.server import Server
 
 pytestmark = pytest.mark.e2e
@@ -366,6 +369,47 @@ async def test_a_listener_opened_to_the_network_answers_any_host_but_no_web_page
         ):
             status = await trio.to_thread.run_sync(raw_request, at, method, path, headers)
             assert status == expected, (method, path, headers)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "headers", "on_loopback", "from_loopback", "refused"),
+    [
+        # Opened to the network: only this machine may resume, whatever it names.
+        ("POST", "/canary/resume", [("host", "localhost")], False, False, True),
+        ("POST", "/canary/resume", [("host", "localhost")], False, True, False),
+        # Any Host may read, no web page may.
+        ("GET", "/metrics", [("host", "dualproxy-1.internal")], False, False, False),
+        (
+            "GET",
+            "/metrics",
+            [("host", "x"), ("origin", "https://evil.example")],
+            False,
+            False,
+            True,
+        ),
+        # On loopback: the loopback Host is required.
+        ("GET", "/metrics", [("host", "dualproxy-1.internal")], True, True, True),
+    ],
+)
+def test_who_may_ask_what(
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    on_loopback: bool,
+    from_loopback: bool,
+    refused: bool,
+) -> None:
+    """The rules alone: a peer off this machine is what a loopback test client cannot be."""
+    request = h11.Request(method=method, target=target, headers=headers)
+    check = functools.partial(
+        admin._check_asker, request, on_loopback=on_loopback, from_loopback=from_loopback
+    )
+    if refused:
+        with pytest.raises(Refused) as caught:
+            check()
+        assert caught.value.status == 403
+    else:
+        check()
 
 
 def raw_request(address: tuple[str, int], method: str, path: str, headers: dict[str, str]) -> int:
