@@ -90,7 +90,8 @@ def _check_text(what: str, value: str) -> None:
         raise ValueError(f"{what} {value!r} must be non-empty text without control characters")
 
 
-def _is_pin(pin: str) -> bool:
+def is_pin(pin: str) -> bool:
+    """Whether `pin` is a SHA-256 pin in canonical base64 (no \"sha256/\" prefix)."""
     try:
         digest = base64.b64decode(pin, validate=True)
     except ValueError:  # binascii.Error, or non-ASCII text
@@ -114,7 +115,7 @@ class PinnedKey:
         _check_text("key name", self.name)
         if self.role not in _ROLES:
             raise ValueError(f"key {self.name!r}: role {self.role!r} is not one of {_ROLES}")
-        if not _is_pin(self.pin):
+        if not is_pin(self.pin):
             raise ValueError(f"key {self.name!r}: pin is not base64 of a SHA-256 digest")
         _check_text(f"key {self.name!r}: algorithm", self.algorithm)
         for hostname in self.hostnames:

@@ -33,8 +33,6 @@ in a worker thread); clocks are passed in as values.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import json
 import os
@@ -48,6 +46,7 @@ from pathlib import Path
 from typing import Final, Literal, TypedDict
 
 from .config import format_time
+from .pins import is_pin
 
 ReportKind = Literal["trustkit", "rfc7469"]
 
@@ -253,7 +252,7 @@ class _Fields:
         pins = set()
         for entry in value:
             match = _PIN_ENTRY.fullmatch(entry) if isinstance(entry, str) else None
-            if match is None or not _is_sha256_pin(match.group(1)):
+            if match is None or not is_pin(match.group(1)):
                 raise ReportError('a known-pins entry is not pin-sha256="BASE64"')
             pins.add(match.group(1))
         return tuple(sorted(pins))
@@ -272,13 +271,6 @@ class _Fields:
             ):
                 raise ReportError(f"{name} holds something other than a PEM certificate")
         return tuple(value)
-
-
-def _is_sha256_pin(text: str) -> bool:
-    try:
-        return len(base64.b64decode(text, validate=True)) == 32
-    except (binascii.Error, ValueError):
-        return False
 
 
 # --- rate limiting -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import base64
 import copy
 import ipaddress
 import json
+import string
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -164,6 +165,15 @@ def _with(report: dict[str, Any], name: str, value: Any) -> dict[str, Any]:
     return changed
 
 
+def non_canonical(pin: str) -> str:
+    """`pin` with a padding bit of its last base64 character set: it decodes to the same
+    digest, but is not how base64 writes it."""
+    alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"
+    last = alphabet.index(pin[-2])
+    assert base64.b64decode(pin[:-2] + alphabet[last ^ 1] + "=") == base64.b64decode(pin)
+    return pin[:-2] + alphabet[last ^ 1] + "="
+
+
 REFUSALS: Final = [
     (lambda r: _without(r, "hostname"), "hostname is missing"),
     (lambda r: _without(r, "known-pins"), "known-pins is missing"),
@@ -183,6 +193,8 @@ REFUSALS: Final = [
     (lambda r: _with(r, "known-pins", [PIN_OLD]), "pin-sha256"),
     (lambda r: _with(r, "known-pins", ['pin-sha1="AAAA"']), "pin-sha256"),
     (lambda r: _with(r, "known-pins", [hpkp(PIN_OLD[:-4] + "AA==")]), "pin-sha256"),
+    # The same digest, with a padding bit set: one key must never count as two pins.
+    (lambda r: _with(r, "known-pins", [hpkp(non_canonical(PIN_OLD))]), "pin-sha256"),
     (lambda r: _with(r, "known-pins", [hpkp(PIN_OLD)] * 33), "at most 32"),
     (lambda r: _with(r, "validated-certificate-chain", ["not a certificate"]), "PEM"),
     (lambda r: _with(r, "validated-certificate-chain", "pem"), "not a list"),
