@@ -36,8 +36,7 @@ from .policy import pin_role
 
 log = logging.getLogger("dualproxy")
 
-# The headers every local answer carries: no content sniffing, and nothing an intermediary
-# should store for the report receiver.
+# What every local answer carries: no content sniffing.
 _NOSNIFF: Final = (b"x-content-type-options", b"nosniff")
 _TEXT: Final = (b"content-type", b"text/plain; charset=utf-8")
 
@@ -144,7 +143,6 @@ class ReportsState:
         )
         self.counts = reports.counts_from_store(self.store)
         self.limiter = reports.RateLimiter(config.per_minute, config.burst)
-        self.store_failures = 0
 
 
 class ReportEndpoint:
@@ -165,11 +163,6 @@ class ReportEndpoint:
             return _text_answer(
                 HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the report as application/json"
             )
-        if len(request.body) > self.max_body_bytes:  # the caller checks first; kept for safety
-            return _text_answer(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"a report is at most {self.max_body_bytes} bytes",
-            )
         wait = state.limiter.take(reports.client_key(request.peer), trio.current_time())
         if wait > 0:
             retry = str(max(1, math.ceil(wait))).encode()
@@ -186,7 +179,6 @@ class ReportEndpoint:
             await trio.to_thread.run_sync(state.store.append, report.record(received))
         except OSError as exc:
             # Counted all the same; the app cannot do better than we can about our disk.
-            state.store_failures += 1
             log.warning("pin-report not stored (%s): %s", state.store.path, exc.strerror or exc)
         log.info("pin-report %s", report.log_summary())
         return LocalAnswer(int(HTTPStatus.NO_CONTENT), [_NOSNIFF])

@@ -41,11 +41,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Final, Literal, TypedDict
 
-from .config import format_time
+from .config import format_time, parse_time
 from .pins import is_pin
 
 ReportKind = Literal["trustkit", "rfc7469"]
@@ -338,7 +338,6 @@ class GroupKey:
 @dataclass(slots=True)
 class _Group:
     count: int = 0
-    first_seen: datetime | None = None
     last_seen: datetime | None = None
 
 
@@ -371,14 +370,13 @@ class ReportCounts:
                 return
             group = self._groups[key] = _Group()
         group.count += 1
-        if group.first_seen is None or received_at < group.first_seen:
-            group.first_seen = received_at
         if group.last_seen is None or received_at > group.last_seen:
             group.last_seen = received_at
 
-    def groups(self) -> Iterator[tuple[GroupKey, int, datetime | None, datetime | None]]:
+    def groups(self) -> Iterator[tuple[GroupKey, int, datetime | None]]:
+        """Each group's key, count and last report."""
         for key, group in self._groups.items():
-            yield key, group.count, group.first_seen, group.last_seen
+            yield key, group.count, group.last_seen
 
 
 class AppVersionSummary(TypedDict):
@@ -425,7 +423,7 @@ def summary(counts: ReportCounts, pin_labels: Mapping[str, str] | None = None) -
     labels = pin_labels or {}
     apps: dict[tuple[str, str, str], AppVersionSummary] = {}
     pin_sets: dict[tuple[str, ...], PinSetSummary] = {}
-    for key, count, _first, last in counts.groups():
+    for key, count, last in counts.groups():
         seen = format_time(last) if last else None
         app = apps.setdefault(
             (key.app, key.version, key.platform),
@@ -560,7 +558,7 @@ def counts_from_store(store: ReportStore, *, max_groups: int = MAX_GROUPS) -> Re
 def _from_record(record: Mapping[str, object]) -> tuple[PinReport, datetime] | None:
     """A stored record back as a report and its arrival, or None if it is not one."""
     try:
-        received = datetime.fromisoformat(str(record["received-at"]))
+        received = parse_time(str(record["received-at"]))
         pins = record["known-pins"]
         kind = record["kind"]
         if kind not in ("trustkit", "rfc7469") or not isinstance(pins, list):
@@ -580,9 +578,7 @@ def _from_record(record: Mapping[str, object]) -> tuple[PinReport, datetime] | N
         )
     except (KeyError, ValueError, TypeError):
         return None
-    if received.tzinfo is None:
-        return None
-    return report, received.astimezone(UTC)
+    return report, received
 
 
 # --- helpers -------------------------------------------------------------------------------
