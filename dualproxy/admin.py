@@ -245,7 +245,7 @@ def parse_url(text: str) -> tuple[str, int]:
     url = text if "://" in text else f"http://{text}"
     parts = urlsplit(url)
     try:
-        port = parts.port or 80
+        port = 80 if parts.port is None else parts.port
     except ValueError:
         raise ValueError(f"{text!r} has an invalid port") from None
     if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):

@@ -56,11 +56,12 @@ from .config import (
     KeyConfig,
     ListenAddress,
     Role,
+    admin_address_problem,
     host_name_problem,
-    is_loopback_host,
     key_name_problem,
     load,
     normalize_host,
+    parse_address,
     parse_time,
 )
 from .dev import DEFAULT_DIR as DEV_DIR
@@ -183,7 +184,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--admin",
-        type=_admin_url_argument,
+        type=_listen_address_argument,
         default=None,
         metavar="HOST:PORT",
         help="the admin listener's address instead of the config's [admin] address (one per"
@@ -451,6 +452,13 @@ def _host_argument(text: str) -> str:
     return normalize_host(text)
 
 
+def _listen_address_argument(text: str) -> ListenAddress:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _admin_url_argument(text: str) -> tuple[str, int]:
     try:
         return admin.parse_url(text)
@@ -478,14 +486,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = load(args.config)
     admin_address = config.admin.address
     if args.admin is not None:
-        host, port = args.admin
-        if not is_loopback_host(host) and not config.admin.allow_non_loopback:
-            raise CommandError(
-                f"--admin {host}:{port}: the admin listener listens on loopback unless the"
-                " config says admin.allow_non_loopback = true",
-                EXIT_USAGE,
-            )
-        admin_address = ListenAddress(host, port)
+        admin_address = args.admin
+        allow = config.admin.allow_non_loopback
+        if (problem := admin_address_problem(admin_address, allow_non_loopback=allow)) is not None:
+            raise CommandError(f"--admin: {problem}", EXIT_USAGE)
     missing = [key for key in config.acme_keys() if not key.chain.exists()]
     if missing:
         # Obtained before serving: the key store serves only keys that have a chain.

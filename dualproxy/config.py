@@ -602,7 +602,7 @@ def _parse_listen(table: _Table | None) -> ListenConfig:
     addresses = []
     for text in texts:
         try:
-            addresses.append(_parse_address(text))
+            addresses.append(parse_address(text))
         except ValueError as exc:
             raise ConfigError(table.path("address"), str(exc)) from None
     if len(set(addresses)) != len(addresses):
@@ -612,7 +612,7 @@ def _parse_listen(table: _Table | None) -> ListenConfig:
     return ListenConfig(addresses=tuple(addresses), reuse_port=reuse_port)
 
 
-def _parse_address(text: str) -> ListenAddress:
+def parse_address(text: str) -> ListenAddress:
     """ "127.0.0.1:8443", "[::1]:8443", "localhost:8443", ":8443" (every interface)."""
     host, sep, port_text = text.rpartition(":")
     # isdigit() alone admits non-ASCII digits ("²", Arabic-Indic) that int() rejects or reads.
@@ -732,7 +732,7 @@ def _parse_acme(table: _Table, base_dir: Path, check_files: bool) -> AcmeConfig:
     http_listen = None
     if (http_text := table.string("http_listen")) is not None:
         try:
-            http_listen = _parse_address(http_text)
+            http_listen = parse_address(http_text)
         except ValueError as exc:
             raise ConfigError(table.path("http_listen"), str(exc)) from None
     if challenge == "http-01" and http_listen is None:
@@ -1040,21 +1040,28 @@ def _parse_admin(table: _Table | None) -> AdminConfig:
     address = AdminConfig().address
     if text is not None:
         try:
-            address = _parse_address(text)
+            address = parse_address(text)
         except ValueError as exc:
             raise ConfigError(table.path("address"), str(exc)) from None
     table.done()
     if not enabled:
         return AdminConfig(address=None, allow_non_loopback=allow)
     assert address is not None
-    if not allow and not is_loopback_host(address.host):
-        raise ConfigError(
-            table.path("address"),
-            f"{address} is not a loopback address; the admin listener shows which clients get"
-            " which key and takes the canary resume, so it listens on 127.0.0.1 or [::1] unless"
-            " admin.allow_non_loopback = true (then firewall it)",
-        )
+    if (problem := admin_address_problem(address, allow_non_loopback=allow)) is not None:
+        raise ConfigError(table.path("address"), problem)
     return AdminConfig(address=address, allow_non_loopback=allow)
+
+
+def admin_address_problem(address: ListenAddress, *, allow_non_loopback: bool) -> str | None:
+    """Why the admin listener may not listen at `address`, or None: the config's address and
+    `serve --admin` alike."""
+    if allow_non_loopback or is_loopback_host(address.host):
+        return None
+    return (
+        f"{address} is not a loopback address; the admin listener shows which clients get"
+        " which key and takes the canary resume, so it listens on 127.0.0.1 or [::1] unless"
+        " admin.allow_non_loopback = true (then firewall it)"
+    )
 
 
 def is_loopback_host(host: str) -> bool:

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from upstream_server import UpstreamServer, serve_upstream
 
-from dualproxy import cli, config, pins
+from dualproxy import admin, cli, config, pins
 from dualproxy.dev import issue_certificate
 from dualproxy.policy import canary_bucket
 
@@ -654,7 +654,9 @@ def test_serve_json_logs_and_its_admin_listener_answer_status(
     example: Example, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`serve --log-format json` writes one JSON object per line, the connection's fields
-    included; `dualproxy status` reads the running server's admin listener."""
+    included; `dualproxy status` reads the running server's admin listener, which only the
+    --admin override starts (the config's is off)."""
+    example.edit("[admin]\n", "[admin]\nenabled = false\n")
     script = Path(sys.executable).parent / "dualproxy"
     process = subprocess.Popen(
         [str(script), "serve", "-c", str(example.config_file), "--log-format", "json",
@@ -667,12 +669,13 @@ def test_serve_json_logs_and_its_admin_listener_answer_status(
         if not re.search(rb"listening on .*\n", started):  # the rest of that line
             started += read_until(process.stderr, b"\n", timeout=SUBPROCESS_TIMEOUT)
         port = re.search(rb"listening on 127\.0\.0\.1:(\d+)", started)
-        admin = re.search(rb"admin listener on (http://127\.0\.0\.1:\d+)/", started)
+        listener = re.search(rb"admin listener on (http://127\.0\.0\.1:(\d+))/", started)
         assert port is not None, started
-        assert admin is not None, started
+        assert listener is not None, started
+        assert int(listener.group(2)) not in (0, 80, 9901), started  # a free port, as asked
         answer = tls_get("127.0.0.1", int(port.group(1)), cafile=example.cafile)
         assert answer.response.startswith(b"HTTP/1.1 200 ")
-        code = cli.main(["status", "--admin", admin.group(1).decode()])
+        code = cli.main(["status", "--admin", listener.group(1).decode()])
         process.send_signal(signal.SIGTERM)
         _, rest = process.communicate(timeout=SUBPROCESS_TIMEOUT)
     finally:
@@ -695,6 +698,19 @@ def test_serve_json_logs_and_its_admin_listener_answer_status(
 
 def answer_key(example: Example, pin: str) -> str:
     return "k2026a" if pin == example.old.pin else "k2026b"
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("http://127.0.0.1:9901", ("127.0.0.1", 9901)),
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+        ("http://[::1]:9901/", ("::1", 9901)),
+        ("http://localhost", ("localhost", 80)),
+    ],
+)
+def test_admin_urls(text: str, address: tuple[str, int]) -> None:
+    assert admin.parse_url(text) == address
 
 
 def test_serve_admin_override_stays_on_loopback(
