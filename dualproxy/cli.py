@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 
 from . import (
     admin,
+    challenges,
     checks,
     dev,
     devcerts,
@@ -558,8 +559,7 @@ def _admin_address(args: argparse.Namespace) -> tuple[str, int]:
             " or pass --admin URL"
         )
     # A listener on every interface (admin.allow_non_loopback) answers on loopback too.
-    wildcard = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104
-    return wildcard.get(listen.host, listen.host), listen.port
+    return challenges.probe_address(listen)
 
 
 def _setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
@@ -570,11 +570,8 @@ def _setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     logging.logMultiprocessing = False
     logging._srcfile = None  # no caller's file and line: saves a stack walk per line
     stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(TextFormatter())
+    stderr.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     logging.basicConfig(level=level, handlers=[stderr])  # no-op when logging is set up already
-    if log_format == "json":
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(JsonFormatter())
 
 
 def _run_until_interrupted(body: Callable[[], Awaitable[None]]) -> int:
@@ -947,8 +944,7 @@ def _cmd_manifest_verify(args: argparse.Namespace) -> int:
         print(f"  {pin.key:<16} {pin.role:<9} sha256/{pin.pin}")
     if args.config is None:
         return EXIT_OK
-    config = load(args.config)
-    snapshot = keystore.load_snapshot(config)
+    config, snapshot = _load(args)
     listed = verified.pin_values()
     missing = [
         name

@@ -41,6 +41,7 @@ import h11
 import trio
 
 from .config import is_loopback_host
+from .files import write_atomically
 from .streams import receive_h11_request
 
 __all__ = [
@@ -138,9 +139,7 @@ def format_address(host: str, port: int) -> str:
 def write_address_file(path: Path, host: str, port: int) -> str:
     """Tell `dualproxy dev switch` where the running bench listens; returns what was written."""
     text = format_address(host, port) + "\n"
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="ascii")
-    partial.replace(path)
+    write_atomically(path, text.encode("ascii"))
     return text
 
 
