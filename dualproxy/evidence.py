@@ -64,6 +64,7 @@ __all__ = [
     "Sample",
     "Status",
     "Window",
+    "percent",
     "should_halt",
 ]
 
@@ -254,8 +255,8 @@ class CanaryJudge:
         self.halts += 1
         canary, control = self.canary, self.control
         self.why = (
-            f"new key pin-failure share {_percent(canary.share)} over {canary.handshakes} canary"
-            f" handshakes vs old key {_percent(control.share)} over {control.handshakes}"
+            f"new key pin-failure share {percent(canary.share)} over {canary.handshakes} canary"
+            f" handshakes vs old key {percent(control.share)} over {control.handshakes}"
             f" (margin {rotation.canary_halt_margin * 100:g} points)"
         )
         log.error(
@@ -293,6 +294,17 @@ class Row:
     pin_failure: bool
     connections: int
     requests: int
+
+    @property
+    def sample(self) -> Sample:
+        """These connections as handshake evidence: aborted after our certificate, or
+        completed (a pin failure too when nothing followed); neither otherwise."""
+        if self.outcome == CLIENT_ABORTED:
+            return Sample(aborted=self.connections)
+        if self.completed:
+            quiet = self.connections if self.pin_failure else 0
+            return Sample(completed=self.connections, no_request=quiet)
+        return Sample()
 
 
 @dataclass(frozen=True, slots=True)
@@ -602,18 +614,8 @@ class Evidence:
 
 
 def _total(rows: Sequence[Row], key: str) -> tuple[Sample, int]:
-    completed = aborted = quiet = requests = 0
-    for row in rows:
-        if row.key != key:
-            continue
-        requests += row.requests
-        if row.outcome == CLIENT_ABORTED:
-            aborted += row.connections
-        elif row.completed:
-            completed += row.connections
-            if row.pin_failure:
-                quiet += row.connections
-    return Sample(completed, aborted, quiet), requests
+    mine = [row for row in rows if row.key == key]
+    return sum((row.sample for row in mine), Sample()), sum(row.requests for row in mine)
 
 
 def _classes(statuses: Sequence[int]) -> dict[str, int]:
@@ -621,7 +623,8 @@ def _classes(statuses: Sequence[int]) -> dict[str, int]:
     return {f"{index}xx": count for index, count in enumerate(statuses) if count}
 
 
-def _percent(share: float | None) -> str:
+def percent(share: float | None) -> str:
+    """A pin-failure share as people read it: "12.5%", "-" without handshakes."""
     return "-" if share is None else f"{share * 100:.1f}%"
 
 

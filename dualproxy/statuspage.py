@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from .evidence import CLIENT_ABORTED, NONE_LABEL, KeyStatus, Row, Sample, Status
+from .evidence import NONE_LABEL, KeyStatus, Row, Sample, Status, percent
 
 __all__ = ["render_html", "render_text"]
 
@@ -85,8 +85,8 @@ def render_text(status: Status) -> str:
         total, last = key.total, key.last_24h
         lines.append(
             f"{key.facts.name:<16} {key.facts.role:<8} {last.handshakes:>8}"
-            f" {last.pin_failures:>8} {_percent(last.share):>9} {total.handshakes:>10}"
-            f" {total.aborted:>8} {total.no_request:>8} {_percent(total.share):>7}"
+            f" {last.pin_failures:>8} {percent(last.share):>9} {total.handshakes:>10}"
+            f" {total.aborted:>8} {total.no_request:>8} {percent(total.share):>7}"
             f" {key.requests:>9}  {_day(key.facts.not_after)} ({_left(key, status.now)})"
         )
     lines.append("")
@@ -165,7 +165,7 @@ def render_html(status: Status) -> str:
     days = "".join(_day_chart(key, status) for key in status.keys)
     rows = "".join(
         f"<tr><td>{_e(k)}</td><td>{_e(r)}</td><td>{s.handshakes}</td><td>{s.aborted}</td>"
-        f"<td>{s.no_request}</td><td>{_e(_percent(s.share))}</td><td>{requests}</td></tr>"
+        f"<td>{s.no_request}</td><td>{_e(percent(s.share))}</td><td>{requests}</td></tr>"
         for (k, r), s, requests in _by_reason(status.rows)
     )
     responses = " · ".join(f"{_e(k)} {v}" for k, v in sorted(status.responses.items()))
@@ -261,12 +261,12 @@ def _card(key: KeyStatus, status: Status) -> str:
         f'<article class="card" style="--role: {_colour(facts.role)}">'
         f'<h3>{_e(facts.name)} <span class="role">{_e(facts.role)}</span></h3>'
         f'<div class="muted">pin-failure share, last 24 h</div>'
-        f'<div class="big {quality}">{_e(_percent(share))}</div>'
+        f'<div class="big {quality}">{_e(percent(share))}</div>'
         f'<div class="muted">{last.pin_failures} of {last.handshakes} handshakes</div>'
         "<dl>"
         f"<dt>since start</dt><dd>{_count(total.handshakes, 'handshake')} ·"
         f" {total.aborted} aborted · {total.no_request} without a request ·"
-        f" {_e(_percent(total.share))}</dd>"
+        f" {_e(percent(total.share))}</dd>"
         f"<dt>requests</dt><dd>{key.requests}</dd>"
         f"<dt>valid</dt><dd>{_e(_day(facts.not_before))} to {_e(_day(facts.not_after))}"
         f" ({_e(_left(key, status.now))})</dd>"
@@ -395,7 +395,7 @@ def _day_chart(key: KeyStatus, status: Status) -> str:
     return (
         f'<figure class="panel day"><h3>{_e(key.facts.name)} ({_e(key.facts.role)}):'
         f" {_count(last.handshakes, 'handshake')},"
-        f" {_count(last.pin_failures, 'pin failure')}, share {_e(_percent(last.share))}</h3>"
+        f" {_count(last.pin_failures, 'pin failure')}, share {_e(percent(last.share))}</h3>"
         f"{''.join(parts)}</figure>"
     )
 
@@ -463,13 +463,7 @@ def _by_reason(rows: Sequence[Row]) -> list[tuple[tuple[str, str], Sample, int]]
             continue
         pair = (row.key, row.reason)
         requests[pair] += row.requests
-        if row.outcome == CLIENT_ABORTED:
-            samples[pair] += Sample(aborted=row.connections)
-        elif row.completed:
-            quiet = row.connections if row.pin_failure else 0
-            samples[pair] += Sample(completed=row.connections, no_request=quiet)
-        else:
-            samples[pair] += Sample()
+        samples[pair] += row.sample
     return [(pair, samples[pair], requests[pair]) for pair in sorted(samples)]
 
 
@@ -501,7 +495,7 @@ def _phase_text(status: Status) -> str:
 def _sample_text(sample: Sample) -> str:
     return (
         f"{_count(sample.handshakes, 'handshake')}, {_count(sample.pin_failures, 'pin failure')}"
-        f" ({_percent(sample.share)})"
+        f" ({percent(sample.share)})"
     )
 
 
@@ -511,10 +505,6 @@ def _count(number: int, noun: str) -> str:
 
 def _colour(role: str) -> str:
     return _ROLE_COLOURS.get(role, _OTHER_COLOUR)
-
-
-def _percent(share: float | None) -> str:
-    return "-" if share is None else f"{share * 100:.1f}%"
 
 
 def _when(moment: datetime | None) -> str:
