@@ -207,7 +207,10 @@ class LocalEndpoints:
         self.manifest_problem = manifest_problem
 
     def find(self, target: bytes) -> Endpoint | None:
-        """The endpoint for a request target (its query ignored), or None: relay it."""
+        """The endpoint for a request target (its query ignored), or None: relay it. A target
+        without the endpoints' common prefix, as nearly every relayed one, costs a startswith."""
+        if not target.startswith(self.prefix):
+            return None
         return self._by_path.get(target.partition(b"?")[0])
 
     def report_summary(

@@ -517,13 +517,8 @@ class ClientConnection:
                         )
                     settings = current
                     self._limits = settings.limits
-                    # One startswith for every request that is not for a local endpoint.
                     local = settings.local
-                    if (
-                        local is not None
-                        and head.target.startswith(local.prefix)
-                        and (endpoint := local.find(head.target)) is not None
-                    ):
+                    if local is not None and (endpoint := local.find(head.target)) is not None:
                         await self._answer_locally(endpoint, head, settings.limits)
                     else:
                         await self._exchange(head, settings)
