@@ -289,6 +289,15 @@ def test_the_payload_lists_what_an_app_should_trust() -> None:
         manifest.build_payload(keys, None, issued_at=NOW, valid_for=timedelta(days=365))
 
 
+def test_a_pin_two_listed_keys_share_is_listed_once_under_the_first() -> None:
+    """The same key material under two names (a key file configured twice) is one pin."""
+    keys = [pinned("k2026b", "current", PIN_B), pinned("k2026b-copy", "standby", PIN_B)]
+    payload = manifest.build_payload(keys, None, issued_at=NOW, valid_for=timedelta(days=1))
+    assert [(p["key"], p["pin"]) for p in payload["pins"]] == [  # type: ignore[attr-defined]
+        ("k2026b", PIN_B)
+    ]
+
+
 def test_durations_and_expiry_status() -> None:
     assert manifest.parse_duration("7d") == timedelta(days=7)
     assert manifest.parse_duration("36h") == timedelta(hours=36)
@@ -554,7 +563,7 @@ async def test_serve_reloads_a_re_signed_manifest_and_warns_before_expiry(
     signing = ed25519.Ed25519PrivateKey.generate()
     file = tmp_path / "pins.jws"
     # Signed a day ago for 36 hours: within the two-day warning.
-    _write_manifest(
+    old = _write_manifest(
         file,
         signing,
         issued_at=datetime.now(UTC) - timedelta(days=1),
@@ -586,7 +595,8 @@ async def test_serve_reloads_a_re_signed_manifest_and_warns_before_expiry(
                 break
             await trio.sleep(0.1)
         assert (await served()).decode().strip() == fresh
-    assert first.body != (fresh + "\n").encode()
+    assert first.body.decode().strip() == old  # the first file's, until it changed
+    assert old != fresh
     assert upstream.requests == []
 
 
