@@ -49,6 +49,7 @@ __all__ = [
     "Reason",
     "canary_bucket",
     "choose",
+    "client_id",
     "phase",
     "pin_role",
     "sni_matches",
@@ -163,11 +164,16 @@ def canary_bucket(peer: IPAddress) -> float:
     # Not hash(): it is salted per process. A mapped IPv4 client is bucketed as itself.
     # An IPv6 client is bucketed by its /64: phones rotate temporary addresses within their
     # prefix (RFC 8981) every day or so, and must not hop between keys when they do.
-    address = _unmapped(peer)
-    key = address.packed if address.version == 4 else address.packed[:_IPV6_CLIENT_PREFIX_BYTES]
-    digest = hashlib.sha256(key).digest()
+    digest = hashlib.sha256(client_id(peer)).digest()
     bits = int.from_bytes(digest[:_HASH_BYTES], "big") >> (_HASH_BYTES * 8 - _BUCKET_BITS)
     return bits * 100 / (1 << _BUCKET_BITS)
+
+
+def client_id(peer: IPAddress) -> bytes:
+    """One client, as the canary buckets it and the report receiver rate-limits it: an IPv4
+    address (a mapped one as itself), or an IPv6 /64."""
+    address = _unmapped(peer)
+    return address.packed if address.version == 4 else address.packed[:_IPV6_CLIENT_PREFIX_BYTES]
 
 
 def pin_role(rotation: Rotation | None, key_name: str, now: datetime) -> PinRole:

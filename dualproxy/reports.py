@@ -47,6 +47,7 @@ from typing import Final, Literal, TypedDict
 
 from .config import format_time, parse_time
 from .pins import is_pin
+from .policy import client_id
 
 ReportKind = Literal["trustkit", "rfc7469"]
 
@@ -63,8 +64,6 @@ MAX_PEM: Final = 16 * 1024  # one PEM certificate: an RSA-4096 leaf is about 2.5
 # Addresses the rate limiter remembers; beyond it the least recently seen are forgotten
 # (each costs about 200 bytes, so this bounds it to a few MiB).
 MAX_TRACKED_CLIENTS: Final = 10_000
-# One IPv6 client is one /64 (as in policy.canary_bucket): a phone picks addresses inside it.
-_IPV6_CLIENT_PREFIX: Final = 64
 
 _PIN_ENTRY: Final = re.compile(r'pin-sha256="([A-Za-z0-9+/]{43}=)"')
 _PEM_CERTIFICATE: Final = re.compile(
@@ -277,14 +276,9 @@ class _Fields:
 
 
 def client_key(peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> Hashable:
-    """Who a report counts against for the rate limit: an IPv4 address, an IPv6 /64."""
-    if peer is None:
-        return None
-    if isinstance(peer, ipaddress.IPv6Address):
-        if peer.ipv4_mapped is not None:
-            return peer.ipv4_mapped
-        return ipaddress.IPv6Network((peer, _IPV6_CLIENT_PREFIX), strict=False)
-    return peer
+    """Who a report counts against for the rate limit: one client as policy.client_id has it
+    (an IPv4 address, an IPv6 /64)."""
+    return None if peer is None else client_id(peer)
 
 
 class RateLimiter:
