@@ -15,6 +15,7 @@ from dualproxy.config import IdentityName, Rotation
 from dualproxy.evidence import (
     BUCKET_SECONDS,
     SERIES_BUCKETS,
+    CanaryJudge,
     Evidence,
     KeyFacts,
     Sample,
@@ -185,10 +186,30 @@ def test_series_start_is_the_oldest_bucket_boundary() -> None:
             True,
             id="new-fails-more",
         ),
+        pytest.param(
+            Sample(completed=176, aborted=24),
+            Sample(completed=90, aborted=10),
+            False,
+            id="old-aborts-as-much",
+        ),
     ],
 )
 def test_the_halt_rule(canary: Sample, control: Sample, halts: bool) -> None:
+    """The rule on its samples, and as the server applies it: one handshake at a time
+    through CanaryJudge.observe (the old key's first, then the canary's)."""
     assert should_halt(canary, control, min_sample=200, margin=0.05) is halts
+    rotation = grace_window(canary_percent=10.0, canary_min_sample=200, canary_halt_margin=0.05)
+    judge = CanaryJudge(clock=lambda: T0)
+    for reason, sample in ((Reason.DEFAULT, control), (Reason.CANARY, canary)):
+        for aborted, quiet, count in (
+            (False, False, sample.completed - sample.no_request),
+            (False, True, sample.no_request),
+            (True, False, sample.aborted),
+        ):
+            for _ in range(count):
+                judge.observe(reason.value, aborted, quiet, rotation)
+    assert (judge.canary, judge.control) == (canary, control)
+    assert judge.halted is halts
 
 
 def test_the_canary_halts_under_a_burst_and_stays_halted_until_resumed(
