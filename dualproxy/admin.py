@@ -32,14 +32,13 @@ import trio
 from . import metrics, policy, statuspage
 from .config import ListenAddress
 from .devcontrol import (
-    ADMIN_MAX_HEAD_BYTES,
-    ADMIN_REQUEST_TIMEOUT,
+    Answer,
     Refused,
+    answer_one_request,
     peer_is_loopback,
-    receive_request,
     refuse_web_pages,
-    send_answer,
 )
+from .devcontrol import open_socket as devcontrol_socket
 from .evidence import KeyFacts, Status
 
 if TYPE_CHECKING:
@@ -110,9 +109,8 @@ def status_of(server: Server) -> Status:
 def open_socket(address: ListenAddress) -> socket.socket:
     """The listening socket, bound before the event loop starts (a port in use is reported
     first). Raises OSError naming the setting."""
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     try:
-        return socket.create_server((address.host, address.port), family=family)
+        return devcontrol_socket(address.host, address.port)
     except OSError as exc:
         raise OSError(
             exc.errno,
@@ -156,32 +154,15 @@ async def _handle(
     from_loopback: bool,
     on_loopback: bool,
 ) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=ADMIN_MAX_HEAD_BYTES)
-    try:
-        request: tuple[h11.Request, bytes] | None = None
-        with trio.move_on_after(ADMIN_REQUEST_TIMEOUT):
-            request = await receive_request(stream, conn, max_body=MAX_BODY_BYTES)
-        if request is None:
-            return
-        _check_asker(request[0], on_loopback=on_loopback, from_loopback=from_loopback)
-        status, content_type, body, extra = _answer(request[0], server, scrape)
-        await send_answer(stream, conn, status, body, content_type, extra)
-    except Refused as refused:
-        body = json.dumps({"error": refused.message}, indent=2).encode() + b"\n"
-        await send_answer(stream, conn, refused.status, body, b"application/json")
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the client left
-    except Exception:
-        # Our bug: it costs this request, not the proxy (serve_listeners would end with it).
-        log.exception("admin listener: internal error")
-        body = b'{"error": "internal error: see the log"}\n'
-        await send_answer(stream, conn, 500, body, b"application/json")
-    finally:
-        with trio.move_on_after(ADMIN_REQUEST_TIMEOUT):
-            await stream.aclose()
+    async def respond(request: h11.Request, _body: bytes) -> Answer:
+        _check_asker(request, on_loopback=on_loopback, from_loopback=from_loopback)
+        return _answer(request, server, scrape)
+
+    await answer_one_request(
+        stream, max_body=MAX_BODY_BYTES, respond=respond, what="admin listener"
+    )
 
 
-_Answer = tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]
 _GET_PATHS: Final = (b"/", b"/status.json", b"/status.txt", b"/metrics")
 
 
@@ -198,18 +179,18 @@ def _check_asker(request: h11.Request, *, on_loopback: bool, from_loopback: bool
         raise Refused(403, "refused a request from a web page (Origin)")
 
 
-def _answer(request: h11.Request, server: Server, scrape: Callable[[], bytes]) -> _Answer:
+def _answer(request: h11.Request, server: Server, scrape: Callable[[], bytes]) -> Answer:
     target = request.target.split(b"?", 1)[0]
     if target == b"/canary/resume":
         if request.method != b"POST":
-            raise Refused(405, "method not allowed: POST /canary/resume")
+            raise Refused(405, "method not allowed: POST /canary/resume", [(b"allow", b"POST")])
         return _resume(server)
     if target not in _GET_PATHS:
         raise Refused(
             404, "not found: GET /, /status.json, /status.txt, /metrics; POST /canary/resume"
         )
     if request.method != b"GET":
-        raise Refused(405, "method not allowed: GET")
+        raise Refused(405, "method not allowed: GET", [(b"allow", b"GET")])
     if target == b"/metrics":
         return 200, metrics.CONTENT_TYPE.encode(), scrape(), []
     status = status_of(server)
@@ -224,7 +205,7 @@ def _answer(request: h11.Request, server: Server, scrape: Callable[[], bytes]) -
     return 200, b"text/html; charset=utf-8", page, [(b"content-security-policy", csp)]
 
 
-def _resume(server: Server) -> _Answer:
+def _resume(server: Server) -> Answer:
     judge = server.evidence.canary
     resumed = judge.resume()
     text = (

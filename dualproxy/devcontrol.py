@@ -21,7 +21,7 @@ The running bench writes its address to `admin-address` in its folder, which is 
 `dualproxy dev switch` looks for it, and removes it when it stops.
 
 The serve command's admin listener (`admin.py`) is built from the same parts: `Refused`,
-`receive_request`, `refuse_web_pages`, `peer_is_loopback` and `send_answer`.
+`answer_one_request`, `refuse_web_pages` and `peer_is_loopback`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import ipaddress
 import json
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from pathlib import Path
 from typing import Final, Protocol
@@ -51,6 +51,7 @@ __all__ = [
     "Refused",
     "SwitchError",
     "Switchboard",
+    "answer_one_request",
     "format_address",
     "get_scenario",
     "handle",
@@ -202,24 +203,50 @@ async def serve(
 
 async def handle(stream: trio.abc.Stream, board: Switchboard) -> None:
     """Answer the one request on `stream` (from a loopback peer), then close it."""
+
+    async def respond(request: h11.Request, body: bytes) -> Answer:
+        refuse_web_pages(request, "switch with `dualproxy dev switch SCENARIO`")
+        status, answer = await _answer(request, body, board)
+        return status, _JSON, json.dumps(answer, indent=2).encode() + b"\n", []
+
+    await answer_one_request(
+        stream, max_body=ADMIN_MAX_BODY_BYTES, respond=respond, what="admin endpoint"
+    )
+
+
+# An answer: status, content type, body, and headers besides those send_answer writes.
+Answer = tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]
+_JSON: Final = b"application/json"
+
+
+async def answer_one_request(
+    stream: trio.abc.Stream,
+    *,
+    max_body: int,
+    respond: Callable[[h11.Request, bytes], Awaitable[Answer]],
+    what: str,
+) -> None:
+    """Read the one request on `stream` (bounded in size and time), send what `respond` makes
+    of it, then close: a Refused as its status and {"error": why}, our own bug as a 500 (it
+    costs this request, not the server: serve_listeners would end with it)."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=ADMIN_MAX_HEAD_BYTES)
     try:
         request: tuple[h11.Request, bytes] | None = None
         with trio.move_on_after(ADMIN_REQUEST_TIMEOUT):
-            request = await receive_request(stream, conn, max_body=ADMIN_MAX_BODY_BYTES)
+            request = await receive_request(stream, conn, max_body=max_body)
         if request is None:
             return
-        refuse_web_pages(request[0], "switch with `dualproxy dev switch SCENARIO`")
-        status, answer = await _answer(*request, board)
-        await _send(stream, conn, status, answer)
+        status, content_type, body, extra = await respond(*request)
+        await send_answer(stream, conn, status, body, content_type, extra)
     except Refused as refused:
-        await _send(stream, conn, refused.status, {"error": refused.message})
+        body = json.dumps({"error": refused.message}, indent=2).encode() + b"\n"
+        await send_answer(stream, conn, refused.status, body, _JSON, refused.headers)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the client left
     except Exception:
-        # Our bug: it costs this request, not the bench (serve_listeners would end with it).
-        log.exception("admin endpoint: internal error")
-        await _send(stream, conn, 500, {"error": "internal error: see the bench's log"})
+        log.exception("%s: internal error", what)
+        body = b'{"error": "internal error: see the log"}\n'
+        await send_answer(stream, conn, 500, body, _JSON)
     finally:
         with trio.move_on_after(ADMIN_REQUEST_TIMEOUT):
             await stream.aclose()
@@ -228,10 +255,13 @@ async def handle(stream: trio.abc.Stream, board: Switchboard) -> None:
 class Refused(Exception):
     """The request is not answered as asked: its status and why (the client's fault)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self, status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers  # e.g. a 405's Allow
 
 
 def peer_is_loopback(stream: trio.SocketStream) -> bool:
@@ -303,7 +333,11 @@ async def _answer(
     if request.method == b"GET":
         return 200, {"scenario": board.scenario, "scenarios": list(board.scenarios)}
     if request.method != b"PUT":
-        raise Refused(405, "method not allowed: GET /scenario, or PUT /scenario with a name")
+        raise Refused(
+            405,
+            "method not allowed: GET /scenario, or PUT /scenario with a name",
+            [(b"allow", b"GET, PUT")],
+        )
     name = body.decode("utf-8", "replace").strip()
     previous = board.scenario
     try:
@@ -312,14 +346,6 @@ async def _answer(
         status = 400 if name not in board.scenarios else 500
         raise Refused(status, str(exc)) from None
     return 200, {"scenario": name, "previous": previous, "text": text}
-
-
-async def _send(
-    stream: trio.abc.Stream, conn: h11.Connection, status: int, answer: dict[str, object]
-) -> None:
-    body = json.dumps(answer, indent=2).encode() + b"\n"
-    extra = [(b"allow", b"GET, PUT")] if status == 405 else []
-    await send_answer(stream, conn, status, body, b"application/json", extra)
 
 
 async def send_answer(

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import h11
 import pytest
@@ -410,6 +410,19 @@ def test_who_may_ask_what(
         assert caught.value.status == 403
     else:
         check()
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "allow"), [("PUT", "/metrics", b"GET"), ("GET", "/canary/resume", b"POST")]
+)
+def test_a_wrong_method_is_answered_with_what_is_allowed(
+    method: str, target: str, allow: bytes
+) -> None:
+    request = h11.Request(method=method, target=target, headers=[("host", "localhost")])
+    with pytest.raises(Refused) as caught:  # refused before the server is looked at
+        admin._answer(request, cast(Server, None), lambda: b"")
+    assert caught.value.status == 405
+    assert list(caught.value.headers) == [(b"allow", allow)]
 
 
 def raw_request(address: tuple[str, int], method: str, path: str, headers: dict[str, str]) -> int:
