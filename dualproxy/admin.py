@@ -78,21 +78,11 @@ def status_of(server: Server) -> Status:
     config, snapshot = server.config, server.snapshot
     rotation = config.rotation
     now = server.now()
+    identities = config.identities()  # "single", or "old" and "new"; a key in none: standby
     keys = []
-    order = list(rotation.old + rotation.new) if rotation is not None else []
-    order += [name for name in snapshot.keys if name not in order]
-    for name in order:
-        key = snapshot.keys.get(name)
-        if key is None:
-            continue
-        if rotation is None:
-            role = "single"
-        elif name in rotation.old:
-            role = "old"
-        elif name in rotation.new:
-            role = "new"
-        else:
-            role = "standby"
+    for name in config.key_order():
+        key = snapshot.keys[name]  # the snapshot holds every configured key
+        role = next((ident for ident, names in identities.items() if name in names), "standby")
         keys.append(KeyFacts(name, role, key.pin, key.algorithm, key.not_before, key.not_after))
     return server.evidence.status(
         now=now,

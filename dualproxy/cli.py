@@ -826,8 +826,6 @@ def _explain(config: Config, choice: policy.Choice, args: argparse.Namespace, at
 def _pinned_keys(config: Config, snapshot: KeySnapshot, at: datetime) -> list[pins.PinnedKey]:
     """Every configured key with its role at `at`: the rotation's old, then new, then the rest.
     ValueError for a certificate name no pin format can carry."""
-    order = list(config.rotation.old + config.rotation.new) if config.rotation else []
-    order += [name for name in config.keys if name not in order]
     return [
         pins.PinnedKey(
             name=name,
@@ -838,7 +836,7 @@ def _pinned_keys(config: Config, snapshot: KeySnapshot, at: datetime) -> list[pi
             hostnames=tuple(n for n in key.names if not dev.is_ip(n)),
             not_after=key.not_after,
         )
-        for name in order
+        for name in config.key_order()
         for key in [snapshot.keys[name]]
     ]
 

@@ -349,6 +349,12 @@ class Config:
             return {"single": tuple(self.keys)}
         return {"old": self.rotation.old, "new": self.rotation.new}
 
+    def key_order(self) -> tuple[str, ...]:
+        """Every key's name as listings show them: the rotation's old keys, then its new ones,
+        then the rest (standby keys), each in config order."""
+        first = self.rotation.old + self.rotation.new if self.rotation is not None else ()
+        return (*first, *(name for name in self.keys if name not in first))
+
     def watched_files(self) -> tuple[Path, ...]:
         """Files whose change triggers a reload."""
         files = [self.path] if self.path is not None else []
