@@ -364,10 +364,7 @@ class Status:
     rotation: Rotation | None
     keys: tuple[KeyStatus, ...]
     rows: tuple[Row, ...]
-    responses: Mapping[str, int]  # "2xx": count, over every key
-    latency_counts: tuple[int, ...]  # per LATENCY_BOUNDS bucket, then above the last
-    latency_sum: float
-    response_rows: tuple[ResponseRow, ...]  # the same by key and reason
+    response_rows: tuple[ResponseRow, ...]  # responses and upstream latency, per key and reason
     active_connections: int
     reloads_ok: int
     reloads_failed: int
@@ -376,6 +373,27 @@ class Status:
     series_start: datetime  # the start of the oldest bucket in the series
     # What apps reported about failed pins ([reports]; reports.ReportSummary), None without.
     pin_reports: ReportSummary | None = None
+
+    @property
+    def responses(self) -> dict[str, int]:
+        """ "2xx": count, over every key."""
+        total: dict[str, int] = {}
+        for row in self.response_rows:
+            for code_class, count in row.responses.items():
+                total[code_class] = total.get(code_class, 0) + count
+        return total
+
+    @property
+    def latency_counts(self) -> tuple[int, ...]:
+        """Upstream latencies per LATENCY_BOUNDS bucket, then above the last, over every key."""
+        counts = [0] * (len(LATENCY_BOUNDS) + 1)
+        for row in self.response_rows:
+            counts = [a + b for a, b in zip(counts, row.latency_counts, strict=True)]
+        return tuple(counts)
+
+    @property
+    def latency_sum(self) -> float:
+        return sum(row.latency_sum for row in self.response_rows)
 
     def to_json(self) -> dict[str, object]:
         """The /status.json document (schema 1; see the README)."""
@@ -558,12 +576,6 @@ class Evidence:
             for (key, reason), counters in sorted(self._request_counters.items())
             if any(counters.statuses)
         )
-        classes = [0] * _STATUS_CLASSES
-        latency = [0] * (len(LATENCY_BOUNDS) + 1)
-        for counters in self._request_counters.values():
-            classes = [a + b for a, b in zip(classes, counters.statuses, strict=True)]
-            latency = [a + b for a, b in zip(latency, counters.latency, strict=True)]
-        responses = _classes(classes)
         canary = None
         if (rotation is not None and rotation.canary_percent > 0) or self.canary.halts:
             judge = self.canary
@@ -585,9 +597,6 @@ class Evidence:
             rotation=rotation,
             keys=tuple(statuses),
             rows=rows,
-            responses=responses,
-            latency_counts=tuple(latency),
-            latency_sum=sum(row.latency_sum for row in response_rows),
             response_rows=response_rows,
             active_connections=active_connections,
             reloads_ok=reloads_ok,
