@@ -12,6 +12,7 @@ Labels: `key` is a [keys.NAME] name ("-" for connections that ended before a key
 
 from __future__ import annotations
 
+import typing
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Final
@@ -26,11 +27,14 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .evidence import CLIENT_ABORTED, LATENCY_BOUNDS, NONE_LABEL, Sample, Status
+from .policy import Phase
 
 __all__ = ["CONTENT_TYPE", "EvidenceCollector", "exposition", "families", "registry_for"]
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
-_PHASES: Final = ("single", "before", "during", "after")
+_PHASES: Final = typing.get_args(Phase)
+# The histogram's bucket labels: LATENCY_BOUNDS as Prometheus writes them, then +Inf.
+_LATENCY_LABELS: Final = (*(repr(bound) for bound in LATENCY_BOUNDS), "+Inf")
 
 
 class EvidenceCollector(Collector):
@@ -145,10 +149,9 @@ def families(status: Status) -> list[Metric]:
             responses.add_metric([*key_reason, code_class], count)
         cumulative: list[tuple[str, float]] = []
         running = 0
-        bounds = (*LATENCY_BOUNDS, float("inf"))
-        for bound, count in zip(bounds, answered.latency_counts, strict=True):
+        for label, count in zip(_LATENCY_LABELS, answered.latency_counts, strict=True):
             running += count
-            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+            cumulative.append((label, running))
         latency.add_metric(key_reason, cumulative, sum_value=answered.latency_sum)
 
     phase = GaugeMetricFamily(

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
+from .config import DEFAULT_CANARY_HALT_MARGIN
 from .evidence import NONE_LABEL, KeyStatus, Row, Sample, Status, percent
 
 __all__ = ["render_html", "render_text"]
@@ -255,7 +256,8 @@ def _card(key: KeyStatus, status: Status) -> str:
     facts = key.facts
     last, total = key.last_24h, key.total
     share = last.share
-    margin = status.canary.margin if status.canary is not None else 0.05
+    # Coloured by the canary's margin (the config's default without a canary).
+    margin = status.canary.margin if status.canary is not None else DEFAULT_CANARY_HALT_MARGIN
     quality = "" if share is None else ("bad" if share > margin else "good")
     return (
         f'<article class="card" style="--role: {_colour(facts.role)}">'
