@@ -7,12 +7,13 @@ DUALPROXY_REQUIRE_CHROMIUM=1, which turns the skip into a failure.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
 import ssl
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
@@ -34,10 +35,12 @@ from conftest import (
 )
 from png import colours
 from test_admin import DURING, admin_listener, connections_counted, rotation
+from test_evidence import Finished
 
+from dualproxy.config import Rotation
 from dualproxy.evidence import Evidence, KeyFacts, Status
 from dualproxy.logformat import JsonFormatter, TextFormatter, conn_fields
-from dualproxy.policy import Choice, Reason
+from dualproxy.policy import Choice, Phase, Reason
 from dualproxy.reports import ReportSummary
 from dualproxy.server import ConnectionRecord, Outcome
 from dualproxy.statuspage import render_html, render_text
@@ -48,14 +51,24 @@ NEW_COLOUR: Final = (0x0C, 0xA6, 0x78)
 CHROMIUM_TIMEOUT: Final = 60.0
 
 
-@dataclass
-class Finished:
-    key: str
-    choice: Choice
-    outcome: Outcome
-    detail: str
-    tls_version: str | None = None
-    requests: int = 0
+def status_at(
+    evidence: Evidence,
+    keys: list[KeyFacts],
+    *,
+    now: datetime = DURING,
+    phase: Phase = "during",
+    rotation: Rotation | None = ROTATION,
+) -> Status:
+    """evidence.status with these keys, two connections open and one reload behind."""
+    return evidence.status(
+        now=now,
+        phase=phase,
+        rotation=rotation,
+        keys=keys,
+        active_connections=2,
+        reloads_ok=1,
+        reloads_failed=0,
+    )
 
 
 def status(*, halted: bool) -> Status:
@@ -76,15 +89,7 @@ def status(*, halted: bool) -> Status:
             datetime(2027, 3, 1, tzinfo=UTC),
         ),
     ]
-    return evidence.status(
-        now=DURING,
-        phase="during",
-        rotation=ROTATION,
-        keys=keys,
-        active_connections=2,
-        reloads_ok=1,
-        reloads_failed=0,
-    )
+    return status_at(evidence, keys)
 
 
 def test_pin_failure_reports_show_which_versions_know_which_pins() -> None:
@@ -147,18 +152,10 @@ def test_the_page_shows_the_canary_state_keys_and_timeline(halted: bool) -> None
     assert "k2026b           new" in text
 
 
-async def test_a_single_key_page_has_no_grace_window_and_no_canary() -> None:
+def test_a_single_key_page_has_no_grace_window_and_no_canary() -> None:
     evidence = Evidence(clock=lambda: DURING.timestamp())
     keys = [KeyFacts("k1", "single", "A" * 43 + "=", "ECDSA P-256", GRACE_START, GRACE_END)]
-    single = evidence.status(
-        now=DURING,
-        phase="single",
-        rotation=None,
-        keys=keys,
-        active_connections=0,
-        reloads_ok=0,
-        reloads_failed=0,
-    )
+    single = status_at(evidence, keys, phase="single", rotation=None)
     page = render_html(single)
     assert page.count("<svg") == 2
     assert 'class="grace"' not in page
@@ -177,17 +174,8 @@ def test_the_timeline_axis_stays_readable(grace_days: int, validity_days: int) -
     plan = replace(ROTATION, grace_start=start, grace_end=start + timedelta(days=grace_days))
     until = start + timedelta(days=validity_days)
     keys = [KeyFacts("k2026a", "old", "A" * 43 + "=", "ECDSA P-256", start, until)]
-    page = render_html(
-        Evidence(clock=lambda: DURING.timestamp()).status(
-            now=start + timedelta(hours=12),
-            phase="during",
-            rotation=plan,
-            keys=keys,
-            active_connections=0,
-            reloads_ok=0,
-            reloads_failed=0,
-        )
-    )
+    evidence = Evidence(clock=lambda: DURING.timestamp())
+    page = render_html(status_at(evidence, keys, now=start + timedelta(hours=12), rotation=plan))
     timeline = page[page.index('id="timeline"') : page.index("</figure>")]
     labels = re.findall(r'text-anchor="middle">([^<]+)</text>', timeline)
     assert 3 <= len(labels) - 1 <= 10, labels  # the ticks, and the "grace window" label
@@ -196,7 +184,7 @@ def test_the_timeline_axis_stays_readable(grace_days: int, validity_days: int) -
 
 async def test_conn_lines_become_json_fields_exactly() -> None:
     """The JSON log's fields are the text line's, also for client-controlled text that the
-    text format must quote."""
+    text format must quote. (In trio: a ConnectionRecord reads trio's clock.)"""
     record = ConnectionRecord(peer="203.0.113.7:4242", key="k2026a", requests=3)
     record.choice = Choice("old", Reason.DEFAULT)
     record.detail = 'weird "sni" = \\ \x00 é'
@@ -211,9 +199,6 @@ async def test_conn_lines_become_json_fields_exactly() -> None:
     assert fields["requests"] == 3
     assert isinstance(fields["ms"], int)
     assert conn_fields("listening on 127.0.0.1:8443") is None
-
-    import json
-    import logging
 
     entry = logging.LogRecord("dualproxy", logging.INFO, __file__, 1, "%s", (text,), None)
     document = json.loads(JsonFormatter().format(entry))
