@@ -969,18 +969,15 @@ def _cmd_reports_summary(args: argparse.Namespace) -> int:
     if config.reports is None:
         raise CommandError(f"{config.path}: reports: no [reports] table; add one (see config.toml)")
     settings = config.reports
-    store = reports.ReportStore(
-        settings.store, max_bytes=settings.store_max_bytes, keep=settings.store_files
-    )
     labels: dict[str, str] = {}
     try:
         snapshot = keystore.load_snapshot(config)
     except KeyStoreError:
         pass  # the counts do not need the keys, only their names for the pins
     else:
-        keys = ((key.name, key.pin) for key in snapshot.keys.values())
-        labels = endpoints.pin_labels(keys, config.rotation, utc_now())
-    data = reports.summary(reports.counts_from_store(store), labels)
+        labels = endpoints.pin_labels(snapshot.keys.values(), config.rotation, utc_now())
+    # As a serve starts from its store (the rate limiter it also makes is not used here).
+    data = reports.summary(endpoints.ReportsState(settings).counts, labels)
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK

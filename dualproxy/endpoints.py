@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from http import HTTPStatus
 from pathlib import Path
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
@@ -33,6 +33,9 @@ from . import manifest, reports
 from .config import Config, ManifestConfig, ReportsConfig, Rotation
 from .forwarding import IPAddress
 from .policy import pin_role
+
+if TYPE_CHECKING:
+    from .keystore import LoadedKey
 
 log = logging.getLogger("dualproxy")
 
@@ -223,10 +226,10 @@ class LocalEndpoints:
 
 
 def pin_labels(
-    keys: Iterable[tuple[str, str]], rotation: Rotation | None, now: datetime
+    keys: Iterable[LoadedKey], rotation: Rotation | None, now: datetime
 ) -> dict[str, str]:
-    """pin -> "key (role)" for `reports.summary`, from (key name, pin) pairs."""
-    return {pin: f"{name} ({pin_role(rotation, name, now)})" for name, pin in keys}
+    """pin -> "key (role)" for `reports.summary` (a key snapshot's keys)."""
+    return {key.pin: f"{key.name} ({pin_role(rotation, key.name, now)})" for key in keys}
 
 
 def _common_prefix(paths: Sequence[bytes]) -> bytes:
@@ -257,9 +260,9 @@ def build(
         by_path[config.manifest.path.encode()] = ManifestEndpoint(config.manifest, content)
     state = None
     if config.reports is not None:
-        kept = previous.reports_state if previous is not None else None
-        state = kept if kept is not None and kept.config == config.reports else None
-        state = state or ReportsState(config.reports)
+        state = previous.reports_state if previous is not None else None
+        if state is None or state.config != config.reports:  # kept only while unchanged
+            state = ReportsState(config.reports)
         by_path[config.reports.path.encode()] = ReportEndpoint(state, clock)
     return LocalEndpoints(
         by_path, reports_state=state, manifest_expires=expires, manifest_problem=problem

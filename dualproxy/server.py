@@ -811,7 +811,7 @@ class Server:
         local = self._local
         if local is None:
             return None
-        keys = ((key.name, key.pin) for key in self.snapshot.keys.values())
+        keys = self.snapshot.keys.values()
         return local.report_summary(endpoints.pin_labels(keys, self.config.rotation, self._clock()))
 
     def _log_manifest_problem(self) -> None:
