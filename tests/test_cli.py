@@ -617,13 +617,12 @@ def test_installed_console_script_runs_check(example: Example) -> None:
     assert "Traceback" not in failed.stderr
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_serve_answers_then_stops_cleanly(example: Example, signum: signal.Signals) -> None:
-    """Ctrl-C and SIGTERM both stop `dualproxy serve` with exit 0 and no traceback."""
+def start_serve(example: Example, *options: str) -> tuple[subprocess.Popen[bytes], bytes, int]:
+    """`dualproxy serve` on the example, as a process: it, its stderr up to the end of the
+    "listening on" line, and the port it listens on."""
     script = Path(sys.executable).parent / "dualproxy"
     process = subprocess.Popen(
-        [str(script), "serve", "-c", str(example.config_file)],
+        [str(script), "serve", "-c", str(example.config_file), *options],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -633,8 +632,21 @@ def test_serve_answers_then_stops_cleanly(example: Example, signum: signal.Signa
             started += read_until(process.stderr, b"\n", timeout=SUBPROCESS_TIMEOUT)
         port = re.search(rb"listening on 127\.0\.0\.1:(\d+)", started)
         assert port is not None, started
+    except BaseException:
+        process.kill()
+        process.communicate(timeout=SUBPROCESS_TIMEOUT)
+        raise
+    return process, started, int(port.group(1))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_serve_answers_then_stops_cleanly(example: Example, signum: signal.Signals) -> None:
+    """Ctrl-C and SIGTERM both stop `dualproxy serve` with exit 0 and no traceback."""
+    process, started, port = start_serve(example)
+    try:
         # A full request first: the server is serving, not merely bound, when the signal comes.
-        answer = tls_get("127.0.0.1", int(port.group(1)), cafile=example.cafile)
+        answer = tls_get("127.0.0.1", port, cafile=example.cafile)
         assert answer.pin in (example.old.pin, example.new.pin)
         assert answer.response.startswith(b"HTTP/1.1 200 ")
         process.send_signal(signum)
@@ -657,23 +669,12 @@ def test_serve_json_logs_and_its_admin_listener_answer_status(
     included; `dualproxy status` reads the running server's admin listener, which only the
     --admin override starts (the config's is off)."""
     example.edit("[admin]\n", "[admin]\nenabled = false\n")
-    script = Path(sys.executable).parent / "dualproxy"
-    process = subprocess.Popen(
-        [str(script), "serve", "-c", str(example.config_file), "--log-format", "json",
-         "--admin", "127.0.0.1:0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    process, started, port = start_serve(example, "--log-format", "json", "--admin", "127.0.0.1:0")
     try:
-        assert process.stderr is not None
-        started = read_until(process.stderr, b"listening on ", timeout=SUBPROCESS_TIMEOUT)
-        if not re.search(rb"listening on .*\n", started):  # the rest of that line
-            started += read_until(process.stderr, b"\n", timeout=SUBPROCESS_TIMEOUT)
-        port = re.search(rb"listening on 127\.0\.0\.1:(\d+)", started)
         listener = re.search(rb"admin listener on (http://127\.0\.0\.1:(\d+))/", started)
-        assert port is not None, started
         assert listener is not None, started
         assert int(listener.group(2)) not in (0, 80, 9901), started  # a free port, as asked
-        answer = tls_get("127.0.0.1", int(port.group(1)), cafile=example.cafile)
+        answer = tls_get("127.0.0.1", port, cafile=example.cafile)
         assert answer.response.startswith(b"HTTP/1.1 200 ")
         code = cli.main(["status", "--admin", listener.group(1).decode()])
         process.send_signal(signal.SIGTERM)
@@ -697,7 +698,8 @@ def test_serve_json_logs_and_its_admin_listener_answer_status(
 
 
 def answer_key(example: Example, pin: str) -> str:
-    return "k2026a" if pin == example.old.pin else "k2026b"
+    """The example's key with this pin (KeyError for any other pin)."""
+    return {example.old.pin: "k2026a", example.new.pin: "k2026b"}[pin]
 
 
 @pytest.mark.parametrize(
