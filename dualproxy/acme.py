@@ -19,7 +19,6 @@ Only one order runs at a time per challenge folder (a lock file), so a backgroun
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import logging
@@ -56,6 +55,7 @@ from .challenges import withdraw as withdraw_challenges
 from .config import AcmeConfig, ChallengeType, Config, KeyConfig, ListenAddress
 from .files import write_atomically
 from .keystore import KeyStoreError
+from .manifest import b64url_encode
 
 if TYPE_CHECKING:
     from .server import Server
@@ -413,11 +413,7 @@ def ari_certificate_id(cert: x509.Certificate) -> str:
         raise ValueError("the certificate's AuthorityKeyIdentifier has no keyIdentifier")
     serial = cert.serial_number
     serial_bytes = serial.to_bytes((serial.bit_length() + 8) // 8, "big")
-    return f"{_b64url(aki.key_identifier)}.{_b64url(serial_bytes)}"
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return f"{b64url_encode(aki.key_identifier)}.{b64url_encode(serial_bytes)}"
 
 
 def fetch_renewal_window(acme: AcmeConfig, cert: x509.Certificate) -> renewal.Window | None:
