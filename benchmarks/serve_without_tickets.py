@@ -17,7 +17,7 @@ import inspect
 import ssl
 import sys
 
-from dualproxy.cli import main
+from dualproxy.cli.main import main
 
 # The C-level attribute of _ssl._SSLContext that ssl.SSLContext inherits.
 _NUM_TICKETS = inspect.getattr_static(ssl.SSLContext, "num_tickets")

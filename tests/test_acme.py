@@ -21,16 +21,18 @@ from typing import Any, Final
 
 import pytest
 import trio
-from conftest import CLIENT_TIMEOUT, config_toml, read_until
 from cryptography import x509
-from pebble import Pebble, running_pebble
+from helpers.clients import CLIENT_TIMEOUT, read_until
+from helpers.configs import config_toml
+from helpers.pebble import Pebble, running_pebble
 
-from dualproxy import acme, keystore
 from dualproxy import config as config_mod
-from dualproxy.challenges import HTTP01_PREFIX, Challenge, probe_tls_alpn
-from dualproxy.cli import main
-from dualproxy.pins import spki_pin, spki_pin_of_certificate
-from dualproxy.server import Server
+from dualproxy.acme import issuer as acme
+from dualproxy.acme.challenges import HTTP01_PREFIX, Challenge, probe_tls_alpn
+from dualproxy.cli.main import main
+from dualproxy.serve.server import Server
+from dualproxy.tls import keystore
+from dualproxy.tls.pins import spki_pin, spki_pin_of_certificate
 
 NAMES: Final = ("api.dualproxy.test", "www.dualproxy.test")
 # Clients that keep connecting while a renewal happens: at most this many, and the loop
@@ -483,7 +485,7 @@ def test_a_retired_old_key_is_not_renewed(tmp_path: Path) -> None:
 
 
 def test_missing_pebble_skips_unless_required(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pebble as pebble_module
+    from helpers import pebble as pebble_module
 
     monkeypatch.setattr(pebble_module, "find", lambda command: None)
     monkeypatch.delenv("DUALPROXY_REQUIRE_PEBBLE", raising=False)

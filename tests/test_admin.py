@@ -24,28 +24,19 @@ import h11
 import pytest
 import trio
 import trustme
-from conftest import (
-    CLIENT_TIMEOUT,
-    GRACE_END,
-    GRACE_START,
-    Clock,
-    KeyFiles,
-    Running,
-    curl_pinned,
-    make_config,
-    make_key,
-    run_client,
-    serving,
-    tls_get_async,
-    write_config,
-)
+from helpers.clients import CLIENT_TIMEOUT, curl_pinned, run_client, tls_get_async
+from helpers.configs import make_config, write_config
+from helpers.keys import KeyFiles, make_key
+from helpers.rotation import GRACE_END, GRACE_START, Clock
+from helpers.serving import Running, serving
+from helpers.upstream_server import UpstreamServer, serve_upstream
 from prometheus_client.parser import text_string_to_metric_families
-from upstream_server import UpstreamServer, serve_upstream
 
-from dualproxy import admin, cli
+from dualproxy.cli import main as cli
 from dualproxy.config import ListenAddress
-from dualproxy.devcontrol import Refused
-from dualproxy.server import Server
+from dualproxy.dev.control import Refused
+from dualproxy.ops import admin
+from dualproxy.serve.server import Server
 
 pytestmark = pytest.mark.e2e
 

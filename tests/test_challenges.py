@@ -11,7 +11,7 @@ from typing import Final
 import h11
 import pytest
 
-from dualproxy.challenges import (
+from dualproxy.acme.challenges import (
     CHALLENGE_MAX_AGE,
     HTTP01_PREFIX,
     Challenge,

@@ -14,18 +14,19 @@ from typing import Any, Final
 
 import pytest
 import trustme
-from conftest import GRACE_END, GRACE_START, make_key
+from helpers.keys import make_key
+from helpers.rotation import GRACE_END, GRACE_START
 
 from dualproxy import config as config_mod
-from dualproxy.checks import (
+from dualproxy.config import Config, KeyConfig, KeyStoreSettings
+from dualproxy.rotation.checks import (
     EXPIRY_WARNING,
     Finding,
     certificate_covers,
     check_acme,
     check_keys,
 )
-from dualproxy.config import Config, KeyConfig, KeyStoreSettings
-from dualproxy.keystore import LoadedKey, load_key
+from dualproxy.tls.keystore import LoadedKey, load_key
 
 BEFORE: Final = GRACE_START - timedelta(days=30)
 DURING: Final = GRACE_START + timedelta(days=7)

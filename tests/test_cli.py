@@ -23,27 +23,22 @@ from typing import Final
 
 import pytest
 import trustme
-from conftest import (
-    GRACE_START,
-    NAMES,
-    KeyFiles,
-    curl_pinned,
-    make_key,
-    read_until,
-    run_client,
-    serving,
-    tls_get,
-    tls_get_async,
-    write_config,
-)
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from upstream_server import UpstreamServer, serve_upstream
+from helpers.clients import curl_pinned, read_until, run_client, tls_get, tls_get_async
+from helpers.configs import write_config
+from helpers.keys import NAMES, KeyFiles, make_key
+from helpers.rotation import GRACE_START
+from helpers.serving import serving
+from helpers.upstream_server import UpstreamServer, serve_upstream
 
-from dualproxy import admin, cli, config, pins
-from dualproxy.dev import issue_certificate
-from dualproxy.policy import canary_bucket
+from dualproxy import config
+from dualproxy.cli import main as cli
+from dualproxy.dev.bench import issue_certificate
+from dualproxy.ops import admin
+from dualproxy.rotation.policy import canary_bucket
+from dualproxy.tls import pins
 
 EXAMPLE_CONFIG: Final = Path(__file__).resolve().parent.parent / "config.toml"
 EXAMPLE_LISTEN: Final = 'address = "127.0.0.1:8443"'

@@ -1,4 +1,5 @@
-"""dualproxy.clienthello: golden hellos from real clients, synthetic ones broken one way at a time.
+"""dualproxy.tls.clienthello: golden hellos from real clients, synthetic ones broken one way
+at a time.
 
 Golden hellos are captured at test time: a real client connects to a loopback listener that
 reads until the parser returns a hello, then the client is killed. Each one is also fed byte by
@@ -15,10 +16,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, cast
 
-import hellos
 import pytest
-from clienthello_reference import reference_parse_client_hello
-from hellos import (
+from helpers import hellos
+from helpers.clienthello_reference import reference_parse_client_hello
+from helpers.hellos import (
     ECDSA_SECP256R1_SHA256,
     GREASE,
     RSA_PKCS1_SHA256,
@@ -38,7 +39,7 @@ from hellos import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dualproxy.clienthello import (
+from dualproxy.tls.clienthello import (
     EXT_ALPN,
     EXT_SERVER_NAME,
     EXT_SIGNATURE_ALGORITHMS,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
-from conftest import GRACE_END, GRACE_START
+from helpers.rotation import GRACE_END, GRACE_START
 
 from dualproxy.config import (
     AcmeConfig,

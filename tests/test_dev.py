@@ -34,12 +34,15 @@ from typing import Final, NamedTuple
 
 import pytest
 import trio
-from conftest import CLIENT_TIMEOUT, ipv6_loopback, read_until, tls_get
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from helpers.clients import CLIENT_TIMEOUT, ipv6_loopback, read_until, tls_get
 
-from dualproxy import cli, dev, devcontrol, pins
-from dualproxy.dev import HINT_SNI, SCENARIOS
+from dualproxy.cli import main as cli
+from dualproxy.dev import bench as dev
+from dualproxy.dev import control as devcontrol
+from dualproxy.dev.bench import HINT_SNI, SCENARIOS
+from dualproxy.tls import pins
 
 # Starting takes a Python interpreter, imports and, the first time, key generation; generous
 # so a loaded 2-core CI box never flakes. Bounds, not expectations: nothing asserts a duration.

@@ -11,9 +11,10 @@ import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from dualproxy import devcerts, keystore, pins
 from dualproxy.config import KeyConfig, KeyStoreSettings
-from dualproxy.devcerts import CERTIFICATES, HINT_SNI, KEYS, WRONG_HOST, DevMaterial
+from dualproxy.dev import certs as devcerts
+from dualproxy.dev.certs import CERTIFICATES, HINT_SNI, KEYS, WRONG_HOST, DevMaterial
+from dualproxy.tls import keystore, pins
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from conftest import ipv6_loopback
+from helpers.clients import ipv6_loopback
 
-from dualproxy import devcontrol
-from dualproxy.devcontrol import ControlError, SwitchError
+from dualproxy.dev import control as devcontrol
+from dualproxy.dev.control import ControlError, SwitchError
 
 SCENARIOS = ("old-only", "grace", "rogue")
 

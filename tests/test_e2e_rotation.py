@@ -23,25 +23,15 @@ from typing import Any, Final, Literal
 import pytest
 import trio
 import trustme
-from conftest import (
-    CLIENT_TIMEOUT,
-    GRACE_END,
-    GRACE_START,
-    Clock,
-    KeyFiles,
-    Running,
-    curl_pinned,
-    make_config,
-    make_key,
-    run_client,
-    serving,
-    tls_get_async,
-    write_config,
-)
 from cryptography import x509
+from helpers.clients import CLIENT_TIMEOUT, curl_pinned, run_client, tls_get_async
+from helpers.configs import make_config, write_config
+from helpers.keys import KeyFiles, make_key
+from helpers.rotation import GRACE_END, GRACE_START, Clock
+from helpers.serving import Running, serving
 
-from dualproxy import cli
-from dualproxy.pins import spki_pin_of_certificate
+from dualproxy.cli import main as cli
+from dualproxy.tls.pins import spki_pin_of_certificate
 
 pytestmark = pytest.mark.e2e
 

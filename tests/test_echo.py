@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from dualproxy import echo
+from dualproxy.dev import echo
 
 
 async def exchange(data: bytes, *, close: bool = True) -> bytes:

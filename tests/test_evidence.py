@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 from typing import Final
 
 import pytest
-from conftest import GRACE_END, GRACE_START, grace_window
+from helpers.rotation import GRACE_END, GRACE_START, grace_window
 
 from dualproxy.config import IdentityName, Rotation
-from dualproxy.evidence import (
+from dualproxy.ops.evidence import (
     BUCKET_SECONDS,
     SERIES_BUCKETS,
     CanaryJudge,
@@ -22,8 +22,8 @@ from dualproxy.evidence import (
     Status,
     should_halt,
 )
-from dualproxy.policy import Choice, Reason
-from dualproxy.server import Outcome
+from dualproxy.rotation.policy import Choice, Reason
+from dualproxy.serve.server import Outcome
 
 ROTATION: Final = grace_window(canary_percent=10.0, canary_min_sample=20, canary_halt_margin=0.05)
 NO_CANARY: Final = replace(ROTATION, canary_percent=0.0)

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dualproxy import forwarding
 from dualproxy.config import Limits, UpstreamConfig
-from dualproxy.forwarding import (
+from dualproxy.http import forwarding
+from dualproxy.http.forwarding import (
     MAX_CONTENT_LENGTH_DIGITS,
     MAX_RESPONSE_FIELDS,
     MAX_RESPONSE_HEAD_BYTES,

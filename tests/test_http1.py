@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dualproxy.http1 import (
+from dualproxy.http.http1 import (
     END,
     LAST_CHUNK,
     MAX_CHUNK_LINE_BYTES,

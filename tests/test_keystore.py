@@ -33,8 +33,6 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import NameOID
 
-from dualproxy import keystore
-from dualproxy.clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, parse_client_hello
 from dualproxy.config import (
     Config,
     KeyConfig,
@@ -43,7 +41,9 @@ from dualproxy.config import (
     ListenConfig,
     Rotation,
 )
-from dualproxy.keystore import (
+from dualproxy.tls import keystore
+from dualproxy.tls.clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, parse_client_hello
+from dualproxy.tls.keystore import (
     Identity,
     KeyStoreError,
     LoadedKey,
@@ -56,7 +56,7 @@ from dualproxy.keystore import (
     read_private_key,
     write_private_key,
 )
-from dualproxy.pins import describe_key_algorithm
+from dualproxy.tls.pins import describe_key_algorithm
 
 HOST: Final = "api.example.com"
 STRICT: Final = KeyStoreSettings()

@@ -21,16 +21,20 @@ from typing import Any, Final
 import pytest
 import trio
 import trustme
-from conftest import KeyFiles, grace_window, make_config, make_key, serving, write_config
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from helpers.configs import make_config, write_config
+from helpers.keys import KeyFiles, make_key
+from helpers.rotation import grace_window
+from helpers.serving import serving
+from helpers.upstream_server import UpstreamServer, serve_upstream
 from test_relay import Proxy
-from upstream_server import UpstreamServer, serve_upstream
 
-from dualproxy import cli, manifest
+from dualproxy.cli import main as cli
 from dualproxy.files import write_atomically
-from dualproxy.pins import PinnedKey
+from dualproxy.pinning import manifest
+from dualproxy.tls.pins import PinnedKey
 
 # RFC 8037 appendix A: the Ed25519 key (A.1), its JWK thumbprint (A.3) and the JWS of
 # "Example of Ed25519 signing" (A.4).

@@ -28,7 +28,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dualproxy.pins import (
+from dualproxy.tls.pins import (
     FORMATS,
     HPKP_MAX_AGE_SECONDS,
     PLACEHOLDER_HOSTNAME,

@@ -8,14 +8,12 @@ from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from typing import Final
 
 import pytest
-from conftest import GRACE_END, GRACE_START
+from helpers.rotation import GRACE_END, GRACE_START
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dualproxy.clienthello import ClientHello
 from dualproxy.config import Hints, IdentityName, Role, Rotation
-from dualproxy.pins import PinRole
-from dualproxy.policy import (
+from dualproxy.rotation.policy import (
     Choice,
     IPAddress,
     Phase,
@@ -26,6 +24,8 @@ from dualproxy.policy import (
     pin_role,
     sni_matches,
 )
+from dualproxy.tls.clienthello import ClientHello
+from dualproxy.tls.pins import PinRole
 
 DURING: Final = GRACE_START + timedelta(days=7)
 # datetime's resolution: the last instant before a boundary.

@@ -30,16 +30,11 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from conftest import (
-    CLIENT_TIMEOUT,
-    KeyFiles,
-    make_config,
-    make_key,
-    serving,
-    strict_eof,
-    write_config,
-)
-from upstream_server import (
+from helpers.clients import CLIENT_TIMEOUT, strict_eof
+from helpers.configs import make_config, write_config
+from helpers.keys import KeyFiles, make_key
+from helpers.serving import serving
+from helpers.upstream_server import (
     EARLY_ANSWER,
     Accepted,
     Behaviour,
@@ -50,10 +45,9 @@ from upstream_server import (
     serve_upstream,
 )
 
-from dualproxy import server as server_module
 from dualproxy.config import ConfigError
-from dualproxy.forwarding import ResponseHead
-from dualproxy.relay import (
+from dualproxy.http.forwarding import ResponseHead
+from dualproxy.http.relay import (
     ALLOWED_METHODS,
     DEPARTURE_CHECK_SECONDS,
     ClientConnection,
@@ -61,8 +55,9 @@ from dualproxy.relay import (
     Framing,
     response_framing,
 )
-from dualproxy.server import Server
-from dualproxy.streams import TcpStream, TlsStream
+from dualproxy.serve import server as server_module
+from dualproxy.serve.server import Server
+from dualproxy.tls.streams import TcpStream, TlsStream
 
 SNI: Final = "api.example.com"
 # More than any answer in these tests: a reader stops there instead of running forever.

@@ -29,23 +29,17 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from conftest import (
-    CLIENT_TIMEOUT,
-    Clock,
-    KeyFiles,
-    Running,
-    make_config,
-    make_key,
-    reissue,
-    serving,
-    write_config,
-)
 from cryptography import x509
+from helpers.clients import CLIENT_TIMEOUT
+from helpers.configs import make_config, write_config
+from helpers.keys import KeyFiles, make_key, reissue
+from helpers.rotation import Clock
+from helpers.serving import Running, serving
 
 from dualproxy.config import Config
-from dualproxy.keystore import KeySnapshot
-from dualproxy.pins import spki_pin_of_certificate
-from dualproxy.server import Server
+from dualproxy.serve.server import Server
+from dualproxy.tls.keystore import KeySnapshot
+from dualproxy.tls.pins import spki_pin_of_certificate
 
 SNI: Final = "api.example.com"
 # How often the tests look at a counter they wait for, and how long before they give up.

@@ -9,8 +9,7 @@ from typing import Final
 
 import pytest
 
-from dualproxy.config import AcmeConfig
-from dualproxy.renewal import (
+from dualproxy.acme.renewal import (
     KeyState,
     Plan,
     Policy,
@@ -23,6 +22,7 @@ from dualproxy.renewal import (
     retry_delay,
     wake_time,
 )
+from dualproxy.config import AcmeConfig
 
 T0: Final = datetime(2026, 12, 1, tzinfo=UTC)
 DAY: Final = timedelta(days=1)

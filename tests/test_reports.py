@@ -18,14 +18,18 @@ from typing import Any, Final
 
 import pytest
 import trustme
-from conftest import KeyFiles, make_config, make_key, serving, write_config
+from helpers.configs import make_config, write_config
+from helpers.keys import KeyFiles, make_key
+from helpers.serving import serving
+from helpers.upstream_server import UpstreamServer, serve_upstream
 from hypothesis import given
 from hypothesis import strategies as st
 from test_relay import Proxy
-from upstream_server import UpstreamServer, serve_upstream
 
-from dualproxy import admin, cli, reports
-from dualproxy.reports import ReportError
+from dualproxy.cli import main as cli
+from dualproxy.ops import admin
+from dualproxy.pinning import reports
+from dualproxy.pinning.reports import ReportError
 
 REPORT_PATH: Final = "/.well-known/dualproxy/pin-report"
 PIN_OLD: Final = base64.b64encode(bytes(range(32))).decode()

@@ -25,32 +25,25 @@ from pathlib import Path
 from typing import Any, Final
 
 import h11
-import hellos
 import pytest
 import trio
 import trio.testing
 import trustme
-from conftest import (
-    CLIENT_TIMEOUT,
-    Clock,
-    KeyFiles,
-    curl_pinned,
-    ipv6_loopback,
-    make_config,
-    make_key,
-    run_client,
-    serving,
-    tls_get_async,
-)
 from cryptography import x509
+from helpers import hellos
+from helpers.clients import CLIENT_TIMEOUT, curl_pinned, ipv6_loopback, run_client, tls_get_async
+from helpers.configs import make_config
+from helpers.keys import KeyFiles, make_key
+from helpers.rotation import Clock
+from helpers.serving import serving
 
-from dualproxy import server as server_mod
-from dualproxy import streams as streams_mod
-from dualproxy.clienthello import ClientHello, parse_client_hello
 from dualproxy.config import Config, ListenAddress
-from dualproxy.pins import spki_pin_of_certificate
-from dualproxy.server import Outcome, Server, classify_handshake_failure, open_listeners
-from dualproxy.streams import TcpStream, TlsStream
+from dualproxy.serve import server as server_mod
+from dualproxy.serve.server import Outcome, Server, classify_handshake_failure, open_listeners
+from dualproxy.tls import streams as streams_mod
+from dualproxy.tls.clienthello import ClientHello, parse_client_hello
+from dualproxy.tls.pins import spki_pin_of_certificate
+from dualproxy.tls.streams import TcpStream, TlsStream
 
 NOW: Final = datetime(2026, 6, 1, tzinfo=UTC)
 HINTED_SNI: Final = "k2.api.example.com"  # rotating_config hints it to the new key, k2
@@ -1299,7 +1292,7 @@ async def test_a_reload_during_a_handshake_does_not_mix_configs(
 
 @asynccontextmanager
 async def serving_all(config: Config) -> AsyncIterator[list[tuple[str, int]]]:
-    """Like conftest's `serving`, reporting every bound address."""
+    """Like helpers.serving's `serving`, reporting every bound address."""
     server = Server(config, handle_signals=False)
     async with trio.open_nursery() as nursery:
         yield await nursery.start(server.run)

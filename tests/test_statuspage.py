@@ -21,29 +21,22 @@ from typing import Final
 import pytest
 import trio
 import trustme
-from conftest import (
-    GRACE_END,
-    GRACE_START,
-    Clock,
-    KeyFiles,
-    grace_window,
-    make_config,
-    make_key,
-    run_client,
-    serving,
-    tls_get_async,
-)
-from png import colours
+from helpers.clients import run_client, tls_get_async
+from helpers.configs import make_config
+from helpers.keys import KeyFiles, make_key
+from helpers.png import colours
+from helpers.rotation import GRACE_END, GRACE_START, Clock, grace_window
+from helpers.serving import serving
 from test_admin import DURING, admin_listener, connections_counted, rotation
 from test_evidence import Finished
 
 from dualproxy.config import Rotation
-from dualproxy.evidence import Evidence, KeyFacts, Status
-from dualproxy.logformat import JsonFormatter, TextFormatter, conn_fields
-from dualproxy.policy import Choice, Phase, Reason
-from dualproxy.reports import ReportSummary
-from dualproxy.server import ConnectionRecord, Outcome
-from dualproxy.statuspage import render_html, render_text
+from dualproxy.ops.evidence import Evidence, KeyFacts, Status
+from dualproxy.ops.logformat import JsonFormatter, TextFormatter, conn_fields
+from dualproxy.ops.statuspage import render_html, render_text
+from dualproxy.pinning.reports import ReportSummary
+from dualproxy.rotation.policy import Choice, Phase, Reason
+from dualproxy.serve.server import ConnectionRecord, Outcome
 
 ROTATION: Final = grace_window(canary_percent=10.0, canary_min_sample=1)
 OLD_COLOUR: Final = (0x4C, 0x6E, 0xF5)

@@ -14,10 +14,10 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from conftest import strict_eof
+from helpers.clients import strict_eof
 
-from dualproxy import streams
-from dualproxy.streams import TcpStream, TlsStream, receive_h11_request
+from dualproxy.tls import streams
+from dualproxy.tls.streams import TcpStream, TlsStream, receive_h11_request
 
 # Generous bound on anything here, so that a regression fails instead of hanging.
 TIMEOUT_SECONDS = 10

@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from upstream_server import (
+from helpers.upstream_server import (
     CHUNK_SIZE,
     Behaviour,
     LocalResolver,
@@ -36,16 +36,16 @@ from upstream_server import (
 )
 
 from dualproxy.config import ConfigError, Limits, UpstreamConfig
-from dualproxy.forwarding import MAX_RESPONSE_HEAD_BYTES, ResponseHead
-from dualproxy.http1 import END
-from dualproxy.streams import TcpStream, TlsStream
-from dualproxy.upstream import (
+from dualproxy.http.forwarding import MAX_RESPONSE_HEAD_BYTES, ResponseHead
+from dualproxy.http.http1 import END
+from dualproxy.http.upstream import (
     MAX_INFORMATIONAL_RESPONSES,
     UpstreamConnection,
     UpstreamError,
     UpstreamPool,
     client_context,
 )
+from dualproxy.tls.streams import TcpStream, TlsStream
 
 # Generous for a real wait that must not expire; the ones that must expire are virtual.
 TIMEOUT = 20.0

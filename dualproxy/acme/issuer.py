@@ -1,0 +1,694 @@
+"""Certificates for our own keys from an ACME CA (RFC 8555), renewals that keep the key.
+
+Theory of operation. An issuance is one order for one configured key: the CSR is made from
+that key (so the key, and every app's pin of it, never changes), each authorization is
+proven with the configured challenge (see challenges.py for who answers it and how the CLI
+and a running `serve` cooperate), and the chain the CA returns is checked against the key
+and written over the key's `chain` file atomically; a running `serve` then reloads it like
+any renewed chain (connections already open keep the old one).
+
+The `acme` library (certbot's) speaks the protocol; its calls block, so each runs in a
+worker thread, and the whole order runs under `acme.order_timeout`. What it does not do is
+written here: tls-alpn-01 (it knows the challenge type no more), ACME Renewal Information
+(RFC 9773; its own helper draws the random point itself, our timing is in renewal.py), and
+translating its errors into ones that say whose fault a failure is and what to do.
+
+Only one order runs at a time per challenge folder (a lock file), so a background renewal in
+`serve` and `dualproxy acme renew` from cron never race for the same key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import random
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, TypeVar, TypeVarTuple
+
+import trio
+from acme import challenges as acme_challenges
+from acme import client as acme_client
+from acme import errors as acme_errors
+from acme import messages
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from josepy import b64, jwa
+from josepy import errors as jose_errors
+from josepy import jwk as jose_jwk
+
+from dualproxy.acme import renewal
+from dualproxy.acme.challenges import (
+    Challenge,
+    ChallengeBoard,
+    ChallengeError,
+    open_responders,
+    publish,
+    wait_until_served,
+)
+from dualproxy.acme.challenges import withdraw as withdraw_challenges
+from dualproxy.config import AcmeConfig, ChallengeType, Config, KeyConfig, ListenAddress
+from dualproxy.files import write_atomically
+from dualproxy.pinning.manifest import b64url_encode
+from dualproxy.tls import keystore
+from dualproxy.tls.keystore import KeyStoreError
+
+if TYPE_CHECKING:
+    from dualproxy.serve.server import Server
+
+log = logging.getLogger("dualproxy.acme")
+
+_T = TypeVar("_T")
+_Args = TypeVarTuple("_Args")
+
+USER_AGENT: Final = "dualproxy acme-python"
+# One HTTP request to the CA: Let's Encrypt answers in well under a second; a minute means
+# it is down (certbot's own default is 45 s).
+NETWORK_TIMEOUT: Final = 45
+# The local check that our own listener answers a published challenge: a running `serve`
+# picks the file up within keystore.reload_poll_interval; this much more absorbs a busy box.
+SERVED_CHECK_MARGIN: Final = 10.0
+LOCK_FILE: Final = "lock"
+CHALLENGES_FOLDER: Final = "challenges"
+
+
+class AcmeError(Exception):
+    """An issuance failed: the message says whose fault (the CA's answer, our config, the
+    network) and what to do; it never carries key material."""
+
+
+def challenge_folder(acme: AcmeConfig) -> Path:
+    return acme.account_key.parent / CHALLENGES_FOLDER
+
+
+def managed_key(config: Config, name: str) -> KeyConfig:
+    """The ACME-managed key `name`; AcmeError naming the config key to fix otherwise."""
+    where = f"{config.path}: " if config.path else ""
+    if config.acme is None:
+        raise AcmeError(f"{where}acme: no [acme] table; add one (see config.toml)")
+    key = config.keys.get(name)
+    if key is None:
+        known = ", ".join(k.name for k in config.acme_keys()) or "none"
+        raise AcmeError(f"{where}keys.{name}: no such key; ACME-managed keys: {known}")
+    if not key.names:
+        raise AcmeError(
+            f'{where}keys.{name}.names: missing; add names = ["api.example.com"] to request'
+        )
+    return key
+
+
+# --- the protocol, in worker threads --------------------------------------------------------
+
+
+@dataclass
+class _Session:
+    client: acme_client.ClientV2
+    jwk: jose_jwk.JWK
+
+    def close(self) -> None:
+        self.client.net.session.close()
+
+
+def _account_jwk(acme: AcmeConfig) -> tuple[jose_jwk.JWK, jwa.JWASignature]:
+    """The account key (made, mode 0600, when missing) as a JWK and its signing algorithm."""
+    path = acme.account_key
+    if not path.exists() and not path.is_symlink():
+        keystore.write_private_key(path, keystore.generate_private_key("ecdsa-p256"))
+        log.info("acme: made the account key %s", path)
+    key = keystore.read_private_key(path, key_path="acme.account_key")
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        algorithms = {256: jwa.ES256, 384: jwa.ES384, 521: jwa.ES512}
+        algorithm = algorithms.get(key.curve.key_size)
+        if algorithm is None:
+            raise AcmeError(f"{path}: acme.account_key: use a P-256, P-384 or RSA key")
+        return jose_jwk.JWKEC(key=key), algorithm
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return jose_jwk.JWKRSA(key=key), jwa.RS256
+
+
+def _network(
+    acme: AcmeConfig, jwk: jose_jwk.JWK | None, alg: jwa.JWASignature
+) -> acme_client.ClientNetwork:
+    net = acme_client.ClientNetwork(jwk, alg=alg, user_agent=USER_AGENT, timeout=NETWORK_TIMEOUT)
+    if acme.ca_file is not None:
+        # Passed as each request's `verify` (requests takes a CA file path there too); the
+        # session's own setting would lose to REQUESTS_CA_BUNDLE and to this per request.
+        net.verify_ssl = str(acme.ca_file)  # type: ignore[assignment]
+    return net
+
+
+def _directory(acme: AcmeConfig, net: acme_client.ClientNetwork) -> messages.Directory:
+    return acme_client.ClientV2.get_directory(acme.directory, net)
+
+
+def _open_session(acme: AcmeConfig) -> _Session:
+    """Blocking: the directory, and our account (registered at the first use)."""
+    jwk, alg = _account_jwk(acme)
+    net = _network(acme, jwk, alg)
+    try:
+        client = acme_client.ClientV2(_directory(acme, net), net)
+        registration = messages.NewRegistration.from_data(
+            email=acme.email, terms_of_service_agreed=True
+        )
+        try:
+            client.new_account(registration)
+        except acme_errors.ConflictError as exc:  # registered before: the CA names it
+            net.account = messages.RegistrationResource(
+                uri=exc.location, body=messages.Registration()
+            )
+    except BaseException:
+        net.session.close()
+        raise
+    return _Session(client, jwk)
+
+
+def _key_authorization(token: str, jwk: jose_jwk.JWK) -> str:
+    thumbprint = jwk.thumbprint(
+        hash_function=acme_challenges.KeyAuthorizationChallengeResponse.thumbprint_hash_function
+    )
+    return f"{token}.{b64.b64encode(thumbprint).decode()}"
+
+
+def _answer(
+    client: acme_client.ClientV2, challb: messages.ChallengeBody, challenge: Challenge
+) -> None:
+    """Tell the CA to validate: POST an empty JSON object to the challenge (RFC 8555 7.5.1).
+
+    Not the library's answer_challenge, which insists on a Link "up" header that the RFC
+    does not require (Pebble 2.4 sends none). The library's HTTP-01 response is the object
+    that serializes to `{}` (it drops the key authorization), whatever the challenge type:
+    the library has no class for tls-alpn-01, and an object without fields would be sent as
+    an empty body, which means POST-as-GET.
+    """
+    ready = acme_challenges.HTTP01Response(key_authorization=challenge.key_authorization)
+    client.net.post(challb.uri, ready, new_nonce_url=client.directory["newNonce"])
+
+
+def _pick_challenges(
+    order: messages.OrderResource, kind: ChallengeType, jwk: jose_jwk.JWK
+) -> list[tuple[messages.ChallengeBody, Challenge]]:
+    """For each authorization still pending, the challenge of our type."""
+    picked = []
+    for authz in order.authorizations:
+        if authz.body.status == messages.STATUS_VALID:
+            continue  # proven recently for this account: the CA reuses it
+        name = str(authz.body.identifier.value).lower()
+        for challb in authz.body.challenges:
+            if challb.chall.to_partial_json().get("type") == kind or challb.typ == kind:
+                token = str(challb.chall.to_partial_json()["token"])
+                challenge = Challenge(kind, name, token, _key_authorization(token, jwk))
+                picked.append((challb, challenge))
+                break
+        else:
+            offered = ", ".join(str(c.typ) for c in authz.body.challenges)
+            raise AcmeError(
+                f"the CA offers no {kind} challenge for {name} (it offers {offered}); set"
+                " acme.challenge to one of those that dualproxy answers"
+            )
+    return picked
+
+
+# --- one issuance ------------------------------------------------------------------------------
+
+
+async def obtain(
+    config: Config,
+    key: KeyConfig,
+    *,
+    board: ChallengeBoard | None = None,
+    tls_probe: ListenAddress | None = None,
+    http_probe: ListenAddress | None = None,
+) -> bytes:
+    """Get a new chain for `key` (same key) and write it over the key's chain file; returns it.
+
+    `board`: the running server's own challenge board, refreshed at once after publishing
+    (other responders pick the files up by polling). `tls_probe`, `http_probe`: where our
+    listeners are, when not at the configured addresses (a server bound to port 0).
+    AcmeError on any failure.
+    """
+    acme = config.acme
+    assert acme is not None
+    assert key.names
+    folder = challenge_folder(acme)
+    with _order_lock(folder.parent):
+        private_key = keystore.read_private_key(key.key, key_path=f"keys.{key.name}.key")
+        csr = keystore.make_csr(private_key, key.names)
+        csr_pem = csr.public_bytes(serialization.Encoding.PEM)
+        try:
+            with trio.fail_after(acme.order_timeout):
+                probes = (
+                    tls_probe or config.listen.addresses[0],
+                    http_probe or acme.http_listen,
+                )
+                chain_pem = await _run_order(config, acme, csr_pem, folder, board, probes)
+        except trio.TooSlowError:
+            raise AcmeError(
+                f"no certificate for {key.name} within acme.order_timeout ({acme.order_timeout:g}"
+                " s); is the CA slow or unreachable? Try again later"
+            ) from None
+        except ChallengeError as exc:
+            raise AcmeError(str(exc)) from None
+        except OSError as exc:  # the challenge folder
+            raise AcmeError(
+                f"cannot publish the challenge in {folder}: {exc.strerror or exc}; check that"
+                " folder's permissions"
+            ) from None
+    _check_issued(chain_pem, private_key.public_key(), key)
+    try:
+        await trio.to_thread.run_sync(_write_chain, key.chain, chain_pem)
+    except OSError as exc:
+        raise AcmeError(
+            f"{key.chain}: keys.{key.name}.chain: cannot write the new chain: {exc.strerror};"
+            " the certificate is issued but not saved: fix the folder's permissions and run"
+            f" `dualproxy acme issue {key.name}` again"
+        ) from None
+    return chain_pem
+
+
+async def _run_order(
+    config: Config,
+    acme: AcmeConfig,
+    csr_pem: bytes,
+    folder: Path,
+    board: ChallengeBoard | None,
+    probes: tuple[ListenAddress, ListenAddress | None],
+) -> bytes:
+    session = await _blocking(_open_session, acme)
+    try:
+        order = await _blocking(session.client.new_order, csr_pem)
+        picked = _pick_challenges(order, acme.challenge, session.jwk)
+        challenges = [challenge for _, challenge in picked]
+        now = datetime.now(UTC)
+        paths = await trio.to_thread.run_sync(publish, folder, challenges, now)
+        try:
+            if board is not None:
+                await board.refresh_async()
+            timeout = config.keystore.reload_poll_interval + SERVED_CHECK_MARGIN
+            await wait_until_served(challenges, *probes, timeout)
+            for challb, challenge in picked:
+                await _blocking(_answer, session.client, challb, challenge)
+            # The library compares its deadline with naive local time.
+            deadline = datetime.now() + timedelta(seconds=acme.order_timeout)
+            order = await _blocking(session.client.poll_and_finalize, order, deadline)
+        finally:
+            await trio.to_thread.run_sync(withdraw_challenges, paths)
+            if board is not None:
+                with trio.CancelScope(shield=True):
+                    await board.refresh_async()
+    finally:
+        session.close()
+    if not order.fullchain_pem:
+        raise AcmeError("the CA finalized the order without a certificate; try again later")
+    return str(order.fullchain_pem).encode("ascii")
+
+
+async def _blocking(function: Callable[[*_Args], _T], *args: *_Args) -> _T:
+    """One blocking call to the CA in a worker thread, its errors translated. Abandoned when
+    cancelled (a shutting-down server does not wait for the CA); the thread ends on its own
+    with the request's timeout, and nothing it returns is used."""
+    try:
+        return await trio.to_thread.run_sync(function, *args, abandon_on_cancel=True)
+    except (AcmeError, KeyStoreError):
+        raise
+    except messages.Error as exc:
+        raise AcmeError(f"the CA refused: {_problem(exc)}") from None
+    except acme_errors.ValidationError as exc:
+        raise AcmeError(_validation_problem(exc)) from None
+    except acme_errors.IssuanceError as exc:
+        raise AcmeError(f"the CA would not issue: {_problem(exc.error)}") from None
+    except acme_errors.TimeoutError:
+        raise AcmeError(
+            "the CA did not finish validating or issuing in time; try again later"
+        ) from None
+    except acme_errors.Error as exc:
+        raise AcmeError(f"the CA's answer was not understood ({exc}); try again later") from None
+    except OSError as exc:  # requests' errors are OSErrors: DNS, refused, TLS, timeouts
+        raise AcmeError(
+            f"cannot reach the CA ({type(exc).__name__}: {exc}); check acme.directory,"
+            " acme.ca_file and the network"
+        ) from None
+
+
+def _problem(error: messages.Error) -> str:
+    """An RFC 7807 problem document in one line: type, detail, per-name subproblems."""
+    text = f"{error.typ}: {error.detail or error.title or error.description or 'no detail'}"
+    for sub in error.subproblems or ():
+        name = sub.identifier.value if sub.identifier else "?"
+        text += f"; {name}: {sub.typ}: {sub.detail}"
+    return text
+
+
+def _validation_problem(exc: acme_errors.ValidationError) -> str:
+    parts = []
+    for authz in exc.failed_authzrs:
+        for challb in authz.body.challenges:
+            if challb.error is not None:
+                parts.append(f"{authz.body.identifier.value}: {_problem(challb.error)}")
+    return (
+        "the CA could not validate "
+        + "; ".join(parts)
+        + ". Check that the name resolves to this machine and that the CA reaches the"
+        " challenge port (443 for tls-alpn-01, 80 for http-01)"
+    )
+
+
+def _check_issued(chain_pem: bytes, public_key: object, key: KeyConfig) -> None:
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError as exc:
+        raise AcmeError(f"the CA returned a chain that cannot be parsed ({exc})") from None
+    leaf = chain[0].public_key()
+    ours = public_key
+    assert isinstance(ours, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_bytes(serialization.Encoding.DER, spki) != ours.public_bytes(
+        serialization.Encoding.DER, spki
+    ):
+        raise AcmeError(
+            f"the CA returned a certificate for another key than {key.name}'s; not written"
+        )
+
+
+def _write_chain(path: Path, chain_pem: bytes) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomically(path, chain_pem, mode=0o644)
+
+
+@contextlib.contextmanager
+def _order_lock(folder: Path) -> Iterator[None]:
+    """One order at a time per challenge folder, across processes (flock, released on exit
+    even when the process dies)."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise AcmeError(
+            f"{folder}: cannot create the ACME state folder or its lock: {exc.strerror}; it is"
+            " the folder of acme.account_key: fix its permissions or pick another"
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AcmeError(
+                f"another dualproxy process is getting a certificate now ({folder / LOCK_FILE}"
+                " is locked); try again in a minute"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+# --- renewal information (RFC 9773) -----------------------------------------------------------
+
+
+def ari_certificate_id(cert: x509.Certificate) -> str:
+    """RFC 9773 4.1: base64url(AKI keyIdentifier) "." base64url(DER serial number bytes)."""
+    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    if aki.key_identifier is None:
+        raise ValueError("the certificate's AuthorityKeyIdentifier has no keyIdentifier")
+    serial = cert.serial_number
+    serial_bytes = serial.to_bytes((serial.bit_length() + 8) // 8, "big")
+    return f"{b64url_encode(aki.key_identifier)}.{b64url_encode(serial_bytes)}"
+
+
+def fetch_renewal_window(acme: AcmeConfig, cert: x509.Certificate) -> renewal.Window | None:
+    """Blocking: the CA's suggested renewal window for `cert`, None when the CA offers no
+    renewal information. Raises AcmeError-worthy exceptions (see `renewal_window`)."""
+    net = _network(acme, None, jwa.RS256)
+    try:
+        directory = _directory(acme, net)
+        try:
+            base = directory["renewalInfo"]
+        except KeyError:
+            return None
+        response = net.get(f"{base.rstrip('/')}/{ari_certificate_id(cert)}")
+        info = messages.RenewalInfo.from_json(response.json())
+        window = info.suggested_window
+        return renewal.Window(window.start.astimezone(UTC), window.end.astimezone(UTC))
+    finally:
+        net.session.close()
+
+
+async def renewal_window(acme: AcmeConfig, cert: x509.Certificate) -> renewal.Window | None:
+    """The CA's renewal window, or None when it offers none or cannot be asked now (logged:
+    the lifetime rule applies meanwhile)."""
+    try:
+        return await _blocking(fetch_renewal_window, acme, cert)
+    except (AcmeError, ValueError, jose_errors.Error) as exc:
+        log.warning("acme: no renewal information now (%s); using the lifetime rule", exc)
+        return None
+
+
+# --- which keys, when -------------------------------------------------------------------------
+
+
+def read_leaf(key: KeyConfig) -> x509.Certificate | None:
+    """The leaf of a key's chain file, None when there is none yet (or it is unreadable:
+    obtaining a new one is then the fix)."""
+    try:
+        return x509.load_pem_x509_certificate(key.chain.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def validity_of(cert: x509.Certificate | None) -> renewal.Validity | None:
+    if cert is None:
+        return None
+    return renewal.Validity(cert.not_valid_before_utc, cert.not_valid_after_utc)
+
+
+def retired(config: Config, name: str, now: datetime) -> bool:
+    """A rotation's old key after grace_end is served to nobody: renewing it would only spend
+    the CA's rate limits (`dualproxy acme issue` still can)."""
+    rotation = config.rotation
+    return rotation is not None and name in rotation.old and now >= rotation.grace_end
+
+
+def grace_start_for(config: Config, name: str) -> datetime | None:
+    rotation = config.rotation
+    return rotation.grace_start if rotation is not None and name in rotation.new else None
+
+
+@contextlib.asynccontextmanager
+async def responders_for(config: Config) -> AsyncIterator[ChallengeBoard | None]:
+    """Answer challenges ourselves on the configured ports when no `serve` holds them."""
+    acme = config.acme
+    assert acme is not None
+    board = ChallengeBoard(challenge_folder(acme))
+    async with open_responders(
+        acme.challenge, config.listen.addresses, acme.http_listen, board
+    ) as bound:
+        if not bound:
+            log.info("acme: the challenge port is taken (a running serve?); it answers")
+            yield None
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(board.watch, 0.2)
+            yield board
+            nursery.cancel_scope.cancel()
+
+
+async def issue_keys(config: Config, keys: list[KeyConfig]) -> list[tuple[str, str | None]]:
+    """Obtain chains for `keys` one after the other, answering challenges ourselves when we can
+    bind the ports. Returns (key name, error or None) per key."""
+    results: list[tuple[str, str | None]] = []
+    async with responders_for(config) as board:
+        for key in keys:
+            try:
+                await obtain(config, key, board=board)
+            except (AcmeError, KeyStoreError) as exc:
+                results.append((key.name, str(exc)))
+            else:
+                results.append((key.name, None))
+    return results
+
+
+async def due_keys(
+    config: Config, now: datetime, *, force: bool = False
+) -> list[tuple[KeyConfig, renewal.Plan]]:
+    """Every ACME-managed key with its renewal plan; with `force` every one is due now."""
+    acme = config.acme
+    assert acme is not None
+    policy = renewal.Policy.from_config(acme)
+    out = []
+    for key in config.acme_keys():
+        if retired(config, key.name, now) and not force:
+            continue
+        leaf = await trio.to_thread.run_sync(read_leaf, key)
+        window = await renewal_window(acme, leaf) if leaf is not None else None
+        state = renewal.KeyState(
+            validity=validity_of(leaf),
+            window=window,
+            point=random.random(),
+            grace_start=grace_start_for(config, key.name),
+        )
+        plan = renewal.plan(state, policy, now)
+        if force:
+            plan = renewal.Plan(now, plan.reason, now, plan.urgency)
+        out.append((key, plan))
+    return out
+
+
+# --- in `serve` ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _KeyMemory:
+    point: float
+    failures: int = 0
+    last_attempt: datetime | None = None
+    window: renewal.Window | None = None
+    window_checked: datetime | None = None
+
+
+async def run_in_server(
+    server: Server,
+    clock: Callable[[], datetime],
+    bound: list[tuple[str, int]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """What `serve` does for [acme]: answer challenges published in the challenge folder (its
+    TLS listener through `server.acme_board`, and the plain-HTTP listener when configured),
+    and renew in the background. Reports readiness once the HTTP listener is bound."""
+    from dualproxy.acme.challenges import serve_http
+    from dualproxy.serve.server import open_listeners
+
+    acme = server.config.acme
+    assert acme is not None
+    board = ChallengeBoard(challenge_folder(acme))
+    await board.refresh_async()
+    http_listeners = []
+    probes = _Probes(tls=ListenAddress(*bound[0]), http=None)
+    if acme.http_listen is not None:
+        http_listeners = await open_listeners([acme.http_listen], server.config.listen.reuse_port)
+        host, port = http_listeners[0].getsockname()[:2]
+        probes = _Probes(tls=probes.tls, http=ListenAddress(str(host), int(port)))
+    try:
+        async with trio.open_nursery() as nursery:
+            server.acme_board = board
+            for listener in http_listeners:
+                nursery.start_soon(serve_http, listener, board, bound[0][1])
+            nursery.start_soon(board.watch, server.config.keystore.reload_poll_interval)
+            nursery.start_soon(_renew_forever, server, board, clock, probes)
+            task_status.started()
+    finally:
+        for listener in http_listeners:
+            listener.close()
+
+
+@dataclass(frozen=True)
+class _Probes:
+    """Where this server's own listeners are bound (its config may say port 0)."""
+
+    tls: ListenAddress
+    http: ListenAddress | None
+
+
+async def _renew_forever(
+    server: Server, board: ChallengeBoard, clock: Callable[[], datetime], probes: _Probes
+) -> None:
+    memory: dict[str, _KeyMemory] = {}
+    while True:
+        config = server.config
+        acme = config.acme
+        if acme is None or not acme.renew:
+            await trio.sleep(60)  # a reload may turn it on
+            continue
+        policy = renewal.Policy.from_config(acme)
+        plans = []
+        for key in config.acme_keys():
+            if retired(config, key.name, clock()):
+                continue
+            state = memory.setdefault(key.name, _KeyMemory(point=random.random()))
+            plan = await _renew_one(server, config, key, state, policy, board, clock, probes)
+            plans.append(plan)
+        now = clock()
+        wake = renewal.wake_time(plans, policy, now)
+        await trio.sleep(max((wake - now).total_seconds(), 0.0))
+
+
+async def _renew_one(
+    server: Server,
+    config: Config,
+    key: KeyConfig,
+    memory: _KeyMemory,
+    policy: renewal.Policy,
+    board: ChallengeBoard,
+    clock: Callable[[], datetime],
+    probes: _Probes,
+) -> renewal.Plan:
+    acme = config.acme
+    assert acme is not None
+    loaded = server.snapshot.keys.get(key.name)
+    leaf = loaded.leaf if loaded is not None else None
+    now = clock()
+    if leaf is not None and (
+        memory.window_checked is None or now >= memory.window_checked + policy.recheck_interval
+    ):
+        memory.window = await renewal_window(acme, leaf)
+        memory.window_checked = now
+    state = renewal.KeyState(
+        validity=validity_of(leaf),
+        window=memory.window,
+        point=memory.point,
+        grace_start=grace_start_for(config, key.name),
+        failures=memory.failures,
+        last_attempt=memory.last_attempt,
+    )
+    plan = renewal.plan(state, policy, now)
+    if plan.urgency is renewal.Urgency.EXPIRED:
+        log.error("acme: the certificate of %s has EXPIRED; clients fail now", key.name)
+    elif plan.urgency is renewal.Urgency.SOON and leaf is not None:
+        log.warning(
+            "acme: the certificate of %s expires at %s; renewal has not succeeded yet",
+            key.name,
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC",
+        )
+    if not plan.attempt_now(now):
+        return plan
+    log.info("acme: renewing %s (%s)", key.name, plan.reason)
+    memory.last_attempt = now
+    try:
+        await obtain(config, key, board=board, tls_probe=probes.tls, http_probe=probes.http)
+    except Exception as exc:
+        # AcmeError and KeyStoreError say what to do; anything else is our bug, with its
+        # traceback. Either way the current chain keeps serving and a retry is scheduled.
+        if not isinstance(exc, AcmeError | KeyStoreError):
+            log.exception("acme: renewing %s failed unexpectedly", key.name)
+        memory.failures += 1
+        retry = now + renewal.retry_delay(memory.failures, policy)
+        log.error(
+            "acme: renewing %s failed (attempt %d; still serving the current chain; next"
+            " try at %s): %s",
+            key.name,
+            memory.failures,
+            f"{retry:%Y-%m-%d %H:%M:%S} UTC",
+            exc,
+        )
+    else:
+        memory.failures = 0
+        memory.window_checked = None  # a new certificate has its own window
+        log.info("acme: new certificate for %s written to %s", key.name, key.chain)
+        await server.reload(f"acme: new certificate for {key.name}")
+        loaded = server.snapshot.keys.get(key.name)
+        leaf = loaded.leaf if loaded is not None else leaf
+    now = clock()
+    return renewal.plan(
+        renewal.KeyState(
+            validity=validity_of(leaf),
+            window=memory.window,
+            point=memory.point,
+            grace_start=state.grace_start,
+            failures=memory.failures,
+            last_attempt=memory.last_attempt,
+        ),
+        policy,
+        now,
+    )

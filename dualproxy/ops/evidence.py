@@ -1,0 +1,690 @@
+"""Rollout evidence: who got which key, which clients look like pin failures, and the canary
+that halts itself when they do.
+
+Pure accounting (no sockets, no trio): the server hands every finished connection to
+`Evidence.connection_ended`, the relay counts each response into `RequestCounters` through the
+connection's record, and the admin listener asks for a `Status` when someone looks. Everything
+is counted in plain ints when it happens and turned into metrics, JSON or a page only then,
+at scrape time.
+
+Definitions (the README's "Evidence and the admin listener" repeats them):
+- A handshake *reached our certificate* when it completed, or when the client aborted it
+  (outcome `client-aborted`: an alert such as bad_certificate or unknown_ca, or a close,
+  after our first flight, which carries the certificate: the peek had the whole ClientHello).
+- A *pin failure* is such a handshake that the client aborted, or a completed one that the
+  client closed without sending a request and without anything we refused (outcome
+  `no-request`, empty detail): what OkHttp's CertificatePinner and curl's --pinnedpubkey do,
+  since they check the key after the handshake and then drop the socket.
+- The *pin-failure share* of a key: pin failures / handshakes that reached its certificate.
+  It has a background level (browser preconnects, TLS health checks that never send a
+  request), which the old and the new key see alike: compare them side by side.
+
+The canary rule (`should_halt`): with rotation.canary_percent > 0, once the new key has served
+rotation.canary_min_sample canary handshakes (reason `canary`), its share among them is
+compared with the old key's among the hint-less clients it served (reason `default`, the
+canary's control group; a share of 0 while that group is empty). A difference above
+rotation.canary_halt_margin halts the canary: policy.choose sends hint-less clients to the
+default again, and it stays halted until `resume` (an operator, `dualproxy canary resume`).
+Both samples count from the process start or the last resume; each process judges its own.
+
+Cost. Per request: a list increment for the status class, and for a relayed response one for
+its latency bucket and a float addition. Per connection: one dict update; for a handshake that
+reached a certificate, a few list operations for its time bucket (15 minutes, a day of them
+kept in a ring) and for the canary's samples.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Final, Protocol
+
+from dualproxy.config import Rotation, format_time
+from dualproxy.rotation.policy import Choice, Phase, Reason
+
+if TYPE_CHECKING:
+    from dualproxy.pinning.reports import ReportSummary
+
+__all__ = [
+    "BUCKET_SECONDS",
+    "LATENCY_BOUNDS",
+    "SERIES_BUCKETS",
+    "CanaryJudge",
+    "CanaryStatus",
+    "Evidence",
+    "FinishedConnection",
+    "KeyFacts",
+    "KeyStatus",
+    "RequestCounters",
+    "Row",
+    "Sample",
+    "Status",
+    "Window",
+    "percent",
+    "should_halt",
+]
+
+log = logging.getLogger("dualproxy")
+
+# The status page's time buckets: 15 minutes shows a rollout's shape within an hour, and a
+# day of them (96) is what an operator compares against yesterday's traffic.
+BUCKET_SECONDS: Final = 15 * 60
+SERIES_BUCKETS: Final = 24 * 60 * 60 // BUCKET_SECONDS
+# Upper bounds of the upstream latency histogram, in seconds: prometheus_client's defaults,
+# which span an API's fast answers (5 ms) to the slow ones that users notice (10 s).
+LATENCY_BOUNDS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+# Status codes are three digits (RFC 9110 15), so status // 100 is 1..9.
+_STATUS_CLASSES: Final = 10
+
+# Outcome values (server.Outcome is a StrEnum with these values; evidence does not import the
+# server, which imports it).
+CLIENT_ABORTED: Final = "client-aborted"
+NO_REQUEST: Final = "no-request"
+# Labels for connections that ended before a key was chosen (no hello, plain HTTP, timeout).
+NONE_LABEL: Final = "-"
+_CANARY: Final[str] = Reason.CANARY.value
+_DEFAULT: Final[str] = Reason.DEFAULT.value
+
+
+class FinishedConnection(Protocol):
+    """What the accounting reads from a finished connection (server.ConnectionRecord)."""
+
+    @property
+    def key(self) -> str | None: ...
+    @property
+    def choice(self) -> Choice | None: ...
+    @property
+    def outcome(self) -> enum.StrEnum: ...  # server.Outcome
+    @property
+    def detail(self) -> str: ...
+    @property
+    def tls_version(self) -> str | None: ...
+    @property
+    def requests(self) -> int: ...
+
+
+class RequestCounters:
+    """Per-request counts of the connections served one key for one reason (a connection
+    takes its set once, when its key is chosen: Evidence.counters_for): the relay reports
+    through the connection's record (server.ConnectionRecord.response_relayed), which
+    increments these directly, without a call deeper: it runs once per response."""
+
+    __slots__ = ("latency", "latency_sum", "statuses")
+
+    def __init__(self) -> None:
+        self.statuses = [0] * _STATUS_CLASSES  # index: status // 100
+        # index: bisect_right(LATENCY_BOUNDS, seconds); the last is above every bound
+        self.latency = [0] * (len(LATENCY_BOUNDS) + 1)
+        self.latency_sum = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """Handshakes that reached a certificate, and how many of them look like pin failures."""
+
+    completed: int = 0
+    aborted: int = 0  # by the client, after our certificate
+    no_request: int = 0  # completed, then closed without a request (and nothing refused)
+
+    @property
+    def handshakes(self) -> int:
+        return self.completed + self.aborted
+
+    @property
+    def pin_failures(self) -> int:
+        return self.aborted + self.no_request
+
+    @property
+    def share(self) -> float | None:
+        """Pin failures per handshake; None without handshakes."""
+        return self.pin_failures / self.handshakes if self.handshakes else None
+
+    def __add__(self, other: Sample) -> Sample:
+        return Sample(
+            self.completed + other.completed,
+            self.aborted + other.aborted,
+            self.no_request + other.no_request,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Handshakes that reached a key's certificate in a span of time, and its pin failures."""
+
+    handshakes: int = 0
+    pin_failures: int = 0
+
+    @property
+    def share(self) -> float | None:
+        return self.pin_failures / self.handshakes if self.handshakes else None
+
+
+def should_halt(canary: Sample, control: Sample, *, min_sample: int, margin: float) -> bool:
+    """The canary rule (see the module docstring)."""
+    return _halts(
+        canary.handshakes,
+        canary.pin_failures,
+        control.handshakes,
+        control.pin_failures,
+        min_sample,
+        margin,
+    )
+
+
+def _halts(
+    handshakes: int, failures: int, control: int, control_failures: int, least: int, margin: float
+) -> bool:
+    """should_halt on plain ints (per canary connection, without building Samples)."""
+    if handshakes < least:
+        return False
+    control_share = control_failures / control if control else 0.0
+    return failures / handshakes - control_share > margin
+
+
+class CanaryJudge:
+    """The canary's two samples since the start or the last resume, and its halt."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self.halted = False
+        self.halted_at: float | None = None
+        self.why: str | None = None
+        self.halts = 0  # since the process started
+        # [completed, aborted, no_request] of each sample: plain ints, counted per connection.
+        self._canary = [0, 0, 0]
+        self._control = [0, 0, 0]
+
+    @property
+    def canary(self) -> Sample:
+        """The new key's canary handshakes (reason canary)."""
+        return Sample(*self._canary)
+
+    @property
+    def control(self) -> Sample:
+        """The old key's hint-less handshakes (reason default)."""
+        return Sample(*self._control)
+
+    def observe(self, reason: str, aborted: bool, quiet: bool, rotation: Rotation | None) -> None:
+        """Count one handshake that reached a certificate (`reason`: a Reason's value), and
+        apply the rule."""
+        if self.halted or rotation is None or rotation.canary_percent <= 0:
+            return
+        if reason == _DEFAULT:
+            counts = self._control
+        elif reason == _CANARY:
+            counts = self._canary
+        else:
+            return
+        counts[1 if aborted else 0] += 1
+        counts[2] += quiet
+        if counts is self._control:
+            return
+        control = self._control
+        if _halts(
+            counts[0] + counts[1],
+            counts[1] + counts[2],
+            control[0] + control[1],
+            control[1] + control[2],
+            rotation.canary_min_sample,
+            rotation.canary_halt_margin,
+        ):
+            self._halt(rotation)
+
+    def _halt(self, rotation: Rotation) -> None:
+        self.halted = True
+        self.halted_at = self._clock()
+        self.halts += 1
+        canary, control = self.canary, self.control
+        self.why = (
+            f"new key pin-failure share {percent(canary.share)} over {canary.handshakes} canary"
+            f" handshakes vs old key {percent(control.share)} over {control.handshakes}"
+            f" (margin {rotation.canary_halt_margin * 100:g} points)"
+        )
+        log.error(
+            "CANARY HALTED: %s; hint-less clients get the default key (%s) again; resume with"
+            " `dualproxy canary resume` once the cause is fixed",
+            self.why,
+            rotation.default,
+        )
+
+    def resume(self) -> bool:
+        """Run the canary again with fresh samples; False when it was not halted."""
+        was_halted = self.halted
+        self.halted = False
+        self.halted_at = None
+        self.why = None
+        self._canary = [0, 0, 0]
+        self._control = [0, 0, 0]
+        if was_halted:
+            log.warning("canary resumed by the operator; samples start from zero")
+        return was_halted
+
+
+# One connection's place in the counts: (key, reason, outcome, handshake completed, pin failure).
+_RowKey = tuple[str, str, str, bool, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """Connections that ended alike, and the requests they carried."""
+
+    key: str
+    reason: str
+    outcome: str
+    completed: bool
+    pin_failure: bool
+    connections: int
+    requests: int
+
+    @property
+    def sample(self) -> Sample:
+        """These connections as handshake evidence: aborted after our certificate, or
+        completed (a pin failure too when nothing followed); neither otherwise."""
+        if self.outcome == CLIENT_ABORTED:
+            return Sample(aborted=self.connections)
+        if self.completed:
+            quiet = self.connections if self.pin_failure else 0
+            return Sample(completed=self.connections, no_request=quiet)
+        return Sample()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFacts:
+    """What the key snapshot says about a key (the admin listener's glue builds these)."""
+
+    name: str
+    role: str  # "old", "new", "single" or "standby" (configured, served by no identity)
+    pin: str
+    algorithm: str
+    not_before: datetime
+    not_after: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStatus:
+    facts: KeyFacts
+    total: Sample  # since the process started
+    last_24h: Window
+    requests: int
+    # per time bucket, oldest first, the last one being the current (partial) bucket
+    handshakes_series: tuple[int, ...]
+    failures_series: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryStatus:
+    percent: float
+    min_sample: int
+    margin: float
+    halted: bool
+    halted_at: datetime | None
+    why: str | None
+    halts: int
+    canary: Sample
+    control: Sample
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseRow:
+    """Responses and upstream latency of the connections served one key for one reason."""
+
+    key: str
+    reason: str
+    responses: Mapping[str, int]  # "2xx": count
+    latency_counts: tuple[int, ...]  # per LATENCY_BOUNDS bucket, then above the last
+    latency_sum: float
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Everything the surfaces show, at one instant."""
+
+    now: datetime  # the policy's clock
+    started: datetime
+    phase: Phase
+    rotation: Rotation | None
+    keys: tuple[KeyStatus, ...]
+    rows: tuple[Row, ...]
+    response_rows: tuple[ResponseRow, ...]  # responses and upstream latency, per key and reason
+    active_connections: int
+    reloads_ok: int
+    reloads_failed: int
+    canary: CanaryStatus | None
+    bucket_seconds: int
+    series_start: datetime  # the start of the oldest bucket in the series
+    # What apps reported about failed pins ([reports]; reports.ReportSummary), None without.
+    pin_reports: ReportSummary | None = None
+
+    @property
+    def responses(self) -> dict[str, int]:
+        """ "2xx": count, over every key."""
+        total: dict[str, int] = {}
+        for row in self.response_rows:
+            for code_class, count in row.responses.items():
+                total[code_class] = total.get(code_class, 0) + count
+        return total
+
+    @property
+    def latency_counts(self) -> tuple[int, ...]:
+        """Upstream latencies per LATENCY_BOUNDS bucket, then above the last, over every key."""
+        counts = [0] * (len(LATENCY_BOUNDS) + 1)
+        for row in self.response_rows:
+            counts = [a + b for a, b in zip(counts, row.latency_counts, strict=True)]
+        return tuple(counts)
+
+    @property
+    def latency_sum(self) -> float:
+        return sum(row.latency_sum for row in self.response_rows)
+
+    def to_json(self) -> dict[str, object]:
+        """The /status.json document (schema 1; see the README)."""
+        rotation = self.rotation
+        return {
+            "schema": 1,
+            "now": format_time(self.now),
+            "started": format_time(self.started),
+            "phase": self.phase,
+            "rotation": None
+            if rotation is None
+            else {
+                "old": list(rotation.old),
+                "new": list(rotation.new),
+                "grace_start": format_time(rotation.grace_start),
+                "grace_end": format_time(rotation.grace_end),
+                "default": rotation.default,
+                "canary_percent": rotation.canary_percent,
+            },
+            "canary": None if self.canary is None else _canary_json(self.canary),
+            "keys": [_key_json(k) for k in self.keys],
+            "connections": [
+                {
+                    "key": r.key,
+                    "reason": r.reason,
+                    "outcome": r.outcome,
+                    "handshake_completed": r.completed,
+                    "pin_failure": r.pin_failure,
+                    "connections": r.connections,
+                    "requests": r.requests,
+                }
+                for r in self.rows
+            ],
+            "responses": dict(self.responses),
+            "upstream_latency": {
+                "bounds": list(LATENCY_BOUNDS),
+                "counts": list(self.latency_counts),
+                "sum": self.latency_sum,
+            },
+            "responses_by_key": [
+                {
+                    "key": r.key,
+                    "reason": r.reason,
+                    "responses": dict(r.responses),
+                    "upstream_latency": {"counts": list(r.latency_counts), "sum": r.latency_sum},
+                }
+                for r in self.response_rows
+            ],
+            "active_connections": self.active_connections,
+            "reloads": {"ok": self.reloads_ok, "failed": self.reloads_failed},
+            "series": {
+                "bucket_seconds": self.bucket_seconds,
+                "start": format_time(self.series_start),
+                "buckets": SERIES_BUCKETS,
+            },
+            "pin_reports": self.pin_reports,
+        }
+
+
+class _Timeline:
+    """One key's handshakes and pin failures per time bucket, in a ring of a day."""
+
+    __slots__ = ("failures", "handshakes")
+
+    def __init__(self) -> None:
+        self.handshakes = [0] * SERIES_BUCKETS
+        self.failures = [0] * SERIES_BUCKETS
+
+
+class Evidence:
+    """A server's counts since it started; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        bucket_seconds: int = BUCKET_SECONDS,
+    ) -> None:
+        self._clock = clock
+        self._bucket_seconds = bucket_seconds
+        self.started = clock()
+        self._request_counters: dict[tuple[str, str], RequestCounters] = {}
+        self.canary = CanaryJudge(clock)
+        self._rows: dict[_RowKey, list[int]] = {}  # [connections, requests]
+        self._timelines: dict[str, _Timeline] = {}
+        # The bucket number each ring slot holds now; a slot is cleared when time reuses it.
+        self._slot_bucket = [-1] * SERIES_BUCKETS
+
+    def counters_for(self, key: str, reason: str) -> RequestCounters:
+        """The per-request counts of connections served `key` for `reason`; a connection
+        takes them once, so that counting a response costs no lookup. Bounded: keys and
+        reasons come from the config and the policy."""
+        counters = self._request_counters.get((key, reason))
+        if counters is None:
+            counters = self._request_counters[key, reason] = RequestCounters()
+        return counters
+
+    def connection_ended(self, record: FinishedConnection, rotation: Rotation | None) -> None:
+        """Count a finished connection; `rotation` is the config's current (for the canary)."""
+        # Plain strings from here on: enum members hash and compare in Python code (3.11),
+        # several times slower than str, and this runs for every connection.
+        key = record.key or NONE_LABEL
+        choice = record.choice
+        reason: str = choice.reason._value_ if choice is not None else NONE_LABEL
+        outcome: str = record.outcome._value_
+        completed = record.tls_version is not None
+        aborted = outcome == CLIENT_ABORTED
+        quiet = outcome == NO_REQUEST and not record.detail
+        row_key = (key, reason, outcome, completed, aborted or quiet)
+        row = self._rows.get(row_key)
+        if row is None:
+            row = self._rows[row_key] = [0, 0]
+        row[0] += 1
+        row[1] += record.requests
+        if record.key is None or not (completed or aborted):
+            return
+        failure = aborted or quiet
+        bucket = int(self._clock() // self._bucket_seconds)
+        slot = bucket % SERIES_BUCKETS
+        if self._slot_bucket[slot] != bucket:
+            self._slot_bucket[slot] = bucket
+            for stale in self._timelines.values():
+                stale.handshakes[slot] = stale.failures[slot] = 0
+        timeline = self._timelines.get(key)
+        if timeline is None:
+            timeline = self._timelines[key] = _Timeline()
+        timeline.handshakes[slot] += 1
+        timeline.failures[slot] += failure
+        if reason in (_CANARY, _DEFAULT):
+            self.canary.observe(reason, aborted, quiet, rotation)
+
+    # --- reading -----------------------------------------------------------------------
+
+    def status(
+        self,
+        *,
+        now: datetime,
+        phase: Phase,
+        rotation: Rotation | None,
+        keys: Sequence[KeyFacts],
+        active_connections: int,
+        reloads_ok: int,
+        reloads_failed: int,
+        pin_reports: ReportSummary | None = None,
+    ) -> Status:
+        """A consistent picture of the counts (called at scrape time, never per request).
+
+        `now` and `phase` are the policy's (the server's clock); the time buckets follow this
+        object's own clock, the same in production.
+        """
+        wall = self._clock()
+        rows = tuple(
+            Row(k[0], k[1], k[2], k[3], k[4], counts[0], counts[1])
+            for k, counts in sorted(self._rows.items())
+        )
+        last_bucket = int(wall // self._bucket_seconds)
+        first_bucket = last_bucket - SERIES_BUCKETS + 1
+        statuses: list[KeyStatus] = []
+        for facts in keys:
+            total, requests = _total(rows, facts.name)
+            handshakes, failures = self._series(facts.name, first_bucket)
+            statuses.append(
+                KeyStatus(
+                    facts=facts,
+                    total=total,
+                    last_24h=Window(sum(handshakes), sum(failures)),
+                    requests=requests,
+                    handshakes_series=handshakes,
+                    failures_series=failures,
+                )
+            )
+        response_rows = tuple(
+            ResponseRow(
+                key,
+                reason,
+                _classes(counters.statuses),
+                tuple(counters.latency),
+                counters.latency_sum,
+            )
+            for (key, reason), counters in sorted(self._request_counters.items())
+            if any(counters.statuses)
+        )
+        canary = None
+        if (rotation is not None and rotation.canary_percent > 0) or self.canary.halts:
+            judge = self.canary
+            canary = CanaryStatus(
+                percent=rotation.canary_percent if rotation is not None else 0.0,
+                min_sample=rotation.canary_min_sample if rotation is not None else 0,
+                margin=rotation.canary_halt_margin if rotation is not None else 0.0,
+                halted=judge.halted,
+                halted_at=_utc(judge.halted_at) if judge.halted_at is not None else None,
+                why=judge.why,
+                halts=judge.halts,
+                canary=judge.canary,
+                control=judge.control,
+            )
+        return Status(
+            now=now,
+            started=_utc(self.started),
+            phase=phase,
+            rotation=rotation,
+            keys=tuple(statuses),
+            rows=rows,
+            response_rows=response_rows,
+            active_connections=active_connections,
+            reloads_ok=reloads_ok,
+            reloads_failed=reloads_failed,
+            canary=canary,
+            bucket_seconds=self._bucket_seconds,
+            series_start=_utc(first_bucket * self._bucket_seconds),
+            pin_reports=pin_reports,
+        )
+
+    def _series(self, key: str, first_bucket: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        timeline = self._timelines.get(key)
+        if timeline is None:
+            empty = (0,) * SERIES_BUCKETS
+            return empty, empty
+        handshakes: list[int] = []
+        failures: list[int] = []
+        for bucket in range(first_bucket, first_bucket + SERIES_BUCKETS):
+            slot = bucket % SERIES_BUCKETS
+            current = self._slot_bucket[slot] == bucket  # else a slot from a day ago, or none
+            handshakes.append(timeline.handshakes[slot] if current else 0)
+            failures.append(timeline.failures[slot] if current else 0)
+        return tuple(handshakes), tuple(failures)
+
+
+def _total(rows: Sequence[Row], key: str) -> tuple[Sample, int]:
+    mine = [row for row in rows if row.key == key]
+    return sum((row.sample for row in mine), Sample()), sum(row.requests for row in mine)
+
+
+def _classes(statuses: Sequence[int]) -> dict[str, int]:
+    """{"2xx": count, ...} for the classes with responses."""
+    return {f"{index}xx": count for index, count in enumerate(statuses) if count}
+
+
+def percent(share: float | None) -> str:
+    """A pin-failure share as people read it: "12.5%", "-" without handshakes."""
+    return "-" if share is None else f"{share * 100:.1f}%"
+
+
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def _sample_json(sample: Sample) -> dict[str, object]:
+    return {
+        "handshakes": sample.handshakes,
+        "completed": sample.completed,
+        "aborted": sample.aborted,
+        "no_request": sample.no_request,
+        "pin_failures": sample.pin_failures,
+        "pin_failure_share": sample.share,
+    }
+
+
+def _key_json(status: KeyStatus) -> dict[str, object]:
+    facts = status.facts
+    last = status.last_24h
+    return {
+        "name": facts.name,
+        "role": facts.role,
+        "pin": f"sha256/{facts.pin}",
+        "algorithm": facts.algorithm,
+        "not_before": format_time(facts.not_before),
+        "not_after": format_time(facts.not_after),
+        "total": _sample_json(status.total),
+        "last_24h": {
+            "handshakes": last.handshakes,
+            "pin_failures": last.pin_failures,
+            "pin_failure_share": last.share,
+        },
+        "requests": status.requests,
+        "series": {
+            "handshakes": list(status.handshakes_series),
+            "pin_failures": list(status.failures_series),
+        },
+    }
+
+
+def _canary_json(canary: CanaryStatus) -> dict[str, object]:
+    return {
+        "percent": canary.percent,
+        "min_sample": canary.min_sample,
+        "halt_margin": canary.margin,
+        "halted": canary.halted,
+        "halted_at": format_time(canary.halted_at) if canary.halted_at is not None else None,
+        "why": canary.why,
+        "halts": canary.halts,
+        "canary_sample": _sample_json(canary.canary),
+        "control_sample": _sample_json(canary.control),
+    }

@@ -1,0 +1,6 @@
+"""TLS: the ClientHello peek, the key store and its SSL contexts, pins, our own streams.
+
+Layer 2 of the house (see docs/architecture.md): imports `config` and `files` only. Parsers
+here are pure; `keystore` reads key files and builds OpenSSL contexts; `streams` is the
+socket and TLS edge every listener uses.
+"""

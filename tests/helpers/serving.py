@@ -1,0 +1,38 @@
+"""A real server on a loopback port, started as `dualproxy serve` starts it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import trio
+
+from dualproxy.config import Config
+from dualproxy.serve.server import Server
+
+
+@dataclass
+class Running:
+    server: Server
+    host: str
+    port: int
+    records: list[str] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def serving(
+    config: Config, *, clock: Callable[[], datetime] | None = None, dev_headers: bool = False
+) -> AsyncIterator[Running]:
+    """A real server on a loopback port for the duration of the block."""
+    kwargs: dict[str, Any] = {"handle_signals": False, "dev_headers": dev_headers}
+    if clock is not None:
+        kwargs["clock"] = clock
+    server = Server(config, **kwargs)
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(server.run)
+        host, port = bound[0]
+        yield Running(server, host, port)
+        nursery.cancel_scope.cancel()
