@@ -633,10 +633,10 @@ def probe_load_generators(dualproxy_toml_path: Path) -> dict[str, dict[str, int]
     connection, against a server holding the very SSLContext dualproxy builds (which issues
     TLS 1.3 tickets): proves whether the new-connection figures include any resumption."""
     sys.path.insert(0, str(REPO))
-    from dualproxy import config
+    from dualproxy.config.loader import load
     from dualproxy.tls import keystore
 
-    snapshot = keystore.load_snapshot(config.load(dualproxy_toml_path))
+    snapshot = keystore.load_snapshot(load(dualproxy_toml_path))
     context = snapshot.identities["single"].context
     results: dict[str, dict[str, int]] = {}
     for name in ("h2load", "wrk"):

@@ -26,10 +26,11 @@ from helpers.clients import CLIENT_TIMEOUT, read_until
 from helpers.configs import config_toml
 from helpers.pebble import Pebble, running_pebble
 
-from dualproxy import config as config_mod
 from dualproxy.acme import issuer as acme
 from dualproxy.acme.challenges import HTTP01_PREFIX, Challenge, probe_tls_alpn
 from dualproxy.cli.main import main
+from dualproxy.config.loader import load, parse
+from dualproxy.config.schema import Config
 from dualproxy.serve.server import Server
 from dualproxy.tls import keystore
 from dualproxy.tls.pins import spki_pin, spki_pin_of_certificate
@@ -55,8 +56,8 @@ class Setup:
     pin: str
     pebble: Pebble
 
-    def config(self) -> config_mod.Config:
-        return config_mod.load(self.config_file)
+    def config(self) -> Config:
+        return load(self.config_file)
 
 
 def make_setup(
@@ -448,7 +449,7 @@ def test_renewal_window_is_fetched_when_the_ca_offers_it(
 ) -> None:
     from datetime import UTC, datetime
 
-    from dualproxy.config import AcmeConfig
+    from dualproxy.config.schema import AcmeConfig
 
     directory, ca_file, requested = fake_ari
     settings = AcmeConfig(directory, Path("unused.pem"), ca_file=ca_file)
@@ -477,7 +478,7 @@ def test_a_retired_old_key_is_not_renewed(tmp_path: Path) -> None:
             "grace_end": datetime(2027, 1, 1, tzinfo=UTC),
         },
     }
-    config = config_mod.parse(data, base_dir=tmp_path, check_files=False)
+    config = parse(data, base_dir=tmp_path, check_files=False)
     during, after = datetime(2026, 12, 15, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
     assert not acme.retired(config, "a", during)
     assert acme.retired(config, "a", after)

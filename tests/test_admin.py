@@ -33,7 +33,7 @@ from helpers.upstream_server import UpstreamServer, serve_upstream
 from prometheus_client.parser import text_string_to_metric_families
 
 from dualproxy.cli import main as cli
-from dualproxy.config import ListenAddress
+from dualproxy.config.names import ListenAddress
 from dualproxy.dev.control import Refused
 from dualproxy.ops import admin
 from dualproxy.serve.server import Server

@@ -17,8 +17,8 @@ import trustme
 from helpers.keys import make_key
 from helpers.rotation import GRACE_END, GRACE_START
 
-from dualproxy import config as config_mod
-from dualproxy.config import Config, KeyConfig, KeyStoreSettings
+from dualproxy.config.loader import parse
+from dualproxy.config.schema import Config, KeyConfig, KeyStoreSettings
 from dualproxy.rotation.checks import (
     EXPIRY_WARNING,
     Finding,
@@ -61,7 +61,7 @@ def make_config(*, rotation: bool = True) -> Config:
             "grace_end": GRACE_END,
             "hints": {"new": {"sni": [NEW_HINT]}, "old": {"sni": [OLD_HINT]}},
         }
-    return config_mod.parse(data, base_dir=CONFIG_FILE.parent, path=CONFIG_FILE, check_files=False)
+    return parse(data, base_dir=CONFIG_FILE.parent, path=CONFIG_FILE, check_files=False)
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +273,7 @@ def acme_config(old_names: list[str], new_names: list[str]) -> Config:
         },
         "rotation": {"old": "a", "new": "b", "grace_start": GRACE_START, "grace_end": GRACE_END},
     }
-    return config_mod.parse(data, base_dir=CONFIG_FILE.parent, path=CONFIG_FILE, check_files=False)
+    return parse(data, base_dir=CONFIG_FILE.parent, path=CONFIG_FILE, check_files=False)
 
 
 def test_check_acme_reports_keys_without_a_certificate() -> None:

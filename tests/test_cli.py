@@ -33,8 +33,8 @@ from helpers.rotation import GRACE_START
 from helpers.serving import serving
 from helpers.upstream_server import UpstreamServer, serve_upstream
 
-from dualproxy import config
 from dualproxy.cli import main as cli
+from dualproxy.config.loader import load as load_config
 from dualproxy.dev.bench import issue_certificate
 from dualproxy.ops import admin
 from dualproxy.rotation.policy import canary_bucket
@@ -412,7 +412,7 @@ async def test_curl_takes_the_curl_pins_as_they_are(
     wrong = wrong_out.removesuffix("\n")
     assert wrong == f"sha256//{other.pin}"
 
-    async with serving(config.load(example.config_file)) as running:
+    async with serving(load_config(example.config_file)) as running:
         for pin_list, expected in ((pinned, 0), (wrong, CURL_EXIT_PIN_MISMATCH)):
             argv = curl_pinned(running.port, cafile=example.cafile, pin="placeholder")
             argv[argv.index("--pinnedpubkey") + 1] = pin_list
@@ -428,7 +428,7 @@ async def test_example_relays_to_its_upstream(example: Example, tmp_path: Path) 
         table = upstream.config_table()
         with example.config_file.open("a") as file:
             file.write(f'\n[upstream]\nurl = "{table["url"]}"\nca_file = "{table["ca_file"]}"\n')
-        async with serving(config.load(example.config_file)) as running:
+        async with serving(load_config(example.config_file)) as running:
             answer = await tls_get_async(
                 running.host, running.port, cafile=example.cafile, server_name="api.example.com"
             )

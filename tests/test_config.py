@@ -13,24 +13,23 @@ from typing import Any, Final
 import pytest
 from helpers.rotation import GRACE_END, GRACE_START
 
-from dualproxy.config import (
+from dualproxy.config.errors import ConfigError
+from dualproxy.config.loader import load, parse
+from dualproxy.config.names import ListenAddress
+from dualproxy.config.schema import (
     AcmeConfig,
     Config,
-    ConfigError,
     Hints,
     KeyConfig,
     KeyStoreSettings,
     Limits,
-    ListenAddress,
     ListenConfig,
     ManifestConfig,
     ReportsConfig,
     Rotation,
     UpstreamConfig,
-    load,
-    parse,
-    parse_time,
 )
+from dualproxy.config.times import parse_time
 
 EXAMPLE: Final = """
 [listen]
@@ -955,6 +954,32 @@ def test_upstream_headers_dualproxy_manages_are_refused(tmp_path: Path, name: st
         parse(data, base_dir=tmp_path)
     assert caught.value.key_path == "upstream.headers"
     assert "cannot be added" in caught.value.problem
+
+
+def test_upstream_header_with_an_underscore_is_refused(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    data = edited({UPSTREAM: "https://x.example", "upstream.headers": {"X_Proxy_Secret": "v"}})
+    with pytest.raises(ConfigError) as caught:
+        parse(data, base_dir=tmp_path)
+    assert caught.value.key_path == "upstream.headers.X_Proxy_Secret"
+    assert "underscore" in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [("https://bücher.example", True), ("https://xn--bcher-kva.example", False)],
+)
+def test_upstream_host_is_written_in_punycode(tmp_path: Path, url: str, refused: bool) -> None:
+    make_files(tmp_path)
+    data = edited({UPSTREAM: url})
+    if not refused:
+        upstream = parse(data, base_dir=tmp_path).upstream
+        assert upstream is not None
+        assert upstream.host == "xn--bcher-kva.example"
+        return
+    with pytest.raises(ConfigError) as caught:
+        parse(data, base_dir=tmp_path)
+    assert (caught.value.key_path, "punycode" in caught.value.problem) == ("upstream.url", True)
 
 
 def test_upstream_header_dualproxy_does_not_manage_is_accepted(tmp_path: Path) -> None:

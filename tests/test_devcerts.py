@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from dualproxy.config import KeyConfig, KeyStoreSettings
+from dualproxy.config.schema import KeyConfig, KeyStoreSettings
 from dualproxy.dev import certs as devcerts
 from dualproxy.dev.certs import CERTIFICATES, HINT_SNI, KEYS, WRONG_HOST, DevMaterial
 from dualproxy.tls import keystore, pins

@@ -11,7 +11,7 @@ from typing import Final
 import pytest
 from helpers.rotation import GRACE_END, GRACE_START, grace_window
 
-from dualproxy.config import IdentityName, Rotation
+from dualproxy.config.schema import IdentityName, Rotation
 from dualproxy.ops.evidence import (
     BUCKET_SECONDS,
     SERIES_BUCKETS,

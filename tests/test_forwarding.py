@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dualproxy.config import Limits, UpstreamConfig
+from dualproxy.config.schema import Limits, UpstreamConfig
 from dualproxy.http import forwarding
 from dualproxy.http.forwarding import (
     MAX_CONTENT_LENGTH_DIGITS,

@@ -33,14 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import NameOID
 
-from dualproxy.config import (
-    Config,
-    KeyConfig,
-    KeyStoreSettings,
-    ListenAddress,
-    ListenConfig,
-    Rotation,
-)
+from dualproxy.config.names import ListenAddress
+from dualproxy.config.schema import Config, KeyConfig, KeyStoreSettings, ListenConfig, Rotation
 from dualproxy.tls import keystore
 from dualproxy.tls.clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, parse_client_hello
 from dualproxy.tls.keystore import (

@@ -12,7 +12,7 @@ from helpers.rotation import GRACE_END, GRACE_START
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dualproxy.config import Hints, IdentityName, Role, Rotation
+from dualproxy.config.schema import Hints, IdentityName, Role, Rotation
 from dualproxy.rotation.policy import (
     Choice,
     IPAddress,

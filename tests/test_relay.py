@@ -45,7 +45,7 @@ from helpers.upstream_server import (
     serve_upstream,
 )
 
-from dualproxy.config import ConfigError
+from dualproxy.config.errors import ConfigError
 from dualproxy.http.forwarding import ResponseHead
 from dualproxy.http.relay import (
     ALLOWED_METHODS,

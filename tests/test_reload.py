@@ -36,7 +36,7 @@ from helpers.keys import KeyFiles, make_key, reissue
 from helpers.rotation import Clock
 from helpers.serving import Running, serving
 
-from dualproxy.config import Config
+from dualproxy.config.schema import Config
 from dualproxy.serve.server import Server
 from dualproxy.tls.keystore import KeySnapshot
 from dualproxy.tls.pins import spki_pin_of_certificate

@@ -22,7 +22,7 @@ from dualproxy.acme.renewal import (
     retry_delay,
     wake_time,
 )
-from dualproxy.config import AcmeConfig
+from dualproxy.config.schema import AcmeConfig
 
 T0: Final = datetime(2026, 12, 1, tzinfo=UTC)
 DAY: Final = timedelta(days=1)

@@ -37,7 +37,8 @@ from helpers.keys import KeyFiles, make_key
 from helpers.rotation import Clock
 from helpers.serving import serving
 
-from dualproxy.config import Config, ListenAddress
+from dualproxy.config.names import ListenAddress
+from dualproxy.config.schema import Config
 from dualproxy.serve import server as server_mod
 from dualproxy.serve.server import Outcome, Server, classify_handshake_failure, open_listeners
 from dualproxy.tls import streams as streams_mod

@@ -30,7 +30,7 @@ from helpers.serving import serving
 from test_admin import DURING, admin_listener, connections_counted, rotation
 from test_evidence import Finished
 
-from dualproxy.config import Rotation
+from dualproxy.config.schema import Rotation
 from dualproxy.ops.evidence import Evidence, KeyFacts, Status
 from dualproxy.ops.logformat import JsonFormatter, TextFormatter, conn_fields
 from dualproxy.ops.statuspage import render_html, render_text

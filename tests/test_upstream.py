@@ -35,7 +35,8 @@ from helpers.upstream_server import (
     unresponsive_port,
 )
 
-from dualproxy.config import ConfigError, Limits, UpstreamConfig
+from dualproxy.config.errors import ConfigError
+from dualproxy.config.schema import Limits, UpstreamConfig
 from dualproxy.http.forwarding import MAX_RESPONSE_HEAD_BYTES, ResponseHead
 from dualproxy.http.http1 import END
 from dualproxy.http.upstream import (

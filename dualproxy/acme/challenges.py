@@ -46,7 +46,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from dualproxy.config import ChallengeType, ListenAddress, normalize_host
+from dualproxy.config.names import ListenAddress, normalize_host
+from dualproxy.config.schema import ChallengeType
 from dualproxy.files import write_atomically
 from dualproxy.tls.clienthello import (
     MAX_CLIENT_HELLO_BYTES,

@@ -52,7 +52,8 @@ from dualproxy.acme.challenges import (
     wait_until_served,
 )
 from dualproxy.acme.challenges import withdraw as withdraw_challenges
-from dualproxy.config import AcmeConfig, ChallengeType, Config, KeyConfig, ListenAddress
+from dualproxy.config.names import ListenAddress
+from dualproxy.config.schema import AcmeConfig, ChallengeType, Config, KeyConfig
 from dualproxy.files import write_atomically
 from dualproxy.pinning.manifest import b64url_encode
 from dualproxy.tls import keystore

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
 
-from dualproxy.config import AcmeConfig
+from dualproxy.config.schema import AcmeConfig
 
 # Warn as expiry nears from this long before it (Let's Encrypt's own reminder mails began 20
 # days ahead; `dualproxy check` warns at 14): renewal should have happened long before.

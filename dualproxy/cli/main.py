@@ -34,21 +34,18 @@ import trio
 from cryptography.hazmat.primitives import serialization
 
 from dualproxy.acme import challenges, renewal
-from dualproxy.config import (
-    DEFAULT_CONFIG_FILE,
-    Config,
-    ConfigError,
-    KeyConfig,
+from dualproxy.config.errors import ConfigError
+from dualproxy.config.loader import load
+from dualproxy.config.names import (
     ListenAddress,
-    Role,
     admin_address_problem,
     host_name_problem,
     key_name_problem,
-    load,
     normalize_host,
     parse_address,
-    parse_time,
 )
+from dualproxy.config.schema import DEFAULT_CONFIG_FILE, Config, KeyConfig, Role
+from dualproxy.config.times import parse_time
 from dualproxy.dev import bench as dev
 from dualproxy.dev import certs as devcerts
 from dualproxy.dev import control as devcontrol

@@ -38,8 +38,8 @@ from typing import Final
 
 import trio
 
-from dualproxy import config as config_mod
-from dualproxy.config import Config
+from dualproxy.config.loader import parse as parse_config
+from dualproxy.config.schema import Config, Rotation
 from dualproxy.dev import control as devcontrol
 from dualproxy.dev import echo
 from dualproxy.dev.certs import (
@@ -147,7 +147,7 @@ def build_config(
         }
     else:
         data["keys"] = {scenario: _key_table(scenario)}
-    return config_mod.parse(data, base_dir=material.folder)
+    return parse_config(data, base_dir=material.folder)
 
 
 def _key_table(name: str) -> dict[str, str]:
@@ -246,7 +246,7 @@ def curl_command(probe: Probe, material: DevMaterial, host: str, port: int) -> s
     return shlex.join(argv)
 
 
-def pin_snippets(material: DevMaterial, rotation: config_mod.Rotation | None, now: datetime) -> str:
+def pin_snippets(material: DevMaterial, rotation: Rotation | None, now: datetime) -> str:
     """Old + new pins for OkHttp, Android, TrustKit and iOS, for the bench's host names."""
     hostnames = tuple(name for name in material.names if not is_ip(name) and name != HINT_SNI)
     both = [

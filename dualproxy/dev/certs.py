@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from dualproxy import config as config_mod
+from dualproxy.config.names import normalize_host
 from dualproxy.files import write_atomically
 from dualproxy.tls import keystore
 from dualproxy.tls.pins import describe_key_algorithm, spki_pin
@@ -246,7 +246,7 @@ def _normal_name(name: str) -> str:
     try:
         return str(ipaddress.ip_address(name))
     except ValueError:
-        return config_mod.normalize_host(name)
+        return normalize_host(name)
 
 
 def _new_ca(organization: str) -> tuple[x509.Certificate, PrivateKey]:

@@ -40,7 +40,7 @@ from typing import Final, Protocol
 import h11
 import trio
 
-from dualproxy.config import is_loopback_host
+from dualproxy.config.names import is_loopback_host
 from dualproxy.files import write_atomically
 from dualproxy.tls.streams import receive_h11_request
 

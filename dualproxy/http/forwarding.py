@@ -106,8 +106,8 @@ from dataclasses import dataclass, field, fields, make_dataclass
 from http import HTTPStatus
 from typing import Any, Final, Literal
 
-from dualproxy import config
-from dualproxy.config import IPNetwork
+from dualproxy.config.names import IPNetwork
+from dualproxy.config.schema import Limits, UpstreamConfig
 
 __all__ = [
     "MAX_CONTENT_LENGTH_DIGITS",
@@ -282,14 +282,14 @@ class HeadError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class HeadLimits:
-    """Bounds on a client's request head; the defaults are `config.Limits`' (reasons there)."""
+    """Bounds on a client's request head; the defaults are `Limits`' (reasons there)."""
 
     max_request_line_bytes: int = 8 * 1024
     max_header_bytes: int = 16 * 1024
     max_header_count: int = 100
 
     @classmethod
-    def from_limits(cls, limits: config.Limits) -> HeadLimits:
+    def from_limits(cls, limits: Limits) -> HeadLimits:
         return cls(
             max_request_line_bytes=limits.max_request_line_bytes,
             max_header_bytes=limits.max_header_bytes,
@@ -535,7 +535,7 @@ class ForwardingRules:
         object.__setattr__(self, "_dropped_if_trusted", _REQUEST_DROPPED | added)
 
     @classmethod
-    def from_config(cls, upstream: config.UpstreamConfig) -> ForwardingRules:
+    def from_config(cls, upstream: UpstreamConfig) -> ForwardingRules:
         """Raises ValueError for a non-ASCII upstream host or an added header we cannot send."""
         try:
             authority = upstream.authority.encode("ascii")

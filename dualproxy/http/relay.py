@@ -99,7 +99,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 import trio
 
-from dualproxy.config import ConfigError
+from dualproxy.config.errors import ConfigError
 from dualproxy.http import http1
 from dualproxy.http.forwarding import (
     ClientPeer,
@@ -119,7 +119,7 @@ from dualproxy.pinning.endpoints import Endpoint, LocalEndpoints, LocalRequest
 from dualproxy.tls.streams import TlsStream
 
 if TYPE_CHECKING:
-    from dualproxy.config import Config, Limits
+    from dualproxy.config.schema import Config, Limits
 
 # One receive from either side. A TLS record carries at most 16 KiB, so a read returns at most
 # that much decrypted; 64 KiB lets a plain-TCP upstream hand over several segments at once.

@@ -61,7 +61,8 @@ from typing import Final, Literal
 
 import trio
 
-from dualproxy.config import ConfigError, Limits, UpstreamConfig
+from dualproxy.config.errors import ConfigError
+from dualproxy.config.schema import Limits, UpstreamConfig
 from dualproxy.http import http1
 from dualproxy.http.forwarding import (
     HeadError,

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
-from dualproxy.config import ListenAddress
+from dualproxy.config.names import ListenAddress
 from dualproxy.dev.control import (
     Answer,
     Refused,

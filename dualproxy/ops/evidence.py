@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final, Protocol
 
-from dualproxy.config import Rotation, format_time
+from dualproxy.config.schema import Rotation
+from dualproxy.config.times import format_time
 from dualproxy.rotation.policy import Choice, Phase, Reason
 
 if TYPE_CHECKING:

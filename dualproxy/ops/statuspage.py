@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from dualproxy.config import DEFAULT_CANARY_HALT_MARGIN
+from dualproxy.config.schema import DEFAULT_CANARY_HALT_MARGIN
 from dualproxy.ops.evidence import NONE_LABEL, KeyStatus, Row, Sample, Status, percent
 
 __all__ = ["render_html", "render_text"]

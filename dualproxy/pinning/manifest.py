@@ -48,7 +48,8 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from dualproxy.config import Config, Rotation, format_time, parse_time
+from dualproxy.config.schema import Config, Rotation
+from dualproxy.config.times import format_time, parse_time
 from dualproxy.files import write_atomically
 from dualproxy.rotation.policy import phase
 from dualproxy.tls.keystore import key_file_permission_problem

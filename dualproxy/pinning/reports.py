@@ -45,7 +45,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final, Literal, TypedDict
 
-from dualproxy.config import format_time, parse_time
+from dualproxy.config.times import format_time, parse_time
 from dualproxy.rotation.policy import client_id
 from dualproxy.tls.pins import is_pin
 

@@ -19,7 +19,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final, Literal
 
-from dualproxy.config import Config, Role, Rotation, normalize_host
+from dualproxy.config.names import normalize_host
+from dualproxy.config.schema import Config, Role, Rotation
 from dualproxy.tls.keystore import LoadedKey
 
 __all__ = ["EXPIRY_WARNING", "Finding", "certificate_covers", "check_acme", "check_keys"]

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, Literal
 
-from dualproxy.config import Hints, IdentityName, Role, Rotation, normalize_host
+from dualproxy.config.names import normalize_host
+from dualproxy.config.schema import Hints, IdentityName, Role, Rotation
 from dualproxy.tls.clienthello import ClientHello
 from dualproxy.tls.pins import PinRole
 

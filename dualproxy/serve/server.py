@@ -49,9 +49,11 @@ from typing import Final
 import h11
 import trio
 
-from dualproxy import config as config_mod
 from dualproxy.acme import challenges
-from dualproxy.config import Config, ConfigError, ListenAddress
+from dualproxy.config.errors import ConfigError
+from dualproxy.config.loader import load as load_config
+from dualproxy.config.names import ListenAddress
+from dualproxy.config.schema import Config, ListenConfig
 from dualproxy.http.relay import (
     DEPARTURE_CHECK_SECONDS,
     ClientConnection,
@@ -788,7 +790,7 @@ class Server:
         return RelaySettings.build(config, current.pool if same_pool and current else None)
 
     def _load_fresh(self) -> tuple[Config, KeySnapshot]:
-        config = config_mod.load(self.config.path) if self.config.path is not None else self.config
+        config = load_config(self.config.path) if self.config.path is not None else self.config
         return config, keystore.load_snapshot(config)
 
     def _files_signature(
@@ -943,7 +945,7 @@ async def _linger(stream: TcpStream) -> None:
     )
 
 
-def _replace_listen(config: Config, listen: config_mod.ListenConfig) -> Config:
+def _replace_listen(config: Config, listen: ListenConfig) -> Config:
     # replace(), not Config(...): a field added to Config later must not be dropped here.
     return replace(config, listen=listen)
 

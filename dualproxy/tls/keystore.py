@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from dualproxy.config import Config, IdentityName, KeyConfig, KeyStoreSettings
+from dualproxy.config.schema import Config, IdentityName, KeyConfig, KeyStoreSettings
 from dualproxy.tls.clienthello import ClientHello
 from dualproxy.tls.pins import describe_key_algorithm, spki_pin
 

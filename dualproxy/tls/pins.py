@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from dualproxy.config import format_time
+from dualproxy.config.times import format_time
 
 PinRole = Literal["current", "next", "retiring", "retired", "standby"]
 _ROLES: Final[tuple[str, ...]] = get_args(PinRole)

@@ -7,8 +7,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from dualproxy import config as config_mod
-from dualproxy.config import Config
+from dualproxy.config.loader import load, parse
+from dualproxy.config.schema import Config
 from helpers.keys import KeyFiles
 
 
@@ -27,14 +27,14 @@ def make_config(
     }
     if rotation is not None:
         data["rotation"] = rotation
-    return config_mod.parse(data, base_dir=base_dir)
+    return parse(data, base_dir=base_dir)
 
 
 # --- config files on disk: config reloads, `dualproxy route`, `dualproxy serve` ---------------
 
 
 def config_toml(data: dict[str, Any]) -> str:
-    """`data`, shaped as config.parse takes it, as the text of a config.toml."""
+    """`data`, shaped as config.loader.parse takes it, as the text of a config.toml."""
     import json
     import re
 
@@ -73,7 +73,7 @@ def write_config(
     listen: str = "127.0.0.1:0",
     extra: dict[str, Any] | None = None,
 ) -> Config:
-    """make_config through a real file, read back with config.load as `dualproxy serve` does.
+    """make_config through a real file, read back with config.loader.load as `dualproxy serve` does.
 
     The file is replaced in one rename, so a polling server never reads half of it.
     """
@@ -87,4 +87,4 @@ def write_config(
     partial = path.with_name(path.name + ".partial")
     partial.write_text(config_toml(data), encoding="utf-8")
     partial.replace(path)
-    return config_mod.load(path)
+    return load(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from dualproxy.config import Rotation
+from dualproxy.config.schema import Rotation
 
 # The rotation window the tests share: keys k2026a (old) and k2026b (new), from the first of
 # December 2026 to the 15th of January 2027.

@@ -10,7 +10,7 @@ from typing import Any
 
 import trio
 
-from dualproxy.config import Config
+from dualproxy.config.schema import Config
 from dualproxy.serve.server import Server
 
 

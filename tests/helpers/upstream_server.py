@@ -68,7 +68,7 @@ import h11
 import trio
 import trustme
 
-from dualproxy.config import UpstreamConfig
+from dualproxy.config.schema import UpstreamConfig
 
 DEFAULT_NAMES: Final = ("upstream.test", "localhost")
 # Bounds every wait of the server (a read, a send, an idle keep-alive connection).

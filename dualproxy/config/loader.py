@@ -1,0 +1,622 @@
+"""config.toml -> frozen dataclasses, strictly.
+
+Every value an operator writes is checked here, once, before anything listens: an unknown
+key, a wrong type, a missing file, a rotation naming a key that does not exist, a window that
+ends before it starts. Each rejection is a `ConfigError` naming the file, the key path
+(`rotation.grace_end`) and what to do. Misspelled keys are errors, never silently ignored:
+a typo in `grace_end` must not quietly become "the window never closes".
+
+The module is pure apart from reading the TOML file and checking that referenced files
+exist; it knows nothing about sockets, TLS or trio. Relative paths are relative to the
+directory of the config file, so a config can be moved with its certs/ folder.
+
+One `_parse_<table>` function per table of config.toml, in the file's order; the typed
+reading of a table is `reader.Table`'s. At about 600 lines it is one table's rules after
+another: split further, the rules that relate tables (a rotation naming keys, http_listen
+beside listen.address) would be scattered.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final
+from urllib.parse import urlsplit
+
+from dualproxy.config.errors import ConfigError
+from dualproxy.config.names import (
+    admin_address_problem,
+    host_name_problem,
+    is_ip_address,
+    key_name_problem,
+    normalize_host,
+    parse_address,
+)
+from dualproxy.config.reader import Table
+from dualproxy.config.schema import (
+    CHALLENGE_TYPES,
+    DEFAULT_CANARY_HALT_MARGIN,
+    DEFAULT_CANARY_MIN_SAMPLE,
+    LIMIT_RANGES,
+    MANAGED_HEADERS,
+    AcmeConfig,
+    AdminConfig,
+    Config,
+    Hints,
+    KeyConfig,
+    KeyStoreSettings,
+    Limits,
+    ListenConfig,
+    ManifestConfig,
+    ReportsConfig,
+    Role,
+    Rotation,
+    UpstreamConfig,
+)
+
+# RFC 9110 field names (tokens) and values (visible characters, spaces and tabs inside).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+_FIELD_VALUE = re.compile(r"[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*|")
+
+# ALPN tokens every client offers: hinting on them would route everyone.
+_COMMON_ALPN: Final = frozenset({b"http/1.1", b"http/1.0", b"h2", b"h3", b"acme-tls/1"})
+
+
+def load(path: Path | str) -> Config:
+    """Read and validate a config file; raises ConfigError."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            "", "config file not found; pass -c PATH or create it (see config.toml)", file=path
+        ) from None
+    except OSError as exc:
+        raise ConfigError("", f"cannot read the config file: {exc.strerror}", file=path) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("", "the config file is not UTF-8 text", file=path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"not valid TOML: {exc}", file=path) from None
+    try:
+        return parse(data, base_dir=path.parent.absolute(), path=path)
+    except ConfigError as exc:
+        raise ConfigError(exc.key_path, exc.problem, file=path) from None
+
+
+def parse(
+    data: Mapping[str, object],
+    *,
+    base_dir: Path,
+    path: Path | None = None,
+    check_files: bool = True,
+) -> Config:
+    """Validate already-decoded TOML; relative paths resolve against `base_dir`."""
+    root = Table(data, "")
+    listen = _parse_listen(root.table("listen", required=True))
+    acme_table = root.table("acme")
+    acme = _parse_acme(acme_table, base_dir, check_files) if acme_table is not None else None
+    http_listen = acme.http_listen if acme is not None else None
+    # Port 0 (any free port, as tests use) cannot clash.
+    if http_listen is not None and http_listen.port and http_listen in listen.addresses:
+        raise ConfigError(
+            "acme.http_listen", "is also a TLS listen.address; give plain HTTP its own port"
+        )
+    keys = _parse_keys(root.table("keys", required=True), base_dir, check_files, acme)
+    rotation_table = root.table("rotation")
+    rotation = _parse_rotation(rotation_table, keys) if rotation_table is not None else None
+    if rotation is None and not keys:
+        raise ConfigError("keys", "no key is configured; add a [keys.NAME] table")
+    limits = _parse_limits(root.table("limits"))
+    keystore = _parse_keystore(root.table("keystore"))
+    upstream_table = root.table("upstream")
+    upstream = (
+        _parse_upstream(upstream_table, base_dir, check_files)
+        if upstream_table is not None
+        else None
+    )
+    admin = _parse_admin(root.table("admin"))
+    manifest_table = root.table("manifest")
+    manifest = _parse_manifest(manifest_table, base_dir) if manifest_table is not None else None
+    reports_table = root.table("reports")
+    reports = _parse_reports(reports_table, base_dir) if reports_table is not None else None
+    if manifest is not None and reports is not None and manifest.path == reports.path:
+        raise ConfigError("reports.path", "is also manifest.path; give each its own path")
+    root.done()
+    return Config(
+        listen=listen,
+        keys=MappingProxyType(keys),
+        rotation=rotation,
+        limits=limits,
+        keystore=keystore,
+        path=path,
+        upstream=upstream,
+        acme=acme,
+        admin=admin,
+        manifest=manifest,
+        reports=reports,
+    )
+
+
+def _parse_listen(table: Table | None) -> ListenConfig:
+    assert table is not None
+    texts = table.strings("address", one_allowed=True)
+    if not texts:
+        raise table.missing("address", 'add e.g. address = "127.0.0.1:8443"')
+    addresses = []
+    for text in texts:
+        try:
+            addresses.append(parse_address(text))
+        except ValueError as exc:
+            raise ConfigError(table.path("address"), str(exc)) from None
+    if len(set(addresses)) != len(addresses):
+        raise ConfigError(table.path("address"), "an address is listed twice")
+    reuse_port = table.boolean("reuse_port", False)
+    table.done()
+    return ListenConfig(addresses=tuple(addresses), reuse_port=reuse_port)
+
+
+def _parse_keys(
+    table: Table | None, base_dir: Path, check_files: bool, acme: AcmeConfig | None
+) -> dict[str, KeyConfig]:
+    assert table is not None
+    keys = {}
+    for name, entry in table.tables():
+        if (problem := key_name_problem(name)) is not None:
+            raise ConfigError(table.path(name), problem)
+        names = _parse_acme_names(entry, acme)
+        paths = {}
+        for field_name in ("key", "chain"):
+            text = entry.string(field_name, required=True)
+            assert text is not None
+            file = base_dir / Path(text).expanduser()
+            # An ACME-managed key's chain may be missing: dualproxy obtains it.
+            may_be_missing = field_name == "chain" and bool(names)
+            if check_files and not may_be_missing and not file.is_file():
+                what = "private key" if field_name == "key" else "certificate chain"
+                advice = f"create it (dualproxy keys new {name})"
+                if field_name == "chain":
+                    advice = (
+                        f"get a certificate for it (dualproxy keys csr {name}), or add names ="
+                        ' ["..."] and an [acme] table to have dualproxy obtain it'
+                    )
+                raise ConfigError(
+                    entry.path(field_name),
+                    f"{what} file {file} does not exist; {advice}, or fix the path (relative"
+                    " paths start at the config's folder)",
+                )
+            paths[field_name] = file
+        entry.done()
+        keys[name] = KeyConfig(name=name, key=paths["key"], chain=paths["chain"], names=names)
+    if acme is not None and not any(key.names for key in keys.values()):
+        raise ConfigError(
+            "acme",
+            'no key has names to request; add names = ["api.example.com"] to a [keys.NAME]'
+            " table, or remove [acme]",
+        )
+    return keys
+
+
+def _parse_acme_names(entry: Table, acme: AcmeConfig | None) -> tuple[str, ...]:
+    """A key's `names`: DNS names the ACME challenges dualproxy answers can prove."""
+    texts = entry.strings("names")
+    key_path = entry.path("names")
+    if entry.has("names") and not texts:
+        raise ConfigError(key_path, "is empty; list the names to request, or remove it")
+    if texts and acme is None:
+        raise ConfigError(
+            key_path,
+            "names are requested from an ACME CA; add an [acme] table (see config.toml),"
+            " or remove names",
+        )
+    names: list[str] = []
+    for text in texts:
+        if is_ip_address(text):
+            raise ConfigError(
+                key_path, f"{text!r}: dualproxy requests DNS names only; use a host name"
+            )
+        if (problem := host_name_problem(text)) is not None:
+            raise ConfigError(key_path, problem)
+        name = normalize_host(text)
+        if name.startswith("*."):
+            raise ConfigError(
+                key_path,
+                f"{text!r}: a wildcard needs the dns-01 challenge, which dualproxy does not"
+                " answer; list each name",
+            )
+        if name in names:
+            raise ConfigError(key_path, f"{text!r} is listed twice")
+        names.append(name)
+    return tuple(names)
+
+
+def _parse_acme(table: Table, base_dir: Path, check_files: bool) -> AcmeConfig:
+    directory = table.string("directory", required=True)
+    assert directory is not None
+    parts = urlsplit(directory)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(
+            table.path("directory"),
+            f"{directory!r} is not an https URL like"
+            " https://acme-v02.api.letsencrypt.org/directory",
+        )
+    email = table.string("email")
+    if email is not None and not re.fullmatch(r"[^@\s:,]+@[^@\s:,]+\.[^@\s:,]+", email):
+        raise ConfigError(table.path("email"), f"{email!r} is not an email address")
+    account_text = table.string("account_key") or "certs/acme/account.pem"
+    account_key = base_dir / Path(account_text).expanduser()
+    challenge = table.string("challenge") or "tls-alpn-01"
+    if challenge not in CHALLENGE_TYPES:
+        raise ConfigError(
+            table.path("challenge"), f'{challenge!r} is neither "tls-alpn-01" nor "http-01"'
+        )
+    http_listen = None
+    if (http_text := table.string("http_listen")) is not None:
+        try:
+            http_listen = parse_address(http_text)
+        except ValueError as exc:
+            raise ConfigError(table.path("http_listen"), str(exc)) from None
+    if challenge == "http-01" and http_listen is None:
+        raise table.missing(
+            "http_listen",
+            'the http-01 challenge is answered on plain HTTP: add http_listen = "0.0.0.0:80"'
+            ' (the CA connects to port 80), or use challenge = "tls-alpn-01"',
+        )
+    ca_file = None
+    if (ca_text := table.string("ca_file")) is not None:
+        ca_file = base_dir / Path(ca_text).expanduser()
+        if check_files and not ca_file.is_file():
+            raise ConfigError(table.path("ca_file"), f"CA file {ca_file} does not exist")
+    d = AcmeConfig(directory="", account_key=Path())
+    renew = table.boolean("renew", d.renew)
+    renew_fraction = table.number("renew_fraction", d.renew_fraction, low=0.1, high=0.95)
+    # One second at least: never a tight loop, whatever the config says.
+    retry_initial = table.number("retry_initial", d.retry_initial, low=1, high=86400)
+    retry_max = table.number("retry_max", d.retry_max, low=1, high=7 * 86400)
+    if retry_max < retry_initial:
+        raise ConfigError(
+            table.path("retry_max"), "must be at least retry_initial (the first wait)"
+        )
+    recheck = table.number("recheck_interval", d.recheck_interval, low=1, high=7 * 86400)
+    lead = table.number("new_key_lead_days", d.new_key_lead_days, low=0, high=365)
+    order_timeout = table.number("order_timeout", d.order_timeout, low=5, high=3600)
+    table.done()
+    return AcmeConfig(
+        directory=directory,
+        account_key=account_key,
+        email=email,
+        challenge="http-01" if challenge == "http-01" else "tls-alpn-01",
+        http_listen=http_listen,
+        ca_file=ca_file,
+        renew=renew,
+        renew_fraction=renew_fraction,
+        retry_initial=retry_initial,
+        retry_max=retry_max,
+        recheck_interval=recheck,
+        new_key_lead_days=lead,
+        order_timeout=order_timeout,
+    )
+
+
+def _parse_rotation(table: Table, keys: Mapping[str, KeyConfig]) -> Rotation:
+    roles: dict[Role, tuple[str, ...]] = {}
+    for role in ("old", "new"):
+        names = table.strings(role, one_allowed=True)
+        if not names:
+            raise table.missing(role, "name one key, or a list of keys")
+        for name in names:
+            if name not in keys:
+                known = ", ".join(sorted(keys)) or "none"
+                raise ConfigError(
+                    table.path(role), f"no key named {name!r}; the [keys] tables define: {known}"
+                )
+        if len(set(names)) != len(names):
+            raise ConfigError(table.path(role), "a key is listed twice")
+        roles[role] = names
+    shared = set(roles["old"]) & set(roles["new"])
+    if shared:
+        raise ConfigError(
+            table.path("new"),
+            f"key {sorted(shared)[0]!r} is both old and new; a rotation moves to a different key",
+        )
+    start = table.instant("grace_start")
+    end = table.instant("grace_end")
+    if not start < end:
+        raise ConfigError(
+            table.path("grace_end"), "the grace window must end after it starts (grace_start)"
+        )
+    default = table.string("default")
+    default = "old" if default is None else default
+    if default not in ("old", "new"):
+        raise ConfigError(table.path("default"), f'{default!r} is neither "old" nor "new"')
+    canary = table.number("canary_percent", 0.0, low=0.0, high=100.0)
+    if canary and default == "new":
+        raise ConfigError(
+            table.path("canary_percent"),
+            'the canary sends a share of default clients to the new key; with default = "new"'
+            ' they all get it already: set canary_percent = 0 or default = "old"',
+        )
+    min_sample = table.integer(
+        "canary_min_sample", DEFAULT_CANARY_MIN_SAMPLE, low=1, high=1_000_000_000
+    )
+    margin = table.number("canary_halt_margin", DEFAULT_CANARY_HALT_MARGIN, low=0.0, high=1.0)
+    hints = table.table("hints")
+    hints_new = hints_old = Hints()
+    if hints is not None:
+        hints_new = _parse_hints(hints.table("new"))
+        hints_old = _parse_hints(hints.table("old"))
+        hints.done()
+        _check_hints_disjoint(hints_new, hints_old, table.path("hints"))
+    table.done()
+    return Rotation(
+        old=roles["old"],
+        new=roles["new"],
+        grace_start=start,
+        grace_end=end,
+        default="old" if default == "old" else "new",
+        canary_percent=canary,
+        canary_min_sample=min_sample,
+        canary_halt_margin=margin,
+        hints_new=hints_new,
+        hints_old=hints_old,
+    )
+
+
+def _parse_hints(table: Table | None) -> Hints:
+    if table is None:
+        return Hints()
+    sni = tuple(_parse_sni_pattern(table.path("sni"), s) for s in table.strings("sni"))
+    alpn = tuple(_parse_alpn_token(table.path("alpn"), a) for a in table.strings("alpn"))
+    networks = []
+    for text in table.strings("networks"):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=True))
+        except ValueError as exc:
+            raise ConfigError(
+                table.path("networks"), f"{exc} (write a network like 10.0.0.0/8 or 2001:db8::/32)"
+            ) from None
+    table.done()
+    return Hints(sni=sni, alpn=alpn, networks=tuple(networks))
+
+
+def _parse_sni_pattern(key_path: str, text: str) -> str:
+    problem = host_name_problem(text)
+    if problem is not None:
+        raise ConfigError(key_path, problem)
+    return normalize_host(text)
+
+
+def _parse_alpn_token(key_path: str, text: str) -> bytes:
+    token = text.encode("utf-8")
+    if not 1 <= len(token) <= 255 or not text.isascii() or not text.isprintable():
+        raise ConfigError(key_path, f"{text!r}: an ALPN token is 1-255 printable ASCII bytes")
+    if token in _COMMON_ALPN:
+        raise ConfigError(
+            key_path,
+            f"{text!r} is offered by ordinary clients, so it cannot tell apps apart; pick a"
+            " dedicated token such as dualproxy-k2026b",
+        )
+    return token
+
+
+def _check_hints_disjoint(new: Hints, old: Hints, prefix: str) -> None:
+    for kind in ("sni", "alpn"):
+        both = set(getattr(new, kind)) & set(getattr(old, kind))
+        if both:
+            raise ConfigError(
+                f"{prefix}.old.{kind}",
+                f"{sorted(both)[0]!r} is hinted for both old and new; keep it in one of them",
+            )
+    # Equal names were caught above; a wildcard can still cover a name hinted the other way.
+    for new_sni in new.sni:
+        for old_sni in old.sni:
+            if _sni_patterns_overlap(new_sni, old_sni):
+                raise ConfigError(
+                    f"{prefix}.old.sni",
+                    f"{old_sni!r} and {new_sni!r} in hints.new.sni match the same host names;"
+                    " a client sending one would be ambiguous",
+                )
+    for a in new.networks:
+        for b in old.networks:
+            if a.version == b.version and a.overlaps(b):
+                raise ConfigError(
+                    f"{prefix}.old.networks",
+                    f"{b} overlaps {a} in hints.new.networks; a client in both would be ambiguous",
+                )
+
+
+def _sni_patterns_overlap(a: str, b: str) -> bool:
+    """Whether one host name matches both (normalized) patterns: "*.x.com" names every "h.x.com"."""
+    if a.startswith("*.") == b.startswith("*."):
+        return a == b
+    wildcard, name = (a, b) if a.startswith("*.") else (b, a)
+    return name.partition(".")[2] == wildcard[2:]
+
+
+def _parse_limits(table: Table | None) -> Limits:
+    if table is None:
+        return Limits()
+    defaults = Limits()
+    values: dict[str, float | int] = {}
+    for name, (low, high) in LIMIT_RANGES.items():
+        default = getattr(defaults, name)
+        if isinstance(default, int):
+            values[name] = table.integer(name, default, low=int(low), high=int(high))
+        else:
+            values[name] = table.number(name, default, low=low, high=high)
+    table.done()
+    return Limits(**values)  # type: ignore[arg-type]
+
+
+def _parse_upstream(table: Table, base_dir: Path, check_files: bool) -> UpstreamConfig:
+    url = table.string("url", required=True)
+    assert url is not None
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(
+            table.path("url"), f"{url!r} is not an http(s) URL like https://my-project.appspot.com"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError(
+            table.path("url"),
+            "give only the scheme, host and port: requests keep their own path and query",
+        )
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError(table.path("url"), f"{url!r} has an invalid port") from None
+    ca_file = None
+    if (ca_text := table.string("ca_file")) is not None:
+        ca_file = base_dir / Path(ca_text).expanduser()
+        if check_files and not ca_file.is_file():
+            raise ConfigError(table.path("ca_file"), f"CA file {ca_file} does not exist")
+    host_header = table.string("host") or "rewrite"
+    if host_header not in ("rewrite", "preserve"):
+        raise ConfigError(
+            table.path("host"), f'{host_header!r} is neither "rewrite" nor "preserve"'
+        )
+    headers = []
+    if (extra := table.table("headers")) is not None:
+        for name in extra.names():
+            value = extra.string(name, required=True)
+            assert value is not None
+            if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+                raise ConfigError(
+                    extra.path(name), "not a valid HTTP header name and value (no CR, LF or NUL)"
+                )
+            if name.lower() in MANAGED_HEADERS:
+                raise ConfigError(
+                    table.path("headers"),
+                    f"{name.lower()} is managed by dualproxy (hop-by-hop, framing or Host) and"
+                    " cannot be added",
+                )
+            if "_" in name:
+                # Underscores are tokens, but CGI and WSGI read "-" and "_" alike: the relay
+                # refuses them from clients, so it does not send them either.
+                raise ConfigError(
+                    extra.path(name), "an underscore in a header name; use '-' instead"
+                )
+            headers.append((name, value))
+        extra.done()
+    if not parts.hostname.isascii():
+        raise ConfigError(
+            table.path("url"), f"write the host {parts.hostname!r} in punycode (xn--...)"
+        )
+    trusted = []
+    for text in table.strings("trusted_proxies"):
+        try:
+            trusted.append(ipaddress.ip_network(text, strict=True))
+        except ValueError as exc:
+            raise ConfigError(table.path("trusted_proxies"), str(exc)) from None
+    defaults = UpstreamConfig(url="", scheme="https", host="", port=0)
+    pool_max_idle = table.integer("pool_max_idle", defaults.pool_max_idle, low=0, high=10_000)
+    pool_idle_timeout = table.number(
+        "pool_idle_timeout", defaults.pool_idle_timeout, low=0.1, high=3600
+    )
+    table.done()
+    upstream = UpstreamConfig(
+        url=url,
+        scheme="https" if parts.scheme == "https" else "http",
+        host=parts.hostname.lower(),
+        port=port,
+        ca_file=ca_file,
+        host_header="preserve" if host_header == "preserve" else "rewrite",
+        headers=tuple(headers),
+        trusted_proxies=tuple(trusted),
+        pool_max_idle=pool_max_idle,
+        pool_idle_timeout=pool_idle_timeout,
+    )
+    return upstream
+
+
+def _parse_admin(table: Table | None) -> AdminConfig:
+    if table is None:
+        return AdminConfig()
+    allow = table.boolean("allow_non_loopback", False)
+    text = table.string("address")
+    enabled = table.boolean("enabled", True)
+    address = AdminConfig().address
+    if text is not None:
+        try:
+            address = parse_address(text)
+        except ValueError as exc:
+            raise ConfigError(table.path("address"), str(exc)) from None
+    table.done()
+    if not enabled:
+        return AdminConfig(address=None, allow_non_loopback=allow)
+    assert address is not None
+    if (problem := admin_address_problem(address, allow_non_loopback=allow)) is not None:
+        raise ConfigError(table.path("address"), problem)
+    return AdminConfig(address=address, allow_non_loopback=allow)
+
+
+def _parse_keystore(table: Table | None) -> KeyStoreSettings:
+    if table is None:
+        return KeyStoreSettings()
+    d = KeyStoreSettings()
+    settings = KeyStoreSettings(
+        allow_insecure_key_permissions=table.boolean(
+            "allow_insecure_key_permissions", d.allow_insecure_key_permissions
+        ),
+        reload_poll_interval=table.number(
+            "reload_poll_interval", d.reload_poll_interval, low=0.1, high=3600
+        ),
+    )
+    table.done()
+    return settings
+
+
+# An origin-form path of unreserved and sub-delimiter characters (RFC 3986 pchar without
+# percent-encoding, which clients may spell differently): compared byte for byte.
+_LOCAL_PATH: Final = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
+
+
+def _parse_local_path(table: Table, default: str) -> str:
+    """The path of an endpoint dualproxy answers itself instead of the upstream."""
+    path = table.string("path") or default
+    if not _LOCAL_PATH.fullmatch(path) or path == "/":
+        raise ConfigError(
+            table.path("path"),
+            f"{path!r} is not a path like {default!r} (no query, no %-escapes, not / alone:"
+            " requests to it never reach the upstream)",
+        )
+    return path
+
+
+def _parse_manifest(table: Table, base_dir: Path) -> ManifestConfig:
+    d = ManifestConfig(file=Path())
+    path = _parse_local_path(table, d.path)
+    file = base_dir / Path(table.string("file") or "certs/pins.jws").expanduser()
+    max_age = table.integer("max_age", d.max_age, low=0, high=86400)
+    warn = table.number("warn_before_days", d.warn_before_days, low=0, high=90)
+    table.done()
+    return ManifestConfig(file=file, path=path, max_age=max_age, warn_before_days=warn)
+
+
+def _parse_reports(table: Table, base_dir: Path) -> ReportsConfig:
+    d = ReportsConfig(store=Path())
+    path = _parse_local_path(table, d.path)
+    store = base_dir / Path(table.string("store") or "reports/pin-reports.jsonl").expanduser()
+    # Below 1 KiB no real report fits; above 1 MiB it is no longer a report.
+    max_body = table.integer("max_body_bytes", d.max_body_bytes, low=1024, high=1024 * 1024)
+    per_minute = table.number("per_minute", d.per_minute, low=0.01, high=6000)
+    burst = table.integer("burst", d.burst, low=1, high=10_000)
+    # At least one report of the largest size per file, so that any report can be stored.
+    store_max = table.integer("store_max_bytes", d.store_max_bytes, low=2 * max_body, high=1 << 34)
+    store_files = table.integer("store_files", d.store_files, low=0, high=100)
+    table.done()
+    return ReportsConfig(
+        store=store,
+        path=path,
+        max_body_bytes=max_body,
+        per_minute=per_minute,
+        burst=burst,
+        store_max_bytes=store_max,
+        store_files=store_files,
+    )

@@ -1,0 +1,145 @@
+"""Reading a decoded TOML table strictly: typed getters that say which key is wrong and how,
+and `done()`, which rejects every key nobody asked for (a typo is an error, never ignored).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Final, TypeVar
+
+from dualproxy.config.errors import ConfigError
+
+_T = TypeVar("_T")
+
+# difflib ratio above which an unknown key is reported as a likely typo of a known one
+# ("grace_ned" vs "grace_end" scores 0.89, unrelated keys of similar length about 0.3-0.5).
+_TYPO_SIMILARITY: Final = 0.75
+
+
+class Table:
+    """A TOML table being read: typed getters, and `done()` rejects keys nobody asked for."""
+
+    def __init__(self, data: Mapping[str, object], prefix: str) -> None:
+        self._data = data
+        self._prefix = prefix
+        self._seen: set[str] = set()
+
+    def path(self, key: str) -> str:
+        return f"{self._prefix}.{key}" if self._prefix else key
+
+    def _get(self, key: str, kind: type[_T], kind_name: str, required: bool) -> _T | None:
+        self._seen.add(key)
+        if key not in self._data:
+            if required:
+                raise self.missing(key, f"add {kind_name}")
+            return None
+        value = self._data[key]
+        # bool is an int in Python; TOML keeps them apart and so do we.
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise ConfigError(
+                self.path(key), f"expected {kind_name}, got {_toml_type(value)} {value!r}"
+            )
+        return value
+
+    def table(self, key: str, *, required: bool = False) -> Table | None:
+        value = self._get(key, dict, "a table", required)
+        return None if value is None else Table(value, self.path(key))
+
+    def has(self, key: str) -> bool:
+        return key in self._data
+
+    def names(self) -> list[str]:
+        """Every key present (for tables whose keys are the operator's, like [upstream.headers])."""
+        return list(self._data)
+
+    def tables(self) -> list[tuple[str, Table]]:
+        """Every entry, each of which must be a table (like [keys.NAME])."""
+        out = []
+        for key in self._data:
+            sub = self.table(key)
+            assert sub is not None
+            out.append((key, sub))
+        return out
+
+    def string(self, key: str, *, required: bool = False) -> str | None:
+        return self._get(key, str, "a string", required)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, bool, "true or false", False)
+        return default if value is None else value
+
+    def number(self, key: str, default: float, *, low: float, high: float) -> float:
+        self._seen.add(key)
+        value = self._data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(self.path(key), f"expected a number, got {_toml_type(value)}")
+        if not low <= value <= high:
+            raise ConfigError(self.path(key), f"{value} is out of range; use {low} to {high}")
+        return float(value)
+
+    def integer(self, key: str, default: int, *, low: int, high: int) -> int:
+        value = self._get(key, int, "an integer", False)
+        value = default if value is None else value
+        if not low <= value <= high:
+            raise ConfigError(self.path(key), f"{value} is out of range; use {low} to {high}")
+        return value
+
+    def strings(self, key: str, *, one_allowed: bool = False) -> tuple[str, ...]:
+        """A list of strings (or, with one_allowed, a single string); () when absent."""
+        self._seen.add(key)
+        if key not in self._data:
+            return ()
+        value = self._data[key]
+        if one_allowed and isinstance(value, str):
+            return (value,)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            expected = "a string or a list of strings" if one_allowed else "a list of strings"
+            raise ConfigError(self.path(key), f"expected {expected}, got {value!r}")
+        return tuple(value)
+
+    def instant(self, key: str) -> datetime:
+        self._seen.add(key)
+        value = self._data.get(key)
+        if value is None:
+            raise self.missing(key, "add a TOML datetime like 2026-12-01T00:00:00Z")
+        if isinstance(value, str):
+            raise ConfigError(
+                self.path(key), "write the time unquoted, as a TOML datetime (2026-12-01T00:00:00Z)"
+            )
+        if not isinstance(value, datetime):
+            raise ConfigError(
+                self.path(key), f"expected a datetime like 2026-12-01T00:00:00Z, got {value!r}"
+            )
+        if value.tzinfo is None:
+            raise ConfigError(
+                self.path(key), "the time has no zone; add Z (UTC) or an offset such as +01:00"
+            )
+        return value.astimezone(UTC)
+
+    def missing(self, key: str, advice: str) -> ConfigError:
+        """The error for a required key that is absent, pointing at a likely misspelling."""
+        strangers = [k for k in self._data if k not in self._seen and k != key]
+        typo = difflib.get_close_matches(key, strangers, n=1, cutoff=_TYPO_SIMILARITY)
+        found = f" (found {typo[0]!r}: misspelled?)" if typo else ""
+        return ConfigError(self.path(key), f"missing; {advice}{found}")
+
+    def done(self) -> None:
+        unknown = [k for k in self._data if k not in self._seen]
+        if unknown:
+            known = difflib.get_close_matches(unknown[0], self._seen, n=1, cutoff=_TYPO_SIMILARITY)
+            advice = f"did you mean {known[0]!r}?" if known else "check it against config.toml"
+            raise ConfigError(self.path(unknown[0]), f"unknown setting; {advice}")
+
+
+def _toml_type(value: object) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+        datetime: "a datetime",
+    }.get(type(value), type(value).__name__)

@@ -1,0 +1,349 @@
+"""The configuration's shape: one frozen dataclass per table of config.toml, each default with
+the reason for its value. `loader` builds them from a file, checking every value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final, Literal
+
+from dualproxy.config.names import IPNetwork, ListenAddress
+
+Role = Literal["old", "new"]
+
+# The identities the server presents: "single" when no rotation is configured.
+IdentityName = Literal["single", "old", "new"]
+
+DEFAULT_CONFIG_FILE: Final = "config.toml"
+
+# Header fields an operator may not add to upstream requests ([upstream.headers]): the
+# hop-by-hop ones (RFC 9110 §7.6.1: Connection, Keep-Alive, Proxy-Connection, TE, Transfer-
+# Encoding, Upgrade; Proxy-Authenticate and Proxy-Authorization, §11.7; Trailer) and those
+# dualproxy writes itself on each hop: framing (Content-Length), Expect and Host. Lowercase.
+MANAGED_HEADERS: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "expect",
+        "host",
+    }
+)
+
+# The canary's halt rule (policy, evidence). 200 handshakes: with a true pin-failure share
+# of 0 the chance of seeing 10 (5 %) failures by accident is nil, while a real pin failure
+# (shares of 20 % and more when an app ships without the new pin) shows well before; five
+# percentage points stays above the background of clients that connect and leave (browser
+# preconnects, health checks) that the old key sees just as much.
+DEFAULT_CANARY_MIN_SAMPLE: Final = 200
+DEFAULT_CANARY_HALT_MARGIN: Final = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    addresses: tuple[ListenAddress, ...]
+    # SO_REUSEPORT: several dualproxy processes (one per core) share one port.
+    reuse_port: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class KeyConfig:
+    name: str
+    key: Path
+    chain: Path
+    # Names (SANs) to request from the ACME CA; non-empty makes the key ACME-managed.
+    names: tuple[str, ...] = ()
+
+
+ChallengeType = Literal["tls-alpn-01", "http-01"]
+
+CHALLENGE_TYPES: Final[tuple[ChallengeType, ...]] = ("tls-alpn-01", "http-01")
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeConfig:
+    """Certificates for our own keys from an RFC 8555 CA. Each default says why."""
+
+    directory: str  # the CA's directory URL (https)
+    account_key: Path  # made (mode 0600) at the first issuance when missing
+    email: str | None = None
+    challenge: ChallengeType = "tls-alpn-01"
+    # Plain-HTTP listener: http-01 answers, and a redirect to https for everything else.
+    http_listen: ListenAddress | None = None
+    # Trust for the directory's TLS certificate instead of the system store (a test CA).
+    ca_file: Path | None = None
+    # `serve` renews in the background; false leaves it to `dualproxy acme renew` (a cron job
+    # for many replicas sharing one certs folder).
+    renew: bool = True
+    # Without ACME Renewal Information, renew once this share of the lifetime has passed:
+    # two thirds is Let's Encrypt's and certbot's advice (30 days before a 90-day expiry).
+    renew_fraction: float = 2 / 3
+    # After a failed attempt wait this long, doubling per failure up to retry_max: 15 min
+    # keeps well under Let's Encrypt's failed-validation limit (5 per name per hour); 6 h is
+    # the ARI default retry interval (RFC 9773 4.3.3), so a long outage costs 4 attempts a day.
+    retry_initial: float = 15 * 60
+    retry_max: float = 6 * 60 * 60
+    # How often `serve` asks the CA again for renewal information (RFC 9773's default
+    # Retry-After is 6 h) and looks at the certificates again.
+    recheck_interval: float = 6 * 60 * 60
+    # A rotation's new key gets a fresh certificate this long before grace_start, so the
+    # window never opens on a certificate that is missing or about to be renewed.
+    new_key_lead_days: float = 7
+    # One whole issuance (order, validation, finalization), beyond which the attempt fails.
+    order_timeout: float = 120
+
+
+@dataclass(frozen=True, slots=True)
+class Hints:
+    """During the grace window, a client matching any of these gets the hinted identity."""
+
+    sni: tuple[str, ...] = ()  # lowercase, no trailing dot; "*.example.com" wildcards allowed
+    alpn: tuple[bytes, ...] = ()
+    networks: tuple[IPNetwork, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.sni or self.alpn or self.networks)
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """Old and new identities and the grace window in which both are served."""
+
+    old: tuple[str, ...]
+    new: tuple[str, ...]
+    grace_start: datetime  # aware, UTC
+    grace_end: datetime  # aware, UTC, after grace_start
+    default: Role = "old"
+    canary_percent: float = 0.0
+    # The canary halts (hint-less clients get the default again) once the new key has served
+    # canary_min_sample canary handshakes and its pin-failure share exceeds the old key's by
+    # more than canary_halt_margin (a fraction: 0.05 is five percentage points).
+    canary_min_sample: int = DEFAULT_CANARY_MIN_SAMPLE
+    canary_halt_margin: float = DEFAULT_CANARY_HALT_MARGIN
+    hints_new: Hints = field(default_factory=Hints)
+    hints_old: Hints = field(default_factory=Hints)
+
+    def keys_of(self, role: Role) -> tuple[str, ...]:
+        return self.old if role == "old" else self.new
+
+    def hints_for(self, role: Role) -> Hints:
+        return self.hints_old if role == "old" else self.hints_new
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Sizes and waits that bound what one client can cost us. Each default says why."""
+
+    # TLS handshake, ClientHello peek included. nginx's ssl_handshake_timeout and Envoy's
+    # transport_socket_connect_timeout are both 10 s; a real client on a slow mobile link
+    # finishes in a few round trips, a slowloris does not.
+    handshake_timeout: float = 10.0
+    # Request line and headers must be complete within this, however slowly they trickle
+    # (nginx client_header_timeout and HAProxy timeout http-request use 10-60 s).
+    request_header_timeout: float = 10.0
+    # Idle keep-alive connection is closed silently after this (nginx keepalive_timeout 75 s,
+    # Caddy idle_timeout 5 min, Envoy idle 1 h; 60 s keeps mobile reuse and bounds idle sockets).
+    keepalive_timeout: float = 60.0
+    # Concurrent client connections; beyond it we stop accepting and the kernel's backlog
+    # holds new ones (HAProxy maxconn behaviour) instead of failing the ones we have.
+    max_connections: int = 4096
+    # A request body that stalls this long is abandoned with 408 (nginx client_body_timeout
+    # 60 s): slow mobile uploads pass, a client that stopped sending does not pin a slot.
+    body_timeout: float = 60.0
+    # A client that does not read our response for this long is dropped (nginx send_timeout
+    # 60 s); with the bounded buffers, this is what frees a slot held by a reader that stalls.
+    send_timeout: float = 60.0
+    # Upstream TCP connect plus TLS handshake (Envoy connect_timeout 5 s): App Engine answers
+    # in tens of milliseconds; five seconds means it is down, and the client hears 502.
+    upstream_connect_timeout: float = 5.0
+    # Upstream response head, and each later read of its body (nginx proxy_read_timeout 60 s);
+    # exceeded before the head: 504.
+    upstream_timeout: float = 60.0
+    # Request line (414 beyond it): nginx's large_client_header_buffers line is 8 KiB.
+    max_request_line_bytes: int = 8 * 1024
+    # Whole request head, line and fields (431 beyond it): 16 KiB, nginx/Envoy's order of size.
+    max_header_bytes: int = 16 * 1024
+    # Header fields per request (431 beyond it): Envoy's max_headers_count default is 100.
+    max_header_count: int = 100
+    # Request body size (413 beyond it). nginx's client_max_body_size is 1 MiB; API uploads
+    # (a photo) need more. Raise it for APIs that take files.
+    max_body_bytes: int = 10 * 1024 * 1024
+    # SIGTERM: stop accepting, let requests in flight finish this long, then exit (Kubernetes
+    # gives 30 s before SIGKILL by default: terminationGracePeriodSeconds).
+    shutdown_grace: float = 30.0
+
+
+# Range each Limits field accepts: (lowest, highest). Zero-length waits would refuse everyone;
+# the highs are where a value stops being a limit.
+LIMIT_RANGES: Final[Mapping[str, tuple[float, float]]] = MappingProxyType(
+    {
+        "handshake_timeout": (0.1, 300),
+        "request_header_timeout": (0.1, 300),
+        "keepalive_timeout": (0, 3600),
+        "max_connections": (1, 1_000_000),
+        "body_timeout": (0.1, 3600),
+        "send_timeout": (0.1, 3600),
+        "upstream_connect_timeout": (0.1, 300),
+        "upstream_timeout": (0.1, 3600),
+        "max_request_line_bytes": (256, 1024 * 1024),
+        "max_header_bytes": (1024, 1024 * 1024),
+        "max_header_count": (8, 10_000),
+        "max_body_bytes": (0, 1 << 40),
+        "shutdown_grace": (0, 3600),
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """Where requests go: the API that stays on managed hosting."""
+
+    url: str
+    scheme: Literal["https", "http"]
+    host: str  # as in the URL, lowercase; IPv6 without brackets
+    port: int
+    # Extra CA certificates trusted for the upstream, on top of the system store.
+    ca_file: Path | None = None
+    # "rewrite": Host is the upstream's (what App Engine routes by); "preserve": the client's.
+    host_header: Literal["rewrite", "preserve"] = "rewrite"
+    # Added to every upstream request, after hop-by-hop stripping (lets the API refuse bypasses).
+    headers: tuple[tuple[str, str], ...] = ()
+    # Peers whose X-Forwarded-For and Forwarded headers are kept (a load balancer in front).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    # Idle keep-alive connections kept per process; beyond it a released connection closes.
+    # 32 covers the burst a 2-core box serves without keeping sockets nobody reuses.
+    pool_max_idle: int = 32
+    # An idle pooled connection is closed after this, well before the upstream's own idle
+    # cut-off (Google's front ends and nginx keep idle connections for about 60 s or more),
+    # so we rarely pick one the upstream is about to close.
+    pool_idle_timeout: float = 30.0
+
+    @property
+    def authority(self) -> str:
+        """host[:port] as the Host header wants it (port omitted when it is the default)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestConfig:
+    """The signed pin manifest that dualproxy serves itself (see manifest.py)."""
+
+    # What `dualproxy manifest sign` writes and `serve` serves as is (reloaded on change). It
+    # may be missing (requests get 404 until it is signed); it is public, not a secret.
+    file: Path
+    # Answered by dualproxy on its TLS listener, never forwarded: a path under /.well-known/
+    # (RFC 8615) cannot collide with the API's own routes.
+    path: str = "/.well-known/dualproxy/pins.json"
+    # Cache-Control max-age, in seconds: short, so that a re-signed manifest (a new key
+    # announced) reaches apps within minutes, while a burst of app launches costs one fetch.
+    max_age: int = 300
+    # `serve` logs a warning this long before the manifest expires (an error once it has):
+    # two days let a failed daily signing job be noticed and fixed before apps refuse it.
+    warn_before_days: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReportsConfig:
+    """The pin-failure report receiver that dualproxy answers itself (see reports.py)."""
+
+    # JSON Lines of accepted reports; rotated to store.1 .. store.<store_files>.
+    store: Path
+    # Answered by dualproxy, never forwarded; point TrustKit's kTSKReportUris here.
+    path: str = "/.well-known/dualproxy/pin-report"
+    # A report's body (413 beyond it): a TrustKit report with two chains of three or four
+    # PEM certificates is 8-15 KiB; 64 KiB leaves room and stays cheap to read.
+    max_body_bytes: int = 64 * 1024
+    # Reports per client (an IPv4 address, an IPv6 /64) and minute after a burst; beyond it
+    # 429 with Retry-After. TrustKit sends an identical report at most once a day per device,
+    # so an honest client stays far below; many phones behind one carrier NAT may not, and
+    # the counts are then a lower bound.
+    per_minute: float = 6.0
+    burst: int = 20
+    # Size of the store file before it is rotated, and how many rotated files are kept:
+    # 4 MiB holds ten thousand or more reports; the store never exceeds (files + 1) x size.
+    store_max_bytes: int = 4 * 1024 * 1024
+    store_files: int = 4
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStoreSettings:
+    # Refuse private keys that others can read unless the platform cannot set modes
+    # (some volume drivers); when set, every load logs a warning.
+    allow_insecure_key_permissions: bool = False
+    # How often key, chain and config files are checked for changes (SIGHUP reloads at once).
+    # Two seconds: a renewal is picked up quickly and a stat() per file is negligible.
+    reload_poll_interval: float = 2.0
+
+
+# The admin listener's address unless the config names one: loopback (see AdminConfig), and a
+# port of Envoy's admin range (9901) that nothing else of ours uses.
+DEFAULT_ADMIN_ADDRESS: Final = ListenAddress("127.0.0.1", 9901)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin listener: /metrics, /status.json, the status page, canary resume."""
+
+    # Loopback by default: the status page names keys and client counts, and the listener
+    # takes the canary resume. None: no admin listener.
+    address: ListenAddress | None = DEFAULT_ADMIN_ADDRESS
+    # A non-loopback address (so that Prometheus can scrape from another host) must be asked
+    # for explicitly; canary resume still answers loopback clients only.
+    allow_non_loopback: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: ListenConfig
+    keys: Mapping[str, KeyConfig]
+    rotation: Rotation | None = None
+    limits: Limits = field(default_factory=Limits)
+    keystore: KeyStoreSettings = field(default_factory=KeyStoreSettings)
+    path: Path | None = None  # the file it was read from, when it was
+    # None: dualproxy answers every request itself with a short 200 (TLS and pin testing).
+    upstream: UpstreamConfig | None = None
+    acme: AcmeConfig | None = None
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    # App-facing endpoints answered by dualproxy itself (None: not served).
+    manifest: ManifestConfig | None = None
+    reports: ReportsConfig | None = None
+
+    def acme_keys(self) -> tuple[KeyConfig, ...]:
+        """The keys whose certificates dualproxy obtains itself ([acme] and `names`)."""
+        if self.acme is None:
+            return ()
+        return tuple(key for key in self.keys.values() if key.names)
+
+    def identities(self) -> dict[IdentityName, tuple[str, ...]]:
+        """The key names each served identity holds (one SSLContext per identity)."""
+        if self.rotation is None:
+            return {"single": tuple(self.keys)}
+        return {"old": self.rotation.old, "new": self.rotation.new}
+
+    def key_order(self) -> tuple[str, ...]:
+        """Every key's name as listings show them: the rotation's old keys, then its new ones,
+        then the rest (standby keys), each in config order."""
+        first = self.rotation.old + self.rotation.new if self.rotation is not None else ()
+        return (*first, *(name for name in self.keys if name not in first))
+
+    def watched_files(self) -> tuple[Path, ...]:
+        """Files whose change triggers a reload."""
+        files = [self.path] if self.path is not None else []
+        for key in self.keys.values():
+            files += [key.key, key.chain]
+        if self.manifest is not None:  # re-signed: served from the next poll on
+            files.append(self.manifest.file)
+        return tuple(files)
