@@ -12,15 +12,13 @@ and leaves without a request (what OkHttp's CertificatePinner does), and plain r
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 
-import h11
 import pytest
 import trio
 import trustme
@@ -34,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dualproxy.cli import main as cli
 from dualproxy.config.names import ListenAddress
-from dualproxy.dev.control import Refused
+from dualproxy.http.smallserver import Refused, Request
 from dualproxy.ops import admin
 from dualproxy.serve.server import Server
 
@@ -391,16 +389,16 @@ def test_who_may_ask_what(
     refused: bool,
 ) -> None:
     """The rules alone: a peer off this machine is what a loopback test client cannot be."""
-    request = h11.Request(method=method, target=target, headers=headers)
-    check = functools.partial(
-        admin._check_asker, request, on_loopback=on_loopback, from_loopback=from_loopback
+    request = Request(
+        method.encode(), target.encode(), tuple((n.encode(), v.encode()) for n, v in headers)
     )
+    asker = admin.Asker(from_loopback=from_loopback, on_loopback=on_loopback)
     if refused:
         with pytest.raises(Refused) as caught:
-            check()
+            admin.route(request, asker)
         assert caught.value.status == 403
     else:
-        check()
+        assert admin.route(request, asker) is admin.ROUTES[request.path]
 
 
 @pytest.mark.parametrize(
@@ -409,11 +407,38 @@ def test_who_may_ask_what(
 def test_a_wrong_method_is_answered_with_what_is_allowed(
     method: str, target: str, allow: bytes
 ) -> None:
-    request = h11.Request(method=method, target=target, headers=[("host", "localhost")])
+    request = Request(method.encode(), target.encode(), ((b"host", b"localhost"),))
+    asker = admin.Asker(from_loopback=True, on_loopback=True)
     with pytest.raises(Refused) as caught:  # refused before the server is looked at
-        admin._answer(request, cast(Server, None), lambda: b"")
+        admin.route(request, asker)
     assert caught.value.status == 405
     assert list(caught.value.headers) == [(b"allow", allow)]
+
+
+def test_a_path_we_do_not_have_is_refused_after_the_readers_rule() -> None:
+    """Its 404 names every route; a web page gets the readers' 403 instead, also on an opened
+    listener, where a peer off this machine may otherwise ask."""
+    opened = admin.Asker(from_loopback=False, on_loopback=False)
+    for headers, status in (((), 404), (((b"origin", b"https://evil.example"),), 403)):
+        with pytest.raises(Refused) as caught:
+            admin.route(Request(b"GET", b"/nope", headers), opened)
+        assert caught.value.status == status
+    assert caught.value.message == "refused a request from a web page (Origin)"
+    with pytest.raises(Refused) as caught:
+        admin.route(Request(b"POST", b"/nope", ((b"host", b"localhost"),)), opened)
+    assert caught.value.message == (
+        "not found: GET /, /status.json, /status.txt, /metrics; POST /canary/resume"
+    )
+
+
+async def test_a_head_request_is_refused_and_the_listener_serves_on(
+    keys: dict[str, KeyFiles], tmp_path: Path
+) -> None:
+    """A HEAD's answer has no body; sending one anyway used to end the listener, and serve."""
+    config = make_config(list(keys.values()), rotation=rotation(), base_dir=tmp_path)
+    async with serving(config, clock=Clock(DURING)) as run, admin_listener(run.server) as at:
+        assert await trio.to_thread.run_sync(raw_request, at, "HEAD", "/metrics", {}) == 405
+        assert await trio.to_thread.run_sync(raw_request, at, "GET", "/metrics", {}) == 200
 
 
 def raw_request(address: tuple[str, int], method: str, path: str, headers: dict[str, str]) -> int:

@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 from helpers.clients import ipv6_loopback
+from helpers.smallhttp import exchange
 
 from dualproxy.dev import control as devcontrol
 from dualproxy.dev.control import ControlError, SwitchError
@@ -161,6 +162,19 @@ async def test_the_answers() -> None:
     assert board.asked == ["old-only", "nope", "rogue"]
 
 
+async def test_a_head_request_gets_the_head_of_its_answer_and_the_endpoint_serves_on() -> None:
+    """A HEAD's answer has no body; sending one anyway used to end the endpoint."""
+    async with endpoint() as (board, address):
+        head = b"HEAD /scenario HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        data = await exchange(*address, head)
+        assert data.startswith(b"HTTP/1.1 405 ")
+        assert b"\r\nallow: get, put\r\n" in data.lower()
+        assert data.endswith(b"\r\n\r\n")  # the head alone
+        # Its twin, on the same endpoint: a GET gets the whole answer.
+        assert await trio.to_thread.run_sync(devcontrol.get_scenario, address) == "grace"
+    assert board.asked == []
+
+
 @pytest.mark.parametrize(
     "host", ["evil.example:8444", "127.0.0.1.nip.io", "localhost.evil.example", "[::2]", "a:b"]
 )
@@ -205,7 +219,7 @@ async def test_a_client_that_never_finishes_its_request_is_dropped(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(devcontrol.handle, server, board)
         await client.send_all(b"PUT /scenario HTTP/1.1\r\nHost: localhost\r\nContent-Le")
-        assert await client.receive_some(1024) == b""  # closed after ADMIN_REQUEST_TIMEOUT
+        assert await client.receive_some(1024) == b""  # closed after LOCAL_REQUEST_TIMEOUT
     assert board.asked == []
 
 

@@ -1,6 +1,6 @@
 """The admin listener of `dualproxy serve`: the evidence for people and for Prometheus, and
-the canary's resume. Built from devcontrol's parts (one request per connection, bounded in
-size and time, Connection: close).
+the canary's resume. A local JSON endpoint on `http.smallserver` (one request per connection,
+bounded in size and time, Connection: close), answering from a `ServerView`.
 
     GET  /               the status page (statuspage.render_html)
     GET  /status.json    the same, for programs (evidence.Status.to_json, schema 1)
@@ -10,48 +10,52 @@ size and time, Connection: close).
 
 Who may ask. The listener is on loopback unless the config says admin.allow_non_loopback.
 On loopback, every request must come from a loopback peer with a loopback Host (no DNS
-rebinding) and without an Origin header (no web page), as devcontrol's. On a listener the
-operator opened up, the GETs answer anyone who can reach it (firewall it), while the resume,
-which changes what clients are served, still takes only loopback peers and the same checks.
+rebinding) and without an Origin header (no web page), as the dev control endpoint's. On a
+listener the operator opened up, each path has its own rule (`ROUTES`, `Allow`): the GETs
+answer anyone who can reach it (firewall it) but no web page, while the resume, which changes
+what clients are served, still takes only loopback peers and the same checks. A path we do not
+have is refused (404) after the readers' rule.
 """
 
 from __future__ import annotations
 
+import enum
 import http.client
-import ipaddress
 import json
 import logging
 import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final, Protocol
 from urllib.parse import urlsplit
 
-import h11
 import trio
 
 from dualproxy.config.names import ListenAddress
-from dualproxy.dev.control import (
-    Answer,
-    Refused,
-    answer_one_request,
-    peer_is_loopback,
-    refuse_web_pages,
-)
-from dualproxy.dev.control import open_socket as devcontrol_socket
+from dualproxy.config.schema import Config
+from dualproxy.http import smallserver
+from dualproxy.http.smallserver import Answer, Refused, Request, json_answer
 from dualproxy.ops import metrics, statuspage
-from dualproxy.ops.evidence import KeyFacts, Status
+from dualproxy.ops.evidence import Evidence, KeyFacts, Status
+from dualproxy.pinning.reports import ReportSummary
 from dualproxy.rotation import policy
-
-if TYPE_CHECKING:
-    from dualproxy.serve.server import Server
+from dualproxy.tls.keystore import KeySnapshot
 
 __all__ = [
     "DEFAULT_URL",
+    "ROUTES",
+    "Admin",
     "AdminError",
+    "Allow",
+    "Asker",
+    "Route",
+    "ServerView",
     "fetch",
     "open_socket",
     "parse_url",
     "resume_canary",
+    "route",
     "serve",
     "status_of",
 ]
@@ -74,7 +78,38 @@ class AdminError(Exception):
     """The admin listener could not be asked, or refused: says why and what to do."""
 
 
-def status_of(server: Server) -> Status:
+class ServerView(Protocol):
+    """What the admin listener reads from a server (`serve.server.Server` is one): its config
+    and keys, its evidence (whose canary the resume acts on), its clock and its counts."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def snapshot(self) -> KeySnapshot: ...
+
+    @property
+    def evidence(self) -> Evidence: ...
+
+    @property
+    def active_connections(self) -> int: ...
+
+    @property
+    def reloads_ok(self) -> int: ...
+
+    @property
+    def reloads_failed(self) -> int: ...
+
+    def now(self) -> datetime:
+        """The policy's clock."""
+        ...
+
+    def report_summary(self) -> ReportSummary | None:
+        """The pin-failure reports' counts; None without [reports]."""
+        ...
+
+
+def status_of(server: ServerView) -> Status:
     """The server's evidence now, with its keys' facts and the rotation's phase."""
     config, snapshot = server.config, server.snapshot
     rotation = config.rotation
@@ -97,11 +132,151 @@ def status_of(server: Server) -> Status:
     )
 
 
+# --- who may ask what ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Asker:
+    """Where a request comes from, as the allow rules see it."""
+
+    from_loopback: bool  # the peer is on this machine
+    on_loopback: bool  # the listener is on loopback (else opened: admin.allow_non_loopback)
+
+
+class Allow(enum.Enum):
+    """Who may ask for a path. On a loopback listener every rule takes only this machine's
+    requests with a loopback Host and no Origin; they differ on a listener opened up."""
+
+    # Loopback peers only, with those checks, wherever the listener is: what changes what
+    # clients are served.
+    THIS_MACHINE = "this machine"
+    # Anyone who can reach an opened listener (the operator firewalls it; a scraper names the
+    # host as it likes, so no Host check), but no web page: what only reads.
+    READERS = "readers"
+
+    def check(self, request: Request, asker: Asker, does: str) -> None:
+        """Refused (403, saying why) unless `asker` may send `request`, which `does` what
+        the message names ("resume the canary")."""
+        if self is Allow.THIS_MACHINE and not asker.from_loopback:
+            raise Refused(403, f"only this machine may {does}: {_ADVICE}")
+        if asker.on_loopback or self is Allow.THIS_MACHINE:
+            smallserver.refuse_web_pages(request, _ADVICE)
+        elif smallserver.origin_problem(request) is not None:
+            # On a listener opened to the network a Host check would refuse the operator's
+            # own scraper; a web page's cross-origin read is refused.
+            raise Refused(403, "refused a request from a web page (Origin)")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What one path answers: to which method, for whom, doing what, and how."""
+
+    method: bytes
+    allow: Allow
+    does: str  # for a refusal: "only this machine may <does>"
+    answer: Callable[[Admin], Answer]
+
+
+def route(request: Request, asker: Asker) -> Route:
+    """The route that answers `request` from `asker`; Refused when none does: 403 (see
+    Allow), 404 (no such path), 405 (another method; with Allow)."""
+    found = ROUTES.get(request.path)
+    if found is None:
+        # After the readers' rule: what a web page cannot read, it cannot probe for either.
+        Allow.READERS.check(request, asker, "ask")
+        raise Refused(404, f"not found: {_usage()}")
+    found.allow.check(request, asker, found.does)
+    if request.method != found.method:
+        usage = f"{found.method.decode()} {request.path.decode()}"
+        raise Refused(405, f"method not allowed: {usage}", ((b"allow", found.method),))
+    return found
+
+
+def _usage() -> str:
+    """Every route, by method: "GET /, /metrics; POST /canary/resume"."""
+    paths: dict[bytes, list[str]] = {}
+    for path, found in ROUTES.items():
+        paths.setdefault(found.method, []).append(path.decode())
+    return "; ".join(f"{method.decode()} {', '.join(each)}" for method, each in paths.items())
+
+
+# --- the answers ---------------------------------------------------------------------------
+
+
+class Admin:
+    """The admin listener's answers for one server."""
+
+    def __init__(self, server: ServerView) -> None:
+        self.server = server
+        self._registry = metrics.registry_for(lambda: status_of(server))
+
+    def answer(self, request: Request, asker: Asker) -> Answer:
+        """What `request` from `asker` gets; Refused when it is not answered (see `route`)."""
+        return route(request, asker).answer(self)
+
+    def status(self) -> Status:
+        return status_of(self.server)
+
+    def scrape(self) -> bytes:
+        """The metrics, in Prometheus text format."""
+        return metrics.exposition(self._registry)
+
+
+def _page(admin: Admin) -> Answer:
+    page = statuspage.render_html(admin.status()).encode()
+    # The page has no script and loads nothing: say so, so that an injected one would not run.
+    csp = b"default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+    return Answer(
+        200,
+        page,
+        content_type=b"text/html; charset=utf-8",
+        headers=((b"content-security-policy", csp),),
+    )
+
+
+def _status_json(admin: Admin) -> Answer:
+    return json_answer(200, admin.status().to_json())
+
+
+def _status_text(admin: Admin) -> Answer:
+    text = statuspage.render_text(admin.status()).encode()
+    return Answer(200, text, content_type=b"text/plain; charset=utf-8")
+
+
+def _metrics(admin: Admin) -> Answer:
+    return Answer(200, admin.scrape(), content_type=metrics.CONTENT_TYPE.encode())
+
+
+def _resume(admin: Admin) -> Answer:
+    judge = admin.server.evidence.canary
+    resumed = judge.resume()
+    text = (
+        "canary resumed: hint-less clients in the canary get the new key again; its samples"
+        " start from zero"
+        if resumed
+        else "the canary was not halted; nothing changed"
+    )
+    return json_answer(200, {"resumed": resumed, "halted": judge.halted, "text": text})
+
+
+# Path -> what answers it and who may ask (see Allow); the 404 lists them in this order.
+ROUTES: Final[Mapping[bytes, Route]] = {
+    b"/": Route(b"GET", Allow.READERS, "read the status page", _page),
+    b"/status.json": Route(b"GET", Allow.READERS, "read the status", _status_json),
+    b"/status.txt": Route(b"GET", Allow.READERS, "read the status", _status_text),
+    b"/metrics": Route(b"GET", Allow.READERS, "read the metrics", _metrics),
+    b"/canary/resume": Route(b"POST", Allow.THIS_MACHINE, "resume the canary", _resume),
+}
+
+
+# --- the listener ----------------------------------------------------------------------------
+
+
 def open_socket(address: ListenAddress) -> socket.socket:
     """The listening socket, bound before the event loop starts (a port in use is reported
     first). Raises OSError naming the setting."""
     try:
-        return devcontrol_socket(address.host, address.port)
+        return smallserver.open_socket(address.host, address.port)
     except OSError as exc:
         raise OSError(
             exc.errno,
@@ -112,101 +287,31 @@ def open_socket(address: ListenAddress) -> socket.socket:
 
 async def serve(
     sock: socket.socket,
-    server: Server,
+    server: ServerView,
     *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer on `sock` until cancelled (see the module docstring)."""
-    host = str(sock.getsockname()[0]).split("%", 1)[0]
-    loopback = ipaddress.ip_address(host).is_loopback
-    registry = metrics.registry_for(lambda: status_of(server))
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    on_loopback = smallserver.listens_on_loopback(sock)
+    admin = Admin(server)
 
-    async def handler(stream: trio.SocketStream) -> None:
-        from_loopback = peer_is_loopback(stream)
-        if loopback and not from_loopback:  # cannot happen on a loopback listener
-            await trio.aclose_forcefully(stream)
-            return
-        await _handle(stream, server, lambda: metrics.exposition(registry), from_loopback, loopback)
+    async def handle(stream: trio.SocketStream) -> None:
+        asker = Asker(from_loopback=smallserver.peer_is_loopback(stream), on_loopback=on_loopback)
+
+        async def respond(request: Request) -> Answer:
+            return admin.answer(request, asker)
+
+        await smallserver.answer_one_request(
+            stream, respond, max_body=MAX_BODY_BYTES, what="admin listener"
+        )
 
     log.info("admin listener on http://%s/ (status page, /metrics)", _format(sock))
-    await trio.serve_listeners(handler, [listener], task_status=task_status)
+    await smallserver.serve_socket(sock, handle, task_status=task_status)
 
 
 def _format(sock: socket.socket) -> str:
     name = sock.getsockname()
     return str(ListenAddress(str(name[0]), int(name[1])))
-
-
-async def _handle(
-    stream: trio.abc.Stream,
-    server: Server,
-    scrape: Callable[[], bytes],
-    from_loopback: bool,
-    on_loopback: bool,
-) -> None:
-    async def respond(request: h11.Request, _body: bytes) -> Answer:
-        _check_asker(request, on_loopback=on_loopback, from_loopback=from_loopback)
-        return _answer(request, server, scrape)
-
-    await answer_one_request(
-        stream, max_body=MAX_BODY_BYTES, respond=respond, what="admin listener"
-    )
-
-
-_GET_PATHS: Final = (b"/", b"/status.json", b"/status.txt", b"/metrics")
-
-
-def _check_asker(request: h11.Request, *, on_loopback: bool, from_loopback: bool) -> None:
-    """Who may ask what (see the module docstring); Refused when the asker may not."""
-    changes = request.target.startswith(b"/canary/")
-    if changes and not from_loopback:
-        raise Refused(403, f"only this machine may resume the canary: {_ADVICE}")
-    if on_loopback or changes:
-        refuse_web_pages(request, _ADVICE)
-    elif any(name == b"origin" for name, _ in request.headers):
-        # On a listener opened to the network a Host check would refuse the operator's own
-        # scraper (it names the host as it likes); a web page's cross-origin read is refused.
-        raise Refused(403, "refused a request from a web page (Origin)")
-
-
-def _answer(request: h11.Request, server: Server, scrape: Callable[[], bytes]) -> Answer:
-    target = request.target.split(b"?", 1)[0]
-    if target == b"/canary/resume":
-        if request.method != b"POST":
-            raise Refused(405, "method not allowed: POST /canary/resume", [(b"allow", b"POST")])
-        return _resume(server)
-    if target not in _GET_PATHS:
-        raise Refused(
-            404, "not found: GET /, /status.json, /status.txt, /metrics; POST /canary/resume"
-        )
-    if request.method != b"GET":
-        raise Refused(405, "method not allowed: GET", [(b"allow", b"GET")])
-    if target == b"/metrics":
-        return 200, metrics.CONTENT_TYPE.encode(), scrape(), []
-    status = status_of(server)
-    if target == b"/status.json":
-        body = json.dumps(status.to_json(), indent=2).encode() + b"\n"
-        return 200, b"application/json", body, []
-    if target == b"/status.txt":
-        return 200, b"text/plain; charset=utf-8", statuspage.render_text(status).encode(), []
-    page = statuspage.render_html(status).encode()
-    # The page has no script and loads nothing: say so, so that an injected one would not run.
-    csp = b"default-src 'none'; style-src 'unsafe-inline'; img-src data:"
-    return 200, b"text/html; charset=utf-8", page, [(b"content-security-policy", csp)]
-
-
-def _resume(server: Server) -> Answer:
-    judge = server.evidence.canary
-    resumed = judge.resume()
-    text = (
-        "canary resumed: hint-less clients in the canary get the new key again; its samples"
-        " start from zero"
-        if resumed
-        else "the canary was not halted; nothing changed"
-    )
-    body = json.dumps({"resumed": resumed, "halted": judge.halted, "text": text}, indent=2)
-    return 200, b"application/json", body.encode() + b"\n", []
 
 
 # --- the client: `dualproxy status`, `dualproxy canary resume` ------------------------------
