@@ -1,26 +1,34 @@
 """challenges.py without a CA: the challenge folder (publish, read, stale, withdraw), the
-board that answers from it, and the plain-HTTP listener's answers."""
+board that answers from it, and the plain-HTTP listener's answers (alone, then on a loopback
+socket)."""
 
 from __future__ import annotations
 
 import json
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
-import h11
 import pytest
+import trio
+from helpers.smallhttp import exchange, head_of
 
 from dualproxy.acme.challenges import (
     CHALLENGE_MAX_AGE,
     HTTP01_PREFIX,
+    MAX_HTTP_HEAD,
     Challenge,
     ChallengeBoard,
     http_answer,
     publish,
     read_published,
+    serve_http,
     withdraw,
 )
+from dualproxy.http.smallserver import Request
 
 NOW: Final = datetime(2026, 12, 1, tzinfo=UTC)
 TLS: Final = Challenge("tls-alpn-01", "api.example.com", "tok1", "tok1.thumb")
@@ -76,9 +84,9 @@ def test_board_answers_what_is_published(tmp_path: Path) -> None:
     assert board.http01_answer("tok2") is None
 
 
-def request(method: bytes, target: bytes, host: bytes | None = b"api.example.com") -> h11.Request:
-    headers = [(b"host", host)] if host is not None else []
-    return h11.Request(method=method, target=target, headers=headers, http_version=b"1.0")
+def request(method: bytes, target: bytes, host: bytes | None = b"api.example.com") -> Request:
+    headers = ((b"host", host),) if host is not None else ()
+    return Request(method, target, headers)
 
 
 @pytest.fixture
@@ -90,10 +98,10 @@ def board(tmp_path: Path) -> ChallengeBoard:
 
 
 def test_http01_answer_and_its_unknown_twin(board: ChallengeBoard) -> None:
-    status, body, _ = http_answer(request(b"GET", f"{HTTP01_PREFIX}tok2".encode()), board, 443)
-    assert (status, body) == (200, b"tok2.thumb")
-    status, _, _ = http_answer(request(b"GET", f"{HTTP01_PREFIX}nope".encode()), board, 443)
-    assert status == 404
+    answer = http_answer(request(b"GET", f"{HTTP01_PREFIX}tok2".encode()), board, 443)
+    assert (answer.status, answer.body) == (200, b"tok2.thumb")
+    answer = http_answer(request(b"GET", f"{HTTP01_PREFIX}nope".encode()), board, 443)
+    assert answer.status == 404
 
 
 @pytest.mark.parametrize(
@@ -116,11 +124,68 @@ def test_other_plain_http_is_redirected_to_https(
     location: bytes,
 ) -> None:
     answer = http_answer(request(method, target, host), board, port)
-    assert answer == (status, b"", [(b"location", location)])
+    assert (answer.status, answer.body, answer.headers) == (status, b"", ((b"location", location),))
 
 
 @pytest.mark.parametrize("host", [None, b"evil\\name", b"a b"])
 def test_no_redirect_without_a_plausible_host(board: ChallengeBoard, host: bytes | None) -> None:
-    status, _, headers = http_answer(request(b"GET", b"/", host), board, 443)
-    assert status == 400
-    assert headers == []
+    answer = http_answer(request(b"GET", b"/", host), board, 443)
+    assert answer.status == 400
+    assert answer.headers == ()
+
+
+# --- the plain-HTTP listener on a socket ------------------------------------------------------
+
+
+@asynccontextmanager
+async def http_listener(board: ChallengeBoard) -> AsyncIterator[int]:
+    """serve_http on a loopback port, redirecting to https on 8443, for the block."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        sock.setblocking(False)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_http, sock, board, 8443)
+            yield int(sock.getsockname()[1])
+            nursery.cancel_scope.cancel()
+
+
+def challenge_request(method: bytes, token: str) -> bytes:
+    return method + f" {HTTP01_PREFIX}{token} HTTP/1.1\r\nHost: api.example.com\r\n\r\n".encode()
+
+
+async def test_the_listener_answers_a_head_with_the_head_and_serves_on(
+    board: ChallengeBoard,
+) -> None:
+    """A HEAD's answer has no body; sending one anyway used to end the listener."""
+    async with http_listener(board) as port:
+        answers = [
+            await exchange("127.0.0.1", port, challenge_request(method, token))
+            for method, token in ((b"HEAD", "nope"), (b"HEAD", "tok2"), (b"GET", "tok2"))
+        ]
+    unknown, head, get = answers
+    assert unknown.startswith(b"HTTP/1.1 404 ")
+    assert unknown.endswith(b"\r\n\r\n")  # the head alone
+    assert head == get.removesuffix(b"tok2.thumb")
+    assert get.startswith(b"HTTP/1.1 200 ")
+    assert b"\r\ncontent-length: 10\r\n" in head
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (head_of(MAX_HTTP_HEAD, host=b"api.example.com"), b"301"),
+        (head_of(MAX_HTTP_HEAD + 1, host=b"api.example.com"), b"400"),
+        (b"GET / HTTP/1.1\r\nHost: api.example.com\r\nbad header\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n", b"301"),
+    ],
+    ids=["head-at-the-bound", "head-past-the-bound", "malformed", "well-formed"],
+)
+async def test_the_listener_refuses_what_it_cannot_read_with_400(
+    board: ChallengeBoard, request_bytes: bytes, status: bytes
+) -> None:
+    async with http_listener(board) as port:
+        answer = await exchange("127.0.0.1", port, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" ")
+    if status == b"400":
+        assert answer.endswith(b"\r\n\r\nbad request\n")
+    else:
+        assert b"\r\nlocation: https://api.example.com:8443/\r\n" in answer

@@ -39,7 +39,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
-import h11
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -49,13 +48,14 @@ from cryptography.x509.oid import NameOID
 from dualproxy.config.names import ListenAddress, normalize_host
 from dualproxy.config.schema import ChallengeType
 from dualproxy.files import write_atomically
+from dualproxy.http.smallserver import Answer, Connection, Refused, Request
 from dualproxy.tls.clienthello import (
     MAX_CLIENT_HELLO_BYTES,
     ClientHello,
     ClientHelloError,
     parse_client_hello,
 )
-from dualproxy.tls.streams import TcpStream, TlsStream, discard_until_closed, receive_h11_request
+from dualproxy.tls.streams import TcpStream, TlsStream, discard_until_closed
 
 log = logging.getLogger("dualproxy.acme")
 
@@ -425,15 +425,16 @@ async def _http_connection(
     stream = TcpStream(sock)
     try:
         with trio.move_on_after(RESPONDER_TIMEOUT):
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HTTP_HEAD)
-            request = await _read_request_head(stream, conn)
-            if request is None:
-                if conn.their_state is not h11.ERROR or conn.our_state is not h11.IDLE:
-                    return
-                await _send(stream, conn, 400, b"bad request\n", [])
+            connection = Connection(stream, max_head=MAX_HTTP_HEAD)
+            try:
+                request = await connection.receive_request()  # its body is never read
+            except Refused:
+                answer = _BAD_REQUEST
             else:
-                status, body, headers = http_answer(request, board, https_port)
-                await _send(stream, conn, status, body, headers)
+                if request is None:  # closed before a request
+                    return
+                answer = http_answer(request, board, https_port)
+            await connection.send_answer(answer)
         await discard_until_closed(
             stream,
             total=HTTP_LINGER_TIME,
@@ -447,35 +448,29 @@ async def _http_connection(
         stream.close()
 
 
-async def _read_request_head(stream: TcpStream, conn: h11.Connection) -> h11.Request | None:
-    try:
-        return await receive_h11_request(stream, conn, receive_size=MAX_HTTP_HEAD)
-    except h11.RemoteProtocolError:
-        return None
+_BAD_REQUEST: Final = Answer(400, b"bad request\n")
 
 
-def http_answer(
-    request: h11.Request, board: ChallengeBoard, https_port: int | None
-) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-    """The status, body and headers the plain-HTTP listener answers `request` with."""
+def http_answer(request: Request, board: ChallengeBoard, https_port: int | None) -> Answer:
+    """What the plain-HTTP listener answers `request` with."""
     target = request.target.decode("ascii", "replace")
     if target.startswith(HTTP01_PREFIX) and request.method in (b"GET", b"HEAD"):
         answer = board.http01_answer(target[len(HTTP01_PREFIX) :])
         if answer is not None:
-            return 200, answer, [(b"content-type", b"application/octet-stream")]
-        return 404, b"no such challenge\n", [(b"content-type", b"text/plain")]
+            return Answer(200, answer, content_type=b"application/octet-stream")
+        return Answer(404, b"no such challenge\n", content_type=b"text/plain")
     host = _host_of(request)
     if host is None or https_port is None:
-        return 400, b"this port redirects to https; send a Host header\n", []
+        return Answer(400, b"this port redirects to https; send a Host header\n")
     authority = host if https_port == 443 else f"{host}:{https_port}"
     location = f"https://{authority}{target if target.startswith('/') else '/'}"
     # 308 keeps the method and body (RFC 9110 15.4.9); for GET and HEAD 301 is the same and
     # understood by every client.
     status = 301 if request.method in (b"GET", b"HEAD") else 308
-    return status, b"", [(b"location", location.encode("ascii"))]
+    return Answer(status, headers=((b"location", location.encode("ascii")),))
 
 
-def _host_of(request: h11.Request) -> str | None:
+def _host_of(request: Request) -> str | None:
     """The Host header's name, without its port, when it is a plausible host name."""
     for name, value in request.headers:
         if name == b"host":
@@ -487,21 +482,6 @@ def _host_of(request: h11.Request) -> str | None:
             ok = host and all(c.isalnum() or c in ".-[]:" for c in host)
             return host.lower() if ok else None
     return None
-
-
-async def _send(
-    stream: TcpStream,
-    conn: h11.Connection,
-    status: int,
-    body: bytes,
-    headers: list[tuple[bytes, bytes]],
-) -> None:
-    full = [*headers, (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
-    data = conn.send(h11.Response(status_code=status, headers=full))
-    assert data is not None
-    data += conn.send(h11.Data(data=body)) or b""
-    data += conn.send(h11.EndOfMessage()) or b""
-    await stream.send_all(data)
 
 
 async def serve_tls_alpn_only(listener: socket.socket, board: ChallengeBoard) -> None:

@@ -282,8 +282,9 @@ async def receive_h11_request(
     receive_size: int,
     on_body: Callable[[bytes], None] | None = None,
 ) -> h11.Request | None:
-    """The next request through `conn` (h11's server side), for the small HTTP servers that
-    are not the relay (the placeholder, the ACME http-01 listener, the dev control endpoint).
+    """The next request through `conn` (h11's server side), for the placeholder in
+    serve.server. The other small servers read with `http.smallserver.Connection`, whose
+    head bound is exact; when the placeholder does too, this goes (and h11 with it from here).
 
     Without `on_body`, the request is returned once its head is read; with it, each piece of
     the body goes to `on_body` (which raises to stop reading) and the request is returned
