@@ -33,13 +33,13 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import NameOID
 
+from dualproxy.config.errors import OperatorError
 from dualproxy.config.names import ListenAddress
 from dualproxy.config.schema import Config, KeyConfig, KeyStoreSettings, ListenConfig, Rotation
 from dualproxy.tls import keystore
 from dualproxy.tls.clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, parse_client_hello
 from dualproxy.tls.keystore import (
     Identity,
-    KeyStoreError,
     LoadedKey,
     build_context,
     generate_private_key,
@@ -165,8 +165,8 @@ def write(folder: Path, name: str, files: Material, *, mode: int = 0o600) -> Key
 
 def refused(
     config: KeyConfig, *, settings: KeyStoreSettings = STRICT, uid: int | None = None
-) -> KeyStoreError:
-    with pytest.raises(KeyStoreError) as info:
+) -> OperatorError:
+    with pytest.raises(OperatorError) as info:
         load_key(config, settings, uid=uid)
     return info.value
 
@@ -236,10 +236,10 @@ def assert_no_key_material(text: str, chunks: Sequence[str]) -> None:
 
 @pytest.fixture(autouse=True)
 def _key_material_never_shown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The str and repr of every KeyStoreError raised and LoadedKey built during each test hold
+    """The str and repr of every OperatorError raised and LoadedKey built during each test hold
     no key material: none from the files the keystore read, nor from those left in tmp_path."""
     built: list[object] = []
-    for cls in (KeyStoreError, LoadedKey):
+    for cls in (OperatorError, LoadedKey):
 
         def recording_init(self: object, *args: Any, _init: Any = cls.__init__, **kw: Any) -> None:
             _init(self, *args, **kw)
@@ -417,7 +417,7 @@ def test_encrypted_key_is_refused_with_how_to_decrypt(
     error = refused(write(tmp_path, "k", Material(encrypted, files.chain_pem)))
     assert error.key_path == "keys.k.key"
     assert "passphrase" in error.problem
-    assert "openssl pkey -in" in error.problem
+    assert "openssl pkey -in" in error.fix
     # The twin: the same key, unencrypted, in the same format.
     plain = Material(pem_of(key, private_format), files.chain_pem)
     assert load_key(write(tmp_path, "k", plain), STRICT).key_type == "ec"
@@ -450,7 +450,7 @@ def test_chain_of_another_key(tmp_path: Path, material: dict[str, Material]) -> 
     error = refused(write(tmp_path, "k", files))
     assert error.key_path == "keys.k.chain"
     assert "belongs to a different key" in error.problem
-    assert "written before the key" in error.problem
+    assert "written before the key" in error.fix
     assert spki_sha256(x509.load_pem_x509_certificate(material["ec2"].chain_pem)) in error.problem
 
 
@@ -460,7 +460,7 @@ def test_leaf_not_first(tmp_path: Path, ca: trustme.CA) -> None:
     error = refused(write(tmp_path, "k", Material(leaf.private_key_pem.bytes(), reversed_chain)))
     assert error.key_path == "keys.k.chain"
     assert "number 2" in error.problem
-    assert "leaf first" in error.problem
+    assert "leaf first" in error.fix
 
 
 def test_intermediates_out_of_order(tmp_path: Path, ca: trustme.CA) -> None:
@@ -700,7 +700,7 @@ def test_every_descriptor_is_closed(tmp_path: Path, material: dict[str, Material
 def test_single_identity_with_two_ec_keys(tmp_path: Path, material: dict[str, Material]) -> None:
     keys = [write(tmp_path, "a", material["ec"]), write(tmp_path, "b", material["ec2"])]
     config = make_config(tmp_path, keys)
-    with pytest.raises(KeyStoreError) as info:
+    with pytest.raises(OperatorError) as info:
         load_snapshot(config)
     assert (info.value.key_path, info.value.file) == ("keys", config.path)
     assert "'a' and 'b' are both EC keys" in info.value.problem
@@ -714,7 +714,7 @@ def test_rotation_identity_with_two_ec_keys(
     keys = [write(tmp_path, name, material[name]) for name in ("ec", "ec2", "rsa")]
     crowded, other = (("ec", "ec2"), ("rsa",))
     old, new = (crowded, other) if role == "old" else (other, crowded)
-    with pytest.raises(KeyStoreError) as info:
+    with pytest.raises(OperatorError) as info:
         load_snapshot(make_config(tmp_path, keys, old=old, new=new))
     assert info.value.key_path == f"rotation.{role}"
     assert "one EC and one RSA key" in info.value.problem
@@ -1156,13 +1156,13 @@ def test_without_memfd_the_key_is_read_again_and_checked(
     assert served.error is None
     # Another key: OpenSSL's own key/leaf check refuses it.
     config.key.write_bytes(material["ec2"].key_pem)
-    with pytest.raises(KeyStoreError) as info:
+    with pytest.raises(OperatorError) as info:
         build_context([key])
     assert info.value.key_path == "keys.k"
     # An encrypted key: refused, never a passphrase prompt on the terminal.
     encrypted = serialization.BestAvailableEncryption(b"hunter2")
     config.key.write_bytes(pem_of(private, encryption=encrypted))
-    with pytest.raises(KeyStoreError) as info:
+    with pytest.raises(OperatorError) as info:
         build_context([key])
     assert (info.value.key_path, "encrypted" in info.value.problem) == ("keys.k.key", True)
 
@@ -1185,7 +1185,7 @@ def test_write_private_key(
     assert describe_key_algorithm(again.public_key()) == algorithm
     assert again.private_numbers() == key.private_numbers()
     before = path.read_bytes()
-    with pytest.raises(KeyStoreError) as info:
+    with pytest.raises(OperatorError) as info:
         write_private_key(path, generate_private_key("ecdsa-p256"))
     assert info.value.file == path
     assert "never overwrites" in info.value.problem
@@ -1196,7 +1196,7 @@ def test_read_private_key_applies_the_permission_rule(tmp_path: Path) -> None:
     path = tmp_path / "key.pem"
     write_private_key(path, generate_private_key("ecdsa-p256"))
     path.chmod(0o644)
-    with pytest.raises(KeyStoreError, match="0644"):
+    with pytest.raises(OperatorError, match="0644"):
         read_private_key(path)
 
 

@@ -52,12 +52,12 @@ from dualproxy.acme.challenges import (
     wait_until_served,
 )
 from dualproxy.acme.challenges import withdraw as withdraw_challenges
+from dualproxy.config.errors import OperatorError
 from dualproxy.config.names import ListenAddress
 from dualproxy.config.schema import AcmeConfig, ChallengeType, Config, KeyConfig
 from dualproxy.files import write_atomically
 from dualproxy.pinning.manifest import b64url_encode
 from dualproxy.tls import keystore
-from dualproxy.tls.keystore import KeyStoreError
 
 if TYPE_CHECKING:
     from dualproxy.serve.server import Server
@@ -314,7 +314,7 @@ async def _blocking(function: Callable[[*_Args], _T], *args: *_Args) -> _T:
     with the request's timeout, and nothing it returns is used."""
     try:
         return await trio.to_thread.run_sync(function, *args, abandon_on_cancel=True)
-    except (AcmeError, KeyStoreError):
+    except (AcmeError, OperatorError):
         raise
     except messages.Error as exc:
         raise AcmeError(f"the CA refused: {_problem(exc)}") from None
@@ -503,7 +503,7 @@ async def issue_keys(config: Config, keys: list[KeyConfig]) -> list[tuple[str, s
         for key in keys:
             try:
                 await obtain(config, key, board=board)
-            except (AcmeError, KeyStoreError) as exc:
+            except (AcmeError, OperatorError) as exc:
                 results.append((key.name, str(exc)))
             else:
                 results.append((key.name, None))
@@ -659,9 +659,9 @@ async def _renew_one(
     try:
         await obtain(config, key, board=board, tls_probe=probes.tls, http_probe=probes.http)
     except Exception as exc:
-        # AcmeError and KeyStoreError say what to do; anything else is our bug, with its
+        # AcmeError and OperatorError say what to do; anything else is our bug, with its
         # traceback. Either way the current chain keeps serving and a retry is scheduled.
-        if not isinstance(exc, AcmeError | KeyStoreError):
+        if not isinstance(exc, AcmeError | OperatorError):
             log.exception("acme: renewing %s failed unexpectedly", key.name)
         memory.failures += 1
         retry = now + renewal.retry_delay(memory.failures, policy)

@@ -3,9 +3,9 @@
 Exit codes (a contract scripts rely on): 0 ok, 1 the thing checked is wrong (bad config,
 unusable key, failed check), 2 usage error (argparse's own code for a bad command line).
 
-Errors go to stderr as `error: FILE: KEY.PATH: problem; what to do`, the shape `ConfigError`
-and `KeyStoreError` already have. None of them carries key material: those exceptions are
-built not to, and this module prints pins (public) but never a private key.
+Errors go to stderr as `error: FILE: KEY.PATH: problem; what to do`, the shape of
+`OperatorError`, which every layer raises. None of them carries key material: those exceptions
+are built not to, and this module prints pins (public) but never a private key.
 
 Long-running commands (`serve`, `dev`) take Ctrl-C as a request to stop: SIGINT cancels the
 server's nursery, so connections are torn down by trio and the process exits 0 without a
@@ -34,7 +34,7 @@ import trio
 from cryptography.hazmat.primitives import serialization
 
 from dualproxy.acme import challenges, renewal
-from dualproxy.config.errors import ConfigError
+from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load
 from dualproxy.config.names import (
     ListenAddress,
@@ -61,7 +61,7 @@ from dualproxy.rotation import checks, policy
 from dualproxy.serve.server import Server, raise_open_file_limit, utc_now
 from dualproxy.tls import keystore, pins
 from dualproxy.tls.clienthello import ClientHello
-from dualproxy.tls.keystore import KeySnapshot, KeyStoreError
+from dualproxy.tls.keystore import KeySnapshot
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except (ConfigError, KeyStoreError) as exc:
+    except OperatorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except CommandError as exc:
@@ -962,7 +962,7 @@ def _cmd_reports_summary(args: argparse.Namespace) -> int:
     labels: dict[str, str] = {}
     try:
         snapshot = keystore.load_snapshot(config)
-    except KeyStoreError:
+    except OperatorError:
         pass  # the counts do not need the keys, only their names for the pins
     else:
         labels = endpoints.pin_labels(snapshot.keys.values(), config.rotation, utc_now())
@@ -1048,7 +1048,7 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         settings = dev.BenchSettings(args.listen, upstream, tuple(args.new_network))
         try:
             bench = dev.Bench(material, settings, args.scenario, command=_command_name(), now=now)
-        except ConfigError as exc:
+        except OperatorError as exc:
             for prefix, option in _DEV_OPTIONS:
                 if exc.key_path.startswith(prefix):
                     raise CommandError(f"{option}: {exc.problem}", EXIT_USAGE) from None

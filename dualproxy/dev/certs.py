@@ -176,7 +176,7 @@ def prepare(
 ) -> DevMaterial:
     """Create or reuse the dev CA and keys; (re)issue certificates as needed.
 
-    Raises OSError when the folder cannot be written, KeyStoreError when a key in it is unusable.
+    Raises OSError when the folder cannot be written, OperatorError when a key in it is unusable.
     """
     folder = folder.absolute()
     now = now or datetime.now(UTC)

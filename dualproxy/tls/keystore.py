@@ -11,8 +11,9 @@ file nobody checked. A torn pair (new chain, old key) fails validation here; the
 its previous snapshot and retries when the files change again.
 
 Key material stays between this module and OpenSSL. No exception, log line or repr carries it:
-errors name the file, the config key path and what to do; `LoadedKey` hides its key bytes from
-repr, str and `dataclasses.asdict`; the private key never goes to a temporary file.
+errors (`OperatorError`) name the file, the config key path and what to do; `LoadedKey` hides
+its key bytes from repr, str and `dataclasses.asdict`; the private key never goes to a temporary
+file.
 
 One certificate per key type. An OpenSSL context has one certificate slot per key type, so an
 identity holds at most one EC and one RSA key (a second key of a type would silently replace
@@ -46,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
+from dualproxy.config.errors import OperatorError, locate
 from dualproxy.config.schema import Config, IdentityName, KeyConfig, KeyStoreSettings
 from dualproxy.tls.clienthello import ClientHello
 from dualproxy.tls.pins import describe_key_algorithm, spki_pin
@@ -62,7 +64,6 @@ __all__ = [
     "CipherSuite",
     "Identity",
     "KeySnapshot",
-    "KeyStoreError",
     "KeyType",
     "LoadedKey",
     "PrivateKey",
@@ -159,21 +160,6 @@ _PRIVATE_KEY_LABEL = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 _ROOT_UID: Final = 0
 
 
-class KeyStoreError(Exception):
-    """Operator's fault: a key or chain file is unusable, or the keys cannot be served together.
-
-    Names the file and the config key path (keys.k2026a.chain) and says what to do; never
-    contains key material.
-    """
-
-    def __init__(self, key_path: str, problem: str, *, file: Path | None = None) -> None:
-        self.file = file
-        self.key_path = key_path
-        self.problem = problem
-        parts = [str(part) for part in (file, key_path) if part]
-        super().__init__(": ".join([*parts, problem]))
-
-
 class _SecretPem:
     """A private key's PEM bytes, which no repr, str or dataclasses.asdict() will show."""
 
@@ -253,7 +239,7 @@ class KeySnapshot:
 
 
 def load_snapshot(config: Config) -> KeySnapshot:
-    """Load every configured key and build one context per identity; raises KeyStoreError."""
+    """Load every configured key and build one context per identity; raises OperatorError."""
     keys = {name: load_key(key_config, config.keystore) for name, key_config in config.keys.items()}
     identities: dict[IdentityName, Identity] = {}
     for identity_name, key_names in config.identities().items():
@@ -343,38 +329,41 @@ def _read_file(path: Path, key_path: str) -> tuple[bytes, os.stat_result]:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise KeyStoreError(
-            key_path,
-            "does not exist (or is a symlink to nothing); fix the path in the config or"
-            " restore the file",
+        raise OperatorError(
+            "does not exist (or is a symlink to nothing)",
+            fix="fix the path in the config or restore the file",
+            key_path=key_path,
             file=path,
         ) from None
     except OSError as exc:
-        raise KeyStoreError(
-            key_path,
-            f"cannot be opened: {exc.strerror}; make it readable by the user dualproxy runs as",
+        raise OperatorError(
+            f"cannot be opened: {exc.strerror}",
+            fix="make it readable by the user dualproxy runs as",
+            key_path=key_path,
             file=path,
         ) from None
     try:
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):
-            raise KeyStoreError(
-                key_path,
-                f"is {_file_kind(status.st_mode)} (after following symlinks), not a regular"
-                " file; point it at the PEM file itself",
+            raise OperatorError(
+                f"is {_file_kind(status.st_mode)} (after following symlinks), not a regular file",
+                fix="point it at the PEM file itself",
+                key_path=key_path,
                 file=path,
             )
         with open(fd, "rb", closefd=False) as reader:
             data = reader.read(MAX_PEM_FILE_BYTES + 1)
     except OSError as exc:
-        raise KeyStoreError(key_path, f"cannot be read: {exc.strerror}", file=path) from None
+        raise OperatorError(
+            f"cannot be read: {exc.strerror}", key_path=key_path, file=path
+        ) from None
     finally:
         os.close(fd)
     if len(data) > MAX_PEM_FILE_BYTES:
-        raise KeyStoreError(
-            key_path,
-            f"is larger than {MAX_PEM_FILE_BYTES} bytes, far more than any key or chain;"
-            " check the path",
+        raise OperatorError(
+            f"is larger than {MAX_PEM_FILE_BYTES} bytes, far more than any key or chain",
+            fix="check the path",
+            key_path=key_path,
             file=path,
         )
     return data, status
@@ -400,14 +389,12 @@ def _check_private_file(
     if problem is None:
         return []
     if settings.allow_insecure_key_permissions:
-        return [
-            f"{path}: {key_path}: {problem}; loaded anyway because"
-            " keystore.allow_insecure_key_permissions = true"
-        ]
-    raise KeyStoreError(
-        key_path,
+        override = "loaded anyway because keystore.allow_insecure_key_permissions = true"
+        return [locate(f"{problem}; {override}", key_path=key_path, file=path)]
+    raise OperatorError(
         f"{problem}. Only if the storage cannot keep file modes, set"
         " keystore.allow_insecure_key_permissions = true",
+        key_path=key_path,
         file=path,
     )
 
@@ -416,26 +403,34 @@ def _parse_private_key(pem: bytes, path: Path, key_path: str) -> PrivateKey:
     labels = {label.decode("ascii") for label in _PEM_LABEL.findall(pem)}
     encrypted = "ENCRYPTED PRIVATE KEY" in labels or b"Proc-Type: 4,ENCRYPTED" in pem
     if encrypted:
-        raise KeyStoreError(key_path, _ENCRYPTED_KEY_ADVICE.format(file=path), file=path)
+        raise OperatorError(
+            "the private key is encrypted with a passphrase, which dualproxy does not handle"
+            " (a server cannot type it at every restart)",
+            fix=_DECRYPT_ADVICE.format(file=path),
+            key_path=key_path,
+            file=path,
+        )
     if not any(label.endswith("PRIVATE KEY") for label in labels):
-        raise KeyStoreError(key_path, _no_pem_problem(pem, labels, wanted="key"), file=path)
+        raise OperatorError(
+            _no_pem_problem(pem, labels, wanted="key"), key_path=key_path, file=path
+        )
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         # from None: the parser's message is not ours to vouch for, and the bytes are secret.
-        raise KeyStoreError(
-            key_path,
-            "holds a private key block that cannot be parsed; write it as PKCS#8 PEM with"
-            f" `openssl pkey -in {path} -out NEW_FILE` (umask 077 first)",
+        raise OperatorError(
+            "holds a private key block that cannot be parsed",
+            fix=f"write it as PKCS#8 PEM with `openssl pkey -in {path} -out NEW_FILE` (umask 077"
+            " first)",
+            key_path=key_path,
             file=path,
         ) from None
     return _check_key_type(key, path, key_path)
 
 
-_ENCRYPTED_KEY_ADVICE: Final = (
-    "the private key is encrypted with a passphrase, which dualproxy does not handle"
-    " (a server cannot type it at every restart); decrypt it into a new file with"
-    " `(umask 077; openssl pkey -in {file} -out {file}.plain)` and point the key path there"
+_DECRYPT_ADVICE: Final = (
+    "decrypt it into a new file with `(umask 077; openssl pkey -in {file} -out {file}.plain)`"
+    " and point the key path there"
 )
 
 
@@ -471,13 +466,15 @@ def _check_key_type(key: object, path: Path, key_path: str) -> PrivateKey:
         )
     else:
         problem = f"is a {type(key).__name__}; dualproxy serves EC and RSA keys: {generate}"
-    raise KeyStoreError(key_path, problem, file=path)
+    raise OperatorError(problem, key_path=key_path, file=path)
 
 
 def _parse_chain(pem: bytes, path: Path, key_path: str) -> tuple[x509.Certificate, ...]:
     labels = {label.decode("ascii") for label in _PEM_LABEL.findall(pem)}
     if "CERTIFICATE" not in labels:
-        raise KeyStoreError(key_path, _no_pem_problem(pem, labels, wanted="chain"), file=path)
+        raise OperatorError(
+            _no_pem_problem(pem, labels, wanted="chain"), key_path=key_path, file=path
+        )
     try:
         chain = tuple(x509.load_pem_x509_certificates(pem))
         for cert in chain:
@@ -486,9 +483,10 @@ def _parse_chain(pem: bytes, path: Path, key_path: str) -> tuple[x509.Certificat
             _ = cert.extensions, cert.public_key()
         return chain
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise KeyStoreError(
-            key_path,
-            f"holds a certificate block that cannot be parsed ({exc}); fetch the chain again",
+        raise OperatorError(
+            f"holds a certificate block that cannot be parsed ({exc})",
+            fix="fetch the chain again",
+            key_path=key_path,
             file=path,
         ) from exc
 
@@ -503,39 +501,40 @@ def _check_chain(
             (i for i, cert in enumerate(chain) if _spki(cert.public_key()) == ours), None
         )
         if position is not None:
-            raise KeyStoreError(
-                key_path,
-                f"the certificate for this key is number {position + 1} in the file; put it"
-                " first (leaf first, then intermediates)",
+            raise OperatorError(
+                f"the certificate for this key is number {position + 1} in the file",
+                fix="put it first (leaf first, then intermediates)",
+                key_path=key_path,
                 file=path,
             )
-        raise KeyStoreError(
-            key_path,
+        raise OperatorError(
             f"the chain belongs to a different key (its leaf has pin"
-            f" {spki_pin(chain[0].public_key())}, the key has {spki_pin(key.public_key())});"
-            " was the chain written before the key? Re-issue the certificate for this key"
+            f" {spki_pin(chain[0].public_key())}, the key has {spki_pin(key.public_key())})",
+            fix="was the chain written before the key? Re-issue the certificate for this key"
             " (dualproxy keys csr NAME) or point the key path at the key it was issued for",
+            key_path=key_path,
             file=path,
         )
     _check_key_usage(chain[0], path, key_path)
     for position, (cert, issuer) in enumerate(pairwise(chain), start=1):
         if cert.issuer != issuer.subject:
-            raise KeyStoreError(
-                key_path,
+            raise OperatorError(
                 f"certificate {position} ({cert.subject.rfc4514_string()}) was not issued by"
-                f" certificate {position + 1} ({issuer.subject.rfc4514_string()}); write the"
-                " leaf first, then intermediates, each followed by its issuer (as ACME"
-                " clients write fullchain.pem)",
+                f" certificate {position + 1} ({issuer.subject.rfc4514_string()})",
+                fix="write the leaf first, then intermediates, each followed by its issuer (as"
+                " ACME clients write fullchain.pem)",
+                key_path=key_path,
                 file=path,
             )
         try:
             cert.verify_directly_issued_by(issuer)
         except (InvalidSignature, ValueError, TypeError):
-            raise KeyStoreError(
-                key_path,
+            raise OperatorError(
                 f"certificate {position} names certificate {position + 1} as its issuer, but"
                 " its signature does not verify with that certificate's key (an intermediate"
-                " of the same name from another CA key?); download the chain again",
+                " of the same name from another CA key?)",
+                fix="download the chain again",
+                key_path=key_path,
                 file=path,
             ) from None
 
@@ -549,10 +548,10 @@ def _check_key_usage(leaf: x509.Certificate, path: Path, key_path: str) -> None:
     except x509.ExtensionNotFound:
         return
     if not usage.digital_signature:
-        raise KeyStoreError(
-            key_path,
-            "the certificate's key usage lacks digitalSignature, which every ECDHE handshake"
-            " needs; have it re-issued as a TLS server certificate",
+        raise OperatorError(
+            "the certificate's key usage lacks digitalSignature, which every ECDHE handshake needs",
+            fix="have it re-issued as a TLS server certificate",
+            key_path=key_path,
             file=path,
         )
 
@@ -586,16 +585,16 @@ def _check_one_key_per_type(
         " an identity holds at most one EC and one RSA key"
     )
     if identity == "single":
-        raise KeyStoreError(
-            "keys",
+        raise OperatorError(
             f"{first.name!r} and {second.name!r} are both {kind} keys and, without a"
             f" [rotation], are served together; {why}. Remove one, or add a [rotation] that"
             " serves them as old and new",
+            key_path="keys",
             file=config_file,
         )
-    raise KeyStoreError(
-        f"rotation.{identity}",
+    raise OperatorError(
         f"{first.name!r} and {second.name!r} are both {kind} keys; {why}. List only one of them",
+        key_path=f"rotation.{identity}",
         file=config_file,
     )
 
@@ -649,8 +648,10 @@ def _load_chain(context: ssl.SSLContext, key: LoadedKey) -> None:
     def refuse_passphrase() -> bytes:
         # Never let OpenSSL prompt on the terminal. The bytes we pass were checked to be
         # unencrypted; only the fallback below, reading the path again, can get here.
-        raise KeyStoreError(
-            f"{key_path}.key", "changed to an encrypted key while loading", file=key.key_file
+        raise OperatorError(
+            "changed to an encrypted key while loading",
+            key_path=f"{key_path}.key",
+            file=key.key_file,
         )
 
     try:
@@ -671,10 +672,10 @@ def _load_chain(context: ssl.SSLContext, key: LoadedKey) -> None:
                 chain_copy.flush()
                 context.load_cert_chain(chain_copy.name, key.key_file, password=refuse_passphrase)
     except ssl.SSLError as exc:
-        raise KeyStoreError(
-            key_path,
-            f"OpenSSL refused this key and chain ({exc.reason or exc}); if a renewal is"
-            " rewriting the files, the next reload retries",
+        raise OperatorError(
+            f"OpenSSL refused this key and chain ({exc.reason or exc})",
+            fix="if a renewal is rewriting the files, the next reload retries",
+            key_path=key_path,
             file=key.key_file,
         ) from exc
 
@@ -748,14 +749,13 @@ def write_private_key(path: Path, key: PrivateKey) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
-        raise KeyStoreError(
-            "",
+        raise OperatorError(
             "already exists; dualproxy never overwrites a private key (apps may pin it)."
             " Pick another name, or move the file away if you really mean to replace it",
             file=path,
         ) from None
     except OSError as exc:
-        raise KeyStoreError("", f"cannot create the key file: {exc.strerror}", file=path) from None
+        raise OperatorError(f"cannot create the key file: {exc.strerror}", file=path) from None
     try:
         try:
             view = memoryview(pem)
@@ -766,7 +766,7 @@ def write_private_key(path: Path, key: PrivateKey) -> None:
             os.close(fd)
     except OSError as exc:
         path.unlink(missing_ok=True)  # a torn key file would block the retry (O_EXCL)
-        raise KeyStoreError("", f"cannot write the key file: {exc.strerror}", file=path) from None
+        raise OperatorError(f"cannot write the key file: {exc.strerror}", file=path) from None
 
 
 def make_csr(key: PrivateKey, names: Sequence[str]) -> x509.CertificateSigningRequest:
