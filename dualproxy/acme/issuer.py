@@ -57,7 +57,7 @@ from dualproxy.config.names import ListenAddress
 from dualproxy.config.schema import AcmeConfig, ChallengeType, Config, KeyConfig
 from dualproxy.files import write_atomically
 from dualproxy.pinning.manifest import b64url_encode
-from dualproxy.tls import keystore
+from dualproxy.tls import keygen, keystore
 
 if TYPE_CHECKING:
     from dualproxy.serve.server import Server
@@ -119,7 +119,7 @@ def _account_jwk(acme: AcmeConfig) -> tuple[jose_jwk.JWK, jwa.JWASignature]:
     """The account key (made, mode 0600, when missing) as a JWK and its signing algorithm."""
     path = acme.account_key
     if not path.exists() and not path.is_symlink():
-        keystore.write_private_key(path, keystore.generate_private_key("ecdsa-p256"))
+        keygen.write_private_key(path, keygen.generate_private_key())
         log.info("acme: made the account key %s", path)
     key = keystore.read_private_key(path, key_path="acme.account_key")
     if isinstance(key, ec.EllipticCurvePrivateKey):
@@ -238,7 +238,7 @@ async def obtain(
     folder = challenge_folder(acme)
     with _order_lock(folder.parent):
         private_key = keystore.read_private_key(key.key, key_path=f"keys.{key.name}.key")
-        csr = keystore.make_csr(private_key, key.names)
+        csr = keygen.make_csr(private_key, key.names)
         csr_pem = csr.public_bytes(serialization.Encoding.PEM)
         try:
             with trio.fail_after(acme.order_timeout):

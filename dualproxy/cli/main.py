@@ -59,8 +59,9 @@ from dualproxy.ops.logformat import JsonFormatter, TextFormatter
 from dualproxy.pinning import endpoints, manifest, reports
 from dualproxy.rotation import checks, policy
 from dualproxy.serve.server import Server, raise_open_file_limit, utc_now
-from dualproxy.tls import keystore, pins
+from dualproxy.tls import keygen, keystore, pins
 from dualproxy.tls.clienthello import ClientHello
+from dualproxy.tls.keygen import DEFAULT_KEY_TYPE, KeyType
 from dualproxy.tls.keystore import KeySnapshot
 
 EXIT_OK: Final = 0
@@ -74,9 +75,6 @@ _ROUTE_CIPHERS: Final = (0x1301, 0x1302, 0x1303, 0xC02B, 0xC02F, 0xC02C, 0xC030,
 _ROUTE_SIGALGS: Final = (0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0501, 0x0806, 0x0601)
 _ROUTE_VERSIONS: Final = (0x0304, 0x0303)
 _ROUTE_GROUPS: Final = (0x001D, 0x0017, 0x0018)
-
-
-KEY_TYPES: Final = ("ecdsa-p256", "rsa-2048")
 
 _R = TypeVar("_R")
 
@@ -319,7 +317,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Generate a private key (mode 0600, never overwriting) and print its pin.",
     )
     new.add_argument("name", type=_key_name_argument, help="key name, e.g. k2027a")
-    new.add_argument("--type", choices=KEY_TYPES, default="ecdsa-p256", help="key type")
+    new.add_argument(
+        "--type", choices=KeyType.tokens(), default=DEFAULT_KEY_TYPE.token, help="key type"
+    )
     new.add_argument("--dir", type=Path, default=Path("certs"), help="key store folder")
     new.set_defaults(handler=_cmd_keys_new)
     csr = keys_sub.add_parser(
@@ -986,13 +986,13 @@ def _cmd_reports_summary(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_new(args: argparse.Namespace) -> int:
+    key_type = KeyType.from_token(args.type)
     path = args.dir / args.name / "key.pem"
-    key = keystore.generate_private_key(args.type)
+    key = keygen.generate_private_key(key_type)
     # Refuses an existing file (O_EXCL): the pin of a key may already ship in apps.
-    keystore.write_private_key(path, key)
-    public_key = key.public_key()
-    print(f"wrote {path} ({pins.describe_key_algorithm(public_key)}, mode 0600)")
-    print(f"pin: sha256/{pins.spki_pin(public_key)}")
+    keygen.write_private_key(path, key)
+    print(f"wrote {path} ({key_type.label}, mode 0600)")
+    print(f"pin: sha256/{pins.spki_pin(key.public_key())}")
     print("next: publish this pin in your app as a backup pin now, then get a certificate:")
     print(f"  dualproxy keys csr {args.name} --name api.example.com --dir {args.dir}")
     return EXIT_OK
@@ -1006,7 +1006,7 @@ def _cmd_keys_csr(args: argparse.Namespace) -> int:
             f" `dualproxy keys new {args.name} --dir {args.dir}`, or pass the --dir it is in"
         )
     key = keystore.read_private_key(key_path)
-    csr = keystore.make_csr(key, args.hostnames)
+    csr = keygen.make_csr(key, args.hostnames)
     pem = csr.public_bytes(serialization.Encoding.PEM)
     pin = pins.spki_pin(key.public_key())
     if args.out is not None and str(args.out) == "-":

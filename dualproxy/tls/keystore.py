@@ -1,4 +1,5 @@
 """Our key pairs and certificate chains: load, validate, and serve them through OpenSSL.
+(Making new keys and their CSRs is `keygen`'s.)
 
 Read once, then load exactly what was read. Each key and chain file is opened once; its type,
 owner and mode come from fstat on that open descriptor, and its bytes from the same descriptor.
@@ -15,16 +16,21 @@ errors (`OperatorError`) name the file, the config key path and what to do; `Loa
 its key bytes from repr, str and `dataclasses.asdict`; the private key never goes to a temporary
 file.
 
-One certificate per key type. An OpenSSL context has one certificate slot per key type, so an
-identity holds at most one EC and one RSA key (a second key of a type would silently replace
-the first). With one of each, OpenSSL picks per handshake from the client's offer; because our
-contexts prefer the server's order, the pick is predictable, and `Identity.presented_key`
-predicts it (the tests check the prediction against real handshakes).
+One certificate per key type. An OpenSSL context has one certificate slot per key type (a
+`keygen.KeyFamily`), so an identity holds at most one EC and one RSA key (a second key of a
+family would silently replace the first). With one of each, OpenSSL picks per handshake from
+the client's offer; because our contexts prefer the server's order, the pick is predictable,
+and `Identity.presented_key` predicts it (the tests check the prediction against real
+handshakes).
+
+One module, past 600 lines, on purpose: the read-once rule runs from the `open` of a key file
+to OpenSSL's `load_cert_chain` of the same bytes, and the presented-key prediction depends on
+the context settings made here; cut in two, each half of either invariant would live apart
+from the other.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import ssl
@@ -34,7 +40,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cache
 from itertools import pairwise
 from pathlib import Path
 from types import MappingProxyType
@@ -42,14 +47,14 @@ from typing import Final, Literal, NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.x509.oid import NameOID
 
 from dualproxy.config.errors import OperatorError, locate
 from dualproxy.config.schema import Config, IdentityName, KeyConfig, KeyStoreSettings
 from dualproxy.tls.clienthello import ClientHello
+from dualproxy.tls.keygen import DEFAULT_KEY_TYPE, KeyFamily, PrivateKey
 from dualproxy.tls.pins import describe_key_algorithm, spki_pin
 
 __all__ = [
@@ -58,33 +63,24 @@ __all__ = [
     "MAX_PEM_FILE_BYTES",
     "MIN_RSA_BITS",
     "MOZILLA_INTERMEDIATE_TLS12_CIPHERS",
-    "RSA_PUBLIC_EXPONENT",
     "TLS12_CIPHER_SUITES",
     "TLS13_SESSION_TICKETS",
     "CipherSuite",
     "Identity",
     "KeySnapshot",
-    "KeyType",
     "LoadedKey",
-    "PrivateKey",
     "build_context",
-    "generate_private_key",
     "key_file_permission_problem",
     "load_key",
     "load_snapshot",
-    "make_csr",
     "read_private_key",
-    "write_private_key",
 ]
-
-KeyType = Literal["ec", "rsa"]
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
 class CipherSuite(NamedTuple):
     openssl_name: str
     code: int  # IANA TLS Cipher Suites registry
-    key_type: KeyType  # the certificate it authenticates with
+    family: KeyFamily  # of the certificate it authenticates with
 
 
 # Mozilla Server Side TLS guidelines 6.0, "intermediate", TLS 1.2 cipher suites in Mozilla's
@@ -94,12 +90,12 @@ class CipherSuite(NamedTuple):
 # suite here that the client offers and we hold a usable certificate for wins, so EC keys come
 # first for every client that can take them.
 TLS12_CIPHER_SUITES: Final = (
-    CipherSuite("ECDHE-ECDSA-AES128-GCM-SHA256", 0xC02B, "ec"),
-    CipherSuite("ECDHE-RSA-AES128-GCM-SHA256", 0xC02F, "rsa"),
-    CipherSuite("ECDHE-ECDSA-AES256-GCM-SHA384", 0xC02C, "ec"),
-    CipherSuite("ECDHE-RSA-AES256-GCM-SHA384", 0xC030, "rsa"),
-    CipherSuite("ECDHE-ECDSA-CHACHA20-POLY1305", 0xCCA9, "ec"),
-    CipherSuite("ECDHE-RSA-CHACHA20-POLY1305", 0xCCA8, "rsa"),
+    CipherSuite("ECDHE-ECDSA-AES128-GCM-SHA256", 0xC02B, KeyFamily.EC),
+    CipherSuite("ECDHE-RSA-AES128-GCM-SHA256", 0xC02F, KeyFamily.RSA),
+    CipherSuite("ECDHE-ECDSA-AES256-GCM-SHA384", 0xC02C, KeyFamily.EC),
+    CipherSuite("ECDHE-RSA-AES256-GCM-SHA384", 0xC030, KeyFamily.RSA),
+    CipherSuite("ECDHE-ECDSA-CHACHA20-POLY1305", 0xCCA9, KeyFamily.EC),
+    CipherSuite("ECDHE-RSA-CHACHA20-POLY1305", 0xCCA8, KeyFamily.RSA),
 )
 MOZILLA_INTERMEDIATE_TLS12_CIPHERS: Final = ":".join(s.openssl_name for s in TLS12_CIPHER_SUITES)
 
@@ -134,26 +130,21 @@ EC_CURVES: Final[Mapping[str, _Curve]] = MappingProxyType(
 # Mozilla's rsa_key_size and the CA/Browser Forum Baseline Requirements (§6.1.5): public CAs
 # issue nothing smaller.
 MIN_RSA_BITS: Final = 2048
-# F4: the public exponent every RSA implementation expects (cryptography's documented choice).
-RSA_PUBLIC_EXPONENT: Final = 65537
 
 # TLS 1.2 signature schemes that make a certificate usable, as OpenSSL 3 counts them at the
 # security level Python's contexts run at (2): any hash from SHA-224 up, since TLS 1.2 does not
 # tie the hash to the curve; SHA-1 schemes are below the level and do not count.
-_TLS12_SCHEMES: Final[Mapping[KeyType, frozenset[int]]] = MappingProxyType(
+_TLS12_SCHEMES: Final[Mapping[KeyFamily, frozenset[int]]] = MappingProxyType(
     {
-        "ec": frozenset({0x0303, 0x0403, 0x0503, 0x0603}),  # ecdsa_sha224 .. ecdsa_*_sha512
+        KeyFamily.EC: frozenset({0x0303, 0x0403, 0x0503, 0x0603}),  # ecdsa_sha224 .. sha512
         # rsa_pkcs1_sha224 .. rsa_pkcs1_sha512, rsa_pss_rsae_sha256 .. sha512
-        "rsa": frozenset({0x0301, 0x0401, 0x0501, 0x0601, 0x0804, 0x0805, 0x0806}),
+        KeyFamily.RSA: frozenset({0x0301, 0x0401, 0x0501, 0x0601, 0x0804, 0x0805, 0x0806}),
     }
 )
 
 # A chain of a dozen 4096-bit certificates is under 30 KB and a key under 4 KB; a larger file
 # is the wrong file, and the cap keeps a misconfigured path (a log, a disk image) out of memory.
 MAX_PEM_FILE_BYTES: Final = 1024 * 1024
-
-# RFC 5280 Appendix A, ub-common-name: longer names can only go in the SANs.
-_MAX_COMMON_NAME_LEN: Final = 64
 
 _PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
 _PRIVATE_KEY_LABEL = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
@@ -182,8 +173,8 @@ class LoadedKey:
     name: str
     key_file: Path
     chain_file: Path
-    key_type: KeyType
-    algorithm: str  # "ECDSA P-256", "RSA 2048"
+    family: KeyFamily
+    algorithm: str  # "ECDSA P-256", "RSA 2048": pins.describe_key_algorithm
     pin: str  # SPKI SHA-256 of the key, base64
     chain: tuple[x509.Certificate, ...]  # leaf first
     names: tuple[str, ...]  # the leaf's DNS and IP SANs
@@ -202,7 +193,7 @@ class Identity:
     """What the server presents for one identity: its keys in one SSLContext."""
 
     name: IdentityName
-    keys: tuple[LoadedKey, ...]  # at most one per key type
+    keys: tuple[LoadedKey, ...]  # at most one per key family
     context: ssl.SSLContext
 
     def presented_key(self, hello: ClientHello | None) -> LoadedKey:
@@ -219,8 +210,8 @@ class Identity:
         """
         if len(self.keys) == 1:
             return self.keys[0]
-        by_type = {key.key_type: key for key in self.keys}
-        ec_key, rsa_key = by_type["ec"], by_type["rsa"]
+        by_family = {key.family: key for key in self.keys}
+        ec_key, rsa_key = by_family[KeyFamily.EC], by_family[KeyFamily.RSA]
         if hello is None or _client_takes_ec_key(hello, ec_key):
             return ec_key
         return rsa_key
@@ -276,7 +267,7 @@ def load_key(config: KeyConfig, settings: KeyStoreSettings, *, uid: int | None =
         name=config.name,
         key_file=config.key,
         chain_file=config.chain,
-        key_type="ec" if isinstance(private_key, ec.EllipticCurvePrivateKey) else "rsa",
+        family=KeyFamily.of(private_key),
         algorithm=describe_key_algorithm(public_key),
         pin=spki_pin(public_key),
         chain=chain,
@@ -450,7 +441,7 @@ def _no_pem_problem(data: bytes, labels: set[str], *, wanted: Literal["key", "ch
 
 def _check_key_type(key: object, path: Path, key_path: str) -> PrivateKey:
     """Only the key types and sizes that every mobile TLS stack and public CA accept."""
-    generate = "generate an ECDSA P-256 key with `dualproxy keys new NAME`"
+    generate = f"generate an {DEFAULT_KEY_TYPE.label} key with `dualproxy keys new NAME`"
     if isinstance(key, ec.EllipticCurvePrivateKey):
         if key.curve.name in EC_CURVES:
             return key
@@ -579,7 +570,7 @@ def _check_one_key_per_type(
     if clash is None:
         return
     first, second = clash
-    kind = first.key_type.upper()
+    kind = first.family.upper()
     why = (
         "OpenSSL keeps one certificate per key type, so one would silently replace the other;"
         " an identity holds at most one EC and one RSA key"
@@ -600,11 +591,11 @@ def _check_one_key_per_type(
 
 
 def _same_type_pair(keys: Sequence[LoadedKey]) -> tuple[LoadedKey, LoadedKey] | None:
-    seen: dict[KeyType, LoadedKey] = {}
+    seen: dict[KeyFamily, LoadedKey] = {}
     for key in keys:
-        if key.key_type in seen:
-            return seen[key.key_type], key
-        seen[key.key_type] = key
+        if key.family in seen:
+            return seen[key.family], key
+        seen[key.family] = key
     return None
 
 
@@ -612,7 +603,7 @@ def _same_type_pair(keys: Sequence[LoadedKey]) -> tuple[LoadedKey, LoadedKey] | 
 
 
 def build_context(keys: Sequence[LoadedKey]) -> ssl.SSLContext:
-    """A TLS server context holding each key's chain (at most one key per key type)."""
+    """A TLS server context holding each key's chain (at most one key per key family)."""
     if not keys or _same_type_pair(keys) is not None:
         raise ValueError("build_context needs one to two keys, of different key types")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -680,9 +671,11 @@ def _load_chain(context: ssl.SSLContext, key: LoadedKey) -> None:
         ) from exc
 
 
-@cache
 def _memory_files_work() -> bool:
-    """memfd_create exists and /proc shows its descriptors as paths OpenSSL can open."""
+    """memfd_create exists and /proc shows its descriptors as paths OpenSSL can open.
+
+    Asked at every context build (a start or a reload, never per connection): one syscall,
+    and a process that loses memfd (a sandbox tightened, a test) falls back at once."""
     if not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd"):
         return False
     try:
@@ -714,79 +707,11 @@ def _client_takes_ec_key(hello: ClientHello, ec_key: LoadedKey) -> bool:
         return curve.tls13_scheme in hello.signature_algorithms
     offered = set(hello.signature_algorithms)
     usable = {
-        key_type: not offered or bool(offered & schemes)
-        for key_type, schemes in _TLS12_SCHEMES.items()
+        family: not offered or bool(offered & schemes) for family, schemes in _TLS12_SCHEMES.items()
     }
     # TLS 1.2 (RFC 8422 §5.1.1): an ECDSA certificate's curve must be among the client's groups.
-    usable["ec"] &= not hello.supported_groups or curve.group in hello.supported_groups
+    usable[KeyFamily.EC] &= not hello.supported_groups or curve.group in hello.supported_groups
     for suite in TLS12_CIPHER_SUITES:
-        if suite.code in hello.cipher_suites and usable[suite.key_type]:
-            return suite.key_type == "ec"
+        if suite.code in hello.cipher_suites and usable[suite.family]:
+            return suite.family is KeyFamily.EC
     return False
-
-
-# --- new keys ----------------------------------------------------------------------------
-
-
-def generate_private_key(key_type: Literal["ecdsa-p256", "rsa-2048"]) -> PrivateKey:
-    """A fresh key of a type every mobile TLS stack and public CA accepts."""
-    if key_type == "ecdsa-p256":
-        return ec.generate_private_key(ec.SECP256R1())
-    return rsa.generate_private_key(public_exponent=RSA_PUBLIC_EXPONENT, key_size=MIN_RSA_BITS)
-
-
-def write_private_key(path: Path, key: PrivateKey) -> None:
-    """Write `key` as PKCS#8 PEM to a new file, mode 0600 (its folder made 0700 if missing).
-
-    Never overwrites: the pin of an existing key may already ship in apps.
-    """
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise OperatorError(
-            "already exists; dualproxy never overwrites a private key (apps may pin it)."
-            " Pick another name, or move the file away if you really mean to replace it",
-            file=path,
-        ) from None
-    except OSError as exc:
-        raise OperatorError(f"cannot create the key file: {exc.strerror}", file=path) from None
-    try:
-        try:
-            view = memoryview(pem)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)  # its pin gets published next: the key must survive a crash
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        path.unlink(missing_ok=True)  # a torn key file would block the retry (O_EXCL)
-        raise OperatorError(f"cannot write the key file: {exc.strerror}", file=path) from None
-
-
-def make_csr(key: PrivateKey, names: Sequence[str]) -> x509.CertificateSigningRequest:
-    """A CSR for `key`: SANs = names (IP literals as IP addresses), CN = the first name."""
-    if not names:
-        raise ValueError("a certificate request needs at least one name")
-    subject = []
-    if len(names[0]) <= _MAX_COMMON_NAME_LEN:
-        subject.append(x509.NameAttribute(NameOID.COMMON_NAME, names[0]))
-    sans = x509.SubjectAlternativeName([_general_name(name) for name in names])
-    builder = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name(subject))
-        .add_extension(sans, critical=False)
-    )
-    return builder.sign(key, hashes.SHA256())
-
-
-def _general_name(name: str) -> x509.GeneralName:
-    try:
-        return x509.IPAddress(ipaddress.ip_address(name))
-    except ValueError:
-        return x509.DNSName(name)
