@@ -32,7 +32,7 @@ from dualproxy.cli.main import main
 from dualproxy.config.loader import load, parse
 from dualproxy.config.schema import Config
 from dualproxy.serve.server import Server
-from dualproxy.tls import keystore
+from dualproxy.tls import keygen, keystore
 from dualproxy.tls.pins import spki_pin, spki_pin_of_certificate
 
 NAMES: Final = ("api.dualproxy.test", "www.dualproxy.test")
@@ -64,8 +64,8 @@ def make_setup(
     folder: Path, pebble: Pebble, *, challenge: str = "tls-alpn-01", **acme_extra: Any
 ) -> Setup:
     key_file = folder / "certs/k1/key.pem"
-    key = keystore.generate_private_key("ecdsa-p256")
-    keystore.write_private_key(key_file, key)
+    key = keygen.generate_private_key()
+    keygen.write_private_key(key_file, key)
     acme_table: dict[str, Any] = {
         "directory": pebble.directory,
         "email": "ops@dualproxy.test",
@@ -346,9 +346,7 @@ def test_serve_obtains_a_missing_chain_then_serves_it(tmp_path: Path, pebble: Pe
 def test_check_reports_a_managed_key_without_a_certificate(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    keystore.write_private_key(
-        tmp_path / "certs/k1/key.pem", keystore.generate_private_key("ecdsa-p256")
-    )
+    keygen.write_private_key(tmp_path / "certs/k1/key.pem", keygen.generate_private_key())
     data = {
         "listen": {"address": "127.0.0.1:0"},
         "acme": {"directory": "https://acme.invalid/dir"},

@@ -13,7 +13,7 @@ from typing import Any, Final
 import pytest
 from helpers.rotation import GRACE_END, GRACE_START
 
-from dualproxy.config.errors import ConfigError
+from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load, parse
 from dualproxy.config.names import ListenAddress
 from dualproxy.config.schema import (
@@ -644,7 +644,7 @@ def test_accepted(
 )
 def test_rejected(tmp_path: Path, edits: Mapping[str, object], key_path: str, message: str) -> None:
     make_files(tmp_path)
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(OperatorError) as caught:
         parse(edited(edits), base_dir=tmp_path)
     assert caught.value.key_path == key_path
     assert message in caught.value.problem
@@ -664,7 +664,7 @@ def test_load_names_the_file_and_key_path(tmp_path: Path) -> None:
     make_files(tmp_path)
     path = tmp_path / "config.toml"
     path.write_text(EXAMPLE.replace('default = "old"', 'default = "newest"'))
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(OperatorError) as caught:
         load(path)
     assert caught.value.file == path
     assert caught.value.key_path == "rotation.default"
@@ -675,7 +675,7 @@ def test_load_rejects_a_datetime_without_zone_as_written(tmp_path: Path) -> None
     make_files(tmp_path)
     path = tmp_path / "config.toml"
     path.write_text(EXAMPLE.replace("2027-01-15T00:00:00Z", "2027-01-15T00:00:00"))
-    with pytest.raises(ConfigError, match="the time has no zone") as caught:
+    with pytest.raises(OperatorError, match="the time has no zone") as caught:
         load(path)
     assert caught.value.key_path == "rotation.grace_end"
 
@@ -683,7 +683,7 @@ def test_load_rejects_a_datetime_without_zone_as_written(tmp_path: Path) -> None
 def test_load_invalid_toml(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(EXAMPLE.replace("[listen]", "[listen"))
-    with pytest.raises(ConfigError, match="not valid TOML") as caught:
+    with pytest.raises(OperatorError, match="not valid TOML") as caught:
         load(path)
     assert caught.value.key_path == ""
     assert str(caught.value).startswith(f"{path}: ")
@@ -691,7 +691,7 @@ def test_load_invalid_toml(tmp_path: Path) -> None:
 
 def test_load_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nowhere.toml"
-    with pytest.raises(ConfigError, match="config file not found") as caught:
+    with pytest.raises(OperatorError, match="config file not found") as caught:
         load(path)
     assert caught.value.key_path == ""
     assert caught.value.file == path
@@ -701,7 +701,7 @@ def test_load_missing_file(tmp_path: Path) -> None:
 def test_load_non_utf8_file(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_bytes(b"\xff\xfe")
-    with pytest.raises(ConfigError, match="not UTF-8"):
+    with pytest.raises(OperatorError, match="not UTF-8"):
         load(path)
 
 
@@ -726,7 +726,7 @@ def test_relative_paths_do_not_start_at_the_working_folder(
     make_files(tmp_path)  # next to the working folder, not next to the config
     (folder / "config.toml").write_text(EXAMPLE)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="does not exist") as caught:
+    with pytest.raises(OperatorError, match="does not exist") as caught:
         load("deploy/config.toml")
     assert caught.value.key_path == "keys.k2026a.key"
 
@@ -921,7 +921,7 @@ def test_upstream_and_limits_rejected(
     tmp_path: Path, edits: Mapping[str, object], key_path: str, message: str
 ) -> None:
     make_files(tmp_path)
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(OperatorError) as caught:
         parse(edited(edits), base_dir=tmp_path)
     assert (caught.value.key_path, message in caught.value.problem) == (key_path, True), (
         caught.value
@@ -950,7 +950,7 @@ def test_every_limit_is_settable(tmp_path: Path) -> None:
 def test_upstream_headers_dualproxy_manages_are_refused(tmp_path: Path, name: str) -> None:
     make_files(tmp_path)
     data = edited({UPSTREAM: "https://x.example", "upstream.headers": {name: "v"}})
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(OperatorError) as caught:
         parse(data, base_dir=tmp_path)
     assert caught.value.key_path == "upstream.headers"
     assert "cannot be added" in caught.value.problem
@@ -959,7 +959,7 @@ def test_upstream_headers_dualproxy_manages_are_refused(tmp_path: Path, name: st
 def test_upstream_header_with_an_underscore_is_refused(tmp_path: Path) -> None:
     make_files(tmp_path)
     data = edited({UPSTREAM: "https://x.example", "upstream.headers": {"X_Proxy_Secret": "v"}})
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(OperatorError) as caught:
         parse(data, base_dir=tmp_path)
     assert caught.value.key_path == "upstream.headers.X_Proxy_Secret"
     assert "underscore" in caught.value.problem
@@ -977,7 +977,7 @@ def test_upstream_host_is_written_in_punycode(tmp_path: Path, url: str, refused:
         assert upstream is not None
         assert upstream.host == "xn--bcher-kva.example"
         return
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(OperatorError) as caught:
         parse(data, base_dir=tmp_path)
     assert (caught.value.key_path, "punycode" in caught.value.problem) == ("upstream.url", True)
 
@@ -1060,7 +1060,7 @@ def test_acme_managed_key_may_lack_its_chain(tmp_path: Path) -> None:
 def test_unmanaged_key_still_needs_its_chain(tmp_path: Path) -> None:
     make_files(tmp_path)
     (tmp_path / "certs/k2026b/chain.pem").unlink()
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(OperatorError) as caught:
         parse(acme_data(ACME), base_dir=tmp_path)
     assert caught.value.key_path == "keys.k2026b.chain"
     assert "names" in caught.value.problem
@@ -1126,7 +1126,7 @@ def test_acme_rejected(
     tmp_path: Path, acme: Mapping[str, object], names: object, key_path: str, message: str
 ) -> None:
     make_files(tmp_path)
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(OperatorError) as caught:
         parse(acme_data(acme, names), base_dir=tmp_path)
     assert caught.value.key_path == key_path
     assert message in caught.value.problem
@@ -1134,7 +1134,7 @@ def test_acme_rejected(
 
 def test_names_without_acme_are_rejected(tmp_path: Path) -> None:
     make_files(tmp_path)
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(OperatorError) as caught:
         parse(edited({"keys.k2026a.names": ["api.example.com"]}), base_dir=tmp_path)
     assert caught.value.key_path == "keys.k2026a.names"
     assert "add an [acme] table" in caught.value.problem
@@ -1144,7 +1144,7 @@ def test_acme_without_any_names_is_rejected(tmp_path: Path) -> None:
     make_files(tmp_path)
     data = edited({})
     data["acme"] = dict(ACME)
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(OperatorError) as caught:
         parse(data, base_dir=tmp_path)
     assert caught.value.key_path == "acme"
     assert "no key has names" in caught.value.problem
@@ -1248,7 +1248,7 @@ def test_manifest_and_reports_rejected(
     tmp_path: Path, edits: Mapping[str, object], key_path: str, message: str
 ) -> None:
     make_files(tmp_path)
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(OperatorError) as caught:
         parse(edited(edits), base_dir=tmp_path)
     assert caught.value.key_path == key_path
     assert message in caught.value.problem

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import pytest
 import trustme
@@ -33,24 +33,22 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import NameOID
 
+from dualproxy.config.errors import OperatorError
 from dualproxy.config.names import ListenAddress
 from dualproxy.config.schema import Config, KeyConfig, KeyStoreSettings, ListenConfig, Rotation
 from dualproxy.tls import keystore
 from dualproxy.tls.clienthello import MAX_CLIENT_HELLO_BYTES, ClientHello, parse_client_hello
+from dualproxy.tls.keygen import KeyFamily, generate_private_key, make_csr, write_private_key
 from dualproxy.tls.keystore import (
+    MAX_PEM_FILE_BYTES,
     Identity,
-    KeyStoreError,
     LoadedKey,
     build_context,
-    generate_private_key,
     key_file_permission_problem,
     load_key,
     load_snapshot,
-    make_csr,
     read_private_key,
-    write_private_key,
 )
-from dualproxy.tls.pins import describe_key_algorithm
 
 HOST: Final = "api.example.com"
 STRICT: Final = KeyStoreSettings()
@@ -165,8 +163,8 @@ def write(folder: Path, name: str, files: Material, *, mode: int = 0o600) -> Key
 
 def refused(
     config: KeyConfig, *, settings: KeyStoreSettings = STRICT, uid: int | None = None
-) -> KeyStoreError:
-    with pytest.raises(KeyStoreError) as info:
+) -> OperatorError:
+    with pytest.raises(OperatorError) as info:
         load_key(config, settings, uid=uid)
     return info.value
 
@@ -236,10 +234,11 @@ def assert_no_key_material(text: str, chunks: Sequence[str]) -> None:
 
 @pytest.fixture(autouse=True)
 def _key_material_never_shown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The str and repr of every KeyStoreError raised and LoadedKey built during each test hold
-    no key material: none from the files the keystore read, nor from those left in tmp_path."""
+    """The str and repr of every OperatorError raised and LoadedKey built during each test hold
+    no key material: none from the files opened for reading (the keystore's reads, watched at
+    the os.open it calls), nor from those left in tmp_path."""
     built: list[object] = []
-    for cls in (KeyStoreError, LoadedKey):
+    for cls in (OperatorError, LoadedKey):
 
         def recording_init(self: object, *args: Any, _init: Any = cls.__init__, **kw: Any) -> None:
             _init(self, *args, **kw)
@@ -247,14 +246,17 @@ def _key_material_never_shown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
         monkeypatch.setattr(cls, "__init__", recording_init)
     read: list[bytes] = []
-    read_file = keystore._read_file
+    real_open = os.open
 
-    def recording_read(path: Path, key_path: str) -> tuple[bytes, os.stat_result]:
-        data, status = read_file(path, key_path)
-        read.append(data)
-        return data, status
+    def recording_open(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        fd = real_open(path, flags, mode, **kw)
+        if not flags & (os.O_WRONLY | os.O_RDWR):
+            status = os.fstat(fd)
+            if stat.S_ISREG(status.st_mode) and status.st_size <= MAX_PEM_FILE_BYTES:
+                read.append(os.pread(fd, status.st_size, 0))  # leaves the offset where it is
+        return fd
 
-    monkeypatch.setattr(keystore, "_read_file", recording_read)
+    monkeypatch.setattr(os, "open", recording_open)
     yield
     chunks = key_material([*read, *files_under(tmp_path)])
     for thing in built:
@@ -287,17 +289,18 @@ def test_loaded_key_hides_its_private_key_everywhere(
 
 
 @pytest.mark.parametrize(
-    ("which", "key_type", "algorithm"), [("ec", "ec", "ECDSA P-256"), ("rsa", "rsa", "RSA 2048")]
+    ("which", "family", "algorithm"),
+    [("ec", KeyFamily.EC, "ECDSA P-256"), ("rsa", KeyFamily.RSA, "RSA 2048")],
 )
 def test_loads_key_and_chain(
-    tmp_path: Path, material: dict[str, Material], which: str, key_type: str, algorithm: str
+    tmp_path: Path, material: dict[str, Material], which: str, family: KeyFamily, algorithm: str
 ) -> None:
     config = write(tmp_path, "k2026a", material[which])
     key = load_key(config, STRICT)
     leaf = x509.load_pem_x509_certificate(material[which].chain_pem)
     assert key.name == "k2026a"
     assert (key.key_file, key.chain_file) == (config.key, config.chain)
-    assert key.key_type == key_type
+    assert key.family is family
     assert key.algorithm == algorithm
     assert key.pin == spki_sha256(leaf)
     assert key.chain == (leaf,)
@@ -311,7 +314,7 @@ def test_loads_key_and_chain(
 
 def test_loads_p384_key(tmp_path: Path, material: dict[str, Material]) -> None:
     key = load_key(write(tmp_path, "k", material["p384"]), STRICT)
-    assert (key.key_type, key.algorithm, key.names) == ("ec", "ECDSA P-384", (HOST,))
+    assert (key.family, key.algorithm, key.names) == (KeyFamily.EC, "ECDSA P-384", (HOST,))
 
 
 def test_loads_chain_with_intermediate(tmp_path: Path, ca: trustme.CA) -> None:
@@ -417,10 +420,10 @@ def test_encrypted_key_is_refused_with_how_to_decrypt(
     error = refused(write(tmp_path, "k", Material(encrypted, files.chain_pem)))
     assert error.key_path == "keys.k.key"
     assert "passphrase" in error.problem
-    assert "openssl pkey -in" in error.problem
+    assert "openssl pkey -in" in error.fix
     # The twin: the same key, unencrypted, in the same format.
     plain = Material(pem_of(key, private_format), files.chain_pem)
-    assert load_key(write(tmp_path, "k", plain), STRICT).key_type == "ec"
+    assert load_key(write(tmp_path, "k", plain), STRICT).family is KeyFamily.EC
 
 
 @pytest.mark.parametrize(
@@ -450,7 +453,7 @@ def test_chain_of_another_key(tmp_path: Path, material: dict[str, Material]) -> 
     error = refused(write(tmp_path, "k", files))
     assert error.key_path == "keys.k.chain"
     assert "belongs to a different key" in error.problem
-    assert "written before the key" in error.problem
+    assert "written before the key" in error.fix
     assert spki_sha256(x509.load_pem_x509_certificate(material["ec2"].chain_pem)) in error.problem
 
 
@@ -460,7 +463,7 @@ def test_leaf_not_first(tmp_path: Path, ca: trustme.CA) -> None:
     error = refused(write(tmp_path, "k", Material(leaf.private_key_pem.bytes(), reversed_chain)))
     assert error.key_path == "keys.k.chain"
     assert "number 2" in error.problem
-    assert "leaf first" in error.problem
+    assert "leaf first" in error.fix
 
 
 def test_intermediates_out_of_order(tmp_path: Path, ca: trustme.CA) -> None:
@@ -505,7 +508,7 @@ def test_leaf_must_allow_signatures(tmp_path: Path, digital_signature: bool) -> 
     cert = issue(key, key, subject="leaf", digital_signature=digital_signature)
     config = write(tmp_path, "k", Material(pem_of(key), pem_chain(cert)))
     if digital_signature:
-        assert load_key(config, STRICT).key_type == "ec"
+        assert load_key(config, STRICT).family is KeyFamily.EC
     else:
         error = refused(config)
         assert (error.key_path, "digitalSignature" in error.problem) == ("keys.k.chain", True)
@@ -617,7 +620,7 @@ def test_root_owned_key_file_modes(
     config = write(tmp_path, "k", material["ec"], mode=mode)
     os.chown(config.key, 0, OTHER_UID)
     if allowed:
-        assert load_key(config, STRICT, uid=OTHER_UID).key_type == "ec"
+        assert load_key(config, STRICT, uid=OTHER_UID).family is KeyFamily.EC
     else:
         assert refused(config, uid=OTHER_UID).key_path == "keys.k.key"
 
@@ -629,7 +632,7 @@ def test_key_file_owned_by_someone_else(tmp_path: Path, material: dict[str, Mate
     error = refused(config)  # as ourselves (root): the file belongs to neither us nor root
     assert error.key_path == "keys.k.key"
     assert f"owned by uid {OTHER_UID}" in error.problem
-    assert load_key(config, STRICT, uid=OTHER_UID).key_type == "ec"  # as its owner
+    assert load_key(config, STRICT, uid=OTHER_UID).family is KeyFamily.EC  # as its owner
 
 
 def test_insecure_permissions_override_warns(tmp_path: Path, material: dict[str, Material]) -> None:
@@ -700,7 +703,7 @@ def test_every_descriptor_is_closed(tmp_path: Path, material: dict[str, Material
 def test_single_identity_with_two_ec_keys(tmp_path: Path, material: dict[str, Material]) -> None:
     keys = [write(tmp_path, "a", material["ec"]), write(tmp_path, "b", material["ec2"])]
     config = make_config(tmp_path, keys)
-    with pytest.raises(KeyStoreError) as info:
+    with pytest.raises(OperatorError) as info:
         load_snapshot(config)
     assert (info.value.key_path, info.value.file) == ("keys", config.path)
     assert "'a' and 'b' are both EC keys" in info.value.problem
@@ -714,7 +717,7 @@ def test_rotation_identity_with_two_ec_keys(
     keys = [write(tmp_path, name, material[name]) for name in ("ec", "ec2", "rsa")]
     crowded, other = (("ec", "ec2"), ("rsa",))
     old, new = (crowded, other) if role == "old" else (other, crowded)
-    with pytest.raises(KeyStoreError) as info:
+    with pytest.raises(OperatorError) as info:
         load_snapshot(make_config(tmp_path, keys, old=old, new=new))
     assert info.value.key_path == f"rotation.{role}"
     assert "one EC and one RSA key" in info.value.problem
@@ -833,7 +836,7 @@ def test_presented_key_model(
     tmp_path: Path, material: dict[str, Material], client: ClientHello | None, expected: str
 ) -> None:
     identity = identity_of(tmp_path, material["ec"], material["rsa"])
-    assert identity.presented_key(client).key_type == expected
+    assert identity.presented_key(client).family == expected
 
 
 @pytest.mark.parametrize("which", ["ec", "rsa"])
@@ -948,8 +951,10 @@ def s_client(address: tuple[str, int], *options: str) -> x509.Certificate | None
     return x509.load_pem_x509_certificate(found.group(1).encode("ascii"))
 
 
-def key_type_of(cert: x509.Certificate) -> Literal["ec", "rsa"]:
-    return "ec" if isinstance(cert.public_key(), ec.EllipticCurvePublicKey) else "rsa"
+def key_type_of(cert: x509.Certificate) -> KeyFamily:
+    return (
+        KeyFamily.EC if isinstance(cert.public_key(), ec.EllipticCurvePublicKey) else KeyFamily.RSA
+    )
 
 
 def trusting(ca: trustme.CA) -> ssl.SSLContext:
@@ -1145,7 +1150,7 @@ def test_serves_what_was_validated_even_after_the_files_change(
 def test_without_memfd_the_key_is_read_again_and_checked(
     tmp_path: Path, ca: trustme.CA, material: dict[str, Material], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(keystore, "_memory_files_work", lambda: False)
+    monkeypatch.delattr(os, "memfd_create")  # as on macOS, or in a sandbox that forbids it
     config = write(tmp_path, "k", material["ec"])
     key = load_key(config, STRICT)
     # Same key, other encoding (PKCS#8 instead of traditional): still this key, still served.
@@ -1156,68 +1161,25 @@ def test_without_memfd_the_key_is_read_again_and_checked(
     assert served.error is None
     # Another key: OpenSSL's own key/leaf check refuses it.
     config.key.write_bytes(material["ec2"].key_pem)
-    with pytest.raises(KeyStoreError) as info:
+    with pytest.raises(OperatorError) as info:
         build_context([key])
     assert info.value.key_path == "keys.k"
     # An encrypted key: refused, never a passphrase prompt on the terminal.
     encrypted = serialization.BestAvailableEncryption(b"hunter2")
     config.key.write_bytes(pem_of(private, encryption=encrypted))
-    with pytest.raises(KeyStoreError) as info:
+    with pytest.raises(OperatorError) as info:
         build_context([key])
     assert (info.value.key_path, "encrypted" in info.value.problem) == ("keys.k.key", True)
 
 
-# --- new keys ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("key_type", "algorithm"), [("ecdsa-p256", "ECDSA P-256"), ("rsa-2048", "RSA 2048")]
-)
-def test_write_private_key(
-    tmp_path: Path, key_type: Literal["ecdsa-p256", "rsa-2048"], algorithm: str
-) -> None:
-    key = generate_private_key(key_type)
-    path = tmp_path / "certs" / "k2026b" / "key.pem"
-    write_private_key(path, key)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    again = read_private_key(path)
-    assert describe_key_algorithm(again.public_key()) == algorithm
-    assert again.private_numbers() == key.private_numbers()
-    before = path.read_bytes()
-    with pytest.raises(KeyStoreError) as info:
-        write_private_key(path, generate_private_key("ecdsa-p256"))
-    assert info.value.file == path
-    assert "never overwrites" in info.value.problem
-    assert path.read_bytes() == before
+# --- one private key, for keys csr, ACME and the dev bench -------------------------------
 
 
 def test_read_private_key_applies_the_permission_rule(tmp_path: Path) -> None:
     path = tmp_path / "key.pem"
-    write_private_key(path, generate_private_key("ecdsa-p256"))
+    key = generate_private_key()
+    write_private_key(path, key)
+    assert read_private_key(path).private_numbers() == key.private_numbers()  # the twin: 0600
     path.chmod(0o644)
-    with pytest.raises(KeyStoreError, match="0644"):
+    with pytest.raises(OperatorError, match="0644"):
         read_private_key(path)
-
-
-def test_make_csr(tmp_path: Path) -> None:
-    key = generate_private_key("ecdsa-p256")
-    names = [HOST, "www.example.com", "127.0.0.1", "::1"]
-    csr = make_csr(key, names)
-    assert csr.is_signature_valid
-    assert csr.public_key() == key.public_key()
-    common_name = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    assert [attribute.value for attribute in common_name] == [HOST]
-    sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert sans.get_values_for_type(x509.DNSName) == [HOST, "www.example.com"]
-    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
-
-
-def test_make_csr_long_first_name_goes_in_the_sans_only() -> None:
-    long_name = "a" * 60 + ".example.com"
-    csr = make_csr(generate_private_key("ecdsa-p256"), [long_name])
-    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME) == []
-    sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert sans.get_values_for_type(x509.DNSName) == [long_name]
-    with pytest.raises(ValueError, match="at least one name"):
-        make_csr(generate_private_key("ecdsa-p256"), [])

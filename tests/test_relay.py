@@ -45,7 +45,7 @@ from helpers.upstream_server import (
     serve_upstream,
 )
 
-from dualproxy.config.errors import ConfigError
+from dualproxy.config.errors import OperatorError
 from dualproxy.http.forwarding import ResponseHead
 from dualproxy.http.relay import (
     ALLOWED_METHODS,
@@ -1675,7 +1675,7 @@ async def test_an_upstream_section_that_cannot_be_served_stops_the_server_before
         [key], base_dir=tmp_path, extra={"upstream": upstream_table(upstream, ca_file=str(not_pem))}
     )
     Server(config)
-    with pytest.raises(ConfigError, match=r"upstream\.ca_file: cannot load .*not-a-ca\.pem"):
+    with pytest.raises(OperatorError, match=r"upstream\.ca_file: cannot load .*not-a-ca\.pem"):
         Server(bad)
 
 

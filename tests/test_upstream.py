@@ -35,7 +35,7 @@ from helpers.upstream_server import (
     unresponsive_port,
 )
 
-from dualproxy.config.errors import ConfigError
+from dualproxy.config.errors import OperatorError
 from dualproxy.config.schema import Limits, UpstreamConfig
 from dualproxy.http.forwarding import MAX_RESPONSE_HEAD_BYTES, ResponseHead
 from dualproxy.http.http1 import END
@@ -316,7 +316,7 @@ def test_client_context_always_verifies(tmp_path: Path) -> None:
     assert context.minimum_version is ssl.TLSVersion.TLSv1_2
     # Twin: a CA file that is not PEM is the operator's error, named by its key path.
     ca_file.write_text("not a certificate\n")
-    with pytest.raises(ConfigError, match=r"^upstream\.ca_file: cannot load"):
+    with pytest.raises(OperatorError, match=r"^upstream\.ca_file: cannot load"):
         client_context(config)
 
 

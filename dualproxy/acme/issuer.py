@@ -52,12 +52,12 @@ from dualproxy.acme.challenges import (
     wait_until_served,
 )
 from dualproxy.acme.challenges import withdraw as withdraw_challenges
+from dualproxy.config.errors import OperatorError
 from dualproxy.config.names import ListenAddress
 from dualproxy.config.schema import AcmeConfig, ChallengeType, Config, KeyConfig
 from dualproxy.files import write_atomically
 from dualproxy.pinning.manifest import b64url_encode
-from dualproxy.tls import keystore
-from dualproxy.tls.keystore import KeyStoreError
+from dualproxy.tls import keygen, keystore
 
 if TYPE_CHECKING:
     from dualproxy.serve.server import Server
@@ -119,7 +119,7 @@ def _account_jwk(acme: AcmeConfig) -> tuple[jose_jwk.JWK, jwa.JWASignature]:
     """The account key (made, mode 0600, when missing) as a JWK and its signing algorithm."""
     path = acme.account_key
     if not path.exists() and not path.is_symlink():
-        keystore.write_private_key(path, keystore.generate_private_key("ecdsa-p256"))
+        keygen.write_private_key(path, keygen.generate_private_key())
         log.info("acme: made the account key %s", path)
     key = keystore.read_private_key(path, key_path="acme.account_key")
     if isinstance(key, ec.EllipticCurvePrivateKey):
@@ -238,7 +238,7 @@ async def obtain(
     folder = challenge_folder(acme)
     with _order_lock(folder.parent):
         private_key = keystore.read_private_key(key.key, key_path=f"keys.{key.name}.key")
-        csr = keystore.make_csr(private_key, key.names)
+        csr = keygen.make_csr(private_key, key.names)
         csr_pem = csr.public_bytes(serialization.Encoding.PEM)
         try:
             with trio.fail_after(acme.order_timeout):
@@ -314,7 +314,7 @@ async def _blocking(function: Callable[[*_Args], _T], *args: *_Args) -> _T:
     with the request's timeout, and nothing it returns is used."""
     try:
         return await trio.to_thread.run_sync(function, *args, abandon_on_cancel=True)
-    except (AcmeError, KeyStoreError):
+    except (AcmeError, OperatorError):
         raise
     except messages.Error as exc:
         raise AcmeError(f"the CA refused: {_problem(exc)}") from None
@@ -503,7 +503,7 @@ async def issue_keys(config: Config, keys: list[KeyConfig]) -> list[tuple[str, s
         for key in keys:
             try:
                 await obtain(config, key, board=board)
-            except (AcmeError, KeyStoreError) as exc:
+            except (AcmeError, OperatorError) as exc:
                 results.append((key.name, str(exc)))
             else:
                 results.append((key.name, None))
@@ -659,9 +659,9 @@ async def _renew_one(
     try:
         await obtain(config, key, board=board, tls_probe=probes.tls, http_probe=probes.http)
     except Exception as exc:
-        # AcmeError and KeyStoreError say what to do; anything else is our bug, with its
+        # AcmeError and OperatorError say what to do; anything else is our bug, with its
         # traceback. Either way the current chain keeps serving and a retry is scheduled.
-        if not isinstance(exc, AcmeError | KeyStoreError):
+        if not isinstance(exc, AcmeError | OperatorError):
             log.exception("acme: renewing %s failed unexpectedly", key.name)
         memory.failures += 1
         retry = now + renewal.retry_delay(memory.failures, policy)

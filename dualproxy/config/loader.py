@@ -2,7 +2,7 @@
 
 Every value an operator writes is checked here, once, before anything listens: an unknown
 key, a wrong type, a missing file, a rotation naming a key that does not exist, a window that
-ends before it starts. Each rejection is a `ConfigError` naming the file, the key path
+ends before it starts. Each rejection is a `OperatorError` naming the file, the key path
 (`rotation.grace_end`) and what to do. Misspelled keys are errors, never silently ignored:
 a typo in `grace_end` must not quietly become "the window never closes".
 
@@ -27,7 +27,7 @@ from types import MappingProxyType
 from typing import Final
 from urllib.parse import urlsplit
 
-from dualproxy.config.errors import ConfigError
+from dualproxy.config.errors import OperatorError
 from dualproxy.config.names import (
     admin_address_problem,
     host_name_problem,
@@ -68,26 +68,26 @@ _COMMON_ALPN: Final = frozenset({b"http/1.1", b"http/1.0", b"h2", b"h3", b"acme-
 
 
 def load(path: Path | str) -> Config:
-    """Read and validate a config file; raises ConfigError."""
+    """Read and validate a config file; raises OperatorError."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(
-            "", "config file not found; pass -c PATH or create it (see config.toml)", file=path
+        raise OperatorError(
+            "config file not found; pass -c PATH or create it (see config.toml)", file=path
         ) from None
     except OSError as exc:
-        raise ConfigError("", f"cannot read the config file: {exc.strerror}", file=path) from None
+        raise OperatorError(f"cannot read the config file: {exc.strerror}", file=path) from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise ConfigError("", "the config file is not UTF-8 text", file=path) from None
+        raise OperatorError("the config file is not UTF-8 text", file=path) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("", f"not valid TOML: {exc}", file=path) from None
+        raise OperatorError(f"not valid TOML: {exc}", file=path) from None
     try:
         return parse(data, base_dir=path.parent.absolute(), path=path)
-    except ConfigError as exc:
-        raise ConfigError(exc.key_path, exc.problem, file=path) from None
+    except OperatorError as exc:
+        raise OperatorError(exc.problem, key_path=exc.key_path, file=path, fix=exc.fix) from None
 
 
 def parse(
@@ -105,14 +105,15 @@ def parse(
     http_listen = acme.http_listen if acme is not None else None
     # Port 0 (any free port, as tests use) cannot clash.
     if http_listen is not None and http_listen.port and http_listen in listen.addresses:
-        raise ConfigError(
-            "acme.http_listen", "is also a TLS listen.address; give plain HTTP its own port"
+        raise OperatorError(
+            "is also a TLS listen.address; give plain HTTP its own port",
+            key_path="acme.http_listen",
         )
     keys = _parse_keys(root.table("keys", required=True), base_dir, check_files, acme)
     rotation_table = root.table("rotation")
     rotation = _parse_rotation(rotation_table, keys) if rotation_table is not None else None
     if rotation is None and not keys:
-        raise ConfigError("keys", "no key is configured; add a [keys.NAME] table")
+        raise OperatorError("no key is configured; add a [keys.NAME] table", key_path="keys")
     limits = _parse_limits(root.table("limits"))
     keystore = _parse_keystore(root.table("keystore"))
     upstream_table = root.table("upstream")
@@ -127,7 +128,9 @@ def parse(
     reports_table = root.table("reports")
     reports = _parse_reports(reports_table, base_dir) if reports_table is not None else None
     if manifest is not None and reports is not None and manifest.path == reports.path:
-        raise ConfigError("reports.path", "is also manifest.path; give each its own path")
+        raise OperatorError(
+            "is also manifest.path; give each its own path", key_path="reports.path"
+        )
     root.done()
     return Config(
         listen=listen,
@@ -154,9 +157,9 @@ def _parse_listen(table: Table | None) -> ListenConfig:
         try:
             addresses.append(parse_address(text))
         except ValueError as exc:
-            raise ConfigError(table.path("address"), str(exc)) from None
+            raise OperatorError(str(exc), key_path=table.path("address")) from None
     if len(set(addresses)) != len(addresses):
-        raise ConfigError(table.path("address"), "an address is listed twice")
+        raise OperatorError("an address is listed twice", key_path=table.path("address"))
     reuse_port = table.boolean("reuse_port", False)
     table.done()
     return ListenConfig(addresses=tuple(addresses), reuse_port=reuse_port)
@@ -169,7 +172,7 @@ def _parse_keys(
     keys = {}
     for name, entry in table.tables():
         if (problem := key_name_problem(name)) is not None:
-            raise ConfigError(table.path(name), problem)
+            raise OperatorError(problem, key_path=table.path(name))
         names = _parse_acme_names(entry, acme)
         paths = {}
         for field_name in ("key", "chain"):
@@ -186,19 +189,19 @@ def _parse_keys(
                         f"get a certificate for it (dualproxy keys csr {name}), or add names ="
                         ' ["..."] and an [acme] table to have dualproxy obtain it'
                     )
-                raise ConfigError(
-                    entry.path(field_name),
+                raise OperatorError(
                     f"{what} file {file} does not exist; {advice}, or fix the path (relative"
                     " paths start at the config's folder)",
+                    key_path=entry.path(field_name),
                 )
             paths[field_name] = file
         entry.done()
         keys[name] = KeyConfig(name=name, key=paths["key"], chain=paths["chain"], names=names)
     if acme is not None and not any(key.names for key in keys.values()):
-        raise ConfigError(
-            "acme",
+        raise OperatorError(
             'no key has names to request; add names = ["api.example.com"] to a [keys.NAME]'
             " table, or remove [acme]",
+            key_path="acme",
         )
     return keys
 
@@ -208,30 +211,30 @@ def _parse_acme_names(entry: Table, acme: AcmeConfig | None) -> tuple[str, ...]:
     texts = entry.strings("names")
     key_path = entry.path("names")
     if entry.has("names") and not texts:
-        raise ConfigError(key_path, "is empty; list the names to request, or remove it")
+        raise OperatorError("is empty; list the names to request, or remove it", key_path=key_path)
     if texts and acme is None:
-        raise ConfigError(
-            key_path,
+        raise OperatorError(
             "names are requested from an ACME CA; add an [acme] table (see config.toml),"
             " or remove names",
+            key_path=key_path,
         )
     names: list[str] = []
     for text in texts:
         if is_ip_address(text):
-            raise ConfigError(
-                key_path, f"{text!r}: dualproxy requests DNS names only; use a host name"
+            raise OperatorError(
+                f"{text!r}: dualproxy requests DNS names only; use a host name", key_path=key_path
             )
         if (problem := host_name_problem(text)) is not None:
-            raise ConfigError(key_path, problem)
+            raise OperatorError(problem, key_path=key_path)
         name = normalize_host(text)
         if name.startswith("*."):
-            raise ConfigError(
-                key_path,
+            raise OperatorError(
                 f"{text!r}: a wildcard needs the dns-01 challenge, which dualproxy does not"
                 " answer; list each name",
+                key_path=key_path,
             )
         if name in names:
-            raise ConfigError(key_path, f"{text!r} is listed twice")
+            raise OperatorError(f"{text!r} is listed twice", key_path=key_path)
         names.append(name)
     return tuple(names)
 
@@ -241,27 +244,28 @@ def _parse_acme(table: Table, base_dir: Path, check_files: bool) -> AcmeConfig:
     assert directory is not None
     parts = urlsplit(directory)
     if parts.scheme != "https" or not parts.hostname:
-        raise ConfigError(
-            table.path("directory"),
+        raise OperatorError(
             f"{directory!r} is not an https URL like"
             " https://acme-v02.api.letsencrypt.org/directory",
+            key_path=table.path("directory"),
         )
     email = table.string("email")
     if email is not None and not re.fullmatch(r"[^@\s:,]+@[^@\s:,]+\.[^@\s:,]+", email):
-        raise ConfigError(table.path("email"), f"{email!r} is not an email address")
+        raise OperatorError(f"{email!r} is not an email address", key_path=table.path("email"))
     account_text = table.string("account_key") or "certs/acme/account.pem"
     account_key = base_dir / Path(account_text).expanduser()
     challenge = table.string("challenge") or "tls-alpn-01"
     if challenge not in CHALLENGE_TYPES:
-        raise ConfigError(
-            table.path("challenge"), f'{challenge!r} is neither "tls-alpn-01" nor "http-01"'
+        raise OperatorError(
+            f'{challenge!r} is neither "tls-alpn-01" nor "http-01"',
+            key_path=table.path("challenge"),
         )
     http_listen = None
     if (http_text := table.string("http_listen")) is not None:
         try:
             http_listen = parse_address(http_text)
         except ValueError as exc:
-            raise ConfigError(table.path("http_listen"), str(exc)) from None
+            raise OperatorError(str(exc), key_path=table.path("http_listen")) from None
     if challenge == "http-01" and http_listen is None:
         raise table.missing(
             "http_listen",
@@ -272,7 +276,7 @@ def _parse_acme(table: Table, base_dir: Path, check_files: bool) -> AcmeConfig:
     if (ca_text := table.string("ca_file")) is not None:
         ca_file = base_dir / Path(ca_text).expanduser()
         if check_files and not ca_file.is_file():
-            raise ConfigError(table.path("ca_file"), f"CA file {ca_file} does not exist")
+            raise OperatorError(f"CA file {ca_file} does not exist", key_path=table.path("ca_file"))
     d = AcmeConfig(directory="", account_key=Path())
     renew = table.boolean("renew", d.renew)
     renew_fraction = table.number("renew_fraction", d.renew_fraction, low=0.1, high=0.95)
@@ -280,8 +284,8 @@ def _parse_acme(table: Table, base_dir: Path, check_files: bool) -> AcmeConfig:
     retry_initial = table.number("retry_initial", d.retry_initial, low=1, high=86400)
     retry_max = table.number("retry_max", d.retry_max, low=1, high=7 * 86400)
     if retry_max < retry_initial:
-        raise ConfigError(
-            table.path("retry_max"), "must be at least retry_initial (the first wait)"
+        raise OperatorError(
+            "must be at least retry_initial (the first wait)", key_path=table.path("retry_max")
         )
     recheck = table.number("recheck_interval", d.recheck_interval, low=1, high=7 * 86400)
     lead = table.number("new_key_lead_days", d.new_key_lead_days, low=0, high=365)
@@ -313,34 +317,38 @@ def _parse_rotation(table: Table, keys: Mapping[str, KeyConfig]) -> Rotation:
         for name in names:
             if name not in keys:
                 known = ", ".join(sorted(keys)) or "none"
-                raise ConfigError(
-                    table.path(role), f"no key named {name!r}; the [keys] tables define: {known}"
+                raise OperatorError(
+                    f"no key named {name!r}; the [keys] tables define: {known}",
+                    key_path=table.path(role),
                 )
         if len(set(names)) != len(names):
-            raise ConfigError(table.path(role), "a key is listed twice")
+            raise OperatorError("a key is listed twice", key_path=table.path(role))
         roles[role] = names
     shared = set(roles["old"]) & set(roles["new"])
     if shared:
-        raise ConfigError(
-            table.path("new"),
+        raise OperatorError(
             f"key {sorted(shared)[0]!r} is both old and new; a rotation moves to a different key",
+            key_path=table.path("new"),
         )
     start = table.instant("grace_start")
     end = table.instant("grace_end")
     if not start < end:
-        raise ConfigError(
-            table.path("grace_end"), "the grace window must end after it starts (grace_start)"
+        raise OperatorError(
+            "the grace window must end after it starts (grace_start)",
+            key_path=table.path("grace_end"),
         )
     default = table.string("default")
     default = "old" if default is None else default
     if default not in ("old", "new"):
-        raise ConfigError(table.path("default"), f'{default!r} is neither "old" nor "new"')
+        raise OperatorError(
+            f'{default!r} is neither "old" nor "new"', key_path=table.path("default")
+        )
     canary = table.number("canary_percent", 0.0, low=0.0, high=100.0)
     if canary and default == "new":
-        raise ConfigError(
-            table.path("canary_percent"),
+        raise OperatorError(
             'the canary sends a share of default clients to the new key; with default = "new"'
             ' they all get it already: set canary_percent = 0 or default = "old"',
+            key_path=table.path("canary_percent"),
         )
     min_sample = table.integer(
         "canary_min_sample", DEFAULT_CANARY_MIN_SAMPLE, low=1, high=1_000_000_000
@@ -378,8 +386,9 @@ def _parse_hints(table: Table | None) -> Hints:
         try:
             networks.append(ipaddress.ip_network(text, strict=True))
         except ValueError as exc:
-            raise ConfigError(
-                table.path("networks"), f"{exc} (write a network like 10.0.0.0/8 or 2001:db8::/32)"
+            raise OperatorError(
+                f"{exc} (write a network like 10.0.0.0/8 or 2001:db8::/32)",
+                key_path=table.path("networks"),
             ) from None
     table.done()
     return Hints(sni=sni, alpn=alpn, networks=tuple(networks))
@@ -388,19 +397,21 @@ def _parse_hints(table: Table | None) -> Hints:
 def _parse_sni_pattern(key_path: str, text: str) -> str:
     problem = host_name_problem(text)
     if problem is not None:
-        raise ConfigError(key_path, problem)
+        raise OperatorError(problem, key_path=key_path)
     return normalize_host(text)
 
 
 def _parse_alpn_token(key_path: str, text: str) -> bytes:
     token = text.encode("utf-8")
     if not 1 <= len(token) <= 255 or not text.isascii() or not text.isprintable():
-        raise ConfigError(key_path, f"{text!r}: an ALPN token is 1-255 printable ASCII bytes")
+        raise OperatorError(
+            f"{text!r}: an ALPN token is 1-255 printable ASCII bytes", key_path=key_path
+        )
     if token in _COMMON_ALPN:
-        raise ConfigError(
-            key_path,
+        raise OperatorError(
             f"{text!r} is offered by ordinary clients, so it cannot tell apps apart; pick a"
             " dedicated token such as dualproxy-k2026b",
+            key_path=key_path,
         )
     return token
 
@@ -409,25 +420,25 @@ def _check_hints_disjoint(new: Hints, old: Hints, prefix: str) -> None:
     for kind in ("sni", "alpn"):
         both = set(getattr(new, kind)) & set(getattr(old, kind))
         if both:
-            raise ConfigError(
-                f"{prefix}.old.{kind}",
+            raise OperatorError(
                 f"{sorted(both)[0]!r} is hinted for both old and new; keep it in one of them",
+                key_path=f"{prefix}.old.{kind}",
             )
     # Equal names were caught above; a wildcard can still cover a name hinted the other way.
     for new_sni in new.sni:
         for old_sni in old.sni:
             if _sni_patterns_overlap(new_sni, old_sni):
-                raise ConfigError(
-                    f"{prefix}.old.sni",
+                raise OperatorError(
                     f"{old_sni!r} and {new_sni!r} in hints.new.sni match the same host names;"
                     " a client sending one would be ambiguous",
+                    key_path=f"{prefix}.old.sni",
                 )
     for a in new.networks:
         for b in old.networks:
             if a.version == b.version and a.overlaps(b):
-                raise ConfigError(
-                    f"{prefix}.old.networks",
+                raise OperatorError(
                     f"{b} overlaps {a} in hints.new.networks; a client in both would be ambiguous",
+                    key_path=f"{prefix}.old.networks",
                 )
 
 
@@ -459,27 +470,28 @@ def _parse_upstream(table: Table, base_dir: Path, check_files: bool) -> Upstream
     assert url is not None
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ConfigError(
-            table.path("url"), f"{url!r} is not an http(s) URL like https://my-project.appspot.com"
+        raise OperatorError(
+            f"{url!r} is not an http(s) URL like https://my-project.appspot.com",
+            key_path=table.path("url"),
         )
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ConfigError(
-            table.path("url"),
+        raise OperatorError(
             "give only the scheme, host and port: requests keep their own path and query",
+            key_path=table.path("url"),
         )
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise ConfigError(table.path("url"), f"{url!r} has an invalid port") from None
+        raise OperatorError(f"{url!r} has an invalid port", key_path=table.path("url")) from None
     ca_file = None
     if (ca_text := table.string("ca_file")) is not None:
         ca_file = base_dir / Path(ca_text).expanduser()
         if check_files and not ca_file.is_file():
-            raise ConfigError(table.path("ca_file"), f"CA file {ca_file} does not exist")
+            raise OperatorError(f"CA file {ca_file} does not exist", key_path=table.path("ca_file"))
     host_header = table.string("host") or "rewrite"
     if host_header not in ("rewrite", "preserve"):
-        raise ConfigError(
-            table.path("host"), f'{host_header!r} is neither "rewrite" nor "preserve"'
+        raise OperatorError(
+            f'{host_header!r} is neither "rewrite" nor "preserve"', key_path=table.path("host")
         )
     headers = []
     if (extra := table.table("headers")) is not None:
@@ -487,33 +499,34 @@ def _parse_upstream(table: Table, base_dir: Path, check_files: bool) -> Upstream
             value = extra.string(name, required=True)
             assert value is not None
             if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
-                raise ConfigError(
-                    extra.path(name), "not a valid HTTP header name and value (no CR, LF or NUL)"
+                raise OperatorError(
+                    "not a valid HTTP header name and value (no CR, LF or NUL)",
+                    key_path=extra.path(name),
                 )
             if name.lower() in MANAGED_HEADERS:
-                raise ConfigError(
-                    table.path("headers"),
+                raise OperatorError(
                     f"{name.lower()} is managed by dualproxy (hop-by-hop, framing or Host) and"
                     " cannot be added",
+                    key_path=table.path("headers"),
                 )
             if "_" in name:
                 # Underscores are tokens, but CGI and WSGI read "-" and "_" alike: the relay
                 # refuses them from clients, so it does not send them either.
-                raise ConfigError(
-                    extra.path(name), "an underscore in a header name; use '-' instead"
+                raise OperatorError(
+                    "an underscore in a header name; use '-' instead", key_path=extra.path(name)
                 )
             headers.append((name, value))
         extra.done()
     if not parts.hostname.isascii():
-        raise ConfigError(
-            table.path("url"), f"write the host {parts.hostname!r} in punycode (xn--...)"
+        raise OperatorError(
+            f"write the host {parts.hostname!r} in punycode (xn--...)", key_path=table.path("url")
         )
     trusted = []
     for text in table.strings("trusted_proxies"):
         try:
             trusted.append(ipaddress.ip_network(text, strict=True))
         except ValueError as exc:
-            raise ConfigError(table.path("trusted_proxies"), str(exc)) from None
+            raise OperatorError(str(exc), key_path=table.path("trusted_proxies")) from None
     defaults = UpstreamConfig(url="", scheme="https", host="", port=0)
     pool_max_idle = table.integer("pool_max_idle", defaults.pool_max_idle, low=0, high=10_000)
     pool_idle_timeout = table.number(
@@ -546,13 +559,13 @@ def _parse_admin(table: Table | None) -> AdminConfig:
         try:
             address = parse_address(text)
         except ValueError as exc:
-            raise ConfigError(table.path("address"), str(exc)) from None
+            raise OperatorError(str(exc), key_path=table.path("address")) from None
     table.done()
     if not enabled:
         return AdminConfig(address=None, allow_non_loopback=allow)
     assert address is not None
     if (problem := admin_address_problem(address, allow_non_loopback=allow)) is not None:
-        raise ConfigError(table.path("address"), problem)
+        raise OperatorError(problem, key_path=table.path("address"))
     return AdminConfig(address=address, allow_non_loopback=allow)
 
 
@@ -581,10 +594,10 @@ def _parse_local_path(table: Table, default: str) -> str:
     """The path of an endpoint dualproxy answers itself instead of the upstream."""
     path = table.string("path") or default
     if not _LOCAL_PATH.fullmatch(path) or path == "/":
-        raise ConfigError(
-            table.path("path"),
+        raise OperatorError(
             f"{path!r} is not a path like {default!r} (no query, no %-escapes, not / alone:"
             " requests to it never reach the upstream)",
+            key_path=table.path("path"),
         )
     return path
 

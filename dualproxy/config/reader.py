@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Final, TypeVar
 
-from dualproxy.config.errors import ConfigError
+from dualproxy.config.errors import OperatorError
 
 _T = TypeVar("_T")
 
@@ -38,8 +38,8 @@ class Table:
         value = self._data[key]
         # bool is an int in Python; TOML keeps them apart and so do we.
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise ConfigError(
-                self.path(key), f"expected {kind_name}, got {_toml_type(value)} {value!r}"
+            raise OperatorError(
+                f"expected {kind_name}, got {_toml_type(value)} {value!r}", key_path=self.path(key)
             )
         return value
 
@@ -74,16 +74,22 @@ class Table:
         self._seen.add(key)
         value = self._data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(self.path(key), f"expected a number, got {_toml_type(value)}")
+            raise OperatorError(
+                f"expected a number, got {_toml_type(value)}", key_path=self.path(key)
+            )
         if not low <= value <= high:
-            raise ConfigError(self.path(key), f"{value} is out of range; use {low} to {high}")
+            raise OperatorError(
+                f"{value} is out of range; use {low} to {high}", key_path=self.path(key)
+            )
         return float(value)
 
     def integer(self, key: str, default: int, *, low: int, high: int) -> int:
         value = self._get(key, int, "an integer", False)
         value = default if value is None else value
         if not low <= value <= high:
-            raise ConfigError(self.path(key), f"{value} is out of range; use {low} to {high}")
+            raise OperatorError(
+                f"{value} is out of range; use {low} to {high}", key_path=self.path(key)
+            )
         return value
 
     def strings(self, key: str, *, one_allowed: bool = False) -> tuple[str, ...]:
@@ -96,7 +102,7 @@ class Table:
             return (value,)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             expected = "a string or a list of strings" if one_allowed else "a list of strings"
-            raise ConfigError(self.path(key), f"expected {expected}, got {value!r}")
+            raise OperatorError(f"expected {expected}, got {value!r}", key_path=self.path(key))
         return tuple(value)
 
     def instant(self, key: str) -> datetime:
@@ -105,32 +111,35 @@ class Table:
         if value is None:
             raise self.missing(key, "add a TOML datetime like 2026-12-01T00:00:00Z")
         if isinstance(value, str):
-            raise ConfigError(
-                self.path(key), "write the time unquoted, as a TOML datetime (2026-12-01T00:00:00Z)"
+            raise OperatorError(
+                "write the time unquoted, as a TOML datetime (2026-12-01T00:00:00Z)",
+                key_path=self.path(key),
             )
         if not isinstance(value, datetime):
-            raise ConfigError(
-                self.path(key), f"expected a datetime like 2026-12-01T00:00:00Z, got {value!r}"
+            raise OperatorError(
+                f"expected a datetime like 2026-12-01T00:00:00Z, got {value!r}",
+                key_path=self.path(key),
             )
         if value.tzinfo is None:
-            raise ConfigError(
-                self.path(key), "the time has no zone; add Z (UTC) or an offset such as +01:00"
+            raise OperatorError(
+                "the time has no zone; add Z (UTC) or an offset such as +01:00",
+                key_path=self.path(key),
             )
         return value.astimezone(UTC)
 
-    def missing(self, key: str, advice: str) -> ConfigError:
+    def missing(self, key: str, advice: str) -> OperatorError:
         """The error for a required key that is absent, pointing at a likely misspelling."""
         strangers = [k for k in self._data if k not in self._seen and k != key]
         typo = difflib.get_close_matches(key, strangers, n=1, cutoff=_TYPO_SIMILARITY)
         found = f" (found {typo[0]!r}: misspelled?)" if typo else ""
-        return ConfigError(self.path(key), f"missing; {advice}{found}")
+        return OperatorError(f"missing; {advice}{found}", key_path=self.path(key))
 
     def done(self) -> None:
         unknown = [k for k in self._data if k not in self._seen]
         if unknown:
             known = difflib.get_close_matches(unknown[0], self._seen, n=1, cutoff=_TYPO_SIMILARITY)
             advice = f"did you mean {known[0]!r}?" if known else "check it against config.toml"
-            raise ConfigError(self.path(unknown[0]), f"unknown setting; {advice}")
+            raise OperatorError(f"unknown setting; {advice}", key_path=self.path(unknown[0]))
 
 
 def _toml_type(value: object) -> str:

@@ -121,7 +121,7 @@ class BenchSettings:
 def build_config(
     material: DevMaterial, scenario: str, settings: BenchSettings, now: datetime
 ) -> Config:
-    """The config that serves `scenario`. Raises ConfigError with the key path of what the
+    """The config that serves `scenario`. Raises OperatorError with the key path of what the
     command line got wrong (listen.address, upstream.url, rotation.hints.new.networks)."""
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; one of {', '.join(SCENARIOS)}")
@@ -321,7 +321,7 @@ class Bench:
         now: datetime | None = None,
     ) -> None:
         """Builds and loads every scenario's config (a problem shows now, not at a switch);
-        raises ConfigError (a bad command line) or KeyStoreError."""
+        raises OperatorError (a bad command line, or an unusable key)."""
         now = now or utc_now()
         self.material, self.settings, self.command = material, settings, command
         self.configs = {name: build_config(material, name, settings, now) for name in SCENARIOS}

@@ -42,7 +42,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from dualproxy.config.names import normalize_host
 from dualproxy.files import write_atomically
-from dualproxy.tls import keystore
+from dualproxy.tls import keygen, keystore
+from dualproxy.tls.keygen import PrivateKey
 from dualproxy.tls.pins import describe_key_algorithm, spki_pin
 
 __all__ = [
@@ -81,8 +82,6 @@ CA_KEY_FILE: Final = "ca-key.pem"
 KEY_FILE: Final = "key.pem"
 CHAIN_FILE: Final = "chain.pem"
 ADMIN_ADDRESS_FILE: Final = "admin-address"
-
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +175,7 @@ def prepare(
 ) -> DevMaterial:
     """Create or reuse the dev CA and keys; (re)issue certificates as needed.
 
-    Raises OSError when the folder cannot be written, KeyStoreError when a key in it is unusable.
+    Raises OSError when the folder cannot be written, OperatorError when a key in it is unusable.
     """
     folder = folder.absolute()
     now = now or datetime.now(UTC)
@@ -189,7 +188,7 @@ def prepare(
     for name in KEYS:
         key_file = folder / name / KEY_FILE
         if not key_file.exists():
-            keystore.write_private_key(key_file, keystore.generate_private_key("ecdsa-p256"))
+            keygen.write_private_key(key_file, keygen.generate_private_key())
         keys[name] = keystore.read_private_key(key_file)
     untrusted: tuple[x509.Certificate, PrivateKey] | None = None
     for spec in CERTIFICATES.values():
@@ -273,7 +272,7 @@ def _ca(folder: Path) -> tuple[x509.Certificate, PrivateKey]:
                 return ca_cert, ca_key
     ca_cert, ca_private = _new_ca("dualproxy dev CA")
     ca_key_file.unlink(missing_ok=True)  # write_private_key never overwrites a key
-    keystore.write_private_key(ca_key_file, ca_private)
+    keygen.write_private_key(ca_key_file, ca_private)
     _write_atomically(ca_file, ca_cert.public_bytes(serialization.Encoding.PEM))
     return ca_cert, ca_private
 

@@ -99,7 +99,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 import trio
 
-from dualproxy.config.errors import ConfigError
+from dualproxy.config.errors import OperatorError
 from dualproxy.http import http1
 from dualproxy.http.forwarding import (
     ClientPeer,
@@ -291,7 +291,7 @@ class RelaySettings:
     ) -> RelaySettings:
         """Settings for `config` (which has an upstream), with `pool` or a new one.
 
-        Raises ConfigError for an [upstream] that cannot be served: an added header that
+        Raises OperatorError for an [upstream] that cannot be served: an added header that
         dualproxy manages itself, an unusable ca_file. A new pool loads the system's CA store:
         call this from a worker thread once the server runs.
         """
@@ -302,9 +302,11 @@ class RelaySettings:
             if pool is None:
                 pool = UpstreamPool(upstream, config.limits)
         except ValueError as exc:
-            raise ConfigError("", str(exc), file=config.path) from None
-        except ConfigError as exc:
-            raise ConfigError(exc.key_path, exc.problem, file=config.path) from None
+            raise OperatorError(str(exc), file=config.path) from None
+        except OperatorError as exc:
+            raise OperatorError(
+                exc.problem, key_path=exc.key_path, file=config.path, fix=exc.fix
+            ) from None
         return cls(
             limits=config.limits,
             head_limits=HeadLimits.from_limits(config.limits),

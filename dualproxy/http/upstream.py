@@ -61,7 +61,7 @@ from typing import Final, Literal
 
 import trio
 
-from dualproxy.config.errors import ConfigError
+from dualproxy.config.errors import OperatorError
 from dualproxy.config.schema import Limits, UpstreamConfig
 from dualproxy.http import http1
 from dualproxy.http.forwarding import (
@@ -514,15 +514,15 @@ async def _connect(host: str, port: int) -> TcpStream:
 
 def client_context(upstream: UpstreamConfig) -> ssl.SSLContext:
     """The TLS client context for the upstream: system trust plus `ca_file`, host name always
-    checked, TLS 1.2 or later, ALPN http/1.1. Raises ConfigError when ca_file is unusable."""
+    checked, TLS 1.2 or later, ALPN http/1.1. Raises OperatorError when ca_file is unusable."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if upstream.ca_file is not None:
         try:
             context.load_verify_locations(cafile=str(upstream.ca_file))
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                "upstream.ca_file",
+            raise OperatorError(
                 f"cannot load {upstream.ca_file} as PEM CA certificates: {exc}",
+                key_path="upstream.ca_file",
             ) from exc
     # create_default_context set both already; stated so that no later edit can weaken them.
     context.verify_mode = ssl.CERT_REQUIRED

@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
+from dualproxy.config.errors import OperatorError
 from dualproxy.config.schema import Config, Rotation
 from dualproxy.config.times import format_time, parse_time
 from dualproxy.files import write_atomically
@@ -80,12 +81,13 @@ _BASE64URL: Final = re.compile(r"[A-Za-z0-9_-]*")
 _ROLES_SERVED: Final = frozenset({"current", "next", "retiring", "standby"})
 
 
-class ManifestError(Exception):
-    """A manifest that must not be trusted: `problem` says why, in the operator's terms."""
+class ManifestError(OperatorError):
+    """A manifest that must not be trusted: `problem` says why, in the operator's terms.
 
-    def __init__(self, problem: str) -> None:
-        super().__init__(problem)
-        self.problem = problem
+    Its own class because its callers tell it apart from other operator errors: `manifest
+    verify` says "not trusted", and a served file that is no manifest is a warning on the
+    status page, not a reason to refuse a config. (Its signing key files raise OperatorError.)
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,12 +379,12 @@ def public_key_file(private_key_file: Path) -> Path:
 def write_signing_key(path: Path, *, force: bool = False) -> ed25519.Ed25519PrivateKey:
     """A new Ed25519 signing key at `path` (PKCS#8 PEM, mode 0600) and its public key next to
     it (SubjectPublicKeyInfo PEM). Refuses to replace either unless `force`: apps may ship the
-    public key. ManifestError when it cannot."""
+    public key. OperatorError when it cannot."""
     public_path = public_key_file(path)
     if not force:
         for existing in (path, public_path):
             if existing.exists() or existing.is_symlink():
-                raise ManifestError(
+                raise OperatorError(
                     f"{existing} already exists; apps may ship its public key. Pick another"
                     " --out, or pass --force to replace it"
                 )
@@ -394,7 +396,7 @@ def write_signing_key(path: Path, *, force: bool = False) -> ed25519.Ed25519Priv
         write_atomically(path, private_pem, mode=0o600)
         write_atomically(public_path, public_pem, mode=0o644)
     except OSError as exc:
-        raise ManifestError(f"{path}: cannot write the key: {exc.strerror}") from None
+        raise OperatorError(f"cannot write the key: {exc.strerror}", file=path) from None
     return key
 
 
@@ -404,20 +406,23 @@ def read_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
         status = path.stat()
         pem = path.read_bytes()
     except OSError as exc:
-        raise ManifestError(f"{path}: cannot read the signing key: {exc.strerror}") from None
+        raise OperatorError(f"cannot read the signing key: {exc.strerror}", file=path) from None
     problem = key_file_permission_problem(status.st_mode, status.st_uid, os.geteuid())
     if problem is not None:
-        raise ManifestError(f"{path}: the signing key {problem}")
+        raise OperatorError(f"the signing key {problem}", file=path)
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise ManifestError(
-            f"{path}: not an unencrypted PEM private key; make one with"
-            " `dualproxy manifest keygen --out FILE`"
+        raise OperatorError(
+            "not an unencrypted PEM private key",
+            fix="make one with `dualproxy manifest keygen --out FILE`",
+            file=path,
         ) from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise ManifestError(
-            f"{path}: not an Ed25519 key; make one with `dualproxy manifest keygen --out FILE`"
+        raise OperatorError(
+            "not an Ed25519 key",
+            fix="make one with `dualproxy manifest keygen --out FILE`",
+            file=path,
         )
     return key
 
@@ -427,13 +432,13 @@ def read_public_key(path: Path) -> ed25519.Ed25519PublicKey:
     try:
         pem = path.read_bytes()
     except OSError as exc:
-        raise ManifestError(f"{path}: cannot read the public key: {exc.strerror}") from None
+        raise OperatorError(f"cannot read the public key: {exc.strerror}", file=path) from None
     try:
         key = serialization.load_pem_public_key(pem)
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise ManifestError(f"{path}: not a PEM public key (BEGIN PUBLIC KEY)") from None
+        raise OperatorError("not a PEM public key (BEGIN PUBLIC KEY)", file=path) from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise ManifestError(f"{path}: not an Ed25519 public key")
+        raise OperatorError("not an Ed25519 public key", file=path)
     return key
 
 

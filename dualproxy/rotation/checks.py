@@ -7,8 +7,8 @@ will, or some will, unless the operator acts (expiry soon, a certificate that do
 through the grace window, a hinted name the hinted key's certificate does not cover, names
 the new certificate drops).
 
-Every finding says where, as `ConfigError` and `KeyStoreError` do: the file and the config
-key path (`keys.k2026a.chain`, `rotation.hints.new.sni`), then the problem and what to do.
+Every finding says where, as `OperatorError` does: the file and the config key path
+(`keys.k2026a.chain`, `rotation.hints.new.sni`), then the problem and what to do.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final, Literal
 
+from dualproxy.config.errors import locate
 from dualproxy.config.names import normalize_host
 from dualproxy.config.schema import Config, Role, Rotation
 from dualproxy.tls.keystore import LoadedKey
@@ -42,8 +43,7 @@ class Finding:
     file: Path | None = None
 
     def __str__(self) -> str:
-        where = [str(part) for part in (self.file, self.key_path) if part]
-        return ": ".join([*where, self.message])
+        return locate(self.message, key_path=self.key_path, file=self.file)
 
 
 def _time(moment: datetime) -> str:

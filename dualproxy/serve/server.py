@@ -50,7 +50,7 @@ import h11
 import trio
 
 from dualproxy.acme import challenges
-from dualproxy.config.errors import ConfigError
+from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load as load_config
 from dualproxy.config.names import ListenAddress
 from dualproxy.config.schema import Config, ListenConfig
@@ -73,7 +73,7 @@ from dualproxy.tls.clienthello import (
     parse_client_hello,
 )
 from dualproxy.tls.clienthello import is_plain_http as looks_like_plain_http
-from dualproxy.tls.keystore import KeySnapshot, KeyStoreError
+from dualproxy.tls.keystore import KeySnapshot
 from dualproxy.tls.streams import (
     TcpStream,
     TlsStream,
@@ -738,7 +738,7 @@ class Server:
                 snapshot = await trio.to_thread.run_sync(keystore.load_snapshot, given)
             relay = await trio.to_thread.run_sync(self._relay_for, config)
             local = await trio.to_thread.run_sync(endpoints.build, config, self._local, self._clock)
-        except (ConfigError, KeyStoreError) as exc:
+        except OperatorError as exc:
             self.reloads_failed += 1
             log.error("reload (%s) failed, still serving the previous keys: %s", why, exc)
             return False

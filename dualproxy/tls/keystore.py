@@ -1,4 +1,5 @@
 """Our key pairs and certificate chains: load, validate, and serve them through OpenSSL.
+(Making new keys and their CSRs is `keygen`'s.)
 
 Read once, then load exactly what was read. Each key and chain file is opened once; its type,
 owner and mode come from fstat on that open descriptor, and its bytes from the same descriptor.
@@ -11,19 +12,25 @@ file nobody checked. A torn pair (new chain, old key) fails validation here; the
 its previous snapshot and retries when the files change again.
 
 Key material stays between this module and OpenSSL. No exception, log line or repr carries it:
-errors name the file, the config key path and what to do; `LoadedKey` hides its key bytes from
-repr, str and `dataclasses.asdict`; the private key never goes to a temporary file.
+errors (`OperatorError`) name the file, the config key path and what to do; `LoadedKey` hides
+its key bytes from repr, str and `dataclasses.asdict`; the private key never goes to a temporary
+file.
 
-One certificate per key type. An OpenSSL context has one certificate slot per key type, so an
-identity holds at most one EC and one RSA key (a second key of a type would silently replace
-the first). With one of each, OpenSSL picks per handshake from the client's offer; because our
-contexts prefer the server's order, the pick is predictable, and `Identity.presented_key`
-predicts it (the tests check the prediction against real handshakes).
+One certificate per key type. An OpenSSL context has one certificate slot per key type (a
+`keygen.KeyFamily`), so an identity holds at most one EC and one RSA key (a second key of a
+family would silently replace the first). With one of each, OpenSSL picks per handshake from
+the client's offer; because our contexts prefer the server's order, the pick is predictable,
+and `Identity.presented_key` predicts it (the tests check the prediction against real
+handshakes).
+
+One module, past 600 lines, on purpose: the read-once rule runs from the `open` of a key file
+to OpenSSL's `load_cert_chain` of the same bytes, and the presented-key prediction depends on
+the context settings made here; cut in two, each half of either invariant would live apart
+from the other.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import ssl
@@ -33,7 +40,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cache
 from itertools import pairwise
 from pathlib import Path
 from types import MappingProxyType
@@ -41,13 +47,14 @@ from typing import Final, Literal, NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.x509.oid import NameOID
 
+from dualproxy.config.errors import OperatorError, locate
 from dualproxy.config.schema import Config, IdentityName, KeyConfig, KeyStoreSettings
 from dualproxy.tls.clienthello import ClientHello
+from dualproxy.tls.keygen import DEFAULT_KEY_TYPE, KeyFamily, PrivateKey
 from dualproxy.tls.pins import describe_key_algorithm, spki_pin
 
 __all__ = [
@@ -56,34 +63,24 @@ __all__ = [
     "MAX_PEM_FILE_BYTES",
     "MIN_RSA_BITS",
     "MOZILLA_INTERMEDIATE_TLS12_CIPHERS",
-    "RSA_PUBLIC_EXPONENT",
     "TLS12_CIPHER_SUITES",
     "TLS13_SESSION_TICKETS",
     "CipherSuite",
     "Identity",
     "KeySnapshot",
-    "KeyStoreError",
-    "KeyType",
     "LoadedKey",
-    "PrivateKey",
     "build_context",
-    "generate_private_key",
     "key_file_permission_problem",
     "load_key",
     "load_snapshot",
-    "make_csr",
     "read_private_key",
-    "write_private_key",
 ]
-
-KeyType = Literal["ec", "rsa"]
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
 class CipherSuite(NamedTuple):
     openssl_name: str
     code: int  # IANA TLS Cipher Suites registry
-    key_type: KeyType  # the certificate it authenticates with
+    family: KeyFamily  # of the certificate it authenticates with
 
 
 # Mozilla Server Side TLS guidelines 6.0, "intermediate", TLS 1.2 cipher suites in Mozilla's
@@ -93,12 +90,12 @@ class CipherSuite(NamedTuple):
 # suite here that the client offers and we hold a usable certificate for wins, so EC keys come
 # first for every client that can take them.
 TLS12_CIPHER_SUITES: Final = (
-    CipherSuite("ECDHE-ECDSA-AES128-GCM-SHA256", 0xC02B, "ec"),
-    CipherSuite("ECDHE-RSA-AES128-GCM-SHA256", 0xC02F, "rsa"),
-    CipherSuite("ECDHE-ECDSA-AES256-GCM-SHA384", 0xC02C, "ec"),
-    CipherSuite("ECDHE-RSA-AES256-GCM-SHA384", 0xC030, "rsa"),
-    CipherSuite("ECDHE-ECDSA-CHACHA20-POLY1305", 0xCCA9, "ec"),
-    CipherSuite("ECDHE-RSA-CHACHA20-POLY1305", 0xCCA8, "rsa"),
+    CipherSuite("ECDHE-ECDSA-AES128-GCM-SHA256", 0xC02B, KeyFamily.EC),
+    CipherSuite("ECDHE-RSA-AES128-GCM-SHA256", 0xC02F, KeyFamily.RSA),
+    CipherSuite("ECDHE-ECDSA-AES256-GCM-SHA384", 0xC02C, KeyFamily.EC),
+    CipherSuite("ECDHE-RSA-AES256-GCM-SHA384", 0xC030, KeyFamily.RSA),
+    CipherSuite("ECDHE-ECDSA-CHACHA20-POLY1305", 0xCCA9, KeyFamily.EC),
+    CipherSuite("ECDHE-RSA-CHACHA20-POLY1305", 0xCCA8, KeyFamily.RSA),
 )
 MOZILLA_INTERMEDIATE_TLS12_CIPHERS: Final = ":".join(s.openssl_name for s in TLS12_CIPHER_SUITES)
 
@@ -133,17 +130,15 @@ EC_CURVES: Final[Mapping[str, _Curve]] = MappingProxyType(
 # Mozilla's rsa_key_size and the CA/Browser Forum Baseline Requirements (§6.1.5): public CAs
 # issue nothing smaller.
 MIN_RSA_BITS: Final = 2048
-# F4: the public exponent every RSA implementation expects (cryptography's documented choice).
-RSA_PUBLIC_EXPONENT: Final = 65537
 
 # TLS 1.2 signature schemes that make a certificate usable, as OpenSSL 3 counts them at the
 # security level Python's contexts run at (2): any hash from SHA-224 up, since TLS 1.2 does not
 # tie the hash to the curve; SHA-1 schemes are below the level and do not count.
-_TLS12_SCHEMES: Final[Mapping[KeyType, frozenset[int]]] = MappingProxyType(
+_TLS12_SCHEMES: Final[Mapping[KeyFamily, frozenset[int]]] = MappingProxyType(
     {
-        "ec": frozenset({0x0303, 0x0403, 0x0503, 0x0603}),  # ecdsa_sha224 .. ecdsa_*_sha512
+        KeyFamily.EC: frozenset({0x0303, 0x0403, 0x0503, 0x0603}),  # ecdsa_sha224 .. sha512
         # rsa_pkcs1_sha224 .. rsa_pkcs1_sha512, rsa_pss_rsae_sha256 .. sha512
-        "rsa": frozenset({0x0301, 0x0401, 0x0501, 0x0601, 0x0804, 0x0805, 0x0806}),
+        KeyFamily.RSA: frozenset({0x0301, 0x0401, 0x0501, 0x0601, 0x0804, 0x0805, 0x0806}),
     }
 )
 
@@ -151,27 +146,9 @@ _TLS12_SCHEMES: Final[Mapping[KeyType, frozenset[int]]] = MappingProxyType(
 # is the wrong file, and the cap keeps a misconfigured path (a log, a disk image) out of memory.
 MAX_PEM_FILE_BYTES: Final = 1024 * 1024
 
-# RFC 5280 Appendix A, ub-common-name: longer names can only go in the SANs.
-_MAX_COMMON_NAME_LEN: Final = 64
-
 _PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
 _PRIVATE_KEY_LABEL = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 _ROOT_UID: Final = 0
-
-
-class KeyStoreError(Exception):
-    """Operator's fault: a key or chain file is unusable, or the keys cannot be served together.
-
-    Names the file and the config key path (keys.k2026a.chain) and says what to do; never
-    contains key material.
-    """
-
-    def __init__(self, key_path: str, problem: str, *, file: Path | None = None) -> None:
-        self.file = file
-        self.key_path = key_path
-        self.problem = problem
-        parts = [str(part) for part in (file, key_path) if part]
-        super().__init__(": ".join([*parts, problem]))
 
 
 class _SecretPem:
@@ -196,8 +173,8 @@ class LoadedKey:
     name: str
     key_file: Path
     chain_file: Path
-    key_type: KeyType
-    algorithm: str  # "ECDSA P-256", "RSA 2048"
+    family: KeyFamily
+    algorithm: str  # "ECDSA P-256", "RSA 2048": pins.describe_key_algorithm
     pin: str  # SPKI SHA-256 of the key, base64
     chain: tuple[x509.Certificate, ...]  # leaf first
     names: tuple[str, ...]  # the leaf's DNS and IP SANs
@@ -216,7 +193,7 @@ class Identity:
     """What the server presents for one identity: its keys in one SSLContext."""
 
     name: IdentityName
-    keys: tuple[LoadedKey, ...]  # at most one per key type
+    keys: tuple[LoadedKey, ...]  # at most one per key family
     context: ssl.SSLContext
 
     def presented_key(self, hello: ClientHello | None) -> LoadedKey:
@@ -233,8 +210,8 @@ class Identity:
         """
         if len(self.keys) == 1:
             return self.keys[0]
-        by_type = {key.key_type: key for key in self.keys}
-        ec_key, rsa_key = by_type["ec"], by_type["rsa"]
+        by_family = {key.family: key for key in self.keys}
+        ec_key, rsa_key = by_family[KeyFamily.EC], by_family[KeyFamily.RSA]
         if hello is None or _client_takes_ec_key(hello, ec_key):
             return ec_key
         return rsa_key
@@ -253,7 +230,7 @@ class KeySnapshot:
 
 
 def load_snapshot(config: Config) -> KeySnapshot:
-    """Load every configured key and build one context per identity; raises KeyStoreError."""
+    """Load every configured key and build one context per identity; raises OperatorError."""
     keys = {name: load_key(key_config, config.keystore) for name, key_config in config.keys.items()}
     identities: dict[IdentityName, Identity] = {}
     for identity_name, key_names in config.identities().items():
@@ -290,7 +267,7 @@ def load_key(config: KeyConfig, settings: KeyStoreSettings, *, uid: int | None =
         name=config.name,
         key_file=config.key,
         chain_file=config.chain,
-        key_type="ec" if isinstance(private_key, ec.EllipticCurvePrivateKey) else "rsa",
+        family=KeyFamily.of(private_key),
         algorithm=describe_key_algorithm(public_key),
         pin=spki_pin(public_key),
         chain=chain,
@@ -343,38 +320,41 @@ def _read_file(path: Path, key_path: str) -> tuple[bytes, os.stat_result]:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise KeyStoreError(
-            key_path,
-            "does not exist (or is a symlink to nothing); fix the path in the config or"
-            " restore the file",
+        raise OperatorError(
+            "does not exist (or is a symlink to nothing)",
+            fix="fix the path in the config or restore the file",
+            key_path=key_path,
             file=path,
         ) from None
     except OSError as exc:
-        raise KeyStoreError(
-            key_path,
-            f"cannot be opened: {exc.strerror}; make it readable by the user dualproxy runs as",
+        raise OperatorError(
+            f"cannot be opened: {exc.strerror}",
+            fix="make it readable by the user dualproxy runs as",
+            key_path=key_path,
             file=path,
         ) from None
     try:
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):
-            raise KeyStoreError(
-                key_path,
-                f"is {_file_kind(status.st_mode)} (after following symlinks), not a regular"
-                " file; point it at the PEM file itself",
+            raise OperatorError(
+                f"is {_file_kind(status.st_mode)} (after following symlinks), not a regular file",
+                fix="point it at the PEM file itself",
+                key_path=key_path,
                 file=path,
             )
         with open(fd, "rb", closefd=False) as reader:
             data = reader.read(MAX_PEM_FILE_BYTES + 1)
     except OSError as exc:
-        raise KeyStoreError(key_path, f"cannot be read: {exc.strerror}", file=path) from None
+        raise OperatorError(
+            f"cannot be read: {exc.strerror}", key_path=key_path, file=path
+        ) from None
     finally:
         os.close(fd)
     if len(data) > MAX_PEM_FILE_BYTES:
-        raise KeyStoreError(
-            key_path,
-            f"is larger than {MAX_PEM_FILE_BYTES} bytes, far more than any key or chain;"
-            " check the path",
+        raise OperatorError(
+            f"is larger than {MAX_PEM_FILE_BYTES} bytes, far more than any key or chain",
+            fix="check the path",
+            key_path=key_path,
             file=path,
         )
     return data, status
@@ -400,14 +380,12 @@ def _check_private_file(
     if problem is None:
         return []
     if settings.allow_insecure_key_permissions:
-        return [
-            f"{path}: {key_path}: {problem}; loaded anyway because"
-            " keystore.allow_insecure_key_permissions = true"
-        ]
-    raise KeyStoreError(
-        key_path,
+        override = "loaded anyway because keystore.allow_insecure_key_permissions = true"
+        return [locate(f"{problem}; {override}", key_path=key_path, file=path)]
+    raise OperatorError(
         f"{problem}. Only if the storage cannot keep file modes, set"
         " keystore.allow_insecure_key_permissions = true",
+        key_path=key_path,
         file=path,
     )
 
@@ -416,26 +394,34 @@ def _parse_private_key(pem: bytes, path: Path, key_path: str) -> PrivateKey:
     labels = {label.decode("ascii") for label in _PEM_LABEL.findall(pem)}
     encrypted = "ENCRYPTED PRIVATE KEY" in labels or b"Proc-Type: 4,ENCRYPTED" in pem
     if encrypted:
-        raise KeyStoreError(key_path, _ENCRYPTED_KEY_ADVICE.format(file=path), file=path)
+        raise OperatorError(
+            "the private key is encrypted with a passphrase, which dualproxy does not handle"
+            " (a server cannot type it at every restart)",
+            fix=_DECRYPT_ADVICE.format(file=path),
+            key_path=key_path,
+            file=path,
+        )
     if not any(label.endswith("PRIVATE KEY") for label in labels):
-        raise KeyStoreError(key_path, _no_pem_problem(pem, labels, wanted="key"), file=path)
+        raise OperatorError(
+            _no_pem_problem(pem, labels, wanted="key"), key_path=key_path, file=path
+        )
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         # from None: the parser's message is not ours to vouch for, and the bytes are secret.
-        raise KeyStoreError(
-            key_path,
-            "holds a private key block that cannot be parsed; write it as PKCS#8 PEM with"
-            f" `openssl pkey -in {path} -out NEW_FILE` (umask 077 first)",
+        raise OperatorError(
+            "holds a private key block that cannot be parsed",
+            fix=f"write it as PKCS#8 PEM with `openssl pkey -in {path} -out NEW_FILE` (umask 077"
+            " first)",
+            key_path=key_path,
             file=path,
         ) from None
     return _check_key_type(key, path, key_path)
 
 
-_ENCRYPTED_KEY_ADVICE: Final = (
-    "the private key is encrypted with a passphrase, which dualproxy does not handle"
-    " (a server cannot type it at every restart); decrypt it into a new file with"
-    " `(umask 077; openssl pkey -in {file} -out {file}.plain)` and point the key path there"
+_DECRYPT_ADVICE: Final = (
+    "decrypt it into a new file with `(umask 077; openssl pkey -in {file} -out {file}.plain)`"
+    " and point the key path there"
 )
 
 
@@ -455,7 +441,7 @@ def _no_pem_problem(data: bytes, labels: set[str], *, wanted: Literal["key", "ch
 
 def _check_key_type(key: object, path: Path, key_path: str) -> PrivateKey:
     """Only the key types and sizes that every mobile TLS stack and public CA accept."""
-    generate = "generate an ECDSA P-256 key with `dualproxy keys new NAME`"
+    generate = f"generate an {DEFAULT_KEY_TYPE.label} key with `dualproxy keys new NAME`"
     if isinstance(key, ec.EllipticCurvePrivateKey):
         if key.curve.name in EC_CURVES:
             return key
@@ -471,13 +457,15 @@ def _check_key_type(key: object, path: Path, key_path: str) -> PrivateKey:
         )
     else:
         problem = f"is a {type(key).__name__}; dualproxy serves EC and RSA keys: {generate}"
-    raise KeyStoreError(key_path, problem, file=path)
+    raise OperatorError(problem, key_path=key_path, file=path)
 
 
 def _parse_chain(pem: bytes, path: Path, key_path: str) -> tuple[x509.Certificate, ...]:
     labels = {label.decode("ascii") for label in _PEM_LABEL.findall(pem)}
     if "CERTIFICATE" not in labels:
-        raise KeyStoreError(key_path, _no_pem_problem(pem, labels, wanted="chain"), file=path)
+        raise OperatorError(
+            _no_pem_problem(pem, labels, wanted="chain"), key_path=key_path, file=path
+        )
     try:
         chain = tuple(x509.load_pem_x509_certificates(pem))
         for cert in chain:
@@ -486,9 +474,10 @@ def _parse_chain(pem: bytes, path: Path, key_path: str) -> tuple[x509.Certificat
             _ = cert.extensions, cert.public_key()
         return chain
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise KeyStoreError(
-            key_path,
-            f"holds a certificate block that cannot be parsed ({exc}); fetch the chain again",
+        raise OperatorError(
+            f"holds a certificate block that cannot be parsed ({exc})",
+            fix="fetch the chain again",
+            key_path=key_path,
             file=path,
         ) from exc
 
@@ -503,39 +492,40 @@ def _check_chain(
             (i for i, cert in enumerate(chain) if _spki(cert.public_key()) == ours), None
         )
         if position is not None:
-            raise KeyStoreError(
-                key_path,
-                f"the certificate for this key is number {position + 1} in the file; put it"
-                " first (leaf first, then intermediates)",
+            raise OperatorError(
+                f"the certificate for this key is number {position + 1} in the file",
+                fix="put it first (leaf first, then intermediates)",
+                key_path=key_path,
                 file=path,
             )
-        raise KeyStoreError(
-            key_path,
+        raise OperatorError(
             f"the chain belongs to a different key (its leaf has pin"
-            f" {spki_pin(chain[0].public_key())}, the key has {spki_pin(key.public_key())});"
-            " was the chain written before the key? Re-issue the certificate for this key"
+            f" {spki_pin(chain[0].public_key())}, the key has {spki_pin(key.public_key())})",
+            fix="was the chain written before the key? Re-issue the certificate for this key"
             " (dualproxy keys csr NAME) or point the key path at the key it was issued for",
+            key_path=key_path,
             file=path,
         )
     _check_key_usage(chain[0], path, key_path)
     for position, (cert, issuer) in enumerate(pairwise(chain), start=1):
         if cert.issuer != issuer.subject:
-            raise KeyStoreError(
-                key_path,
+            raise OperatorError(
                 f"certificate {position} ({cert.subject.rfc4514_string()}) was not issued by"
-                f" certificate {position + 1} ({issuer.subject.rfc4514_string()}); write the"
-                " leaf first, then intermediates, each followed by its issuer (as ACME"
-                " clients write fullchain.pem)",
+                f" certificate {position + 1} ({issuer.subject.rfc4514_string()})",
+                fix="write the leaf first, then intermediates, each followed by its issuer (as"
+                " ACME clients write fullchain.pem)",
+                key_path=key_path,
                 file=path,
             )
         try:
             cert.verify_directly_issued_by(issuer)
         except (InvalidSignature, ValueError, TypeError):
-            raise KeyStoreError(
-                key_path,
+            raise OperatorError(
                 f"certificate {position} names certificate {position + 1} as its issuer, but"
                 " its signature does not verify with that certificate's key (an intermediate"
-                " of the same name from another CA key?); download the chain again",
+                " of the same name from another CA key?)",
+                fix="download the chain again",
+                key_path=key_path,
                 file=path,
             ) from None
 
@@ -549,10 +539,10 @@ def _check_key_usage(leaf: x509.Certificate, path: Path, key_path: str) -> None:
     except x509.ExtensionNotFound:
         return
     if not usage.digital_signature:
-        raise KeyStoreError(
-            key_path,
-            "the certificate's key usage lacks digitalSignature, which every ECDHE handshake"
-            " needs; have it re-issued as a TLS server certificate",
+        raise OperatorError(
+            "the certificate's key usage lacks digitalSignature, which every ECDHE handshake needs",
+            fix="have it re-issued as a TLS server certificate",
+            key_path=key_path,
             file=path,
         )
 
@@ -580,32 +570,32 @@ def _check_one_key_per_type(
     if clash is None:
         return
     first, second = clash
-    kind = first.key_type.upper()
+    kind = first.family.upper()
     why = (
         "OpenSSL keeps one certificate per key type, so one would silently replace the other;"
         " an identity holds at most one EC and one RSA key"
     )
     if identity == "single":
-        raise KeyStoreError(
-            "keys",
+        raise OperatorError(
             f"{first.name!r} and {second.name!r} are both {kind} keys and, without a"
             f" [rotation], are served together; {why}. Remove one, or add a [rotation] that"
             " serves them as old and new",
+            key_path="keys",
             file=config_file,
         )
-    raise KeyStoreError(
-        f"rotation.{identity}",
+    raise OperatorError(
         f"{first.name!r} and {second.name!r} are both {kind} keys; {why}. List only one of them",
+        key_path=f"rotation.{identity}",
         file=config_file,
     )
 
 
 def _same_type_pair(keys: Sequence[LoadedKey]) -> tuple[LoadedKey, LoadedKey] | None:
-    seen: dict[KeyType, LoadedKey] = {}
+    seen: dict[KeyFamily, LoadedKey] = {}
     for key in keys:
-        if key.key_type in seen:
-            return seen[key.key_type], key
-        seen[key.key_type] = key
+        if key.family in seen:
+            return seen[key.family], key
+        seen[key.family] = key
     return None
 
 
@@ -613,7 +603,7 @@ def _same_type_pair(keys: Sequence[LoadedKey]) -> tuple[LoadedKey, LoadedKey] | 
 
 
 def build_context(keys: Sequence[LoadedKey]) -> ssl.SSLContext:
-    """A TLS server context holding each key's chain (at most one key per key type)."""
+    """A TLS server context holding each key's chain (at most one key per key family)."""
     if not keys or _same_type_pair(keys) is not None:
         raise ValueError("build_context needs one to two keys, of different key types")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -649,8 +639,10 @@ def _load_chain(context: ssl.SSLContext, key: LoadedKey) -> None:
     def refuse_passphrase() -> bytes:
         # Never let OpenSSL prompt on the terminal. The bytes we pass were checked to be
         # unencrypted; only the fallback below, reading the path again, can get here.
-        raise KeyStoreError(
-            f"{key_path}.key", "changed to an encrypted key while loading", file=key.key_file
+        raise OperatorError(
+            "changed to an encrypted key while loading",
+            key_path=f"{key_path}.key",
+            file=key.key_file,
         )
 
     try:
@@ -671,17 +663,19 @@ def _load_chain(context: ssl.SSLContext, key: LoadedKey) -> None:
                 chain_copy.flush()
                 context.load_cert_chain(chain_copy.name, key.key_file, password=refuse_passphrase)
     except ssl.SSLError as exc:
-        raise KeyStoreError(
-            key_path,
-            f"OpenSSL refused this key and chain ({exc.reason or exc}); if a renewal is"
-            " rewriting the files, the next reload retries",
+        raise OperatorError(
+            f"OpenSSL refused this key and chain ({exc.reason or exc})",
+            fix="if a renewal is rewriting the files, the next reload retries",
+            key_path=key_path,
             file=key.key_file,
         ) from exc
 
 
-@cache
 def _memory_files_work() -> bool:
-    """memfd_create exists and /proc shows its descriptors as paths OpenSSL can open."""
+    """memfd_create exists and /proc shows its descriptors as paths OpenSSL can open.
+
+    Asked at every context build (a start or a reload, never per connection): one syscall,
+    and a process that loses memfd (a sandbox tightened, a test) falls back at once."""
     if not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd"):
         return False
     try:
@@ -713,80 +707,11 @@ def _client_takes_ec_key(hello: ClientHello, ec_key: LoadedKey) -> bool:
         return curve.tls13_scheme in hello.signature_algorithms
     offered = set(hello.signature_algorithms)
     usable = {
-        key_type: not offered or bool(offered & schemes)
-        for key_type, schemes in _TLS12_SCHEMES.items()
+        family: not offered or bool(offered & schemes) for family, schemes in _TLS12_SCHEMES.items()
     }
     # TLS 1.2 (RFC 8422 §5.1.1): an ECDSA certificate's curve must be among the client's groups.
-    usable["ec"] &= not hello.supported_groups or curve.group in hello.supported_groups
+    usable[KeyFamily.EC] &= not hello.supported_groups or curve.group in hello.supported_groups
     for suite in TLS12_CIPHER_SUITES:
-        if suite.code in hello.cipher_suites and usable[suite.key_type]:
-            return suite.key_type == "ec"
+        if suite.code in hello.cipher_suites and usable[suite.family]:
+            return suite.family is KeyFamily.EC
     return False
-
-
-# --- new keys ----------------------------------------------------------------------------
-
-
-def generate_private_key(key_type: Literal["ecdsa-p256", "rsa-2048"]) -> PrivateKey:
-    """A fresh key of a type every mobile TLS stack and public CA accepts."""
-    if key_type == "ecdsa-p256":
-        return ec.generate_private_key(ec.SECP256R1())
-    return rsa.generate_private_key(public_exponent=RSA_PUBLIC_EXPONENT, key_size=MIN_RSA_BITS)
-
-
-def write_private_key(path: Path, key: PrivateKey) -> None:
-    """Write `key` as PKCS#8 PEM to a new file, mode 0600 (its folder made 0700 if missing).
-
-    Never overwrites: the pin of an existing key may already ship in apps.
-    """
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise KeyStoreError(
-            "",
-            "already exists; dualproxy never overwrites a private key (apps may pin it)."
-            " Pick another name, or move the file away if you really mean to replace it",
-            file=path,
-        ) from None
-    except OSError as exc:
-        raise KeyStoreError("", f"cannot create the key file: {exc.strerror}", file=path) from None
-    try:
-        try:
-            view = memoryview(pem)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)  # its pin gets published next: the key must survive a crash
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        path.unlink(missing_ok=True)  # a torn key file would block the retry (O_EXCL)
-        raise KeyStoreError("", f"cannot write the key file: {exc.strerror}", file=path) from None
-
-
-def make_csr(key: PrivateKey, names: Sequence[str]) -> x509.CertificateSigningRequest:
-    """A CSR for `key`: SANs = names (IP literals as IP addresses), CN = the first name."""
-    if not names:
-        raise ValueError("a certificate request needs at least one name")
-    subject = []
-    if len(names[0]) <= _MAX_COMMON_NAME_LEN:
-        subject.append(x509.NameAttribute(NameOID.COMMON_NAME, names[0]))
-    sans = x509.SubjectAlternativeName([_general_name(name) for name in names])
-    builder = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name(subject))
-        .add_extension(sans, critical=False)
-    )
-    return builder.sign(key, hashes.SHA256())
-
-
-def _general_name(name: str) -> x509.GeneralName:
-    try:
-        return x509.IPAddress(ipaddress.ip_address(name))
-    except ValueError:
-        return x509.DNSName(name)

@@ -1,0 +1,172 @@
+"""What the config and its keys say, without serving: `check` (validate, show the keys and the
+rotation timeline), `route` (which key a client would get, and why) and `pins` (every key's
+pin, for apps and curl). The rotation's knowledge is `rotation.explain`'s; this module prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from typing import Final
+
+from dualproxy.cli.arguments import EXIT_FAILED, EXIT_OK, AddCommand, with_config, with_time
+from dualproxy.config.errors import OperatorError
+from dualproxy.config.loader import load
+from dualproxy.rotation import checks, explain, policy
+from dualproxy.serve.server import utc_now
+from dualproxy.tls import keystore, pins
+from dualproxy.tls.clienthello import ClientHello
+
+# What `dualproxy route` pretends the client sent besides the given SNI and ALPN: a current
+# browser's TLS 1.3 ClientHello (Chrome's cipher suites, signature schemes and groups), so that
+# with an ECDSA and an RSA key the key named is the one such a client gets.
+_ROUTE_CIPHERS: Final = (0x1301, 0x1302, 0x1303, 0xC02B, 0xC02F, 0xC02C, 0xC030, 0xCCA9, 0xCCA8)
+_ROUTE_SIGALGS: Final = (0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0501, 0x0806, 0x0601)
+_ROUTE_VERSIONS: Final = (0x0304, 0x0303)
+_ROUTE_GROUPS: Final = (0x001D, 0x0017, 0x0018)
+
+
+def register(command: AddCommand) -> None:
+    check = command("check", "validate config, keys and chains; show the rotation timeline")
+    with_config(check)
+    with_time(check)
+    check.set_defaults(handler=_cmd_check)
+
+    route = command("route", "dry run: which key a client would get, and why")
+    with_config(route)
+    with_time(route)
+    route.add_argument("--sni", metavar="NAME", help="server name the client sends")
+    route.add_argument(
+        "--alpn", action="extend", nargs="+", default=[], metavar="PROTOCOL",
+        help="ALPN tokens the client offers (several, or the flag repeated)",
+    )  # fmt: skip
+    route.add_argument(
+        "--client", type=_ip_argument, metavar="IP", help="client IP address (for network hints)"
+    )
+    route.set_defaults(handler=_cmd_route)
+
+    pins_cmd = command("pins", "pins of every configured key, for apps and curl")
+    with_config(pins_cmd)
+    with_time(pins_cmd)
+    pins_cmd.add_argument(
+        "--format",
+        choices=pins.FORMATS,
+        default=None,
+        help="output for a platform (default: a table); curl's works as --pinnedpubkey as-is",
+    )
+    pins_cmd.set_defaults(handler=_cmd_pins)
+
+
+def _ip_argument(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
+# --- check -------------------------------------------------------------------------------
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    at = args.at or utc_now()
+    out = sys.stdout
+    missing = [key.name for key in config.acme_keys() if not key.chain.exists()]
+    if missing:
+        # Nothing can be served before those exist: report what can be checked, and fail.
+        print(f"config: {config.path} (ok)", file=out)
+        for finding in checks.check_acme(config, {}, missing):
+            stream = sys.stderr if finding.level == "error" else out
+            print(f"{finding.level}: {finding}", file=stream)
+        print(f"check failed: {len(missing)} key(s) without a certificate", file=sys.stderr)
+        return EXIT_FAILED
+    snapshot = keystore.load_snapshot(config)
+    print(f"config: {config.path} (ok)", file=out)
+    for warning in snapshot.warnings:
+        print(f"warning: {warning}", file=out)
+    print(f"\nkeys (at {at:%Y-%m-%d %H:%M} UTC):", file=out)
+    for key in snapshot.keys.values():
+        role = policy.pin_role(config.rotation, key.name, at)
+        print(f"  {key.name} [{role}]", file=out)
+        print(f"    algorithm  {key.algorithm}", file=out)
+        print(f"    pin        sha256/{key.pin}", file=out)
+        print(f"    names      {', '.join(key.names) or '(none)'}", file=out)
+        valid = f"{key.not_before:%Y-%m-%d %H:%M} .. {key.not_after:%Y-%m-%d %H:%M} UTC"
+        print(f"    valid      {valid}", file=out)
+        print(f"    chain      {key.chain_file}", file=out)
+    print("", file=out)
+    marker = "now" if args.at is None else "at"
+    for line in explain.timeline(config.rotation, config.keys, at, marker):
+        print(line, file=out)
+    findings = checks.check_keys(config, snapshot.keys, at)
+    findings += checks.check_acme(config, snapshot.keys, [])
+    if findings:
+        print("", file=out)
+    for finding in findings:
+        # Errors also reach a CI log that discards the report on stdout.
+        stream = sys.stderr if finding.level == "error" else out
+        print(f"{finding.level}: {finding}", file=stream)
+    errors = sum(f.level == "error" for f in findings)
+    if errors:
+        print(f"check failed: {errors} error(s)", file=sys.stderr)
+        return EXIT_FAILED
+    warnings = len(findings) + len(snapshot.warnings)
+    print(f"\ncheck passed{f' with {warnings} warning(s)' if warnings else ''}", file=out)
+    return EXIT_OK
+
+
+# --- route -------------------------------------------------------------------------------
+
+
+def _cmd_route(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    snapshot = keystore.load_snapshot(config)
+    at = args.at or utc_now()
+    hello = ClientHello(
+        legacy_version=0x0303,
+        cipher_suites=_ROUTE_CIPHERS,
+        sni=args.sni,
+        alpn=tuple(a.encode() for a in args.alpn),
+        signature_algorithms=_ROUTE_SIGALGS,
+        supported_versions=_ROUTE_VERSIONS,
+        supported_groups=_ROUTE_GROUPS,
+    )
+    choice = policy.choose(config.rotation, hello, args.client, at)
+    identity = snapshot.identities[choice.identity]
+    key = identity.presented_key(hello)
+    why = explain.explain(
+        config.rotation, choice, hello, args.client, missing_peer="no --client given"
+    )
+    print(f"key:      {key.name} ({key.algorithm}, sha256/{key.pin})")
+    others = [k for k in identity.keys if k is not key]
+    for other in others:
+        print(f"          {other.name} ({other.algorithm}) for clients that cannot take it")
+    print(f"identity: {choice.identity}")
+    print(f"reason:   {choice.reason}")
+    print(f"why:      {why}")
+    print(f"phase:    {policy.phase(config.rotation, at)} (at {at:%Y-%m-%d %H:%M:%S} UTC)")
+    return EXIT_OK
+
+
+# --- pins --------------------------------------------------------------------------------
+
+
+def _cmd_pins(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    snapshot = keystore.load_snapshot(config)
+    at = args.at or utc_now()
+    try:
+        pinned = explain.pinned_keys(config, snapshot.keys, at)
+        rendered = None if args.format is None else pins.render(pinned, args.format)
+    except ValueError as exc:  # no keys, or a certificate name no pin format can carry
+        raise OperatorError(
+            f"cannot render pins: {exc}", key_path="keys", file=config.path
+        ) from None
+    if rendered is not None:
+        print(rendered)
+        return EXIT_OK
+    for p in pinned:
+        expires = f"{p.not_after:%Y-%m-%d}" if p.not_after else "-"
+        print(f"{p.name:<16} {p.role:<9} {p.algorithm:<12} until {expires}  sha256/{p.pin}")
+    return EXIT_OK

@@ -1,0 +1,72 @@
+"""Running a long command (`serve`, `dev`, and the ACME commands' logging): how logging is set
+up, and trio.run until the body returns or Ctrl-C.
+
+Ctrl-C is a request to stop: SIGINT cancels the body's nursery, so connections are torn down
+by trio and the process exits 0 without a KeyboardInterrupt traceback. An OSError that ends
+the body (a port in use) is printed as `error: ...`, exit 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from dualproxy.cli.arguments import EXIT_FAILED, EXIT_OK
+from dualproxy.ops.logformat import JsonFormatter, TextFormatter
+
+
+def _setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
+    # What no log line of ours shows, so nothing records it (the logging HOWTO's
+    # "Optimization"): a log line per connection is part of every connection's cost.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # no caller's file and line: saves a stack walk per line
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    logging.basicConfig(level=level, handlers=[stderr])  # no-op when logging is set up already
+
+
+def run_until_interrupted(body: Callable[[], Awaitable[None]]) -> int:
+    """trio.run(body) until it returns or Ctrl-C; an OSError (a port in use) is exit 1."""
+    failed = False
+    try:
+        trio.run(_cancel_on_sigint, body)
+    except* KeyboardInterrupt:
+        pass  # Ctrl-C before the handler below was in place: stopping is all it asks for
+    except* OSError as group:
+        for exc in _leaves(group):
+            print(f"error: {exc}", file=sys.stderr)
+        failed = True
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+async def _cancel_on_sigint(body: Callable[[], Awaitable[None]]) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_watch_sigint, nursery.cancel_scope)
+        await body()
+        nursery.cancel_scope.cancel()  # body ended by itself (SIGTERM): stop watching
+
+
+async def _watch_sigint(
+    scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        task_status.started()
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:
+    out: list[OSError] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out += _leaves(exc)
+        else:
+            out.append(exc)
+    return out
