@@ -1,6 +1,7 @@
 """Fixtures shared by every test module: a trustme CA and its certificate as a file.
 
-Helpers (keys, configs, a running server, real clients) live in the `helpers` package.
+Helpers (keys, configs, a running server, real clients) live in the `helpers` package; the
+Hypothesis profile (fast, or deep with HYPOTHESIS_PROFILE=deep) is loaded here, before any test.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import pytest
 import trustme
+from helpers import profiles
+
+profiles.load()
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from helpers.hellos import (
     supported_groups,
     vector,
 )
+from helpers.profiles import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -245,7 +246,7 @@ def test_real_hello_with_trailing_data(captured: Captured, trailing: bytes) -> N
     assert parse_client_hello(captured.wire + trailing) == captured.hello
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
+@settings(max_examples=examples(EXAMPLES))
 @given(data=st.data())
 def test_every_cut_of_a_refragmented_real_hello_needs_more(
     captured: Captured, data: st.DataObject
@@ -257,7 +258,7 @@ def test_every_cut_of_a_refragmented_real_hello_needs_more(
     assert parse_client_hello(wire) == captured.hello
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
+@settings(max_examples=examples(EXAMPLES))
 @given(trailing=st.binary(max_size=64))
 def test_random_trailing_bytes_do_not_change_a_real_hello(
     captured: Captured, trailing: bytes
@@ -265,7 +266,7 @@ def test_random_trailing_bytes_do_not_change_a_real_hello(
     assert parse_client_hello(captured.wire + trailing) == captured.hello
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
+@settings(max_examples=examples(EXAMPLES))
 @given(data=st.data())
 def test_corrupted_real_hello_gives_only_documented_outcomes(
     captured: Captured, data: st.DataObject
@@ -281,13 +282,13 @@ def test_corrupted_real_hello_gives_only_documented_outcomes(
 _TLS_PREFIXES: Final = [b"", b"\x16\x03\x01", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300))
 @given(prefix=st.sampled_from(_TLS_PREFIXES), tail=st.binary(max_size=600))
 def test_arbitrary_bytes_give_only_documented_outcomes(prefix: bytes, tail: bytes) -> None:
     assert isinstance(outcome(prefix + tail), ClientHello | ClientHelloError | None)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300))
 @given(body=st.binary(max_size=300), fragment_size=st.integers(1, 64))
 def test_arbitrary_hello_bodies_give_only_documented_outcomes(
     body: bytes, fragment_size: int
@@ -840,14 +841,14 @@ def mutated_wires(draw: st.DrawFn, message: bytes) -> bytes:
     return bytes(wire) + draw(st.binary(max_size=8), label="trailing")
 
 
-@settings(max_examples=EQUIVALENCE_EXAMPLES, deadline=None)
+@settings(max_examples=examples(EQUIVALENCE_EXAMPLES))
 @given(data=st.data())
 def test_generated_hellos_same_as_reference(data: st.DataObject) -> None:
     message = data.draw(generated_messages(), label="message")
     assert_same_as_reference(data.draw(mutated_wires(message), label="wire"))
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
+@settings(max_examples=examples(EXAMPLES))
 @given(data=st.data())
 def test_mutated_real_hellos_same_as_reference(captured: Captured, data: st.DataObject) -> None:
     message = hellos.handshake_bytes(captured.wire)
