@@ -14,7 +14,8 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -27,6 +28,7 @@ from helpers.configs import config_toml
 from helpers.pebble import Pebble, running_pebble
 
 from dualproxy.acme import issuer as acme
+from dualproxy.acme import service
 from dualproxy.acme.challenges import HTTP01_PREFIX, Challenge, probe_tls_alpn
 from dualproxy.cli.main import main
 from dualproxy.config.loader import load, parse
@@ -203,12 +205,20 @@ class ClientLoop:
                     return
 
 
-async def _serve_and_renew(setup: Setup, renew: Any) -> tuple[ClientLoop, Server]:
-    """Serve setup's config, run `renew()` while clients connect, wait for the new chain."""
-    config = setup.config()
+@asynccontextmanager
+async def serving_with_acme(config: Config) -> AsyncIterator[tuple[Server, list[tuple[str, int]]]]:
+    """A server and, beside it, the ACME service, as `dualproxy serve` starts them; the
+    server's bound addresses."""
     server = Server(config, handle_signals=False)
     async with trio.open_nursery() as nursery:
-        bound = await nursery.start(server.run)
+        await nursery.start(service.serve_beside, server)
+        yield server, await nursery.start(server.run)
+        nursery.cancel_scope.cancel()
+
+
+async def _serve_and_renew(setup: Setup, renew: Any) -> tuple[ClientLoop, Server]:
+    """Serve setup's config, run `renew()` while clients connect, wait for the new chain."""
+    async with serving_with_acme(setup.config()) as (server, bound):
         loop = ClientLoop(bound[0][1], await trio.to_thread.run_sync(setup.pebble.root_pem))
         first = leaf(setup.chain_file).serial_number
         with trio.fail_after(60):
@@ -223,7 +233,6 @@ async def _serve_and_renew(setup: Setup, renew: Any) -> tuple[ClientLoop, Server
         stray = Challenge("tls-alpn-01", NAMES[0], "token", "token.thumbprint")
         answered = await trio.to_thread.run_sync(probe_tls_alpn, "127.0.0.1", bound[0][1], stray)
         assert not answered
-        nursery.cancel_scope.cancel()
     return loop, server
 
 
@@ -276,9 +285,7 @@ async def test_http_listener_answers_http01_for_the_cli_and_redirects(
     setup = make_setup(tmp_path, pebble, challenge="http-01", renew=False)
     config = setup.config()
     assert await acme.issue_keys(config, list(config.acme_keys())) == [("k1", None)]
-    server = Server(config, handle_signals=False)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
+    async with serving_with_acme(config):
         argv = ["acme", "renew", "--force", "-c", str(setup.config_file)]
         assert await trio.to_thread.run_sync(main, argv) == 0
         redirect = await trio.to_thread.run_sync(
@@ -296,7 +303,6 @@ async def test_http_listener_answers_http01_for_the_cli_and_redirects(
             pebble.http_port,
             b"GET / HTTP/1.1\r\nHost: a.test\r\nX: " + b"x" * 20_000 + b"\r\n\r\n",
         )
-        nursery.cancel_scope.cancel()
     location = f"location: https://api.dualproxy.test:{pebble.tls_port}/v1/items?a=1"
     assert redirect.startswith(b"HTTP/1.1 301 ")
     assert location.encode() in redirect.lower()

@@ -55,10 +55,12 @@ from dualproxy.dev.bench import SCENARIOS as DEV_SCENARIOS
 from dualproxy.dev.control import DEFAULT_ADMIN_ADDRESS
 from dualproxy.files import write_atomically
 from dualproxy.ops import admin
-from dualproxy.ops.logformat import JsonFormatter, TextFormatter
+from dualproxy.ops.logformat import setup_logging
 from dualproxy.pinning import endpoints, manifest, reports
 from dualproxy.rotation import checks, policy
-from dualproxy.serve.server import Server, raise_open_file_limit, utc_now
+from dualproxy.serve.clock import utc_now
+from dualproxy.serve.listeners import raise_open_file_limit
+from dualproxy.serve.server import Server
 from dualproxy.tls import keystore, pins
 from dualproxy.tls.clienthello import ClientHello
 from dualproxy.tls.keystore import KeySnapshot, KeyStoreError
@@ -473,7 +475,7 @@ def _load(args: argparse.Namespace) -> tuple[Config, KeySnapshot]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_format)
+    setup_logging(args.log_format)
     config = load(args.config)
     admin_address = config.admin.address
     if args.admin is not None:
@@ -503,10 +505,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(server: Server, admin_socket: socket.socket | None) -> None:
-    """The server and, beside it, its admin listener, which stops when the server does."""
+    """The server and, beside it, its admin listener and [acme]'s service, which stop when
+    the server does."""
     async with trio.open_nursery() as nursery:
         if admin_socket is not None:
             await nursery.start(admin.serve, admin_socket, server)
+        if server.config.acme is not None:
+            from dualproxy.acme import service  # the acme library loads only when used
+
+            await nursery.start(service.serve_beside, server)
         await server.run()
         nursery.cancel_scope.cancel()
 
@@ -550,18 +557,6 @@ def _admin_address(args: argparse.Namespace) -> tuple[str, int]:
         )
     # A listener on every interface (admin.allow_non_loopback) answers on loopback too.
     return challenges.probe_address(listen)
-
-
-def _setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
-    # What no log line of ours shows, so nothing records it (the logging HOWTO's
-    # "Optimization"): a log line per connection is part of every connection's cost.
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    logging._srcfile = None  # no caller's file and line: saves a stack walk per line
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
-    logging.basicConfig(level=level, handlers=[stderr])  # no-op when logging is set up already
 
 
 def _run_until_interrupted(body: Callable[[], Awaitable[None]]) -> int:
@@ -639,7 +634,7 @@ def _run_acme(body: Callable[[], Awaitable[_R]]) -> _R:
 def _cmd_acme_issue(args: argparse.Namespace) -> int:
     from dualproxy.acme import issuer as acme
 
-    _setup_logging(level=logging.WARNING)
+    setup_logging(level=logging.WARNING)
     config = load(args.config)
     try:
         key = acme.managed_key(config, args.key)
@@ -659,7 +654,7 @@ def _print_pin(config: Config, key: KeyConfig) -> None:
 def _cmd_acme_renew(args: argparse.Namespace) -> int:
     from dualproxy.acme import issuer as acme
 
-    _setup_logging(level=logging.WARNING)
+    setup_logging(level=logging.WARNING)
     config = load(args.config)
     if config.acme is None:
         raise CommandError(f"{config.path}: acme: no [acme] table; add one (see config.toml)")
@@ -1031,7 +1026,7 @@ def _cmd_keys_csr(args: argparse.Namespace) -> int:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    _setup_logging()
+    setup_logging()
     now = utc_now()
     try:
         material = dev.prepare(args.dir, args.name, reset=args.reset, now=now)

@@ -1,4 +1,5 @@
-"""TLS: the ClientHello peek, the key store and its SSL contexts, pins, our own streams.
+"""TLS: the ClientHello peek, the key store and its SSL contexts, pins, our own streams, and
+how a connection ended (`outcome`).
 
 Layer 2 of the house (see docs/architecture.md): imports `config` and `files` only. Parsers
 here are pure; `keystore` reads key files and builds OpenSSL contexts; `streams` is the
