@@ -17,19 +17,28 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
 import trio
+import trustme
 from cryptography import x509
 from helpers.clients import CLIENT_TIMEOUT, read_until
 from helpers.configs import config_toml
+from helpers.keys import make_key
 from helpers.pebble import Pebble, running_pebble
 
 from dualproxy.acme import issuer as acme
 from dualproxy.acme import service
-from dualproxy.acme.challenges import HTTP01_PREFIX, Challenge, probe_tls_alpn
+from dualproxy.acme.challenges import (
+    HTTP01_PREFIX,
+    Challenge,
+    ChallengeBoard,
+    probe_tls_alpn,
+    publish,
+)
 from dualproxy.cli.main import main
 from dualproxy.config.loader import load, parse
 from dualproxy.config.schema import Config
@@ -112,6 +121,55 @@ def verified_leaf(port: int, root_pem: bytes, server_name: str = NAMES[0]) -> x5
             response += chunk
         assert response.startswith(b"HTTP/1.1 200 ")
         return x509.load_der_x509_certificate(der)
+
+
+# --- the service beside a server, without a CA ---------------------------------------------------
+
+
+async def test_the_service_answers_beside_a_server_on_the_port_it_bound(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    """No CA needed: started before the server, the service binds the plain-HTTP listener and
+    registers its board as the server's tls-alpn-01 responder; once the server listens (on a
+    port 0 of the config), http-01 is answered and everything else redirected to the port the
+    server bound. When the service stops, the server has no responder left."""
+    key = make_key(ca, tmp_path / "certs", "k1", names=NAMES)
+    acme_table = {
+        "directory": "https://ca.invalid/directory",
+        "challenge": "http-01",
+        "http_listen": "127.0.0.1:0",
+        "renew": False,
+    }
+    config = parse(
+        {
+            "listen": {"address": "127.0.0.1:0"},
+            "acme": acme_table,
+            "keys": {"k1": {**key.table(), "names": list(NAMES)}},
+        },
+        base_dir=tmp_path,
+    )
+    assert config.acme is not None
+    published = Challenge("http-01", NAMES[0], "tok1", "tok1.thumbprint")
+    publish(acme.challenge_folder(config.acme), [published], datetime.now(UTC))
+    server = Server(config, handle_signals=False)
+    async with trio.open_nursery() as nursery:
+        http = await nursery.start(service.serve_beside, server)
+        assert http is not None
+        http_port = http[1]
+        assert isinstance(server.tls_alpn_responder, ChallengeBoard)
+        [(_, port)] = await nursery.start(server.run)
+        answer = await trio.to_thread.run_sync(
+            _plain_http, http_port, f"GET {HTTP01_PREFIX}tok1 HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+        )
+        redirect = await trio.to_thread.run_sync(
+            _plain_http, http_port, b"GET /x HTTP/1.1\r\nHost: api.dualproxy.test\r\n\r\n"
+        )
+        nursery.cancel_scope.cancel()
+    assert server.tls_alpn_responder is None
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(b"\r\n\r\ntok1.thumbprint")
+    assert redirect.startswith(b"HTTP/1.1 301 ")
+    assert f"location: https://api.dualproxy.test:{port}/x".encode() in redirect.lower()
 
 
 # --- the CLI on its own (no serve running) ---------------------------------------------------

@@ -150,7 +150,8 @@ async def test_a_server_serves_the_listeners_it_is_given_and_closes_them(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         listen = f"127.0.0.1:{taken.getsockname()[1]}"
-        server = Server(make_config([old_key], base_dir=tmp_path, listen=listen))
+        config = make_config([old_key], base_dir=tmp_path, listen=listen)
+        server = Server(config, handle_signals=False)
         async with trio.open_nursery() as nursery:
             assert await nursery.start(server.run, given) == [bound]
             assert await server.wait_listening() == [bound]

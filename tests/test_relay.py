@@ -1658,7 +1658,7 @@ async def test_a_quiet_server_closes_upstream_connections_that_idled_too_long(
     async with serving(config) as run:
         async with Proxy(run.server, run.port, cafile).client() as client:
             assert (await client.request()).status == 200
-        relay = run.server._relay
+        relay = run.server.material.relay
         assert relay is not None
         with trio.fail_after(CLIENT_TIMEOUT):
             await upstream.connections[0].wait_done()

@@ -59,11 +59,14 @@ RENEWALS_OFF_RECHECK: Final = 60.0
 
 
 async def serve_beside(
-    server: Server, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    server: Server,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int] | None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """What `serve` runs beside `server` for [acme] (see the module docstring). Reports
-    readiness once the board answers and the plain-HTTP listener is bound; start it before
-    the server's run(), so that both answer from the server's first client on."""
+    readiness once the board answers and the plain-HTTP listener is bound (its bound address,
+    or None without acme.http_listen); start it before the server's run(), so that both
+    answer from the server's first client on."""
     acme = server.config.acme
     if acme is None:
         raise ValueError("serve_beside: the server's config has no [acme] table")
@@ -77,7 +80,7 @@ async def serve_beside(
             server.tls_alpn_responder = board
             nursery.start_soon(board.watch, server.config.keystore.reload_poll_interval)
             nursery.start_soon(_once_listening, server, board, http_listeners)
-            task_status.started()
+            task_status.started(bound_address(http_listeners[0]) if http_listeners else None)
     finally:
         server.tls_alpn_responder = None
         for listener in http_listeners:

@@ -44,7 +44,7 @@ from dualproxy.tls.outcome import Outcome
 __all__ = ["ConnectionRecord", "log_value", "peer_address"]
 
 # What the log line writes for a value that is none.
-NONE_TEXT: Final = "-"
+_NONE_TEXT: Final = "-"
 _UNSAFE_LOG_CHARS: Final = re.compile(r"[^\x21-\x7e]|[\"\\=]")
 
 
@@ -104,7 +104,7 @@ class ConnectionRecord(LogEvent):
             # None offered logs "-", as no SNI does.
             alpn = log_value(b",".join(hello.alpn).decode("ascii", "replace") or None)
         else:
-            sni = alpn = NONE_TEXT
+            sni = alpn = _NONE_TEXT
         identity, reason = (choice.identity, choice.reason) if choice is not None else ("-", "-")
         return (
             f"conn peer={self.peer} sni={sni} alpn={alpn} identity={identity}"
@@ -120,13 +120,13 @@ class ConnectionRecord(LogEvent):
         alpn: list[str] | None = None
         if hello is not None:
             # An empty SNI is quoted in text (""), not none; an empty ALPN list is none.
-            sni = hello.sni if hello.sni != NONE_TEXT else None
+            sni = hello.sni if hello.sni != _NONE_TEXT else None
             offered = _unless_none_text(b",".join(hello.alpn).decode("ascii", "replace"))
             alpn = offered.split(",") if offered is not None else None
         peer: str | None = self.peer
         if self.peer.startswith('"'):  # escaped by peer_address: the text it escaped
             peer = codecs.decode(self.peer[1:-1], "unicode_escape")
-        elif self.peer == NONE_TEXT:
+        elif self.peer == _NONE_TEXT:
             peer = None
         return {
             "peer": peer,
@@ -145,7 +145,7 @@ class ConnectionRecord(LogEvent):
 
 def _unless_none_text(value: str | None) -> str | None:
     """A JSON field's value: None for what the text line writes as "-" (none, "" or "-")."""
-    return value if value and value != NONE_TEXT else None
+    return value if value and value != _NONE_TEXT else None
 
 
 def log_value(value: object) -> str:
@@ -153,7 +153,7 @@ def log_value(value: object) -> str:
     quoted with the escapes of Python's unicode_escape codec, so that it cannot forge log
     fields or lines; "-" for None."""
     if value is None:
-        return NONE_TEXT
+        return _NONE_TEXT
     text = str(value)
     if text and not _UNSAFE_LOG_CHARS.search(text):
         return text
@@ -164,7 +164,7 @@ def log_value(value: object) -> str:
 def peer_address(name: object) -> tuple[str, policy.IPAddress | None]:
     """The log text and the address of a peer, from the address accept() returned."""
     if not isinstance(name, tuple) or len(name) < 2:
-        return NONE_TEXT, None
+        return _NONE_TEXT, None
     host, port = name[0], name[1]
     # From the packed form: parsing the text costs more, once per connection. The text of an
     # IPv4 address is accept()'s own (inet_ntop, the canonical dotted quad).

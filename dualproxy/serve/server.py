@@ -216,6 +216,8 @@ class Server:
         if listeners is None:
             listen = self.config.listen
             listeners = await open_listeners(listen.addresses, listen.reuse_port)
+        elif not listeners:
+            raise ValueError("Server.run: no listener to serve")
         try:
             bound = [bound_address(listener) for listener in listeners]
             for warning in self.snapshot.warnings:
