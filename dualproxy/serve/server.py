@@ -182,10 +182,12 @@ class Server:
 
     @property
     def reloads_ok(self) -> int:
+        """Reloads that took effect since the start (the status page shows them)."""
         return self.reloads.ok
 
     @property
     def reloads_failed(self) -> int:
+        """Reloads that failed, the previous material still serving."""
         return self.reloads.failed
 
     def report_summary(self) -> reports.ReportSummary | None:
