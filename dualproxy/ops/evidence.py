@@ -31,6 +31,10 @@ Cost. Per request: a list increment for the status class, and for a relayed resp
 its latency bucket and a float addition. Per connection: one dict update; for a handshake that
 reached a certificate, a few list operations for its time bucket (15 minutes, a day of them
 kept in a ring) and for the canary's samples.
+
+Size. About 700 lines, one vocabulary (Sample, Row, Window, the canary's rule) used three ways:
+counted per connection (Evidence, CanaryJudge), read at one instant (Status) and written as
+/status.json (Status.to_json); split, each part would import the others' types.
 """
 
 from __future__ import annotations
