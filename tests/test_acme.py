@@ -14,20 +14,31 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
 import trio
+import trustme
 from cryptography import x509
 from helpers.clients import CLIENT_TIMEOUT, read_until
 from helpers.configs import config_toml
+from helpers.keys import make_key
 from helpers.pebble import Pebble, running_pebble
 
 from dualproxy.acme import issuer as acme
-from dualproxy.acme.challenges import HTTP01_PREFIX, Challenge, probe_tls_alpn
+from dualproxy.acme import service
+from dualproxy.acme.challenges import (
+    HTTP01_PREFIX,
+    Challenge,
+    ChallengeBoard,
+    probe_tls_alpn,
+    publish,
+)
 from dualproxy.cli.main import main
 from dualproxy.config.loader import load, parse
 from dualproxy.config.schema import Config
@@ -110,6 +121,55 @@ def verified_leaf(port: int, root_pem: bytes, server_name: str = NAMES[0]) -> x5
             response += chunk
         assert response.startswith(b"HTTP/1.1 200 ")
         return x509.load_der_x509_certificate(der)
+
+
+# --- the service beside a server, without a CA ---------------------------------------------------
+
+
+async def test_the_service_answers_beside_a_server_on_the_port_it_bound(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    """No CA needed: started before the server, the service binds the plain-HTTP listener and
+    registers its board as the server's tls-alpn-01 responder; once the server listens (on a
+    port 0 of the config), http-01 is answered and everything else redirected to the port the
+    server bound. When the service stops, the server has no responder left."""
+    key = make_key(ca, tmp_path / "certs", "k1", names=NAMES)
+    acme_table = {
+        "directory": "https://ca.invalid/directory",
+        "challenge": "http-01",
+        "http_listen": "127.0.0.1:0",
+        "renew": False,
+    }
+    config = parse(
+        {
+            "listen": {"address": "127.0.0.1:0"},
+            "acme": acme_table,
+            "keys": {"k1": {**key.table(), "names": list(NAMES)}},
+        },
+        base_dir=tmp_path,
+    )
+    assert config.acme is not None
+    published = Challenge("http-01", NAMES[0], "tok1", "tok1.thumbprint")
+    publish(acme.challenge_folder(config.acme), [published], datetime.now(UTC))
+    server = Server(config, handle_signals=False)
+    async with trio.open_nursery() as nursery:
+        http = await nursery.start(service.serve_beside, server)
+        assert http is not None
+        http_port = http[1]
+        assert isinstance(server.tls_alpn_responder, ChallengeBoard)
+        [(_, port)] = await nursery.start(server.run)
+        answer = await trio.to_thread.run_sync(
+            _plain_http, http_port, f"GET {HTTP01_PREFIX}tok1 HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+        )
+        redirect = await trio.to_thread.run_sync(
+            _plain_http, http_port, b"GET /x HTTP/1.1\r\nHost: api.dualproxy.test\r\n\r\n"
+        )
+        nursery.cancel_scope.cancel()
+    assert server.tls_alpn_responder is None
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(b"\r\n\r\ntok1.thumbprint")
+    assert redirect.startswith(b"HTTP/1.1 301 ")
+    assert f"location: https://api.dualproxy.test:{port}/x".encode() in redirect.lower()
 
 
 # --- the CLI on its own (no serve running) ---------------------------------------------------
@@ -203,12 +263,20 @@ class ClientLoop:
                     return
 
 
-async def _serve_and_renew(setup: Setup, renew: Any) -> tuple[ClientLoop, Server]:
-    """Serve setup's config, run `renew()` while clients connect, wait for the new chain."""
-    config = setup.config()
+@asynccontextmanager
+async def serving_with_acme(config: Config) -> AsyncIterator[tuple[Server, list[tuple[str, int]]]]:
+    """A server and, beside it, the ACME service, as `dualproxy serve` starts them; the
+    server's bound addresses."""
     server = Server(config, handle_signals=False)
     async with trio.open_nursery() as nursery:
-        bound = await nursery.start(server.run)
+        await nursery.start(service.serve_beside, server)
+        yield server, await nursery.start(server.run)
+        nursery.cancel_scope.cancel()
+
+
+async def _serve_and_renew(setup: Setup, renew: Any) -> tuple[ClientLoop, Server]:
+    """Serve setup's config, run `renew()` while clients connect, wait for the new chain."""
+    async with serving_with_acme(setup.config()) as (server, bound):
         loop = ClientLoop(bound[0][1], await trio.to_thread.run_sync(setup.pebble.root_pem))
         first = leaf(setup.chain_file).serial_number
         with trio.fail_after(60):
@@ -223,7 +291,6 @@ async def _serve_and_renew(setup: Setup, renew: Any) -> tuple[ClientLoop, Server
         stray = Challenge("tls-alpn-01", NAMES[0], "token", "token.thumbprint")
         answered = await trio.to_thread.run_sync(probe_tls_alpn, "127.0.0.1", bound[0][1], stray)
         assert not answered
-        nursery.cancel_scope.cancel()
     return loop, server
 
 
@@ -276,9 +343,7 @@ async def test_http_listener_answers_http01_for_the_cli_and_redirects(
     setup = make_setup(tmp_path, pebble, challenge="http-01", renew=False)
     config = setup.config()
     assert await acme.issue_keys(config, list(config.acme_keys())) == [("k1", None)]
-    server = Server(config, handle_signals=False)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
+    async with serving_with_acme(config):
         argv = ["acme", "renew", "--force", "-c", str(setup.config_file)]
         assert await trio.to_thread.run_sync(main, argv) == 0
         redirect = await trio.to_thread.run_sync(
@@ -296,7 +361,6 @@ async def test_http_listener_answers_http01_for_the_cli_and_redirects(
             pebble.http_port,
             b"GET / HTTP/1.1\r\nHost: a.test\r\nX: " + b"x" * 20_000 + b"\r\n\r\n",
         )
-        nursery.cancel_scope.cancel()
     location = f"location: https://api.dualproxy.test:{pebble.tls_port}/v1/items?a=1"
     assert redirect.startswith(b"HTTP/1.1 301 ")
     assert location.encode() in redirect.lower()

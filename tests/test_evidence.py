@@ -18,12 +18,13 @@ from dualproxy.ops.evidence import (
     CanaryJudge,
     Evidence,
     KeyFacts,
+    Row,
     Sample,
     Status,
     should_halt,
 )
 from dualproxy.rotation.policy import Choice, Reason
-from dualproxy.serve.server import Outcome
+from dualproxy.tls.outcome import Outcome
 
 ROTATION: Final = grace_window(canary_percent=10.0, canary_min_sample=20, canary_halt_margin=0.05)
 NO_CANARY: Final = replace(ROTATION, canary_percent=0.0)
@@ -113,7 +114,8 @@ def test_each_connection_counts_against_its_key_and_reason() -> None:
     assert old.requests == 3
     assert new.total == Sample(completed=2, aborted=1, no_request=1)
     assert new.total.share == pytest.approx(2 / 3)
-    by_row = {(r.key, r.reason, r.outcome): r for r in status.rows}
+    # Looked up by the values as plain strings: the members are those strings.
+    by_row: dict[tuple[str, str, str], Row] = {(r.key, r.reason, r.outcome): r for r in status.rows}
     assert by_row["k2026b", "hint-sni", "client-aborted"].pin_failure
     assert by_row["k2026b", "hint-sni", "no-request"].pin_failure
     assert not by_row["k2026a", "default", "no-request"].pin_failure

@@ -55,6 +55,7 @@ from dualproxy.http.relay import (
     Framing,
     response_framing,
 )
+from dualproxy.serve import closing
 from dualproxy.serve import server as server_module
 from dualproxy.serve.server import Server
 from dualproxy.tls.streams import TcpStream, TlsStream
@@ -1345,7 +1346,7 @@ async def test_without_the_lingering_close_the_same_upload_is_reset(
     status: int,
 ) -> None:
     """The negative twin: what the test above shows is the lingering close's doing."""
-    monkeypatch.setattr(server_module, "LINGER_TIME", 0)
+    monkeypatch.setattr(closing, "LINGER_TIME", 0)
     async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as client:
         result = await upload_then_read(client, head)
     if result is not None:  # the upload went through; then the answer was cut
@@ -1364,7 +1365,7 @@ async def test_only_a_refusal_with_the_request_unread_lingers(
     """A cleanly finished exchange, or a refusal after the whole request was read, closes at
     once; only a request left unread costs a lingering close."""
     lingered: list[bool] = []
-    real = server_module.lingering_close
+    real = closing.lingering_close
 
     async def spy(tls: TlsStream, stream: TcpStream) -> None:
         lingered.append(True)
@@ -1657,7 +1658,7 @@ async def test_a_quiet_server_closes_upstream_connections_that_idled_too_long(
     async with serving(config) as run:
         async with Proxy(run.server, run.port, cafile).client() as client:
             assert (await client.request()).status == 200
-        relay = run.server._relay
+        relay = run.server.material.relay
         assert relay is not None
         with trio.fail_after(CLIENT_TIMEOUT):
             await upstream.connections[0].wait_done()

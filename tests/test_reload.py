@@ -37,6 +37,7 @@ from helpers.rotation import Clock
 from helpers.serving import Running, serving
 
 from dualproxy.config.schema import Config
+from dualproxy.serve.lifecycle import read_files
 from dualproxy.serve.server import Server
 from dualproxy.tls.keystore import KeySnapshot
 from dualproxy.tls.pins import spki_pin_of_certificate
@@ -316,7 +317,6 @@ async def test_poller_retries_when_the_key_lands_while_a_reload_fails(
     tmp_path: Path,
     cafile: Path,
     key: KeyFiles,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The writer finishes (key after chain) while the poller is loading the torn pair.
 
@@ -324,20 +324,18 @@ async def test_poller_retries_when_the_key_lands_while_a_reload_fails(
     """
     rotated = make_key(ca, tmp_path / "next", "k2026a")
     config = make_config([key], base_dir=tmp_path, extra=FAST_POLL)
-    async with serving(config) as running:
+    landed = threading.Event()
+
+    def load_while_the_key_lands(current: Config) -> tuple[Config, KeySnapshot]:
+        try:
+            return read_files(current)
+        finally:
+            if not landed.is_set():
+                replace_file(key.key, rotated.key.read_bytes(), mode=0o600)
+                landed.set()
+
+    async with serving(config, load=load_while_the_key_lands) as running:
         server = running.server
-        load = server._load_fresh
-
-        def load_while_the_key_lands() -> tuple[Config, KeySnapshot]:
-            try:
-                return load()
-            finally:
-                if not landed.is_set():
-                    replace_file(key.key, rotated.key.read_bytes(), mode=0o600)
-                    landed.set()
-
-        landed = threading.Event()
-        monkeypatch.setattr(server, "_load_fresh", load_while_the_key_lands)
         replace_file(key.chain, rotated.chain.read_bytes())
         await wait_until(lambda: server.reloads_ok >= 1, "a reload of the finished pair")
         assert server.reloads_failed == 1
@@ -376,23 +374,24 @@ async def test_unexpected_error_in_a_polled_reload_keeps_the_server_serving(
     cafile: Path,
     key: KeyFiles,
     errors: Callable[[], list[str]],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A bug in loading (not an operator error) is logged with its traceback; serving goes on."""
     config = make_config([key], base_dir=tmp_path, extra=FAST_POLL)
-    async with serving(config) as running:
-        server = running.server
+    broken = True
 
-        def broken_load() -> tuple[Config, KeySnapshot]:
+    def load_with_a_bug(current: Config) -> tuple[Config, KeySnapshot]:
+        if broken:
             raise RuntimeError("a bug while loading")
+        return read_files(current)
 
-        monkeypatch.setattr(server, "_load_fresh", broken_load)
+    async with serving(config, load=load_with_a_bug) as running:
+        server = running.server
         replace_file(key.chain, key.chain.read_bytes())  # same content, new file: a change
         await wait_until(lambda: server.reloads_failed >= 1, "the poller's failed reload")
         [error] = errors()
         assert "RuntimeError: a bug while loading" in error
         assert spki_pin_of_certificate(await fetch_async(running, cafile)) == key.pin
-        monkeypatch.undo()  # and the poller is still polling
+        broken = False  # and the poller is still polling
         replace_file(key.chain, key.chain.read_bytes())
         await wait_until(lambda: server.reloads_ok >= 1, "the poller's next reload")
 
@@ -402,24 +401,21 @@ async def test_overlapping_reloads_end_with_the_newest_files(
     tmp_path: Path,
     cafile: Path,
     key: KeyFiles,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A reload that read the files before a renewal cannot finish after one that read them
     after it (the poller and SIGHUP both reload): reloads run one at a time."""
     config = make_config([key], base_dir=tmp_path, extra=NO_POLL)
-    async with serving(config) as running:
+    first_read, release_first = threading.Event(), threading.Event()
+
+    def slow_first_load(current: Config) -> tuple[Config, KeySnapshot]:
+        loaded = read_files(current)
+        if not first_read.is_set():
+            first_read.set()
+            release_first.wait(DEADLINE)
+        return loaded
+
+    async with serving(config, load=slow_first_load) as running:
         server = running.server
-        load = server._load_fresh
-        first_read, release_first = threading.Event(), threading.Event()
-
-        def slow_first_load() -> tuple[Config, KeySnapshot]:
-            loaded = load()
-            if not first_read.is_set():
-                first_read.set()
-                release_first.wait(DEADLINE)
-            return loaded
-
-        monkeypatch.setattr(server, "_load_fresh", slow_first_load)
         results: list[bool] = []
 
         async def reload() -> None:
@@ -431,12 +427,12 @@ async def test_overlapping_reloads_end_with_the_newest_files(
                 await wait_until(first_read.is_set, "the first reload to read the files")
                 replace_file(key.chain, reissue(ca, key))
                 nursery.start_soon(reload)
-                # White box: the second reload is queued behind the first (the test cannot
-                # tell "will never overlap" from "has not overlapped yet" any other way). Were
-                # they not serialized, the second would finish here and the first would then
-                # put the older material back.
+                # The second reload is queued behind the first (the test cannot tell "will
+                # never overlap" from "has not overlapped yet" any other way). Were they not
+                # serialized, the second would finish here and the first would then put the
+                # older material back.
                 await wait_until(
-                    lambda: server._reload_lock.statistics().tasks_waiting == 1 or bool(results),
+                    lambda: server.reloads.waiting == 1 or bool(results),
                     "the second reload to queue",
                 )
             finally:

@@ -10,12 +10,9 @@ is blocked, so they wait for no real timeout; every other wait is bounded by CLI
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import re
 import socket
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -31,17 +28,20 @@ import trio.testing
 import trustme
 from cryptography import x509
 from helpers import hellos
-from helpers.clients import CLIENT_TIMEOUT, curl_pinned, ipv6_loopback, run_client, tls_get_async
+from helpers.clients import CLIENT_TIMEOUT, curl_pinned, run_client, tls_get_async
 from helpers.configs import make_config
 from helpers.keys import KeyFiles, make_key
+from helpers.logs import ConnLog, parse_log_line
 from helpers.rotation import Clock
 from helpers.serving import serving
 
-from dualproxy.config.names import ListenAddress
-from dualproxy.config.schema import Config
+from dualproxy.config.schema import Config, Limits
+from dualproxy.http.relay import Drain
+from dualproxy.serve import closing, placeholder
 from dualproxy.serve import server as server_mod
-from dualproxy.serve.server import Outcome, Server, classify_handshake_failure, open_listeners
-from dualproxy.tls import streams as streams_mod
+from dualproxy.serve.clock import CLOCK_REUSE_SECONDS, ReusedUtcNow
+from dualproxy.serve.closing import LINGER_TIME, lingering_close
+from dualproxy.serve.connection import ConnectionRecord
 from dualproxy.tls.clienthello import ClientHello, parse_client_hello
 from dualproxy.tls.pins import spki_pin_of_certificate
 from dualproxy.tls.streams import TcpStream, TlsStream
@@ -49,20 +49,6 @@ from dualproxy.tls.streams import TcpStream, TlsStream
 NOW: Final = datetime(2026, 6, 1, tzinfo=UTC)
 HINTED_SNI: Final = "k2.api.example.com"  # rotating_config hints it to the new key, k2
 PLAIN_SNI: Final = "api.example.com"  # no hint: the default (old) key, k1
-# Every field of a `conn` log line, in order.
-LOG_FIELDS: Final = (
-    "peer",
-    "sni",
-    "alpn",
-    "identity",
-    "key",
-    "reason",
-    "outcome",
-    "detail",
-    "tls",
-    "requests",
-    "ms",
-)
 # More than any answer of the server under test: reading stops there instead of forever.
 DRAIN_BYTES: Final = 1 << 20
 
@@ -267,46 +253,6 @@ async def raw_exchange(port: int, data: bytes, *, eof: bool = False) -> bytes:
             await stream.send_eof()
         data, clean = await read_until_closed(stream)
         return data if clean else data + b"<reset>"
-
-
-_LOG_FIELD = r'[a-z]+=(?:"(?:[^"\\]|\\.)*"|[^\s"=\\]+)'
-_LOG_LINE = re.compile(rf"conn(?: {_LOG_FIELD})+")
-
-
-def parse_log_line(line: str) -> dict[str, str]:
-    """A `conn` line as {field: value}, quoted values unescaped; fails on anything else."""
-    assert _LOG_LINE.fullmatch(line), line
-    fields = {}
-    for item in re.findall(_LOG_FIELD, line):
-        key, _, value = item.partition("=")
-        if value.startswith('"'):
-            value = value[1:-1].replace('\\"', '"').encode().decode("unicode_escape")
-        fields[key] = value
-    assert tuple(fields) == LOG_FIELDS, line
-    return fields
-
-
-@dataclass
-class ConnLog:
-    """The `conn ...` lines the server logged, as parsed fields."""
-
-    caplog: pytest.LogCaptureFixture
-
-    def lines(self) -> list[str]:
-        messages = (r.getMessage() for r in self.caplog.records if r.name == "dualproxy")
-        return [m for m in messages if m.startswith("conn ")]
-
-    async def wait(self, count: int = 1) -> list[dict[str, str]]:
-        """The first `count` lines, once logged (a handler logs after closing its socket)."""
-        with trio.fail_after(CLIENT_TIMEOUT):
-            while len(self.lines()) < count:
-                await trio.sleep(0.01)
-        return [parse_log_line(line) for line in self.lines()]
-
-    async def one(self) -> dict[str, str]:
-        lines = await self.wait(1)
-        assert len(lines) == 1, lines
-        return lines[0]
 
 
 @pytest.fixture
@@ -580,7 +526,7 @@ async def test_plain_http_upload_gets_the_whole_400(
     """A plain-HTTP client still sending when refused reads the whole 400: the server
     half-closes and reads on, where closing at once would reset the answer away (the twin)."""
     if not linger:
-        monkeypatch.setattr(server_mod, "LINGER_TIME", 0)
+        monkeypatch.setattr(closing, "LINGER_TIME", 0)
     async with serving(single_config(old_key, tmp_path, handshake_timeout=300)) as run:
         with trio.fail_after(CLIENT_TIMEOUT):
             stream = await trio.open_tcp_stream("127.0.0.1", run.port)
@@ -611,7 +557,7 @@ async def test_placeholder_400_reaches_a_client_still_sending(
     """Without [upstream], a malformed request's 400 reaches a client that goes on sending
     before it reads (the placeholder lingers as the relay does)."""
     if not linger:
-        monkeypatch.setattr(server_mod, "LINGER_TIME", 0)
+        monkeypatch.setattr(closing, "LINGER_TIME", 0)
     bad = b"POST /upload HTTP/1.1\r\nHost: api.example.com\r\nBad Field: x\r\n\r\n"
     async with (
         serving(single_config(old_key, tmp_path)) as run,
@@ -823,75 +769,69 @@ async def test_client_that_leaves_after_half_a_hello(
     )
 
 
-def _ssl_error(reason: str | None, kind: type[ssl.SSLError] = ssl.SSLError) -> ssl.SSLError:
-    exc = kind(1, f"[SSL: {reason}]")
-    if reason is not None:
-        exc.reason = reason
-    return exc
+# --- a tls-alpn-01 responder (what ACME registers) ----------------------------------------------
 
 
-def _describe(value: object) -> str:
-    if isinstance(value, tuple):
-        return str(value[0])
-    assert isinstance(value, BaseException)
-    wrapped = isinstance(value, trio.BrokenResourceError)
-    cause = value.__cause__ if wrapped else value
-    name = getattr(cause, "reason", None) or type(cause).__name__
-    return f"broken-{name}" if wrapped else name
+class StandInResponder:
+    """A TlsAlpnResponder answering acme-tls/1 with a certificate of its own, as ACME's
+    challenge board does."""
 
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.asked: list[str | None] = []
 
-def _broken(cause: BaseException | None) -> trio.BrokenResourceError:
-    exc = trio.BrokenResourceError()
-    exc.__cause__ = cause
-    return exc
+    def challenge_context(self, hello: ClientHello) -> ssl.SSLContext | None:
+        self.asked.append(hello.sni)
+        return self.context if b"acme-tls/1" in hello.alpn else None
+
+    async def answer_challenge(
+        self, stream: TcpStream, peeked: bytes, context: ssl.SSLContext
+    ) -> str:
+        tls = TlsStream(stream, context, server_side=True, prefix=peeked)
+        await tls.do_handshake()
+        await tls.aclose()
+        return "stand-in-answered"
 
 
 @pytest.mark.parametrize(
-    ("exc", "expected"),
-    [
-        # The client sent an alert: it aborted, and the alert names why.
-        (_broken(_ssl_error("TLSV1_ALERT_UNKNOWN_CA")), (Outcome.CLIENT_ABORTED, "unknown_ca")),
-        (
-            _broken(_ssl_error("SSLV3_ALERT_BAD_CERTIFICATE")),
-            (Outcome.CLIENT_ABORTED, "bad_certificate"),
-        ),
-        (
-            _broken(_ssl_error("SSLV3_ALERT_CERTIFICATE_UNKNOWN")),
-            (Outcome.CLIENT_ABORTED, "certificate_unknown"),
-        ),
-        (
-            _broken(_ssl_error("TLSV13_ALERT_CERTIFICATE_REQUIRED")),
-            (Outcome.CLIENT_ABORTED, "certificate_required"),
-        ),
-        # The client closed or reset mid-handshake.
-        (
-            _broken(_ssl_error("UNEXPECTED_EOF_WHILE_READING")),
-            (Outcome.CLIENT_ABORTED, "closed"),
-        ),
-        (_broken(_ssl_error(None, ssl.SSLEOFError)), (Outcome.CLIENT_ABORTED, "closed")),
-        (_broken(None), (Outcome.CLIENT_ABORTED, "closed")),
-        (
-            _broken(ConnectionResetError(errno.ECONNRESET, "reset")),
-            (Outcome.CLIENT_ABORTED, "econnreset"),
-        ),
-        (_broken(BrokenPipeError(errno.EPIPE, "pipe")), (Outcome.CLIENT_ABORTED, "epipe")),
-        (_broken(OSError("no errno")), (Outcome.CLIENT_ABORTED, "reset")),
-        # OpenSSL refused the client: our side ended it.
-        (_broken(_ssl_error("NO_SHARED_CIPHER")), (Outcome.TLS_ERROR, "no_shared_cipher")),
-        (_broken(_ssl_error("WRONG_VERSION_NUMBER")), (Outcome.TLS_ERROR, "wrong_version_number")),
-        # Not an alert: "ALERT" elsewhere in the reason does not make it one.
-        (_broken(_ssl_error("TLSV1_ALERTX")), (Outcome.TLS_ERROR, "tlsv1_alertx")),
-        (_broken(_ssl_error(None)), (Outcome.TLS_ERROR, "SSLError")),
-        (_broken(_ssl_error("")), (Outcome.TLS_ERROR, "SSLError")),
-        (_broken(ValueError("odd")), (Outcome.TLS_ERROR, "ValueError")),
-        # Unwrapped exceptions are classified the same way.
-        (_ssl_error("TLSV1_ALERT_UNKNOWN_CA"), (Outcome.CLIENT_ABORTED, "unknown_ca")),
-        (ssl.SSLEOFError(), (Outcome.CLIENT_ABORTED, "closed")),
-    ],
-    ids=lambda value: _describe(value),
+    ("offers_acme", "registered"),
+    [(True, True), (False, True), (True, False)],
+    ids=["validation", "twin-other-client", "twin-no-responder"],
 )
-def test_classify_handshake_failure(exc: BaseException, expected: tuple[Outcome, str]) -> None:
-    assert classify_handshake_failure(exc) == expected
+async def test_a_tls_alpn_responder_answers_the_hellos_it_claims_and_no_other(
+    ca: trustme.CA,
+    old_key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    conn_log: ConnLog,
+    offers_acme: bool,
+    registered: bool,
+) -> None:
+    challenge = ca.issue_cert("challenge.test")
+    answering = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    challenge.configure_cert(answering)
+    answering.set_alpn_protocols(["acme-tls/1"])
+    responder = StandInResponder(answering)
+    context = client_context(cafile, check_hostname=False)
+    context.set_alpn_protocols(["acme-tls/1"] if offers_acme else ["http/1.1"])
+    async with serving(single_config(old_key, tmp_path)) as run:
+        if registered:
+            run.server.tls_alpn_responder = responder
+        async with tls_client(run.port, cafile, context=context) as tls:
+            pin = pin_of(tls)
+        line = await conn_log.one()
+    assert responder.asked == ([PLAIN_SNI] if registered else [])
+    if offers_acme and registered:
+        leaf = x509.load_pem_x509_certificate(challenge.cert_chain_pems[0].bytes())
+        assert pin == spki_pin_of_certificate(leaf) != old_key.pin
+        assert (line["outcome"], line["detail"], line["key"]) == (
+            "acme-challenge",
+            "stand-in-answered",
+            "-",
+        )
+    else:
+        assert pin == old_key.pin
+        assert (line["outcome"], line["key"]) == ("no-request", "k1")
 
 
 # --- log lines cannot be forged ------------------------------------------------------------------
@@ -1040,7 +980,7 @@ async def test_pipelined_requests_are_answered_in_order(
         pytest.param(
             b"GET / HTTP/1.1\r\nHost: api.example.com\r\nX-Big: "
             # h11 checks its cap only while the head is incomplete, after each TLS record.
-            + b"a" * (2 * server_mod.MAX_REQUEST_HEAD_BYTES)
+            + b"a" * (2 * placeholder.MAX_REQUEST_HEAD_BYTES)
             + b"\r\n\r\n",
             id="head-too-large",
         ),
@@ -1066,7 +1006,7 @@ async def test_malformed_request_gets_400_and_a_close(
     # With request bytes still unread, the second SSL_shutdown of Python's unwrap() reads
     # them and fails (APPLICATION_DATA_AFTER_CLOSE_NOTIFY), and trio drops our close_notify
     # with it; the response is complete all the same (it has a Content-Length).
-    assert clean or len(request_bytes) > server_mod.MAX_REQUEST_HEAD_BYTES
+    assert clean or len(request_bytes) > placeholder.MAX_REQUEST_HEAD_BYTES
     assert answer.startswith(b"HTTP/1.1 400 "), answer
     assert b"\r\nconnection: close\r\n" in answer.lower()
     assert answer.endswith(b"\r\n\r\nbad request\n")
@@ -1074,36 +1014,42 @@ async def test_malformed_request_gets_400_and_a_close(
     assert (line["outcome"], line["requests"]) == (("ok" if good else "no-request"), str(good))
 
 
-class SendRecorder:
-    """Stands in for the TLS stream: records each send_all."""
+class RecordedStream:
+    """Stands in for the TLS stream: hands out `incoming`, then the end; records each
+    send_all."""
 
-    def __init__(self) -> None:
+    def __init__(self, incoming: bytes) -> None:
+        self.incoming = [incoming]
         self.sends: list[bytes] = []
 
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self.incoming.pop(0) if self.incoming else b""
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
         self.sends.append(bytes(data))
 
 
 @pytest.mark.parametrize("method", [b"GET", b"HEAD"])
 async def test_a_placeholder_response_is_one_send(method: bytes) -> None:
-    server_conn = h11.Connection(h11.SERVER)
-    server_conn.receive_data(method + b" / HTTP/1.1\r\nhost: x\r\n\r\n")
-    assert isinstance(server_conn.next_event(), h11.Request)
-    assert server_conn.next_event() == h11.EndOfMessage()
-    stream = SendRecorder()
-    body = b"hello\n"
-    await server_mod._send_simple(
+    """Head, body and end of message go out in one TLS record and one send(2); a HEAD gets
+    the GET's head without the body."""
+    headers = [("host", "x"), ("connection", "close")]
+    stream = RecordedStream(method + b" / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    record = ConnectionRecord(peer="-")
+    linger = await placeholder.respond(
         stream,  # type: ignore[arg-type]
-        server_conn,
-        200,
-        body,
-        keep_alive=False,
-        head_only=method == b"HEAD",
+        record,
+        limits=Limits(),
+        drain=Drain(),
+        local=lambda: None,
     )
-    [sent] = stream.sends  # head, body and end of message in one record and one send(2)
-    assert server_conn.our_state is h11.MUST_CLOSE
+    assert not linger
+    assert record.requests == 1
+    [sent] = stream.sends
     client = h11.Connection(h11.CLIENT)
-    client.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
+    client.send(h11.Request(method=method, target="/", headers=headers))
     client.send(h11.EndOfMessage())
     client.receive_data(sent)
     response = client.next_event()
@@ -1114,7 +1060,11 @@ async def test_a_placeholder_response_is_one_send(method: bytes) -> None:
     while not isinstance(event := client.next_event(), h11.EndOfMessage):
         assert isinstance(event, h11.Data)
         received += event.data
-    assert received == (b"" if method == b"HEAD" else body)
+    if method == b"HEAD":
+        assert received == b""
+    else:
+        assert received.startswith(b"dualproxy: TLS terminated")
+        assert (b"content-length", str(len(received)).encode()) in response.headers
 
 
 # --- the lingering close (end to end after refusals: test_relay.py) ----------------------------
@@ -1166,7 +1116,7 @@ async def test_lingering_close_ends_our_side_and_reads_until_the_client_closes(
     pair = linger_pair
     with trio.fail_after(CLIENT_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(server_mod.lingering_close, pair.tls, pair.socket_stream)
+            nursery.start_soon(lingering_close, pair.tls, pair.socket_stream)
             await pair.client.send_all(b"body bytes still coming" * 1000)
             assert await pair.client.receive_some() == b""  # close_notify
             # Then the end of the stream, from our SHUT_WR: the socket itself is still open.
@@ -1181,15 +1131,15 @@ async def test_lingering_close_gives_up_on_a_quiet_client(
 ) -> None:
     """The client reads our end and keeps the connection open: LINGER_TIMEOUT ends the wait."""
     pair = linger_pair
-    with trio.fail_after(server_mod.LINGER_TIME / 2):  # on the mock clock: not a real wait
-        await server_mod.lingering_close(pair.tls, pair.socket_stream)
+    with trio.fail_after(LINGER_TIME / 2):  # on the mock clock: not a real wait
+        await lingering_close(pair.tls, pair.socket_stream)
         assert await pair.client.receive_some() == b""
 
 
 async def test_lingering_close_stops_reading_at_its_byte_limit(
     linger_pair: LingerPair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(server_mod, "LINGER_MAX_BYTES", 64 * 1024)
+    monkeypatch.setattr(closing, "LINGER_MAX_BYTES", 64 * 1024)
     pair = linger_pair
     with trio.fail_after(CLIENT_TIMEOUT):
         async with trio.open_nursery() as nursery:
@@ -1200,7 +1150,7 @@ async def test_lingering_close_stops_reading_at_its_byte_limit(
                         await pair.client.send_all(b"x" * (64 * 1024))
 
             nursery.start_soon(send_until_refused)
-            await server_mod.lingering_close(pair.tls, pair.socket_stream)
+            await lingering_close(pair.tls, pair.socket_stream)
             # The client never closed: what it sent past the limit is still unread.
             assert pair.unread()
             pair.socket_stream.close()  # as _connection_task does; the sender stops
@@ -1265,7 +1215,6 @@ async def test_a_reload_during_a_handshake_does_not_mix_configs(
 ) -> None:
     """A connection uses the config and keys current when it was accepted, together."""
     rotating = rotating_config(old_key, new_key, tmp_path)
-    rotating_snapshot = Server(rotating, handle_signals=False).snapshot
     hello = python_hello(HINTED_SNI)
     async with serving(single_config(old_key, tmp_path), clock=Clock(NOW)) as run:
         with trio.fail_after(CLIENT_TIMEOUT):
@@ -1273,8 +1222,8 @@ async def test_a_reload_during_a_handshake_does_not_mix_configs(
         async with stream:
             await stream.send_all(hello[:10])
             await trio.testing.wait_all_tasks_blocked()
-            # What a reload does: both swapped at once, between two reads of this peek.
-            run.server.config, run.server.snapshot = rotating, rotating_snapshot
+            # A reload (config and keys swapped at once) between two reads of this peek.
+            assert await run.server.apply(rotating, "test")
             await stream.send_all(hello[10:])
             with trio.fail_after(CLIENT_TIMEOUT):
                 answer = await stream.receive_some()
@@ -1288,101 +1237,7 @@ async def test_a_reload_during_a_handshake_does_not_mix_configs(
     ]
 
 
-# --- listeners -----------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def serving_all(config: Config) -> AsyncIterator[list[tuple[str, int]]]:
-    """Like helpers.serving's `serving`, reporting every bound address."""
-    server = Server(config, handle_signals=False)
-    async with trio.open_nursery() as nursery:
-        yield await nursery.start(server.run)
-        nursery.cancel_scope.cancel()
-
-
-@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
-@pytest.mark.parametrize("max_connections", [1, 100])
-async def test_every_listen_address_serves(
-    old_key: KeyFiles, cafile: Path, tmp_path: Path, conn_log: ConnLog, max_connections: int
-) -> None:
-    config = make_config(
-        [old_key],
-        base_dir=tmp_path,
-        extra={
-            "listen": {"address": ["127.0.0.1:0", "[::1]:0"]},
-            "limits": {"max_connections": max_connections},
-        },
-    )
-    async with serving_all(config) as bound:
-        assert [host for host, _ in bound] == ["127.0.0.1", "::1"]
-        # Each address twice in a row: with one slot, a listener that held it while idle
-        # would starve the other one's clients, whichever listener took it first.
-        for host, port in [bound[0], bound[0], bound[1], bound[1]]:
-            result = await tls_get_async(host, port, cafile=cafile)
-            assert result.pin == old_key.pin
-        lines = await conn_log.wait(4)
-    peers = [x["peer"].rpartition(":")[0] for x in lines]
-    assert peers == ["127.0.0.1", "127.0.0.1", "[::1]", "[::1]"]
-    assert {x["outcome"] for x in lines} == {"ok"}
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="Linux copies the listener's options")
-async def test_accepted_sockets_get_nodelay_and_a_small_unsent_buffer() -> None:
-    """Set on the listener, inherited by every accepted socket (no call per connection)."""
-    [listener] = await open_listeners([ListenAddress("127.0.0.1", 0)], False)
-    try:
-        with socket.create_connection(listener.getsockname()[:2]):
-            await trio.lowlevel.wait_readable(listener)
-            accepted, _ = listener.accept()
-            with accepted:
-                stream = TcpStream(accepted, options_set=True)
-                assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-                lowat = stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
-                assert lowat == streams_mod.NOTSENT_LOWAT
-    finally:
-        listener.close()
-
-
-@pytest.mark.parametrize("reuse_port", [True, False])
-async def test_reuse_port_lets_a_second_server_bind_the_same_port(reuse_port: bool) -> None:
-    first = await open_listeners([ListenAddress("127.0.0.1", 0)], reuse_port)
-    port = first[0].getsockname()[1]
-    try:
-        if reuse_port:
-            second = await open_listeners([ListenAddress("127.0.0.1", port)], reuse_port)
-            assert second[0].getsockname()[1] == port
-            second[0].close()
-        else:
-            with pytest.raises(OSError, match=rf"127\.0\.0\.1:{port} \(listen\.address\)") as info:
-                await open_listeners([ListenAddress("127.0.0.1", port)], reuse_port)
-            assert info.value.errno == errno.EADDRINUSE
-    finally:
-        first[0].close()
-
-
-def open_fds() -> int:
-    return len(list(Path("/proc/self/fd").iterdir()))
-
-
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
-async def test_taken_port_fails_naming_the_setting_and_closes_what_was_bound(
-    old_key: KeyFiles, tmp_path: Path
-) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        before = open_fds()
-        addresses = [ListenAddress("127.0.0.1", 0), ListenAddress("127.0.0.1", port)]
-        with pytest.raises(OSError, match=r"\(listen\.address\)") as info:
-            await open_listeners(addresses, False)
-        assert info.value.errno == errno.EADDRINUSE
-        assert open_fds() == before  # the first address, bound, was closed again
-        # The same through the server, before it reports readiness.
-        config = make_config([old_key], base_dir=tmp_path, listen=f"127.0.0.1:{port}")
-        server = Server(config, handle_signals=False)
-        with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{port} \(listen"):
-            await server.run()
+# --- the policy's clock ----------------------------------------------------------------------
 
 
 def test_the_wall_clock_reading_is_reused_for_a_moment_only(
@@ -1391,10 +1246,10 @@ def test_the_wall_clock_reading_is_reused_for_a_moment_only(
     """The policy's default clock reads the wall clock once per CLOCK_REUSE_SECONDS."""
     monotonic = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: monotonic[0])
-    clock = server_mod._ReusedUtcNow()
+    clock = ReusedUtcNow()
     first = clock()
     assert abs((first - datetime.now(UTC)).total_seconds()) < 5
-    monotonic[0] += server_mod.CLOCK_REUSE_SECONDS / 2
+    monotonic[0] += CLOCK_REUSE_SECONDS / 2
     assert clock() is first
-    monotonic[0] += server_mod.CLOCK_REUSE_SECONDS
+    monotonic[0] += CLOCK_REUSE_SECONDS
     assert clock() is not first

@@ -7,8 +7,6 @@ DUALPROXY_REQUIRE_CHROMIUM=1, which turns the skip into a failure.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import re
 import shutil
@@ -32,11 +30,10 @@ from test_evidence import Finished
 
 from dualproxy.config.schema import Rotation
 from dualproxy.ops.evidence import Evidence, KeyFacts, Status
-from dualproxy.ops.logformat import JsonFormatter, TextFormatter, conn_fields
 from dualproxy.ops.statuspage import render_html, render_text
 from dualproxy.pinning.reports import ReportSummary
 from dualproxy.rotation.policy import Choice, Phase, Reason
-from dualproxy.serve.server import ConnectionRecord, Outcome
+from dualproxy.tls.outcome import Outcome
 
 ROTATION: Final = grace_window(canary_percent=10.0, canary_min_sample=1)
 OLD_COLOUR: Final = (0x4C, 0x6E, 0xF5)
@@ -175,33 +172,6 @@ def test_the_timeline_axis_stays_readable(grace_days: int, validity_days: int) -
     assert f"until {until:%Y-%m-%d}" in timeline  # a bar running off the edge keeps its end
 
 
-async def test_conn_lines_become_json_fields_exactly() -> None:
-    """The JSON log's fields are the text line's, also for client-controlled text that the
-    text format must quote. (In trio: a ConnectionRecord reads trio's clock.)"""
-    record = ConnectionRecord(peer="203.0.113.7:4242", key="k2026a", requests=3)
-    record.choice = Choice("old", Reason.DEFAULT)
-    record.detail = 'weird "sni" = \\ \x00 é'
-    record.tls_version = "TLSv1.3"
-
-    text = record.log_line()
-    fields = conn_fields(text)
-    assert fields is not None
-    assert fields["detail"] == record.detail
-    assert fields["peer"] == "203.0.113.7:4242"
-    assert fields["sni"] is None
-    assert fields["requests"] == 3
-    assert isinstance(fields["ms"], int)
-    assert conn_fields("listening on 127.0.0.1:8443") is None
-
-    entry = logging.LogRecord("dualproxy", logging.INFO, __file__, 1, "%s", (text,), None)
-    document = json.loads(JsonFormatter().format(entry))
-    assert document["event"] == "conn"
-    assert document["key"] == "k2026a"
-    assert document["level"] == "info"
-    other = logging.LogRecord("dualproxy", logging.ERROR, __file__, 1, "reload failed", (), None)
-    assert json.loads(JsonFormatter().format(other))["message"] == "reload failed"
-
-
 # --- in a browser -----------------------------------------------------------------------------
 
 
@@ -281,16 +251,3 @@ async def test_the_status_page_renders_in_headless_chromium(
     for colour in (OLD_COLOUR, NEW_COLOUR):  # the cards' top borders, at least
         assert painted[colour] > 100, (colour, painted.most_common(10))
     assert 'class="failures"' in html  # the pin failure's red bar (below the fold)
-
-
-@pytest.mark.parametrize("offsets", [(0.0, 0.25, 0.999, 1.0, 61.5, 3600.001)])
-def test_text_lines_read_as_loggings_own_format(offsets: tuple[float, ...]) -> None:
-    """The time text made once per second is the one logging.Formatter makes for each line."""
-    reference = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    ours = TextFormatter()
-    start = 1_800_000_000.0
-    for offset in (*offsets, *offsets):  # each second again, after others
-        entry = logging.LogRecord("dualproxy", logging.INFO, "", 0, "conn peer=-", (), None)
-        entry.created = start + offset
-        entry.msecs = (entry.created - int(entry.created)) * 1000
-        assert ours.format(entry) == reference.format(entry)

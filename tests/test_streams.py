@@ -6,10 +6,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
-from typing import Final
+from collections.abc import AsyncIterator
 
-import h11
 import pytest
 import trio
 import trio.testing
@@ -17,7 +15,7 @@ import trustme
 from helpers.clients import strict_eof
 
 from dualproxy.tls import streams
-from dualproxy.tls.streams import TcpStream, TlsStream, receive_h11_request
+from dualproxy.tls.streams import TcpStream, TlsStream
 
 # Generous bound on anything here, so that a regression fails instead of hanging.
 TIMEOUT_SECONDS = 10
@@ -411,66 +409,3 @@ async def test_a_second_task_on_the_same_direction_is_refused(
             with pytest.raises(trio.BusyResourceError):
                 await operation()
             nursery.cancel_scope.cancel()
-
-
-# --- receive_h11_request: the small servers' request reader ---------------------------------
-
-
-async def read_request(
-    data: bytes, *, on_body: Callable[[bytes], None] | None = None, close: bool = True
-) -> tuple[h11.Request | None, h11.Connection]:
-    """What receive_h11_request makes of `data`, sent in 7-byte pieces (then a close)."""
-    send, receive = trio.testing.memory_stream_one_way_pair()
-    for start in range(0, len(data), 7):
-        await send.send_all(data[start : start + 7])
-    if close:
-        await send.aclose()
-    conn = h11.Connection(h11.SERVER)
-    with trio.fail_after(TIMEOUT_SECONDS):
-        request = await receive_h11_request(receive, conn, receive_size=7, on_body=on_body)
-    return request, conn
-
-
-POST: Final = b"POST /report HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello world"
-
-
-async def test_receive_h11_request_without_on_body_returns_at_the_head() -> None:
-    request, conn = await read_request(POST, close=False)
-    assert request is not None
-    assert (request.method, request.target) == (b"POST", b"/report")
-    assert conn.their_state is h11.SEND_BODY  # the body was left unread
-
-
-async def test_receive_h11_request_hands_over_the_body_then_returns_the_request() -> None:
-    pieces: list[bytes] = []
-    request, conn = await read_request(POST, on_body=pieces.append, close=False)
-    assert request is not None
-    assert request.target == b"/report"
-    assert b"".join(pieces) == b"hello world"
-    assert conn.their_state is h11.DONE
-
-
-async def test_receive_h11_request_stops_where_on_body_raises() -> None:
-    def refuse(data: bytes) -> None:
-        raise OverflowError(len(data))
-
-    with pytest.raises(OverflowError):
-        await read_request(POST, on_body=refuse)
-
-
-async def test_receive_h11_request_is_none_when_the_client_closes_before_a_request() -> None:
-    request, _ = await read_request(b"", on_body=lambda data: None)
-    assert request is None
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"GET / HTTP/1.1\r\nHost: a\r\nbad header\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: a\r\n",  # closed mid-head
-        POST[:-3],  # closed mid-body
-    ],
-)
-async def test_receive_h11_request_raises_what_h11_rejects(data: bytes) -> None:
-    with pytest.raises(h11.RemoteProtocolError):
-        await read_request(data, on_body=lambda data: None)

@@ -8,9 +8,10 @@ responder answers from that folder through a `ChallengeBoard`:
 
 - a running `serve` polls it every `keystore.reload_poll_interval` (its own orders refresh it
   at once) and answers on its real listeners: a ClientHello offering ALPN `acme-tls/1` for a
-  name with a pending tls-alpn-01 challenge gets the challenge certificate (`answer_tls_alpn`,
-  hooked into the server's peek), and the optional plain-HTTP listener answers
-  `/.well-known/acme-challenge/TOKEN` (and redirects everything else to https);
+  name with a pending tls-alpn-01 challenge gets the challenge certificate (the board is the
+  server's `TlsAlpnResponder`, asked after its peek: see acme.service), and the optional
+  plain-HTTP listener answers `/.well-known/acme-challenge/TOKEN` (and redirects everything
+  else to https);
 - without a running `serve`, the command binds the same addresses itself and answers only
   challenges (`open_responders`).
 
@@ -49,6 +50,7 @@ from dualproxy.config.names import ListenAddress, normalize_host
 from dualproxy.config.schema import ChallengeType
 from dualproxy.files import write_atomically
 from dualproxy.http.smallserver import Answer, Connection, Refused, Request
+from dualproxy.serve.listeners import accept_loop, open_listeners
 from dualproxy.tls.clienthello import (
     MAX_CLIENT_HELLO_BYTES,
     ClientHello,
@@ -79,11 +81,9 @@ MAX_HTTP_HEAD: Final = 8 * 1024
 # validators open a handful, browsers a few each; beyond it clients wait in the backlog, so
 # a flood on port 80 cannot take the descriptors the TLS port needs.
 RESPONDER_MAX_CONNECTIONS: Final = 256
-# Pause after accept fails for want of descriptors (as server.ACCEPT_BACKOFF_SECONDS).
-ACCEPT_BACKOFF: Final = 0.1
 # After answering, what the client may still send is read and discarded (at most this long
 # and this much) before the close, so that the close does not reset the connection and take
-# the answer with it (what server.lingering_close does for the TLS port, smaller: nothing
+# the answer with it (what serve.closing.lingering_close does for the TLS port, smaller: nothing
 # here reads a body).
 HTTP_LINGER_TIME: Final = 2.0
 HTTP_LINGER_BYTES: Final = 256 * 1024
@@ -198,6 +198,21 @@ class ChallengeBoard:
         if sni is None:
             return None
         return self._tls.get(normalize_host(sni))
+
+    # The server's TlsAlpnResponder (serve.server): how the board answers on its TLS port.
+
+    def challenge_context(self, hello: ClientHello) -> ssl.SSLContext | None:
+        """The challenge certificate's context when `hello` is a CA validating a pending
+        tls-alpn-01 challenge (it offers acme-tls/1 for the challenge's name); else None."""
+        if not wants_challenge(hello):
+            return None
+        return self.tls_alpn_context(hello.sni)
+
+    async def answer_challenge(
+        self, stream: TcpStream, peeked: bytes, context: ssl.SSLContext
+    ) -> str:
+        """`answer_tls_alpn`: the validation handshake, then the close; how it ended."""
+        return await answer_tls_alpn(stream, peeked, context)
 
     def http01_answer(self, token: str) -> bytes | None:
         return self._http.get(token)
@@ -387,36 +402,19 @@ async def serve_http(
 async def _accept_forever(
     listener: socket.socket, handle: Callable[[socket.socket], Awaitable[None]]
 ) -> None:
-    """Accept into per-connection tasks, at most RESPONDER_MAX_CONNECTIONS at once (beyond
-    it clients wait in the backlog); each task closes its socket."""
+    """The server's accept loop (serve.listeners.accept_loop) into per-connection tasks, at
+    most RESPONDER_MAX_CONNECTIONS at once (beyond it clients wait in the backlog); each task
+    closes its socket."""
     slots = trio.CapacityLimiter(RESPONDER_MAX_CONNECTIONS)
 
-    async def run(sock: socket.socket, token: object) -> None:
+    async def run(sock: socket.socket, address: object, token: object) -> None:
         try:
             await handle(sock)
         finally:
             slots.release_on_behalf_of(token)
 
     async with trio.open_nursery() as nursery:
-        while True:
-            token = object()
-            await slots.acquire_on_behalf_of(token)
-            try:
-                await trio.lowlevel.wait_readable(listener)
-                sock, _ = listener.accept()
-            except BlockingIOError:  # the client gave up between readiness and accept
-                slots.release_on_behalf_of(token)
-                continue
-            except OSError as exc:
-                slots.release_on_behalf_of(token)
-                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    raise
-                await trio.sleep(ACCEPT_BACKOFF)  # out of descriptors: let a connection end
-                continue
-            except BaseException:
-                slots.release_on_behalf_of(token)
-                raise
-            nursery.start_soon(run, sock, token)
+        await accept_loop(listener, slots, nursery, run)
 
 
 async def _http_connection(
@@ -506,8 +504,8 @@ async def _tls_alpn_connection(sock: socket.socket, board: ChallengeBoard) -> No
                     return
                 if hello is None:
                     continue
-                context = board.tls_alpn_context(hello.sni)
-                if wants_challenge(hello) and context is not None:
+                context = board.challenge_context(hello)
+                if context is not None:
                     log.info("acme: %s", await answer_tls_alpn(stream, bytes(buffer), context))
                 return
     except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -526,8 +524,6 @@ async def open_responders(
     """Answer `kind` challenges on the configured addresses for the duration of the block,
     if we can bind them. Yields False when they are taken (a `serve` holds them, which then
     answers from the same folder: `wait_until_served` tells)."""
-    from dualproxy.serve.server import open_listeners
-
     addresses = list(tls_addresses) if kind == "tls-alpn-01" else [http_address]
     listeners: list[socket.socket] | None = None
     try:

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, TypeVar, TypeVarTuple
+from typing import Final, TypeVar, TypeVarTuple
 
 import trio
 from acme import challenges as acme_challenges
@@ -58,9 +58,6 @@ from dualproxy.config.schema import AcmeConfig, ChallengeType, Config, KeyConfig
 from dualproxy.files import write_atomically
 from dualproxy.pinning.manifest import b64url_encode
 from dualproxy.tls import keygen, keystore
-
-if TYPE_CHECKING:
-    from dualproxy.serve.server import Server
 
 log = logging.getLogger("dualproxy.acme")
 
@@ -534,162 +531,3 @@ async def due_keys(
             plan = renewal.Plan(now, plan.reason, now, plan.urgency)
         out.append((key, plan))
     return out
-
-
-# --- in `serve` ----------------------------------------------------------------------------------
-
-
-@dataclass
-class _KeyMemory:
-    point: float
-    failures: int = 0
-    last_attempt: datetime | None = None
-    window: renewal.Window | None = None
-    window_checked: datetime | None = None
-
-
-async def run_in_server(
-    server: Server,
-    clock: Callable[[], datetime],
-    bound: list[tuple[str, int]],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """What `serve` does for [acme]: answer challenges published in the challenge folder (its
-    TLS listener through `server.acme_board`, and the plain-HTTP listener when configured),
-    and renew in the background. Reports readiness once the HTTP listener is bound."""
-    from dualproxy.acme.challenges import serve_http
-    from dualproxy.serve.server import open_listeners
-
-    acme = server.config.acme
-    assert acme is not None
-    board = ChallengeBoard(challenge_folder(acme))
-    await board.refresh_async()
-    http_listeners = []
-    probes = _Probes(tls=ListenAddress(*bound[0]), http=None)
-    if acme.http_listen is not None:
-        http_listeners = await open_listeners([acme.http_listen], server.config.listen.reuse_port)
-        host, port = http_listeners[0].getsockname()[:2]
-        probes = _Probes(tls=probes.tls, http=ListenAddress(str(host), int(port)))
-    try:
-        async with trio.open_nursery() as nursery:
-            server.acme_board = board
-            for listener in http_listeners:
-                nursery.start_soon(serve_http, listener, board, bound[0][1])
-            nursery.start_soon(board.watch, server.config.keystore.reload_poll_interval)
-            nursery.start_soon(_renew_forever, server, board, clock, probes)
-            task_status.started()
-    finally:
-        for listener in http_listeners:
-            listener.close()
-
-
-@dataclass(frozen=True)
-class _Probes:
-    """Where this server's own listeners are bound (its config may say port 0)."""
-
-    tls: ListenAddress
-    http: ListenAddress | None
-
-
-async def _renew_forever(
-    server: Server, board: ChallengeBoard, clock: Callable[[], datetime], probes: _Probes
-) -> None:
-    memory: dict[str, _KeyMemory] = {}
-    while True:
-        config = server.config
-        acme = config.acme
-        if acme is None or not acme.renew:
-            await trio.sleep(60)  # a reload may turn it on
-            continue
-        policy = renewal.Policy.from_config(acme)
-        plans = []
-        for key in config.acme_keys():
-            if retired(config, key.name, clock()):
-                continue
-            state = memory.setdefault(key.name, _KeyMemory(point=random.random()))
-            plan = await _renew_one(server, config, key, state, policy, board, clock, probes)
-            plans.append(plan)
-        now = clock()
-        wake = renewal.wake_time(plans, policy, now)
-        await trio.sleep(max((wake - now).total_seconds(), 0.0))
-
-
-async def _renew_one(
-    server: Server,
-    config: Config,
-    key: KeyConfig,
-    memory: _KeyMemory,
-    policy: renewal.Policy,
-    board: ChallengeBoard,
-    clock: Callable[[], datetime],
-    probes: _Probes,
-) -> renewal.Plan:
-    acme = config.acme
-    assert acme is not None
-    loaded = server.snapshot.keys.get(key.name)
-    leaf = loaded.leaf if loaded is not None else None
-    now = clock()
-    if leaf is not None and (
-        memory.window_checked is None or now >= memory.window_checked + policy.recheck_interval
-    ):
-        memory.window = await renewal_window(acme, leaf)
-        memory.window_checked = now
-    state = renewal.KeyState(
-        validity=validity_of(leaf),
-        window=memory.window,
-        point=memory.point,
-        grace_start=grace_start_for(config, key.name),
-        failures=memory.failures,
-        last_attempt=memory.last_attempt,
-    )
-    plan = renewal.plan(state, policy, now)
-    if plan.urgency is renewal.Urgency.EXPIRED:
-        log.error("acme: the certificate of %s has EXPIRED; clients fail now", key.name)
-    elif plan.urgency is renewal.Urgency.SOON and leaf is not None:
-        log.warning(
-            "acme: the certificate of %s expires at %s; renewal has not succeeded yet",
-            key.name,
-            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC",
-        )
-    if not plan.attempt_now(now):
-        return plan
-    log.info("acme: renewing %s (%s)", key.name, plan.reason)
-    memory.last_attempt = now
-    try:
-        await obtain(config, key, board=board, tls_probe=probes.tls, http_probe=probes.http)
-    except Exception as exc:
-        # AcmeError and OperatorError say what to do; anything else is our bug, with its
-        # traceback. Either way the current chain keeps serving and a retry is scheduled.
-        if not isinstance(exc, AcmeError | OperatorError):
-            log.exception("acme: renewing %s failed unexpectedly", key.name)
-        memory.failures += 1
-        retry = now + renewal.retry_delay(memory.failures, policy)
-        log.error(
-            "acme: renewing %s failed (attempt %d; still serving the current chain; next"
-            " try at %s): %s",
-            key.name,
-            memory.failures,
-            f"{retry:%Y-%m-%d %H:%M:%S} UTC",
-            exc,
-        )
-    else:
-        memory.failures = 0
-        memory.window_checked = None  # a new certificate has its own window
-        log.info("acme: new certificate for %s written to %s", key.name, key.chain)
-        await server.reload(f"acme: new certificate for {key.name}")
-        loaded = server.snapshot.keys.get(key.name)
-        leaf = loaded.leaf if loaded is not None else leaf
-    now = clock()
-    return renewal.plan(
-        renewal.KeyState(
-            validity=validity_of(leaf),
-            window=memory.window,
-            point=memory.point,
-            grace_start=state.grace_start,
-            failures=memory.failures,
-            last_attempt=memory.last_attempt,
-        ),
-        policy,
-        now,
-    )

@@ -18,11 +18,11 @@ import trio
 
 from dualproxy.acme import renewal
 from dualproxy.cli.arguments import EXIT_OK, AddCommand, key_name_argument, with_config
-from dualproxy.cli.running import _setup_logging
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load
 from dualproxy.config.schema import Config, KeyConfig
-from dualproxy.serve.server import utc_now
+from dualproxy.ops.logformat import setup_logging
+from dualproxy.serve.clock import utc_now
 from dualproxy.tls import keystore
 
 _R = TypeVar("_R")
@@ -83,7 +83,7 @@ def _run_acme(body: Callable[[], Awaitable[_R]]) -> _R:
 def _cmd_acme_issue(args: argparse.Namespace) -> int:
     from dualproxy.acme import issuer as acme
 
-    _setup_logging(level=logging.WARNING)
+    setup_logging(level=logging.WARNING)
     config = load(args.config)
     try:
         key = acme.managed_key(config, args.key)
@@ -103,7 +103,7 @@ def _print_pin(config: Config, key: KeyConfig) -> None:
 def _cmd_acme_renew(args: argparse.Namespace) -> int:
     from dualproxy.acme import issuer as acme
 
-    _setup_logging(level=logging.WARNING)
+    setup_logging(level=logging.WARNING)
     config = load(args.config)
     if config.acme is None:
         raise OperatorError(

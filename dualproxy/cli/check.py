@@ -14,7 +14,7 @@ from dualproxy.cli.arguments import EXIT_FAILED, EXIT_OK, AddCommand, with_confi
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load
 from dualproxy.rotation import checks, explain, policy
-from dualproxy.serve.server import utc_now
+from dualproxy.serve.clock import utc_now
 from dualproxy.tls import keystore, pins
 from dualproxy.tls.clienthello import ClientHello
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Final
 
 from dualproxy.cli.arguments import EXIT_OK, AddCommand, UsageError, host_argument
-from dualproxy.cli.running import _setup_logging, run_until_interrupted
+from dualproxy.cli.running import run_until_interrupted
 from dualproxy.config.errors import OperatorError
 from dualproxy.dev import bench as dev
 from dualproxy.dev import certs as devcerts
@@ -21,7 +21,8 @@ from dualproxy.dev import echo
 from dualproxy.dev.bench import DEFAULT_DIR as DEV_DIR
 from dualproxy.dev.bench import SCENARIOS as DEV_SCENARIOS
 from dualproxy.dev.control import DEFAULT_ADMIN_ADDRESS
-from dualproxy.serve.server import utc_now
+from dualproxy.ops.logformat import setup_logging
+from dualproxy.serve.clock import utc_now
 
 # Which command-line option a problem in the bench's generated config comes from.
 _DEV_OPTIONS: Final = (
@@ -99,7 +100,7 @@ def _admin_argument(text: str) -> tuple[str, int]:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    _setup_logging()
+    setup_logging()
     now = utc_now()
     try:
         material = dev.prepare(args.dir, args.name, reset=args.reset, now=now)

@@ -17,7 +17,7 @@ from dualproxy.config.loader import load
 from dualproxy.files import write_atomically
 from dualproxy.pinning import manifest
 from dualproxy.rotation import explain
-from dualproxy.serve.server import utc_now
+from dualproxy.serve.clock import utc_now
 from dualproxy.tls import keystore
 
 

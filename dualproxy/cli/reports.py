@@ -10,7 +10,7 @@ from dualproxy.cli.arguments import EXIT_OK, AddCommand, with_config
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load
 from dualproxy.pinning import endpoints, reports
-from dualproxy.serve.server import utc_now
+from dualproxy.serve.clock import utc_now
 from dualproxy.tls import keystore
 
 

@@ -1,5 +1,4 @@
-"""Running a long command (`serve`, `dev`, and the ACME commands' logging): how logging is set
-up, and trio.run until the body returns or Ctrl-C.
+"""Running a long command (`serve`, `dev`): trio.run until the body returns or Ctrl-C.
 
 Ctrl-C is a request to stop: SIGINT cancels the body's nursery, so connections are torn down
 by trio and the process exits 0 without a KeyboardInterrupt traceback. An OSError that ends
@@ -8,7 +7,6 @@ the body (a port in use) is printed as `error: ...`, exit 1.
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -16,19 +14,6 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from dualproxy.cli.arguments import EXIT_FAILED, EXIT_OK
-from dualproxy.ops.logformat import JsonFormatter, TextFormatter
-
-
-def _setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
-    # What no log line of ours shows, so nothing records it (the logging HOWTO's
-    # "Optimization"): a log line per connection is part of every connection's cost.
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    logging._srcfile = None  # no caller's file and line: saves a stack walk per line
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
-    logging.basicConfig(level=level, handlers=[stderr])  # no-op when logging is set up already
 
 
 def run_until_interrupted(body: Callable[[], Awaitable[None]]) -> int:

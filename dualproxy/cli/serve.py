@@ -18,13 +18,15 @@ import trio
 from dualproxy.acme import challenges
 from dualproxy.cli.acme import issue_or_fail
 from dualproxy.cli.arguments import EXIT_OK, AddCommand, UsageError, with_config
-from dualproxy.cli.running import _setup_logging, run_until_interrupted
+from dualproxy.cli.running import run_until_interrupted
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load
 from dualproxy.config.names import ListenAddress, admin_address_problem, parse_address
 from dualproxy.config.schema import DEFAULT_CONFIG_FILE
 from dualproxy.ops import admin
-from dualproxy.serve.server import Server, raise_open_file_limit
+from dualproxy.ops.logformat import setup_logging
+from dualproxy.serve.listeners import raise_open_file_limit
+from dualproxy.serve.server import Server
 
 LOG_FORMATS: Final = ("text", "json")
 
@@ -102,7 +104,7 @@ def _admin_url_argument(text: str) -> tuple[str, int]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_format)
+    setup_logging(args.log_format)
     config = load(args.config)
     admin_address = config.admin.address
     if args.admin is not None:
@@ -132,10 +134,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(server: Server, admin_socket: socket.socket | None) -> None:
-    """The server and, beside it, its admin listener, which stops when the server does."""
+    """The server and, beside it, its admin listener and [acme]'s service, which stop when
+    the server does."""
     async with trio.open_nursery() as nursery:
         if admin_socket is not None:
             await nursery.start(admin.serve, admin_socket, server)
+        if server.config.acme is not None:
+            from dualproxy.acme import service  # the acme library loads only when used
+
+            await nursery.start(service.serve_beside, server)
         await server.run()
         nursery.cancel_scope.cancel()
 

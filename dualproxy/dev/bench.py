@@ -52,7 +52,9 @@ from dualproxy.dev.certs import (
     prepare,
 )
 from dualproxy.rotation import policy
-from dualproxy.serve.server import Server, describe_bound, utc_now
+from dualproxy.serve.clock import utc_now
+from dualproxy.serve.listeners import describe_bound
+from dualproxy.serve.server import Server
 from dualproxy.tls import keystore, pins
 from dualproxy.tls.clienthello import ClientHello
 

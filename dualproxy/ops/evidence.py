@@ -31,11 +31,14 @@ Cost. Per request: a list increment for the status class, and for a relayed resp
 its latency bucket and a float addition. Per connection: one dict update; for a handshake that
 reached a certificate, a few list operations for its time bucket (15 minutes, a day of them
 kept in a ring) and for the canary's samples.
+
+Size. About 700 lines, one vocabulary (Sample, Row, Window, the canary's rule) used three ways:
+counted per connection (Evidence, CanaryJudge), read at one instant (Status) and written as
+/status.json (Status.to_json); split, each part would import the others' types.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -46,6 +49,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from dualproxy.config.schema import Rotation
 from dualproxy.config.times import format_time
 from dualproxy.rotation.policy import Choice, Phase, Reason
+from dualproxy.tls.outcome import Outcome
 
 if TYPE_CHECKING:
     from dualproxy.pinning.reports import ReportSummary
@@ -96,25 +100,26 @@ LATENCY_BOUNDS: Final = (
 # Status codes are three digits (RFC 9110 15), so status // 100 is 1..9.
 _STATUS_CLASSES: Final = 10
 
-# Outcome values (server.Outcome is a StrEnum with these values; evidence does not import the
-# server, which imports it).
-CLIENT_ABORTED: Final = "client-aborted"
-NO_REQUEST: Final = "no-request"
 # Labels for connections that ended before a key was chosen (no hello, plain HTTP, timeout).
 NONE_LABEL: Final = "-"
-_CANARY: Final[str] = Reason.CANARY.value
-_DEFAULT: Final[str] = Reason.DEFAULT.value
+# The members that connection_ended compares, looked up once: reading an attribute of an enum
+# class goes through its metaclass's __getattr__ hook, slower than reading a global (3.11).
+_CLIENT_ABORTED: Final = Outcome.CLIENT_ABORTED
+_NO_REQUEST: Final = Outcome.NO_REQUEST
+_CANARY: Final = Reason.CANARY
+_DEFAULT: Final = Reason.DEFAULT
 
 
 class FinishedConnection(Protocol):
-    """What the accounting reads from a finished connection (server.ConnectionRecord)."""
+    """What the accounting reads from a finished connection (serve.connection's
+    ConnectionRecord)."""
 
     @property
     def key(self) -> str | None: ...
     @property
     def choice(self) -> Choice | None: ...
     @property
-    def outcome(self) -> enum.StrEnum: ...  # server.Outcome
+    def outcome(self) -> Outcome: ...
     @property
     def detail(self) -> str: ...
     @property
@@ -126,7 +131,7 @@ class FinishedConnection(Protocol):
 class RequestCounters:
     """Per-request counts of the connections served one key for one reason (a connection
     takes its set once, when its key is chosen: Evidence.counters_for): the relay reports
-    through the connection's record (server.ConnectionRecord.response_relayed), which
+    through the connection's record (ConnectionRecord.response_relayed), which
     increments these directly, without a call deeper: it runs once per response."""
 
     __slots__ = ("latency", "latency_sum", "statuses")
@@ -225,8 +230,8 @@ class CanaryJudge:
         return Sample(*self._control)
 
     def observe(self, reason: str, aborted: bool, quiet: bool, rotation: Rotation | None) -> None:
-        """Count one handshake that reached a certificate (`reason`: a Reason's value), and
-        apply the rule."""
+        """Count one handshake that reached a certificate (`reason`: a Reason), and apply the
+        rule."""
         if self.halted or rotation is None or rotation.canary_percent <= 0:
             return
         if reason == _DEFAULT:
@@ -281,7 +286,7 @@ class CanaryJudge:
 
 
 # One connection's place in the counts: (key, reason, outcome, handshake completed, pin failure).
-_RowKey = tuple[str, str, str, bool, bool]
+_RowKey = tuple[str, str, Outcome, bool, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,8 +294,8 @@ class Row:
     """Connections that ended alike, and the requests they carried."""
 
     key: str
-    reason: str
-    outcome: str
+    reason: str  # a Reason, or NONE_LABEL
+    outcome: Outcome
     completed: bool
     pin_failure: bool
     connections: int
@@ -300,7 +305,7 @@ class Row:
     def sample(self) -> Sample:
         """These connections as handshake evidence: aborted after our certificate, or
         completed (a pin failure too when nothing followed); neither otherwise."""
-        if self.outcome == CLIENT_ABORTED:
+        if self.outcome == Outcome.CLIENT_ABORTED:
             return Sample(aborted=self.connections)
         if self.completed:
             quiet = self.connections if self.pin_failure else 0
@@ -494,15 +499,15 @@ class Evidence:
 
     def connection_ended(self, record: FinishedConnection, rotation: Rotation | None) -> None:
         """Count a finished connection; `rotation` is the config's current (for the canary)."""
-        # Plain strings from here on: enum members hash and compare in Python code (3.11),
-        # several times slower than str, and this runs for every connection.
+        # The enum members as they are: a StrEnum member is a str (hashed and compared by
+        # str's own C code), equal to its value as a key or a label.
         key = record.key or NONE_LABEL
         choice = record.choice
-        reason: str = choice.reason._value_ if choice is not None else NONE_LABEL
-        outcome: str = record.outcome._value_
+        reason: str = choice.reason if choice is not None else NONE_LABEL
+        outcome = record.outcome
         completed = record.tls_version is not None
-        aborted = outcome == CLIENT_ABORTED
-        quiet = outcome == NO_REQUEST and not record.detail
+        aborted = outcome is _CLIENT_ABORTED
+        quiet = outcome is _NO_REQUEST and not record.detail
         row_key = (key, reason, outcome, completed, aborted or quiet)
         row = self._rows.get(row_key)
         if row is None:
@@ -523,7 +528,7 @@ class Evidence:
             timeline = self._timelines[key] = _Timeline()
         timeline.handshakes[slot] += 1
         timeline.failures[slot] += failure
-        if reason in (_CANARY, _DEFAULT):
+        if reason is _CANARY or reason is _DEFAULT:
             self.canary.observe(reason, aborted, quiet, rotation)
 
     # --- reading -----------------------------------------------------------------------

@@ -1,62 +1,82 @@
 """How log lines are written: `TextFormatter` (the default) and `JsonFormatter`
-(`dualproxy serve --log-format json`, one JSON object per line).
+(`dualproxy serve --log-format json`, one JSON object per line), set up by `setup_logging`.
 
 Text lines are `time level message`, as logging.basicConfig's usual format writes them. In
-JSON, the per-connection line (`conn peer=... key=...`, see server.ConnectionRecord.log_line)
-becomes an object with `"event": "conn"` and one member per field, so a log pipeline needs no
-parser of its own:
+JSON, every line is {"time", "level", "message"} (and "exception" with a traceback), except
+*events*: a message that is a `LogEvent` (the per-connection line, serve.connection's
+ConnectionRecord) carries its fields, and becomes an object with `"event"` and one member per
+field, so a log pipeline needs no parser of its own:
 
     {"time": "2026-12-10T12:00:00.123Z", "level": "info", "event": "conn",
      "peer": "203.0.113.7:51234", "sni": "api.example.com", "alpn": ["h2", "http/1.1"],
      "identity": "old", "key": "k2026a", "reason": "default", "outcome": "ok", "detail": null,
      "tls": "TLSv1.3", "requests": 3, "ms": 412}
 
-Every other line is {"time", "level", "message"} (and "exception" with a traceback).
+An event is logged as the message object itself: logging calls `str()` on a message when a
+formatter asks for it, so the text format writes the event's text line and nothing is built
+that no handler writes; the JSON format reads the fields, never the text.
 
-The fields are read back from the text line rather than taken from the record: the line is
-built once per connection anyway, and this keeps the per-connection path exactly as it is.
-The text format makes that exact: values are bare tokens, or quoted with the escapes of
-Python's unicode_escape codec (server._log_value), which `codecs.decode` reverses.
+`log_event` logs one without looking for the caller's source file and line, which logging
+otherwise finds by walking the stack for every record: no format of ours shows them, and the
+connection line is logged once per connection.
 """
 
 from __future__ import annotations
 
-import codecs
 import json
 import logging
-import re
+import sys
 import time
 from datetime import UTC, datetime
-from typing import Final
+from typing import ClassVar, Final
 
-__all__ = ["JsonFormatter", "TextFormatter", "conn_fields"]
+__all__ = ["JsonFormatter", "LogEvent", "TextFormatter", "log_event", "setup_logging"]
 
-_FIELD: Final = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
-_INTEGERS: Final = frozenset({"requests", "ms"})
 # logging.Formatter's default_time_format and default_msec_format, as it writes asctime.
 _TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
 _MSEC_FORMAT: Final = "%s,%03d"
+# What a LogRecord says of its caller when nobody looked (logging's own words for it).
+_UNKNOWN_FILE: Final = "(unknown file)"
+_UNKNOWN_FUNCTION: Final = "(unknown function)"
 
 
-def conn_fields(line: str) -> dict[str, object] | None:
-    """The fields of a `conn ...` line, typed (None for "-", ints, ALPN as a list); None
-    for any other line."""
-    if not line.startswith("conn "):
-        return None
-    fields: dict[str, object] = {}
-    for name, raw in _FIELD.findall(line[len("conn ") :]):
-        value: str | None
-        if raw.startswith('"') and raw.endswith('"') and len(raw) >= 2:
-            value = codecs.decode(raw[1:-1], "unicode_escape")
-        else:
-            value = None if raw == "-" else raw
-        if value is not None and name in _INTEGERS and value.lstrip("-").isdigit():
-            fields[name] = int(value)
-        elif value is not None and name == "alpn":
-            fields[name] = value.split(",")
-        else:
-            fields[name] = value
-    return fields
+class LogEvent:
+    """A log message with fields: `str(event)` is its text line, `log_fields()` its JSON
+    members (in the text line's order), `event` its name in JSON.
+
+    Log it as the message itself, with no arguments: `log_event(logger, event)`, or
+    `logger.info(event)`. Formatters read it when they write the record, so it must not
+    change after it was logged.
+    """
+
+    __slots__ = ()
+    event: ClassVar[str]
+
+    def log_fields(self) -> dict[str, object]:
+        raise NotImplementedError
+
+
+def log_event(logger: logging.Logger, event: LogEvent, level: int = logging.INFO) -> None:
+    """`logger.log(level, event)`, without the search for the caller's file and line that
+    logging makes for every record (a walk up the stack; see the module docstring)."""
+    if logger.isEnabledFor(level):
+        record = logger.makeRecord(
+            logger.name, level, _UNKNOWN_FILE, 0, event, (), None, _UNKNOWN_FUNCTION
+        )
+        logger.handle(record)
+
+
+def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
+    """Log to stderr in `log_format` ("text", or "json" for one object per line), from `level`
+    up; a no-op when logging is set up already (logging.basicConfig's rule)."""
+    # What no log line of ours shows, so nothing records it (the logging HOWTO's
+    # "Optimization"): a log line per connection is part of every connection's cost.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    logging.basicConfig(level=level, handlers=[stderr])
 
 
 class TextFormatter(logging.Formatter):
@@ -83,18 +103,17 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per record (see the module docstring)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
         moment = datetime.fromtimestamp(record.created, UTC)
         out: dict[str, object] = {
             "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname.lower(),
         }
-        fields = conn_fields(message)
-        if fields is not None:
-            out["event"] = "conn"
-            out.update(fields)
+        event = record.msg
+        if isinstance(event, LogEvent) and not record.args:
+            out["event"] = event.event
+            out.update(event.log_fields())
         else:
-            out["message"] = message
+            out["message"] = record.getMessage()
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out)

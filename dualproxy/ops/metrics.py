@@ -7,7 +7,7 @@ one), so a test process can run several servers and each exposes only its own co
 
 The names, labels and meanings are listed in the README ("Evidence and the admin listener").
 Labels: `key` is a [keys.NAME] name ("-" for connections that ended before a key was chosen),
-`reason` a policy.Reason value ("-" likewise), `outcome` a server.Outcome value.
+`reason` a policy.Reason value ("-" likewise), `outcome` a tls.outcome.Outcome value.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from dualproxy.ops.evidence import CLIENT_ABORTED, LATENCY_BOUNDS, NONE_LABEL, Sample, Status
+from dualproxy.ops.evidence import LATENCY_BOUNDS, NONE_LABEL, Sample, Status
 from dualproxy.rotation.policy import Phase
+from dualproxy.tls.outcome import Outcome
 
 __all__ = ["CONTENT_TYPE", "EvidenceCollector", "exposition", "families", "registry_for"]
 
@@ -91,7 +92,7 @@ def families(status: Status) -> list[Metric]:
         by_outcome[row.key, row.reason, row.outcome] += row.connections
         if row.key != NONE_LABEL:
             by_reason[row.key, row.reason] += row.requests
-        aborted = row.outcome == CLIENT_ABORTED
+        aborted = row.outcome == Outcome.CLIENT_ABORTED
         if row.completed or aborted:
             result = "completed" if row.completed else "aborted"
             by_result[row.key, row.reason, result] += row.connections

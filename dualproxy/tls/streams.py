@@ -45,7 +45,6 @@ import ssl
 from collections.abc import Callable
 from typing import Final, NoReturn, TypeVar
 
-import h11
 import trio
 
 __all__ = [
@@ -54,7 +53,6 @@ __all__ = [
     "TcpStream",
     "TlsStream",
     "discard_until_closed",
-    "receive_h11_request",
     "set_tcp_options",
 ]
 
@@ -273,42 +271,6 @@ async def discard_until_closed(
             if not chunk:  # closed by the peer (nothing is left unread), or quiet
                 break
             discarded += len(chunk)
-
-
-async def receive_h11_request(
-    stream: trio.abc.ReceiveStream,
-    conn: h11.Connection,
-    *,
-    receive_size: int,
-    on_body: Callable[[bytes], None] | None = None,
-) -> h11.Request | None:
-    """The next request through `conn` (h11's server side), for the placeholder in
-    serve.server. The other small servers read with `http.smallserver.Connection`, whose
-    head bound is exact; when the placeholder does too, this goes (and h11 with it from here).
-
-    Without `on_body`, the request is returned once its head is read; with it, each piece of
-    the body goes to `on_body` (which raises to stop reading) and the request is returned
-    once complete. None when the client closed before a request began; h11.RemoteProtocolError
-    for what h11 rejects, a close in the middle of a request included (their_state is then
-    ERROR).
-    """
-    request: h11.Request | None = None
-    # Bounded: h11 caps the head (max_incomplete_event_size), and `on_body` the body.
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(bytes(await stream.receive_some(receive_size)))
-        elif isinstance(event, h11.Request):
-            if on_body is None:
-                return event
-            request = event
-        elif isinstance(event, h11.Data):
-            assert on_body is not None  # without it, the head was returned
-            on_body(event.data)
-        elif isinstance(event, h11.EndOfMessage):
-            return request
-        else:  # ConnectionClosed; or PAUSED, which a server reading one request never sees
-            return None
 
 
 class _State(enum.Enum):

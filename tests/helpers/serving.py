@@ -11,6 +11,7 @@ from typing import Any
 import trio
 
 from dualproxy.config.schema import Config
+from dualproxy.serve.lifecycle import Loader
 from dualproxy.serve.server import Server
 
 
@@ -24,12 +25,19 @@ class Running:
 
 @asynccontextmanager
 async def serving(
-    config: Config, *, clock: Callable[[], datetime] | None = None, dev_headers: bool = False
+    config: Config,
+    *,
+    clock: Callable[[], datetime] | None = None,
+    dev_headers: bool = False,
+    load: Loader | None = None,
 ) -> AsyncIterator[Running]:
-    """A real server on a loopback port for the duration of the block."""
+    """A real server on a loopback port for the duration of the block; `load`, when given, is
+    how its reloads read the config and keys (Server's `load`)."""
     kwargs: dict[str, Any] = {"handle_signals": False, "dev_headers": dev_headers}
     if clock is not None:
         kwargs["clock"] = clock
+    if load is not None:
+        kwargs["load"] = load
     server = Server(config, **kwargs)
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(server.run)

@@ -1,0 +1,384 @@
+"""A server over time: reloads, the drain, and the tasks that run beside the connections.
+
+Theory of operation.
+
+**Material.** What a server serves from, as one value: the config, its key snapshot (the SSL
+contexts), the relay settings (with the upstream pool) and the local endpoints. A reload
+loads all of it in a worker thread, all or nothing, and the server swaps it in at once
+(`Reloadable.install`): connections already open keep what they started with, the next
+handshake gets the new material. A reload never changes the listen addresses (the listeners
+stay; a warning says to restart), and keeps the upstream pool unless the upstream or the
+pool's own limits changed; a replaced pool closes its idle connections, and those in use
+finish their exchange first.
+
+**Reloads** run one at a time (`Reloads`): the file poller, SIGHUP, ACME and the dev bench may
+ask together, and two loads in flight could finish out of order and leave the older files'
+material in place. A reload that fails (a bad config, an unusable key, or a bug of ours) is
+logged and counted, and the previous material keeps serving. The file poller compares the
+watched files' signature (inode, size, mtime, mode) with the one taken *before* the last
+reload read them, so a file that changes while it loads is seen at the next poll.
+
+**Stopping** (`Shutdown`): the drain (SIGTERM, `Server.drain`) stops accepting (the listeners
+close), closes idle keep-alive connections at once, gives requests in flight
+limits.shutdown_grace to finish (with `Connection: close`), then cancels what is left; a
+second SIGTERM cancels every connection at once.
+
+**Beside the connections**, each in the server's nursery and each bounded: the file poller,
+idle upstream connections pruned, relayed clients that left looked for, the manifest's expiry
+looked at, and signals (SIGHUP reloads, SIGTERM drains).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Final, Protocol
+
+import trio
+
+from dualproxy.config.errors import OperatorError
+from dualproxy.config.loader import load as load_config
+from dualproxy.config.schema import Config, ManifestConfig
+from dualproxy.http.relay import DEPARTURE_CHECK_SECONDS, Departures, Drain, RelaySettings
+from dualproxy.pinning import endpoints, manifest
+from dualproxy.serve.closing import close_pool
+from dualproxy.tls import keystore
+from dualproxy.tls.keystore import KeySnapshot
+
+__all__ = [
+    "IDLE_PRUNE_WITHOUT_UPSTREAM",
+    "MANIFEST_EXPIRY_CHECK_INTERVAL",
+    "Controllable",
+    "FilesSignature",
+    "Loader",
+    "ManifestWatch",
+    "Material",
+    "Reloadable",
+    "Reloads",
+    "Shutdown",
+    "files_signature",
+    "prune_idle_upstream",
+    "read_files",
+    "watch_departures",
+    "watch_signals",
+]
+
+log = logging.getLogger("dualproxy")
+
+# How often to look again for an [upstream] to prune while none is configured (a reload may
+# add one); idle pools are pruned every half pool_idle_timeout.
+IDLE_PRUNE_WITHOUT_UPSTREAM: Final = 30.0
+# How often `serve` looks at the served manifest's expiry (a warning before it, an error
+# after): the warning window is days long, so a minute is prompt and costs nothing.
+MANIFEST_EXPIRY_CHECK_INTERVAL: Final = 60.0
+
+# (path, inode, size, mtime in ns, mode) of each watched file; -1s for one that is missing.
+FilesSignature = tuple[tuple[str, int, int, int, int], ...]
+# How a reload reads the config file and its keys, given the config served now (blocking: it
+# runs in a worker thread). `read_files` unless the server was given another.
+Loader = Callable[[Config], tuple[Config, KeySnapshot]]
+
+
+@dataclass(frozen=True, slots=True)
+class Material:
+    """What a server serves from; a reload swaps all of it at once."""
+
+    config: Config
+    snapshot: KeySnapshot
+    relay: RelaySettings | None  # with config.upstream
+    local: endpoints.LocalEndpoints | None  # the paths answered here ([manifest], [reports])
+
+
+class Reloadable(Protocol):
+    """A server, as its reloads see it."""
+
+    @property
+    def material(self) -> Material:
+        """What it serves now."""
+        ...
+
+    def install(self, material: Material, why: str) -> None:
+        """Serve `material` from now on (and say so in the log)."""
+        ...
+
+
+def read_files(config: Config) -> tuple[Config, KeySnapshot]:
+    """The config file `config` was read from, read again (the same config when it was not
+    read from a file), and its keys."""
+    fresh = load_config(config.path) if config.path is not None else config
+    return fresh, keystore.load_snapshot(fresh)
+
+
+def files_signature(config: Config) -> FilesSignature:
+    """The watched files' signature (blocking: a stat per file)."""
+    signature = []
+    for path in config.watched_files():
+        try:
+            st = path.stat()
+            signature.append((str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode))
+        except OSError:
+            signature.append((str(path), -1, -1, -1, -1))
+    return tuple(signature)
+
+
+def _relay_for(current: Material, config: Config) -> RelaySettings | None:
+    """Relay settings for a reloaded config: the current pool is kept unless the upstream or
+    the pool's own limits changed (blocking: a new pool reads CA files)."""
+    relay = current.relay
+    if config.upstream is None:
+        return None
+    old, new = current.config, config
+    same_pool = (
+        relay is not None
+        and new.upstream == old.upstream
+        and new.limits.upstream_connect_timeout == old.limits.upstream_connect_timeout
+        and new.limits.upstream_timeout == old.limits.upstream_timeout
+    )
+    if same_pool and relay is not None and new.limits == old.limits:
+        return relay
+    return RelaySettings.build(config, relay.pool if same_pool and relay else None)
+
+
+class Reloads:
+    """A server's reloads: one at a time, counted, and the file poller (see the module
+    docstring)."""
+
+    def __init__(
+        self,
+        server: Reloadable,
+        load: Loader,
+        clock: Callable[[], datetime],
+        *,
+        files_seen: FilesSignature,
+    ) -> None:
+        self._server = server
+        self._load = load
+        self._clock = clock
+        self._lock = trio.Lock()
+        # The signature the file poller compares with: taken before the files it describes
+        # were read (for the first, before the server read its keys).
+        self._files_seen = files_seen
+        self.ok = 0
+        self.failed = 0
+
+    @property
+    def waiting(self) -> int:
+        """Reloads waiting for the one in progress to finish."""
+        return self._lock.statistics().tasks_waiting
+
+    async def reload(self, why: str) -> bool:
+        """Re-read the config and key files; swap in new material only if all of it is good.
+        True when it took effect."""
+        async with self._lock:
+            return await self._reload_now(why)
+
+    async def apply(self, config: Config, why: str) -> bool:
+        """Serve `config` from now on, as a reload would serve a changed config file (see
+        Server.apply)."""
+        async with self._lock:
+            # The files the new config names, as they are before its keys are read (as at
+            # start): the file poller compares against these, so a switch is not a "change".
+            seen = await trio.to_thread.run_sync(files_signature, config)
+            applied = await self._reload_now(why, config)
+            if applied:
+                self._files_seen = seen
+            return applied
+
+    async def watch_files(self) -> None:
+        """Reload when a watched file changes (renewal tools, Kubernetes Secret updates).
+
+        A change that fails to load (a torn write: new chain, old key) is retried when the
+        files change again, which is when the writer finishes. The signature a reload is
+        compared against is always one taken *before* that reload read the files, so a file
+        that changes while we load (the key landing just after its chain) is seen as a change
+        at the next poll; the price is at most one reload of files already loaded.
+        """
+        while True:
+            config = self._server.material.config
+            await trio.sleep(config.keystore.reload_poll_interval)
+            current = await trio.to_thread.run_sync(files_signature, self._server.material.config)
+            if current != self._files_seen:
+                await self.reload("files changed")
+                self._files_seen = current
+
+    async def _reload_now(self, why: str, given: Config | None = None) -> bool:
+        current = self._server.material
+        try:
+            material = await trio.to_thread.run_sync(self._prepare, current, given)
+        except OperatorError as exc:
+            self.failed += 1
+            log.error("reload (%s) failed, still serving the previous keys: %s", why, exc)
+            return False
+        except Exception:
+            # Our bug, not the operator's. It must not take down a server that is serving
+            # good material: the file poller and the signal watcher run in its nursery.
+            self.failed += 1
+            log.exception("reload (%s) failed unexpectedly, still serving the previous keys", why)
+            return False
+        if material.config.listen != current.config.listen:
+            log.warning("listen addresses changed: restart dualproxy to apply (kept the old ones)")
+            # replace(), not Config(...): a field added to Config later must not be dropped.
+            kept = replace(material.config, listen=current.config.listen)
+            material = replace(material, config=kept)
+        old_pool = current.relay.pool if current.relay is not None else None
+        self.ok += 1
+        self._server.install(material, why)
+        relay = material.relay
+        if old_pool is not None and (relay is None or relay.pool is not old_pool):
+            # Its idle connections close now; those in use finish their exchange first.
+            await close_pool(old_pool)
+            if relay is not None:
+                log.info("upstream: now %s", relay.rules.upstream_authority.decode())
+        return True
+
+    def _prepare(self, current: Material, given: Config | None) -> Material:
+        """The new material (blocking: a worker thread): `given`'s keys, or the files'."""
+        if given is None:
+            config, snapshot = self._load(current.config)
+        else:
+            config, snapshot = given, keystore.load_snapshot(given)
+        relay = _relay_for(current, config)
+        local = endpoints.build(config, current.local, self._clock)
+        if relay is not None and relay.local is not local:
+            relay = replace(relay, local=local)
+        return Material(config, snapshot, relay, local)
+
+
+class Shutdown:
+    """How a server stops: the drain, or at once (see the module docstring). `run()` hands it
+    the scope of its accept loops and that of its connections while it runs."""
+
+    def __init__(self, drain: Drain, slots: trio.CapacityLimiter) -> None:
+        self._drain = drain
+        self._slots = slots
+        self.accepting: trio.CancelScope | None = None  # the drain cancels it
+        self.connections: trio.CancelScope | None = None  # the grace deadline, stop_now
+
+    @property
+    def draining(self) -> bool:
+        return self._drain.draining
+
+    def drain(self, grace: float) -> None:
+        """Stop accepting, close idle connections, let the others finish within `grace`."""
+        if self._drain.draining:
+            return
+        idle = self._drain.idle_connections
+        log.info(
+            "draining: stopped accepting; closing %d idle connection(s), %d other(s) get"
+            " up to %g s to finish",
+            idle,
+            max(0, self._slots.borrowed_tokens - idle),
+            grace,
+        )
+        self._drain.start()
+        if self.accepting is not None:
+            self.accepting.cancel()
+
+    def stop_now(self, grace: float) -> None:
+        """Drain, and cancel every connection at once."""
+        self.drain(grace)
+        if self.connections is not None:
+            self.connections.cancel()
+
+
+class ManifestWatch:
+    """Says in the log that the served manifest is missing, expires soon or has expired:
+    apps then refuse it and fall back to the pins they ship with. Once per state (and per
+    manifest), at start, after each reload and every MANIFEST_EXPIRY_CHECK_INTERVAL."""
+
+    def __init__(self) -> None:
+        self._logged: tuple[datetime, str] | None = None  # the last expiry state logged
+
+    def announce(self, material: Material, now: datetime) -> None:
+        """At start and after each reload: a manifest that is missing, and its expiry."""
+        local = material.local
+        if local is not None and local.manifest_problem is not None:
+            log.warning("manifest: %s", local.manifest_problem)
+        self.check_expiry(material, now)
+
+    def check_expiry(self, material: Material, now: datetime) -> None:
+        local, settings = material.local, material.config.manifest
+        if local is None or settings is None or local.manifest_expires is None:
+            return
+        expires = local.manifest_expires
+        status = manifest.expiry_status(expires, now, timedelta(days=settings.warn_before_days))
+        if self._logged == (expires, status):
+            return
+        self._logged = (expires, status)
+        _log_expiry(settings, f"{expires:%Y-%m-%d %H:%M} UTC", status)
+
+    async def watch(self, served: Reloadable, clock: Callable[[], datetime]) -> None:
+        while True:  # the server checked once before it started accepting
+            await trio.sleep(MANIFEST_EXPIRY_CHECK_INTERVAL)
+            self.check_expiry(served.material, clock())
+
+
+def _log_expiry(settings: ManifestConfig, when: str, status: str) -> None:
+    if status == "expired":
+        log.error(
+            "manifest: %s expired at %s; apps refuse it: run `dualproxy manifest sign`",
+            settings.file,
+            when,
+        )
+    elif status == "soon":
+        log.warning(
+            "manifest: %s expires at %s; sign a new one (`dualproxy manifest sign`)",
+            settings.file,
+            when,
+        )
+
+
+async def prune_idle_upstream(served: Reloadable) -> None:
+    """Close pooled upstream connections once they have idled pool_idle_timeout, also when
+    no request comes along to notice (the pool prunes itself only when used): a quiet
+    server must not sit on sockets the upstream is about to drop."""
+    while True:
+        upstream = served.material.config.upstream
+        await trio.sleep(
+            upstream.pool_idle_timeout / 2 if upstream else IDLE_PRUNE_WITHOUT_UPSTREAM
+        )
+        relay = served.material.relay
+        if relay is not None:
+            relay.pool.prune()
+
+
+async def watch_departures(departures: Departures) -> None:
+    """End the exchanges of clients that left while the upstream worked (Departures)."""
+    while True:
+        await trio.sleep(DEPARTURE_CHECK_SECONDS)
+        departures.check()
+
+
+class Controllable(Protocol):
+    """A server, as the signals see it."""
+
+    @property
+    def draining(self) -> bool: ...
+
+    async def reload(self, why: str) -> bool: ...
+
+    def drain(self) -> None: ...
+
+    def stop_now(self) -> None: ...
+
+
+async def watch_signals(
+    server: Controllable, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """SIGHUP reloads, SIGTERM drains (a second one stops at once). Started with
+    nursery.start, it reports readiness once the handlers are installed: a SIGHUP before
+    that would kill the process."""
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                await server.reload("SIGHUP")
+            elif not server.draining:
+                log.info("SIGTERM: stopping, after the requests in flight")
+                server.drain()
+            else:
+                log.warning("SIGTERM again: stopping now")
+                server.stop_now()
