@@ -16,9 +16,10 @@ from helpers.keys import make_key
 from helpers.rotation import GRACE_END, GRACE_START
 
 from dualproxy.config.loader import parse
+from dualproxy.config.names import IPAddress
 from dualproxy.config.schema import Config, Hints, KeyConfig, KeyStoreSettings, Rotation
 from dualproxy.rotation.explain import explain, pinned_keys, role_changes, timeline
-from dualproxy.rotation.policy import Choice, IPAddress, Reason, canary_bucket, choose
+from dualproxy.rotation.policy import Choice, Reason, canary_bucket, choose
 from dualproxy.tls.clienthello import ClientHello
 from dualproxy.tls.keystore import LoadedKey, load_key
 

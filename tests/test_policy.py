@@ -12,10 +12,10 @@ from helpers.rotation import GRACE_END, GRACE_START
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dualproxy.config.names import IPAddress
 from dualproxy.config.schema import Hints, IdentityName, Role, Rotation
 from dualproxy.rotation.policy import (
     Choice,
-    IPAddress,
     Phase,
     Reason,
     canary_bucket,

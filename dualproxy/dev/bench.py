@@ -39,6 +39,7 @@ from typing import Final
 import trio
 
 from dualproxy.config.loader import parse as parse_config
+from dualproxy.config.names import IPAddress
 from dualproxy.config.schema import Config, Rotation
 from dualproxy.dev import control as devcontrol
 from dualproxy.dev import echo
@@ -199,7 +200,7 @@ class Expectation:
 def expect(
     config: Config,
     probe: Probe,
-    peer: policy.IPAddress,
+    peer: IPAddress,
     pin_of: Mapping[str, str],
     now: datetime,
 ) -> Expectation:

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
+from dualproxy.config.names import IPAddress
 from dualproxy.config.schema import Config, ManifestConfig, ReportsConfig, Rotation
-from dualproxy.http.forwarding import IPAddress
 from dualproxy.pinning import manifest, reports
 from dualproxy.rotation.policy import pin_role
 

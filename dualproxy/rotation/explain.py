@@ -13,11 +13,10 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Final, TypeVar
 
-from dualproxy.config.names import is_ip_address
+from dualproxy.config.names import IPAddress, is_ip_address
 from dualproxy.config.schema import Config, Role, Rotation
 from dualproxy.rotation.policy import (
     Choice,
-    IPAddress,
     Phase,
     Reason,
     canary_bucket,

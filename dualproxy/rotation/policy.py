@@ -38,14 +38,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, Literal
 
-from dualproxy.config.names import normalize_host
+from dualproxy.config.names import IPAddress, normalize_host
 from dualproxy.config.schema import Hints, IdentityName, Role, Rotation
 from dualproxy.tls.clienthello import ClientHello
 from dualproxy.tls.pins import PinRole
 
 __all__ = [
     "Choice",
-    "IPAddress",
     "Phase",
     "Reason",
     "canary_bucket",
@@ -56,7 +55,6 @@ __all__ = [
     "sni_matches",
 ]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Phase = Literal["single", "before", "during", "after"]
 
 # The canary bucket is read from the first 8 bytes of a SHA-256 of the address, keeping as

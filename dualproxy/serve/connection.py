@@ -35,6 +35,7 @@ from typing import ClassVar, Final
 
 import trio
 
+from dualproxy.config.names import IPAddress
 from dualproxy.ops.evidence import LATENCY_BOUNDS, RequestCounters
 from dualproxy.ops.logformat import LogEvent
 from dualproxy.rotation import policy
@@ -55,7 +56,7 @@ class ConnectionRecord(LogEvent):
     event: ClassVar[str] = "conn"
 
     peer: str  # log text: see peer_address
-    peer_ip: policy.IPAddress | None = None  # for the policy and X-Forwarded-For
+    peer_ip: IPAddress | None = None  # for the policy and X-Forwarded-For
     hello: ClientHello | None = None
     choice: policy.Choice | None = None
     key: str | None = None
@@ -161,7 +162,7 @@ def log_value(value: object) -> str:
     return f'"{escaped}"'
 
 
-def peer_address(name: object) -> tuple[str, policy.IPAddress | None]:
+def peer_address(name: object) -> tuple[str, IPAddress | None]:
     """The log text and the address of a peer, from the address accept() returned."""
     if not isinstance(name, tuple) or len(name) < 2:
         return _NONE_TEXT, None
