@@ -14,6 +14,7 @@ from typing import Final
 from dualproxy.cli.arguments import EXIT_OK, AddCommand, UsageError, host_argument
 from dualproxy.cli.running import run_until_interrupted
 from dualproxy.config.errors import OperatorError
+from dualproxy.config.names import ListenAddress
 from dualproxy.dev import bench as dev
 from dualproxy.dev import certs as devcerts
 from dualproxy.dev import control as devcontrol
@@ -126,7 +127,7 @@ def _cmd_dev(args: argparse.Namespace) -> int:
             admin = args.admin or devcontrol.parse_admin_address(DEFAULT_ADMIN_ADDRESS)
             admin_socket = sockets.enter_context(devcontrol.open_socket(*admin))
         except OSError as exc:
-            where = devcontrol.format_address(*admin)
+            where = str(ListenAddress(*admin))
             raise OperatorError(
                 f"--admin: cannot listen on {where}: {exc.strerror}",
                 fix="is another bench running? Stop it, or pick another port with --admin"

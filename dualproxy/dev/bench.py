@@ -39,7 +39,7 @@ from typing import Final
 import trio
 
 from dualproxy.config.loader import parse as parse_config
-from dualproxy.config.names import IPAddress
+from dualproxy.config.names import IPAddress, ListenAddress, is_ip_address
 from dualproxy.config.schema import Config, Rotation
 from dualproxy.dev import control as devcontrol
 from dualproxy.dev import echo
@@ -251,7 +251,9 @@ def curl_command(probe: Probe, material: DevMaterial, host: str, port: int) -> s
 
 def pin_snippets(material: DevMaterial, rotation: Rotation | None, now: datetime) -> str:
     """Old + new pins for OkHttp, Android, TrustKit and iOS, for the bench's host names."""
-    hostnames = tuple(name for name in material.names if not is_ip(name) and name != HINT_SNI)
+    hostnames = tuple(
+        name for name in material.names if not is_ip_address(name) and name != HINT_SNI
+    )
     both = [
         pins.PinnedKey(
             name=name,
@@ -292,15 +294,6 @@ def _with_debug_overrides(android: str) -> str:
     closing = "</network-security-config>"
     assert android.endswith(closing), "pins.render(android) ends with the closing tag"
     return android.removesuffix(closing) + _DEBUG_OVERRIDES
-
-
-def is_ip(name: str) -> bool:
-    """Whether `name` is an IP address rather than a host name."""
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def _url_host(name: str) -> str:
@@ -412,7 +405,7 @@ class Bench:
         switch = f"{self.command} dev switch SCENARIO"
         if material.folder != Path(DEFAULT_DIR).absolute():
             switch += f" --dir {shlex.quote(str(material.folder))}"
-        admin = devcontrol.format_address(*self.admin) if self.admin else "-"
+        admin = str(ListenAddress(*self.admin)) if self.admin else "-"
         rotation = self.configs[self._scenario].rotation or self.configs["old-only"].rotation
         lines = [
             "dualproxy dev: local pinning test bench",

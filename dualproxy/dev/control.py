@@ -37,6 +37,7 @@ from typing import Final, Protocol
 
 import trio
 
+from dualproxy.config.names import ListenAddress
 from dualproxy.files import write_atomically
 from dualproxy.http.smallserver import (
     Answer,
@@ -55,7 +56,6 @@ __all__ = [
     "ControlError",
     "SwitchError",
     "Switchboard",
-    "format_address",
     "get_scenario",
     "handle",
     "open_socket",
@@ -125,13 +125,9 @@ def parse_admin_address(text: str) -> tuple[str, int]:
     return str(address), int(port_text)
 
 
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def write_address_file(path: Path, host: str, port: int) -> str:
     """Tell `dualproxy dev switch` where the running bench listens; returns what was written."""
-    text = format_address(host, port) + "\n"
+    text = str(ListenAddress(host, port)) + "\n"
     write_atomically(path, text.encode("ascii"))
     return text
 
@@ -225,7 +221,7 @@ def switch(address: tuple[str, int], name: str, *, timeout: float = CLIENT_TIMEO
     answer = _call(address, "PUT", name.encode(), timeout)
     text = answer.get("text")
     if not isinstance(text, str):
-        raise ControlError(f"{format_address(*address)} answered without a text: {answer}")
+        raise ControlError(f"{ListenAddress(*address)} answered without a text: {answer}")
     return text
 
 
@@ -233,14 +229,14 @@ def get_scenario(address: tuple[str, int], *, timeout: float = CLIENT_TIMEOUT) -
     """The scenario the bench at `address` serves now; raises ControlError."""
     scenario = _call(address, "GET", None, timeout).get("scenario")
     if not isinstance(scenario, str):
-        raise ControlError(f"{format_address(*address)} did not name its scenario")
+        raise ControlError(f"{ListenAddress(*address)} did not name its scenario")
     return scenario
 
 
 def _call(
     address: tuple[str, int], method: str, body: bytes | None, timeout: float
 ) -> dict[str, object]:
-    where = format_address(*address)
+    where = str(ListenAddress(*address))
     connection = http.client.HTTPConnection(*address, timeout=timeout)
     try:
         connection.request(method, "/scenario", body=body, headers={"Host": where})
