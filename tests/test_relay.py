@@ -46,7 +46,7 @@ from helpers.upstream_server import (
 )
 
 from dualproxy.config import ConfigError
-from dualproxy.http.forwarding import ResponseHead
+from dualproxy.http.heads import ResponseHead
 from dualproxy.http.relay import (
     ALLOWED_METHODS,
     DEPARTURE_CHECK_SECONDS,

@@ -1027,7 +1027,7 @@ def _parse_upstream(table: _Table, base_dir: Path, check_files: bool) -> Upstrea
     )
     # The forwarding rules know which headers dualproxy manages itself (hop-by-hop, framing,
     # Host); asking them now turns a header we could never send into a config error.
-    from dualproxy.http.forwarding import ForwardingRules  # here: forwarding imports this module
+    from dualproxy.http.rewrite import ForwardingRules  # here: rewrite imports this module
 
     try:
         ForwardingRules.from_config(upstream)

@@ -100,30 +100,31 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol
 import trio
 
 from dualproxy.config import ConfigError
-from dualproxy.http import http1
-from dualproxy.http.forwarding import (
-    ClientPeer,
-    ForwardingRules,
-    HeadError,
+from dualproxy.http import body as http1
+from dualproxy.http.errors import HttpRefusal, timeout_problem
+from dualproxy.http.heads import (
     HeadLimits,
-    IPAddress,
     RequestHead,
     ResponseHead,
     check_request_head,
-    client_response_lines,
     find_head_end,
+    request_head,
+    response_head,
+)
+from dualproxy.http.rewrite import (
+    ClientPeer,
+    ForwardingRules,
+    client_response_lines,
     upstream_request_lines,
 )
-from dualproxy.http.upstream import UpstreamConnection, UpstreamError, UpstreamPool, timeout_problem
+from dualproxy.http.upstream import UpstreamConnection, UpstreamPool
 from dualproxy.pinning.endpoints import Endpoint, LocalEndpoints, LocalRequest
-from dualproxy.tls.streams import TlsStream
+from dualproxy.rotation.policy import IPAddress
+from dualproxy.tls.streams import RECEIVE_SIZE, TlsStream
 
 if TYPE_CHECKING:
     from dualproxy.config import Config, Limits
 
-# One receive from either side. A TLS record carries at most 16 KiB, so a read returns at most
-# that much decrypted; 64 KiB lets a plain-TCP upstream hand over several segments at once.
-RECEIVE_SIZE: Final = 64 * 1024
 # What we relay; the answer to CONNECT and TRACE (405) says so (RFC 9110 15.5.6).
 ALLOWED_METHODS: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 # Idempotent methods (RFC 9110 9.2.2): sent again on a fresh connection when a reused one
@@ -146,7 +147,7 @@ DEADLINE_SLACK: Final = 0.3
 _OK: Final = int(HTTPStatus.OK)
 _NO_BODY_STATUSES: Final = frozenset({int(HTTPStatus.NO_CONTENT), int(HTTPStatus.NOT_MODIFIED)})
 # The interim answer to Expect: 100-continue, sent when we start reading the body.
-_CONTINUE: Final = http1.response_head(HTTPStatus.CONTINUE, b"Continue", [])
+_CONTINUE: Final = response_head(HTTPStatus.CONTINUE, b"Continue", [])
 
 
 class Tally(Protocol):
@@ -314,16 +315,6 @@ class RelaySettings:
         )
 
 
-class _Refusal(Exception):
-    """The exchange cannot go on: answer `status` (nothing of the response was sent yet),
-    then close. 4xx: the client's fault; 502/504: the upstream's."""
-
-    def __init__(self, status: int, problem: str) -> None:
-        super().__init__(f"{status} {problem}")
-        self.status = status
-        self.problem = problem
-
-
 class _Cut(Exception):
     """The response cannot be completed (or even started): close the client connection
     abruptly, so that what it got cannot pass for a whole response."""
@@ -366,8 +357,15 @@ def error_response(status: int, problem: str, *, head_only: bool = False) -> byt
     return head + b"\r\n" + (b"" if head_only else body)
 
 
-def _too_large(cap: int) -> _Refusal:
-    return _Refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body above {cap} bytes")
+def _too_large(cap: int) -> HttpRefusal:
+    return HttpRefusal(
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body above {cap} bytes", fault="client"
+    )
+
+
+def _upstream_refusal(failure: HttpRefusal) -> HttpRefusal:
+    """The client's answer to an upstream that failed before the response: its status."""
+    return HttpRefusal(failure.status, f"upstream: {failure.problem}", fault="upstream")
 
 
 class Framing(enum.Enum):
@@ -464,7 +462,7 @@ class ClientConnection:
         lingering close (see the module docstring). Raises trio.BrokenResourceError and
         trio.ClosedResourceError when the client disappears.
         """
-        failure: _Refusal | _Cut | None = None
+        failure: HttpRefusal | _Cut | None = None
         # Bounded: each round but the last serves a request (see _Restart).
         for _ in range(MAX_REQUESTS_PER_CONNECTION):
             # Made with the deadline of the wait that comes first, for the next request's head,
@@ -480,7 +478,7 @@ class ClientConnection:
             if self._scope.cancelled_caught:
                 failure = self._expired()
             break
-        if isinstance(failure, _Refusal):
+        if isinstance(failure, HttpRefusal):
             self._tally.note(f"{failure.status} {failure.problem}")
             self._tally.response_generated(failure.status)
             assert self._limits is not None
@@ -489,7 +487,7 @@ class ClientConnection:
             self._tally.note(str(failure))
             await trio.aclose_forcefully(self._stream)
 
-    async def _serve_requests(self) -> _Refusal | _Cut | None:
+    async def _serve_requests(self) -> HttpRefusal | _Cut | None:
         """The requests in turn, within the connection's scope; how the last one failed."""
         for _ in range(MAX_REQUESTS_PER_CONNECTION):
             settings = self._settings()
@@ -512,8 +510,10 @@ class ClientConnection:
                     # where the config says now.
                     current = self._settings()
                     if current is None:
-                        raise _Refusal(
-                            HTTPStatus.SERVICE_UNAVAILABLE, "the upstream was just unconfigured"
+                        raise HttpRefusal(
+                            HTTPStatus.SERVICE_UNAVAILABLE,
+                            "the upstream was just unconfigured",
+                            fault="upstream",
                         )
                     settings = current
                     self._limits = settings.limits
@@ -522,12 +522,10 @@ class ClientConnection:
                         await self._answer_locally(endpoint, head, settings.limits)
                     else:
                         await self._exchange(head, settings)
-                except HeadError as exc:
-                    raise _Refusal(exc.status, exc.problem) from exc
                 except _ClientGone:
                     self._tally.note("client closed mid-request")
                     return None
-            except (_Refusal, _Cut) as exc:
+            except (HttpRefusal, _Cut) as exc:
                 return exc
             if not self._keep_alive:
                 return None
@@ -605,7 +603,7 @@ class ClientConnection:
             lines.append(b"content-length: %d" % head.content_length)
         elif head.method in _BODY_METHODS:
             lines.append(b"content-length: 0")
-        request = http1.request_head(head.method, head.target, (), lines=lines)
+        request = request_head(head.method, head.target, (), lines=lines)
 
         pool = settings.pool
         # Without a body, the client's side is done before we go upstream, and the request
@@ -619,8 +617,8 @@ class ClientConnection:
                 # A first attempt that may be retried skips the pool's look at the socket:
                 # a connection found closed by then costs the retry, on a checked one.
                 upstream = await pool.acquire(now, check=not (replayable and attempt == 0))
-            except UpstreamError as exc:
-                raise _Refusal(exc.status, f"upstream: {exc.problem}") from exc
+            except HttpRefusal as exc:
+                raise _upstream_refusal(exc) from exc
             try:
                 early = None
                 if has_body:
@@ -643,12 +641,14 @@ class ClientConnection:
                 # connection itself.
                 await self._respond(upstream, response, head, settings)
                 return
-            except UpstreamError as exc:
+            except HttpRefusal as exc:
                 pool.discard(upstream)
+                if exc.fault != "upstream":
+                    raise
                 stale = exc.before_response and upstream.reused
                 if stale and replayable and attempt == 0:
                     continue
-                raise _Refusal(exc.status, f"upstream: {exc.problem}") from exc
+                raise _upstream_refusal(exc) from exc
             except BaseException:
                 pool.discard(upstream)  # closing twice is harmless
                 raise
@@ -662,12 +662,14 @@ class ClientConnection:
         401, 413). Its error when it had not."""
         try:
             await self._stream_body(upstream, request, head, limits)
-        except UpstreamError as failure:
+        except HttpRefusal as failure:
+            if failure.fault != "upstream":
+                raise
             # What it sent before it went is still in our socket: the response, if any.
             self._wait(_Phase.UPSTREAM_HEAD, limits.upstream_timeout)
             try:
                 response = await upstream.receive_head(timeout=None, request_method=head.method)
-            except UpstreamError:
+            except HttpRefusal:
                 raise failure from None
             self._tally.note("upstream answered before taking the whole request body")
             return response
@@ -709,17 +711,12 @@ class ClientConnection:
         if head.expect_continue:
             self._wait(_Phase.CLIENT_SEND, limits.send_timeout)
             await self._stream.send_all(_CONTINUE)
-        return http1.body_reader(head.content_length, chunked=head.chunked)
+        return http1.body_reader(head.content_length, chunked=head.chunked, sender="client")
 
     def _body_piece(self, reader: http1.BodyReader) -> bytes | http1.End | None:
         """The next piece of the body from the buffer (None: receive more first); 400 for a
         malformed one."""
-        try:
-            return reader.read(self._buffer)
-        except http1.BodyError as exc:
-            raise _Refusal(
-                HTTPStatus.BAD_REQUEST, f"malformed request body: {exc.problem}"
-            ) from exc
+        return reader.read(self._buffer)
 
     async def _receive_body_bytes(self, limits: Limits) -> None:
         """More of the body into the buffer, within body_timeout; _ClientGone when the client
@@ -767,9 +764,7 @@ class ClientConnection:
             headers.append((b"content-length", str(len(answer.body)).encode()))
         if not keep_alive:
             headers.append((b"connection", b"close"))
-        data = http1.response_head(
-            answer.status, HTTPStatus(answer.status).phrase.encode(), headers
-        )
+        data = response_head(answer.status, HTTPStatus(answer.status).phrase.encode(), headers)
         if head.method != b"HEAD" and answer.status not in _NO_BODY_STATUSES:
             data += answer.body
         await self._send_client([data], limits, last=not keep_alive)
@@ -829,7 +824,7 @@ class ClientConnection:
             # and body in one upstream read) costs one TLS record and one send, and the head
             # of a slow or streamed body is never held back.
             out = [
-                http1.response_head(
+                response_head(
                     response.status,
                     response.reason,
                     headers,
@@ -840,7 +835,7 @@ class ClientConnection:
             while True:  # bounded: the upstream's framing, upstream_timeout per read
                 try:
                     piece = upstream.buffered_body()
-                except UpstreamError:
+                except HttpRefusal:
                     piece = None  # receive_body reports it, after what came is sent
                 if piece is None:
                     if out:
@@ -861,7 +856,7 @@ class ClientConnection:
                 await self._send_client(out, limits, last=not keep_alive)
             finished = True
             self._keep_alive = keep_alive
-        except UpstreamError as exc:
+        except HttpRefusal as exc:
             raise _Cut(f"upstream failed mid-response: {exc.problem}") from exc
         finally:
             if finished:  # pooled again if reusable() (nothing past the response), else closed
@@ -911,7 +906,7 @@ class ClientConnection:
         self._client_left = True
         self._scope.cancel()
 
-    def _expired(self) -> _Refusal | _Cut | None:
+    def _expired(self) -> HttpRefusal | _Cut | None:
         """What it means that the connection's scope ended, by the wait it was in (None:
         close quietly)."""
         if self._client_left:
@@ -922,11 +917,17 @@ class ClientConnection:
         if phase is _Phase.IDLE:  # no request started: nobody to answer (or the drain)
             return None
         if phase is _Phase.CLIENT_HEAD:
-            return _Refusal(
-                HTTPStatus.REQUEST_TIMEOUT, "request head not complete within the time allowed"
+            return HttpRefusal(
+                HTTPStatus.REQUEST_TIMEOUT,
+                "request head not complete within the time allowed",
+                fault="client",
             )
         if phase is _Phase.CLIENT_BODY:
-            return _Refusal(HTTPStatus.REQUEST_TIMEOUT, "request body stalled longer than allowed")
+            return HttpRefusal(
+                HTTPStatus.REQUEST_TIMEOUT,
+                "request body stalled longer than allowed",
+                fault="client",
+            )
         if phase is _Phase.CLIENT_SEND:
             return _Cut("client did not read for send_timeout")
         if phase is _Phase.UPSTREAM_BODY:
@@ -934,7 +935,7 @@ class ClientConnection:
             return _Cut(f"upstream failed mid-response: {problem}")
         waiting_for: Literal["send", "head"] = "send" if phase is _Phase.UPSTREAM_SEND else "head"
         problem = timeout_problem(waiting_for, limits.upstream_timeout)
-        return _Refusal(HTTPStatus.GATEWAY_TIMEOUT, f"upstream: {problem}")
+        return HttpRefusal(HTTPStatus.GATEWAY_TIMEOUT, f"upstream: {problem}", fault="upstream")
 
     async def _send(self, data: bytes, limits: Limits) -> None:
         """Send to the client; one that does not take the bytes within send_timeout is cut."""
@@ -943,7 +944,7 @@ class ClientConnection:
         if scope.cancelled_caught:
             raise _Cut("client did not read for send_timeout")
 
-    async def _refuse(self, refusal: _Refusal, limits: Limits, *, head_only: bool) -> None:
+    async def _refuse(self, refusal: HttpRefusal, limits: Limits, *, head_only: bool) -> None:
         try:
             await self._send(
                 error_response(refusal.status, refusal.problem, head_only=head_only), limits

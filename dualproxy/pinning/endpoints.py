@@ -30,9 +30,8 @@ from typing import TYPE_CHECKING, Final, Protocol
 import trio
 
 from dualproxy.config import Config, ManifestConfig, ReportsConfig, Rotation
-from dualproxy.http.forwarding import IPAddress
 from dualproxy.pinning import manifest, reports
-from dualproxy.rotation.policy import pin_role
+from dualproxy.rotation.policy import IPAddress, pin_role
 
 if TYPE_CHECKING:
     from dualproxy.tls.keystore import LoadedKey
