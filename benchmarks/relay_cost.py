@@ -15,10 +15,11 @@ other end when it returns, so every run takes the same steps. Kernel work is not
 callgrind; the client's and the upstream's Python is, but it is the same on both sides of an
 A/B, so differences are the relay's (and the pool's).
 
-    valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
-        .venv/bin/python benchmarks/relay_cost.py --requests 2000
-    (and again with --requests 4000: the difference over 2000 is the cost of one request,
-    start-up and warm-up cancelled out)
+    PYTHONHASHSEED=0 setarch "$(uname -m)" -R valgrind --tool=callgrind \\
+        --callgrind-out-file=/dev/null .venv/bin/python benchmarks/relay_cost.py --requests 1000
+    (and again with --requests 3000: the difference over 2000 is the cost of one request,
+    start-up and warm-up cancelled out; a fixed hash seed and no address randomisation make
+    repeat runs agree; see docs/performance.md)
 
 `--mode connection` opens a new client connection (a new ClientConnection) per request, each
 `Connection: close`: what a connection costs the relay beyond its request, TLS aside.
@@ -140,8 +141,9 @@ async def main(requests: int, mode: str) -> float:
     upstream_module._connect = connect
     async with trio.open_nursery() as nursery:
         nursery.start_soon(upstream, accepted)
-        config = UpstreamConfig(url="http://upstream.test", scheme="http", host="upstream.test",
-                                port=80)  # fmt: skip
+        config = UpstreamConfig(
+            url="http://upstream.test", scheme="http", host="upstream.test", port=80
+        )
         settings = RelaySettings(
             limits=limits,
             head_limits=HeadLimits.from_limits(limits),
