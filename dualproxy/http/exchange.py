@@ -121,6 +121,7 @@ __all__ = [
     "ClientSide",
     "Cut",
     "Exchange",
+    "ExchangeSettings",
     "Framing",
     "LocalAnswer",
     "LocalRoute",
@@ -391,7 +392,7 @@ class Exchange:
         """The local endpoint that answers this request, or None to relay it; raises
         HttpRefusal for a request refused before its body: 503 without an upstream (a reload
         removed it), 413 for a Content-Length above the cap."""
-        if settings is None:
+        if settings is None:  # no upstream to blame but the missing one: its side's fault
             raise HttpRefusal(
                 HTTPStatus.SERVICE_UNAVAILABLE,
                 "the upstream was just unconfigured",

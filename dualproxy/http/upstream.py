@@ -184,7 +184,7 @@ class UpstreamConnection:
     ) -> ResponseHead:
         """The final response head, interim 1xx ones skipped; the whole wait is `timeout`.
 
-        The head is checked by forwarding.check_response_head (and kept as `response_head`);
+        The head is checked by heads.check_response_head (and kept as `response_head`);
         body bytes read along with it stay buffered for `buffered_body`/`receive_body`.
         """
         try:
@@ -447,7 +447,7 @@ class UpstreamPool:
             return tcp
         # https_compatible: an upstream closing without close_notify (common) reads as a
         # plain EOF. Truncation cannot pass for a whole response: a body framed by
-        # Content-Length or chunks is read to its end, and one cut short fails (http1).
+        # Content-Length or chunks is read to its end, and one cut short fails (body).
         tls = TlsStream(
             tcp,
             self._context,
