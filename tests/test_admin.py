@@ -32,7 +32,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dualproxy.cli import main as cli
 from dualproxy.config.names import ListenAddress
-from dualproxy.http.smallserver import Refused, Request
+from dualproxy.http.errors import HttpRefusal
+from dualproxy.http.smallserver import Request
 from dualproxy.ops import admin
 from dualproxy.serve.server import Server
 
@@ -394,7 +395,7 @@ def test_who_may_ask_what(
     )
     asker = admin.Asker(from_loopback=from_loopback, on_loopback=on_loopback)
     if refused:
-        with pytest.raises(Refused) as caught:
+        with pytest.raises(HttpRefusal) as caught:
             admin.route(request, asker)
         assert caught.value.status == 403
     else:
@@ -409,7 +410,7 @@ def test_a_wrong_method_is_answered_with_what_is_allowed(
 ) -> None:
     request = Request(method.encode(), target.encode(), ((b"host", b"localhost"),))
     asker = admin.Asker(from_loopback=True, on_loopback=True)
-    with pytest.raises(Refused) as caught:  # refused before the server is looked at
+    with pytest.raises(HttpRefusal) as caught:  # refused before the server is looked at
         admin.route(request, asker)
     assert caught.value.status == 405
     assert list(caught.value.headers) == [(b"allow", allow)]
@@ -420,13 +421,13 @@ def test_a_path_we_do_not_have_is_refused_after_the_readers_rule() -> None:
     listener, where a peer off this machine may otherwise ask."""
     opened = admin.Asker(from_loopback=False, on_loopback=False)
     for headers, status in (((), 404), (((b"origin", b"https://evil.example"),), 403)):
-        with pytest.raises(Refused) as caught:
+        with pytest.raises(HttpRefusal) as caught:
             admin.route(Request(b"GET", b"/nope", headers), opened)
         assert caught.value.status == status
-    assert caught.value.message == "refused a request from a web page (Origin)"
-    with pytest.raises(Refused) as caught:
+    assert caught.value.problem == "refused a request from a web page (Origin)"
+    with pytest.raises(HttpRefusal) as caught:
         admin.route(Request(b"POST", b"/nope", ((b"host", b"localhost"),)), opened)
-    assert caught.value.message == (
+    assert caught.value.problem == (
         "not found: GET /, /status.json, /status.txt, /metrics; POST /canary/resume"
     )
 

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import h11
 import pytest
@@ -46,15 +46,8 @@ from helpers.upstream_server import (
 )
 
 from dualproxy.config.errors import OperatorError
-from dualproxy.http.forwarding import ResponseHead
-from dualproxy.http.relay import (
-    ALLOWED_METHODS,
-    DEPARTURE_CHECK_SECONDS,
-    ClientConnection,
-    Departures,
-    Framing,
-    response_framing,
-)
+from dualproxy.http.exchange import ALLOWED_METHODS
+from dualproxy.http.relay import DEPARTURE_CHECK_SECONDS, Departures
 from dualproxy.serve import closing
 from dualproxy.serve import server as server_module
 from dualproxy.serve.server import Server
@@ -525,43 +518,6 @@ async def test_request_headers_are_rewritten_for_the_upstream(
         ("x-proxy-secret", "s3cret"),
         ("transfer-encoding", "chunked"),  # our framing
     ]
-
-
-CL: Final = [(b"content-length", b"5")]
-TE: Final = [(b"transfer-encoding", b"chunked")]
-
-
-@pytest.mark.parametrize(
-    ("status", "length", "chunked", "method", "version", "fields", "framing"),
-    [
-        (200, 5, False, b"GET", b"1.1", CL, Framing.LENGTH),
-        (200, 5, False, b"GET", b"1.0", CL, Framing.LENGTH),
-        (200, None, True, b"GET", b"1.1", TE, Framing.CHUNKED),
-        (200, None, False, b"GET", b"1.1", TE, Framing.CHUNKED),  # the upstream's close ends it
-        (200, None, True, b"GET", b"1.0", [], Framing.CLOSE),  # no chunks for HTTP/1.0
-        (200, None, False, b"GET", b"1.0", [], Framing.CLOSE),
-        # No body, but the framing fields a GET would get.
-        (200, 5, False, b"HEAD", b"1.1", CL, Framing.NONE),
-        (200, None, False, b"HEAD", b"1.1", TE, Framing.NONE),
-        (200, None, False, b"HEAD", b"1.0", [], Framing.NONE),
-        (304, 5, False, b"GET", b"1.1", CL, Framing.NONE),
-        (304, None, False, b"GET", b"1.1", [], Framing.NONE),
-        (204, None, False, b"DELETE", b"1.1", [], Framing.NONE),
-    ],
-)
-def test_response_framing_table(
-    status: int,
-    length: int | None,
-    chunked: bool,
-    method: bytes,
-    version: bytes,
-    fields: list[tuple[bytes, bytes]],
-    framing: Framing,
-) -> None:
-    head = ResponseHead(
-        version=b"1.1", status=status, headers=(), content_length=length, chunked=chunked
-    )
-    assert response_framing(head, method, version) == (fields, framing)
 
 
 RESPONSE_WITH_HOP_BY_HOP: Final = (
@@ -1483,7 +1439,7 @@ def test_departures_end_only_the_waits_of_clients_that_left() -> None:
     departures = Departures()
     try:
         for (ours, _), relay in zip(pairs, relays, strict=True):
-            departures.waiting[ours.fileno()] = cast(ClientConnection, relay)
+            departures.waiting[ours.fileno()] = relay
         pairs[1][1].sendall(b"GET /next HTTP/1.1\r\n")
         pairs[2][1].close()
         pairs[3][1].shutdown(socket.SHUT_WR)

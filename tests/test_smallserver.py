@@ -6,12 +6,10 @@ the listening socket on real loopback.
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Final
 
 import pytest
@@ -20,13 +18,12 @@ import trio.testing
 from helpers.clients import CLIENT_TIMEOUT, ipv6_loopback
 from helpers.smallhttp import exchange, head_of, receive_all
 
-import dualproxy
 from dualproxy.http import smallserver
+from dualproxy.http.errors import HttpRefusal
 from dualproxy.http.smallserver import (
     LOCAL_MAX_HEAD_BYTES,
     Answer,
     Connection,
-    Refused,
     Request,
     answer_one_request,
 )
@@ -58,18 +55,18 @@ async def read(
     max_head: int = MAX_HEAD,
     max_body: int | None = 1024,
     keep_body: bool = True,
-) -> Request | Refused | None:
+) -> Request | HttpRefusal | None:
     """What receive_request makes of `data` so delivered (then the client's close, if
     `close`): the request, None, or the refusal."""
     client, server = trio.testing.memory_stream_pair()
     connection = Connection(server, max_head=max_head)
-    outcome: Request | Refused | None = None
+    outcome: Request | HttpRefusal | None = None
 
     async def reader() -> None:
         nonlocal outcome
         try:
             outcome = await connection.receive_request(max_body=max_body, keep_body=keep_body)
-        except Refused as refused:
+        except HttpRefusal as refused:
             outcome = refused
 
     with trio.fail_after(CLIENT_TIMEOUT):  # a guard against a hang, not a measurement
@@ -138,9 +135,9 @@ async def test_a_close_before_any_request_is_none(piece: int | None) -> None:
 @pytest.mark.parametrize("piece", PIECES)
 async def test_what_cannot_be_read_is_refused_with_400(data: bytes, piece: int | None) -> None:
     refused = await read(data, piece, close=True)
-    assert isinstance(refused, Refused)
+    assert isinstance(refused, HttpRefusal)
     assert refused.status == 400
-    assert refused.message.startswith("cannot read the request: ")
+    assert refused.problem.startswith("cannot read the request: ")
 
 
 @pytest.mark.parametrize("piece", PIECES)
@@ -150,8 +147,8 @@ async def test_a_head_of_max_head_bytes_is_read_and_one_more_is_refused_with_431
     """Exact however the bytes arrive, and whatever follows the head."""
     assert isinstance(await read(head_of(MAX_HEAD) + b"GET /", piece), Request)
     refused = await read(head_of(MAX_HEAD + 1), piece)
-    assert isinstance(refused, Refused)
-    assert (refused.status, refused.message) == (
+    assert isinstance(refused, HttpRefusal)
+    assert (refused.status, refused.problem) == (
         431,
         f"cannot read the request: its head is larger than {MAX_HEAD} bytes",
     )
@@ -171,7 +168,7 @@ async def test_the_head_bound_counts_what_was_sent_with_the_last_request() -> No
         if accepted:
             assert await connection.receive_request(max_body=0) is not None
         else:
-            with pytest.raises(Refused, match="larger than"):
+            with pytest.raises(HttpRefusal, match="larger than"):
                 await connection.receive_request(max_body=0)
 
 
@@ -181,8 +178,8 @@ async def test_a_body_of_max_body_bytes_is_read_and_one_more_is_refused_with_413
 ) -> None:
     assert await read(POST, piece, max_body=11) == EXPECTED
     refused = await read(POST, piece, max_body=10)
-    assert isinstance(refused, Refused)
-    assert (refused.status, refused.message) == (
+    assert isinstance(refused, HttpRefusal)
+    assert (refused.status, refused.problem) == (
         413,
         "the request body is too large: at most 10 bytes",
     )
@@ -287,7 +284,7 @@ async def one_request(
 
 async def scenario(request: Request) -> Answer:
     if request.path != b"/":
-        raise Refused(405, "use /", ((b"allow", b"GET"),))
+        raise HttpRefusal(405, "use /", fault="client", headers=((b"allow", b"GET"),))
     return smallserver.json_answer(200, {"body": request.body.decode()})
 
 
@@ -426,13 +423,13 @@ def test_a_request_from_a_web_page_is_refused_saying_what_to_do() -> None:
     assert smallserver.origin_problem(asked(host)) is None
     page = asked(host, (b"origin", b"null"))
     assert smallserver.origin_problem(page) == "refused a request from a web page (Origin: null)"
-    with pytest.raises(Refused) as caught:
+    with pytest.raises(HttpRefusal) as caught:
         smallserver.refuse_web_pages(page, "do it this way")
-    assert (caught.value.status, caught.value.message) == (
+    assert (caught.value.status, caught.value.problem) == (
         403,
         "refused a request from a web page (Origin: null): do it this way",
     )
-    with pytest.raises(Refused, match="is not this machine's loopback") as caught:
+    with pytest.raises(HttpRefusal, match="is not this machine's loopback") as caught:
         smallserver.refuse_web_pages(asked((b"host", b"evil.example")), "do it this way")
     assert caught.value.status == 403
     smallserver.refuse_web_pages(asked(host), "do it this way")  # the twin: no refusal
@@ -470,42 +467,3 @@ async def test_a_socket_served_on_loopback_answers_its_peers(host: str) -> None:
 def test_a_socket_on_every_interface_is_not_on_loopback() -> None:
     with socket.create_server(("0.0.0.0", 0)) as sock:
         assert not smallserver.listens_on_loopback(sock)
-
-
-# --- layering --------------------------------------------------------------------------------
-
-
-def imports_of(module: str) -> set[str]:
-    """Every dualproxy module `module` imports, wherever (TYPE_CHECKING blocks, functions)."""
-    path = Path(dualproxy.__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module is not None:
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-    return {name for name in found if name.startswith("dualproxy.")}
-
-
-@pytest.mark.parametrize(
-    ("module", "uses", "never"),
-    [
-        # The helper sits in http: it may use config and tls, nothing above.
-        (
-            "dualproxy.http.smallserver",
-            "dualproxy.tls.streams",
-            ("dualproxy.pinning", "dualproxy.ops", "dualproxy.serve", "dualproxy.dev"),
-        ),
-        # The admin listener is production code in ops: neither serve nor the dev bench.
-        ("dualproxy.ops.admin", "dualproxy.http.smallserver", ("dualproxy.serve", "dualproxy.dev")),
-        # The dev control endpoint shares the helper, not the admin listener.
-        ("dualproxy.dev.control", "dualproxy.http.smallserver", ("dualproxy.ops",)),
-    ],
-)
-def test_the_small_servers_import_only_below_them(
-    module: str, uses: str, never: tuple[str, ...]
-) -> None:
-    imported = imports_of(module)
-    assert uses in imported  # the twin: what it does import is seen
-    assert sorted(name for name in imported if name.startswith(never)) == []

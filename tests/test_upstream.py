@@ -37,12 +37,12 @@ from helpers.upstream_server import (
 
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.schema import Limits, UpstreamConfig
-from dualproxy.http.forwarding import MAX_RESPONSE_HEAD_BYTES, ResponseHead
-from dualproxy.http.http1 import END
+from dualproxy.http.body import END
+from dualproxy.http.errors import HttpRefusal
+from dualproxy.http.heads import MAX_RESPONSE_HEAD_BYTES, ResponseHead
 from dualproxy.http.upstream import (
     MAX_INFORMATIONAL_RESPONSES,
     UpstreamConnection,
-    UpstreamError,
     UpstreamPool,
     client_context,
 )
@@ -169,7 +169,7 @@ async def wait_readable(connection: UpstreamConnection) -> None:
 
 
 def raises_upstream(status: int, match: str) -> Any:
-    return pytest.raises(UpstreamError, match=f"^{status} .*{match}")
+    return pytest.raises(HttpRefusal, match=f"^{status} .*{match}")
 
 
 # --- connecting ------------------------------------------------------------------------------

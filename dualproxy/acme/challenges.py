@@ -49,7 +49,8 @@ from cryptography.x509.oid import NameOID
 from dualproxy.config.names import ListenAddress, normalize_host
 from dualproxy.config.schema import ChallengeType
 from dualproxy.files import write_atomically
-from dualproxy.http.smallserver import Answer, Connection, Refused, Request
+from dualproxy.http.errors import HttpRefusal
+from dualproxy.http.smallserver import Answer, Connection, Request
 from dualproxy.serve.listeners import accept_loop, open_listeners
 from dualproxy.tls.clienthello import (
     MAX_CLIENT_HELLO_BYTES,
@@ -426,7 +427,7 @@ async def _http_connection(
             connection = Connection(stream, max_head=MAX_HTTP_HEAD)
             try:
                 request = await connection.receive_request()  # its body is never read
-            except Refused:
+            except HttpRefusal:
                 answer = _BAD_REQUEST
             else:
                 if request is None:  # closed before a request

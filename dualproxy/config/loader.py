@@ -2,7 +2,7 @@
 
 Every value an operator writes is checked here, once, before anything listens: an unknown
 key, a wrong type, a missing file, a rotation naming a key that does not exist, a window that
-ends before it starts. Each rejection is a `OperatorError` naming the file, the key path
+ends before it starts. Each rejection is an `OperatorError` naming the file, the key path
 (`rotation.grace_end`) and what to do. Misspelled keys are errors, never silently ignored:
 a typo in `grace_end` must not quietly become "the window never closes".
 

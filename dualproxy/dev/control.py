@@ -39,9 +39,9 @@ import trio
 
 from dualproxy.config.names import ListenAddress
 from dualproxy.files import write_atomically
+from dualproxy.http.errors import HttpRefusal
 from dualproxy.http.smallserver import (
     Answer,
-    Refused,
     Request,
     answer_one_request,
     json_answer,
@@ -191,14 +191,17 @@ async def handle(stream: trio.abc.Stream, board: Switchboard) -> None:
 
 async def _answer(request: Request, board: Switchboard) -> tuple[int, dict[str, object]]:
     if request.path != b"/scenario":
-        raise Refused(404, "not found: the admin endpoint has GET and PUT /scenario")
+        raise HttpRefusal(
+            404, "not found: the admin endpoint has GET and PUT /scenario", fault="client"
+        )
     if request.method == b"GET":
         return 200, {"scenario": board.scenario, "scenarios": list(board.scenarios)}
     if request.method != b"PUT":
-        raise Refused(
+        raise HttpRefusal(
             405,
             "method not allowed: GET /scenario, or PUT /scenario with a name",
-            ((b"allow", b"GET, PUT"),),
+            fault="client",
+            headers=((b"allow", b"GET, PUT"),),
         )
     name = request.body.decode("utf-8", "replace").strip()
     previous = board.scenario
@@ -206,7 +209,7 @@ async def _answer(request: Request, board: Switchboard) -> tuple[int, dict[str, 
         text = await board.switch(name)
     except SwitchError as exc:
         status = 400 if name not in board.scenarios else 500
-        raise Refused(status, str(exc)) from None
+        raise HttpRefusal(status, str(exc), fault="client") from None
     return 200, {"scenario": name, "previous": previous, "text": text}
 
 

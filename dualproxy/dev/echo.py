@@ -24,6 +24,8 @@ from typing import Final
 import h11
 import trio
 
+from dualproxy.tls.streams import RECEIVE_SIZE
+
 __all__ = ["ECHO_IDLE_TIMEOUT", "describe", "handle", "open_socket", "serve"]
 
 # An idle keep-alive connection is closed after this. Longer than dualproxy's pool keeps an
@@ -34,8 +36,6 @@ ECHO_IDLE_TIMEOUT: Final = 120.0
 # Request heads up to this size are read: above anything dualproxy forwards (its own limit,
 # limits.max_header_bytes, goes up to 1 MiB, plus the X-Forwarded-* fields it adds).
 ECHO_MAX_HEAD_BYTES: Final = 2 * 1024 * 1024
-# One read from the connection.
-RECEIVE_SIZE: Final = 64 * 1024
 # How long a goodbye (our close) may take when the proxy stopped reading.
 CLOSE_TIMEOUT: Final = 1.0
 NAME: Final = "dualproxy dev echo"

@@ -13,7 +13,7 @@ Theory of operation. A `Connection` is h11's server side over one stream:
   Then the body, as the caller asks: left unread (`max_body=None`: the caller answers from the
   head and closes), or read up to `max_body` bytes, kept or discarded. It returns the `Request`,
   or None when the client closed (or had sent nothing) before a request began, and raises
-  `Refused` for a request it cannot read (malformed: h11's status hint, 400 by default; a head
+  `HttpRefusal` for a request it cannot read (malformed: h11's status hint, 400 by default; a head
   past `max_head`: 431; a body past `max_body`: 413; a close in the middle: 400). After a
   refusal the connection carries nothing more: answer it (`can_answer`) and close.
 - `send_answer` sends one whole `Answer` in one send: the standard reason phrase,
@@ -25,7 +25,7 @@ or the placeholder's drain-aware idle scope), as it governs what a wait may cost
 
 `answer_one_request` is the whole life of a connection to a local JSON endpoint (the admin
 listener, the dev control endpoint): one request within LOCAL_REQUEST_TIMEOUT, the answer a
-responder makes of it (a `Refused` as its status and {"error": why}, our own bug as a 500),
+responder makes of it (a `HttpRefusal` as its status and {"error": why}, our own bug as a 500),
 `Connection: close`, then the close.
 
 Who may ask, as pieces each server combines as its paths need: `peer_is_loopback` (a peer on
@@ -53,6 +53,7 @@ import h11
 import trio
 
 from dualproxy.config.names import is_loopback_host
+from dualproxy.http.errors import HttpRefusal
 from dualproxy.tls.streams import TLS_RECORD_PLAINTEXT
 
 __all__ = [
@@ -62,7 +63,6 @@ __all__ = [
     "Answer",
     "Connection",
     "Handler",
-    "Refused",
     "Request",
     "address_is_loopback",
     "answer_one_request",
@@ -136,19 +136,6 @@ def json_answer(
     return Answer(status, body, content_type=JSON, headers=headers)
 
 
-class Refused(Exception):
-    """The request is not answered as asked (the client's fault): its status, why, and the
-    headers that say what to do instead (a 405's Allow)."""
-
-    def __init__(
-        self, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
-
-
 # --- one connection ----------------------------------------------------------------------
 
 
@@ -166,7 +153,7 @@ class Connection:
     async def receive_request(
         self, *, max_body: int | None = None, keep_body: bool = True
     ) -> Request | None:
-        """The next request: None when the client closed before one began; Refused when it
+        """The next request: None when the client closed before one began; HttpRefusal when it
         cannot be read. `max_body=None`: returned at its head, the body left unread;
         otherwise read up to `max_body` bytes (past it: 413) and, with `keep_body`, kept."""
         conn = self._h11
@@ -179,14 +166,17 @@ class Connection:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                raise Refused(exc.error_status_hint, f"cannot read the request: {exc}") from None
+                raise HttpRefusal(
+                    exc.error_status_hint, f"cannot read the request: {exc}", fault="client"
+                ) from None
             if event is h11.NEED_DATA:
                 if head is None:
                     if received >= self._max_head:
-                        raise Refused(
+                        raise HttpRefusal(
                             431,
                             "cannot read the request: its head is larger than"
                             f" {self._max_head} bytes",
+                            fault="client",
                         )
                     size = min(self._max_head - received, _MAX_RECEIVE)
                 else:
@@ -203,7 +193,11 @@ class Connection:
                 assert max_body is not None  # without it, the head was returned
                 body_size += len(event.data)
                 if body_size > max_body:
-                    raise Refused(413, f"the request body is too large: at most {max_body} bytes")
+                    raise HttpRefusal(
+                        413,
+                        f"the request body is too large: at most {max_body} bytes",
+                        fault="client",
+                    )
                 if keep_body:
                     body += event.data
             elif isinstance(event, h11.EndOfMessage):
@@ -264,7 +258,7 @@ async def answer_one_request(
     what: str,
 ) -> None:
     """Read the one request on `stream` (LOCAL_MAX_HEAD_BYTES, `max_body`, within
-    LOCAL_REQUEST_TIMEOUT), send what `respond` makes of it, then close: a Refused as its
+    LOCAL_REQUEST_TIMEOUT), send what `respond` makes of it, then close: a HttpRefusal as its
     status and {"error": why}, our own bug as a 500 logged as `what`'s (it costs this request,
     not the server: serve_listeners would end with it). A client that sends no whole request
     in time, or leaves, is closed without an answer."""
@@ -276,8 +270,8 @@ async def answer_one_request(
         if request is None:
             return
         await _send_last(connection, await respond(request))
-    except Refused as refused:
-        error = json_answer(refused.status, {"error": refused.message}, refused.headers)
+    except HttpRefusal as refused:
+        error = json_answer(refused.status, {"error": refused.problem}, refused.headers)
         await _send_last(connection, error)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the client left
@@ -351,12 +345,12 @@ def origin_problem(request: Request) -> str | None:
 
 
 def refuse_web_pages(request: Request, advice: str) -> None:
-    """Refused (403) unless the request has no Origin and a loopback Host; the message says
+    """HttpRefusal (403) unless the request has no Origin and a loopback Host; the message says
     why and, for a web page, ends with `advice` (how to ask instead)."""
     if (problem := origin_problem(request)) is not None:
-        raise Refused(403, f"{problem}: {advice}")
+        raise HttpRefusal(403, f"{problem}: {advice}", fault="client")
     if (problem := host_problem(request)) is not None:
-        raise Refused(403, problem)
+        raise HttpRefusal(403, problem, fault="client")
 
 
 def _is_loopback_host(host: str) -> bool:

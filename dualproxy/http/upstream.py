@@ -6,13 +6,13 @@ store and `upstream.ca_file`, always checks the host name, requires TLS 1.2 or l
 ALPN http/1.1 only and sends `upstream.host` as SNI. Connecting and handshaking together get
 `limits.upstream_connect_timeout`. It carries one exchange at a time: the relay `acquire`s,
 sends the request (`send_request` with the head, then `send` for more body bytes), reads
-`receive_head` and then `buffered_body`/`receive_body` until `http1.END`, and `release`s (or
+`receive_head` and then `buffered_body`/`receive_body` until `body.END`, and `release`s (or
 `discard`s on any failure).
 
-Response heads are read raw up to the blank line (`forwarding.find_head_end`) and checked by
-`forwarding.check_response_head`, which refuses the shapes that make a proxy and its client
+Response heads are read raw up to the blank line (`heads.find_head_end`) and checked by
+`heads.check_response_head`, which refuses the shapes that make a proxy and its client
 disagree on where a response ends (CL with TE, a duplicate Content-Length, HTTP/1.0 with
-chunked). The checked head drives the body: an `http1` reader for its framing (none after HEAD,
+chunked). The checked head drives the body: a `body` reader for its framing (none after HEAD,
 1xx, 204 and 304; by Content-Length, chunked, or until the close), on the connection's own
 receive buffer. Interim 1xx responses are read and dropped.
 
@@ -41,13 +41,14 @@ them at `aclose`); a caller holding one closes it by `discard`, and `release` cl
 cannot be reused. Closing is always forceful and never raises: the socket is closed at once,
 without a close_notify, which the framing of the last response already made unnecessary.
 
-Errors. Everything the upstream does wrong surfaces as `UpstreamError`, translated here from
-OSError, ssl errors, trio's stream errors, forwarding's HeadError and http1's BodyError with
-``raise ... from``: 502 for refused, reset, unverifiable TLS or an invalid response, 504 for a
-timeout. `before_response` says that not one byte of a response arrived, which with `reused` is
-what the relay's retry of an idempotent request on a fresh connection keys on. A caller that
-bounds the waits with its own cancel scope (``timeout=None``, ``bounded=False``) reports an
-expiry with `timeout_error`, so the 504 reads the same.
+Errors. Everything the upstream does wrong surfaces as an `HttpRefusal` whose fault is the
+upstream's: translated here from OSError, ssl errors and trio's stream errors with
+``raise ... from``, or raised as such by the head checks and the body readers: 502 for
+refused, reset, unverifiable TLS or an invalid response, 504 for a timeout. `before_response`
+says that not one byte of a response arrived, which with `reused` is what the relay's retry of
+an idempotent request on a fresh connection keys on. A caller that bounds the waits with its
+own cancel scope (``timeout=None``, ``bounded=False``) reports an expiry with `timeout_error`,
+so the 504 reads the same.
 """
 
 from __future__ import annotations
@@ -63,19 +64,16 @@ import trio
 
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.schema import Limits, UpstreamConfig
-from dualproxy.http import http1
-from dualproxy.http.forwarding import (
-    HeadError,
+from dualproxy.http import body
+from dualproxy.http.errors import HttpRefusal, timeout_problem
+from dualproxy.http.heads import (
     HeadLimits,
     ResponseHead,
     check_response_head,
     find_head_end,
 )
-from dualproxy.tls.streams import TcpStream, TlsStream
+from dualproxy.tls.streams import RECEIVE_SIZE, TcpStream, TlsStream
 
-# One receive: 64 KiB lets a plain-TCP upstream hand over many segments at once (a TLS read
-# returns at most one record, 16 KiB, decrypted).
-RECEIVE_SIZE: Final = 64 * 1024
 # Interim responses (100 Continue, 103 Early Hints) read and dropped before the final one.
 # Servers send one or two; more is a broken upstream, refused even within the head timeout.
 MAX_INFORMATIONAL_RESPONSES: Final = 8
@@ -88,32 +86,10 @@ _NO_CONTENT: Final = int(HTTPStatus.NO_CONTENT)
 _NOT_MODIFIED: Final = int(HTTPStatus.NOT_MODIFIED)
 
 
-class UpstreamError(Exception):
-    """The upstream failed us (its fault, or the network's, never the client's).
-
-    `status` is what the client gets: 502 for refused, reset, bad TLS or an invalid response,
-    504 for a timeout. `problem` is a short text for the log, naming the upstream host and
-    never a secret. `before_response` is True when no byte of a response had arrived.
-    """
-
-    status: int
-    problem: str
-    before_response: bool
-
-    def __init__(self, status: int, problem: str, *, before_response: bool = True) -> None:
-        super().__init__(f"{status} {problem}")
-        self.status = status
-        self.problem = problem
-        self.before_response = before_response
-
-
-def timeout_problem(waiting_for: Literal["send", "head", "body"], timeout: float) -> str:
-    """What a wait on the upstream that took longer than `timeout` says (with 504)."""
-    if waiting_for == "send":
-        return f"upstream did not take the request within {timeout:g} s"
-    if waiting_for == "head":
-        return f"no response head within {timeout:g} s"
-    return f"response body stalled for {timeout:g} s"
+def _failure(status: int, problem: str, *, before_response: bool = True) -> HttpRefusal:
+    """What the upstream did wrong, as the refusal it means: `problem` names the upstream host
+    and never a secret."""
+    return HttpRefusal(status, problem, fault="upstream", before_response=before_response)
 
 
 class UpstreamConnection:
@@ -146,7 +122,7 @@ class UpstreamConnection:
         self._tcp = tcp
         self._send_timeout = send_timeout
         self._buffer = bytearray()  # received and not yet consumed: a head, then its body
-        self._reader: http1.BodyReader | None = None  # the current response's body framing
+        self._reader: body.BodyReader | None = None  # the current response's body framing
         self._started = False  # a byte of the current response has arrived
         self._complete = False  # the current response was read to its end
         self._keep_alive = False  # the current response lets the connection carry another
@@ -182,7 +158,7 @@ class UpstreamConnection:
             raise self.timeout_error("send", self._send_timeout) from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._send_failed = True
-            raise UpstreamError(
+            raise _failure(
                 _BAD_GATEWAY,
                 f"connection lost while sending the request ({_cause(exc)})",
                 before_response=not self._started,
@@ -190,9 +166,9 @@ class UpstreamConnection:
 
     def timeout_error(
         self, waiting_for: Literal["send", "head", "body"], timeout: float
-    ) -> UpstreamError:
+    ) -> HttpRefusal:
         """The error (504) for a wait on this connection that took longer than `timeout`."""
-        return UpstreamError(
+        return _failure(
             _GATEWAY_TIMEOUT,
             timeout_problem(waiting_for, timeout),
             before_response=not self._started,
@@ -209,7 +185,7 @@ class UpstreamConnection:
     ) -> ResponseHead:
         """The final response head, interim 1xx ones skipped; the whole wait is `timeout`.
 
-        The head is checked by forwarding.check_response_head (and kept as `response_head`);
+        The head is checked by heads.check_response_head (and kept as `response_head`);
         body bytes read along with it stay buffered for `buffered_body`/`receive_body`.
         """
         try:
@@ -220,12 +196,8 @@ class UpstreamConnection:
         except trio.TooSlowError as exc:
             assert timeout is not None
             raise self.timeout_error("head", timeout) from exc
-        except HeadError as exc:
-            raise UpstreamError(
-                _BAD_GATEWAY, f"invalid response: {exc.problem}", before_response=False
-            ) from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise UpstreamError(
+            raise _failure(
                 _BAD_GATEWAY,
                 f"connection lost before the response head ({_cause(exc)})",
                 before_response=not self._started,
@@ -237,8 +209,8 @@ class UpstreamConnection:
             if head.status < _OK:  # interim: no body, the final head follows
                 continue
             no_body = request_method == b"HEAD" or head.status in (_NO_CONTENT, _NOT_MODIFIED)
-            self._reader = http1.body_reader(
-                0 if no_body else head.content_length, chunked=head.chunked
+            self._reader = body.body_reader(
+                0 if no_body else head.content_length, chunked=head.chunked, sender="upstream"
             )
             # A body ended by the close leaves nothing to reuse either.
             self._keep_alive = not head.close and (
@@ -246,7 +218,7 @@ class UpstreamConnection:
             )
             self.response_head = head
             return head
-        raise UpstreamError(
+        raise _failure(
             _BAD_GATEWAY,
             f"more than {MAX_INFORMATIONAL_RESPONSES} interim (1xx) responses",
             before_response=False,
@@ -268,7 +240,7 @@ class UpstreamConnection:
             data = await self.stream.receive_some(RECEIVE_SIZE) if not self._eof else b""
             if not data:
                 self._eof = True
-                raise UpstreamError(
+                raise _failure(
                     _BAD_GATEWAY,
                     "upstream closed the connection before the response head"
                     if not self._started
@@ -278,18 +250,13 @@ class UpstreamConnection:
             self._started = True
             buffer += data
 
-    def buffered_body(self) -> bytes | http1.End | None:
+    def buffered_body(self) -> bytes | body.End | None:
         """The next piece of the response body, or its end, from bytes already received;
-        None when a read is needed. 502 (UpstreamError) for an invalid body."""
+        None when a read is needed. HttpRefusal (502) for an invalid body."""
         reader = self._reader
         assert reader is not None, "no response head received"
-        try:
-            piece = reader.read(self._buffer)
-        except http1.BodyError as exc:
-            raise UpstreamError(
-                _BAD_GATEWAY, f"invalid response body: {exc.problem}", before_response=False
-            ) from exc
-        if piece is http1.END:
+        piece = reader.read(self._buffer)
+        if piece is body.END:
             self._complete = True
         return piece
 
@@ -297,7 +264,7 @@ class UpstreamConnection:
         self,
         *,
         timeout: float | None,  # noqa: ASYNC109
-    ) -> bytes | http1.End:
+    ) -> bytes | body.End:
         """The next piece of the response body, or its end; `timeout` bounds each read."""
         # Bounded: each round either returns or reads (an EOF ends the body or raises).
         while True:
@@ -306,14 +273,7 @@ class UpstreamConnection:
                 return piece
             assert self._reader is not None
             if self._eof:
-                try:
-                    end = self._reader.read_eof()
-                except http1.BodyError as exc:
-                    raise UpstreamError(
-                        _BAD_GATEWAY,
-                        f"invalid response body: {exc.problem}",
-                        before_response=False,
-                    ) from exc
+                end = self._reader.read_eof()
                 self._complete = True
                 return end
             try:
@@ -326,7 +286,7 @@ class UpstreamConnection:
                 assert timeout is not None
                 raise self.timeout_error("body", timeout) from exc
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise UpstreamError(
+                raise _failure(
                     _BAD_GATEWAY,
                     f"connection lost in the response body ({_cause(exc)})",
                     before_response=False,
@@ -390,7 +350,7 @@ class UpstreamPool:
 
     async def acquire(self, now: float | None = None, *, check: bool = True) -> UpstreamConnection:
         """An idle connection still open at the upstream (newest first), else a new one;
-        UpstreamError when a new one cannot be made (502, or 504 past the connect timeout).
+        HttpRefusal when a new one cannot be made (502, or 504 past the connect timeout).
         `now`: trio's clock, when the caller has just read it. `check=False` skips the look
         at the idle connection's socket (a poll(2)) for a request that may be sent again
         anyway should the connection turn out closed (the relay's retry rule)."""
@@ -473,13 +433,13 @@ class UpstreamPool:
                     tcp.close()
                     raise
         except trio.TooSlowError as exc:
-            raise UpstreamError(
+            raise _failure(
                 _GATEWAY_TIMEOUT, f"no connection to {self._where} within {timeout:g} s"
             ) from exc
         except trio.BrokenResourceError as exc:  # the TLS handshake failed
-            raise UpstreamError(_BAD_GATEWAY, _tls_problem(exc, upstream.host)) from exc
+            raise _failure(_BAD_GATEWAY, _tls_problem(exc, upstream.host)) from exc
         except OSError as exc:  # resolving or connecting
-            raise UpstreamError(_BAD_GATEWAY, _connect_problem(exc, self._where)) from exc
+            raise _failure(_BAD_GATEWAY, _connect_problem(exc, self._where)) from exc
         self.connections_opened += 1
         return UpstreamConnection(stream, tcp, self._limits.upstream_timeout)
 
@@ -488,7 +448,7 @@ class UpstreamPool:
             return tcp
         # https_compatible: an upstream closing without close_notify (common) reads as a
         # plain EOF. Truncation cannot pass for a whole response: a body framed by
-        # Content-Length or chunks is read to its end, and one cut short fails (http1).
+        # Content-Length or chunks is read to its end, and one cut short fails (body).
         tls = TlsStream(
             tcp,
             self._context,

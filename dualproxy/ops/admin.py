@@ -35,7 +35,8 @@ import trio
 from dualproxy.config.names import ListenAddress
 from dualproxy.config.schema import Config
 from dualproxy.http import smallserver
-from dualproxy.http.smallserver import Answer, Refused, Request, json_answer
+from dualproxy.http.errors import HttpRefusal
+from dualproxy.http.smallserver import Answer, Request, json_answer
 from dualproxy.ops import metrics, statuspage
 from dualproxy.ops.evidence import Evidence, KeyFacts, Status
 from dualproxy.pinning.reports import ReportSummary
@@ -155,16 +156,16 @@ class Allow(enum.Enum):
     READERS = "readers"
 
     def check(self, request: Request, asker: Asker, does: str) -> None:
-        """Refused (403, saying why) unless `asker` may send `request`, which `does` what
+        """HttpRefusal (403, saying why) unless `asker` may send `request`, which `does` what
         the message names ("resume the canary")."""
         if self is Allow.THIS_MACHINE and not asker.from_loopback:
-            raise Refused(403, f"only this machine may {does}: {_ADVICE}")
+            raise HttpRefusal(403, f"only this machine may {does}: {_ADVICE}", fault="client")
         if asker.on_loopback or self is Allow.THIS_MACHINE:
             smallserver.refuse_web_pages(request, _ADVICE)
         elif smallserver.origin_problem(request) is not None:
             # On a listener opened to the network a Host check would refuse the operator's
             # own scraper; a web page's cross-origin read is refused.
-            raise Refused(403, "refused a request from a web page (Origin)")
+            raise HttpRefusal(403, "refused a request from a web page (Origin)", fault="client")
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,17 +179,19 @@ class Route:
 
 
 def route(request: Request, asker: Asker) -> Route:
-    """The route that answers `request` from `asker`; Refused when none does: 403 (see
+    """The route that answers `request` from `asker`; HttpRefusal when none does: 403 (see
     Allow), 404 (no such path), 405 (another method; with Allow)."""
     found = ROUTES.get(request.path)
     if found is None:
         # After the readers' rule: what a web page cannot read, it cannot probe for either.
         Allow.READERS.check(request, asker, "ask")
-        raise Refused(404, f"not found: {_usage()}")
+        raise HttpRefusal(404, f"not found: {_usage()}", fault="client")
     found.allow.check(request, asker, found.does)
     if request.method != found.method:
         usage = f"{found.method.decode()} {request.path.decode()}"
-        raise Refused(405, f"method not allowed: {usage}", ((b"allow", found.method),))
+        raise HttpRefusal(
+            405, f"method not allowed: {usage}", fault="client", headers=((b"allow", found.method),)
+        )
     return found
 
 
@@ -211,7 +214,7 @@ class Admin:
         self._registry = metrics.registry_for(lambda: status_of(server))
 
     def answer(self, request: Request, asker: Asker) -> Answer:
-        """What `request` from `asker` gets; Refused when it is not answered (see `route`)."""
+        """What `request` from `asker` gets; HttpRefusal when it is not answered (see `route`)."""
         return route(request, asker).answer(self)
 
     def status(self) -> Status:

@@ -4,11 +4,9 @@ the signed pin manifest (`[manifest]`, see manifest.py) and the pin-failure repo
 
 The relay (and, without an [upstream], the server's own responder) asks `LocalEndpoints.find`
 for a request whose target starts with `prefix`, the common prefix of the configured paths,
-so that every other request pays one `startswith`. A found endpoint gets the request with its
-body already read, within `max_body_bytes` (the caller refuses larger ones with 413 before
-reading them), and returns a whole answer; the caller frames and sends it with its own
-keep-alive rules. An endpoint never raises for anything a client sends: the worst a client
-gets is a 4xx.
+so that every other request pays one `startswith`. The request, the answer and the protocols
+the callers see are `http.local`'s (the contract is written there): an endpoint never raises
+for anything a client sends, the worst a client gets is a 4xx.
 
 Built with each config (at start and at every reload, in a worker thread: the manifest file
 is read here). Report counts, the rate limiter and the store live in a `ReportsState` that a
@@ -21,16 +19,15 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 import trio
 
-from dualproxy.config.names import IPAddress
 from dualproxy.config.schema import Config, ManifestConfig, ReportsConfig, Rotation
+from dualproxy.http.local import Endpoint, LocalAnswer, LocalRequest
 from dualproxy.pinning import manifest, reports
 from dualproxy.rotation.policy import pin_role
 
@@ -42,33 +39,6 @@ log = logging.getLogger("dualproxy")
 # What every local answer carries: no content sniffing.
 _NOSNIFF: Final = (b"x-content-type-options", b"nosniff")
 _TEXT: Final = (b"content-type", b"text/plain; charset=utf-8")
-
-
-@dataclass(frozen=True, slots=True)
-class LocalRequest:
-    method: bytes
-    target: bytes
-    headers: Sequence[tuple[bytes, bytes]]  # lowercase names
-    peer: IPAddress | None
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class LocalAnswer:
-    """A whole response: the caller adds framing (Content-Length) and Connection."""
-
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes = b""
-
-
-class Endpoint(Protocol):
-    @property
-    def max_body_bytes(self) -> int:
-        """The largest request body it reads (413 beyond it)."""
-
-    async def answer(self, request: LocalRequest) -> LocalAnswer:
-        """The answer to `request`; never raises for what a client sent."""
 
 
 def _text_answer(status: HTTPStatus, problem: str, *extra: tuple[bytes, bytes]) -> LocalAnswer:

@@ -22,8 +22,9 @@ from typing import Final
 
 from dualproxy.config.schema import Limits
 from dualproxy.http import smallserver
+from dualproxy.http.errors import HttpRefusal
+from dualproxy.http.local import LocalRequest, LocalRoutes
 from dualproxy.http.relay import Drain
-from dualproxy.pinning import endpoints
 from dualproxy.serve.connection import ConnectionRecord
 from dualproxy.tls.streams import TlsStream
 
@@ -44,7 +45,7 @@ async def respond(
     *,
     limits: Limits,
     drain: Drain,
-    local: Callable[[], endpoints.LocalEndpoints | None],
+    local: Callable[[], LocalRoutes | None],
     response_headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> bool:
     """Answer the requests of one connection until it ends (see the module docstring); True
@@ -66,7 +67,7 @@ async def respond(
                 request = await connection.receive_request(
                     max_body=max(PLACEHOLDER_MAX_BODY, keep), keep_body=keep != 0
                 )
-        except smallserver.Refused as refused:
+        except HttpRefusal as refused:
             if refused.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
                 return False  # a body past what we read: closed unanswered
             record.response_generated(HTTPStatus.BAD_REQUEST)
@@ -84,7 +85,7 @@ async def respond(
             )
         elif endpoint is not None:  # the pin manifest, a pin-failure report
             local_answer = await endpoint.answer(
-                endpoints.LocalRequest(
+                LocalRequest(
                     request.method,
                     request.target,
                     list(request.headers),

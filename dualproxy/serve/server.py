@@ -459,6 +459,7 @@ class Server:
             settings=self._relay_settings,
             drain=self._drain,
             departures=self._departures,
+            client_fd=tls.transport_stream.socket.fileno(),
             tally=record,
             response_headers=self._dev_response_headers(record),
         )

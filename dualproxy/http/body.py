@@ -1,10 +1,11 @@
-"""HTTP/1.1 message bodies and head serialization: dualproxy's own small, strict codec.
+"""HTTP/1.1 message bodies: reading a body's framing, writing chunked framing.
 
-The relay parses heads with ``forwarding`` (strictly, once) and uses this module for what
-follows a head: reading the body's framing and writing messages on the other side. It is
-pure: bytes and values in, values out or ``BodyError``.
+The relay parses heads with ``heads`` (strictly, once) and uses this module for what follows
+a head. It is pure: bytes and values in, values out or ``HttpRefusal`` (errors.py), with the
+status of the side that sent the bytes: 400 "malformed request body: ..." for the client's,
+502 "invalid response body: ..." for the upstream's (``sender``).
 
-Reading a body (the same contract as h11's readers and ``forwarding.find_head_end``). A reader
+Reading a body (the same contract as h11's readers and ``heads.find_head_end``). A reader
 is made for one body from its head's framing (``body_reader``). Its ``read(buffer)`` takes the
 connection's receive buffer, a bytearray the caller appends received bytes to, and
 
@@ -12,10 +13,10 @@ connection's receive buffer, a bytearray the caller appends received bytes to, a
 2. returns ``END`` once the body is complete; every byte after it (the next message, or
    something a broken peer sent) stays in ``buffer``, untouched,
 3. returns ``None`` when it needs more bytes (it then consumed whatever it could), or
-4. raises ``BodyError`` as soon as the bytes cannot be a valid body within the bounds.
+4. raises ``HttpRefusal`` as soon as the bytes cannot be a valid body within the bounds.
 
 ``read_eof()`` is called when the peer closed its side: it returns ``END`` for a body that the
-close delimits, and raises ``BodyError`` for any body cut short. Readers never raise anything
+close delimits, and raises ``HttpRefusal`` for any body cut short. Readers never raise anything
 else, whatever the bytes; a caller loops ``read`` until ``None`` and then receives, so the
 buffer holds at most one receive plus one bounded chunk-size or trailer line.
 
@@ -26,17 +27,19 @@ LF, CRLF right after each chunk's data. Trailer fields are read, checked for sha
 (``name: value``, no control characters) and dropped: the relay regenerates framing, and a
 recipient may discard trailers (RFC 9110 §6.5.1), so nobody can rely on them passing a proxy.
 
-Writing: ``request_head`` and ``response_head`` serialize a head as given, names and values
-already checked by ``forwarding`` (they contain no CR, LF or NUL). ``encode_chunk`` and
-``LAST_CHUNK`` write chunked framing; a body of known length goes as it is.
+Writing: ``encode_chunk`` and ``LAST_CHUNK`` write chunked framing; a body of known length goes
+as it is. Heads are written by ``heads.request_head`` and ``heads.response_head``.
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterable
+from http import HTTPStatus
 from typing import Final, Protocol
+
+from dualproxy.http.errors import Fault, HttpRefusal, snippet
+from dualproxy.http.fields import CRLF
 
 __all__ = [
     "END",
@@ -44,7 +47,6 @@ __all__ = [
     "MAX_CHUNK_LINE_BYTES",
     "MAX_CHUNK_SIZE_DIGITS",
     "MAX_TRAILER_BYTES",
-    "BodyError",
     "BodyReader",
     "ChunkedReader",
     "CloseDelimitedReader",
@@ -52,8 +54,6 @@ __all__ = [
     "End",
     "body_reader",
     "encode_chunk",
-    "request_head",
-    "response_head",
 ]
 
 # A chunk-size line with its extensions. Sizes need at most 16 digits; the rest is extensions,
@@ -69,11 +69,6 @@ MAX_TRAILER_BYTES: Final = 16 * 1024
 # The final chunk, without trailers, and the blank line that ends a chunked body.
 LAST_CHUNK: Final = b"0\r\n\r\n"
 
-_CRLF: Final = b"\r\n"
-_OWS: Final = b" \t"  # RFC 9110 §5.6.3
-_CLOSE: Final = b"close"  # the Connection option that ends the connection (RFC 9112 §9.6)
-# Between a field's name and value when we write it (RFC 9112 §5: one SP is the usual OWS).
-_FIELD_SEPARATOR: Final = b": "
 # RFC 9112 §7.1.1: chunk-ext is a list of ";" name["=" value]; we ignore it, so we only require
 # that it holds no control character other than HT (nothing that could end the line early).
 _CHUNK_LINE: Final = re.compile(
@@ -82,8 +77,7 @@ _CHUNK_LINE: Final = re.compile(
 # RFC 9112 §7.1.2: a trailer is a field line (RFC 9112 §5).
 _TRAILER_LINE: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*")
 _HEX_DIGITS: Final = frozenset(b"0123456789abcdefABCDEF")
-# Received bytes quoted in an error: enough to recognise them in a log (as forwarding's).
-_SNIPPET_BYTES: Final = 40
+_CRLF_LENGTH: Final = len(CRLF)
 
 
 class End(enum.Enum):
@@ -95,14 +89,6 @@ class End(enum.Enum):
 END: Final = End.END
 
 
-class BodyError(Exception):
-    """Bytes that are no valid body (or a body cut short); `problem` says what, for the log."""
-
-    def __init__(self, problem: str) -> None:
-        super().__init__(problem)
-        self.problem = problem
-
-
 class BodyReader(Protocol):
     """Reads one body from a receive buffer; see the module docstring for the contract."""
 
@@ -111,24 +97,41 @@ class BodyReader(Protocol):
     def read_eof(self) -> End: ...
 
 
-def body_reader(content_length: int | None, *, chunked: bool) -> BodyReader:
+def body_reader(content_length: int | None, *, chunked: bool, sender: Fault) -> BodyReader:
     """The reader for a body framed by `chunked` or `content_length`, or by the close when the
-    head has neither (only a response may: a request without either has no body)."""
+    head has neither (only a response may: a request without either has no body). `sender`:
+    whose body it is, and so whose fault a malformed one."""
     if chunked:
-        return ChunkedReader()
+        return ChunkedReader(sender=sender)
     if content_length is not None:
-        return ContentLengthReader(content_length)
+        return ContentLengthReader(content_length, sender=sender)
     return CloseDelimitedReader()
+
+
+def _refusal(sender: Fault, problem: str) -> HttpRefusal:
+    """A body's bytes refused: the client's get 400, the upstream's 502 (a response had
+    started: its head came before the body)."""
+    if sender == "client":
+        return HttpRefusal(
+            HTTPStatus.BAD_REQUEST, f"malformed request body: {problem}", fault="client"
+        )
+    return HttpRefusal(
+        HTTPStatus.BAD_GATEWAY,
+        f"invalid response body: {problem}",
+        fault="upstream",
+        before_response=False,
+    )
 
 
 class ContentLengthReader:
     """A body of exactly `length` bytes (0 for a message without a body)."""
 
-    __slots__ = ("_length", "_remaining")
+    __slots__ = ("_length", "_remaining", "_sender")
 
-    def __init__(self, length: int) -> None:
+    def __init__(self, length: int, *, sender: Fault) -> None:
         self._length = length
         self._remaining = length
+        self._sender: Fault = sender
 
     def read(self, buffer: bytearray) -> bytes | End | None:
         remaining = self._remaining
@@ -143,7 +146,7 @@ class ContentLengthReader:
     def read_eof(self) -> End:
         if self._remaining:
             received = self._length - self._remaining
-            raise BodyError(f"body ended after {received} of {self._length} bytes")
+            raise _refusal(self._sender, f"body ended after {received} of {self._length} bytes")
         return END
 
 
@@ -174,9 +177,10 @@ class _Chunked(enum.Enum):
 class ChunkedReader:
     """A chunked body (RFC 9112 §7.1), read strictly; trailers are checked and dropped."""
 
-    __slots__ = ("_remaining", "_state", "_trailer_bytes")
+    __slots__ = ("_remaining", "_sender", "_state", "_trailer_bytes")
 
-    def __init__(self) -> None:
+    def __init__(self, *, sender: Fault) -> None:
+        self._sender: Fault = sender
         self._state = _Chunked.SIZE
         self._remaining = 0
         self._trailer_bytes = 0
@@ -199,7 +203,7 @@ class ChunkedReader:
                     return None
                 match = _CHUNK_LINE.fullmatch(line)
                 if match is None:
-                    raise BodyError(f"malformed chunk size line {_snippet(line)}")
+                    raise _refusal(self._sender, f"malformed chunk size line {snippet(line)}")
                 size = int(match[1], 16)
                 if size:
                     self._remaining = size
@@ -207,50 +211,51 @@ class ChunkedReader:
                 else:
                     self._state = _Chunked.TRAILERS
             elif state is _Chunked.DATA_END:
-                if len(buffer) < len(_CRLF):
-                    if buffer and buffer[0] != _CRLF[0]:
-                        raise BodyError("chunk data not followed by CRLF")
+                if len(buffer) < _CRLF_LENGTH:
+                    if buffer and buffer[0] != CRLF[0]:
+                        raise _refusal(self._sender, "chunk data not followed by CRLF")
                     return None
-                if buffer[:2] != _CRLF:
-                    raise BodyError("chunk data not followed by CRLF")
+                if buffer[:2] != CRLF:
+                    raise _refusal(self._sender, "chunk data not followed by CRLF")
                 del buffer[:2]
                 self._state = _Chunked.SIZE
             elif state is _Chunked.TRAILERS:
                 line = self._line(buffer, MAX_TRAILER_BYTES - self._trailer_bytes)
                 if line is None:
                     return None
-                self._trailer_bytes += len(line) + len(_CRLF)
+                self._trailer_bytes += len(line) + _CRLF_LENGTH
                 if not line:
                     self._state = _Chunked.DONE
                     return END
                 if _TRAILER_LINE.fullmatch(line) is None:
-                    raise BodyError(f"malformed trailer field {_snippet(line)}")
+                    raise _refusal(self._sender, f"malformed trailer field {snippet(line)}")
             else:
                 return END
 
     def _line(self, buffer: bytearray, limit: int) -> bytes | None:
         """The next line without its CRLF, consumed; None while it may still end within
         `limit` bytes."""
-        end = buffer.find(_CRLF, 0, limit + len(_CRLF))
+        end = buffer.find(CRLF, 0, limit + _CRLF_LENGTH)
         if end < 0:
             sizing = self._state is _Chunked.SIZE
-            if len(buffer) >= limit + len(_CRLF):
-                raise BodyError(
+            if len(buffer) >= limit + _CRLF_LENGTH:
+                raise _refusal(
+                    self._sender,
                     f"chunk size line longer than {MAX_CHUNK_LINE_BYTES} bytes"
                     if sizing
-                    else f"trailers longer than {MAX_TRAILER_BYTES} bytes"
+                    else f"trailers longer than {MAX_TRAILER_BYTES} bytes",
                 )
             if sizing and buffer and buffer[0] not in _HEX_DIGITS:
-                raise BodyError(f"malformed chunk size line {_snippet(bytes(buffer))}")
+                raise _refusal(self._sender, f"malformed chunk size line {snippet(bytes(buffer))}")
             return None
         line = bytes(buffer[:end])
-        del buffer[: end + len(_CRLF)]
+        del buffer[: end + _CRLF_LENGTH]
         return line
 
     def read_eof(self) -> End:
         if self._state is _Chunked.DONE:
             return END
-        raise BodyError("chunked body cut short (no last chunk)")
+        raise _refusal(self._sender, "chunked body cut short (no last chunk)")
 
 
 def encode_chunk(data: bytes) -> bytes:
@@ -258,46 +263,6 @@ def encode_chunk(data: bytes) -> bytes:
     if not data:
         return b""
     return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-def request_head(
-    method: bytes,
-    target: bytes,
-    headers: Iterable[tuple[bytes, bytes]],
-    *,
-    lines: Iterable[bytes] = (),
-) -> bytes:
-    """An HTTP/1.1 request head: request line, the field `lines` as given, the `headers` in
-    order, blank line."""
-    return _head(b"%b %b HTTP/1.1" % (method, target), lines, headers)
-
-
-def response_head(
-    status: int,
-    reason: bytes,
-    headers: Iterable[tuple[bytes, bytes]],
-    *,
-    lines: Iterable[bytes] = (),
-) -> bytes:
-    """An HTTP/1.1 response head: status line, the field `lines` as given (the upstream's,
-    as received), the `headers` in order, blank line."""
-    return _head(b"HTTP/1.1 %d %b" % (status, reason), lines, headers)
-
-
-def _head(
-    start_line: bytes, lines: Iterable[bytes], headers: Iterable[tuple[bytes, bytes]]
-) -> bytes:
-    out = [start_line]
-    out += lines
-    out += map(_FIELD_SEPARATOR.join, headers)  # "name: value", each joined in C
-    out.append(_CRLF)
-    return _CRLF.join(out)
-
-
-def _snippet(data: bytes) -> str:
-    """A short, escaped quote of received bytes for an error message."""
-    quoted = repr(data[:_SNIPPET_BYTES])[1:]
-    return quoted if len(data) <= _SNIPPET_BYTES else f"{quoted}..."
 
 
 def _take(buffer: bytearray, limit: int) -> bytes:

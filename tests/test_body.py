@@ -1,4 +1,4 @@
-"""http1.py: body readers fed whole, byte by byte and with trailing bytes (which must stay in
+"""body.py: body readers fed whole, byte by byte and with trailing bytes (which must stay in
 the buffer, untouched); each malformed chunked shape refused next to the valid twin it was bent
 from; Hypothesis on chunked round trips and on arbitrary bytes (only the documented outcomes);
 golden bytes for the writers, read back by h11 as an independent parser."""
@@ -10,24 +10,23 @@ from typing import Final
 
 import h11
 import pytest
+from helpers.profiles import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dualproxy.http.http1 import (
+from dualproxy.http.body import (
     END,
     LAST_CHUNK,
     MAX_CHUNK_LINE_BYTES,
     MAX_TRAILER_BYTES,
-    BodyError,
     BodyReader,
     ChunkedReader,
     CloseDelimitedReader,
     ContentLengthReader,
     body_reader,
     encode_chunk,
-    request_head,
-    response_head,
 )
+from dualproxy.http.errors import Fault, HttpRefusal
 
 # Hypothesis examples per property: enough to reach every state many times while the whole
 # file stays within a few seconds.
@@ -66,7 +65,7 @@ def bytewise(data: bytes) -> list[bytes]:
 def test_content_length_body_and_trailing_bytes(split: bool) -> None:
     data = b"hello" + NEXT
     pieces = bytewise(data) if split else [data]
-    body, ended, rest = read_all(ContentLengthReader(5), pieces)
+    body, ended, rest = read_all(ContentLengthReader(5, sender="client"), pieces)
     assert (body, ended) == (b"hello", True)
     # Bytewise, the reader ends as soon as its last byte came; the rest was never received.
     assert rest == (b"" if split else NEXT)
@@ -74,17 +73,21 @@ def test_content_length_body_and_trailing_bytes(split: bool) -> None:
 
 def test_an_empty_body_ends_without_a_byte() -> None:
     buffer = bytearray(NEXT)
-    assert ContentLengthReader(0).read(buffer) is END
+    assert ContentLengthReader(0, sender="client").read(buffer) is END
     assert buffer == NEXT
 
 
 def test_a_content_length_body_cut_short_is_an_error_at_eof() -> None:
-    reader = ContentLengthReader(5)
+    reader = ContentLengthReader(5, sender="client")
     assert read_all(reader, [b"hel"]) == (b"hel", False, b"")
-    with pytest.raises(BodyError, match="after 3 of 5 bytes"):
+    with pytest.raises(HttpRefusal, match="after 3 of 5 bytes"):
         reader.read_eof()
     # Twin: a complete body reads to its end, then EOF is harmless.
-    assert read_all(ContentLengthReader(3), [b"hel"], eof=True) == (b"hel", True, b"")
+    assert read_all(ContentLengthReader(3, sender="client"), [b"hel"], eof=True) == (
+        b"hel",
+        True,
+        b"",
+    )
 
 
 def test_close_delimited_body_ends_at_eof_only() -> None:
@@ -93,9 +96,9 @@ def test_close_delimited_body_ends_at_eof_only() -> None:
 
 
 def test_body_reader_follows_the_framing() -> None:
-    assert isinstance(body_reader(None, chunked=True), ChunkedReader)
-    assert isinstance(body_reader(7, chunked=False), ContentLengthReader)
-    assert isinstance(body_reader(None, chunked=False), CloseDelimitedReader)
+    assert isinstance(body_reader(None, chunked=True, sender="client"), ChunkedReader)
+    assert isinstance(body_reader(7, chunked=False, sender="client"), ContentLengthReader)
+    assert isinstance(body_reader(None, chunked=False, sender="upstream"), CloseDelimitedReader)
 
 
 # --- chunked ----------------------------------------------------------------------------
@@ -107,19 +110,21 @@ CHUNKED_BODY: Final = b"hello 0123456789"
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "bytewise"])
 def test_chunked_golden(split: bool) -> None:
     data = CHUNKED + NEXT
-    body, ended, rest = read_all(ChunkedReader(), bytewise(data) if split else [data])
+    body, ended, rest = read_all(
+        ChunkedReader(sender="client"), bytewise(data) if split else [data]
+    )
     assert (body, ended) == (CHUNKED_BODY, True)
     assert rest == (b"" if split else NEXT)
 
 
 def test_a_chunked_body_cut_short_is_an_error_at_eof() -> None:
     for cut in range(len(CHUNKED)):
-        reader = ChunkedReader()
+        reader = ChunkedReader(sender="client")
         _, ended, _ = read_all(reader, [CHUNKED[:cut]])
         assert not ended
-        with pytest.raises(BodyError, match="cut short"):
+        with pytest.raises(HttpRefusal, match="cut short"):
             reader.read_eof()
-    reader = ChunkedReader()  # twin: the whole body, then EOF
+    reader = ChunkedReader(sender="client")  # twin: the whole body, then EOF
     assert read_all(reader, [CHUNKED], eof=True) == (CHUNKED_BODY, True, b"")
 
 
@@ -144,30 +149,51 @@ def test_a_chunked_body_cut_short_is_an_error_at_eof() -> None:
 )
 def test_malformed_chunked_framing_is_refused(bad: bytes, good: bytes) -> None:
     for pieces in ([bad], bytewise(bad)):
-        with pytest.raises(BodyError):
-            read_all(ChunkedReader(), pieces, eof=True)
-        assert read_all(ChunkedReader(), [good], eof=True)[1]
+        with pytest.raises(HttpRefusal):
+            read_all(ChunkedReader(sender="client"), pieces, eof=True)
+        assert read_all(ChunkedReader(sender="client"), [good], eof=True)[1]
 
 
 def test_chunk_size_lines_and_trailers_are_bounded() -> None:
     line = b"5;" + b"x" * (MAX_CHUNK_LINE_BYTES - 3)  # one byte short of the bound
-    assert read_all(ChunkedReader(), [line + b"\r\nhello\r\n0\r\n\r\n"])[1]
-    with pytest.raises(BodyError, match="chunk size line longer"):
-        read_all(ChunkedReader(), [line + b"xxx"])  # refused before any CRLF comes
+    assert read_all(ChunkedReader(sender="client"), [line + b"\r\nhello\r\n0\r\n\r\n"])[1]
+    with pytest.raises(HttpRefusal, match="chunk size line longer"):
+        read_all(ChunkedReader(sender="client"), [line + b"xxx"])  # refused before any CRLF comes
     trailer = b"X-Pad: " + b"p" * 100 + b"\r\n"
     fits = trailer * ((MAX_TRAILER_BYTES - 2) // len(trailer))
-    assert read_all(ChunkedReader(), [b"0\r\n" + fits + b"\r\n"])[1]
-    with pytest.raises(BodyError, match="trailers longer"):
-        read_all(ChunkedReader(), [b"0\r\n" + fits + trailer * 2 + b"\r\n"])
+    assert read_all(ChunkedReader(sender="client"), [b"0\r\n" + fits + b"\r\n"])[1]
+    with pytest.raises(HttpRefusal, match="trailers longer"):
+        read_all(ChunkedReader(sender="client"), [b"0\r\n" + fits + trailer * 2 + b"\r\n"])
+
+
+@pytest.mark.parametrize(
+    ("sender", "status", "problem", "before_response"),
+    [
+        ("client", 400, "malformed request body: malformed chunk size line 'z'", True),
+        ("upstream", 502, "invalid response body: malformed chunk size line 'z'", False),
+    ],
+)
+def test_the_sender_says_whose_fault_a_bad_body_is(
+    sender: Fault, status: int, problem: str, before_response: bool
+) -> None:
+    """The same bytes are the client's fault in a request (400) and the upstream's in a
+    response (502, once its head had come)."""
+    with pytest.raises(HttpRefusal) as refused:
+        ChunkedReader(sender=sender).read(bytearray(b"z"))
+    assert (refused.value.status, refused.value.problem) == (status, problem)
+    assert (refused.value.fault, refused.value.before_response) == (sender, before_response)
+    with pytest.raises(HttpRefusal) as cut_short:
+        ContentLengthReader(2, sender=sender).read_eof()
+    assert (cut_short.value.status, cut_short.value.fault) == (status, sender)
 
 
 def test_a_bad_size_line_is_refused_at_its_first_byte() -> None:
     buffer = bytearray(b"z")  # no CRLF yet: still no need to wait for one
-    with pytest.raises(BodyError, match="malformed chunk size"):
-        ChunkedReader().read(buffer)
+    with pytest.raises(HttpRefusal, match="malformed chunk size"):
+        ChunkedReader(sender="client").read(buffer)
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
+@settings(max_examples=examples(EXAMPLES))
 @given(
     chunks=st.lists(st.binary(min_size=1, max_size=300), max_size=8),
     cuts=st.lists(st.integers(1, 64), max_size=30),
@@ -182,14 +208,14 @@ def test_chunked_round_trip(chunks: list[bytes], cuts: list[int], trailing: byte
         pieces.append(data[start : start + cut])
         start += cut
     pieces.append(data[start:])
-    body, ended, rest = read_all(ChunkedReader(), pieces)
+    body, ended, rest = read_all(ChunkedReader(sender="client"), pieces)
     assert (body, ended) == (b"".join(chunks), True)
     assert trailing.startswith(rest)  # what came with the end; later receives were not made
     # h11 reads the same bytes as the same body.
     assert h11_body(data) == b"".join(chunks)
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
+@settings(max_examples=examples(EXAMPLES))
 @given(
     data=st.binary(max_size=200)
     | st.lists(
@@ -199,55 +225,19 @@ def test_chunked_round_trip(chunks: list[bytes], cuts: list[int], trailing: byte
     cut=st.integers(0, 200),
 )
 def test_arbitrary_bytes_give_only_documented_outcomes(data: bytes, cut: int) -> None:
-    """Body pieces, END, None or BodyError: never another exception."""
-    for reader in (ChunkedReader(), ContentLengthReader(10), CloseDelimitedReader()):
-        with contextlib.suppress(BodyError):
+    """Body pieces, END, None or HttpRefusal: never another exception."""
+    for reader in (
+        ChunkedReader(sender="client"),
+        ContentLengthReader(10, sender="client"),
+        CloseDelimitedReader(),
+    ):
+        with contextlib.suppress(HttpRefusal):
             read_all(reader, [data[:cut], data[cut:]], eof=True)
 
 
 def test_encode_chunk_writes_nothing_for_no_data() -> None:
     assert encode_chunk(b"") == b""  # an empty chunk would end the body
     assert encode_chunk(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
-
-
-# --- heads and keep-alive -----------------------------------------------------------------
-
-
-def test_request_head_golden() -> None:
-    head = request_head(b"POST", b"/a?b=1", [(b"host", b"api.test"), (b"content-length", b"2")])
-    assert head == b"POST /a?b=1 HTTP/1.1\r\nhost: api.test\r\ncontent-length: 2\r\n\r\n"
-    conn = h11.Connection(h11.SERVER)
-    conn.receive_data(head + b"ok")
-    request = conn.next_event()
-    assert isinstance(request, h11.Request)
-    assert (request.method, request.target) == (b"POST", b"/a?b=1")
-    assert list(request.headers) == [(b"host", b"api.test"), (b"content-length", b"2")]
-
-
-def test_response_head_golden() -> None:
-    head = response_head(404, b"Not Found", [(b"content-length", b"0")])
-    assert head == b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
-    assert response_head(200, b"", []) == b"HTTP/1.1 200 \r\n\r\n"  # the reason is optional
-    conn = h11.Connection(h11.CLIENT)
-    conn.send(h11.Request(method="GET", target="/", headers=[("host", "a")]))
-    conn.receive_data(head)
-    response = conn.next_event()
-    assert isinstance(response, h11.Response)
-    assert (response.status_code, response.reason) == (404, b"Not Found")
-
-
-@settings(max_examples=EXAMPLES, deadline=None)
-@given(
-    headers=st.lists(
-        st.tuples(st.binary(min_size=1, max_size=8), st.binary(max_size=8)), max_size=5
-    ),
-    reason=st.binary(max_size=8),
-)
-def test_heads_written_field_by_field(headers: list[tuple[bytes, bytes]], reason: bytes) -> None:
-    """Fields joined in C write the bytes one %-format per line wrote."""
-    fields = b"".join(b"%b: %b\r\n" % field for field in headers)
-    assert request_head(b"GET", b"/x", headers) == b"GET /x HTTP/1.1\r\n" + fields + b"\r\n"
-    assert response_head(200, reason, headers) == b"HTTP/1.1 200 %b\r\n%b\r\n" % (reason, fields)
 
 
 def h11_body(chunked: bytes) -> bytes:

@@ -1,0 +1,124 @@
+"""What the server shares with every relayed connection: the drain, and the watch for
+clients that leave while the upstream works.
+
+Both are one per server, touched by each connection for a few set or dict operations per
+request; the server drives them (`Drain.start` on SIGTERM, `Departures.check` every
+DEPARTURE_CHECK_SECONDS) and relay.py's `ClientConnection` registers with them.
+"""
+
+from __future__ import annotations
+
+import select
+from types import TracebackType
+from typing import Final, Protocol
+
+import trio
+
+__all__ = ["DEPARTURE_CHECK_SECONDS", "Departures", "Drain", "IdleWait", "Leaver"]
+
+
+class Leaver(Protocol):
+    """What Departures tells about a client that left (a ClientConnection)."""
+
+    def client_left(self) -> None: ...
+
+
+# How often the clients waiting for an upstream's response are looked at for having left: a
+# gone client holds its upstream connection this long at most; a look is one poll(2) for all.
+DEPARTURE_CHECK_SECONDS: Final = 1.0
+# poll(2)'s word for a peer that closed or reset: POLLRDHUP (Linux) is its FIN, which plain
+# readability cannot tell from bytes; elsewhere only a reset or an error shows.
+_HUNG_UP: Final = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+
+
+class Departures:
+    """Clients waiting for an upstream's response head, looked at for having left.
+
+    A response can take the upstream a while (upstream_timeout, 60 s by default), and a client
+    that closes meanwhile would otherwise be noticed only when its answer is sent. Like nginx
+    (a 499), the exchange then ends at once and its upstream connection is closed, never
+    pooled: the upstream sees the close and may stop working for nobody. One per server; its
+    `check`, every DEPARTURE_CHECK_SECONDS, looks at every waiting client in one poll(2), so a
+    request pays for two dict operations only. A client that closes only its sending side
+    counts as gone too (as in nginx), which RFC 9112 §9.6 asks clients not to do.
+    """
+
+    def __init__(self) -> None:
+        # By the client socket's descriptor (ClientConnection's `client_fd`).
+        self.waiting: dict[int, Leaver] = {}
+
+    def check(self) -> int:
+        """End the wait of every client that left; how many did."""
+        waiting = self.waiting
+        if not waiting:
+            return 0
+        poller = select.poll()
+        for fd in waiting:
+            poller.register(fd, _HUNG_UP)
+        gone = 0
+        for fd, events in poller.poll(0):
+            if events & _HUNG_UP and (relay := waiting.pop(fd, None)) is not None:
+                relay.client_left()
+                gone += 1
+        return gone
+
+
+class Drain:
+    """Graceful shutdown as relays see it; one per server, shared by all its connections.
+
+    Once `start()` is called, connections waiting for a request (idle keep-alive ones, and
+    new ones that have not sent a byte yet) close at once, and busy ones finish their
+    exchange with `Connection: close` on the response.
+    """
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._idle: set[trio.CancelScope] = set()
+
+    def start(self) -> None:
+        self.draining = True
+        for scope in self._idle:
+            scope.cancel()
+
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
+
+    def enter_idle(self, scope: trio.CancelScope) -> None:
+        """`scope` waits for a request: the drain cancels it (at once, if it has started)."""
+        if self.draining:
+            scope.cancel()
+        self._idle.add(scope)
+
+    def leave_idle(self, scope: trio.CancelScope) -> None:
+        self._idle.discard(scope)
+
+    def idle(self, timeout: float) -> IdleWait:
+        """A cancel scope for waiting on a quiet connection: it ends after `timeout`, or as
+        soon as the drain starts (at once, when it already has)."""
+        return IdleWait(self, trio.CancelScope(deadline=trio.current_time() + timeout))
+
+
+class IdleWait:
+    """`Drain.idle`'s context manager: its scope is cancelled by the drain while entered."""
+
+    __slots__ = ("_drain", "_scope")
+
+    def __init__(self, drain: Drain, scope: trio.CancelScope) -> None:
+        self._drain = drain
+        self._scope = scope
+
+    def __enter__(self) -> trio.CancelScope:
+        self._drain.enter_idle(self._scope)
+        return self._scope.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        try:
+            return self._scope.__exit__(exc_type, exc, traceback)
+        finally:
+            self._drain.leave_idle(self._scope)
