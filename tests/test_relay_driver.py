@@ -22,6 +22,7 @@ import h11
 import pytest
 import trio
 import trio.testing
+from helpers.h11client import receive_response
 
 from dualproxy.config.schema import Limits, UpstreamConfig
 from dualproxy.http.errors import HttpRefusal
@@ -159,19 +160,9 @@ class Relay:
         conn.send(h11.EndOfMessage())
         if self.unread:  # what came with the previous response
             conn.receive_data(self.unread)
-        response, body = None, bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(bytes(await self.client.receive_some(65536)))
-            elif isinstance(event, h11.Response):
-                response = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                assert response is not None
-                self.unread = conn.trailing_data[0]
-                return response.status_code, list(response.headers), bytes(body)
+        response, body = await receive_response(self.client, conn)
+        self.unread = conn.trailing_data[0]
+        return response.status_code, list(response.headers), body
 
     async def rest(self) -> bytes:
         """Everything the client still receives until the relay closes."""

@@ -30,6 +30,7 @@ from cryptography import x509
 from helpers import hellos
 from helpers.clients import CLIENT_TIMEOUT, curl_pinned, run_client, tls_get_async
 from helpers.configs import make_config
+from helpers.h11client import receive_response
 from helpers.keys import KeyFiles, make_key
 from helpers.logs import ConnLog, parse_log_line
 from helpers.rotation import Clock
@@ -204,22 +205,8 @@ async def exchange(
         data = conn.send(outgoing)
         assert data is not None
         await stream.send_all(data)
-    response: h11.Response | None = None
-    body = b""
     with trio.fail_after(CLIENT_TIMEOUT):
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(bytes(await stream.receive_some()))
-            elif isinstance(event, h11.Response):
-                response = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                assert response is not None
-                return response, body
-            else:
-                raise AssertionError(f"unexpected {event!r}")
+        return await receive_response(stream, conn)
 
 
 async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
