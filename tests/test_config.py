@@ -904,6 +904,12 @@ def test_no_upstream_means_dualproxy_answers_itself(tmp_path: Path) -> None:
             id="header-count-too-low",
         ),
         pytest.param(
+            {"limits": {"max_response_header_count": 7}},
+            "limits.max_response_header_count",
+            "out of range",
+            id="response-header-count-too-low",
+        ),
+        pytest.param(
             {"limits": {"max_body_bytes": 1.5}},
             "limits.max_body_bytes",
             "expected an integer",
@@ -938,6 +944,7 @@ def test_every_limit_is_settable(tmp_path: Path) -> None:
         "max_request_line_bytes": 4096,
         "max_header_bytes": 8192,
         "max_header_count": 50,
+        "max_response_header_count": 60,
         "max_body_bytes": 1024,
         "shutdown_grace": 0,
     }

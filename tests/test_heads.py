@@ -23,7 +23,6 @@ from dualproxy.http.errors import HttpRefusal, snippet
 from dualproxy.http.fields import REQUEST_AS_IS_DROPPED, RESPONSE_DROPPED
 from dualproxy.http.heads import (
     MAX_CONTENT_LENGTH_DIGITS,
-    MAX_RESPONSE_FIELDS,
     MAX_RESPONSE_HEAD_BYTES,
     HeadLimits,
     RequestHead,
@@ -783,10 +782,11 @@ RESPONSE_TWINS: Final[dict[str, tuple[bytes, bytes, str]]] = {
         response(TE, line=b"HTTP/1.0 200 OK"),
         "HTTP/1.0",
     ),
+    # HAProxy's (101) and Envoy's (100) cap, not twice theirs: limits.max_response_header_count.
     "too-many-fields": (
-        response(*(b"X-%d: v" % i for i in range(MAX_RESPONSE_FIELDS))),
-        response(*(b"X-%d: v" % i for i in range(MAX_RESPONSE_FIELDS + 1))),
-        "more than 200",
+        response(*(b"X-%d: v" % i for i in range(100))),
+        response(*(b"X-%d: v" % i for i in range(101))),
+        "more than 100 header fields (limits.max_response_header_count)",
     ),
     "too-long": (
         response(b"X: " + b"x" * (MAX_RESPONSE_HEAD_BYTES - len(response(b"X: ")))),
@@ -811,6 +811,24 @@ def test_response_shape_refused_with_502_and_twin_accepted(
     client.send(h11.Request(method="GET", target="/", headers=[("Host", "a")]))
     client.receive_data(valid)
     assert isinstance(client.next_event(), h11.Response | h11.InformationalResponse)
+
+
+@pytest.mark.parametrize("max_fields", [8, 100, 500])
+def test_response_field_count_is_the_named_limit(max_fields: int) -> None:
+    fields = [b"X-%d: v" % i for i in range(max_fields + 1)]
+    head = check_response_head(response(*fields[:-1]), request_method=b"GET", max_fields=max_fields)
+    assert len(head.headers) == max_fields
+    with pytest.raises(HttpRefusal, match=f"more than {max_fields} header fields") as refused:
+        check_response_head(response(*fields), request_method=b"GET", max_fields=max_fields)
+    assert (refused.value.status, refused.value.fault) == (502, "upstream")
+
+
+def test_response_field_count_defaults_to_the_setting() -> None:
+    assert Limits().max_response_header_count == 100  # HAProxy 101, Envoy 100
+    fields = [b"X-%d: v" % i for i in range(Limits().max_response_header_count + 1)]
+    check_response_head(response(*fields[:-1]), request_method=b"GET")
+    with pytest.raises(HttpRefusal):
+        check_response_head(response(*fields), request_method=b"GET")
 
 
 @pytest.mark.parametrize(

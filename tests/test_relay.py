@@ -1604,6 +1604,24 @@ async def test_a_reload_that_changes_the_upstream_moves_new_requests_and_closes_
     assert (other.accepted, len(other.requests)) == (1, 1)
 
 
+async def test_a_reload_that_changes_the_response_header_count_limit_applies_it(
+    key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    fields = b"".join(b"X-%d: v\r\n" % i for i in range(20))
+    upstream.behaviour = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + fields + b"\r\n"
+    path = tmp_path / "config.toml"
+    config = write_config(path, [key], extra={"upstream": upstream.config_table()})
+    async with serving(config) as run:
+        p = Proxy(run.server, run.port, cafile)
+        async with p.client() as client:
+            assert (await client.request()).status == 200  # 21 fields: the default allows 100
+        limits = {"max_response_header_count": 10}
+        write_config(path, [key], extra={"upstream": upstream.config_table(), "limits": limits})
+        assert await run.server.reload("test")
+        async with p.client() as client:
+            assert (await client.request()).status == 502
+
+
 async def test_a_quiet_server_closes_upstream_connections_that_idled_too_long(
     key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
 ) -> None:

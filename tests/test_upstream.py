@@ -464,6 +464,24 @@ async def test_malformed_response_heads_are_502(
     assert (response.status, body) == (200, b"hello")
 
 
+@pytest.mark.parametrize("fields", [10, 11])
+async def test_response_header_count_is_limits_max_response_header_count(
+    pools: PoolFactory, http_upstream: UpstreamServer, fields: int
+) -> None:
+    extra = b"".join(b"X-%d: v\r\n" % i for i in range(fields - 1))
+    http_upstream.behaviour = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + extra + b"\r\n"
+    pool = pools(http_upstream.config(), replace(LIMITS, max_response_header_count=10))
+    connection = await pool.acquire()
+    await send_request(connection)
+    if fields <= 10:
+        response = await connection.receive_head(timeout=TIMEOUT, request_method=b"GET")
+        assert len(response.headers) == fields
+    else:
+        with raises_upstream(502, "more than 10 header fields"):
+            await connection.receive_head(timeout=TIMEOUT, request_method=b"GET")
+    pool.discard(connection)
+
+
 @pytest.mark.parametrize("reused", [False, True])
 async def test_close_before_response_is_502_before_response(
     pools: PoolFactory, upstream: UpstreamServer, reused: bool

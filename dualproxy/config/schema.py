@@ -176,6 +176,10 @@ class Limits:
     max_header_bytes: int = 16 * 1024
     # Header fields per request (431 beyond it): Envoy's max_headers_count default is 100.
     max_header_count: int = 100
+    # Header fields per upstream response (502 beyond it): HAProxy stops at 101
+    # (tune.http.maxhdr) and Envoy at 100 (a cluster's max_headers_count). An API response has
+    # a dozen or two; hundreds are a broken or hostile upstream, each field a copy we make.
+    max_response_header_count: int = 100
     # Request body size (413 beyond it). nginx's client_max_body_size is 1 MiB; API uploads
     # (a photo) need more. Raise it for APIs that take files.
     max_body_bytes: int = 10 * 1024 * 1024
@@ -199,6 +203,7 @@ LIMIT_RANGES: Final[Mapping[str, tuple[float, float]]] = MappingProxyType(
         "max_request_line_bytes": (256, 1024 * 1024),
         "max_header_bytes": (1024, 1024 * 1024),
         "max_header_count": (8, 10_000),
+        "max_response_header_count": (8, 10_000),
         "max_body_bytes": (0, 1 << 40),
         "shutdown_grace": (0, 3600),
     }

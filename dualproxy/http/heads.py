@@ -72,7 +72,8 @@ A response head (the upstream's fault, always 502) is refused for the same line,
 Content-Length and Transfer-Encoding rules (names may hold underscores: the CGI concern is the
 request's), a status line other than ``HTTP/1.x SP 3DIGIT [SP reason]`` with a code from 100 to
 599, a version other than 1.0 and 1.1, a 101 (we never send Upgrade, so never ask for a switch),
-more than ``MAX_RESPONSE_FIELDS`` fields or a head longer than ``MAX_RESPONSE_HEAD_BYTES``. No
+more than ``max_fields`` fields (``limits.max_response_header_count``) or a head longer than
+``MAX_RESPONSE_HEAD_BYTES``. No
 body follows a response to HEAD or a 1xx, 204 or 304 (RFC 9112 §6.3), whatever its fields say.
 
 Writing: ``request_head`` and ``response_head`` serialize a head as given, names and values
@@ -113,7 +114,6 @@ from dualproxy.http.fields import (
 __all__ = [
     "AUTHORITY_CACHE_SIZE",
     "MAX_CONTENT_LENGTH_DIGITS",
-    "MAX_RESPONSE_FIELDS",
     "MAX_RESPONSE_HEAD_BYTES",
     "HeadLimits",
     "RequestHead",
@@ -129,9 +129,6 @@ __all__ = [
 # head limit and Envoy's default cap on header size (max_request_headers_kb 60), room for a
 # response with many cookies.
 MAX_RESPONSE_HEAD_BYTES: Final = 64 * 1024
-# 2x the client field count (Envoy's max_headers_count, 100): CORS, security headers and a few
-# Set-Cookie fields fit many times over.
-MAX_RESPONSE_FIELDS: Final = 200
 # Every 18-digit number is below 2^63, so no recipient parsing into a signed 64-bit integer (or
 # Python's int) can overflow or wrap it; 10^18 bytes is an exabyte, beyond any real body.
 MAX_CONTENT_LENGTH_DIGITS: Final = 18
@@ -142,6 +139,9 @@ AUTHORITY_CACHE_SIZE: Final = 256
 _HEAD_END: Final = b"\r\n\r\n"
 _CRLF_LENGTH: Final = len(CRLF)
 _HEAD_END_LENGTH: Final = len(_HEAD_END)
+# The response field count check_response_head allows unless told otherwise: the setting's
+# default (reasons at Limits.max_response_header_count).
+_DEFAULT_RESPONSE_FIELDS: Final = Limits().max_response_header_count
 _SUPPORTED_VERSIONS: Final = frozenset({b"1.1", b"1.0"})
 _REFUSED_METHODS: Final = frozenset({b"CONNECT", b"TRACE"})
 _CHUNKED: Final = b"chunked"
@@ -335,15 +335,18 @@ def check_request_head(head: bytes, limits: HeadLimits) -> RequestHead:
     )
 
 
-def check_response_head(head: bytes, *, request_method: bytes) -> ResponseHead:
-    """Check the upstream's response head to a `request_method` request; raises
-    HttpRefusal(502, the upstream's fault) for anything but a well-formed, unambiguously
-    framed head."""
+def check_response_head(
+    head: bytes, *, request_method: bytes, max_fields: int = _DEFAULT_RESPONSE_FIELDS
+) -> ResponseHead:
+    """Check the upstream's response head to a `request_method` request, with at most
+    `max_fields` header fields (limits.max_response_header_count); raises HttpRefusal(502,
+    the upstream's fault) for anything but a well-formed, unambiguously framed head."""
     if len(head) > MAX_RESPONSE_HEAD_BYTES:
         raise _refusal(_BAD_GATEWAY, f"response head longer than {MAX_RESPONSE_HEAD_BYTES} bytes")
     lines = _split_lines(head, _BAD_GATEWAY)
-    if len(lines) - 1 > MAX_RESPONSE_FIELDS:
-        raise _refusal(_BAD_GATEWAY, f"response has more than {MAX_RESPONSE_FIELDS} fields")
+    if len(lines) - 1 > max_fields:
+        problem = f"response has more than {max_fields} header fields"
+        raise _refusal(_BAD_GATEWAY, f"{problem} (limits.max_response_header_count)")
     match = _STATUS_LINE.fullmatch(lines[0])
     if match is None:
         raise _refusal(_BAD_GATEWAY, f"malformed status line {snippet(lines[0])}")

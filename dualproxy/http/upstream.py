@@ -103,6 +103,7 @@ class UpstreamConnection:
         "_eof",
         "_idle_since",
         "_keep_alive",
+        "_max_fields",
         "_pooled",
         "_reader",
         "_send_failed",
@@ -114,13 +115,20 @@ class UpstreamConnection:
         "stream",
     )
 
-    def __init__(self, stream: TcpStream | TlsStream, tcp: TcpStream, send_timeout: float):
+    def __init__(
+        self,
+        stream: TcpStream | TlsStream,
+        tcp: TcpStream,
+        send_timeout: float,
+        max_fields: int = Limits().max_response_header_count,
+    ):
         self.stream = stream  # TLS over `tcp` (https), or `tcp` itself (http)
         self.reused = False  # taken from the idle pool: the relay's stale-retry candidate
         # The final response head of the current exchange, as check_response_head read it.
         self.response_head: ResponseHead | None = None
         self._tcp = tcp
         self._send_timeout = send_timeout
+        self._max_fields = max_fields  # limits.max_response_header_count
         self._buffer = bytearray()  # received and not yet consumed: a head, then its body
         self._reader: body.BodyReader | None = None  # the current response's body framing
         self._started = False  # a byte of the current response has arrived
@@ -205,7 +213,9 @@ class UpstreamConnection:
 
     async def _receive_head(self, request_method: bytes) -> ResponseHead:
         for _ in range(MAX_INFORMATIONAL_RESPONSES + 1):
-            head = check_response_head(await self._read_head(), request_method=request_method)
+            head = check_response_head(
+                await self._read_head(), request_method=request_method, max_fields=self._max_fields
+            )
             if head.status < _OK:  # interim: no body, the final head follows
                 continue
             no_body = request_method == b"HEAD" or head.status in (_NO_CONTENT, _NOT_MODIFIED)
@@ -441,7 +451,10 @@ class UpstreamPool:
         except OSError as exc:  # resolving or connecting
             raise _failure(_BAD_GATEWAY, _connect_problem(exc, self._where)) from exc
         self.connections_opened += 1
-        return UpstreamConnection(stream, tcp, self._limits.upstream_timeout)
+        limits = self._limits
+        return UpstreamConnection(
+            stream, tcp, limits.upstream_timeout, limits.max_response_header_count
+        )
 
     async def _handshake(self, tcp: TcpStream) -> TcpStream | TlsStream:
         if self._context is None:

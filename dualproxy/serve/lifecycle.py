@@ -136,6 +136,7 @@ def _relay_for(current: Material, config: Config) -> RelaySettings | None:
         and new.upstream == old.upstream
         and new.limits.upstream_connect_timeout == old.limits.upstream_connect_timeout
         and new.limits.upstream_timeout == old.limits.upstream_timeout
+        and new.limits.max_response_header_count == old.limits.max_response_header_count
     )
     if same_pool and relay is not None and new.limits == old.limits:
         return relay
