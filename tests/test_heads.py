@@ -23,6 +23,7 @@ from dualproxy.http.errors import HttpRefusal, snippet
 from dualproxy.http.fields import REQUEST_AS_IS_DROPPED, RESPONSE_DROPPED
 from dualproxy.http.heads import (
     MAX_CONTENT_LENGTH_DIGITS,
+    MAX_LEADING_EMPTY_LINES,
     MAX_RESPONSE_HEAD_BYTES,
     HeadLimits,
     RequestHead,
@@ -248,11 +249,19 @@ REQUEST_TWINS: Final[dict[str, tuple[bytes, bytes, int, str]]] = {
         400,
         "empty line inside",
     ),
-    "leading-empty-line": (
-        request(HOST),
-        b"\r\n" + request(HOST),
+    # RFC 9112 §2.2: a server SHOULD ignore at least one; Apache ignores up to 10.
+    "leading-empty-lines": (
+        b"\r\n" * MAX_LEADING_EMPTY_LINES + request(HOST),
+        b"\r\n" * (MAX_LEADING_EMPTY_LINES + 1) + request(HOST),
         400,
-        "not METHOD SP TARGET SP VERSION",
+        "more than 10 empty lines before the request line",
+    ),
+    "leading-bare-lf": (b"\r\n" + request(HOST), b"\n" + request(HOST), 400, "bare LF"),
+    "empty-line-then-bare-lf": (
+        b"\r\n" + request(HOST),
+        b"\r\n\n" + request(HOST),
+        400,
+        "bare LF",
     ),
     "missing-host-1.1": (request(HOST), request(b"X-A: v"), 400, "without Host"),
     "two-hosts": (request(HOST), request(HOST, HOST), 400, "more than one Host"),
@@ -594,6 +603,80 @@ def test_head_too_long_found_as_soon_as_it_shows() -> None:
         find_head_end(head, LIMITS)
     fits = padded(LIMITS.max_header_bytes)
     assert find_head_end(fits + b"body", LIMITS) == LIMITS.max_header_bytes
+
+
+# Heads with bare-LF line endings, in whole or in part; all but one hold no CRLF CRLF.
+BARE_LF_HEADS: Final = {
+    "all-lf": request(HOST, b"X-A: 1").replace(b"\r\n", b"\n"),
+    "lf-lines-crlf-end": request(HOST).replace(b"\r\n", b"\n")[:-1] + b"\r\n",
+    "crlf-lines-lf-end": request(HOST)[:-2] + b"\n",
+    "lf-request-line": GET + b"\n" + HOST + b"\r\n\r\n",
+    "empty-line-then-lf": b"\r\n" + request(HOST).replace(b"\r\n", b"\n"),
+}
+
+
+@pytest.mark.parametrize("head", BARE_LF_HEADS.values(), ids=BARE_LF_HEADS.keys())
+def test_a_bare_lf_head_is_found_at_its_end_and_refused(head: bytes) -> None:
+    """Its end is found as a CRLF head's would be (whole, byte by byte, with a body after it),
+    so the check refuses it at once, 400, rather than the client waiting for a 408."""
+    assert find_head_end(head + b"body", LIMITS) == len(head)
+    start = 0
+    for end in range(1, len(head)):
+        assert find_head_end(head[:end], LIMITS, start=start) is None
+        start = end
+    assert find_head_end(head, LIMITS, start=start) == len(head)
+    with pytest.raises(HttpRefusal, match="bare LF") as refused:
+        check_request_head(head, LIMITS)
+    assert refused.value.status == 400
+
+
+def test_a_bare_lf_response_head_is_found_and_refused() -> None:
+    head = response(CL).replace(b"\r\n", b"\n")
+    assert find_head_end(head + b"hello", LIMITS, response=True) == len(head)
+    with pytest.raises(HttpRefusal, match="bare LF") as refused:
+        check_response_head(head, request_method=b"GET")
+    assert refused.value.status == 502
+
+
+@pytest.mark.parametrize("empty_lines", [1, 2, MAX_LEADING_EMPTY_LINES])
+def test_empty_lines_before_the_request_line_are_ignored(empty_lines: int) -> None:
+    head = b"\r\n" * empty_lines + request(HOST, b"X-A: 1")
+    assert find_head_end(head + b"body", LIMITS) == len(head)
+    start = 0
+    for end in range(1, len(head)):
+        assert find_head_end(head[:end], LIMITS, start=start) is None
+        start = end
+    assert find_head_end(head, LIMITS, start=start) == len(head)
+    assert check_request_head(head, LIMITS) == check_request_head(request(HOST, b"X-A: 1"), LIMITS)
+
+
+def test_one_empty_line_too_many_is_refused_as_soon_as_it_arrives() -> None:
+    lines = b"\r\n" * (MAX_LEADING_EMPTY_LINES + 1)
+    assert find_head_end(lines[:-1], LIMITS) is None
+    with pytest.raises(HttpRefusal, match="more than 10 empty lines") as refused:
+        find_head_end(lines, LIMITS)
+    assert refused.value.status == 400
+    with pytest.raises(HttpRefusal):
+        find_head_end(lines + request(HOST), LIMITS, start=len(lines) - 1)
+
+
+def test_a_response_gets_no_empty_lines_ignored() -> None:
+    head = b"\r\n" + response(CL)
+    assert find_head_end(head, LIMITS, response=True) == len(head)
+    with pytest.raises(HttpRefusal, match="malformed status line") as refused:
+        check_response_head(head, request_method=b"GET")
+    assert refused.value.status == 502
+
+
+def test_request_line_bound_starts_after_the_empty_lines() -> None:
+    limit = LIMITS.max_request_line_bytes
+    fits = b"\r\n" * 3 + long_line(limit) + b"\r\n"
+    assert find_head_end(fits, LIMITS) is None
+    assert check_request_head(fits + HOST + b"\r\n\r\n", LIMITS).method == b"GET"
+    too_long = b"\r\n" * 3 + long_line(limit + 1) + b"\r\n"
+    with pytest.raises(HttpRefusal) as refused:
+        find_head_end(too_long, LIMITS)
+    assert refused.value.status == 414
 
 
 def test_response_head_end_uses_the_response_bound() -> None:

@@ -379,7 +379,13 @@ SMUGGLING: Final = [
     ("underscore-in-name", req("GET / HTTP/1.1", HOST, "X_Forwarded_For: 10.0.0.1"), 400),
     ("space-in-name", req("GET / HTTP/1.1", HOST, "X A: 1"), 400),
     ("no-colon", req("GET / HTTP/1.1", HOST, "X-A 1"), 400),
-    ("leading-empty-line", b"\r\n" + GOOD_REQUEST, 400),
+    # A head whose every line ends in a bare LF has no CRLF CRLF: refused when it is here,
+    # not after request_header_timeout (408).
+    ("bare-lf-head", b"GET / HTTP/1.1\n" + HOST.encode() + b"\n\n", 400),
+    ("bare-lf-head-crlf-end", b"GET / HTTP/1.1\n" + HOST.encode() + b"\n\r\n", 400),
+    ("bare-lf-end", b"GET / HTTP/1.1\r\n" + HOST.encode() + b"\r\n\n", 400),
+    # Up to 10 are ignored (RFC 9112 §2.2; Apache's limit), one more is not.
+    ("eleven-leading-empty-lines", b"\r\n" * 11 + GOOD_REQUEST, 400),
     # The request line.
     ("two-spaces", req("GET  / HTTP/1.1", HOST), 400),
     ("http-0.9", b"GET /\r\n\r\n", 400),
@@ -461,6 +467,8 @@ async def test_the_positive_twins_of_the_smuggling_table_are_relayed(
         req("GET / HTTP/1.1", HOST, *(f"X-{i}: {i}" for i in range(15))),
         req("POST / HTTP/1.1", HOST, "Content-Length: 1000", body=b"x" * 1000),
         req("DELETE /x HTTP/1.1", HOST),
+        b"\r\n" + req("GET / HTTP/1.1", HOST),  # RFC 9112 §2.2: ignored
+        b"\r\n" * 10 + req("GET / HTTP/1.1", HOST),
     ]
     async with proxy(key, cafile, tmp_path, upstream, **HEAD_LIMITS) as p, p.client() as client:
         for request_bytes in accepted:

@@ -348,6 +348,59 @@ async def test_a_bad_head_is_refused_with_its_status(mock_clock: trio.testing.Mo
     assert relay.pool.opened == 0
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /a HTTP/1.1\nHost: api.example.com\n\n",
+        b"GET /a HTTP/1.1\nHost: api.example.com\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: api.example.com\r\n\n",
+    ],
+    ids=["lf", "lf-lines-crlf-end", "crlf-lines-lf-end"],
+)
+async def test_a_bare_lf_head_is_refused_at_once_not_after_the_header_timeout(
+    mock_clock: trio.testing.MockClock, head: bytes
+) -> None:
+    """The head has no CRLF CRLF: its end is found all the same and the head refused, 400,
+    while the client waits for the answer (a 408 would mean the relay waited for more)."""
+    async with relaying(answering(OK)) as relay:
+        await relay.client.send_all(head)
+        status, _, body = await relay.response()
+        assert (status, body) == (
+            400,
+            b"400 Bad Request: bare LF in head (line endings must be CRLF)\n",
+        )
+    assert relay.pool.opened == 0
+    assert relay.record.detail == "400 bare LF in head (line endings must be CRLF)"
+
+
+@pytest.mark.parametrize("empty_lines", [1, 10])
+@pytest.mark.parametrize("byte_by_byte", [False, True])
+async def test_empty_lines_before_a_request_are_ignored(
+    mock_clock: trio.testing.MockClock, empty_lines: int, byte_by_byte: bool
+) -> None:
+    """RFC 9112 §2.2, as nginx, HAProxy and Apache: also between two kept-alive requests (a
+    client that ends a body with an extra CRLF); the upstream sees the requests alone."""
+    async with relaying(answering(OK, OK)) as relay:
+        data = b"\r\n" * empty_lines + GET
+        for piece in [data[i : i + 1] for i in range(len(data))] if byte_by_byte else [data]:
+            await relay.client.send_all(piece)
+        assert (await relay.response())[:1] == (200,)
+        await relay.client.send_all(b"\r\n" * empty_lines + GET)
+        assert (await relay.response())[:1] == (200,)
+        await relay.client.send_eof()
+    assert [request.split(b"\r\n")[0] for request in relay.upstream_saw] == [b"GET /a HTTP/1.1"] * 2
+    assert relay.record.requests == 2
+
+
+async def test_one_empty_line_too_many_is_refused(mock_clock: trio.testing.MockClock) -> None:
+    async with relaying(answering(OK)) as relay:
+        await relay.client.send_all(b"\r\n" * 11 + GET)
+        status, _, _ = await relay.response()
+        assert status == 400
+    assert relay.record.detail == "400 more than 10 empty lines before the request line"
+    assert relay.pool.opened == 0
+
+
 # --- bodies: 100-continue, early answers, cuts ------------------------------------------------
 
 

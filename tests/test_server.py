@@ -13,6 +13,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -381,6 +382,75 @@ async def test_bytes_openssl_refuses_end_as_tls_error(
     assert answer in (b"", b"<reset>") or answer[0] == TLS_ALERT, answer
     assert (line["outcome"], line["reason"]) == ("tls-error", reason)
     assert line["detail"] != "-"
+
+
+PROTOCOL_VERSION: Final = 70  # TLS alert descriptions (RFC 8446 6)
+RECORD_OVERFLOW: Final = 22
+
+
+@pytest.mark.parametrize(
+    ("data", "alert"),
+    [
+        pytest.param(
+            hellos.records(hellos.client_hello(None, legacy_version=0x0301), record_version=0x0301),
+            PROTOCOL_VERSION,
+            id="tls1.0",
+        ),
+        pytest.param(
+            hellos.records(hellos.client_hello(None, legacy_version=0x0302), record_version=0x0302),
+            PROTOCOL_VERSION,
+            id="tls1.1",
+        ),
+        pytest.param(sslv2_hello(0x0002), PROTOCOL_VERSION, id="sslv2-hello-ssl2"),
+        pytest.param(sslv2_hello(0x0301), PROTOCOL_VERSION, id="sslv2-hello-tls1.0"),
+        # A record longer than any TLS record may be (2^14 + 2048, RFC 5246 6.2.3), and a
+        # plaintext one longer than 2^14 (RFC 8446 5.1).
+        pytest.param(
+            b"\x16\x03\x01" + (2**14 + 2049).to_bytes(2) + b"\x01\x00",
+            RECORD_OVERFLOW,
+            id="record-overflow",
+        ),
+        pytest.param(
+            hellos.records(bytes(2**14 + 1), fragment_size=2**14 + 1),
+            RECORD_OVERFLOW,
+            id="record-too-long",
+        ),
+    ],
+)
+async def test_old_protocols_and_oversized_records_get_the_alert_nginx_sends(
+    old_key: KeyFiles,
+    new_key: KeyFiles,
+    tmp_path: Path,
+    conn_log: ConnLog,
+    data: bytes,
+    alert: int,
+) -> None:
+    """Not a bare close: the fatal alert OpenSSL wrote, which the client then reports."""
+    config = network_config(old_key, new_key, tmp_path)
+    async with serving(config, clock=Clock(NOW)) as run:
+        answer = await raw_exchange(run.port, data)
+        line = await conn_log.one()
+    assert (answer[:1], answer[3:]) == (bytes([TLS_ALERT]), bytes([0, 2, 2, alert])), answer
+    assert line["outcome"] == "tls-error"
+
+
+@pytest.mark.e2e
+async def test_openssl_s_client_on_tls_1_1_reports_the_protocol_version_alert(
+    old_key: KeyFiles, new_key: KeyFiles, tmp_path: Path
+) -> None:
+    config = network_config(old_key, new_key, tmp_path)
+    async with serving(config, clock=Clock(NOW)) as run:
+        with trio.fail_after(CLIENT_TIMEOUT):
+            result = await trio.run_process(
+                ["openssl", "s_client", "-connect", f"127.0.0.1:{run.port}", "-tls1_1",
+                 "-cipher", "DEFAULT@SECLEVEL=0"],
+                stdin=subprocess.DEVNULL,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )  # fmt: skip
+    assert result.returncode != 0
+    assert b"alert protocol version" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize(

@@ -165,6 +165,90 @@ async def test_a_hello_missing_its_peeked_bytes_fails_the_handshake(
     client_tcp.close()
 
 
+# What a TLS 1.0 client sends first: a ClientHello record whose version OpenSSL refuses under
+# our TLS 1.2 minimum (the record is OpenSSL's own client's, cut to what the server reads).
+def old_protocol_hello(version: ssl.TLSVersion) -> bytes:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    context.minimum_version = context.maximum_version = version
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    with contextlib.suppress(ssl.SSLWantReadError):
+        context.wrap_bio(incoming, outgoing).do_handshake()
+    return outgoing.read()
+
+
+@pytest.mark.parametrize(
+    ("sent", "alert"),
+    [
+        # An oversized record: its header says 2^14 + 2049 bytes, more than any TLS record.
+        pytest.param(b"\x16\x03\x01" + (2**14 + 2049).to_bytes(2) + b"\x01", 22, id="overflow"),
+        # A plaintext record of 2^14 + 1 bytes, one more than RFC 8446 5.1 allows.
+        pytest.param(
+            b"\x16\x03\x01" + (2**14 + 1).to_bytes(2) + bytes(2**14 + 1), 22, id="long-record"
+        ),
+    ],
+)
+@pytest.mark.parametrize("as_prefix", [True, False], ids=["peeked", "read"])
+async def test_a_failed_handshake_sends_the_alert_openssl_wrote(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext], sent: bytes, alert: int, as_prefix: bool
+) -> None:
+    """The peer gets the fatal alert (level 2) that says why, then the close; not just a
+    close (nginx sends these too: its OpenSSL writes to the socket itself)."""
+    server_context, _ = tls_contexts
+    server_tcp, client_tcp = tcp_pair()
+    server = TlsStream(
+        server_tcp, server_context, server_side=True, prefix=sent if as_prefix else b""
+    )
+    with trio.fail_after(TIMEOUT_SECONDS):
+        if not as_prefix:
+            await client_tcp.send_all(sent)
+        with pytest.raises(trio.BrokenResourceError):
+            await server.do_handshake()
+        server.close()
+        received = b""
+        while chunk := await client_tcp.receive_some():
+            received += chunk
+    client_tcp.close()
+    assert (received[0], received[3:]) == (21, bytes([0, 2, 2, alert]))  # alert, fatal
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+@pytest.mark.parametrize("version", ["TLSv1", "TLSv1_1"])
+async def test_an_old_protocol_version_gets_the_protocol_version_alert(version: str) -> None:
+    # TLS 1.2 at least, as every server context of ours (keystore.build_context); the version
+    # is refused before a certificate is needed.
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.minimum_version = ssl.TLSVersion.TLSv1_2
+    hello = old_protocol_hello(getattr(ssl.TLSVersion, version))
+    server_tcp, client_tcp = tcp_pair()
+    server = TlsStream(server_tcp, server_context, server_side=True, prefix=hello)
+    with trio.fail_after(TIMEOUT_SECONDS):
+        with pytest.raises(trio.BrokenResourceError, match="UNSUPPORTED_PROTOCOL"):
+            await server.do_handshake()
+        server.close()
+        received = b""
+        while chunk := await client_tcp.receive_some():
+            received += chunk
+    client_tcp.close()
+    assert (received[0], received[3:]) == (21, bytes([0, 2, 2, 70]))  # fatal protocol_version
+
+
+async def test_an_alert_for_a_peer_that_left_is_dropped(
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """The peer sent half a record and left: the alert cannot be sent, and the handshake fails
+    as it would without one (no OSError from the send escapes)."""
+    server_context, _ = tls_contexts
+    server_tcp, client_tcp = tcp_pair()
+    server = TlsStream(server_tcp, server_context, server_side=True, prefix=b"\x16\x03\x01")
+    client_tcp.close()
+    with trio.fail_after(TIMEOUT_SECONDS), pytest.raises(trio.BrokenResourceError) as failed:
+        await server.do_handshake()
+    assert isinstance(failed.value.__cause__, ssl.SSLError)
+    server.close()
+
+
 # --- schedule points --------------------------------------------------------------------------
 
 

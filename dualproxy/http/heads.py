@@ -15,11 +15,17 @@ Finding a head (the same shape as h11's readers and ``clienthello``): ``find_hea
 limits, start=n)`` takes everything buffered so far, from the first byte of the message, and
 
 1. returns the index just past the blank line (CRLF CRLF) once the head is complete (bytes
-   after it, a body or the next request, are not looked at),
+   after it, a body or the next request, are not looked at); a head whose lines end in bare
+   LF ends at the first LF LF or LF CR LF instead, so that the check refuses it (400) as soon
+   as it is here rather than after request_header_timeout (408),
 2. returns ``None`` while the bytes so far may still become a head within the limits, or
 3. raises ``HttpRefusal`` as soon as they cannot: a request line longer than
    ``max_request_line_bytes`` (414) or no blank line within ``max_header_bytes`` (431; 502 for a
    response, whose bounds are the fixed ``MAX_RESPONSE_*`` constants).
+
+A request may follow up to ``MAX_LEADING_EMPTY_LINES`` empty lines (CRLF), which are ignored
+(RFC 9112 §2.2): the head that ``find_head_end`` delimits and ``check_request_head`` reads
+starts with them; one more is refused (400) as soon as it arrives.
 
 It keeps no state. ``start`` is ``len(data)`` at the previous call on the same buffer (0 at the
 first): that call returned ``None``, so the search resumes 3 bytes before it (a CRLF CRLF may
@@ -31,10 +37,12 @@ A request head is refused, without forwarding a byte, by the first rule it break
 
 - 414 request line longer than ``max_request_line_bytes``; 431 head longer than
   ``max_header_bytes``.
+- 400 more than ``MAX_LEADING_EMPTY_LINES`` empty lines before the request line (fewer are
+  ignored, RFC 9112 §2.2, as nginx, HAProxy and Apache do).
 - 400 a line ending other than CRLF (a bare CR or LF anywhere), or a control character other
   than HT (RFC 9112 §2.2, RFC 9110 §5.5: CR, LF and NUL in values are "invalid and dangerous").
-  An empty line before the request line is refused too, as h11 does (RFC 9112 §2.2 lets a
-  server ignore it; refusing leaves no stray bytes between two pipelined requests).
+  RFC 9112 §2.2 lets a recipient accept a bare LF; a proxy must not, since the server behind
+  it may not (the smuggling shape of two parsers disagreeing on where a line ends).
 - 431 more than ``max_header_count`` field lines.
 - 400 a request line that is not ``method SP request-target SP HTTP-version`` with single
   spaces (RFC 9112 §3), a method that is not a token, a target with a non-visible character.
@@ -114,6 +122,7 @@ from dualproxy.http.fields import (
 __all__ = [
     "AUTHORITY_CACHE_SIZE",
     "MAX_CONTENT_LENGTH_DIGITS",
+    "MAX_LEADING_EMPTY_LINES",
     "MAX_RESPONSE_HEAD_BYTES",
     "HeadLimits",
     "RequestHead",
@@ -132,6 +141,11 @@ MAX_RESPONSE_HEAD_BYTES: Final = 64 * 1024
 # Every 18-digit number is below 2^63, so no recipient parsing into a signed 64-bit integer (or
 # Python's int) can overflow or wrap it; 10^18 bytes is an exabyte, beyond any real body.
 MAX_CONTENT_LENGTH_DIGITS: Final = 18
+# Empty lines (CRLF) ignored before a request line. RFC 9112 §2.2: a server SHOULD ignore at
+# least one (clients of old sent a CRLF after a POST body, which then leads the next pipelined
+# request). Apache httpd ignores up to 10 (DEFAULT_LIMIT_BLANK_LINES); nginx and HAProxy skip
+# any number within their head buffer. More than a few is not a robust client but noise: 400.
+MAX_LEADING_EMPTY_LINES: Final = 10
 # Authorities whose check is remembered (see _is_authority): more names than an API is
 # reached by, few enough (bytes up to a head's size each) to bound the memory.
 AUTHORITY_CACHE_SIZE: Final = 256
@@ -139,6 +153,12 @@ AUTHORITY_CACHE_SIZE: Final = 256
 _HEAD_END: Final = b"\r\n\r\n"
 _CRLF_LENGTH: Final = len(CRLF)
 _HEAD_END_LENGTH: Final = len(_HEAD_END)
+_LF: Final = b"\n"
+# Where a head with bare-LF line endings ends (see find_head_end): a line's LF followed by an
+# empty line, bare or not. Neither occurs in a head whose every line ends in CRLF, except as
+# part of its CRLF CRLF, which is looked for first.
+_BARE_LF_HEAD_ENDS: Final = (b"\n\n", b"\n\r\n")
+_MAX_LEADING_CRLF_BYTES: Final = MAX_LEADING_EMPTY_LINES * _CRLF_LENGTH
 # The response field count check_response_head allows unless told otherwise: the setting's
 # default (reasons at Limits.max_response_header_count).
 _DEFAULT_RESPONSE_FIELDS: Final = Limits().max_response_header_count
@@ -269,18 +289,61 @@ def find_head_end(
         max_head, too_large = MAX_RESPONSE_HEAD_BYTES, _BAD_GATEWAY
     else:
         max_head, too_large = limits.max_header_bytes, _FIELDS_TOO_LARGE
-        # Decidable once max+2 bytes are here (the line and its CRLF); decided once per head.
+        # Decidable once max+2 bytes (the line and its CRLF) follow the empty lines before it;
+        # decided once per head.
         line_bound = limits.max_request_line_bytes + _CRLF_LENGTH
-        if start < line_bound <= len(data) and data.find(CRLF, 0, line_bound) < 0:
-            raise _line_too_long(limits)
+        if line_bound <= len(data) and start < line_bound + _MAX_LEADING_CRLF_BYTES:
+            _check_request_line_length(data, limits, line_bound)
     resume = start - _HEAD_END_LENGTH + 1  # a CRLF CRLF may straddle two reads
-    end = data.find(_HEAD_END, resume if resume > 0 else 0, max_head)
-    if end >= 0:
+    if resume < 0:
+        resume = 0
+    end = data.find(_HEAD_END, resume, max_head)
+    if end >= _MAX_LEADING_CRLF_BYTES:  # the usual head: its end is past any empty lines
         return end + _HEAD_END_LENGTH
+    if len(data) - resume > 1:  # room for an end in what is new
+        end = _rare_head_end(data, end, resume, max_head, response=response)
+        if end >= 0:
+            return end
     if len(data) >= max_head:
         what = "response head" if response else "request head"
         raise _refusal(too_large, f"{what} longer than {max_head} bytes")
     return None
+
+
+def _rare_head_end(
+    data: bytes | bytearray, end: int, resume: int, max_head: int, *, response: bool
+) -> int:
+    """find_head_end's cases off the usual path, given where it found a CRLF CRLF (`end`, -1
+    for none) searching from `resume`: the index just past the head's end, or -1.
+
+    - A CRLF CRLF this early may belong to empty lines before a request line (ignored, or
+      refused beyond MAX_LEADING_EMPTY_LINES): the search restarts after them.
+    - No CRLF CRLF: a head whose lines end in bare LF ends at the first LF LF or LF CR LF,
+      found so that the check refuses it at once (400; 502 for a response).
+    """
+    if not response and data[:1] == b"\r":
+        first = _leading_empty_lines(data)  # raises beyond the maximum
+        if resume < first:
+            resume = first
+            if end >= 0:
+                end = data.find(_HEAD_END, resume, max_head)
+    if end >= 0:
+        return end + _HEAD_END_LENGTH
+    for head_end in _BARE_LF_HEAD_ENDS:  # bounded: two patterns
+        found = data.find(head_end, resume, max_head)
+        if found >= 0 and (end < 0 or found + len(head_end) < end):
+            end = found + len(head_end)
+    return end
+
+
+def _check_request_line_length(
+    data: bytes | bytearray, limits: HeadLimits, line_bound: int
+) -> None:
+    """Refuse (414) a request line that has no line end within its bound, counted after any
+    empty lines before it, once that many bytes are here."""
+    first = _leading_empty_lines(data) if data[:1] == b"\r" else 0
+    if first + line_bound <= len(data) and data.find(_LF, first, first + line_bound) < 0:
+        raise _line_too_long(limits)
 
 
 def check_request_head(head: bytes, limits: HeadLimits) -> RequestHead:
@@ -293,6 +356,8 @@ def check_request_head(head: bytes, limits: HeadLimits) -> RequestHead:
             _FIELDS_TOO_LARGE, f"request head longer than {limits.max_header_bytes} bytes"
         )
     lines = _split_lines(head, _BAD_REQUEST)
+    if not lines[0]:  # rarely: empty lines before the request line, ignored (one level deep)
+        return check_request_head(head[_leading_empty_lines(head) :], limits)
     if len(lines) - 1 > limits.max_header_count:
         raise _refusal(_FIELDS_TOO_LARGE, f"more than {limits.max_header_count} header fields")
     match = _REQUEST_LINE.fullmatch(lines[0])
@@ -596,6 +661,20 @@ def _request_line_problem(line: bytes) -> str:
     if _HTTP_VERSION.fullmatch(version) is None:
         return f"{snippet(version)} is not an HTTP version"
     return "request target has a byte that is not visible ASCII"
+
+
+def _leading_empty_lines(data: bytes | bytearray) -> int:
+    """How many bytes of empty lines (CRLF) start `data`, at most MAX_LEADING_EMPTY_LINES of
+    them; HttpRefusal(400) once one more is there."""
+    skipped = 0
+    while data.startswith(CRLF, skipped):  # bounded: raises past the maximum
+        if skipped == _MAX_LEADING_CRLF_BYTES:
+            raise _refusal(
+                _BAD_REQUEST,
+                f"more than {MAX_LEADING_EMPTY_LINES} empty lines before the request line",
+            )
+        skipped += _CRLF_LENGTH
+    return skipped
 
 
 def _line_too_long(limits: HeadLimits) -> HttpRefusal:

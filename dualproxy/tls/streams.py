@@ -32,7 +32,11 @@ Errors are trio's: `trio.BrokenResourceError` (the peer reset, TLS failed, the s
 broken by a cancelled operation), `trio.ClosedResourceError` (used after `aclose`). A stream
 whose operation was cancelled half-way may have sent or consumed part of a record, so it is
 marked broken, and only closing it remains. A TLS send that failed because the peer went (a
-reset) ends sending only: what the peer sent before it went can still be read.
+reset) ends sending only: what the peer sent before it went can still be read. When OpenSSL
+fails a connection it writes the alert that says why (protocol_version to a TLS 1.0 client,
+record_overflow, bad_record_mac, ...) into our outgoing buffer: it is sent before the stream
+breaks, as a server whose OpenSSL writes to the socket itself (nginx) sends it, so that the
+peer reports the real reason instead of an unexplained close.
 """
 
 from __future__ import annotations
@@ -380,7 +384,7 @@ class TlsStream(trio.abc.Stream):
                     except ssl.SSLWantReadError:
                         data = await self._call(self._ssl.read, size)
                     except (ssl.SSLError, ssl.CertificateError) as exc:
-                        self._failed(exc)
+                        await self._fail(exc)
                     else:
                         if self._outgoing.pending and not self._hold_outgoing:
                             await self._flush()
@@ -517,17 +521,23 @@ class TlsStream(trio.abc.Stream):
                 await self._receive_records()
                 continue
             except (ssl.SSLError, ssl.CertificateError) as exc:
-                self._failed(exc)
+                await self._fail(exc)
             if flush and self._outgoing.pending and not self._hold_outgoing:
                 await self._flush()
             return result
 
-    def _failed(self, exc: ssl.SSLError | ssl.CertificateError) -> NoReturn:
+    async def _fail(self, exc: ssl.SSLError | ssl.CertificateError) -> NoReturn:
         """Raise what an OpenSSL error means: _CleanEnd for the peer's end of the stream,
-        else BrokenResourceError (and the stream is broken)."""
+        else BrokenResourceError (and the stream is broken), after sending the alert OpenSSL
+        wrote for it, if any (see the module docstring). The alert is a few bytes into a socket
+        that has sent nothing since its last flush; a peer that went makes it fail, which is
+        then ignored. The caller's deadline bounds it, as every send."""
         if isinstance(exc, ssl.SSLZeroReturnError) or (self._https_compatible and _is_eof(exc)):
             raise _CleanEnd from None
         self._state = _State.BROKEN
+        if self._outgoing.pending and not self._send_failed:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.transport_stream.send_all(self._outgoing.read())
         raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
 
     async def _receive_records(self) -> None:
