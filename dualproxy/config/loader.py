@@ -43,6 +43,7 @@ from dualproxy.config.schema import (
     DEFAULT_CANARY_MIN_SAMPLE,
     LIMIT_RANGES,
     MANAGED_HEADERS,
+    TICKET_KEY_ROTATION_RANGE,
     AcmeConfig,
     AdminConfig,
     Config,
@@ -55,6 +56,7 @@ from dualproxy.config.schema import (
     ReportsConfig,
     Role,
     Rotation,
+    TlsSettings,
     UpstreamConfig,
 )
 
@@ -116,6 +118,7 @@ def parse(
         raise OperatorError("no key is configured; add a [keys.NAME] table", key_path="keys")
     limits = _parse_limits(root.table("limits"))
     keystore = _parse_keystore(root.table("keystore"))
+    tls = _parse_tls(root.table("tls"), base_dir)
     upstream_table = root.table("upstream")
     upstream = (
         _parse_upstream(upstream_table, base_dir, check_files)
@@ -144,6 +147,7 @@ def parse(
         admin=admin,
         manifest=manifest,
         reports=reports,
+        tls=tls,
     )
 
 
@@ -580,6 +584,23 @@ def _parse_keystore(table: Table | None) -> KeyStoreSettings:
         reload_poll_interval=table.number(
             "reload_poll_interval", d.reload_poll_interval, low=0.1, high=3600
         ),
+    )
+    table.done()
+    return settings
+
+
+def _parse_tls(table: Table | None, base_dir: Path) -> TlsSettings:
+    if table is None:
+        return TlsSettings()
+    d = TlsSettings()
+    low, high = TICKET_KEY_ROTATION_RANGE
+    key_file = table.string("ticket_key_file")
+    settings = TlsSettings(
+        session_tickets=table.boolean("session_tickets", d.session_tickets),
+        ticket_key_rotation=table.number(
+            "ticket_key_rotation", d.ticket_key_rotation, low=low, high=high
+        ),
+        ticket_key_file=base_dir / Path(key_file).expanduser() if key_file else None,
     )
     table.done()
     return settings

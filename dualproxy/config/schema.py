@@ -293,6 +293,28 @@ class KeyStoreSettings:
     reload_poll_interval: float = 2.0
 
 
+# Session-ticket key rotation (tls.tickets), seconds: Caddy rotates every 12 h; a key then
+# decrypts for as long again, so the two keys held span a day at most (the bound forward
+# secrecy of resumed sessions gets). The highest value keeps that bound; below a minute,
+# each rotation would cost more key writes than it gains.
+DEFAULT_TICKET_KEY_ROTATION: Final = 12 * 3600.0
+TICKET_KEY_ROTATION_RANGE: Final = (60.0, 12 * 3600.0)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """[tls]: the session tickets of resumed handshakes (tls.tickets)."""
+
+    # Resumption skips the certificate and the signature: a phone reconnecting after a network
+    # change saves a round trip of bytes and the server most of a handshake's CPU. Off: no
+    # ticket is issued (TLS 1.2 session ids still resume within one process's contexts).
+    session_tickets: bool = True
+    ticket_key_rotation: float = DEFAULT_TICKET_KEY_ROTATION
+    # Where the keys are kept (0600) so that tickets survive a restart and processes sharing
+    # the file share keys; None: in memory only, new keys at each start.
+    ticket_key_file: Path | None = None
+
+
 # The admin listener's address unless the config names one: loopback (see AdminConfig), and a
 # port of Envoy's admin range (9901) that nothing else of ours uses.
 DEFAULT_ADMIN_ADDRESS: Final = ListenAddress("127.0.0.1", 9901)
@@ -325,6 +347,7 @@ class Config:
     # App-facing endpoints answered by dualproxy itself (None: not served).
     manifest: ManifestConfig | None = None
     reports: ReportsConfig | None = None
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     def acme_keys(self) -> tuple[KeyConfig, ...]:
         """The keys whose certificates dualproxy obtains itself ([acme] and `names`)."""

@@ -75,6 +75,7 @@ from dualproxy.tls.clienthello import is_plain_http as looks_like_plain_http
 from dualproxy.tls.keystore import KeySnapshot
 from dualproxy.tls.outcome import Outcome, classify_handshake_failure
 from dualproxy.tls.streams import TcpStream, TlsStream
+from dualproxy.tls.tickets import TicketKeys
 
 __all__ = ["Server", "TlsAlpnResponder"]
 
@@ -124,6 +125,10 @@ class Server:
         # load (with a snapshot passed in, the caller vouches that it is that fresh).
         files_seen = lifecycle.files_signature(config)
         self.snapshot = snapshot if snapshot is not None else keystore.load_snapshot(config)
+        # One ring of session-ticket keys for every context, this snapshot's and every later
+        # one's: a reload resumes the sessions of the previous contexts (tls.tickets).
+        self.tickets = TicketKeys(config.tls)
+        self.tickets.install_snapshot(self.snapshot)
         self._clock = ReusedUtcNow() if clock is utc_now else clock
         self._dev_headers = dev_headers
         self._handle_signals = handle_signals
@@ -162,6 +167,7 @@ class Server:
         config, snapshot = material.config, material.snapshot
         if config.limits.max_connections != self.config.limits.max_connections:
             self._slots.total_tokens = config.limits.max_connections
+        self.tickets.install_snapshot(snapshot)
         # One config and its snapshot together: a handshake reads both at once.
         self.config, self.snapshot = config, snapshot
         self._relay, self._local = material.relay, material.local
