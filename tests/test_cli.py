@@ -221,6 +221,31 @@ def test_check_rejects_a_bad_config(
     assert advice in err
 
 
+def test_check_refuses_plain_http_to_a_remote_upstream_unless_allowed(
+    example: Example, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with example.config_file.open("a") as config:
+        config.write('\n[upstream]\nurl = "http://api.example.com"\n')
+    code, out, err = run(capsys, "check", "-c", example.config_file, "--at", DURING)
+    assert code == cli.EXIT_FAILED
+    assert out == ""
+    assert err.startswith(f"error: {example.config_file}: upstream.url: ")
+    assert "plain HTTP to another machine" in err
+    assert "allow_plaintext = true" in err
+    # The twin: with the opt-in written, check passes and says what it allows.
+    example.edit(
+        'url = "http://api.example.com"\n',
+        'url = "http://api.example.com"\nallow_plaintext = true\n',
+    )
+    code, out, err = run(capsys, "check", "-c", example.config_file, "--at", DURING)
+    assert code == cli.EXIT_OK, err
+    assert (
+        f"warning: {example.config_file}: upstream.allow_plaintext: requests to"
+        " http://api.example.com and its answers cross the network unencrypted"
+    ) in out
+    assert out.rstrip().endswith("check passed with 1 warning(s)")
+
+
 def test_check_rejects_a_chain_for_another_key(
     example: Example, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -486,7 +486,10 @@ async def test_config_reload_follows_the_new_window_and_refuses_a_broken_edit(
         assert not await server.reload("test")
         assert (server.reloads_ok, server.reloads_failed) == (1, 1)
         [error] = errors()
-        assert f"{config_file}: rotation.grace_end: missing" in error
+        assert (
+            f"{config_file}: rotation.grace_ends: unknown setting; did you mean 'grace_end'?"
+            in error
+        )
         assert server.config.rotation.grace_end == early_end
         assert spki_pin_of_certificate(await fetch_async(running, cafile)) == new.pin
 

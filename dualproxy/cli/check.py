@@ -99,7 +99,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     marker = "now" if args.at is None else "at"
     for line in explain.timeline(config.rotation, config.keys, at, marker):
         print(line, file=out)
-    findings = checks.check_keys(config, snapshot.keys, at)
+    findings = checks.check_config(config)
+    findings += checks.check_keys(config, snapshot.keys, at)
     findings += checks.check_acme(config, snapshot.keys, [])
     if findings:
         print("", file=out)

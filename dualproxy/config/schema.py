@@ -11,7 +11,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final, Literal
 
-from dualproxy.config.names import IPNetwork, ListenAddress
+from dualproxy.config.names import IPNetwork, ListenAddress, is_loopback_host
 
 Role = Literal["old", "new"]
 
@@ -228,6 +228,16 @@ class UpstreamConfig:
     # cut-off (Google's front ends and nginx keep idle connections for about 60 s or more),
     # so we rarely pick one the upstream is about to close.
     pool_idle_timeout: float = 30.0
+    # Plain http:// to an upstream that is not on this machine: the requests (with the
+    # clients' credentials) and the answers cross the network unencrypted, so it is refused
+    # unless the operator says so (a sidecar on a pod network, a private link they trust).
+    allow_plaintext: bool = False
+
+    @property
+    def plaintext_remote(self) -> bool:
+        """Whether requests go unencrypted to another machine (http:// to a non-loopback
+        host): only with allow_plaintext."""
+        return self.scheme == "http" and not is_loopback_host(self.host)
 
     @property
     def authority(self) -> str:

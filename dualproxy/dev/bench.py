@@ -130,7 +130,9 @@ def build_config(
         raise ValueError(f"unknown scenario {scenario!r}; one of {', '.join(SCENARIOS)}")
     data: dict[str, object] = {"listen": {"address": settings.listen}}
     if settings.upstream is not None:
-        data["upstream"] = {"url": settings.upstream}
+        # The developer typed the URL on the command line of a bench that never serves
+        # production: http:// to a dev server on the LAN is what they asked for.
+        data["upstream"] = {"url": settings.upstream, "allow_plaintext": True}
     if scenario in ROTATION_SCENARIOS:
         data["keys"] = {name: _key_table(name) for name in ("old", "new")}
         if scenario == "old-only":

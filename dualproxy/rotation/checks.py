@@ -24,7 +24,14 @@ from dualproxy.config.names import normalize_host
 from dualproxy.config.schema import Config, Role, Rotation
 from dualproxy.tls.keystore import LoadedKey
 
-__all__ = ["EXPIRY_WARNING", "Finding", "certificate_covers", "check_acme", "check_keys"]
+__all__ = [
+    "EXPIRY_WARNING",
+    "Finding",
+    "certificate_covers",
+    "check_acme",
+    "check_config",
+    "check_keys",
+]
 
 # Warn this long before a served certificate expires: two weeks leaves time to renew by hand
 # after an automated renewal failed (Let's Encrypt's own expiry mails start at 20 days).
@@ -262,3 +269,22 @@ def _served_from(config: Config, name: str, at: datetime) -> datetime | None:
     if name in rotation.new:
         return max(at, rotation.grace_start)
     return None  # a standby key: configured, never served
+
+
+def check_config(config: Config) -> list[Finding]:
+    """What the config itself allows that an operator should hear about at every check: an
+    upstream reached in plain HTTP over the network (upstream.allow_plaintext)."""
+    findings: list[Finding] = []
+    upstream = config.upstream
+    if upstream is not None and upstream.plaintext_remote:
+        findings.append(
+            Finding(
+                "warning",
+                "upstream.allow_plaintext",
+                f"requests to {upstream.url} and its answers cross the network unencrypted"
+                " (plain HTTP to another machine, allowed by allow_plaintext = true); use"
+                " https:// unless that network is yours alone",
+                config.path,
+            )
+        )
+    return findings
