@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -358,6 +359,13 @@ def test_missing_or_unknown_command_is_a_usage_error(
     code, _, err = run(capsys, *argv)
     assert code == cli.EXIT_USAGE
     assert "usage: dualproxy" in err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--version"]) == cli.EXIT_OK
+    assert re.fullmatch(r"dualproxy \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)
+    # Its twin: an option that is not it is a usage error.
+    assert cli.main(["--verison"]) == cli.EXIT_USAGE
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
@@ -715,6 +723,63 @@ def test_serve_json_logs_and_its_admin_listener_answer_status(
     printed = capsys.readouterr().out
     assert printed.startswith("dualproxy status at ")
     assert re.search(rf"^{answer_key(example, answer.pin)} .* 1 +0 +0\.0%", printed, re.M), printed
+
+
+def test_serve_on_a_port_in_use_says_what_to_do(
+    example: Example, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        listen = '"127.0.0.1:0"          # or a list'
+        example.edit(listen, listen.replace(":0", f":{port}"))
+        code = cli.main(["serve", "-c", str(example.config_file)])
+    assert code == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"error: cannot listen on 127.0.0.1:{port} (listen.address): " in err
+    assert "another process listens there" in err
+    assert "choose another port with listen.address" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_serve_that_cannot_start_keeps_its_log_format(example: Example, log_format: str) -> None:
+    """--log-format json: even the error that stops the start is a JSON line (a log pipeline
+    must not meet a plain-text line); in text, it is the usual `error: ...`."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        listen = '"127.0.0.1:0"          # or a list'
+        example.edit(listen, listen.replace(":0", f":{port}"))
+        script = Path(sys.executable).parent / "dualproxy"
+        failed = subprocess.run(
+            [script, "serve", "-c", example.config_file, "--log-format", log_format],
+            capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False,
+        )  # fmt: skip
+    assert failed.returncode == cli.EXIT_FAILED
+    lines = failed.stderr.splitlines()
+    assert lines
+    if log_format == "json":
+        entries = [json.loads(line) for line in lines]
+        assert entries[-1]["level"] == "error"
+        assert entries[-1]["message"].startswith(f"cannot listen on 127.0.0.1:{port}")
+    else:
+        assert lines[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    # And a config error, before anything else is set up.
+    example.config_file.write_text("[listen\n")
+    broken = subprocess.run(
+        [script, "serve", "-c", example.config_file, "--log-format", log_format],
+        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False,
+    )  # fmt: skip
+    assert broken.returncode == cli.EXIT_FAILED
+    if log_format == "json":
+        [entry] = [json.loads(line) for line in broken.stderr.splitlines()]
+        assert entry["level"] == "error"
+        assert "not valid TOML" in entry["message"]
+    else:
+        assert broken.stderr.startswith(f"error: {example.config_file}: not valid TOML")
 
 
 def answer_key(example: Example, pin: str) -> str:

@@ -389,6 +389,18 @@ def test_accepted(
             id="bad-key-name",
         ),
         pytest.param(
+            {"keys.k2026a.key": "certs/k2026a"},
+            "keys.k2026a.key",
+            "certs/k2026a is a directory, not a file; name the PEM file in it",
+            id="key-path-is-a-directory",
+        ),
+        pytest.param(
+            {"keys.k2026b.chain": "certs"},
+            "keys.k2026b.chain",
+            "is a directory, not a file",
+            id="chain-path-is-a-directory",
+        ),
+        pytest.param(
             {"keys.k2026a.key": "certs/k2026a/missing.pem"},
             "keys.k2026a.key",
             "private key file",

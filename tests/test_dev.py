@@ -504,7 +504,11 @@ def test_ports_in_use_fail_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFix
         code = cli.main([*base, "--listen", f"127.0.0.1:{port}", "--admin", "127.0.0.1:0"])
         assert code == cli.EXIT_FAILED
         err = capsys.readouterr().err
-        assert f"cannot listen on 127.0.0.1:{port}" in err
+        # The option typed, not a config key the developer never wrote, and what to do.
+        assert f"error: cannot listen on 127.0.0.1:{port} (--listen): " in err
+        assert "listen.address" not in err
+        assert f"(a dualproxy still running? `ss -ltnp 'sport = :{port}'` names it)" in err
+        assert "choose another port with --listen" in err
         assert "Traceback" not in err
         code = cli.main([*base, "--listen", "127.0.0.1:0", "--admin", f"127.0.0.1:{port}"])
         assert code == cli.EXIT_FAILED

@@ -13,6 +13,7 @@ from typing import Final
 from dualproxy.cli.arguments import EXIT_FAILED, EXIT_OK, AddCommand, with_config, with_time
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load
+from dualproxy.config.times import brief_time, brief_times
 from dualproxy.rotation import checks, explain, policy
 from dualproxy.serve.clock import utc_now
 from dualproxy.tls import keystore, pins
@@ -85,14 +86,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
     print(f"config: {config.path} (ok)", file=out)
     for warning in snapshot.warnings:
         print(f"warning: {warning}", file=out)
-    print(f"\nkeys (at {at:%Y-%m-%d %H:%M} UTC):", file=out)
+    print(f"\nkeys (at {brief_time(at, zone=' UTC')}):", file=out)
     for key in snapshot.keys.values():
         role = policy.pin_role(config.rotation, key.name, at)
         print(f"  {key.name} [{role}]", file=out)
         print(f"    algorithm  {key.algorithm}", file=out)
         print(f"    pin        sha256/{key.pin}", file=out)
         print(f"    names      {', '.join(key.names) or '(none)'}", file=out)
-        valid = f"{key.not_before:%Y-%m-%d %H:%M} .. {key.not_after:%Y-%m-%d %H:%M} UTC"
+        valid = " .. ".join(brief_times(key.not_before, key.not_after, zone="")) + " UTC"
         print(f"    valid      {valid}", file=out)
         print(f"    chain      {key.chain_file}", file=out)
     print("", file=out)

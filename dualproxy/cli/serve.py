@@ -9,6 +9,7 @@ import contextlib
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Final
@@ -17,8 +18,15 @@ import trio
 
 from dualproxy.acme import challenges
 from dualproxy.cli.acme import issue_or_fail
-from dualproxy.cli.arguments import EXIT_OK, AddCommand, UsageError, with_config
-from dualproxy.cli.running import run_until_interrupted
+from dualproxy.cli.arguments import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    AddCommand,
+    UsageError,
+    with_config,
+)
+from dualproxy.cli.running import print_error, run_until_interrupted
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load
 from dualproxy.config.names import ListenAddress, admin_address_problem, parse_address
@@ -29,6 +37,8 @@ from dualproxy.serve.listeners import raise_open_file_limit
 from dualproxy.serve.server import Server
 
 LOG_FORMATS: Final = ("text", "json")
+
+log = logging.getLogger("dualproxy")
 
 
 def register(command: AddCommand) -> None:
@@ -105,6 +115,24 @@ def _admin_url_argument(text: str) -> tuple[str, int]:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_format)
+    if args.log_format != "json":
+        return _serve_command(args, print_error)
+    # Every line on stderr is one JSON object, the error that stops the start included.
+    try:
+        return _serve_command(args, _log_error)
+    except UsageError as exc:
+        _log_error(str(exc))
+        return EXIT_USAGE
+    except OperatorError as exc:
+        _log_error(str(exc))
+        return EXIT_FAILED
+
+
+def _log_error(message: str) -> None:
+    log.error("%s", message)
+
+
+def _serve_command(args: argparse.Namespace, report: Callable[[str], None]) -> int:
     config = load(args.config)
     admin_address = config.admin.address
     if args.admin is not None:
@@ -116,7 +144,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if missing:
         # Obtained before serving: the key store serves only keys that have a chain.
         names = ", ".join(key.name for key in missing)
-        logging.getLogger("dualproxy").info("acme: no chain yet for %s; obtaining it", names)
+        log.info("acme: no chain yet for %s; obtaining it", names)
         issue_or_fail(config, missing)
     server = Server(config)  # loads the keys: an unusable one stops us here, exit 1
     raise_open_file_limit(config.limits.max_connections)
@@ -127,9 +155,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 admin_socket = sockets.enter_context(admin.open_socket(admin_address))
             except OSError as exc:
                 raise OperatorError(f"{exc.strerror}", file=config.path) from None
-        code = run_until_interrupted(partial(_serve, server, admin_socket))
+        code = run_until_interrupted(partial(_serve, server, admin_socket), report=report)
     if code == EXIT_OK:
-        logging.getLogger("dualproxy").info("stopped")
+        log.info("stopped")
     return code
 
 

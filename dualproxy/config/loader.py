@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -205,6 +206,8 @@ def _parse_keys(
             file = base_dir / Path(text).expanduser()
             # An ACME-managed key's chain may be missing: dualproxy obtains it.
             may_be_missing = field_name == "chain" and bool(names)
+            if check_files and (problem := _not_a_file_problem(file)) is not None:
+                raise OperatorError(problem, key_path=entry.path(field_name))
             if check_files and not may_be_missing and not file.is_file():
                 what = "private key" if field_name == "key" else "certificate chain"
                 advice = f"create it (dualproxy keys new {name})"
@@ -228,6 +231,20 @@ def _parse_keys(
             key_path="acme",
         )
     return keys
+
+
+def _not_a_file_problem(path: Path) -> str | None:
+    """Why a path that should name a file names something else that exists (a directory, a
+    FIFO), or None: "does not exist" would send the operator looking in the wrong place."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # missing (or unreadable): the callers' own messages say what to do
+    if stat.S_ISDIR(mode):
+        return f"{path} is a directory, not a file; name the PEM file in it"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a regular file (a FIFO, socket or device); name the PEM file"
+    return None
 
 
 def _parse_acme_names(entry: Table, acme: AcmeConfig | None) -> tuple[str, ...]:
@@ -299,6 +316,8 @@ def _parse_acme(table: Table, base_dir: Path, check_files: bool) -> AcmeConfig:
     ca_file = None
     if (ca_text := table.string("ca_file")) is not None:
         ca_file = base_dir / Path(ca_text).expanduser()
+        if check_files and (problem := _not_a_file_problem(ca_file)) is not None:
+            raise OperatorError(problem, key_path=table.path("ca_file"))
         if check_files and not ca_file.is_file():
             raise OperatorError(f"CA file {ca_file} does not exist", key_path=table.path("ca_file"))
     d = AcmeConfig(directory="", account_key=Path())
@@ -510,6 +529,8 @@ def _parse_upstream(table: Table, base_dir: Path, check_files: bool) -> Upstream
     ca_file = None
     if (ca_text := table.string("ca_file")) is not None:
         ca_file = base_dir / Path(ca_text).expanduser()
+        if check_files and (problem := _not_a_file_problem(ca_file)) is not None:
+            raise OperatorError(problem, key_path=table.path("ca_file"))
         if check_files and not ca_file.is_file():
             raise OperatorError(f"CA file {ca_file} does not exist", key_path=table.path("ca_file"))
     host_header = table.string("host") or "rewrite"

@@ -54,7 +54,7 @@ from dualproxy.dev.certs import (
 )
 from dualproxy.rotation import policy
 from dualproxy.serve.clock import utc_now
-from dualproxy.serve.listeners import describe_bound
+from dualproxy.serve.listeners import describe_bound, open_listeners
 from dualproxy.serve.server import Server
 from dualproxy.tls import keystore, pins
 from dualproxy.tls.clienthello import ClientHello
@@ -467,5 +467,9 @@ class Bench:
         *,
         task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        await self.server.run(task_status=task_status)
+        listen = self.server.config.listen
+        # Opened here rather than by the server, so that a port in use names the option the
+        # developer typed (--listen), not a config key they never wrote.
+        listeners = await open_listeners(listen.addresses, listen.reuse_port, setting="--listen")
+        await self.server.run(listeners, task_status=task_status)
         everything.cancel()  # drained (SIGTERM): the echo and admin endpoint stop too

@@ -22,6 +22,7 @@ from typing import Final, Literal
 from dualproxy.config.errors import locate
 from dualproxy.config.names import normalize_host
 from dualproxy.config.schema import Config, Role, Rotation
+from dualproxy.config.times import brief_time
 from dualproxy.tls.keystore import LoadedKey
 
 __all__ = [
@@ -54,7 +55,7 @@ class Finding:
 
 
 def _time(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M UTC")
+    return brief_time(moment, zone=" UTC")
 
 
 def certificate_covers(cert_names: Sequence[str], host: str) -> bool:

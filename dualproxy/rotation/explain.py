@@ -15,6 +15,7 @@ from typing import Final, TypeVar
 
 from dualproxy.config.names import IPAddress, is_ip_address
 from dualproxy.config.schema import Config, Role, Rotation
+from dualproxy.config.times import brief_times
 from dualproxy.rotation.policy import (
     Choice,
     Phase,
@@ -52,7 +53,7 @@ def explain(
     if rotation is None or reason is Reason.SINGLE:
         return "no [rotation] in the config: every client gets the configured keys"
     role: Role = "new" if choice.identity == "new" else "old"
-    start, end = (_minute(t) for t in (rotation.grace_start, rotation.grace_end))
+    start, end = brief_times(rotation.grace_start, rotation.grace_end)
     default = f"rotation.default = {rotation.default!r}"
     if reason is Reason.BEFORE_WINDOW:
         return f"before rotation.grace_start ({start}) everyone gets old"
@@ -101,7 +102,7 @@ def timeline(
     during += f"; others get {rotation.default}"
     if rotation.canary_percent:
         during += f" (canary: {rotation.canary_percent:g}% of them get new)"
-    start, end = (_minute(t) for t in (rotation.grace_start, rotation.grace_end))
+    start, end = brief_times(rotation.grace_start, rotation.grace_end)
     old, new = ", ".join(rotation.old), ", ".join(rotation.new)
     return [
         "rotation timeline:",
@@ -138,10 +139,6 @@ def role_changes(
         return []
     bounds = (("grace_start", rotation.grace_start), ("grace_end", rotation.grace_end))
     return [(name, moment) for name, moment in bounds if after < moment < before]
-
-
-def _minute(moment: datetime) -> str:
-    return f"{moment:%Y-%m-%d %H:%M}Z"
 
 
 def _first(candidates: Iterable[_T]) -> _T:

@@ -42,6 +42,7 @@ import trio
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load as load_config
 from dualproxy.config.schema import Config, ManifestConfig
+from dualproxy.config.times import brief_time
 from dualproxy.http.relay import DEPARTURE_CHECK_SECONDS, Departures, Drain, RelaySettings
 from dualproxy.pinning import endpoints, manifest
 from dualproxy.serve.closing import close_pool
@@ -308,7 +309,7 @@ class ManifestWatch:
         if self._logged == (expires, status):
             return
         self._logged = (expires, status)
-        _log_expiry(settings, f"{expires:%Y-%m-%d %H:%M} UTC", status)
+        _log_expiry(settings, brief_time(expires, zone=" UTC"), status)
 
     async def watch(self, served: Reloadable, clock: Callable[[], datetime]) -> None:
         while True:  # the server checked once before it started accepting

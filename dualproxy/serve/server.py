@@ -345,7 +345,10 @@ class Server:
             self._slots.release_on_behalf_of(token)
             record.end()
             self.evidence.connection_ended(record, self.config.rotation)
-            log_event(log, record)
+            # A CA's validation connections are logged by the challenge board, once per
+            # challenge and with its name; their conn lines only at debug level.
+            acme = record.outcome is Outcome.ACME_CHALLENGE
+            log_event(log, record, logging.DEBUG if acme else logging.INFO)
 
     async def handle_connection(self, stream: TcpStream, record: ConnectionRecord) -> None:
         """Peek, choose, handshake, serve. Fills `record` (its peer already set); the caller
