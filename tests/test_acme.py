@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -496,6 +497,66 @@ def test_check_reports_a_managed_key_without_a_certificate(
     err = capsys.readouterr().err
     assert "keys.k1.chain: no certificate yet" in err
     assert "dualproxy acme issue k1" in err
+
+
+@pytest.mark.parametrize("output", ["table", "okhttp", "json", "curl"])
+def test_pins_of_a_managed_key_without_a_certificate_yet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], ca: trustme.CA, output: str
+) -> None:
+    """A pin depends on the key alone: `pins` lists a managed key whose chain is still to
+    come (with the names it requests), beside a key that has one, and says which is which in
+    check's words."""
+    key = keygen.generate_private_key()
+    keygen.write_private_key(tmp_path / "certs/k1/key.pem", key)
+    other = make_key(ca, tmp_path / "certs", "k0")
+    data = {
+        "listen": {"address": "127.0.0.1:0"},
+        "acme": {"directory": "https://acme.invalid/dir"},
+        "keys": {
+            "k0": other.table(),
+            "k1": {"key": "certs/k1/key.pem", "chain": "certs/k1/chain.pem", "names": list(NAMES)},
+        },
+        "rotation": {
+            "old": "k0", "new": "k1", "grace_start": datetime(2026, 12, 1, tzinfo=UTC),
+            "grace_end": datetime(2027, 1, 15, tzinfo=UTC),
+        },
+    }  # fmt: skip
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(config_toml(data))
+    argv = ["pins", "-c", str(config_file), "--at", "2026-11-01T00:00:00Z"]
+    if output != "table":
+        argv += ["--format", output]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    pin = spki_pin(key.public_key())
+    assert pin in out
+    assert other.pin in out
+    assert err.startswith(
+        f"note: {tmp_path / 'certs/k1/chain.pem'}: keys.k1.chain: no certificate yet"
+    )
+    if output == "table":
+        assert re.search(rf"^k1 +next +ECDSA P-256 +until - +sha256/{re.escape(pin)}$", out, re.M)
+    if output == "okhttp":
+        assert NAMES[0] in out
+    # check says the same of that key (and fails: nothing can serve it yet).
+    assert main(["check", "-c", str(config_file)]) == 1
+    assert "keys.k1.chain: no certificate yet" in capsys.readouterr().err
+
+
+def test_pins_of_a_missing_unmanaged_chain_stay_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The twin: a key without names is not ACME's to complete; its missing chain is the
+    config's error, as at every start."""
+    keygen.write_private_key(tmp_path / "certs/k1/key.pem", keygen.generate_private_key())
+    data = {
+        "listen": {"address": "127.0.0.1:0"},
+        "keys": {"k1": {"key": "certs/k1/key.pem", "chain": "certs/k1/chain.pem"}},
+    }
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(config_toml(data))
+    assert main(["pins", "-c", str(config_file)]) == 1
+    assert "keys.k1.chain: certificate chain file" in capsys.readouterr().err
 
 
 def _cert_with(serial: int, key_id: bytes) -> x509.Certificate:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import http.server
 import ipaddress
 import itertools
 import json
@@ -25,6 +26,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +36,7 @@ from typing import Final, NamedTuple
 
 import pytest
 import trio
+import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from helpers.clients import CLIENT_TIMEOUT, ipv6_loopback, read_until, tls_get
@@ -387,6 +390,68 @@ def test_options_upstream_new_network_and_ipv6(tmp_path: Path) -> None:
             assert switched.returncode == 0, switched.stderr
             assert second.stop()[0] == 0
         assert first.stop()[0] == 0
+
+
+@contextmanager
+def private_https_upstream(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTPS API whose certificate comes from a CA of its own (as a company's internal
+    API): its URL and that CA's file. Answers every GET with 200 "private upstream"."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"private upstream"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}", ca_file
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(STOP_TIMEOUT)
+
+
+@pytest.mark.e2e
+def test_upstream_ca_trusts_an_api_with_a_private_ca(tmp_path: Path) -> None:
+    with private_https_upstream(tmp_path) as (url, ca_file):
+        options = ["--upstream", url, "--upstream-ca", str(ca_file)]
+        with bench(tmp_path / "dev", tmp_path, *options) as running:
+            assert f"  upstream    {url}  (trusting {ca_file} too)\n" in running.banner
+            relayed = run_printed(running.commands()["ca"].command)
+            assert relayed.returncode == 0, relayed.stderr
+            assert relayed.stdout.startswith("HTTP/1.1 200")
+            assert relayed.stdout.endswith("private upstream")
+            assert running.stop()[0] == 0
+        # The twin: without it, the API's certificate does not verify, and the client hears 502.
+        with bench(tmp_path / "dev", tmp_path, "--upstream", url) as running:
+            refused = run_printed(running.commands()["ca"].command)
+            assert refused.stdout.startswith("HTTP/1.1 502"), refused.stdout
+            assert running.stop()[0] == 0
+
+
+def test_upstream_ca_needs_an_https_upstream(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["dev", "--dir", str(tmp_path / "dev"), "--upstream-ca", str(tmp_path / "ca.pem")]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.startswith("error: --upstream-ca: trusts an https --upstream")
+    missing = [*argv, "--upstream", "https://127.0.0.1:1", "--admin", "127.0.0.1:0"]
+    assert cli.main(missing) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.startswith("error: --upstream-ca: CA file")
 
 
 @pytest.mark.e2e

@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import trio
 
@@ -119,6 +119,8 @@ class BenchSettings:
     listen: str  # HOST:PORT
     upstream: str | None  # URL; None: dualproxy's own placeholder answers (tests)
     new_networks: tuple[str, ...] = ()  # grace: clients from these networks get new
+    # Extra trust for an https upstream with a private or test CA (upstream.ca_file).
+    upstream_ca: Path | None = None
 
 
 def build_config(
@@ -128,11 +130,13 @@ def build_config(
     command line got wrong (listen.address, upstream.url, rotation.hints.new.networks)."""
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; one of {', '.join(SCENARIOS)}")
-    data: dict[str, object] = {"listen": {"address": settings.listen}}
+    data: dict[str, Any] = {"listen": {"address": settings.listen}}
     if settings.upstream is not None:
         # The developer typed the URL on the command line of a bench that never serves
         # production: http:// to a dev server on the LAN is what they asked for.
         data["upstream"] = {"url": settings.upstream, "allow_plaintext": True}
+        if settings.upstream_ca is not None:
+            data["upstream"]["ca_file"] = str(settings.upstream_ca.absolute())
     if scenario in ROTATION_SCENARIOS:
         data["keys"] = {name: _key_table(name) for name in ("old", "new")}
         if scenario == "old-only":
@@ -404,6 +408,8 @@ class Bench:
             )
         else:
             upstream = self.settings.upstream or "none: dualproxy answers itself"
+            if self.settings.upstream_ca is not None:
+                upstream += f"  (trusting {self.settings.upstream_ca.absolute()} too)"
         switch = f"{self.command} dev switch SCENARIO"
         if material.folder != Path(DEFAULT_DIR).absolute():
             switch += f" --dir {shlex.quote(str(material.folder))}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Final, TypeVar
+from typing import Final, Protocol, TypeVar
 
 from dualproxy.config.names import IPAddress, is_ip_address
 from dualproxy.config.schema import Config, Role, Rotation
@@ -26,10 +26,9 @@ from dualproxy.rotation.policy import (
     sni_matches,
 )
 from dualproxy.tls.clienthello import ClientHello
-from dualproxy.tls.keystore import LoadedKey
 from dualproxy.tls.pins import PinnedKey
 
-__all__ = ["explain", "pinned_keys", "role_changes", "timeline"]
+__all__ = ["PinSource", "explain", "pinned_keys", "role_changes", "timeline"]
 
 _PHASES: Final[tuple[Phase, ...]] = ("before", "during", "after")
 
@@ -112,7 +111,24 @@ def timeline(
     ]
 
 
-def pinned_keys(config: Config, keys: Mapping[str, LoadedKey], at: datetime) -> list[PinnedKey]:
+class PinSource(Protocol):
+    """What a pin listing needs of a key: a loaded one (`LoadedKey`), or one whose
+    certificate is still to come (its pin depends on the key alone)."""
+
+    @property
+    def pin(self) -> str: ...
+
+    @property
+    def algorithm(self) -> str: ...
+
+    @property
+    def names(self) -> tuple[str, ...]: ...
+
+    @property
+    def not_after(self) -> datetime | None: ...
+
+
+def pinned_keys(config: Config, keys: Mapping[str, PinSource], at: datetime) -> list[PinnedKey]:
     """Every configured key with its pin role at `at`, in `Config.key_order`: what the pin
     formats and the manifest list. ValueError for a certificate name no pin format can carry."""
     return [
