@@ -18,7 +18,9 @@ import http.server
 import ipaddress
 import itertools
 import json
+import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -526,6 +528,55 @@ def test_sigint_stops_cleanly(tmp_path: Path) -> None:
     assert "KeyboardInterrupt" not in err
 
 
+# A helper run as the bench's process: a session leader (start_new_session) that makes the
+# pty's slave its controlling terminal (TIOCSCTTY), puts it on stdin, stdout and stderr, and
+# becomes `dualproxy dev`: as a shell in a terminal window starts it.
+_ON_A_TERMINAL: Final = """
+import fcntl, os, sys, termios
+fd = int(sys.argv[1])
+fcntl.ioctl(fd, termios.TIOCSCTTY, 0)
+for target in (0, 1, 2):
+    os.dup2(fd, target)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+@pytest.mark.e2e
+def test_closing_its_terminal_stops_the_bench(tmp_path: Path) -> None:
+    """Closing the terminal window sends SIGHUP: the bench stops and frees its ports, instead
+    of staying on them, orphaned."""
+    master, slave = os.openpty()
+    argv = [str(dualproxy_script()), "dev", "--dir", str(tmp_path / "dev")]
+    argv += ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+    process = subprocess.Popen(
+        [sys.executable, "-c", _ON_A_TERMINAL, str(slave), *argv],
+        start_new_session=True, pass_fds=(slave,), stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        screen = b""
+        deadline = time.monotonic() + START_TIMEOUT
+        while BANNER_END not in screen and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                screen += os.read(master, 65536)
+        assert BANNER_END in screen, screen.decode(errors="replace")
+        port = int(re.search(rb"https://localhost:(\d+)/", screen).group(1))  # type: ignore[union-attr]
+        assert served_pin(port)  # serving
+        os.close(master)  # the terminal window closes: the kernel hangs up on the session
+        master = -1
+        assert process.wait(timeout=STOP_TIMEOUT) == 0
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT).close()
+    finally:
+        if master >= 0:
+            os.close(master)
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=STOP_TIMEOUT)
+
+
 # --- usage and operator errors, in-process --------------------------------------------------
 
 
@@ -631,3 +682,22 @@ async def test_a_failed_switch_keeps_serving_the_current_scenario(tmp_path: Path
         with pytest.raises(devcontrol.SwitchError, match="unknown scenario 'nope'"):
             await bench_.switch("nope")
         nursery.cancel_scope.cancel()
+
+
+def test_the_grace_banner_shows_the_sni_alias_first(tmp_path: Path) -> None:
+    """The hint every app stack can send, with how a simulator and an emulator reach its name;
+    ALPN after it, for custom clients."""
+    material = dev.prepare(tmp_path / "dev")
+    settings = dev.BenchSettings("127.0.0.1:0", None, ("10.0.2.0/24",))
+    grace = dev.Bench(material, settings, "grace", handle_signals=False)
+    grace.bound = [("127.0.0.1", 8443)]
+    banner = grace.banner()
+    alias = banner.index(f"point the updated build at https://{HINT_SNI}:8443/")
+    assert alias < banner.index("/etc/hosts") < banner.index("InetAddress.getByName")
+    assert alias < banner.index(f"ALPN {dev.HINT_ALPN}     custom clients only")
+    assert "--new-network     test devices in 10.0.2.0/24" in banner
+    assert alias < banner.index("Try it: curl plays your app.")
+    # The twin: outside the grace window there is nothing to ask for.
+    before = dev.Bench(material, settings, "old-only", handle_signals=False)
+    before.bound = [("127.0.0.1", 8443)]
+    assert "point the updated build at" not in before.banner()

@@ -148,7 +148,8 @@ def _cmd_dev(args: argparse.Namespace) -> int:
                 " 127.0.0.1:PORT",
             ) from None
         code = run_until_interrupted(partial(bench.run, admin_socket, echo_socket))
-    print("\nstopped", flush=True)
+    with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+        print("\nstopped", flush=True)
     return code
 
 

@@ -28,7 +28,9 @@ Scenarios:
 from __future__ import annotations
 
 import ipaddress
+import logging
 import shlex
+import signal
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -79,6 +81,8 @@ __all__ = [
     "issue_certificate",
     "prepare",
 ]
+
+log = logging.getLogger("dualproxy")
 
 HINT_ALPN: Final = "dualproxy-new"
 SCENARIOS: Final = ("old-only", "grace", "new-only", "rogue", "expired", "wrong-host", "untrusted")
@@ -330,9 +334,9 @@ class Bench:
         for name, config in self.configs.items():
             if name != scenario:
                 keystore.load_snapshot(config)
-        self.server = Server(
-            self.configs[scenario], dev_headers=True, handle_signals=handle_signals
-        )
+        # The bench's own signals (`watch_signals`): SIGHUP stops it, it never reloads.
+        self.server = Server(self.configs[scenario], dev_headers=True, handle_signals=False)
+        self._handle_signals = handle_signals
         self._scenario = scenario
         self._switching = trio.Lock()
         self.bound: list[tuple[str, int]] = []  # where it listens, once running
@@ -438,6 +442,7 @@ class Bench:
             f"                    adb reverse tcp:{port} tcp:{port}  (the app then reaches"
             f" https://localhost:{port}/)",
             "",
+            *(self._hint_lines(port) if self._scenario == "grace" else []),
             "Try it: curl plays your app. Run the same commands again after each switch.",
             self.scenario_text(),
             "",
@@ -448,11 +453,33 @@ class Bench:
         ]
         return "\n".join(lines)
 
+    def _hint_lines(self, port: int) -> list[str]:
+        """How an updated app asks for new in `grace`: the SNI alias first, the one hint every
+        mobile stack can send, and how a simulator or emulator reaches that name."""
+        lines = [
+            f"Ask for new from your app (the SNI alias, which every app stack can send): point the"
+            f" updated build at https://{HINT_SNI}:{port}/",
+            f"  iOS simulator     it resolves names as the Mac does: add `127.0.0.1 {HINT_SNI}`"
+            " to the Mac's /etc/hosts (once, with sudo)",
+            f"  Android emulator  after the adb reverse above, give OkHttp a Dns that maps"
+            f" {HINT_SNI} to 127.0.0.1 in debug builds:",
+            f'                    .dns {{ host -> if (host == "{HINT_SNI}")'
+            ' listOf(InetAddress.getByName("127.0.0.1")) else Dns.SYSTEM.lookup(host) }',
+            f"  ALPN {HINT_ALPN}     custom clients only (OkHttp, URLSession, Flutter and React"
+            " Native cannot send a custom token)",
+        ]
+        if self.settings.new_networks:
+            networks = ", ".join(self.settings.new_networks)
+            lines.append(f"  --new-network     test devices in {networks}")
+        return [*lines, ""]
+
     async def run(self, admin_socket: socket.socket, echo_socket: socket.socket | None) -> None:
         """Serve until cancelled (Ctrl-C) or drained (SIGTERM); the banner once listening."""
         address_file, written = self.material.admin_address_file, ""
         try:
             async with trio.open_nursery() as nursery:
+                if self._handle_signals:
+                    await nursery.start(self.watch_signals, nursery.cancel_scope)
                 if echo_socket is not None:
                     self.echo_port = int(echo_socket.getsockname()[1])
                     await nursery.start(echo.serve, echo_socket)
@@ -466,6 +493,30 @@ class Bench:
         finally:
             if written:
                 devcontrol.remove_address_file(address_file, written)
+
+    async def watch_signals(
+        self,
+        everything: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """SIGTERM drains, as `serve`'s (a second one stops at once). SIGHUP stops the bench:
+        it is what closing its terminal sends, and a bench left running without one would
+        hold its ports with nobody to stop it (switching is `dev switch`, never a reload)."""
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    # Logged, not printed: the terminal that would show it may be gone.
+                    log.info("SIGHUP (its terminal closed?): stopping the bench")
+                    everything.cancel()
+                    return
+                if not self.server.draining:
+                    log.info("SIGTERM: stopping, after the requests in flight")
+                    self.server.drain()
+                else:
+                    log.warning("SIGTERM again: stopping now")
+                    self.server.stop_now()
 
     async def _serve(
         self,

@@ -274,8 +274,25 @@ def _served_from(config: Config, name: str, at: datetime) -> datetime | None:
 
 def check_config(config: Config) -> list[Finding]:
     """What the config itself allows that an operator should hear about at every check: an
-    upstream reached in plain HTTP over the network (upstream.allow_plaintext)."""
+    upstream reached in plain HTTP over the network (upstream.allow_plaintext), a side of the
+    rotation hinted only by an ALPN token, which common mobile stacks cannot send."""
     findings: list[Finding] = []
+    rotation = config.rotation
+    for role in _ROLES:
+        hints = rotation.hints_for(role) if rotation is not None else None
+        if hints is not None and hints.alpn and not hints.sni and not hints.networks:
+            findings.append(
+                Finding(
+                    "warning",
+                    f"rotation.hints.{role}.alpn",
+                    f"the only hint for {role} is an ALPN token, which OkHttp, URLSession/"
+                    "Alamofire, Flutter and React Native apps cannot send: only custom"
+                    f" clients will get {role} by it; add an SNI alias (hints.{role}.sni: a"
+                    " second host name for the API, used by the updated app) (README: Which"
+                    " hints real apps can send)",
+                    config.path,
+                )
+            )
     upstream = config.upstream
     if upstream is not None and upstream.plaintext_remote:
         findings.append(
