@@ -725,6 +725,39 @@ def test_serve_json_logs_and_its_admin_listener_answer_status(
     assert re.search(rf"^{answer_key(example, answer.pin)} .* 1 +0 +0\.0%", printed, re.M), printed
 
 
+@pytest.mark.e2e
+def test_serve_says_what_it_serves_once_it_listens(example: Example) -> None:
+    """The start-up summary: every key with its role and pin, the phase, the upstream and
+    every listener, the admin listener's bound port included."""
+    process, started, port = start_serve(example)
+    try:
+        assert process.stderr is not None
+        if b"listeners: " not in started:
+            started += read_until(process.stderr, b"listeners: ", timeout=SUBPROCESS_TIMEOUT)
+        if not re.search(rb"listeners: .*\n", started):  # the rest of that line
+            started += read_until(process.stderr, b"\n", timeout=SUBPROCESS_TIMEOUT)
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    text = started.decode()
+    keys = re.search(r"INFO keys: (.*)$", text, re.M)
+    assert keys is not None, text
+    assert "k2026a (" in keys.group(1)
+    assert f"sha256/{example.old.pin}" in keys.group(1)
+    assert f"sha256/{example.new.pin}" in keys.group(1)
+    assert re.search(r"INFO rotation: (before the grace window|grace window open|after)", text)
+    assert "INFO upstream: none: dualproxy answers every request itself" in text
+    listeners = re.search(
+        r"INFO listeners: TLS 127\.0\.0\.1:(\d+); admin http://127\.0\.0\.1:(\d+)/", text
+    )
+    assert listeners is not None, text
+    assert int(listeners.group(1)) == port
+    assert int(listeners.group(2)) not in (0, port)
+
+
 def test_serve_on_a_port_in_use_says_what_to_do(
     example: Example, capsys: pytest.CaptureFixture[str]
 ) -> None:

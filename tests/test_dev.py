@@ -310,7 +310,7 @@ def test_every_scenario_as_printed_switched_live(tmp_path: Path) -> None:
     assert "Traceback" not in err
     assert "stopped" in out
     assert "reason=hint-sni" in err  # the connection log saw the hinted connection
-    assert "reloaded (scenario rogue)" in err
+    assert "reloaded (scenario rogue: rogue added (pin " in err
     assert "files changed" not in err  # a switch is not mistaken for a change on disk
 
 

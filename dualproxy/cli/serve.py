@@ -33,6 +33,7 @@ from dualproxy.config.names import ListenAddress, admin_address_problem, parse_a
 from dualproxy.config.schema import DEFAULT_CONFIG_FILE
 from dualproxy.ops import admin
 from dualproxy.ops.logformat import setup_logging
+from dualproxy.serve import announce
 from dualproxy.serve.listeners import raise_open_file_limit
 from dualproxy.serve.server import Server
 
@@ -165,14 +166,35 @@ async def _serve(server: Server, admin_socket: socket.socket | None) -> None:
     """The server and, beside it, its admin listener and [acme]'s service, which stop when
     the server does."""
     async with trio.open_nursery() as nursery:
+        admin_at = None
         if admin_socket is not None:
             await nursery.start(admin.serve, admin_socket, server)
+            admin_at = _bound(admin_socket)
+        http01 = None
         if server.config.acme is not None:
             from dualproxy.acme import service  # the acme library loads only when used
 
-            await nursery.start(service.serve_beside, server)
+            http01 = await nursery.start(service.serve_beside, server)
+        nursery.start_soon(_announce, server, http01, admin_at)
         await server.run()
         nursery.cancel_scope.cancel()
+
+
+async def _announce(
+    server: Server, http01: tuple[str, int] | None, admin_at: tuple[str, int] | None
+) -> None:
+    """Once the server listens: what it serves and where, in a few lines (announce.summary)."""
+    tls = await server.wait_listening()
+    lines = announce.summary(
+        server.config, server.snapshot, server.now(), tls=tls, http01=http01, admin=admin_at
+    )
+    for line in lines:
+        log.info("%s", line)
+
+
+def _bound(sock: socket.socket) -> tuple[str, int]:
+    host, port = sock.getsockname()[:2]
+    return str(host), int(port)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

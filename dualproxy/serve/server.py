@@ -51,7 +51,7 @@ from dualproxy.ops.evidence import NONE_LABEL, Evidence
 from dualproxy.ops.logformat import log_event
 from dualproxy.pinning import endpoints, reports
 from dualproxy.rotation import policy
-from dualproxy.serve import lifecycle, placeholder
+from dualproxy.serve import announce, lifecycle, placeholder
 from dualproxy.serve.clock import ReusedUtcNow, utc_now
 from dualproxy.serve.closing import CLOSE_NOTIFY_TIMEOUT, close_pool, linger, lingering_close
 from dualproxy.serve.connection import ConnectionRecord, peer_address
@@ -233,6 +233,7 @@ class Server:
                 services.start_soon(lifecycle.prune_idle_upstream, self)
                 services.start_soon(lifecycle.watch_departures, self._departures)
                 services.start_soon(self._manifest.watch, self, self._clock)
+                services.start_soon(announce.watch_window, self, self._clock)
                 if self._handle_signals:
                     await services.start(lifecycle.watch_signals, self)
                 await self._serve(listeners, bound, task_status)
