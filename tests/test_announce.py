@@ -57,7 +57,7 @@ def test_the_summary_names_keys_phase_upstream_and_every_listener(
         BASE + timedelta(seconds=10),
         tls=[("127.0.0.1", 8443)],
         http01=("0.0.0.0", 80),
-        admin=("127.0.0.1", 9901),
+        admin="http://127.0.0.1:9901/",
     )
     old, new = snapshot.keys["k2026a"], snapshot.keys["k2026b"]
     assert lines[0] == (

@@ -231,8 +231,8 @@ def test_optional_sections_override_their_defaults(tmp_path: Path) -> None:
         pytest.param(
             {},
             lambda c: (str(c.admin.address), c.admin.allow_non_loopback),
-            ("127.0.0.1:9901", False),
-            id="admin-default-loopback",
+            ("127.0.0.1:0", False),
+            id="admin-default-a-free-loopback-port",
         ),
         pytest.param(
             {"admin.address": "[::1]:0"},

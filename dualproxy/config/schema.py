@@ -298,9 +298,12 @@ class KeyStoreSettings:
     reload_poll_interval: float = 2.0
 
 
-# The admin listener's address unless the config names one: loopback (see AdminConfig), and a
-# port of Envoy's admin range (9901) that nothing else of ours uses.
-DEFAULT_ADMIN_ADDRESS: Final = ListenAddress("127.0.0.1", 9901)
+# The admin listener's address unless the config names one: loopback (see AdminConfig), on a
+# port the kernel picks at each start (port 0). A fixed default port (it was Envoy's 9901)
+# made a second instance on the machine, or a new process started before the old one exits,
+# fail to start; a free port cannot collide. `serve` records the port it got where `dualproxy
+# status` looks (ops.admin's runtime record). A scraper (Prometheus) needs a fixed port: name it.
+DEFAULT_ADMIN_ADDRESS: Final = ListenAddress("127.0.0.1", 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +311,9 @@ class AdminConfig:
     """The admin listener: /metrics, /status.json, the status page, canary resume."""
 
     # Loopback by default: the status page names keys and client counts, and the listener
-    # takes the canary resume. None: no admin listener.
+    # takes the canary resume. Port 0: a free port, recorded for `dualproxy status`. None: no
+    # admin listener. An address that cannot be bound never stops the TLS front: `serve`
+    # logs why and tries again (ops.admin.BIND_RETRY_INTERVAL).
     address: ListenAddress | None = DEFAULT_ADMIN_ADDRESS
     # A non-loopback address (so that Prometheus can scrape from another host) must be asked
     # for explicitly; canary resume still answers loopback clients only.

@@ -49,10 +49,11 @@ def summary(
     *,
     tls: Sequence[tuple[str, int]],
     http01: tuple[str, int] | None = None,
-    admin: tuple[str, int] | None = None,
+    admin: str | None = None,
 ) -> list[str]:
     """The lines a server logs once it serves: every key (role now, algorithm, pin, expiry),
-    the rotation's phase, the upstream, and every listener it opened."""
+    the rotation's phase, the upstream, and every listener it opened (`admin`: the admin
+    listener's URL, or why it does not listen)."""
     keys = []
     for name in config.key_order():
         key = snapshot.keys[name]
@@ -65,7 +66,7 @@ def summary(
     if http01 is not None:
         listeners.append(f"http-01 and redirects http://{ListenAddress(*http01)}/")
     if admin is not None:
-        listeners.append(f"admin http://{ListenAddress(*admin)}/")
+        listeners.append(f"admin {admin}")
     return [
         f"keys: {'; '.join(keys)}",
         f"rotation: {_phase_words(config.rotation, now)}",
