@@ -28,7 +28,7 @@ from helpers.serving import serving
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import parse
 from dualproxy.config.schema import TICKET_KEY_ROTATION_RANGE, TlsSettings
-from dualproxy.tls.tickets import TicketKeys, tickets_supported
+from dualproxy.tls.tickets import ROTATION_MIN_SLEEP, TicketKeys, keep_rotating, tickets_supported
 
 ROTATION: Final = 3600.0
 START: Final = 1_800_000_000.0
@@ -397,7 +397,7 @@ FAIL_CLOSED_SCRIPT: Final = """
 import logging, ssl, sys
 sys.implementation.name = "otherpython"  # what tls.tickets will not reach OpenSSL through
 from dualproxy.config.schema import TlsSettings
-from dualproxy.tls.tickets import TicketKeys, tickets_supported
+from dualproxy.tls.tickets import ROTATION_MIN_SLEEP, TicketKeys, keep_rotating, tickets_supported
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 print("supported:", tickets_supported())
 ring = TicketKeys(TlsSettings())
@@ -437,3 +437,30 @@ def test_where_keys_can_be_managed_tickets_are_on() -> None:
     assert "supported: None" in result.stdout
     assert result.stdout.count("tickets: 2 False") == 3  # OpenSSL's count, left as it was
     assert "session tickets are off" not in result.stderr
+
+
+async def test_keys_are_rotated_on_schedule_without_a_handshake() -> None:
+    """keep_rotating (a task beside the server's connections) replaces the key when due and
+    drops the one past its window, with no handshake asking (real time: the shortest sleep
+    is ROTATION_MIN_SLEEP; the outcome, not the timing, is asserted)."""
+    ring = TicketKeys(TlsSettings(ticket_key_rotation=ROTATION_MIN_SLEEP / 2))
+    assert ring.seconds_until_rotation() <= ROTATION_MIN_SLEEP / 2
+    [first] = ring.valid_keys()
+    held: list[int] = []
+    with trio.fail_after(CLIENT_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_rotating, ring)
+            while ring.rotations < 3:
+                await trio.sleep(ROTATION_MIN_SLEEP / 10)
+                held.append(len(ring.valid_keys()))
+            nursery.cancel_scope.cancel()
+    assert first not in ring.valid_keys()
+    assert max(held) <= 2
+
+
+async def test_with_tickets_off_nothing_is_rotated() -> None:
+    ring = TicketKeys(TlsSettings(session_tickets=False))
+    with trio.fail_after(CLIENT_TIMEOUT):
+        await keep_rotating(ring)  # returns at once
+    assert ring.rotations == 0
+    assert ring.valid_keys() == ()

@@ -24,7 +24,9 @@ files.
 and nothing else. Any other reload reads the config and the keys, then keeps every identity
 whose keys are exactly the ones it serves (the same key, the same chain): its SSL context,
 and with it the session-ticket key and the tickets issued, stays; a config edit or a manifest
-re-sign never turns every client's next connection into a full handshake. The log line says
+re-sign never turns every client's next connection into a full handshake. (A context that is
+rebuilt, a renewal's, takes the server's session-ticket keys, tls.tickets, which outlive
+every reload: tickets issued before still resume where the same keys are served.) The log line says
 what changed: which files, which keys got a new certificate (its serial) or a new key, which
 contexts were rebuilt.
 

@@ -75,7 +75,7 @@ from dualproxy.tls.clienthello import is_plain_http as looks_like_plain_http
 from dualproxy.tls.keystore import KeySnapshot
 from dualproxy.tls.outcome import Outcome, classify_handshake_failure
 from dualproxy.tls.streams import TcpStream, TlsStream
-from dualproxy.tls.tickets import TicketKeys
+from dualproxy.tls.tickets import TicketKeys, keep_rotating
 
 __all__ = ["Server", "TlsAlpnResponder"]
 
@@ -240,6 +240,7 @@ class Server:
                 services.start_soon(lifecycle.watch_departures, self._departures)
                 services.start_soon(self._manifest.watch, self, self._clock)
                 services.start_soon(announce.watch_window, self, self._clock)
+                services.start_soon(keep_rotating, self.tickets)
                 if self._handle_signals:
                     await services.start(lifecycle.watch_signals, self)
                 await self._serve(listeners, bound, task_status)

@@ -12,8 +12,10 @@ rotates: a new key every `rotation` seconds encrypts new tickets; the previous o
 decrypts (and the ticket is renewed under the current key) until it is `rotation` old as a
 previous key, then it is dropped. So at most two keys live, the older at most 2 x rotation
 old: with the default of 12 h (Caddy's), a day's keys at most, and a rotation forces no wave
-of full handshakes. Rotation is done when a key is next needed (a ticket issued or
-presented) or by `rotate_if_due`; keys past their window never decrypt either way.
+of full handshakes. `keep_rotating`, a task beside the server's connections, rotates when
+due (in a worker thread, as it may write the key file); a handshake that needs a key first
+rotates itself; keys past their window never decrypt either way. A ticket's own lifetime is
+shorter still: OpenSSL's session timeout (7200 s, the lifetime hint it sends) ends it.
 
 The key file (`[tls] ticket_key_file`, optional): the ring is read from it at start and
 written to it (atomically, mode 0600) at every rotation, so tickets survive a restart and
@@ -77,15 +79,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+import trio
+
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.schema import TlsSettings
 from dualproxy.files import write_atomically
 from dualproxy.tls.keystore import KeySnapshot, key_file_permission_problem
 
 __all__ = [
+    "ROTATION_MIN_SLEEP",
     "TICKET_KEY_FILE_MAX_BYTES",
     "TicketKey",
     "TicketKeys",
+    "keep_rotating",
     "tickets_supported",
 ]
 
@@ -102,6 +108,9 @@ _IV_BYTES: Final = 16  # AES's block size
 # The key file holds two keys in a few hundred bytes of JSON: anything far larger is not ours.
 TICKET_KEY_FILE_MAX_BYTES: Final = 64 * 1024
 _KEY_FILE_VERSION: Final = 1
+# keep_rotating never sleeps less than this, in seconds: a clock that went back, or a sleep
+# that woke a moment early, must not turn it into a busy loop.
+ROTATION_MIN_SLEEP: Final = 1.0
 # A session-id context is at most 32 bytes (SSL_MAX_SID_CTX_LENGTH): a SHA-256 digest.
 _SID_CTX_LABEL: Final = b"dualproxy session-id context v1"
 # The TLS 1.3 ticket count set while checking a context pointer (any value Python would not
@@ -167,6 +176,7 @@ class TicketKeys:
         self._native: dict[bytes, _NativeKey] = {}
         self._callback: object = None
         self._failures_logged = False
+        self.rotations = 0  # since the start: new keys made or adopted from the key file
         self.enabled = settings.session_tickets
         if not self.enabled:
             return
@@ -196,7 +206,21 @@ class TicketKeys:
         with self._lock:
             return self._rotate_if_due_locked(self._clock())
 
+    def seconds_until_rotation(self) -> float:
+        """How long until the current key is due to be replaced (0: now)."""
+        with self._lock:
+            if not self._keys:
+                return 0.0
+            return max(0.0, self._keys[0].created + self._rotation - self._clock())
+
     def _rotate_if_due_locked(self, now: float) -> bool:
+        if not self.enabled:  # off: no key is ever made
+            return False
+        rotated = self._rotate_or_adopt(now)
+        self.rotations += rotated
+        return rotated
+
+    def _rotate_or_adopt(self, now: float) -> bool:
         if self._current_valid(now):
             self._drop_expired(now)
             return False
@@ -327,7 +351,9 @@ class TicketKeys:
                 return
             except _Unsupported as exc:
                 log.warning("session tickets are off: %s", exc)
-                self.enabled = False
+                with self._lock:
+                    self.enabled = False
+                    self._keys, self._native = [], {}
         context.options |= ssl.OP_NO_TICKET
         context.num_tickets = 0
 
@@ -372,6 +398,16 @@ class TicketKeys:
         if native is None:
             native = self._native[key.name] = _NativeKey(key)
         return native
+
+
+async def keep_rotating(tickets: TicketKeys) -> None:
+    """Rotate `tickets` when due, so that a key past its window leaves memory even when no
+    handshake asks for a key (a handshake would rotate first anyway); until cancelled, or at
+    once when tickets are off. The rotation runs in a worker thread: it may write the key
+    file."""
+    while tickets.enabled:
+        await trio.sleep(max(tickets.seconds_until_rotation(), ROTATION_MIN_SLEEP))
+        await trio.to_thread.run_sync(tickets.rotate_if_due)
 
 
 # --- ctypes ------------------------------------------------------------------------------
