@@ -8,6 +8,8 @@ Real handshakes: a Python ssl client and server over a socket pair, TLS 1.2 and 
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
 import ssl
 import stat
@@ -28,7 +30,13 @@ from helpers.serving import serving
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import parse
 from dualproxy.config.schema import TICKET_KEY_ROTATION_RANGE, TlsSettings
-from dualproxy.tls.tickets import ROTATION_MIN_SLEEP, TicketKeys, keep_rotating, tickets_supported
+from dualproxy.tls.tickets import (
+    ROTATION_MIN_SLEEP,
+    TicketKey,
+    TicketKeys,
+    keep_rotating,
+    tickets_supported,
+)
 
 ROTATION: Final = 3600.0
 START: Final = 1_800_000_000.0
@@ -397,7 +405,7 @@ FAIL_CLOSED_SCRIPT: Final = """
 import logging, ssl, sys
 sys.implementation.name = "otherpython"  # what tls.tickets will not reach OpenSSL through
 from dualproxy.config.schema import TlsSettings
-from dualproxy.tls.tickets import ROTATION_MIN_SLEEP, TicketKeys, keep_rotating, tickets_supported
+from dualproxy.tls.tickets import TicketKeys, tickets_supported
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 print("supported:", tickets_supported())
 ring = TicketKeys(TlsSettings())
@@ -464,3 +472,29 @@ async def test_with_tickets_off_nothing_is_rotated() -> None:
         await keep_rotating(ring)  # returns at once
     assert ring.rotations == 0
     assert ring.valid_keys() == ()
+
+
+def test_a_process_due_to_rotate_waits_for_the_key_file_and_adopts_what_it_holds(
+    tmp_path: Path,
+) -> None:
+    """Processes sharing a key file (workers, replicas) starting or rotating at once: while
+    one holds the file's lock, another waits, then adopts the key the first wrote instead of
+    making its own (which the first would not know)."""
+    path, elsewhere = tmp_path / "ticket.keys", tmp_path / "elsewhere.keys"
+    first = TicketKeys(TlsSettings(ticket_key_file=elsewhere)).valid_keys()
+    lock = os.open(tmp_path / "ticket.keys.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as the process writing the file holds it
+    adopted: list[tuple[TicketKey, ...]] = []
+    second = threading.Thread(
+        target=lambda: adopted.append(TicketKeys(TlsSettings(ticket_key_file=path)).valid_keys())
+    )
+    second.start()
+    try:
+        second.join(0.5)  # it waits for the lock (or, were there none, is done long before)
+        path.write_bytes(elsewhere.read_bytes())
+        path.chmod(0o600)
+    finally:
+        os.close(lock)
+    second.join(CLIENT_TIMEOUT)
+    assert adopted == [first]
+    assert stat.S_IMODE((tmp_path / "ticket.keys.lock").stat().st_mode) == 0o600

@@ -19,8 +19,10 @@ shorter still: OpenSSL's session timeout (7200 s, the lifetime hint it sends) en
 
 The key file (`[tls] ticket_key_file`, optional): the ring is read from it at start and
 written to it (atomically, mode 0600) at every rotation, so tickets survive a restart and
-processes that share the file share the keys. A file others may read is refused, as a
-private key file is. The file and key bytes never reach a log or an error message.
+processes that share the file share the keys: a process due to rotate first reads the file,
+under an flock on a `.lock` file beside it, and adopts a rotation another process made. A
+file others may read is refused, as a private key file is. The file and key bytes never reach
+a log or an error message.
 
 How OpenSSL is reached. The stdlib `ssl` module has no ticket-key API. OpenSSL 3.0's
 `SSL_CTX_set_tlsext_ticket_key_evp_cb` installs a callback that names, encrypts and
@@ -65,6 +67,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import fcntl
 import hashlib
 import json
 import logging
@@ -74,7 +77,8 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -187,10 +191,13 @@ class TicketKeys:
             self.enabled = False
             return
         now = clock()
-        if settings.ticket_key_file is not None:
-            self._keys = self._read_file(settings.ticket_key_file, now)
-        if not self._current_valid(now):
+        if settings.ticket_key_file is None:
             self._rotate(now)
+            return
+        with _file_lock(settings.ticket_key_file):
+            self._keys = self._read_file(settings.ticket_key_file, now)
+            if not self._current_valid(now):
+                self._rotate(now)
 
     # --- the schedule ------------------------------------------------------------------
 
@@ -224,16 +231,21 @@ class TicketKeys:
         if self._current_valid(now):
             self._drop_expired(now)
             return False
-        if self.settings.ticket_key_file is not None:
-            # Another process sharing the file may have rotated already: adopt its keys.
+        path = self.settings.ticket_key_file
+        if path is None:
+            self._rotate(now)
+            return True
+        # Another process sharing the file may have rotated already: adopt its keys. Under the
+        # file's lock, so that processes due at the same moment make one new key, not one each.
+        with _file_lock(path):
             try:
-                self._keys = self._read_file(self.settings.ticket_key_file, now)
+                self._keys = self._read_file(path, now)
             except OperatorError as exc:
                 log.warning("ticket key file not read, rotating without it: %s", exc)
             if self._current_valid(now):
                 self._drop_expired(now)
-                return True
-        self._rotate(now)
+            else:
+                self._rotate(now)
         return True
 
     def _current_valid(self, now: float) -> bool:
@@ -398,6 +410,28 @@ class TicketKeys:
         if native is None:
             native = self._native[key.name] = _NativeKey(key)
         return native
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on PATH.lock (created 0600 beside the key file) for the block:
+    the key file itself is replaced by each write (a rename), so it cannot carry the lock.
+    Without a lock file (a read-only folder), go on unlocked: writing fails there too, and
+    says so."""
+    try:
+        fd = os.open(
+            path.with_name(path.name + ".lock"),
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and at most one small write
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 async def keep_rotating(tickets: TicketKeys) -> None:
