@@ -382,6 +382,8 @@ class TicketKeys:
             with self._lock:
                 now = self._clock()
                 self._rotate_if_due_locked(now)
+                if not self._keys:  # turned off since this context took the callback
+                    return _NO_TICKET
                 if encrypt:
                     key = self._keys[0]
                     native = self._native_key(key)
