@@ -285,6 +285,9 @@ def find_head_end(
     buffer. For a response, `limits` is not consulted: the fixed MAX_RESPONSE_HEAD_BYTES
     applies, the same bound check_response_head enforces.
     """
+    size = len(data)
+    if not size:  # what a connection asks before each message: nothing to look at yet
+        return None
     if response:
         max_head, too_large = MAX_RESPONSE_HEAD_BYTES, _BAD_GATEWAY
     else:
@@ -292,7 +295,7 @@ def find_head_end(
         # Decidable once max+2 bytes (the line and its CRLF) follow the empty lines before it;
         # decided once per head.
         line_bound = limits.max_request_line_bytes + _CRLF_LENGTH
-        if line_bound <= len(data) and start < line_bound + _MAX_LEADING_CRLF_BYTES:
+        if line_bound <= size and start < line_bound + _MAX_LEADING_CRLF_BYTES:
             _check_request_line_length(data, limits, line_bound)
     resume = start - _HEAD_END_LENGTH + 1  # a CRLF CRLF may straddle two reads
     if resume < 0:
@@ -300,11 +303,11 @@ def find_head_end(
     end = data.find(_HEAD_END, resume, max_head)
     if end >= _MAX_LEADING_CRLF_BYTES:  # the usual head: its end is past any empty lines
         return end + _HEAD_END_LENGTH
-    if len(data) - resume > 1:  # room for an end in what is new
+    if size - resume > 1:  # room for an end in what is new
         end = _rare_head_end(data, end, resume, max_head, response=response)
         if end >= 0:
             return end
-    if len(data) >= max_head:
+    if size >= max_head:
         what = "response head" if response else "request head"
         raise _refusal(too_large, f"{what} longer than {max_head} bytes")
     return None
