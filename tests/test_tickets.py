@@ -368,30 +368,70 @@ async def test_a_ticket_resumes_after_a_reload(
     config = make_config(
         [key], base_dir=tmp_path, extra={"keystore": {"reload_poll_interval": 3600}}
     )
-    context = ssl.create_default_context(cafile=str(cafile))
-    context.minimum_version = context.maximum_version = version
+    client = Resuming(cafile, version)
     async with serving(config) as running:
-        session: list[ssl.SSLSession | None] = [None]
-
-        def connect() -> bool:
-            with (
-                socket.create_connection((running.host, running.port), CLIENT_TIMEOUT) as raw,
-                context.wrap_socket(
-                    raw, server_hostname="api.example.com", session=session[0]
-                ) as tls,
-            ):
-                tls.sendall(b"GET / HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n")
-                while tls.recv(65536):
-                    pass
-                session[0] = tls.session
-                return bool(tls.session_reused)
-
-        assert not await trio.to_thread.run_sync(connect)
+        assert not await client.connect(running.port)
         before = running.server.snapshot
         key.chain.write_bytes(reissue(ca, key))
         assert await running.server.reload("test")
         assert running.server.snapshot is not before
-        assert await trio.to_thread.run_sync(connect)
+        assert await client.connect(running.port)
+
+
+class Resuming:
+    """A client of a real server that offers its last session on every connection."""
+
+    def __init__(self, cafile: Path, version: ssl.TLSVersion) -> None:
+        self.context = ssl.create_default_context(cafile=str(cafile))
+        self.context.minimum_version = self.context.maximum_version = version
+        self.session: ssl.SSLSession | None = None
+
+    async def connect(self, port: int) -> bool:
+        """One GET on a new connection; whether it resumed."""
+        return await trio.to_thread.run_sync(self._connect, port)
+
+    def _connect(self, port: int) -> bool:
+        with (
+            socket.create_connection(("127.0.0.1", port), CLIENT_TIMEOUT) as raw,
+            self.context.wrap_socket(
+                raw, server_hostname="api.example.com", session=self.session
+            ) as tls,
+        ):
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n")
+            while tls.recv(65536):
+                pass
+            self.session = tls.session
+            return bool(tls.session_reused)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("shared_file", [True, False], ids=["key-file", "no-key-file"])
+async def test_two_servers_sharing_a_key_file_resume_each_others_tickets(
+    cafile: Path, tmp_path: Path, version: ssl.TLSVersion, key: KeyFiles, shared_file: bool
+) -> None:
+    """As two workers (or replicas, or a restart) would: every reconnect, to either server,
+    resumes; without the shared file, a ticket resumes only where it was issued."""
+    tls = {"ticket_key_file": str(tmp_path / "ticket.keys")} if shared_file else {}
+    config = make_config([key], base_dir=tmp_path, extra={"tls": tls})
+    client = Resuming(cafile, version)
+    async with serving(config) as first, serving(config) as second:
+        assert not await client.connect(first.port)
+        resumed = [await client.connect(port) for port in [second.port, first.port] * 5]
+    assert resumed == [True] * 10 if shared_file else not any(resumed)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_a_server_with_tickets_off_sends_none(
+    cafile: Path, tmp_path: Path, version: ssl.TLSVersion, key: KeyFiles
+) -> None:
+    config = make_config([key], base_dir=tmp_path, extra={"tls": {"session_tickets": False}})
+    client = Resuming(cafile, version)
+    async with serving(config) as running:
+        await client.connect(running.port)
+        assert client.session is not None
+        assert not client.session.has_ticket
+        if version is ssl.TLSVersion.TLSv1_3:  # TLS 1.2 may resume by session id
+            assert not await client.connect(running.port)
 
 
 def test_keys_in_memory_only_leave_no_file(tmp_path: Path) -> None:
