@@ -25,6 +25,7 @@ from dualproxy.config.names import ListenAddress, admin_address_problem, parse_a
 from dualproxy.config.schema import DEFAULT_CONFIG_FILE
 from dualproxy.ops import admin
 from dualproxy.ops.logformat import setup_logging
+from dualproxy.rotation import checks
 from dualproxy.serve.listeners import raise_open_file_limit
 from dualproxy.serve.server import Server
 
@@ -106,6 +107,8 @@ def _admin_url_argument(text: str) -> tuple[str, int]:
 def _cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_format)
     config = load(args.config)
+    for finding in checks.check_rotation(config):
+        logging.getLogger("dualproxy").warning("%s", finding)
     admin_address = config.admin.address
     if args.admin is not None:
         admin_address = args.admin

@@ -51,7 +51,7 @@ from dualproxy.ops.evidence import NONE_LABEL, Evidence
 from dualproxy.ops.logformat import log_event
 from dualproxy.pinning import endpoints, reports
 from dualproxy.rotation import policy
-from dualproxy.serve import lifecycle, placeholder
+from dualproxy.serve import lifecycle, placeholder, rollout
 from dualproxy.serve.clock import ReusedUtcNow, utc_now
 from dualproxy.serve.closing import CLOSE_NOTIFY_TIMEOUT, close_pool, linger, lingering_close
 from dualproxy.serve.connection import ConnectionRecord, peer_address
@@ -139,7 +139,7 @@ class Server:
         self._bound: list[tuple[str, int]] = []
         # The paths answered here, never upstream ([manifest], [reports]; endpoints.py).
         self._local = endpoints.build(config, None, clock)
-        self._manifest = lifecycle.ManifestWatch()
+        self._manifest = lifecycle.ManifestWatch(lambda: self.evidence.window.closed)
         # What requests are relayed with when config.upstream is set (a bad [upstream] stops
         # us here, as an unusable key does); run() closes the pool's connections when it ends.
         self._relay = (
@@ -196,8 +196,11 @@ class Server:
         local = self._local
         if local is None:
             return None
-        keys = self.snapshot.keys.values()
-        return local.report_summary(endpoints.pin_labels(keys, self.config.rotation, self._clock()))
+        keys, rotation = self.snapshot.keys, self.config.rotation
+        closed = self.evidence.window.closed
+        labels = endpoints.pin_labels(keys.values(), rotation, self._clock(), window_closed=closed)
+        old_pins, new_pins = endpoints.rotation_pins(keys, rotation)
+        return local.report_summary(labels, old_pins=old_pins, new_pins=new_pins)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -225,6 +228,7 @@ class Server:
             for warning in self.snapshot.warnings:
                 log.warning("%s", warning)
             self._manifest.announce(self.material, self._clock())
+            rollout.review(self)  # a restart inside a held window says so before serving
             self._shutdown.accepting = accepting = trio.CancelScope()
             if self._drain.draining:
                 accepting.cancel()
@@ -233,6 +237,7 @@ class Server:
                 services.start_soon(lifecycle.prune_idle_upstream, self)
                 services.start_soon(lifecycle.watch_departures, self._departures)
                 services.start_soon(self._manifest.watch, self, self._clock)
+                services.start_soon(rollout.review_forever, self)
                 if self._handle_signals:
                     await services.start(lifecycle.watch_signals, self)
                 await self._serve(listeners, bound, task_status)
@@ -367,12 +372,14 @@ class Server:
                     record.outcome = Outcome.ACME_CHALLENGE
                     record.detail = await responder.answer_challenge(stream, peeked, context)
                     return
+            evidence = self.evidence
             record.choice = policy.choose(
                 config.rotation,
                 record.hello,
                 peer_ip,
                 self._clock(),
-                canary_halted=self.evidence.canary.halted,
+                canary_halted=evidence.canary.halted,
+                window_closed=evidence.window.closed,
             )
             identity = snapshot.identities[record.choice.identity]
             record.key = identity.presented_key(record.hello).name
