@@ -173,10 +173,10 @@ async def answer_tls_alpn(stream: TcpStream, peeked: bytes, context: ssl.SSLCont
             await tls.do_handshake()
             await tls.aclose()
     except trio.TooSlowError:
-        return "acme-tls/1 timed out"
+        return "timed out"
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return "acme-tls/1 aborted"
-    return "acme-tls/1 answered"
+        return "aborted"
+    return "answered"
 
 
 # --- the board ---------------------------------------------------------------------------
@@ -194,6 +194,9 @@ class ChallengeBoard:
         self._tls: Mapping[str, ssl.SSLContext] = {}
         self._http: Mapping[str, bytes] = {}
         self._seen: dict[str, tuple[Challenge, ssl.SSLContext | None]] = {}
+        # (challenge file, how it ended) already logged at info: a CA validates one challenge
+        # from several vantage points, and our own probe checks it first; one line each.
+        self._logged: set[tuple[str, str]] = set()
 
     def tls_alpn_context(self, sni: str | None) -> ssl.SSLContext | None:
         if sni is None:
@@ -212,11 +215,38 @@ class ChallengeBoard:
     async def answer_challenge(
         self, stream: TcpStream, peeked: bytes, context: ssl.SSLContext
     ) -> str:
-        """`answer_tls_alpn`: the validation handshake, then the close; how it ended."""
-        return await answer_tls_alpn(stream, peeked, context)
+        """`answer_tls_alpn`: the validation handshake, then the close; how it ended (logged
+        once per challenge and outcome, with the challenge's name)."""
+        how = await answer_tls_alpn(stream, peeked, context)
+        challenge = next((c for c, ctx in self._seen.values() if ctx is context), None)
+        if challenge is not None:
+            self._note(challenge, how)
+        return how
 
     def http01_answer(self, token: str) -> bytes | None:
-        return self._http.get(token)
+        answer = self._http.get(token)
+        if answer is not None:
+            challenge = next(
+                (c for c, _ in self._seen.values() if c.kind == "http-01" and c.token == token),
+                None,
+            )
+            if challenge is not None:
+                self._note(challenge, "answered")
+        return answer
+
+    def _note(self, challenge: Challenge, how: str) -> None:
+        """One info line per challenge and outcome, naming it; repeats at debug level."""
+        seen = (challenge.file_name(), how)
+        level = logging.DEBUG if seen in self._logged else logging.INFO
+        self._logged.add(seen)
+        log.log(
+            level,
+            "acme: %s challenge for %s: %s%s",
+            challenge.kind,
+            challenge.name,
+            how,
+            "" if level == logging.DEBUG else " (further validations of it: debug level)",
+        )
 
     def refresh(self, now: datetime | None = None) -> None:
         now = now or datetime.now(UTC)
@@ -231,6 +261,7 @@ class ChallengeBoard:
             else:
                 found[name] = (challenge, None)
         self._seen = found
+        self._logged = {seen for seen in self._logged if seen[0] in found}
         self._tls = {c.name: ctx for c, ctx in found.values() if ctx is not None}
         self._http = {
             c.token: c.key_authorization.encode("ascii")
@@ -507,7 +538,7 @@ async def _tls_alpn_connection(sock: socket.socket, board: ChallengeBoard) -> No
                     continue
                 context = board.challenge_context(hello)
                 if context is not None:
-                    log.info("acme: %s", await answer_tls_alpn(stream, bytes(buffer), context))
+                    await board.answer_challenge(stream, bytes(buffer), context)
                 return
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass

@@ -46,6 +46,7 @@ from dualproxy.acme.issuer import (
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.names import ListenAddress
 from dualproxy.config.schema import Config, KeyConfig
+from dualproxy.config.times import brief_time
 from dualproxy.serve.listeners import bound_address, open_listeners
 from dualproxy.serve.server import Server
 
@@ -175,7 +176,7 @@ async def _renew_one(
         log.warning(
             "acme: the certificate of %s expires at %s; renewal has not succeeded yet",
             key.name,
-            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC",
+            brief_time(leaf.not_valid_after_utc, zone=" UTC"),
         )
     if not plan.attempt_now(now):
         return plan

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from datetime import datetime
@@ -33,6 +34,7 @@ from dualproxy.config.names import (
     admin_address_problem,
     host_name_problem,
     is_ip_address,
+    is_loopback_host,
     key_name_problem,
     normalize_host,
     parse_address,
@@ -70,6 +72,29 @@ _FIELD_VALUE = re.compile(r"[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)
 # ALPN tokens every client offers: hinting on them would route everyone.
 _COMMON_ALPN: Final = frozenset({b"http/1.1", b"http/1.0", b"h2", b"h3", b"acme-tls/1"})
 
+# Every key of the tables that have a required one (reader.Table's `known`): a required key
+# that is missing beside an unknown one is reported as that key misspelled. A key read but
+# not listed here fails every test that reads it, so add a new setting here too.
+_ROOT_KEYS: Final = (
+    "listen", "acme", "keys", "rotation", "limits", "keystore", "upstream", "admin",
+    "manifest", "reports",
+)  # fmt: skip
+_LISTEN_KEYS: Final = ("address", "reuse_port")
+_KEY_KEYS: Final = ("key", "chain", "names")
+_ACME_KEYS: Final = (
+    "directory", "email", "account_key", "challenge", "http_listen", "ca_file", "renew",
+    "renew_fraction", "retry_initial", "retry_max", "recheck_interval", "new_key_lead_days",
+    "order_timeout",
+)  # fmt: skip
+_ROTATION_KEYS: Final = (
+    "old", "new", "grace_start", "grace_end", "default", "canary_percent", "canary_min_sample",
+    "canary_halt_margin", "hints", "canary_false_halt", "close", "max_breakage", "grace_deadline",
+)  # fmt: skip
+_UPSTREAM_KEYS: Final = (
+    "url", "ca_file", "host", "headers", "trusted_proxies", "pool_max_idle", "pool_idle_timeout",
+    "allow_plaintext",
+)  # fmt: skip
+
 
 def load(path: Path | str, *, check_files: bool = True) -> Config:
     """Read and validate a config file; raises OperatorError. `check_files=False` accepts key,
@@ -104,9 +129,9 @@ def parse(
     check_files: bool = True,
 ) -> Config:
     """Validate already-decoded TOML; relative paths resolve against `base_dir`."""
-    root = Table(data, "")
-    listen = _parse_listen(root.table("listen", required=True))
-    acme_table = root.table("acme")
+    root = Table(data, "", _ROOT_KEYS)
+    listen = _parse_listen(root.table("listen", required=True, known=_LISTEN_KEYS))
+    acme_table = root.table("acme", known=_ACME_KEYS)
     acme = _parse_acme(acme_table, base_dir, check_files) if acme_table is not None else None
     http_listen = acme.http_listen if acme is not None else None
     # Port 0 (any free port, as tests use) cannot clash.
@@ -116,13 +141,13 @@ def parse(
             key_path="acme.http_listen",
         )
     keys = _parse_keys(root.table("keys", required=True), base_dir, check_files, acme)
-    rotation_table = root.table("rotation")
+    rotation_table = root.table("rotation", known=_ROTATION_KEYS)
     rotation = _parse_rotation(rotation_table, keys) if rotation_table is not None else None
     if rotation is None and not keys:
         raise OperatorError("no key is configured; add a [keys.NAME] table", key_path="keys")
     limits = _parse_limits(root.table("limits"))
     keystore = _parse_keystore(root.table("keystore"))
-    upstream_table = root.table("upstream")
+    upstream_table = root.table("upstream", known=_UPSTREAM_KEYS)
     upstream = (
         _parse_upstream(upstream_table, base_dir, check_files)
         if upstream_table is not None
@@ -176,7 +201,7 @@ def _parse_keys(
 ) -> dict[str, KeyConfig]:
     assert table is not None
     keys = {}
-    for name, entry in table.tables():
+    for name, entry in table.tables(known=_KEY_KEYS):
         if (problem := key_name_problem(name)) is not None:
             raise OperatorError(problem, key_path=table.path(name))
         names = _parse_acme_names(entry, acme)
@@ -187,6 +212,8 @@ def _parse_keys(
             file = base_dir / Path(text).expanduser()
             # An ACME-managed key's chain may be missing: dualproxy obtains it.
             may_be_missing = field_name == "chain" and bool(names)
+            if check_files and (problem := _not_a_file_problem(file)) is not None:
+                raise OperatorError(problem, key_path=entry.path(field_name))
             if check_files and not may_be_missing and not file.is_file():
                 what = "private key" if field_name == "key" else "certificate chain"
                 advice = f"create it (dualproxy keys new {name})"
@@ -210,6 +237,20 @@ def _parse_keys(
             key_path="acme",
         )
     return keys
+
+
+def _not_a_file_problem(path: Path) -> str | None:
+    """Why a path that should name a file names something else that exists (a directory, a
+    FIFO), or None: "does not exist" would send the operator looking in the wrong place."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # missing (or unreadable): the callers' own messages say what to do
+    if stat.S_ISDIR(mode):
+        return f"{path} is a directory, not a file; name the PEM file in it"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a regular file (a FIFO, socket or device); name the PEM file"
+    return None
 
 
 def _parse_acme_names(entry: Table, acme: AcmeConfig | None) -> tuple[str, ...]:
@@ -281,6 +322,8 @@ def _parse_acme(table: Table, base_dir: Path, check_files: bool) -> AcmeConfig:
     ca_file = None
     if (ca_text := table.string("ca_file")) is not None:
         ca_file = base_dir / Path(ca_text).expanduser()
+        if check_files and (problem := _not_a_file_problem(ca_file)) is not None:
+            raise OperatorError(problem, key_path=table.path("ca_file"))
         if check_files and not ca_file.is_file():
             raise OperatorError(f"CA file {ca_file} does not exist", key_path=table.path("ca_file"))
     d = AcmeConfig(directory="", account_key=Path())
@@ -547,6 +590,8 @@ def _parse_upstream(table: Table, base_dir: Path, check_files: bool) -> Upstream
     ca_file = None
     if (ca_text := table.string("ca_file")) is not None:
         ca_file = base_dir / Path(ca_text).expanduser()
+        if check_files and (problem := _not_a_file_problem(ca_file)) is not None:
+            raise OperatorError(problem, key_path=table.path("ca_file"))
         if check_files and not ca_file.is_file():
             raise OperatorError(f"CA file {ca_file} does not exist", key_path=table.path("ca_file"))
     host_header = table.string("host") or "rewrite"
@@ -593,7 +638,16 @@ def _parse_upstream(table: Table, base_dir: Path, check_files: bool) -> Upstream
     pool_idle_timeout = table.number(
         "pool_idle_timeout", defaults.pool_idle_timeout, low=0.1, high=3600
     )
+    allow_plaintext = table.boolean("allow_plaintext", defaults.allow_plaintext)
     table.done()
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname) and not allow_plaintext:
+        raise OperatorError(
+            f"{url!r} is plain HTTP to another machine: requests, with the clients' credentials,"
+            " and answers would cross the network unencrypted",
+            fix="use https:// (verified), or, if that network is yours and trusted (a sidecar,"
+            " a private link), add allow_plaintext = true to [upstream]",
+            key_path=table.path("url"),
+        )
     upstream = UpstreamConfig(
         url=url,
         scheme="https" if parts.scheme == "https" else "http",
@@ -605,6 +659,7 @@ def _parse_upstream(table: Table, base_dir: Path, check_files: bool) -> Upstream
         trusted_proxies=tuple(trusted),
         pool_max_idle=pool_max_idle,
         pool_idle_timeout=pool_idle_timeout,
+        allow_plaintext=allow_plaintext,
     )
     return upstream
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final, Literal
 
-from dualproxy.config.names import IPNetwork, ListenAddress
+from dualproxy.config.names import IPNetwork, ListenAddress, is_loopback_host
 
 Role = Literal["old", "new"]
 
@@ -257,6 +257,16 @@ class UpstreamConfig:
     # cut-off (Google's front ends and nginx keep idle connections for about 60 s or more),
     # so we rarely pick one the upstream is about to close.
     pool_idle_timeout: float = 30.0
+    # Plain http:// to an upstream that is not on this machine: the requests (with the
+    # clients' credentials) and the answers cross the network unencrypted, so it is refused
+    # unless the operator says so (a sidecar on a pod network, a private link they trust).
+    allow_plaintext: bool = False
+
+    @property
+    def plaintext_remote(self) -> bool:
+        """Whether requests go unencrypted to another machine (http:// to a non-loopback
+        host): only with allow_plaintext."""
+        return self.scheme == "http" and not is_loopback_host(self.host)
 
     @property
     def authority(self) -> str:
@@ -317,9 +327,12 @@ class KeyStoreSettings:
     reload_poll_interval: float = 2.0
 
 
-# The admin listener's address unless the config names one: loopback (see AdminConfig), and a
-# port of Envoy's admin range (9901) that nothing else of ours uses.
-DEFAULT_ADMIN_ADDRESS: Final = ListenAddress("127.0.0.1", 9901)
+# The admin listener's address unless the config names one: loopback (see AdminConfig), on a
+# port the kernel picks at each start (port 0). A fixed default port (it was Envoy's 9901)
+# made a second instance on the machine, or a new process started before the old one exits,
+# fail to start; a free port cannot collide. `serve` records the port it got where `dualproxy
+# status` looks (ops.admin's runtime record). A scraper (Prometheus) needs a fixed port: name it.
+DEFAULT_ADMIN_ADDRESS: Final = ListenAddress("127.0.0.1", 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +340,9 @@ class AdminConfig:
     """The admin listener: /metrics, /status.json, the status page, canary resume."""
 
     # Loopback by default: the status page names keys and client counts, and the listener
-    # takes the canary resume. None: no admin listener.
+    # takes the canary resume. Port 0: a free port, recorded for `dualproxy status`. None: no
+    # admin listener. An address that cannot be bound never stops the TLS front: `serve`
+    # logs why and tries again (ops.admin.BIND_RETRY_INTERVAL).
     address: ListenAddress | None = DEFAULT_ADMIN_ADDRESS
     # A non-loopback address (so that Prometheus can scrape from another host) must be asked
     # for explicitly; canary resume still answers loopback clients only.

@@ -51,7 +51,7 @@ from dualproxy.ops.evidence import NONE_LABEL, Evidence
 from dualproxy.ops.logformat import log_event
 from dualproxy.pinning import endpoints, reports
 from dualproxy.rotation import policy
-from dualproxy.serve import lifecycle, placeholder, rollout
+from dualproxy.serve import announce, lifecycle, placeholder, rollout
 from dualproxy.serve.clock import ReusedUtcNow, utc_now
 from dualproxy.serve.closing import CLOSE_NOTIFY_TIMEOUT, close_pool, linger, lingering_close
 from dualproxy.serve.connection import ConnectionRecord, peer_address
@@ -238,6 +238,9 @@ class Server:
                 services.start_soon(lifecycle.watch_departures, self._departures)
                 services.start_soon(self._manifest.watch, self, self._clock)
                 services.start_soon(rollout.review_forever, self)
+                services.start_soon(
+                    announce.watch_window, self, self._clock, lambda: self.evidence.window.closed
+                )
                 if self._handle_signals:
                     await services.start(lifecycle.watch_signals, self)
                 await self._serve(listeners, bound, task_status)
@@ -350,7 +353,10 @@ class Server:
             self._slots.release_on_behalf_of(token)
             record.end()
             self.evidence.connection_ended(record, self.config.rotation)
-            log_event(log, record)
+            # A CA's validation connections are logged by the challenge board, once per
+            # challenge and with its name; their conn lines only at debug level.
+            acme = record.outcome is Outcome.ACME_CHALLENGE
+            log_event(log, record, logging.DEBUG if acme else logging.INFO)
 
     async def handle_connection(self, stream: TcpStream, record: ConnectionRecord) -> None:
         """Peek, choose, handshake, serve. Fills `record` (its peer already set); the caller
