@@ -328,7 +328,13 @@ def test_status_json_has_the_documented_fields() -> None:
     assert canary["false_halt"] == 0.01
     assert canary["e_value"] == 1.0
     assert canary["halt_threshold"] == 100
-    assert document["window"] is None  # close = "at-grace-end"
+    # close = "at-grace-end": while open, what grace_end will break (issue 19 item 3).
+    window = document["window"]
+    assert isinstance(window, dict)
+    assert (window["close"], window["state"]) == ("at-grace-end", "open")
+    assert window["max_breakage"] is None
+    assert window["grace_deadline"] is None
+    assert window["breakage"]["handshakes"] == 1
 
 
 # --- the canary runs only during the window (issue 15, item 11) -----------------------------

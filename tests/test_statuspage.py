@@ -223,6 +223,37 @@ def test_a_held_window_is_visible_everywhere() -> None:
     assert "dualproxy_window_held" not in {family.name for family in metrics.families(plain)}
 
 
+def test_an_at_grace_end_window_shows_what_grace_end_will_break_while_it_is_open() -> None:
+    """Issue 19, item 3: with close = "at-grace-end" the estimate is shown during the window
+    (the operator learns before grace_end, not after); the twin: before and after, none."""
+    evidence = Evidence(clock=lambda: DURING.timestamp())
+    for key, choice, outcome in (
+        ("k2026a", Choice("old", Reason.DEFAULT), Outcome.OK),
+        ("k2026b", Choice("new", Reason.CANARY), Outcome.NO_REQUEST),
+        ("k2026b", Choice("new", Reason.CANARY), Outcome.OK),
+    ):
+        record = Finished(key, choice, outcome, "", "TLSv1.3", 1)
+        evidence.connection_ended(record, ROTATION)
+    keys = [KeyFacts("k2026a", "old", "A" * 43 + "=", "ECDSA P-256", GRACE_START, GRACE_END)]
+    during = status_at(evidence, keys)
+    text, page = render_text(during), render_html(during)
+    assert (
+        'window: close = "at-grace-end": at grace_end (2027-01-15 00:00:00Z) every client' in text
+    )
+    assert "if the window closed now: estimated 50.00%" in text  # 1 of 2 canary, 0 of 1 old
+    assert 'class="banner window"' in page
+    assert during.window is not None
+    assert during.window.estimate.estimate == pytest.approx(0.5)
+    families = {family.name: family for family in metrics.families(during)}
+    assert families["dualproxy_window_held"].samples[0].value == 0.0
+    assert families["dualproxy_window_breakage_estimate"].samples[0].value == pytest.approx(0.5)
+    assert "dualproxy_window_max_breakage" not in families
+    for phase, now in (("before", GRACE_START - timedelta(days=1)), ("after", GRACE_END)):
+        outside = status_at(evidence, keys, now=now, phase=phase)  # type: ignore[arg-type]
+        assert outside.window is None
+        assert "window:" not in render_text(outside)
+
+
 def test_a_single_key_page_has_no_grace_window_and_no_canary() -> None:
     evidence = Evidence(clock=lambda: DURING.timestamp())
     keys = [KeyFacts("k1", "single", "A" * 43 + "=", "ECDSA P-256", GRACE_START, GRACE_END)]

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
-from dualproxy.config.schema import Rotation
+from dualproxy.config.schema import CloseRule, Rotation
 from dualproxy.config.times import format_time
 from dualproxy.rotation import canary as rules
 from dualproxy.rotation.canary import REPORT_HALT_CLIENTS, Breakage, Verdict
@@ -469,14 +469,17 @@ _MAX_LOG_E: Final = 700.0
 
 @dataclass(frozen=True, slots=True)
 class WindowStatus:
-    """How a "when-safe" window closes, at one instant."""
+    """How the window closes and what closing would break, at one instant: a "when-safe"
+    window from start to end, an "at-grace-end" one while it is open (its operator learns
+    before grace_end how many clients it will cost, not after)."""
 
     max_breakage: float
-    deadline: datetime
+    deadline: datetime  # grace_deadline ("when-safe"); grace_end ("at-grace-end")
     state: str  # rotation.canary.Verdict.state
     why: str
     estimate: Breakage
     closed_at: datetime | None
+    close: CloseRule = "when-safe"
 
 
 @dataclass(frozen=True, slots=True)
@@ -781,8 +784,7 @@ class Evidence:
                 control=judge.control,
             )
         window = None
-        if rotation is not None and rotation.close == "when-safe":
-            assert rotation.grace_deadline is not None  # the loader requires it
+        if rotation is not None and (rotation.close == "when-safe" or phase == "during"):
             judge_window = self.window
             estimate = self.breakage(rotation)
             verdict = rules.window_verdict(
@@ -794,11 +796,12 @@ class Evidence:
             )
             window = WindowStatus(
                 max_breakage=rotation.max_breakage,
-                deadline=rotation.grace_deadline,
+                deadline=rotation.old_served_until,
                 state=verdict.state,
                 why=verdict.why,
                 estimate=estimate,
                 closed_at=judge_window.closed_at,
+                close=rotation.close,
             )
         return Status(
             now=now,
@@ -917,11 +920,13 @@ def _breakage_json(estimate: Breakage) -> dict[str, object]:
 
 
 def _window_json(window: WindowStatus) -> dict[str, object]:
+    when_safe = window.close == "when-safe"
     return {
+        "close": window.close,
         "state": window.state,
         "why": window.why,
-        "max_breakage": window.max_breakage,
-        "grace_deadline": format_time(window.deadline),
+        "max_breakage": window.max_breakage if when_safe else None,
+        "grace_deadline": format_time(window.deadline) if when_safe else None,
         "closed_at": format_time(window.closed_at) if window.closed_at is not None else None,
         "breakage": _breakage_json(window.estimate),
     }

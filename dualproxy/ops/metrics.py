@@ -267,8 +267,9 @@ def families(status: Status) -> list[Metric]:
 
 
 def _window_families(status: Status) -> list[Metric]:
-    """A "when-safe" window's state and estimate, and the app versions that know only the
-    old key's pins (from pin-failure reports)."""
+    """The window's estimate (a "when-safe" window's from start to end, an "at-grace-end"
+    one's while open) and hold, and the app versions that know only the old key's pins
+    (from pin-failure reports)."""
     out: list[Metric] = []
     window = status.window
     if window is not None:
@@ -285,12 +286,15 @@ def _window_families(status: Status) -> list[Metric]:
                 " now (valid at any moment with probability 0.99).",
                 value=estimate.upper,
             ),
-            GaugeMetricFamily(
-                "dualproxy_window_max_breakage",
-                "rotation.max_breakage: the window closes once the upper bound is within it.",
-                value=window.max_breakage,
-            ),
         ]
+        if window.close == "when-safe":
+            out.append(
+                GaugeMetricFamily(
+                    "dualproxy_window_max_breakage",
+                    "rotation.max_breakage: the window closes once the upper bound is within it.",
+                    value=window.max_breakage,
+                )
+            )
         if estimate.estimate is not None:
             out.append(
                 GaugeMetricFamily(

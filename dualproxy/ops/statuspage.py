@@ -160,11 +160,16 @@ def _evidence_text(canary: CanaryStatus) -> str:
 
 
 def _window_text(window: WindowStatus, status: Status) -> str:
-    """How a "when-safe" window stands."""
+    """How the window stands, and how it will close."""
     limit = f"{window.max_breakage:.2%}"
     deadline = _when(window.deadline)
     rotation = status.rotation
     end = _when(rotation.grace_end) if rotation is not None else "-"
+    if window.close == "at-grace-end":
+        return (
+            f'close = "at-grace-end": at grace_end ({end}) every client gets the new key,'
+            ' whatever the evidence (close = "when-safe" holds it while too many would fail)'
+        )
     if window.state in ("before", "open"):
         return (
             f'close = "when-safe": from grace_end ({end}) the old key stays the default while'
