@@ -32,7 +32,7 @@ from dualproxy.config.schema import DEFAULT_CONFIG_FILE
 from dualproxy.ops import admin
 from dualproxy.ops.logformat import setup_logging
 from dualproxy.rotation import checks
-from dualproxy.serve import announce
+from dualproxy.serve import activation, announce
 from dualproxy.serve.listeners import raise_open_file_limit
 from dualproxy.serve.server import Server
 
@@ -149,9 +149,11 @@ def _serve_command(args: argparse.Namespace, report: Callable[[str], None]) -> i
         names = ", ".join(key.name for key in missing)
         log.info("acme: no chain yet for %s; obtaining it", names)
         issue_or_fail(config, missing)
+    # Taken (and the variables unset) before anything else could start a child process.
+    inherited = activation.inherited_listeners()
     server = Server(config)  # loads the keys: an unusable one stops us here, exit 1
     raise_open_file_limit(config.limits.max_connections)
-    body = partial(_serve, server, admin_address, config.path)
+    body = partial(_serve, server, admin_address, config.path, inherited)
     code = run_until_interrupted(body, report=report)
     if code == EXIT_OK:
         log.info("stopped")
@@ -159,10 +161,15 @@ def _serve_command(args: argparse.Namespace, report: Callable[[str], None]) -> i
 
 
 async def _serve(
-    server: Server, admin_address: ListenAddress | None, config_file: Path | None
+    server: Server,
+    admin_address: ListenAddress | None,
+    config_file: Path | None,
+    inherited: activation.Inherited | None,
 ) -> None:
     """The server and, beside it, its admin listener (which never stops it: see
-    admin.serve_when_possible) and [acme]'s service, which stop when the server does."""
+    admin.serve_when_possible) and [acme]'s service, which stop when the server does.
+    `inherited`: the listening sockets systemd passed (socket activation), served instead of
+    the configured addresses."""
     async with trio.open_nursery() as nursery:
         admin_at = None
         if admin_address is not None:
@@ -180,9 +187,16 @@ async def _serve(
         if server.config.acme is not None:
             from dualproxy.acme import service  # the acme library loads only when used
 
-            http01 = await nursery.start(service.serve_beside, server)
+            acme_http = inherited.acme_http if inherited is not None else []
+            http01 = await nursery.start(partial(service.serve_beside, inherited=acme_http), server)
         nursery.start_soon(_announce, server, http01, admin_at)
-        await server.run()
+        if inherited is not None and inherited.tls:
+            log.info(
+                "socket activation: serving the %d socket(s) systemd passed", len(inherited.tls)
+            )
+            await server.run(inherited.tls)
+        else:
+            await server.run()
         nursery.cancel_scope.cancel()
 
 
