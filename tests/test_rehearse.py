@@ -5,6 +5,7 @@ errors. Real server, real TLS clients on loopback (dev.rehearse)."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import shutil
@@ -239,3 +240,18 @@ def test_the_command_leaves_the_callers_log_level_as_it_found_it(example: Path) 
     before = logger.level
     assert cli.main(["rehearse", "-c", str(example), "--clients", "10"]) == 0
     assert logger.level == before
+
+
+def test_a_machine_without_the_loopback_addresses_is_told_so_before_anything_runs(
+    example: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """macOS answers only 127.0.0.1: every client would fail for a reason no plan has. Here a
+    documentation range (RFC 5737), local nowhere, stands for that."""
+    config = load_config(example, check_files=False)
+    fleet = read_fleet(example.parent / "fleet.toml", tuple(config.keys))
+    monkeypatch.setattr(rehearse, "CLIENT_RANGE", ipaddress.IPv4Network("192.0.2.0/24"))
+    with pytest.raises(
+        OperatorError, match=r"cannot use the loopback address 192\.0\.2\.1"
+    ) as caught:
+        rehearse.rehearse(config, fleet, clients=CLIENTS)
+    assert "run it on Linux" in str(caught.value)

@@ -59,8 +59,10 @@ from dualproxy.tls import keygen, keystore
 from dualproxy.tls.pins import spki_pin, spki_pin_of_certificate
 
 __all__ = [
+    "CLIENT_RANGE",
     "DEFAULT_CLIENTS",
     "DRILL_MAX",
+    "DRILL_RANGE",
     "FLEET_FILE",
     "HINTS",
     "MAX_CLIENTS",
@@ -88,8 +90,8 @@ DRILL_MAX: Final = 2000
 NEW_NETWORK_STAND_IN: Final = ipaddress.IPv4Network("127.200.0.0/16")
 OLD_NETWORK_STAND_IN: Final = ipaddress.IPv4Network("127.201.0.0/16")
 # Where the other clients come from: one address each, in order.
-_CLIENT_RANGE: Final = ipaddress.IPv4Network("127.1.0.0/16")
-_DRILL_RANGE: Final = ipaddress.IPv4Network("127.100.0.0/16")
+CLIENT_RANGE: Final = ipaddress.IPv4Network("127.1.0.0/16")
+DRILL_RANGE: Final = ipaddress.IPv4Network("127.100.0.0/16")
 # One client's connect, handshake and answer, on loopback: generous for a loaded machine.
 CLIENT_TIMEOUT: Final = 10.0
 # How long after the start of a phase it is played (inside it, not on its edge).
@@ -335,6 +337,7 @@ def rehearse(
             file=config.path,
             fix="add a [rotation] table (see the example config.toml)",
         )
+    _check_loopback()
     with tempfile.TemporaryDirectory(prefix="dualproxy-rehearse-") as folder:
         setup = _setup(config, Path(folder))
         if setup.stand_ins is not None:
@@ -343,6 +346,24 @@ def rehearse(
                 " same roles (pins are theirs)"
             )
         return trio.run(_rehearse, setup, fleet, clients, report)
+
+
+def _check_loopback() -> None:
+    """Each client connects from its own address of 127/8, which Linux answers for; macOS
+    answers 127.0.0.1 alone, and every client would fail for a reason no plan has."""
+    for network in (CLIENT_RANGE, DRILL_RANGE, NEW_NETWORK_STAND_IN, OLD_NETWORK_STAND_IN):
+        address = str(network[1])
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((address, 0))
+            except OSError as exc:
+                raise OperatorError(
+                    f"cannot use the loopback address {address} ({exc.strerror}): the"
+                    " rehearsal plays each client from its own address of"
+                    f" {network}, which Linux answers for",
+                    fix="run it on Linux (a container will do), or make the addresses"
+                    " local (macOS: sudo ifconfig lo0 alias ADDRESS for each)",
+                ) from None
 
 
 def _setup(config: Config, folder: Path) -> _Setup:
@@ -434,7 +455,7 @@ async def _rehearse(
     clock = _Clock(plan[0].at)
     server = Server(config, clock=clock, handle_signals=False)
     result = Rehearsal(fleet)
-    sources = _addresses(_CLIENT_RANGE)
+    sources = _addresses(CLIENT_RANGE)
     halts_noted = 0
     async with trio.open_nursery() as nursery:
         [(host, port), *_] = await nursery.start(server.run)
@@ -528,7 +549,7 @@ async def _drill(server: Server, setup: _Setup, address: tuple[str, int]) -> str
     if judge.halted:  # by the fleet: the operator resumes, then the drill halts it again
         before = f"(the fleet had halted it: {judge.why}; resumed first) "
         judge.resume()
-    for source in _addresses(_DRILL_RANGE):
+    for source in _addresses(DRILL_RANGE):
         if judge.halted or row.attempts >= DRILL_MAX:
             break
         if policy.canary_bucket(ipaddress.ip_address(source)) >= rotation.canary_percent:
