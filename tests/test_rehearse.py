@@ -255,3 +255,17 @@ def test_a_machine_without_the_loopback_addresses_is_told_so_before_anything_run
     ) as caught:
         rehearse.rehearse(config, fleet, clients=CLIENTS)
     assert "run it on Linux" in str(caught.value)
+
+
+def test_more_clients_than_addresses_come_round_again(
+    example: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many clients over many phases outnumber the range: addresses are reused, as a
+    returning client reuses its own (six addresses here, 10 clients a phase)."""
+    config = load_config(example, check_files=False)
+    fleet = read_fleet(example.parent / "fleet.toml", tuple(config.keys))
+    monkeypatch.setattr(rehearse, "CLIENT_RANGE", ipaddress.IPv4Network("127.1.0.0/29"))
+    result = rehearse.rehearse(config, fleet, clients=10)
+    assert sum(row.attempts for row in result.rows) > 6
+    assert all(row.errors == 0 for row in result.rows)
+    assert result.broken() == []

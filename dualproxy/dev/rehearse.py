@@ -30,6 +30,7 @@ simulated with the throwaway CA).
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import math
 import socket
 import ssl
@@ -455,7 +456,9 @@ async def _rehearse(
     clock = _Clock(plan[0].at)
     server = Server(config, clock=clock, handle_signals=False)
     result = Rehearsal(fleet)
-    sources = _addresses(CLIENT_RANGE)
+    # One address per client, in order; past the range's end (many clients over many phases)
+    # they come round again, as a returning client does.
+    sources = itertools.cycle(_addresses(CLIENT_RANGE))
     halts_noted = 0
     async with trio.open_nursery() as nursery:
         [(host, port), *_] = await nursery.start(server.run)
