@@ -28,12 +28,13 @@ from dualproxy.cli.running import print_error, run_until_interrupted
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load
 from dualproxy.config.names import ListenAddress, admin_address_problem, parse_address
-from dualproxy.config.schema import DEFAULT_CONFIG_FILE
+from dualproxy.config.schema import DEFAULT_CONFIG_FILE, Config
 from dualproxy.ops import admin
 from dualproxy.ops.logformat import setup_logging
 from dualproxy.serve import announce
 from dualproxy.serve.listeners import raise_open_file_limit
 from dualproxy.serve.server import Server
+from dualproxy.serve.supervisor import Supervisor, supervised_problem
 
 LOG_FORMATS: Final = ("text", "json")
 
@@ -140,6 +141,8 @@ def _serve_command(args: argparse.Namespace, report: Callable[[str], None]) -> i
         allow = config.admin.allow_non_loopback
         if (problem := admin_address_problem(admin_address, allow_non_loopback=allow)) is not None:
             raise UsageError(f"--admin: {problem}")
+    if config.process.worker_count() > 1:
+        return _supervise(config, admin_address, args.log_format, report)
     missing = [key for key in config.acme_keys() if not key.chain.exists()]
     if missing:
         # Obtained before serving: the key store serves only keys that have a chain.
@@ -155,8 +158,27 @@ def _serve_command(args: argparse.Namespace, report: Callable[[str], None]) -> i
     return code
 
 
+def _supervise(
+    config: Config,
+    admin_address: ListenAddress | None,
+    log_format: str,
+    report: Callable[[str], None],
+) -> int:
+    """[process] workers above 1: a supervisor and its workers (serve.supervisor), with the
+    admin listener in the supervisor."""
+    if (problem := supervised_problem(config)) is not None:
+        raise OperatorError(problem, key_path="process.workers", file=config.path)
+    supervisor = Supervisor(config, log_format=log_format)  # checks the keys: exit 1
+    raise_open_file_limit(config.limits.max_connections)
+    body = partial(_serve, supervisor, admin_address, config.path)
+    code = run_until_interrupted(body, report=report)
+    if code == EXIT_OK:
+        log.info("stopped")
+    return code
+
+
 async def _serve(
-    server: Server, admin_address: ListenAddress | None, config_file: Path | None
+    server: Server | Supervisor, admin_address: ListenAddress | None, config_file: Path | None
 ) -> None:
     """The server and, beside it, its admin listener (which never stops it: see
     admin.serve_when_possible) and [acme]'s service, which stop when the server does."""
@@ -174,7 +196,7 @@ async def _serve(
                 else f"{admin_address} not listening yet (see above)"
             )
         http01 = None
-        if server.config.acme is not None:
+        if server.config.acme is not None and isinstance(server, Server):
             from dualproxy.acme import service  # the acme library loads only when used
 
             http01 = await nursery.start(service.serve_beside, server)
@@ -183,7 +205,9 @@ async def _serve(
         nursery.cancel_scope.cancel()
 
 
-async def _announce(server: Server, http01: tuple[str, int] | None, admin_at: str | None) -> None:
+async def _announce(
+    server: Server | Supervisor, http01: tuple[str, int] | None, admin_at: str | None
+) -> None:
     """Once the server listens: what it serves and where, in a few lines (announce.summary)."""
     tls = await server.wait_listening()
     lines = announce.summary(

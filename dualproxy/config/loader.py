@@ -25,7 +25,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final
+from typing import Final, Literal
 from urllib.parse import urlsplit
 
 from dualproxy.config.errors import OperatorError
@@ -45,6 +45,7 @@ from dualproxy.config.schema import (
     DEFAULT_CANARY_MIN_SAMPLE,
     LIMIT_RANGES,
     MANAGED_HEADERS,
+    MAX_WORKERS,
     AcmeConfig,
     AdminConfig,
     Config,
@@ -54,6 +55,7 @@ from dualproxy.config.schema import (
     Limits,
     ListenConfig,
     ManifestConfig,
+    ProcessConfig,
     ReportsConfig,
     Role,
     Rotation,
@@ -73,7 +75,7 @@ _COMMON_ALPN: Final = frozenset({b"http/1.1", b"http/1.0", b"h2", b"h3", b"acme-
 # not listed here fails every test that reads it, so add a new setting here too.
 _ROOT_KEYS: Final = (
     "listen", "acme", "keys", "rotation", "limits", "keystore", "upstream", "admin",
-    "manifest", "reports",
+    "manifest", "reports", "process",
 )  # fmt: skip
 _LISTEN_KEYS: Final = ("address", "reuse_port")
 _KEY_KEYS: Final = ("key", "chain", "names")
@@ -156,6 +158,7 @@ def parse(
         raise OperatorError(
             "is also manifest.path; give each its own path", key_path="reports.path"
         )
+    process = _parse_process(root.table("process"))
     root.done()
     return Config(
         listen=listen,
@@ -169,7 +172,32 @@ def parse(
         admin=admin,
         manifest=manifest,
         reports=reports,
+        process=process,
     )
+
+
+def _parse_process(table: Table | None) -> ProcessConfig:
+    if table is None:
+        return ProcessConfig()
+    key_path = table.path("workers")
+    workers: int | Literal["auto"] = ProcessConfig().workers
+    if table.has("workers"):
+        value = table.value("workers")
+        if value == "auto":
+            workers = "auto"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if not 1 <= value <= MAX_WORKERS:
+                raise OperatorError(
+                    f'{value} is out of range; use 1 to {MAX_WORKERS}, or "auto" (one per CPU)',
+                    key_path=key_path,
+                )
+            workers = value
+        else:
+            raise OperatorError(
+                f'expected "auto" or a number of processes, got {value!r}', key_path=key_path
+            )
+    table.done()
+    return ProcessConfig(workers=workers)
 
 
 def _parse_listen(table: Table | None) -> ListenConfig:

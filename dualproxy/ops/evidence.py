@@ -25,7 +25,9 @@ compared with the old key's among the hint-less clients it served (reason `defau
 canary's control group; a share of 0 while that group is empty). A difference above
 rotation.canary_halt_margin halts the canary: policy.choose sends hint-less clients to the
 default again, and it stays halted until `resume` (an operator, `dualproxy canary resume`).
-Both samples count from the process start or the last resume; each process judges its own.
+Both samples count from the process start or the last resume. With worker processes
+(serve.supervisor) the supervisor's judge decides on the sums of every worker's counts
+(`Evidence.add`) and each worker's judge only counts and follows (`CanaryJudge.follow`).
 
 Cost. Per request: a list increment for the status class, and for a relayed response one for
 its latency bucket and a float addition. Per connection: one dict update; for a handshake that
@@ -48,6 +50,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from dualproxy.config.schema import Rotation
 from dualproxy.config.times import format_time
+from dualproxy.ops.tally import RowKey, Tally
 from dualproxy.rotation.policy import Choice, Phase, Reason
 from dualproxy.tls.outcome import Outcome
 
@@ -215,6 +218,10 @@ class CanaryJudge:
         self.halted_at: float | None = None
         self.why: str | None = None
         self.halts = 0  # since the process started
+        self.resumes = 0  # of a halted canary, since the process started
+        # False in a worker process: it counts, the supervisor's judge decides on the sums of
+        # every worker (`add`) and tells each worker (`follow`): one decision per machine.
+        self.decides = True
         # [completed, aborted, no_request] of each sample: plain ints, counted per connection.
         self._canary = [0, 0, 0]
         self._control = [0, 0, 0]
@@ -242,7 +249,7 @@ class CanaryJudge:
             return
         counts[1 if aborted else 0] += 1
         counts[2] += quiet
-        if counts is self._control:
+        if counts is self._control or not self.decides:
             return
         control = self._control
         if _halts(
@@ -254,6 +261,37 @@ class CanaryJudge:
             rotation.canary_halt_margin,
         ):
             self._halt(rotation)
+
+    def add(self, canary: Sample, control: Sample, rotation: Rotation | None) -> None:
+        """Count handshakes observed elsewhere (the workers' counts, summed by the
+        supervisor), and apply the rule to the sums."""
+        if self.halted or rotation is None or rotation.canary_percent <= 0:
+            return
+        for counts, sample in ((self._canary, canary), (self._control, control)):
+            counts[0] += sample.completed
+            counts[1] += sample.aborted
+            counts[2] += sample.no_request
+        if canary.handshakes and _halts(
+            self._canary[0] + self._canary[1],
+            self._canary[1] + self._canary[2],
+            self._control[0] + self._control[1],
+            self._control[1] + self._control[2],
+            rotation.canary_min_sample,
+            rotation.canary_halt_margin,
+        ):
+            self._halt(rotation)
+
+    def follow(self, halted: bool, why: str | None, halted_at: float | None) -> None:
+        """Take the decision another judge made (a worker takes its supervisor's): halted
+        with its reason, or running again with fresh samples. Logs nothing: the judge that
+        decided said so."""
+        if halted and not self.halted:
+            self.halts += 1
+        elif not halted and self.halted:
+            self.resumes += 1
+            self._canary = [0, 0, 0]
+            self._control = [0, 0, 0]
+        self.halted, self.why, self.halted_at = halted, why, halted_at
 
     def _halt(self, rotation: Rotation) -> None:
         self.halted = True
@@ -281,12 +319,13 @@ class CanaryJudge:
         self._canary = [0, 0, 0]
         self._control = [0, 0, 0]
         if was_halted:
+            self.resumes += 1
             log.warning("canary resumed by the operator; samples start from zero")
         return was_halted
 
 
 # One connection's place in the counts: (key, reason, outcome, handshake completed, pin failure).
-_RowKey = tuple[str, str, Outcome, bool, bool]
+_RowKey = RowKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,6 +569,62 @@ class Evidence:
         timeline.failures[slot] += failure
         if reason is _CANARY or reason is _DEFAULT:
             self.canary.observe(reason, aborted, quiet, rotation)
+
+    # --- several processes ------------------------------------------------------------
+
+    def tally(self) -> Tally:
+        """Every count so far as plain data (a worker's, diffed and sent to its supervisor:
+        serve.worker); a few microseconds per key, never per request."""
+        rows = {k: (counts[0], counts[1]) for k, counts in self._rows.items()}
+        responses = {
+            k: (tuple(c.statuses), tuple(c.latency), c.latency_sum)
+            for k, c in self._request_counters.items()
+        }
+        buckets: dict[tuple[str, int], tuple[int, int]] = {}
+        for key, timeline in self._timelines.items():
+            for slot, bucket in enumerate(self._slot_bucket):
+                if bucket >= 0 and (timeline.handshakes[slot] or timeline.failures[slot]):
+                    buckets[key, bucket] = (timeline.handshakes[slot], timeline.failures[slot])
+        canary, control = self.canary.canary, self.canary.control
+        return Tally(
+            rows,
+            responses,
+            buckets,
+            (canary.completed, canary.aborted, canary.no_request),
+            (control.completed, control.aborted, control.no_request),
+        )
+
+    def add(self, tally: Tally, rotation: Rotation | None) -> None:
+        """Add counts made elsewhere (a worker's, as a difference of two tallies) to these,
+        the canary's samples included (its rule then judges the sums)."""
+        for row_key, (connections, requests) in tally.rows.items():
+            row = self._rows.get(row_key)
+            if row is None:
+                row = self._rows[row_key] = [0, 0]
+            row[0] += connections
+            row[1] += requests
+        for (key, reason), (statuses, latency, latency_sum) in tally.responses.items():
+            counters = self.counters_for(key, reason)
+            for index, count in enumerate(statuses[: len(counters.statuses)]):
+                counters.statuses[index] += count
+            for index, count in enumerate(latency[: len(counters.latency)]):
+                counters.latency[index] += count
+            counters.latency_sum += latency_sum
+        for (key, bucket), (handshakes, failures) in tally.buckets.items():
+            slot = bucket % SERIES_BUCKETS
+            held = self._slot_bucket[slot]
+            if held > bucket:
+                continue  # a day old: the ring holds a newer bucket there
+            if held != bucket:
+                self._slot_bucket[slot] = bucket
+                for stale in self._timelines.values():
+                    stale.handshakes[slot] = stale.failures[slot] = 0
+            timeline = self._timelines.get(key)
+            if timeline is None:
+                timeline = self._timelines[key] = _Timeline()
+            timeline.handshakes[slot] += handshakes
+            timeline.failures[slot] += failures
+        self.canary.add(Sample(*tally.canary), Sample(*tally.control), rotation)
 
     # --- reading -----------------------------------------------------------------------
 
