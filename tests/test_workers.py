@@ -28,9 +28,15 @@ from helpers.configs import write_config
 from helpers.keys import KeyFiles, make_key, reissue
 
 from dualproxy.config.loader import load
+from dualproxy.config.names import ListenAddress
 from dualproxy.config.schema import AcmeConfig
 from dualproxy.ops import admin
+from dualproxy.ops.tally import from_wire
+from dualproxy.serve.control import Channel, ChannelError
+from dualproxy.serve.listeners import open_listeners
+from dualproxy.serve.server import Server
 from dualproxy.serve.supervisor import Sharing, Supervisor, supervised_problem
+from dualproxy.serve.worker import serve_worker, worker_server
 
 pytestmark = pytest.mark.e2e
 
@@ -368,3 +374,125 @@ def test_serve_with_workers_reloads_once_and_stops_as_one_process(
     for pid in pids:  # both workers are gone
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+# --- one worker in this process, the test as its supervisor (serve.worker, serve.control) ------
+
+
+@asynccontextmanager
+async def one_worker(setup: Setup) -> AsyncIterator[tuple[Channel, Server, int]]:
+    """serve_worker on a listener of its own, its link's other end as the test's Channel;
+    the link's first message (ready) read; the TLS port."""
+    server = worker_server(setup.config_file)
+    listeners = await open_listeners([ListenAddress("127.0.0.1", 0)], False)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    link = Channel(ours)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_worker, server, listeners, theirs, 3)
+            ready = await link.receive()
+            assert ready is not None
+            assert ready["t"] == "ready"
+            assert ready["pid"] == os.getpid()
+            bound = ready["bound"]
+            assert isinstance(bound, list)
+            yield link, server, int(bound[0][1])
+    await link.aclose()
+
+
+async def next_of(link: Channel, kind: str) -> dict[str, object]:
+    """The next message of `kind` on `link` (tallies skipped unless asked for)."""
+    while True:
+        message = await link.receive()
+        assert message is not None, f"the link closed before a {kind!r} message"
+        if message["t"] == kind:
+            return message
+
+
+async def test_a_worker_reports_what_it_counted_and_obeys_its_link(setup: Setup) -> None:
+    """Its counts arrive as a difference (one connection, one request, nothing twice); it
+    follows the canary's decision, reloads when told (answering whether it took), and drains
+    when told, sending its last counts before the link closes."""
+    async with one_worker(setup) as (link, server, port):
+        assert await new_connection_gets(port, setup.cafile, 1) == [200]
+        tally = from_wire(await next_of(link, "tally"))
+        assert sum(rows[0] for rows in tally.rows.values()) == 1
+        assert sum(rows[1] for rows in tally.rows.values()) == 1
+
+        await link.send({"t": "canary", "halted": True, "why": "test", "at": 1.0, "epoch": 0})
+        await eventually(lambda: server.evidence.canary.halted, "the worker follows the halt")
+        assert server.evidence.canary.why == "test"
+
+        await link.send({"t": "reload", "why": "SIGHUP"})
+        assert (await next_of(link, "reloaded"))["ok"] is True
+        assert server.reloads_ok == 1
+
+        assert await new_connection_gets(port, setup.cafile, 2) == [200, 200]
+        await link.send({"t": "drain"})
+        counted = 0
+        while (message := await link.receive()) is not None:
+            if message["t"] == "tally":
+                counted += sum(rows[0] for rows in from_wire(message).rows.values())
+        assert counted == 2  # the two since the first report, not the first again
+
+
+async def test_a_worker_whose_supervisor_is_gone_drains(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The link closes (the supervisor died): the worker drains and its serve ends; a message
+    it does not know before that is logged and ignored, not obeyed."""
+    async with one_worker(setup) as (link, server, port):
+        await link.send({"t": "nonsense"})
+        await link.send({"t": "canary", "halted": False, "why": None, "at": None, "epoch": 2})
+        await eventually(
+            lambda: any("unknown message" in r.getMessage() for r in caplog.records), "logged"
+        )
+        assert not server.draining
+        assert await new_connection_gets(port, setup.cafile, 1) == [200]
+        await link.aclose()
+    assert server.draining
+    assert any("the supervisor is gone" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_link_refuses_what_is_not_a_message() -> None:
+    """A line that is not a JSON object is refused (ChannelError); a JSON object is a
+    message; a closed link reads as None."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    link = Channel(ours)
+    theirs.sendall(b'{"t": "ok"}\n[1, 2]\nnot json\n')
+    assert await link.receive() == {"t": "ok"}
+    with pytest.raises(ChannelError, match="not a JSON object"):
+        await link.receive()
+    with pytest.raises(ChannelError, match="not a JSON message"):
+        await link.receive()
+    theirs.close()
+    assert await link.receive() is None
+    await link.aclose()
+
+
+async def test_the_drain_refuses_new_clients_as_a_single_process_does(setup: Setup) -> None:
+    """While a worker still drains (a client in the middle of its hello keeps it busy), the
+    port already refuses new clients (the supervisor closed its copies of the listeners
+    too), as a single process's drain does, rather than leaving them in a backlog nobody
+    will accept from. Before the drain, clients connect."""
+    supervisor = setup.supervisor()
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(supervisor.run)
+            port = bound[0][1]
+            assert await new_connection_gets(port, setup.cafile, 2) == [200, 200]
+            busy = socket.create_connection(("127.0.0.1", port), timeout=5)
+            busy.sendall(b"\x16\x03\x01")  # a hello cut short: in flight until it times out
+            await eventually(lambda: supervisor.active_connections == 1, "the client counted")
+            supervisor.drain()
+
+            def refused() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                except ConnectionRefusedError:
+                    return True
+                return False
+
+            await eventually(refused, "new clients refused")
+            assert supervisor.active_connections >= 1  # still draining
+            busy.close()

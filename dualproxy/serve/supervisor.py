@@ -22,12 +22,16 @@ has served RESTART_BACKOFF_RESET); the others keep serving meanwhile. A worker t
 before the first of them ever served stops the start (exit 1): the same error would stop a
 single process.
 
-**Listeners: one socket per address, shared by every worker** (not one SO_REUSEPORT socket
-per worker): measured on loopback (docs/architecture.md, "Processes"), the kernel spreads
-new connections over the workers waiting on a shared socket about as evenly as reuse_port's
-hash does, and a shared socket keeps serving every client while a worker restarts, where
-reuse_port would leave the dead worker's share of new clients waiting in its backlog. The
-`sharing` argument keeps both, for that measurement.
+**Listeners: one SO_REUSEPORT socket per address and worker**, all opened here: the kernel
+spreads new connections over the sockets by a hash of their addresses. Measured on loopback
+(docs/architecture.md, "Processes"), one socket shared by every worker spread 32 keep-alive
+connections opened at once as badly as 32 to 0 (the first worker to wake accepts the whole
+burst: ACCEPT_BATCH at a time), where reuse_port's spread stayed within 44-50 %. The
+supervisor keeps every worker's socket open, so a worker that dies loses no client waiting in
+its backlog: its replacement takes them (they wait the restart, well under a second). On the
+drain the supervisor closes its copies at once, as a single process closes its listener, so
+that new clients are refused (and retried elsewhere) rather than left waiting. The `sharing`
+argument keeps the shared socket, for that measurement.
 
 **Signals** are those of a single process: SIGHUP reloads (lifecycle.watch_signals calls
 `reload`: the config and key files are read and checked once, here; a bad one is logged once
@@ -141,7 +145,7 @@ class Supervisor:
         *,
         workers: int | None = None,
         log_format: str = "text",
-        sharing: Sharing = "shared",
+        sharing: Sharing = "reuse_port",
         clock: Callable[[], datetime] = utc_now,
         load: Loader = read_files,
         handle_signals: bool = True,
@@ -170,6 +174,7 @@ class Supervisor:
         self._all_ready = trio.Event()
         self._bound: list[tuple[str, int]] = []
         self._canary_told = (False, 0)  # (halted, resumes) the workers were last told
+        self._listener_sets: list[list[socket.socket]] = []  # per worker slot, while running
 
     # --- what the admin listener, the reloads and the announcement read ----------------
 
@@ -248,12 +253,20 @@ class Supervisor:
         self._draining = True
         self._drain_started.set()
         self._tell_all({"t": "drain"})
+        # New clients are refused from now on, as by a single process's drain; those already
+        # waiting in a backlog are taken by its worker before it closes its copy.
+        self._close_listeners()
 
     def stop_now(self) -> None:
         """A second SIGTERM: every worker cancels its connections at once."""
         self.drain()
         self._stopping_now = True
         self._tell_all({"t": "stop"})
+
+    def _close_listeners(self) -> None:
+        for listeners in self._listener_sets:
+            for sock in listeners:
+                sock.close()
 
     def _tell_all(self, message: dict[str, object]) -> None:
         for worker in self.workers:
@@ -282,14 +295,13 @@ class Supervisor:
         """Open the listeners, start the workers, keep them running until drained (SIGTERM,
         `drain()`) or cancelled; the admin listener is the caller's (cli.serve)."""
         listen = self.config.listen
-        shared = await open_listeners(
-            listen.addresses, listen.reuse_port or self._sharing == "reuse_port"
-        )
-        sets = [shared] * len(self.workers)
+        reuse_port = listen.reuse_port or self._sharing == "reuse_port"
+        first = await open_listeners(listen.addresses, reuse_port)
+        self._listener_sets = sets = [first]
         try:
-            if self._sharing == "reuse_port":
-                sets = [shared] + [[_twin(s) for s in shared] for _ in self.workers[1:]]
-            self._bound = [bound_address(s) for s in shared]
+            for _ in self.workers[1:]:
+                sets.append([_twin(s) for s in first] if reuse_port else first)
+            self._bound = [bound_address(s) for s in first]
             async with trio.open_nursery() as nursery:
                 if self._handle_signals:
                     await nursery.start(lifecycle.watch_signals, self)
@@ -311,11 +323,7 @@ class Supervisor:
                     task_status.started(self._bound)
                 nursery.cancel_scope.cancel()
         finally:
-            for listeners in sets[1:] if self._sharing == "reuse_port" else ():
-                for sock in listeners:
-                    sock.close()
-            for sock in shared:
-                sock.close()
+            self._close_listeners()
             relay = self._material.relay
             if relay is not None:
                 await close_pool(relay.pool)
