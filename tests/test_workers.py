@@ -6,6 +6,7 @@ processes, as in production. Every wait is bounded; no assertion is about time."
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import re
 import signal
@@ -280,6 +281,20 @@ async def test_the_canary_halt_reaches_every_worker(setup: Setup) -> None:
                 await trio.sleep(0.1)
         assert halted_everywhere
 
+        # `dualproxy canary resume` (the admin listener's route) on the supervisor: every
+        # worker runs the canary again, so the clients that follow get the new key again.
+        assert supervisor.evidence.canary.resume()
+
+        def all_new() -> bool:
+            return pins(20, request=True) == [setup.new.pin] * 20
+
+        resumed_everywhere = False
+        with trio.move_on_after(WAIT):
+            while not (resumed_everywhere := await trio.to_thread.run_sync(all_new)):
+                await trio.sleep(0.1)
+        assert resumed_everywhere
+        assert not supervisor.evidence.canary.halted
+
 
 @pytest.mark.parametrize("sharing", ["shared", "reuse_port"])
 async def test_workers_share_one_listener_or_reuse_port_sockets(
@@ -496,3 +511,20 @@ async def test_the_drain_refuses_new_clients_as_a_single_process_does(setup: Set
             await eventually(refused, "new clients refused")
             assert supervisor.active_connections >= 1  # still draining
             busy.close()
+
+
+async def test_a_drain_before_the_workers_serve_stops_them(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM while the workers are still starting: each drains as soon as it serves, and
+    the supervisor returns without announcing that it listens."""
+    caplog.set_level(logging.INFO, logger="dualproxy")
+    supervisor = setup.supervisor()
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(supervisor.run)
+            await eventually(lambda: all(w.pid for w in supervisor.workers), "workers spawned")
+            assert not any(worker.ready for worker in supervisor.workers)
+            supervisor.drain()
+    assert not any("workers: pids" in record.getMessage() for record in caplog.records)
+    assert any("every worker finished" in record.getMessage() for record in caplog.records)

@@ -252,6 +252,7 @@ class Supervisor:
             return
         self._draining = True
         self._drain_started.set()
+        self._all_ready.set()  # a drain before every worker served: run() stops waiting
         self._tell_all({"t": "drain"})
         # New clients are refused from now on, as by a single process's drain; those already
         # waiting in a backlog are taken by its worker before it closes its copy.
@@ -310,15 +311,16 @@ class Supervisor:
                 async with trio.open_nursery() as keepers:
                     for worker, listeners in zip(self.workers, sets, strict=True):
                         keepers.start_soon(self._keep, worker, listeners)
-                    await self._all_ready.wait()
+                    await self._all_ready.wait()  # or a drain that came first
                     self._serving = True
-                    pids = ", ".join(str(worker.pid) for worker in self.workers)
-                    log.info(
-                        "listening on %s (%d workers: pids %s)",
-                        describe_bound(self._bound),
-                        len(self.workers),
-                        pids,
-                    )
+                    if not self._draining:
+                        pids = ", ".join(str(worker.pid) for worker in self.workers)
+                        log.info(
+                            "listening on %s (%d workers: pids %s)",
+                            describe_bound(self._bound),
+                            len(self.workers),
+                            pids,
+                        )
                     self._listening.set()
                     task_status.started(self._bound)
                 nursery.cancel_scope.cancel()
