@@ -40,6 +40,28 @@ ensure_commands() {
     fi
 }
 
+# promtool (tests/test_deploy.py checks deploy/prometheus/ with it), from Debian's prometheus
+# package: its binary alone, unpacked into the virtual environment, so that no Prometheus
+# server is installed (or started by the package's scripts) on the machine.
+ensure_promtool() {
+    local tools="$VENV/tools"
+    if command -v promtool >/dev/null 2>&1 || [[ -x "$tools/promtool" ]]; then
+        return
+    fi
+    echo "setup: fetching promtool from Debian's prometheus package into $tools" >&2
+    local sudo="" work
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    work="$(mktemp -d)"
+    # apt-get download writes to the current folder, as a user that must be able to.
+    chmod 0755 "$work"
+    (cd "$work" && { apt-get download prometheus >/dev/null 2>&1 ||
+        { $sudo apt-get update -qq && apt-get download prometheus >/dev/null; }; })
+    mkdir -p "$tools"
+    dpkg-deb --fsys-tarfile "$work"/prometheus_*.deb | tar -x -C "$work" ./usr/bin/promtool
+    mv "$work/usr/bin/promtool" "$tools/promtool"
+    rm -rf "$work"
+}
+
 # The virtual environment, pinned by constraints.txt; rebuilt only when the
 # interpreter or the project's dependency files change.
 ensure_venv() {

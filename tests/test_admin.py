@@ -429,7 +429,8 @@ def test_a_path_we_do_not_have_is_refused_after_the_readers_rule() -> None:
     with pytest.raises(HttpRefusal) as caught:
         admin.route(Request(b"POST", b"/nope", ((b"host", b"localhost"),)), opened)
     assert caught.value.problem == (
-        "not found: GET /, /status.json, /status.txt, /metrics; POST /canary/resume"
+        "not found: GET /, /status.json, /status.txt, /metrics, /healthz, /readyz;"
+        " POST /canary/resume"
     )
 
 

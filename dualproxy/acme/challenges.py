@@ -47,17 +47,21 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from dualproxy.config.names import ListenAddress, normalize_host
-from dualproxy.config.schema import ChallengeType
+from dualproxy.config.schema import ChallengeType, ListenConfig
 from dualproxy.files import write_atomically
 from dualproxy.http.errors import HttpRefusal
 from dualproxy.http.smallserver import Answer, Connection, Request
+from dualproxy.serve.connection import ConnectionRecord, peer_address
 from dualproxy.serve.listeners import accept_loop, open_listeners
+from dualproxy.serve.proxied import receive_proxy_header
 from dualproxy.tls.clienthello import (
     MAX_CLIENT_HELLO_BYTES,
     ClientHello,
     ClientHelloError,
     parse_client_hello,
 )
+from dualproxy.tls.outcome import Outcome
+from dualproxy.tls.proxy_protocol import expectation
 from dualproxy.tls.streams import TcpStream, TlsStream, discard_until_closed
 
 log = logging.getLogger("dualproxy.acme")
@@ -425,14 +429,21 @@ async def wait_until_served(
 
 
 async def serve_http(
-    listener: socket.socket, board: ChallengeBoard, https_port: int | None
+    listener: socket.socket,
+    board: ChallengeBoard,
+    https_port: int | None,
+    proxy: ListenConfig | None = None,
 ) -> None:
-    """The plain-HTTP listener: http-01 answers, a redirect to https for everything else."""
-    await _accept_forever(listener, lambda sock: _http_connection(sock, board, https_port))
+    """The plain-HTTP listener: http-01 answers, a redirect to https for everything else.
+    `proxy`: the [listen] settings whose PROXY protocol rule this listener follows too (the
+    balancer that fronts the TLS port fronts this one)."""
+    await _accept_forever(
+        listener, lambda sock, address: _http_connection(sock, address, board, https_port, proxy)
+    )
 
 
 async def _accept_forever(
-    listener: socket.socket, handle: Callable[[socket.socket], Awaitable[None]]
+    listener: socket.socket, handle: Callable[[socket.socket, object], Awaitable[None]]
 ) -> None:
     """The server's accept loop (serve.listeners.accept_loop) into per-connection tasks, at
     most RESPONDER_MAX_CONNECTIONS at once (beyond it clients wait in the backlog); each task
@@ -441,7 +452,7 @@ async def _accept_forever(
 
     async def run(sock: socket.socket, address: object, token: object) -> None:
         try:
-            await handle(sock)
+            await handle(sock, address)
         finally:
             slots.release_on_behalf_of(token)
 
@@ -450,12 +461,33 @@ async def _accept_forever(
 
 
 async def _http_connection(
-    sock: socket.socket, board: ChallengeBoard, https_port: int | None
+    sock: socket.socket,
+    address: object,
+    board: ChallengeBoard,
+    https_port: int | None,
+    proxy: ListenConfig | None,
 ) -> None:
     stream = TcpStream(sock)
     try:
         with trio.move_on_after(RESPONDER_TIMEOUT):
-            connection = Connection(stream, max_head=MAX_HTTP_HEAD)
+            received = b""
+            if proxy is not None and proxy.proxy_protocol != "off":
+                record = ConnectionRecord(peer="-")
+                record.peer, record.peer_ip = peer_address(address)
+                expect = expectation(
+                    proxy.proxy_protocol, proxy.proxy_protocol_from, record.peer_ip
+                )
+                after = await receive_proxy_header(stream, expect, record)
+                if after is None:
+                    if record.outcome is Outcome.PROXY_REFUSED:
+                        log.info(
+                            "http-01 listener: closed a connection from %s: %s",
+                            record.peer,
+                            record.detail,
+                        )
+                    return
+                received = after
+            connection = Connection(stream, max_head=MAX_HTTP_HEAD, received=received)
             try:
                 request = await connection.receive_request()  # its body is never read
             except HttpRefusal:
@@ -517,7 +549,7 @@ def _host_of(request: Request) -> str | None:
 async def serve_tls_alpn_only(listener: socket.socket, board: ChallengeBoard) -> None:
     """A TLS listener that answers acme-tls/1 challenges and closes everything else (what
     the CLI runs on the TLS port while no `serve` holds it)."""
-    await _accept_forever(listener, lambda sock: _tls_alpn_connection(sock, board))
+    await _accept_forever(listener, lambda sock, _address: _tls_alpn_connection(sock, board))
 
 
 async def _tls_alpn_connection(sock: socket.socket, board: ChallengeBoard) -> None:

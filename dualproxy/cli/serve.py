@@ -31,7 +31,7 @@ from dualproxy.config.names import ListenAddress, admin_address_problem, parse_a
 from dualproxy.config.schema import DEFAULT_CONFIG_FILE, Config
 from dualproxy.ops import admin
 from dualproxy.ops.logformat import setup_logging
-from dualproxy.serve import announce
+from dualproxy.serve import activation, announce
 from dualproxy.serve.listeners import raise_open_file_limit
 from dualproxy.serve.server import Server
 from dualproxy.serve.supervisor import Supervisor, supervised_problem
@@ -141,8 +141,10 @@ def _serve_command(args: argparse.Namespace, report: Callable[[str], None]) -> i
         allow = config.admin.allow_non_loopback
         if (problem := admin_address_problem(admin_address, allow_non_loopback=allow)) is not None:
             raise UsageError(f"--admin: {problem}")
+    # Taken (and the variables unset) before anything else could start a child process.
+    inherited = activation.inherited_listeners()
     if config.process.worker_count() > 1:
-        return _supervise(config, admin_address, args.log_format, report)
+        return _supervise(config, admin_address, args.log_format, report, inherited)
     missing = [key for key in config.acme_keys() if not key.chain.exists()]
     if missing:
         # Obtained before serving: the key store serves only keys that have a chain.
@@ -151,7 +153,7 @@ def _serve_command(args: argparse.Namespace, report: Callable[[str], None]) -> i
         issue_or_fail(config, missing)
     server = Server(config)  # loads the keys: an unusable one stops us here, exit 1
     raise_open_file_limit(config.limits.max_connections)
-    body = partial(_serve, server, admin_address, config.path)
+    body = partial(_serve, server, admin_address, config.path, inherited)
     code = run_until_interrupted(body, report=report)
     if code == EXIT_OK:
         log.info("stopped")
@@ -163,14 +165,16 @@ def _supervise(
     admin_address: ListenAddress | None,
     log_format: str,
     report: Callable[[str], None],
+    inherited: activation.Inherited | None,
 ) -> int:
     """[process] workers above 1: a supervisor and its workers (serve.supervisor), with the
-    admin listener in the supervisor."""
+    admin listener in the supervisor; socket activation's sockets are shared by the
+    workers."""
     if (problem := supervised_problem(config)) is not None:
         raise OperatorError(problem, key_path="process.workers", file=config.path)
     supervisor = Supervisor(config, log_format=log_format)  # checks the keys: exit 1
     raise_open_file_limit(config.limits.max_connections)
-    body = partial(_serve, supervisor, admin_address, config.path)
+    body = partial(_serve, supervisor, admin_address, config.path, inherited)
     code = run_until_interrupted(body, report=report)
     if code == EXIT_OK:
         log.info("stopped")
@@ -178,10 +182,15 @@ def _supervise(
 
 
 async def _serve(
-    server: Server | Supervisor, admin_address: ListenAddress | None, config_file: Path | None
+    server: Server | Supervisor,
+    admin_address: ListenAddress | None,
+    config_file: Path | None,
+    inherited: activation.Inherited | None,
 ) -> None:
     """The server and, beside it, its admin listener (which never stops it: see
-    admin.serve_when_possible) and [acme]'s service, which stop when the server does."""
+    admin.serve_when_possible) and [acme]'s service, which stop when the server does.
+    `inherited`: the listening sockets systemd passed (socket activation), served instead of
+    the configured addresses."""
     async with trio.open_nursery() as nursery:
         admin_at = None
         if admin_address is not None:
@@ -199,9 +208,16 @@ async def _serve(
         if server.config.acme is not None and isinstance(server, Server):
             from dualproxy.acme import service  # the acme library loads only when used
 
-            http01 = await nursery.start(service.serve_beside, server)
+            acme_http = inherited.acme_http if inherited is not None else []
+            http01 = await nursery.start(partial(service.serve_beside, inherited=acme_http), server)
         nursery.start_soon(_announce, server, http01, admin_at)
-        await server.run()
+        if inherited is not None and inherited.tls:
+            log.info(
+                "socket activation: serving the %d socket(s) systemd passed", len(inherited.tls)
+            )
+            await server.run(inherited.tls)
+        else:
+            await server.run()
         nursery.cancel_scope.cancel()
 
 

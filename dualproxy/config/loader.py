@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.names import (
+    IPNetwork,
     admin_address_problem,
     host_name_problem,
     is_ip_address,
@@ -52,10 +53,12 @@ from dualproxy.config.schema import (
     Hints,
     KeyConfig,
     KeyStoreSettings,
+    LifecycleConfig,
     Limits,
     ListenConfig,
     ManifestConfig,
     ProcessConfig,
+    ProxyProtocolMode,
     ReportsConfig,
     Role,
     Rotation,
@@ -75,9 +78,12 @@ _COMMON_ALPN: Final = frozenset({b"http/1.1", b"http/1.0", b"h2", b"h3", b"acme-
 # not listed here fails every test that reads it, so add a new setting here too.
 _ROOT_KEYS: Final = (
     "listen", "acme", "keys", "rotation", "limits", "keystore", "upstream", "admin",
-    "manifest", "reports", "process",
+    "manifest", "reports", "lifecycle", "process",
 )  # fmt: skip
-_LISTEN_KEYS: Final = ("address", "reuse_port")
+_LISTEN_KEYS: Final = ("address", "reuse_port", "proxy_protocol", "proxy_protocol_from")
+_PROXY_PROTOCOL_MODES: Final[Mapping[str, ProxyProtocolMode]] = {
+    "off": "off", "required": "required", "optional": "optional",
+}  # fmt: skip
 _KEY_KEYS: Final = ("key", "chain", "names")
 _ACME_KEYS: Final = (
     "directory", "email", "account_key", "challenge", "http_listen", "ca_file", "renew",
@@ -150,6 +156,7 @@ def parse(
         else None
     )
     admin = _parse_admin(root.table("admin"))
+    lifecycle = _parse_lifecycle(root.table("lifecycle"))
     manifest_table = root.table("manifest")
     manifest = _parse_manifest(manifest_table, base_dir) if manifest_table is not None else None
     reports_table = root.table("reports")
@@ -170,6 +177,7 @@ def parse(
         upstream=upstream,
         acme=acme,
         admin=admin,
+        lifecycle=lifecycle,
         manifest=manifest,
         reports=reports,
         process=process,
@@ -214,8 +222,44 @@ def _parse_listen(table: Table | None) -> ListenConfig:
     if len(set(addresses)) != len(addresses):
         raise OperatorError("an address is listed twice", key_path=table.path("address"))
     reuse_port = table.boolean("reuse_port", False)
+    mode = table.string("proxy_protocol") or "off"
+    if mode not in _PROXY_PROTOCOL_MODES:
+        raise OperatorError(
+            f"unknown mode {mode!r}; use one of {', '.join(_PROXY_PROTOCOL_MODES)}",
+            key_path=table.path("proxy_protocol"),
+        )
+    trusted = _parse_networks(table, "proxy_protocol_from")
+    if mode != "off" and not trusted:
+        raise table.missing(
+            "proxy_protocol_from",
+            "name the load balancers that send the PROXY header (their addresses or"
+            ' networks, e.g. proxy_protocol_from = ["10.0.0.0/8"]), so that no client can'
+            " write one itself and claim another client's address",
+        )
+    if mode == "off" and trusted:
+        raise OperatorError(
+            'has no effect while proxy_protocol = "off"; set proxy_protocol too, or remove it',
+            key_path=table.path("proxy_protocol_from"),
+        )
     table.done()
-    return ListenConfig(addresses=tuple(addresses), reuse_port=reuse_port)
+    return ListenConfig(
+        addresses=tuple(addresses),
+        reuse_port=reuse_port,
+        proxy_protocol=_PROXY_PROTOCOL_MODES[mode],
+        proxy_protocol_from=trusted,
+    )
+
+
+def _parse_networks(table: Table, key: str) -> tuple[IPNetwork, ...]:
+    """A list of networks ("10.0.0.0/8", "2001:db8::/32"; an address alone is its /32 or
+    /128), each exact: host bits set are refused, as they usually mean a typo."""
+    networks = []
+    for text in table.strings(key):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=True))
+        except ValueError as exc:
+            raise OperatorError(str(exc), key_path=table.path(key)) from None
+    return tuple(networks)
 
 
 def _parse_keys(
@@ -594,12 +638,7 @@ def _parse_upstream(table: Table, base_dir: Path, check_files: bool) -> Upstream
         raise OperatorError(
             f"write the host {parts.hostname!r} in punycode (xn--...)", key_path=table.path("url")
         )
-    trusted = []
-    for text in table.strings("trusted_proxies"):
-        try:
-            trusted.append(ipaddress.ip_network(text, strict=True))
-        except ValueError as exc:
-            raise OperatorError(str(exc), key_path=table.path("trusted_proxies")) from None
+    trusted = _parse_networks(table, "trusted_proxies")
     defaults = UpstreamConfig(url="", scheme="https", host="", port=0)
     pool_max_idle = table.integer("pool_max_idle", defaults.pool_max_idle, low=0, high=10_000)
     pool_idle_timeout = table.number(
@@ -623,7 +662,7 @@ def _parse_upstream(table: Table, base_dir: Path, check_files: bool) -> Upstream
         ca_file=ca_file,
         host_header="preserve" if host_header == "preserve" else "rewrite",
         headers=tuple(headers),
-        trusted_proxies=tuple(trusted),
+        trusted_proxies=trusted,
         pool_max_idle=pool_max_idle,
         pool_idle_timeout=pool_idle_timeout,
         allow_plaintext=allow_plaintext,
@@ -650,6 +689,17 @@ def _parse_admin(table: Table | None) -> AdminConfig:
     if (problem := admin_address_problem(address, allow_non_loopback=allow)) is not None:
         raise OperatorError(problem, key_path=table.path("address"))
     return AdminConfig(address=address, allow_non_loopback=allow)
+
+
+def _parse_lifecycle(table: Table | None) -> LifecycleConfig:
+    if table is None:
+        return LifecycleConfig()
+    defaults = LifecycleConfig()
+    settings = LifecycleConfig(
+        drain_delay=table.number("drain_delay", defaults.drain_delay, low=0, high=600),
+    )
+    table.done()
+    return settings
 
 
 def _parse_keystore(table: Table | None) -> KeyStoreSettings:

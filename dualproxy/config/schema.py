@@ -51,11 +51,22 @@ DEFAULT_CANARY_MIN_SAMPLE: Final = 200
 DEFAULT_CANARY_HALT_MARGIN: Final = 0.05
 
 
+ProxyProtocolMode = Literal["off", "required", "optional"]
+
+
 @dataclass(frozen=True, slots=True)
 class ListenConfig:
     addresses: tuple[ListenAddress, ...]
     # SO_REUSEPORT: several dualproxy processes (one per core) share one port.
     reuse_port: bool = False
+    # The PROXY protocol (HAProxy's, v1 and v2) from a load balancer that proxies TCP, so that
+    # the client's own address is used everywhere: "off" (no header is read), "required"
+    # (every connection starts with one; a peer outside proxy_protocol_from is refused), or
+    # "optional" (the balancer's connections may carry one; anyone else's must not).
+    proxy_protocol: ProxyProtocolMode = "off"
+    # The balancers allowed to send a header: required unless off, so that no client can
+    # claim another's address by writing a header itself.
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +194,11 @@ class Limits:
     # SIGTERM: stop accepting, let requests in flight finish this long, then exit (Kubernetes
     # gives 30 s before SIGKILL by default: terminationGracePeriodSeconds).
     shutdown_grace: float = 30.0
+    # A PROXY protocol header ([listen] proxy_protocol) must be complete within this: the
+    # balancer writes it with the connection's first packet, so a few seconds only bound a
+    # peer that is not the balancer it claims to be (HAProxy's spec allows at most 16 + 65535
+    # bytes; HAProxy itself waits at most `timeout client`).
+    proxy_header_timeout: float = 3.0
 
 
 # Range each Limits field accepts: (lowest, highest). Zero-length waits would refuse everyone;
@@ -202,6 +218,7 @@ LIMIT_RANGES: Final[Mapping[str, tuple[float, float]]] = MappingProxyType(
         "max_header_count": (8, 10_000),
         "max_body_bytes": (0, 1 << 40),
         "shutdown_grace": (0, 3600),
+        "proxy_header_timeout": (0.1, 60),
     }
 )
 
@@ -354,6 +371,19 @@ def available_cpus() -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class LifecycleConfig:
+    """How a server leaves: what a load balancer needs to take it out first."""
+
+    # On SIGTERM, /readyz answers 503 for this long while the server still accepts and
+    # serves, so that a balancer's health checks take it out before its listeners close;
+    # then the drain (limits.shutdown_grace). 0 (the default without a balancer): the drain
+    # starts at once. Set it to the balancer's check interval times its fall count (HAProxy
+    # `inter 2s fall 2`: 4 s and a margin; a Kubernetes readiness probe: periodSeconds times
+    # failureThreshold).
+    drain_delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: ListenConfig
     keys: Mapping[str, KeyConfig]
@@ -365,6 +395,7 @@ class Config:
     upstream: UpstreamConfig | None = None
     acme: AcmeConfig | None = None
     admin: AdminConfig = field(default_factory=AdminConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     # App-facing endpoints answered by dualproxy itself (None: not served).
     manifest: ManifestConfig | None = None
     reports: ReportsConfig | None = None

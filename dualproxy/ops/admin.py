@@ -6,6 +6,9 @@ bounded in size and time, Connection: close), answering from a `ServerView`.
     GET  /status.json    the same, for programs (evidence.Status.to_json, schema 1)
     GET  /status.txt     the same as text (what `dualproxy status` prints)
     GET  /metrics        Prometheus text format (metrics.py)
+    GET  /healthz        200 while the process serves (a liveness probe)
+    GET  /readyz         200 while it should get clients, 503 (with why) while it starts or
+                         leaves: a load balancer's or Kubernetes' readiness check
     POST /canary/resume  run a halted canary again (`dualproxy canary resume`)
 
 Who may ask. The listener is on loopback unless the config says admin.allow_non_loopback.
@@ -14,7 +17,10 @@ rebinding) and without an Origin header (no web page), as the dev control endpoi
 listener the operator opened up, each path has its own rule (`ROUTES`, `Allow`): the GETs
 answer anyone who can reach it (firewall it) but no web page, while the resume, which changes
 what clients are served, still takes only loopback peers and the same checks. A path we do not
-have is refused (404) after the readers' rule.
+have is refused (404) after the readers' rule. The health paths answer anyone who reaches
+the listener, with no Host or Origin check (`Allow.PROBES`): a balancer's check names no host
+(HAProxy's `option httpchk` is HTTP/1.0) or the listener's address, and they say nothing but
+"ok" or why not.
 """
 
 from __future__ import annotations
@@ -121,6 +127,11 @@ class ServerView(Protocol):
     @property
     def reloads_failed(self) -> int: ...
 
+    def not_ready(self) -> str | None:
+        """Why a load balancer should send no clients now (starting, leaving); None when it
+        should."""
+        ...
+
     def now(self) -> datetime:
         """The policy's clock."""
         ...
@@ -174,10 +185,15 @@ class Allow(enum.Enum):
     # Anyone who can reach an opened listener (the operator firewalls it; a scraper names the
     # host as it likes, so no Host check), but no web page: what only reads.
     READERS = "readers"
+    # Anyone who reaches the listener, whatever Host and Origin say: a balancer's or
+    # Kubernetes' health check, on paths that tell nothing but whether to send clients.
+    PROBES = "probes"
 
     def check(self, request: Request, asker: Asker, does: str) -> None:
         """HttpRefusal (403, saying why) unless `asker` may send `request`, which `does` what
         the message names ("resume the canary")."""
+        if self is Allow.PROBES:
+            return
         if self is Allow.THIS_MACHINE and not asker.from_loopback:
             raise HttpRefusal(403, f"only this machine may {does}: {_ADVICE}", fault="client")
         if asker.on_loopback or self is Allow.THIS_MACHINE:
@@ -270,6 +286,21 @@ def _metrics(admin: Admin) -> Answer:
     return Answer(200, admin.scrape(), content_type=metrics.CONTENT_TYPE.encode())
 
 
+_TEXT: Final = b"text/plain; charset=utf-8"
+
+
+def _healthz(admin: Admin) -> Answer:
+    # Answered by the process's event loop: a process that hangs does not answer at all.
+    return Answer(200, b"ok\n", content_type=_TEXT)
+
+
+def _readyz(admin: Admin) -> Answer:
+    why = admin.server.not_ready()
+    if why is None:
+        return Answer(200, b"ready\n", content_type=_TEXT)
+    return Answer(503, f"not ready: {why}\n".encode(), content_type=_TEXT)
+
+
 def _resume(admin: Admin) -> Answer:
     judge = admin.server.evidence.canary
     resumed = judge.resume()
@@ -288,6 +319,8 @@ ROUTES: Final[Mapping[bytes, Route]] = {
     b"/status.json": Route(b"GET", Allow.READERS, "read the status", _status_json),
     b"/status.txt": Route(b"GET", Allow.READERS, "read the status", _status_text),
     b"/metrics": Route(b"GET", Allow.READERS, "read the metrics", _metrics),
+    b"/healthz": Route(b"GET", Allow.PROBES, "check the health", _healthz),
+    b"/readyz": Route(b"GET", Allow.PROBES, "check the readiness", _readyz),
     b"/canary/resume": Route(b"POST", Allow.THIS_MACHINE, "resume the canary", _resume),
 }
 

@@ -245,9 +245,21 @@ class Supervisor:
     def draining(self) -> bool:
         return self._draining
 
+    def not_ready(self) -> str | None:
+        """Why a load balancer should not send clients now (the admin listener's /readyz),
+        or None: as a single process's (Server.not_ready). The workers' own [lifecycle]
+        drain_delay keeps them serving meanwhile."""
+        if self._draining:
+            return "draining: this server is stopping"
+        if not self._listening.is_set():
+            return "starting: the listeners are not open yet"
+        return None
+
     def drain(self) -> None:
-        """SIGTERM: every worker drains (stops accepting, finishes its requests within
-        limits.shutdown_grace); run() returns once all have exited."""
+        """SIGTERM: every worker drains as a single process does (with [lifecycle]
+        drain_delay, first serving on for that long while /readyz answers 503; then it
+        stops accepting and finishes its requests within limits.shutdown_grace); run()
+        returns once all have exited."""
         if self._draining:
             return
         self._draining = True
@@ -290,14 +302,22 @@ class Supervisor:
 
     async def run(
         self,
+        listeners: Sequence[socket.socket] | None = None,
         *,
         task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Open the listeners, start the workers, keep them running until drained (SIGTERM,
-        `drain()`) or cancelled; the admin listener is the caller's (cli.serve)."""
+        `drain()`) or cancelled; the admin listener is the caller's (cli.serve).
+
+        `listeners`: listening sockets to serve instead (socket activation's), which the
+        supervisor then owns and closes; every worker shares them (they were not opened
+        with a socket per worker)."""
         listen = self.config.listen
-        reuse_port = listen.reuse_port or self._sharing == "reuse_port"
-        first = await open_listeners(listen.addresses, reuse_port)
+        reuse_port = listeners is None and (listen.reuse_port or self._sharing == "reuse_port")
+        if listeners is not None:
+            first = list(listeners)
+        else:
+            first = await open_listeners(listen.addresses, reuse_port)
         self._listener_sets = sets = [first]
         try:
             for _ in self.workers[1:]:

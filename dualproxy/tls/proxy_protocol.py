@@ -32,28 +32,33 @@ LOCAL command (the balancer's own health check), version 1's UNKNOWN, and a vers
 or transport other than TCP over IPv4 or IPv6 (spec 2.2: a receiver falls back to the real
 endpoints for what it does not implement). The caller then uses the connection's own peer.
 
-Whether a header must come, may come or must not is the caller's (`[listen] proxy_protocol`
-and the peers allowed to send one); `starts_like_proxy_header` tells the optional case from
-its first byte: a TLS ClientHello starts with 0x16, a header with "P" or CR.
+Whether a header must come, may come or must not is `expectation`'s answer, from
+`[listen] proxy_protocol` and the peers allowed to send one (`proxy_protocol_from`);
+`starts_like_proxy_header` tells the optional case from the first bytes: a TLS ClientHello
+starts with 0x16, a header with "P" or CR.
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import re
 import struct
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from dualproxy.config.names import IPAddress
+from dualproxy.config.names import IPAddress, IPNetwork
+from dualproxy.config.schema import ProxyProtocolMode
 
 __all__ = [
     "MAX_V1_HEADER_BYTES",
     "MAX_V2_HEADER_BYTES",
     "V1_PREFIX",
     "V2_SIGNATURE",
+    "Expect",
     "ProxyHeader",
     "ProxyHeaderError",
+    "expectation",
     "parse_proxy_header",
     "starts_like_proxy_header",
 ]
@@ -123,6 +128,34 @@ class ProxyHeader:
     source: tuple[IPAddress, int] | None
     destination: tuple[IPAddress, int] | None
     length: int
+
+
+class Expect(enum.Enum):
+    """What a connection's first bytes must be, by who sent them (`expectation`)."""
+
+    # The connection is the client's own: a header would be a client claiming another
+    # address (refused), anything else is its ClientHello.
+    NO_HEADER = "no header"
+    # A trusted balancer that may or may not send one ("optional"): read it when it comes.
+    MAYBE = "maybe"
+    # A trusted balancer that must send one ("required"): refused without it.
+    HEADER = "header"
+    # "required", from a peer outside proxy_protocol_from: refused before a byte is read.
+    REFUSE = "refuse"
+
+
+def expectation(
+    mode: ProxyProtocolMode, trusted: tuple[IPNetwork, ...], peer: IPAddress | None
+) -> Expect:
+    """What a connection from `peer` must start with under `[listen] proxy_protocol = mode`
+    and `proxy_protocol_from = trusted`. A peer without an address (a Unix socket) is not
+    trusted."""
+    if mode == "off":
+        return Expect.NO_HEADER
+    from_balancer = peer is not None and any(peer in network for network in trusted)
+    if not from_balancer:
+        return Expect.REFUSE if mode == "required" else Expect.NO_HEADER
+    return Expect.HEADER if mode == "required" else Expect.MAYBE
 
 
 def starts_like_proxy_header(data: bytes) -> bool | None:
