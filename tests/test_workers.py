@@ -6,6 +6,7 @@ processes, as in production. Every wait is bounded; no assertion is about time."
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import os
 import re
@@ -528,3 +529,57 @@ async def test_a_drain_before_the_workers_serve_stops_them(
             supervisor.drain()
     assert not any("workers: pids" in record.getMessage() for record in caplog.records)
     assert any("every worker finished" in record.getMessage() for record in caplog.records)
+
+
+async def test_the_pin_failure_reports_of_every_worker_are_summed(setup: Setup) -> None:
+    """Apps post six pin-failure reports, which land on both workers: the supervisor's
+    summary (status page, /status.json) counts all six, not those of one worker; before
+    any, it counts none."""
+    write_config(
+        setup.config_file,
+        [setup.old],
+        extra={"process": {"workers": 2}, "reports": {"store": str(setup.folder / "reports")}},
+    )
+    supervisor = setup.supervisor()
+    pem = setup.old.chain.read_text()
+    report = json.dumps(
+        {
+            "date-time": "2026-12-06T13:00:50Z",
+            "hostname": "api.example.com",
+            "port": 443,
+            "effective-expiration-date": "2027-05-01T12:40:50Z",
+            "include-subdomains": False,
+            "noted-hostname": "api.example.com",
+            "served-certificate-chain": [pem],
+            "validated-certificate-chain": [pem],
+            "known-pins": [f'pin-sha256="{setup.old.pin}"'],
+        }
+    ).encode()
+
+    def post(port: int) -> int:
+        context = ssl.create_default_context(cafile=str(setup.cafile))
+        raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+        connection = http.client.HTTPSConnection("api.example.com", port, context=context)
+        connection.sock = context.wrap_socket(raw, server_hostname="api.example.com")
+        try:
+            connection.request(
+                "POST",
+                "/.well-known/dualproxy/pin-report",
+                body=report,
+                headers={"Content-Type": "application/json"},
+            )
+            response = connection.getresponse()
+            response.read()
+            return response.status
+        finally:
+            connection.close()
+
+    async with supervising(supervisor) as port:
+        summary = supervisor.report_summary()
+        assert summary is not None
+        assert summary["total"] == 0
+        statuses = [await trio.to_thread.run_sync(post, port) for _ in range(6)]
+        assert statuses == [204] * 6
+        summary = supervisor.report_summary()
+        assert summary is not None
+        assert summary["total"] == 6

@@ -206,11 +206,18 @@ class Supervisor:
         return self._clock()
 
     def report_summary(self) -> reports.ReportSummary | None:
+        """The apps' pin-failure reports that every worker accepted: read from the store
+        they all append to (the supervisor receives none itself), when someone looks.
+        Blocking, in the supervisor's loop, which serves no client: a store is at most
+        [reports] store_files + 1 files of store_max_bytes."""
         local = self._material.local
-        if local is None:
+        if local is None or local.reports_state is None:
             return None
+        state = local.reports_state
+        counts = reports.counts_from_store(state.store, max_groups=state.counts.max_groups)
         keys = self.snapshot.keys.values()
-        return local.report_summary(endpoints.pin_labels(keys, self.config.rotation, self.now()))
+        labels = endpoints.pin_labels(keys, self.config.rotation, self.now())
+        return reports.summary(counts, labels)
 
     async def wait_listening(self) -> list[tuple[str, int]]:
         """Wait until every worker serves; the (host, port) pairs they listen on."""
