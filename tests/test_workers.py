@@ -15,7 +15,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -583,3 +583,68 @@ async def test_the_pin_failure_reports_of_every_worker_are_summed(setup: Setup) 
         summary = supervisor.report_summary()
         assert summary is not None
         assert summary["total"] == 6
+
+
+async def test_readyz_follows_the_supervisor_starting_serving_and_leaving(setup: Setup) -> None:
+    """The admin listener's /readyz (Supervisor.not_ready): not ready while the workers start,
+    ready once every worker serves, not ready from the drain on."""
+    supervisor = setup.supervisor()
+    assert supervisor.not_ready() == "starting: the listeners are not open yet"
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            assert supervisor.not_ready() is None
+            supervisor.drain()
+            assert supervisor.not_ready() == "draining: this server is stopping"
+
+
+class FailingWorkers(Supervisor):
+    """Workers that exit at once with code 3, as one whose config broke would exit 1."""
+
+    def worker_command(self, slot: int, listeners: Sequence[int], control: int) -> list[str]:
+        return [sys.executable, "-c", "raise SystemExit(3)"]
+
+
+async def test_a_worker_that_cannot_start_stops_the_start(setup: Setup) -> None:
+    """A worker that exits before the first of them served stops the supervisor (serve's
+    exit 1, with the reason), rather than restarting workers that cannot start; the twin,
+    a worker killed after serving, is restarted (test_a_killed_worker_is_replaced...)."""
+    supervisor = FailingWorkers(load(setup.config_file), handle_signals=False)
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(OSError, match="exited with code 3 before it served"),
+        flatten_subgroups=True,
+    ):
+        with trio.fail_after(TEST_TIMEOUT):
+            await supervisor.run()
+
+
+class BreakingWorkers(Supervisor):
+    """Slot 0's replacements cannot start (exit 3): its files broke after the start."""
+
+    def worker_command(self, slot: int, listeners: Sequence[int], control: int) -> list[str]:
+        if slot == 0 and self.workers[0].restarts:
+            return [sys.executable, "-c", "raise SystemExit(3)"]
+        return super().worker_command(slot, listeners, control)
+
+
+async def test_a_worker_that_keeps_dying_is_restarted_ever_more_slowly(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After serving, slot 0's worker is killed and its replacements exit at once: each
+    death is logged with the wait before the next try, doubling (0.1, 0.2, 0.4 s, ... up to
+    30 s), while the other worker keeps serving every client."""
+    supervisor = BreakingWorkers(load(setup.config_file), handle_signals=False)
+    async with supervising(supervisor) as port:
+        victim = supervisor.workers[0]
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGKILL)
+        await eventually(lambda: victim.restarts >= 4, "four deaths in a row")
+        assert await new_connection_gets(port, setup.cafile, 10) == [200] * 10
+    waits = [
+        float(found.group(1))
+        for record in caplog.records
+        if (found := re.search(r"worker 0 .*starting another in (\S+) s", record.getMessage()))
+    ]
+    assert waits[:4] == [0.1, 0.2, 0.4, 0.8]
+    assert "exited with code 3" in caplog.text
+    assert supervisor.workers[1].restarts == 0

@@ -28,7 +28,9 @@ spreads new connections over the sockets by a hash of their addresses. Measured 
 connections opened at once as badly as 32 to 0 (the first worker to wake accepts the whole
 burst: ACCEPT_BATCH at a time), where reuse_port's spread stayed within 44-50 %. The
 supervisor keeps every worker's socket open, so a worker that dies loses no client waiting in
-its backlog: its replacement takes them (they wait the restart, well under a second). On the
+its backlog: its replacement takes them (they wait the restart, well under a second); a
+worker that cannot start gives its slot's sockets up, and the others take every new client
+until one of that slot serves again (`_keep`). On the
 drain the supervisor closes its copies at once, as a single process closes its listener, so
 that new clients are refused (and retried elsewhere) rather than left waiting. The `sharing`
 argument keeps the shared socket, for that measurement.
@@ -55,7 +57,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import trio
 
@@ -175,6 +177,8 @@ class Supervisor:
         self._bound: list[tuple[str, int]] = []
         self._canary_told = (False, 0)  # (halted, resumes) the workers were last told
         self._listener_sets: list[list[socket.socket]] = []  # per worker slot, while running
+        self._own_sockets = False  # a reuse_port socket per slot (not shared, not inherited)
+        self._shapes: list[_Shape] = []  # of the first slot's sockets, for fresh ones
 
     # --- what the admin listener, the reloads and the announcement read ----------------
 
@@ -328,7 +332,9 @@ class Supervisor:
         self._listener_sets = sets = [first]
         try:
             for _ in self.workers[1:]:
-                sets.append([_twin(s) for s in first] if reuse_port else first)
+                sets.append([_twin(_shape(s)) for s in first] if reuse_port else first)
+            self._own_sockets = reuse_port
+            self._shapes = [_shape(s) for s in first]
             self._bound = [bound_address(s) for s in first]
             async with trio.open_nursery() as nursery:
                 if self._handle_signals:
@@ -336,8 +342,8 @@ class Supervisor:
                 nursery.start_soon(self.reloads.watch_files)
                 nursery.start_soon(self._sync_canary)
                 async with trio.open_nursery() as keepers:
-                    for worker, listeners in zip(self.workers, sets, strict=True):
-                        keepers.start_soon(self._keep, worker, listeners)
+                    for worker in self.workers:
+                        keepers.start_soon(self._keep, worker)
                     await self._all_ready.wait()  # or a drain that came first
                     self._serving = True
                     if not self._draining:
@@ -361,15 +367,28 @@ class Supervisor:
         else:
             log.info("drained: every worker finished")
 
-    async def _keep(self, worker: WorkerState, listeners: Sequence[socket.socket]) -> None:
+    async def _keep(self, worker: WorkerState) -> None:
         """Run `worker`'s slot: start a worker, wait for it, start another after it dies
-        (with backoff) until the supervisor drains."""
+        (with backoff) until the supervisor drains.
+
+        A worker that served keeps its slot's sockets when it dies: its replacement takes
+        the clients waiting in their backlog. One that dies before it served (it cannot
+        start) gives them up: closed, they leave the reuse_port group and every new client
+        goes to the other workers until a worker of this slot serves again (on fresh
+        sockets), instead of waiting in a backlog nobody accepts from."""
         failures = 0
         while not self._draining:
             started = trio.current_time()
-            how = await self._run_one(worker, listeners)
+            listeners = self._listener_sets[worker.slot]
+            if self._own_sockets and any(sock.fileno() < 0 for sock in listeners):
+                listeners = [_twin(shape) for shape in self._shapes]
+                self._listener_sets[worker.slot] = listeners
+            how, served = await self._run_one(worker, listeners)
             if self._draining:
                 return
+            if not served and self._own_sockets:
+                for sock in listeners:
+                    sock.close()
             if not self._serving:
                 raise OSError(
                     f"worker {worker.slot} {how} before it served (its error is above);"
@@ -390,8 +409,11 @@ class Supervisor:
             with trio.move_on_after(delay):
                 await self._drain_started.wait()
 
-    async def _run_one(self, worker: WorkerState, listeners: Sequence[socket.socket]) -> str:
-        """One worker process, from its start to its exit; how it ended, in words."""
+    async def _run_one(
+        self, worker: WorkerState, listeners: Sequence[socket.socket]
+    ) -> tuple[str, bool]:
+        """One worker process, from its start to its exit; how it ended, in words, and
+        whether it served (it said it was ready)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = [sock.fileno() for sock in listeners]
         command = self.worker_command(worker.slot, fds, theirs.fileno())
@@ -418,13 +440,14 @@ class Supervisor:
                 await process.wait()
                 link.cancel_scope.cancel()
         finally:
+            served = worker.ready
             worker.outbox = None
             worker.ready, worker.active = False, 0
             with trio.CancelScope(shield=True):
                 if process.returncode is None:
                     await _stop(process)
                 await channel.aclose()
-        return _describe_exit(process.returncode)
+        return _describe_exit(process.returncode), served
 
     async def _listen_to(self, worker: WorkerState, channel: Channel) -> None:
         while True:
@@ -508,16 +531,26 @@ class Supervisor:
                         self._tell_canary(worker)
 
 
-def _twin(listener: socket.socket) -> socket.socket:
-    """Another SO_REUSEPORT socket on `listener`'s address (its port may have been 0)."""
-    sock = socket.socket(listener.family, listener.type, listener.proto)
+# What a listening socket was opened as: (family, type, protocol, bound address).
+_Shape = tuple[socket.AddressFamily, socket.SocketKind, int, tuple[Any, ...]]
+
+
+def _shape(listener: socket.socket) -> _Shape:
+    return listener.family, listener.type, listener.proto, listener.getsockname()
+
+
+def _twin(shape: _Shape) -> socket.socket:
+    """Another SO_REUSEPORT socket on the address of a listener of this `shape` (the port it
+    got, when the config said 0)."""
+    family, kind, proto, address = shape
+    sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         set_tcp_options(sock)
-        if listener.family == socket.AF_INET6:
+        if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(listener.getsockname())
+        sock.bind(address)
         sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
     except BaseException:
