@@ -43,6 +43,7 @@ import socket
 import ssl
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from functools import partial
 from typing import Final, Protocol
 
 import trio
@@ -53,7 +54,8 @@ from dualproxy.ops.evidence import NONE_LABEL, Evidence
 from dualproxy.ops.logformat import log_event
 from dualproxy.pinning import endpoints, reports
 from dualproxy.rotation import policy
-from dualproxy.serve import announce, lifecycle, placeholder
+from dualproxy.serve import announce, lifecycle, placeholder, rollout
+from dualproxy.serve.admission import Admission
 from dualproxy.serve.clock import ReusedUtcNow, utc_now
 from dualproxy.serve.closing import CLOSE_NOTIFY_TIMEOUT, close_pool, linger, lingering_close
 from dualproxy.serve.connection import ConnectionRecord, peer_address
@@ -141,6 +143,8 @@ class Server:
         self._drain = Drain()
         self._departures = Departures()  # relayed clients waiting for a response head
         self._shutdown = lifecycle.Shutdown(self._drain, self._slots)
+        # The reclaim at max_connections and the per-client limit (admission.py).
+        self._admission = Admission(self._drain)
         self._listening = trio.Event()
         self._bound: list[tuple[str, int]] = []
         # The tasks beside the connections while run() runs (the drain delay is one of them).
@@ -149,7 +153,7 @@ class Server:
         self._leaving = False
         # The paths answered here, never upstream ([manifest], [reports]; endpoints.py).
         self._local = endpoints.build(config, None, clock)
-        self._manifest = lifecycle.ManifestWatch()
+        self._manifest = lifecycle.ManifestWatch(lambda: self.evidence.window.closed)
         # What requests are relayed with when config.upstream is set (a bad [upstream] stops
         # us here, as an unusable key does); run() closes the pool's connections when it ends.
         self._relay = (
@@ -191,6 +195,24 @@ class Server:
         return self._slots.borrowed_tokens
 
     @property
+    def idle_connections(self) -> int:
+        """Connections open now that wait for a request (reclaimable at the limit)."""
+        return self._drain.idle_connections
+
+    @property
+    def reclaimed_connections(self) -> int:
+        """Idle connections closed at max_connections to admit new clients, since the start."""
+        return self._admission.reclaimed
+
+    @property
+    def refused_per_client(self) -> int:
+        """Connections closed at once for their client's max_connections_per_client."""
+        return self._admission.refused
+
+    def _at_limit(self, waiting: bool) -> None:
+        self._admission.at_limit(self.config.limits.max_connections, waiting)
+
+    @property
     def reloads_ok(self) -> int:
         """Reloads that took effect since the start (the status page shows them)."""
         return self.reloads.ok
@@ -206,8 +228,11 @@ class Server:
         local = self._local
         if local is None:
             return None
-        keys = self.snapshot.keys.values()
-        return local.report_summary(endpoints.pin_labels(keys, self.config.rotation, self._clock()))
+        keys, rotation = self.snapshot.keys, self.config.rotation
+        closed = self.evidence.window.closed
+        labels = endpoints.pin_labels(keys.values(), rotation, self._clock(), window_closed=closed)
+        old_pins, new_pins = endpoints.rotation_pins(keys, rotation)
+        return local.report_summary(labels, old_pins=old_pins, new_pins=new_pins)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -235,6 +260,7 @@ class Server:
             for warning in self.snapshot.warnings:
                 log.warning("%s", warning)
             self._manifest.announce(self.material, self._clock())
+            rollout.review(self)  # a restart inside a held window says so before serving
             self._shutdown.accepting = accepting = trio.CancelScope()
             if self._drain.draining:
                 accepting.cancel()
@@ -245,7 +271,10 @@ class Server:
                 services.start_soon(lifecycle.prune_idle_upstream, self)
                 services.start_soon(lifecycle.watch_departures, self._departures)
                 services.start_soon(self._manifest.watch, self, self._clock)
-                services.start_soon(announce.watch_window, self, self._clock)
+                services.start_soon(rollout.review_forever, self)
+                services.start_soon(
+                    announce.watch_window, self, self._clock, lambda: self.evidence.window.closed
+                )
                 if self._handle_signals:
                     await services.start(lifecycle.watch_signals, self)
                 await self._serve(listeners, bound, task_status)
@@ -273,7 +302,7 @@ class Server:
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
                         acceptors.start_soon(
-                            accept_loop,
+                            partial(accept_loop, at_limit=self._at_limit),
                             listener,
                             self._slots,
                             connections,
@@ -388,6 +417,8 @@ class Server:
             # the TLS stream's aclose closed it already, and closing again is a no-op.
             stream.close()
             self._slots.release_on_behalf_of(token)
+            if record.client is not None:
+                self._admission.release(record.client)
             record.end()
             self.evidence.connection_ended(record, self.config.rotation)
             # A CA's validation connections are logged by the challenge board, once per
@@ -417,6 +448,12 @@ class Server:
             if after is None:  # the timeout
                 record.outcome, record.detail = Outcome.PROXY_REFUSED, "PROXY header timeout"
                 return
+        limit = config.limits.max_connections_per_client
+        record.client = self._admission.admit(peer_ip, limit, record.peer)
+        if record.client is None:
+            record.outcome = Outcome.CLIENT_LIMIT
+            record.detail = f"the client holds limits.max_connections_per_client ({limit})"
+            return
         with trio.move_on_after(config.limits.handshake_timeout) as handshake_scope:
             peeked = await self._peek(stream, record, received)
             if peeked is None:
@@ -430,12 +467,14 @@ class Server:
                     record.outcome = Outcome.ACME_CHALLENGE
                     record.detail = await responder.answer_challenge(stream, peeked, context)
                     return
+            evidence = self.evidence
             record.choice = policy.choose(
                 config.rotation,
                 record.hello,
                 peer_ip,
                 self._clock(),
-                canary_halted=self.evidence.canary.halted,
+                canary_halted=evidence.canary.halted,
+                window_closed=evidence.window.closed,
             )
             identity = snapshot.identities[record.choice.identity]
             record.key = identity.presented_key(record.hello).name

@@ -130,6 +130,13 @@ class WorkerState:
     pid: int | None = None
     ready: bool = False
     active: int = 0  # open connections, as last reported
+    idle: int = 0  # of which waiting for a request
+    # Totals since the worker started, as last reported, and those of the slot's workers
+    # that exited (so that the machine's totals never go down).
+    reclaimed: int = 0
+    refused_per_client: int = 0
+    retired_reclaimed: int = 0
+    retired_refused_per_client: int = 0
     connections: int = 0  # ended since the slot's first worker started (its reports)
     requests: int = 0
     restarts: int = 0
@@ -197,6 +204,20 @@ class Supervisor:
     @property
     def active_connections(self) -> int:
         return sum(worker.active for worker in self.workers)
+
+    @property
+    def idle_connections(self) -> int:
+        return sum(worker.idle for worker in self.workers)
+
+    @property
+    def reclaimed_connections(self) -> int:
+        return sum(worker.reclaimed + worker.retired_reclaimed for worker in self.workers)
+
+    @property
+    def refused_per_client(self) -> int:
+        return sum(
+            worker.refused_per_client + worker.retired_refused_per_client for worker in self.workers
+        )
 
     @property
     def reloads_ok(self) -> int:
@@ -442,7 +463,10 @@ class Supervisor:
         finally:
             served = worker.ready
             worker.outbox = None
-            worker.ready, worker.active = False, 0
+            worker.ready, worker.active, worker.idle = False, 0, 0
+            worker.retired_reclaimed += worker.reclaimed
+            worker.retired_refused_per_client += worker.refused_per_client
+            worker.reclaimed = worker.refused_per_client = 0
             with trio.CancelScope(shield=True):
                 if process.returncode is None:
                     await _stop(process)
@@ -493,9 +517,10 @@ class Supervisor:
         except ValueError as exc:
             log.error("worker %d sent counts we cannot read (%s); dropped", worker.slot, exc)
             return
-        active = message.get("active")
-        if isinstance(active, int):
-            worker.active = active
+        for figure in ("active", "idle", "reclaimed", "refused_per_client"):
+            value = message.get(figure)
+            if isinstance(value, int):
+                setattr(worker, figure, value)
         if message.get("epoch") != self.evidence.canary.resumes:
             # Counted before a resume the worker had not heard of yet: not the new samples.
             delta = replace(delta, canary=(0, 0, 0), control=(0, 0, 0))

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Final
@@ -52,19 +52,23 @@ class Reporter:
 
     def __init__(self) -> None:
         self._sent: Tally = EMPTY
-        self._active = -1
+        self._figures: dict[str, int] = {}
         # The supervisor's canary epoch (its resumes) this worker's samples belong to.
         self.epoch = 0
 
-    def next_message(self, evidence: Evidence, active: int) -> dict[str, object] | None:
+    def next_message(
+        self, evidence: Evidence, connections: Mapping[str, int]
+    ) -> dict[str, object] | None:
         """The `tally` message with what changed since the last one, or None when nothing
-        did."""
+        did. `connections`: the server's connection figures as they are now (`active`,
+        `idle`: gauges; `reclaimed`, `refused_per_client`: totals since it started)."""
         now = evidence.tally()
         delta = now.minus(self._sent)
-        if delta.empty and active == self._active:
+        figures = dict(connections)
+        if delta.empty and figures == self._figures:
             return None
-        self._sent, self._active = now, active
-        return {"t": "tally", "epoch": self.epoch, "active": active, **to_wire(delta)}
+        self._sent, self._figures = now, figures
+        return {"t": "tally", "epoch": self.epoch, **figures, **to_wire(delta)}
 
     def follow_canary(self, evidence: Evidence, message: dict[str, object]) -> None:
         """Take the supervisor's canary decision; samples counted from here on belong to its
@@ -114,7 +118,7 @@ async def serve_worker(
             nursery.start_soon(_report, server, channel, reporter)
     finally:
         # The counts since the last report: a worker that stops cleanly loses none.
-        message = reporter.next_message(server.evidence, 0)
+        message = reporter.next_message(server.evidence, connection_figures(server, active=0))
         if message is not None:
             # A supervisor that is gone cannot count them.
             with contextlib.suppress(
@@ -125,10 +129,21 @@ async def serve_worker(
             await channel.aclose()
 
 
+def connection_figures(server: Server, *, active: int | None = None) -> dict[str, int]:
+    """What a worker reports of its connections besides the evidence (`active` instead of
+    the server's own: 0 once it stopped)."""
+    return {
+        "active": server.active_connections if active is None else active,
+        "idle": server.idle_connections if active is None else 0,
+        "reclaimed": server.reclaimed_connections,
+        "refused_per_client": server.refused_per_client,
+    }
+
+
 async def _report(server: Server, channel: Channel, reporter: Reporter) -> None:
     while True:
         await trio.sleep(REPORT_INTERVAL)
-        message = reporter.next_message(server.evidence, server.active_connections)
+        message = reporter.next_message(server.evidence, connection_figures(server))
         if message is not None:
             await _send(channel, message)
 
