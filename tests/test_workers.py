@@ -653,3 +653,37 @@ async def test_a_worker_that_keeps_dying_is_restarted_ever_more_slowly(
     assert waits[:4] == [0.1, 0.2, 0.4, 0.8]
     assert "exited with code 3" in caplog.text
     assert supervisor.workers[1].restarts == 0
+
+
+def resumed_reconnects(port: int, cafile: Path, count: int) -> list[bool]:
+    """`count` connections, each offering the session (ticket) the previous one got, each
+    with one GET (blocking); whether each resumed."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    session: ssl.SSLSession | None = None
+    resumed = []
+    for _ in range(count):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+        with context.wrap_socket(raw, server_hostname="api.example.com", session=session) as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n")
+            while tls.recv(65536):  # the response, and the tickets sent before it
+                pass
+            resumed.append(bool(tls.session_reused))
+            session = tls.session
+    return resumed
+
+
+async def test_a_ticket_issued_by_one_worker_resumes_on_the_other(setup: Setup) -> None:
+    """Without a [tls] ticket_key_file, the supervisor gives the workers one of its own: the
+    reconnects, spread over both workers by their reuse_port sockets, all resume (the
+    first is a full handshake)."""
+    supervisor = setup.supervisor("reuse_port")
+    async with supervising(supervisor) as port:
+        resumed = await trio.to_thread.run_sync(resumed_reconnects, port, setup.cafile, 24)
+
+        def counted() -> bool:
+            return sum(worker.connections for worker in supervisor.workers) == 24
+
+        await eventually(counted, "24 connections counted")
+        per_worker = [worker.connections for worker in supervisor.workers]
+    assert resumed == [False] + [True] * 23
+    assert all(per_worker), per_worker  # both workers took reconnects

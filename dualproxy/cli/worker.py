@@ -38,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--slot", type=int, default=0, help="which worker (for the log)")
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--listen-fd", type=int, action="append", required=True)
+    parser.add_argument(
+        "--ticket-key-file",
+        type=Path,
+        default=None,
+        help="the session-ticket key file the workers share (the supervisor's, when the"
+        " config names none)",
+    )
     return parser
 
 
@@ -53,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for listener in listeners:
         listener.setblocking(False)
     try:
-        server = worker_server(args.config)
+        server = worker_server(args.config, ticket_key_file=args.ticket_key_file)
     except OperatorError as exc:
         log.error("worker %d: %s", args.slot, exc)
         return EXIT_FAILED

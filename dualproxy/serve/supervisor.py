@@ -51,12 +51,16 @@ new epoch: samples counted before it, still in flight, are not added to the new 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Final, Literal
 
 import trio
@@ -122,6 +126,19 @@ def supervised_problem(config: Config) -> str | None:
     return None
 
 
+# The workers' shared ticket-key file, in the supervisor's private folder.
+TICKET_KEY_FILE_NAME: Final = "ticket-keys"
+# Where that folder goes: memory-backed when the system has it, so the keys stay off disk.
+_MEMORY_FOLDER: Final = Path("/dev/shm")  # noqa: S108 (mkdtemp makes a fresh 0700 folder)
+
+
+def private_ticket_folder() -> Path:
+    """A new folder only we may enter (0700), for the workers' shared ticket keys: in
+    /dev/shm when it is there (never written to disk), else the temporary folder."""
+    parent = _MEMORY_FOLDER if os.access(_MEMORY_FOLDER, os.W_OK | os.X_OK) else None
+    return Path(tempfile.mkdtemp(prefix="dualproxy-tickets-", dir=parent))
+
+
 @dataclass(slots=True)
 class WorkerState:
     """One worker slot, as the supervisor knows it (the status and tests read it)."""
@@ -173,6 +190,14 @@ class Supervisor:
         self._handle_signals = handle_signals
         count = workers if workers is not None else config.process.worker_count()
         self.workers = [WorkerState(slot) for slot in range(count)]
+        # One set of session-ticket keys for every worker (issue 16 item 2), so a client that
+        # reconnects to another worker resumes: the operator's [tls] ticket_key_file, or else
+        # one in a private folder of ours, kept for as long as we run (tls.tickets: the
+        # workers share it under its lock, as replicas share the operator's).
+        self._ticket_folder: Path | None = None
+        tls = config.tls
+        if tls.session_tickets and tls.ticket_key_file is None and count > 1:
+            self._ticket_folder = private_ticket_folder()
         self.evidence = Evidence()
         self.reloads = lifecycle.Reloads(self, load, clock, files_seen=files_seen)
         self._draining = False
@@ -322,7 +347,7 @@ class Supervisor:
 
     def worker_command(self, slot: int, listeners: Sequence[int], control: int) -> list[str]:
         """The command line of a worker: this interpreter, the config file, the inherited
-        descriptors. (Managed ticket keys, issue 16 item 2, add theirs here.)"""
+        descriptors, and the ticket-key file the workers share when the config names none."""
         path = self.config.path
         assert path is not None  # `serve` always reads a file
         command = [sys.executable, "-m", "dualproxy.cli.worker", "-c", str(path)]
@@ -330,6 +355,8 @@ class Supervisor:
         command += ["--control-fd", str(control)]
         for fd in listeners:
             command += ["--listen-fd", str(fd)]
+        if self._ticket_folder is not None:
+            command += ["--ticket-key-file", str(self._ticket_folder / TICKET_KEY_FILE_NAME)]
         return command
 
     async def run(
@@ -380,6 +407,8 @@ class Supervisor:
                 nursery.cancel_scope.cancel()
         finally:
             self._close_listeners()
+            if self._ticket_folder is not None:  # the keys leave with us
+                shutil.rmtree(self._ticket_folder, ignore_errors=True)
             relay = self._material.relay
             if relay is not None:
                 await close_pool(relay.pool)
