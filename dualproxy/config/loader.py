@@ -51,6 +51,7 @@ from dualproxy.config.schema import (
     KeyStoreSettings,
     Limits,
     ListenConfig,
+    LogConfig,
     ManifestConfig,
     ReportsConfig,
     Role,
@@ -131,6 +132,7 @@ def parse(
         raise OperatorError(
             "is also manifest.path; give each its own path", key_path="reports.path"
         )
+    log = _parse_log(root.table("log"), base_dir)
     root.done()
     return Config(
         listen=listen,
@@ -144,6 +146,7 @@ def parse(
         admin=admin,
         manifest=manifest,
         reports=reports,
+        log=log,
     )
 
 
@@ -567,6 +570,22 @@ def _parse_admin(table: Table | None) -> AdminConfig:
     if (problem := admin_address_problem(address, allow_non_loopback=allow)) is not None:
         raise OperatorError(problem, key_path=table.path("address"))
     return AdminConfig(address=address, allow_non_loopback=allow)
+
+
+def _parse_log(table: Table | None, base_dir: Path) -> LogConfig:
+    if table is None:
+        return LogConfig()
+    access = table.string("access")
+    table.done()
+    if access is None or access == "stderr":
+        return LogConfig()
+    if access == "off":
+        return LogConfig(access=False)
+    if not access.strip():
+        raise OperatorError(
+            "is empty", key_path=table.path("access"), fix='write a file path, "stderr" or "off"'
+        )
+    return LogConfig(access_path=(base_dir / access).absolute())
 
 
 def _parse_keystore(table: Table | None) -> KeyStoreSettings:

@@ -182,6 +182,10 @@ class Limits:
     # SIGTERM: stop accepting, let requests in flight finish this long, then exit (Kubernetes
     # gives 30 s before SIGKILL by default: terminationGracePeriodSeconds).
     shutdown_grace: float = 30.0
+    # HTTP/2 streams one client connection may have in flight (SETTINGS_MAX_CONCURRENT_STREAMS;
+    # beyond it a new stream is refused with REFUSED_STREAM): 100, Envoy's and nginx's order
+    # (nginx http2_max_concurrent_streams 128), RFC 9113's recommended minimum.
+    h2_max_concurrent_streams: int = 100
 
 
 # Range each Limits field accepts: (lowest, highest). Zero-length waits would refuse everyone;
@@ -201,6 +205,7 @@ LIMIT_RANGES: Final[Mapping[str, tuple[float, float]]] = MappingProxyType(
         "max_header_count": (8, 10_000),
         "max_body_bytes": (0, 1 << 40),
         "shutdown_grace": (0, 3600),
+        "h2_max_concurrent_streams": (1, 1000),
     }
 )
 
@@ -306,6 +311,17 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    """Where the per-request access log goes (ops.accesslog)."""
+
+    # True: one line per request; "off" turns it off (nginx's access_log off).
+    access: bool = True
+    # The file it is appended to, reopened on SIGUSR1 (logrotate); None: stderr, with the
+    # other log lines.
+    access_path: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: ListenConfig
     keys: Mapping[str, KeyConfig]
@@ -320,6 +336,7 @@ class Config:
     # App-facing endpoints answered by dualproxy itself (None: not served).
     manifest: ManifestConfig | None = None
     reports: ReportsConfig | None = None
+    log: LogConfig = field(default_factory=LogConfig)
 
     def acme_keys(self) -> tuple[KeyConfig, ...]:
         """The keys whose certificates dualproxy obtains itself ([acme] and `names`)."""

@@ -276,12 +276,22 @@ def response_framing(
 ResponseStart = tuple[int, bytes, Sequence[bytes], list[tuple[bytes, bytes]], Framing, bool]
 
 
-def refusal_response(refusal: HttpRefusal, *, head_only: bool) -> tuple[ResponseStart, bytes]:
+def refusal_response(
+    refusal: HttpRefusal, *, head_only: bool, upstream_detail: bool = False
+) -> tuple[ResponseStart, bytes]:
     """Our answer to a refused exchange, and its body: short plain text, closing the
-    connection; `head_only` for a HEAD request (the body is then b"")."""
+    connection; `head_only` for a HEAD request (the body is then b"").
+
+    The body says what the client did wrong; of the upstream's failures (502, 503, 504) it
+    says only the status, since the problem names upstream addresses, certificate details
+    and timeouts that are none of the public's business (the log has them), unless
+    `upstream_detail` (dev mode, where it helps)."""
     status = refusal.status
     phrase = HTTPStatus(status).phrase
-    body = f"{status} {phrase}: {refusal.problem}\n".encode("ascii", "backslashreplace")
+    if refusal.fault == "upstream" and not upstream_detail:
+        body = f"{status} {phrase}\n".encode("ascii")
+    else:
+        body = f"{status} {phrase}: {refusal.problem}\n".encode("ascii", "backslashreplace")
     fields = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"x-content-type-options", b"nosniff"),
@@ -300,6 +310,8 @@ class ClientSide(NamedTuple):
     peer: ClientPeer | None  # for X-Forwarded-For; None when the address is unknown
     # Added to every response (dev mode names the key served and why).
     response_headers: tuple[tuple[bytes, bytes], ...] = ()
+    # A 502/504 body says what failed upstream (dev mode): see refusal_response.
+    upstream_detail: bool = False
 
 
 class ExchangeSettings(Protocol):
@@ -358,6 +370,11 @@ class Exchange:
         self._chunked = head.chunked
         self._received = 0
         self._cap = 0
+
+    @property
+    def received(self) -> int:
+        """The request body's bytes taken so far (`request_data`)."""
+        return self._received
 
     def route(self, settings: ExchangeSettings | None) -> Endpoint | None:
         """The local endpoint that answers this request, or None to relay it; raises

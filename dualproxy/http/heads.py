@@ -120,7 +120,9 @@ __all__ = [
     "ResponseHead",
     "check_request_head",
     "check_response_head",
+    "expects_continue",
     "find_head_end",
+    "is_authority",
     "request_head",
     "response_head",
 ]
@@ -631,3 +633,9 @@ def _field_lines_problem(lines: list[bytes], name_table: bytes) -> str:
     if b"_" in name and name.translate(_TCHAR_TABLE).isalpha():
         return f"underscore in field name {snippet(name)}"
     return f"invalid field name {snippet(name)}"
+
+
+# The authority and Expect rules above, for a head that arrives in another framing (an HTTP/2
+# stream's fields: http.h2fields).
+is_authority = _is_authority
+expects_continue = _expects_continue

@@ -30,7 +30,14 @@ import time
 from datetime import UTC, datetime
 from typing import ClassVar, Final
 
-__all__ = ["JsonFormatter", "LogEvent", "TextFormatter", "log_event", "setup_logging"]
+__all__ = [
+    "JsonFormatter",
+    "LogEvent",
+    "TextFormatter",
+    "configured_format",
+    "log_event",
+    "setup_logging",
+]
 
 # logging.Formatter's default_time_format and default_msec_format, as it writes asctime.
 _TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
@@ -66,9 +73,21 @@ def log_event(logger: logging.Logger, event: LogEvent, level: int = logging.INFO
         logger.handle(record)
 
 
+# The format setup_logging chose, for the lines written beside logging (ops.accesslog).
+_configured_format = "text"
+
+
+def configured_format() -> str:
+    """The log format of this process ("text" or "json"), as setup_logging set it."""
+    return _configured_format
+
+
 def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     """Log to stderr in `log_format` ("text", or "json" for one object per line), from `level`
     up; a no-op when logging is set up already (logging.basicConfig's rule)."""
+    global _configured_format
+    if not logging.getLogger().handlers:
+        _configured_format = log_format
     # What no log line of ours shows, so nothing records it (the logging HOWTO's
     # "Optimization"): a log line per connection is part of every connection's cost.
     logging.logThreads = False

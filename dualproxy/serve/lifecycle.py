@@ -364,18 +364,22 @@ class Controllable(Protocol):
 
     def stop_now(self) -> None: ...
 
+    def reopen_logs(self) -> None: ...
+
 
 async def watch_signals(
     server: Controllable, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """SIGHUP reloads, SIGTERM drains (a second one stops at once). Started with
-    nursery.start, it reports readiness once the handlers are installed: a SIGHUP before
-    that would kill the process."""
-    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM) as signals:
+    """SIGHUP reloads, SIGTERM drains (a second one stops at once), SIGUSR1 reopens the
+    access log file (logrotate's postrotate). Started with nursery.start, it reports
+    readiness once the handlers are installed: a SIGHUP before that would kill the process."""
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1) as signals:
         task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:
                 await server.reload("SIGHUP")
+            elif signum == signal.SIGUSR1:
+                server.reopen_logs()
             elif not server.draining:
                 log.info("SIGTERM: stopping, after the requests in flight")
                 server.drain()
