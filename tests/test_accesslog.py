@@ -15,7 +15,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import pytest
 import trio
@@ -24,44 +24,11 @@ from helpers.clients import CLIENT_TIMEOUT
 from helpers.configs import make_config, write_config
 from helpers.h2client import SNI, h2_client
 from helpers.keys import KeyFiles, make_key
+from helpers.logs import ACCESS_FIELDS, parse_access_line
 from helpers.serving import Running, serving
 from helpers.upstream_server import UpstreamServer, closed_port, serve_upstream
 
 from dualproxy.ops.accesslog import BUFFER_BYTES, MAX_PATH_CHARS, AccessLog
-
-# Every field of an access line, in order.
-FIELDS: Final = (
-    "peer",
-    "method",
-    "path",
-    "proto",
-    "status",
-    "in",
-    "out",
-    "ms",
-    "upstream_ms",
-    "key",
-    "reason",
-    "ended",
-)
-_FIELD: Final = r'[a-z_]+=(?:"(?:[^"\\]|\\.)*"|[^\s"=\\]+)'
-_LINE: Final = re.compile(
-    rf"(\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}}) (INFO|WARNING) access((?: {_FIELD})+)"
-)
-
-
-def parse(line: str) -> dict[str, str]:
-    """A text access line as {field: value} (plus "level"), quoted values unescaped."""
-    match = _LINE.fullmatch(line)
-    assert match, line
-    fields = {"level": match.group(2)}
-    for item in re.findall(_FIELD, match.group(3)):
-        key, _, value = item.partition("=")
-        if value.startswith('"'):
-            value = value[1:-1].replace('\\"', '"').encode().decode("unicode_escape")
-        fields[key] = value
-    assert tuple(fields)[1:] == FIELDS, line
-    return fields
 
 
 def entry(log: AccessLog, **changes: Any) -> None:
@@ -92,7 +59,7 @@ def test_a_text_line_has_every_field_in_order(tmp_path: Path) -> None:
     entry(log)
     entry(log, version=b"2", status=0, upstream_seconds=None, ended="client reset the stream")
     log.close()
-    first, second = (parse(line) for line in path.read_text().splitlines())
+    first, second = (parse_access_line(line) for line in path.read_text().splitlines())
     assert first == {
         "level": "INFO",
         "peer": "203.0.113.7:51234",
@@ -119,7 +86,7 @@ def test_a_json_line_has_the_same_fields_typed(tmp_path: Path) -> None:
     log.close()
     [line] = path.read_text().splitlines()
     got = json.loads(line)
-    assert list(got) == ["time", "level", "event", *FIELDS]
+    assert list(got) == ["time", "level", "event", *ACCESS_FIELDS]
     assert (got["level"], got["event"], got["status"], got["upstream_ms"]) == (
         "warning",
         "access",
@@ -139,7 +106,7 @@ def test_a_path_cannot_forge_fields_and_is_bounded(tmp_path: Path, target: bytes
     entry(log, target=target)
     log.close()
     [line] = path.read_text().splitlines()
-    logged = parse(line)["path"]
+    logged = parse_access_line(line)["path"]
     expected = target.decode("latin-1")
     if len(expected) > MAX_PATH_CHARS:
         expected = expected[:MAX_PATH_CHARS] + "..."
@@ -168,7 +135,7 @@ def test_a_warning_is_written_at_once(tmp_path: Path) -> None:
     entry(log)
     entry(log, status=504, ended="504 upstream: no response head within 60 s")
     lines = path.read_text().splitlines()
-    assert [parse(line)["level"] for line in lines] == ["INFO", "WARNING"]
+    assert [parse_access_line(line)["level"] for line in lines] == ["INFO", "WARNING"]
     log.close()
 
 
@@ -197,9 +164,10 @@ def test_reopen_starts_a_new_file_after_a_rotation(tmp_path: Path) -> None:
     entry(log, target=b"/after")
     log.close()
     assert [
-        parse(line)["path"] for line in (tmp_path / "access.log.1").read_text().splitlines()
+        parse_access_line(line)["path"]
+        for line in (tmp_path / "access.log.1").read_text().splitlines()
     ] == ["/before"]
-    assert [parse(line)["path"] for line in path.read_text().splitlines()] == ["/after"]
+    assert [parse_access_line(line)["path"] for line in path.read_text().splitlines()] == ["/after"]
 
 
 # --- the server's lines ----------------------------------------------------------------------
@@ -255,7 +223,7 @@ async def test_both_protocols_are_logged_one_line_per_request(
         assert result.returncode == 0, result.stderr
         assert run.server.access_log is not None
         run.server.access_log.flush()
-        lines = [parse(line) for line in path.read_text().splitlines()]
+        lines = [parse_access_line(line) for line in path.read_text().splitlines()]
     by_path = {line["path"]: line for line in lines}
     assert set(by_path) == {"/h2/one", "/h2/two", "/h1"}
     assert by_path["/h2/one"]["proto"] == by_path["/h2/two"]["proto"] == "HTTP/2"
@@ -283,7 +251,7 @@ async def test_a_502_is_a_warning_with_its_reason_and_a_generic_body(
             async with h2_client(run.port, cafile) as client:
                 reply = await client.request("GET", "/down")
             # Written at once: a warning does not wait for the flush.
-            [line] = [parse(line) for line in path.read_text().splitlines()]
+            [line] = [parse_access_line(line) for line in path.read_text().splitlines()]
             with trio.fail_after(CLIENT_TIMEOUT):
                 while not [r for r in caplog.records if r.getMessage().startswith("conn ")]:
                     await trio.sleep(0.01)

@@ -183,9 +183,14 @@ class Limits:
     # gives 30 s before SIGKILL by default: terminationGracePeriodSeconds).
     shutdown_grace: float = 30.0
     # HTTP/2 streams one client connection may have in flight (SETTINGS_MAX_CONCURRENT_STREAMS;
-    # beyond it a new stream is refused with REFUSED_STREAM): 100, Envoy's and nginx's order
+    # a client that opens more once it acknowledged the setting gets GOAWAY PROTOCOL_ERROR,
+    # before that the stream is refused with REFUSED_STREAM): 100, Envoy's and nginx's order
     # (nginx http2_max_concurrent_streams 128), RFC 9113's recommended minimum.
     h2_max_concurrent_streams: int = 100
+    # A WebSocket tunnel that moves no byte either way for this long is closed: HAProxy's
+    # `timeout tunnel` as its documentation sets it (1 h). Apps ping far more often (OkHttp's
+    # pingInterval, URLSession's sendPing: seconds to a minute); a dead peer frees its slot.
+    websocket_idle_timeout: float = 3600.0
 
 
 # Range each Limits field accepts: (lowest, highest). Zero-length waits would refuse everyone;
@@ -206,6 +211,7 @@ LIMIT_RANGES: Final[Mapping[str, tuple[float, float]]] = MappingProxyType(
         "max_body_bytes": (0, 1 << 40),
         "shutdown_grace": (0, 3600),
         "h2_max_concurrent_streams": (1, 1000),
+        "websocket_idle_timeout": (1, 86400),
     }
 )
 

@@ -90,6 +90,7 @@ from dualproxy.http.lifecycle import DEPARTURE_CHECK_SECONDS, Departures, Drain,
 from dualproxy.http.local import Endpoint, LocalRequest
 from dualproxy.http.rewrite import ClientPeer
 from dualproxy.http.settings import RelaySettings, Tally
+from dualproxy.http.tunnel import TunnelResult, relay_tunnel
 from dualproxy.http.upstream import UpstreamConnection
 from dualproxy.tls.streams import RECEIVE_SIZE, TlsStream
 
@@ -186,6 +187,7 @@ class ClientConnection:
         self._head_at = 0.0
         self._status = self._bytes_out = 0
         self._upstream_seconds: float | None = None
+        self._tunneled: TunnelResult | None = None  # a WebSocket's, once it ended
 
     async def serve(self) -> None:
         """Relay requests until the client leaves, asks to close, or something fails.
@@ -348,11 +350,16 @@ class ClientConnection:
                 else:
                     self._departures[self._fd] = self
                     try:
-                        response = await upstream.receive_head(timeout=None, request_method=method)
+                        response = await upstream.receive_head(
+                            timeout=None, request_method=method, upgrading=exchange.upgrading
+                        )
                     finally:
                         self._departures.pop(self._fd, None)
                 upstream_seconds = self._upstream_seconds = self._now() - sent
                 self._tally.response_relayed(response.status, upstream_seconds)
+                if response.status == HTTPStatus.SWITCHING_PROTOCOLS:  # asked for: upgrading
+                    await self._tunnel(upstream, response, exchange, settings)
+                    return None
                 # _respond releases or discards the upstream connection itself.
                 return await self._respond(upstream, response, exchange, settings)
             except HttpRefusal as failure:
@@ -548,6 +555,34 @@ class ClientConnection:
                 settings.pool.discard(upstream)
         return None
 
+    async def _tunnel(
+        self,
+        upstream: UpstreamConnection,
+        response: ResponseHead,
+        exchange: Exchange,
+        settings: RelaySettings,
+    ) -> None:
+        """The upstream switched to WebSocket: its 101 to the client, then bytes both ways
+        (http.tunnel, bounded by its own idle timeout) until either side closes."""
+        try:
+            status, reason, lines, fields, _, _ = exchange.switch(response)
+            self._status = status
+            await self._send_client([response_head(status, reason, fields, lines=lines)])
+            stream, pending = upstream.tunnel()
+            client_pending = bytes(self._buffer)
+            self._buffer.clear()
+            self._set_deadline(math.inf)
+            self._tunneled = await relay_tunnel(
+                self._stream,
+                client_pending,
+                stream,
+                pending,
+                idle_timeout=settings.limits.websocket_idle_timeout,
+            )
+        finally:
+            settings.pool.discard(upstream)
+        self._keep_alive = False
+
     async def _send_client(self, out: list[bytes], *, last: bool = False) -> None:
         """Send to the client; `last`: the connection's final bytes, its TLS close_notify
         going with them."""
@@ -614,6 +649,11 @@ class ClientConnection:
                 head.version,
                 exchange.received,
             )
+        if (tunneled := self._tunneled) is not None:  # a WebSocket: its bytes, how it ended
+            self._tunneled = None
+            received, self._bytes_out = tunneled.bytes_up, tunneled.bytes_down
+            assert self._limits is not None
+            ended = ended or tunneled.ending(self._limits.websocket_idle_timeout)
         self._tally.exchange_ended(
             method,
             target,
