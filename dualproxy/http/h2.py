@@ -710,18 +710,34 @@ class Http2Connection:
         no_body = framing is Framing.NONE
         stream.status = status
         try:
-            self._send_headers(stream, headers, end=False)
-            while True:  # bounded: the upstream's framing, upstream_timeout per read
-                piece = upstream.buffered_body()
-                if piece is None:
-                    await self._wait_drained()
-                    piece = await upstream.receive_body(timeout=limits.upstream_timeout)
-                if piece is END:
-                    break
-                assert isinstance(piece, bytes)
-                if not no_body:
-                    await self._send_data(stream, piece, limits)
-            self._end_stream(stream)
+            piece = upstream.buffered_body()
+            if piece is END:  # no body, or an empty one: the HEADERS end the stream
+                self._send_headers(stream, headers, end=True)
+            else:
+                self._send_headers(stream, headers, end=False)
+                # The last piece read, held back so that the DATA frame that carries it ends
+                # the stream too (one frame fewer than an empty DATA with END_STREAM).
+                held: bytes | None = None
+                while (
+                    piece is not END
+                ):  # bounded: the upstream's framing, upstream_timeout per read
+                    if piece is None:
+                        if held is not None:
+                            await self._send_data(stream, held, limits)
+                            held = None
+                        await self._wait_drained()
+                        piece = await upstream.receive_body(timeout=limits.upstream_timeout)
+                        continue
+                    assert isinstance(piece, bytes)
+                    if piece and not no_body:
+                        if held is not None:
+                            await self._send_data(stream, held, limits)
+                        held = piece
+                    piece = upstream.buffered_body()
+                if held is not None:
+                    await self._send_data(stream, held, limits, end=True)
+                else:
+                    self._end_stream(stream)
             await self._wait_drained()
         except HttpRefusal as failure:
             ending = exchange.upstream_failed(failure)
@@ -771,8 +787,7 @@ class Http2Connection:
         headers += [field for field in fields if field[0] not in _NOT_IN_H2]
         self._send_headers(stream, headers, end=not body)
         if body:
-            await self._send_data(stream, body, limits)
-            self._end_stream(stream)
+            await self._send_data(stream, body, limits, end=True)
         await self._wait_drained()
 
     # --- frames out -----------------------------------------------------------------------
@@ -794,9 +809,12 @@ class Http2Connection:
             raise _StreamCut(Cut(f"stream closed: {exc}", "client")) from None
         stream.responded = True
 
-    async def _send_data(self, stream: _Stream, data: bytes, limits: Limits) -> None:
+    async def _send_data(
+        self, stream: _Stream, data: bytes, limits: Limits, *, end: bool = False
+    ) -> None:
         """Queue `data` as DATA frames as the windows allow, waiting for the writer between
-        frames; a window that stays shut for send_timeout cuts the stream."""
+        frames; a window that stays shut for send_timeout cuts the stream. `end`: the last
+        frame ends the stream."""
         h2conn = self._h2
         while data:  # bounded: each round sends at least a byte, or waits within a bound
             try:
@@ -811,12 +829,14 @@ class Http2Connection:
                     raise _expiry(Wait.CLIENT_SEND, limits)
                 continue
             size = min(window, h2conn.max_outbound_frame_size, len(data))
+            last = end and size == len(data)
             try:
-                h2conn.send_data(stream.id, data[:size])
+                h2conn.send_data(stream.id, data[:size], end_stream=last)
             except h2.exceptions.ProtocolError as exc:
                 raise _StreamCut(Cut(f"stream closed: {exc}", "client")) from None
             self._guard.data_sent()
             stream.bytes_out += size
+            stream.responded = last
             data = data[size:]
             if data:
                 await self._wait_drained()

@@ -18,7 +18,7 @@ TextFormatter writes them):
 (one line), in this order; `ended` says why the exchange did not end well (a refusal, a cut,
 the client leaving), "-" when it did; `upstream_ms` is "-" for an answer of our own. The path
 (the request target as the client sent it: path and query) is bounded to MAX_PATH_CHARS and
-escaped as every client-controlled log value is (serve.connection's `log_value`). In JSON
+escaped as every client-controlled log value is (ops.logformat's `log_value`). In JSON
 (`--log-format json`) the same fields are members, numbers as numbers and none as null:
 {"time", "level", "event": "access", "peer", "method", "path", ...}.
 """
@@ -34,12 +34,13 @@ from typing import IO, Final
 
 import trio
 
+from dualproxy.ops.logformat import log_value
+
 __all__ = [
     "BUFFER_BYTES",
     "FLUSH_SECONDS",
     "MAX_PATH_CHARS",
     "AccessLog",
-    "escape",
 ]
 
 # nginx's access_log buffer=64k flush=1s: a busy server writes 64 KiB at a time (a few hundred
@@ -50,17 +51,8 @@ FLUSH_SECONDS: Final = 1.0
 # max_request_line_bytes); 1024 keeps every real API path and query whole.
 MAX_PATH_CHARS: Final = 1024
 _TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
-_SAFE: Final = frozenset(range(0x21, 0x7F)) - {ord('"'), ord("\\"), ord("=")}
-
-
-def escape(value: str) -> str:
-    """Client-controlled text for a log line: as it is when that is safe, else quoted with the
-    escapes of Python's unicode_escape codec, so that it cannot forge fields or lines (the
-    rule of serve.connection's `log_value`)."""
-    if value and all(ord(c) in _SAFE for c in value):
-        return value
-    escaped = value.encode("unicode_escape").decode("ascii").replace('"', '\\"')
-    return f'"{escaped}"'
+# The upstream failed the exchange (the statuses we answer for it): a WARNING, written at once.
+_UPSTREAM_FAILURES: Final = frozenset({502, 503, 504})
 
 
 class AccessLog:
@@ -95,7 +87,7 @@ class AccessLog:
     ) -> None:
         """Log one exchange; `status` 0 when no response went out, `ended` None when it ended
         well. An upstream failure (502, 503, 504) is a WARNING, written at once."""
-        warning = status in (502, 503, 504)
+        warning = status in _UPSTREAM_FAILURES
         now = time.time()
         path = target.decode("latin-1")
         if len(path) > MAX_PATH_CHARS:
@@ -133,11 +125,12 @@ class AccessLog:
             line = (
                 f"{self._second_text},{int(now * 1000) % 1000:03d}"
                 f" {'WARNING' if warning else 'INFO'} access peer={peer}"
-                f" method={escape(method.decode('latin-1'))} path={escape(path)} proto={proto}"
+                f" method={log_value(method.decode('latin-1'))} path={log_value(path)}"
+                f" proto={proto}"
                 f" status={status or '-'} in={bytes_in} out={bytes_out} ms={ms}"
                 f" upstream_ms={'-' if upstream_ms is None else upstream_ms}"
                 f" key={key or '-'} reason={reason or '-'}"
-                f" ended={escape(ended) if ended else '-'}"
+                f" ended={log_value(ended or None)}"
             )
         self._lines.append(line)
         self._size += len(line) + 1

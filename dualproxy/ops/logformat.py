@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -36,6 +37,7 @@ __all__ = [
     "TextFormatter",
     "configured_format",
     "log_event",
+    "log_value",
     "setup_logging",
 ]
 
@@ -61,6 +63,24 @@ class LogEvent:
 
     def log_fields(self) -> dict[str, object]:
         raise NotImplementedError
+
+
+# What a client-controlled log value may hold as it is: printable ASCII but for the quote, the
+# backslash and "=" (which would forge a field).
+_UNSAFE_LOG_CHARS: Final = re.compile(r"[^\x21-\x7e]|[\"\\=]")
+
+
+def log_value(value: object) -> str:
+    """Client-controlled text (SNI, ALPN, a request's path) for a log line: as it is when that
+    is safe, else quoted with the escapes of Python's unicode_escape codec, so that it cannot
+    forge log fields or lines; "-" for None."""
+    if value is None:
+        return "-"
+    text = str(value)
+    if text and not _UNSAFE_LOG_CHARS.search(text):
+        return text
+    escaped = text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+    return f'"{escaped}"'
 
 
 def log_event(logger: logging.Logger, event: LogEvent, level: int = logging.INFO) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import codecs
 import ipaddress
-import re
 import socket
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -38,18 +37,17 @@ import trio
 from dualproxy.config.names import IPAddress
 from dualproxy.ops.accesslog import AccessLog
 from dualproxy.ops.evidence import LATENCY_BOUNDS, RequestCounters
-from dualproxy.ops.logformat import LogEvent
+from dualproxy.ops.logformat import LogEvent, log_value
 from dualproxy.rotation import policy
 from dualproxy.tls.clienthello import ClientHello
 from dualproxy.tls.outcome import Outcome
 
-__all__ = ["ConnectionRecord", "log_value", "peer_address"]
+__all__ = ["ConnectionRecord", "peer_address"]
 
 # What we answer when the upstream failed an exchange (errors.py: the upstream's fault).
 _UPSTREAM_FAILURE_STATUSES: Final = frozenset({502, 503, 504})
 # What the log line writes for a value that is none.
 _NONE_TEXT: Final = "-"
-_UNSAFE_LOG_CHARS: Final = re.compile(r"[^\x21-\x7e]|[\"\\=]")
 
 
 @dataclass(slots=True)
@@ -192,19 +190,6 @@ class ConnectionRecord(LogEvent):
 def _unless_none_text(value: str | None) -> str | None:
     """A JSON field's value: None for what the text line writes as "-" (none, "" or "-")."""
     return value if value and value != _NONE_TEXT else None
-
-
-def log_value(value: object) -> str:
-    """Client-controlled text (SNI, ALPN) for the log line: as it is when that is safe, else
-    quoted with the escapes of Python's unicode_escape codec, so that it cannot forge log
-    fields or lines; "-" for None."""
-    if value is None:
-        return _NONE_TEXT
-    text = str(value)
-    if text and not _UNSAFE_LOG_CHARS.search(text):
-        return text
-    escaped = text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
-    return f'"{escaped}"'
 
 
 def peer_address(name: object) -> tuple[str, IPAddress | None]:
