@@ -15,6 +15,19 @@ from helpers import profiles
 profiles.load()
 
 
+@pytest.fixture(autouse=True)
+def runtime_folder(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Where servers record their admin listener (ops.admin.runtime_folder) for `dualproxy
+    status`: a folder of each test's own (servers started as processes inherit it), never
+    the machine's, which other runs of the suite share."""
+    folder = tmp_path_factory.mktemp("run")
+    folder.chmod(0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(folder))
+    return folder / "dualproxy"
+
+
 @pytest.fixture
 def ca() -> trustme.CA:
     return trustme.CA()

@@ -8,7 +8,10 @@ resolves to 127.0.0.1 and Pebble validates on the ports the test's dualproxy lis
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -198,6 +201,50 @@ def test_issue_then_renew_keep_the_key_tls_alpn(tmp_path: Path, pebble: Pebble) 
     assert not list((tmp_path / "certs/acme/challenges").glob("*.json"))  # withdrawn
 
 
+def test_issue_says_each_slow_step_first(
+    tmp_path: Path, pebble: Pebble, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`acme issue` against a CA that may take a minute: each step is in the log before it
+    waits, and each challenge answered is one line naming it."""
+    setup = make_setup(tmp_path, pebble)
+    with caplog.at_level(logging.INFO, logger="dualproxy"):
+        assert main(["acme", "issue", "k1", "-c", str(setup.config_file)]) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    steps = [
+        f"acme: k1: asking {pebble.directory} for a certificate for {', '.join(NAMES)}",
+        next(m for m in messages if m.startswith("acme: k1: proving ")),
+        "acme: k1: waiting for the CA to validate and issue (at most 30 s)",
+        f"acme: k1: new certificate written to {setup.chain_file}",
+    ]
+    assert sorted(steps[1].removeprefix("acme: k1: proving ").split(" with ")[0].split(", ")) == (
+        sorted(NAMES)
+    )
+    positions = [messages.index(step) for step in steps]
+    assert positions == sorted(positions), messages
+    for name in NAMES:
+        infos = [
+            r.getMessage() for r in caplog.records
+            if r.levelno == logging.INFO and f"challenge for {name}:" in r.getMessage()
+        ]  # fmt: skip
+        assert infos, messages
+        assert len(infos) == len(set(infos)), messages
+
+
+def test_a_wrong_directory_url_points_at_acme_directory(
+    tmp_path: Path, pebble: Pebble, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup = make_setup(tmp_path, pebble)
+    wrong = pebble.directory + "-nope"
+    setup.config_file.write_text(setup.config_file.read_text().replace(pebble.directory, wrong))
+    assert main(["acme", "issue", "k1", "-c", str(setup.config_file)]) == 1
+    err = capsys.readouterr().err
+    assert f"acme.directory: {wrong} did not answer with an ACME directory (HTTP 404" in err
+    assert "check the URL" in err
+    assert "try again later" not in err
+    assert "Traceback" not in err
+    assert not setup.chain_file.exists()
+
+
 def test_issue_http01(tmp_path: Path, pebble: Pebble) -> None:
     setup = make_setup(tmp_path, pebble, challenge="http-01")
     assert main(["acme", "issue", "k1", "-c", str(setup.config_file)]) == 0
@@ -307,14 +354,23 @@ async def test_cli_issue_while_serving_hands_the_challenge_to_the_server(
         argv = ["acme", "issue", "k1", "-c", str(setup.config_file)]
         assert await trio.to_thread.run_sync(main, argv) == 0
 
-    caplog.set_level("INFO", logger="dualproxy")
+    caplog.set_level("DEBUG", logger="dualproxy")
     loop, server = await _serve_and_renew(setup, cli_issue)
     assert loop.failures == []
     assert loop.pins == {setup.pin}
     assert len(set(loop.serials)) == 2  # old chain, then the new one
     assert server.reloads_failed == 0
-    # Pebble's validations reached the server's own listener (the CLI could not bind it).
-    assert any("outcome=acme-challenge" in r.getMessage() for r in caplog.records)
+    # Pebble's validations reached the server's own listener (the CLI could not bind it):
+    # the server's board says so once per challenge, with its name; the validation
+    # connections' own conn lines are at debug level only.
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    for name in NAMES:
+        assert f"acme: tls-alpn-01 challenge for {name}: answered" in "\n".join(infos)
+    assert not [m for m in infos if "outcome=acme-challenge" in m]
+    assert any(
+        "outcome=acme-challenge" in r.getMessage() and r.levelno == logging.DEBUG
+        for r in caplog.records
+    )
 
 
 async def test_server_renews_in_the_background_with_clients_connected(tmp_path: Path) -> None:
@@ -383,25 +439,42 @@ def test_serve_obtains_a_missing_chain_then_serves_it(tmp_path: Path, pebble: Pe
     setup = make_setup(tmp_path, pebble)
     assert not setup.chain_file.exists()
     process = subprocess.Popen(
-        [sys.executable, "-m", "dualproxy", "serve", "-c", str(setup.config_file)],
+        [sys.executable, "-m", "dualproxy", "serve", "-c", str(setup.config_file),
+         "--log-format", "json"],
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    )  # fmt: skip
     try:
         assert process.stderr is not None
-        read_until(process.stderr, b"listening on", timeout=60)
+        started = read_until(process.stderr, b"listening on", timeout=60)
         served = verified_leaf(pebble.tls_port, pebble.root_pem())
         assert spki_pin_of_certificate(served) == setup.pin
         assert served == leaf(setup.chain_file)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=15)
+            _, rest = process.communicate(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait()
-        if process.stderr is not None:
-            process.stderr.close()
+            _, rest = process.communicate()
+    # --log-format json: every line is a JSON object, the issuance's included.
+    lines = (started + rest).decode().splitlines()
+    entries = [json.loads(line) for line in lines]
+    messages = [e.get("message", "") for e in entries]
+    written = [
+        m for m in messages if m == f"acme: k1: new certificate written to {setup.chain_file}"
+    ]
+    assert len(written) == 1, messages
+    # Each challenge's answer is one line, with its name; no nameless repeats, no conn lines.
+    for name in NAMES:
+        answered = [
+            m for m in messages if m.startswith(f"acme: tls-alpn-01 challenge for {name}: answered")
+        ]
+        assert len(answered) == 1, messages
+    assert not [
+        m for m in messages if m.startswith("acme: answered") or m == "acme: acme-tls/1 answered"
+    ]
+    assert not [e for e in entries if e.get("outcome") == "acme-challenge"], entries
 
 
 # --- without Pebble ------------------------------------------------------------------------------
@@ -424,6 +497,66 @@ def test_check_reports_a_managed_key_without_a_certificate(
     err = capsys.readouterr().err
     assert "keys.k1.chain: no certificate yet" in err
     assert "dualproxy acme issue k1" in err
+
+
+@pytest.mark.parametrize("output", ["table", "okhttp", "json", "curl"])
+def test_pins_of_a_managed_key_without_a_certificate_yet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], ca: trustme.CA, output: str
+) -> None:
+    """A pin depends on the key alone: `pins` lists a managed key whose chain is still to
+    come (with the names it requests), beside a key that has one, and says which is which in
+    check's words."""
+    key = keygen.generate_private_key()
+    keygen.write_private_key(tmp_path / "certs/k1/key.pem", key)
+    other = make_key(ca, tmp_path / "certs", "k0")
+    data = {
+        "listen": {"address": "127.0.0.1:0"},
+        "acme": {"directory": "https://acme.invalid/dir"},
+        "keys": {
+            "k0": other.table(),
+            "k1": {"key": "certs/k1/key.pem", "chain": "certs/k1/chain.pem", "names": list(NAMES)},
+        },
+        "rotation": {
+            "old": "k0", "new": "k1", "grace_start": datetime(2026, 12, 1, tzinfo=UTC),
+            "grace_end": datetime(2027, 1, 15, tzinfo=UTC),
+        },
+    }  # fmt: skip
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(config_toml(data))
+    argv = ["pins", "-c", str(config_file), "--at", "2026-11-01T00:00:00Z"]
+    if output != "table":
+        argv += ["--format", output]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    pin = spki_pin(key.public_key())
+    assert pin in out
+    assert other.pin in out
+    assert err.startswith(
+        f"note: {tmp_path / 'certs/k1/chain.pem'}: keys.k1.chain: no certificate yet"
+    )
+    if output == "table":
+        assert re.search(rf"^k1 +next +ECDSA P-256 +until - +sha256/{re.escape(pin)}$", out, re.M)
+    if output == "okhttp":
+        assert NAMES[0] in out
+    # check says the same of that key (and fails: nothing can serve it yet).
+    assert main(["check", "-c", str(config_file)]) == 1
+    assert "keys.k1.chain: no certificate yet" in capsys.readouterr().err
+
+
+def test_pins_of_a_missing_unmanaged_chain_stay_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The twin: a key without names is not ACME's to complete; its missing chain is the
+    config's error, as at every start."""
+    keygen.write_private_key(tmp_path / "certs/k1/key.pem", keygen.generate_private_key())
+    data = {
+        "listen": {"address": "127.0.0.1:0"},
+        "keys": {"k1": {"key": "certs/k1/key.pem", "chain": "certs/k1/chain.pem"}},
+    }
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(config_toml(data))
+    assert main(["pins", "-c", str(config_file)]) == 1
+    assert "keys.k1.chain: certificate chain file" in capsys.readouterr().err
 
 
 def _cert_with(serial: int, key_id: bytes) -> x509.Certificate:

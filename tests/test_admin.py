@@ -16,6 +16,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -428,7 +429,8 @@ def test_a_path_we_do_not_have_is_refused_after_the_readers_rule() -> None:
     with pytest.raises(HttpRefusal) as caught:
         admin.route(Request(b"POST", b"/nope", ((b"host", b"localhost"),)), opened)
     assert caught.value.problem == (
-        "not found: GET /, /status.json, /status.txt, /metrics; POST /canary/resume"
+        "not found: GET /, /status.json, /status.txt, /metrics, /healthz, /readyz;"
+        " POST /canary/resume"
     )
 
 
@@ -496,3 +498,53 @@ async def test_status_finds_the_admin_listener_through_the_config(
 def test_status_usage_error_for_a_bad_url(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["status", "--admin", "https://127.0.0.1:9901"]) == cli.EXIT_USAGE
     assert "is not an admin URL" in capsys.readouterr().err
+
+
+# --- the record `dualproxy status` finds a server by ---------------------------------------
+
+
+async def test_a_served_listener_is_recorded_for_its_config_and_removed_at_the_end(
+    keys: dict[str, KeyFiles], tmp_path: Path, runtime_folder: Path
+) -> None:
+    config_file = tmp_path / "config.toml"
+    config = write_config(config_file, list(keys.values()), rotation=rotation())
+    assert admin.runtime_folder() == runtime_folder
+    async with serving(config, clock=Clock(DURING)) as run, trio.open_nursery() as nursery:
+        bound = await nursery.start(
+            partial(admin.serve_when_possible, record_for=config_file),
+            ListenAddress("127.0.0.1", 0),
+            run.server,
+        )
+        assert bound is not None
+        assert bound[1] != 0
+        assert admin.recorded(config_file) == bound
+        assert admin.recorded(tmp_path / "other.toml") is None  # one record per config
+        assert admin.recorded_servers() == [(bound, str(config_file.absolute()))]
+        assert (await get(bound, "/status.json")).startswith(b"{")
+        nursery.cancel_scope.cancel()
+    assert admin.recorded(config_file) is None
+    assert list(runtime_folder.iterdir()) == []
+
+
+async def test_a_record_in_a_folder_others_can_write_is_not_trusted(
+    keys: dict[str, KeyFiles],
+    tmp_path: Path,
+    runtime_folder: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The twin: a shared folder could hold another user's forged address."""
+    runtime_folder.mkdir(mode=0o700)
+    runtime_folder.chmod(0o777)
+    config_file = tmp_path / "config.toml"
+    config = write_config(config_file, list(keys.values()), rotation=rotation())
+    async with serving(config, clock=Clock(DURING)) as run, trio.open_nursery() as nursery:
+        bound = await nursery.start(
+            partial(admin.serve_when_possible, record_for=config_file),
+            ListenAddress("127.0.0.1", 0),
+            run.server,
+        )
+        assert bound is not None  # the listener serves all the same
+        assert admin.recorded(config_file) is None
+        assert admin.recorded_servers() == []
+        nursery.cancel_scope.cancel()
+    assert any("not recorded for `dualproxy status`" in r.getMessage() for r in caplog.records)

@@ -4,7 +4,9 @@ socket)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +16,7 @@ from typing import Final
 
 import pytest
 import trio
+from helpers import proxy_headers
 from helpers.smallhttp import exchange, head_of
 
 from dualproxy.acme.challenges import (
@@ -28,6 +31,8 @@ from dualproxy.acme.challenges import (
     serve_http,
     withdraw,
 )
+from dualproxy.config.names import ListenAddress
+from dualproxy.config.schema import ListenConfig
 from dualproxy.http.smallserver import Request
 
 NOW: Final = datetime(2026, 12, 1, tzinfo=UTC)
@@ -138,12 +143,14 @@ def test_no_redirect_without_a_plausible_host(board: ChallengeBoard, host: bytes
 
 
 @asynccontextmanager
-async def http_listener(board: ChallengeBoard) -> AsyncIterator[int]:
+async def http_listener(
+    board: ChallengeBoard, proxy: ListenConfig | None = None
+) -> AsyncIterator[int]:
     """serve_http on a loopback port, redirecting to https on 8443, for the block."""
     with socket.create_server(("127.0.0.1", 0)) as sock:
         sock.setblocking(False)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_http, sock, board, 8443)
+            nursery.start_soon(serve_http, sock, board, 8443, proxy)
             yield int(sock.getsockname()[1])
             nursery.cancel_scope.cancel()
 
@@ -189,3 +196,48 @@ async def test_the_listener_refuses_what_it_cannot_read_with_400(
         assert answer.endswith(b"\r\n\r\nbad request\n")
     else:
         assert b"\r\nlocation: https://api.example.com:8443/\r\n" in answer
+
+
+# --- behind a balancer that sends the PROXY protocol ----------------------------------------------
+
+BEHIND_A_BALANCER: Final = ListenConfig(
+    addresses=(ListenAddress("127.0.0.1", 0),),
+    proxy_protocol="required",
+    proxy_protocol_from=(ipaddress.ip_network("127.0.0.1/32"),),
+)
+
+
+@pytest.mark.parametrize(
+    ("header", "answered"),
+    [
+        (proxy_headers.v2(source="203.0.113.7"), True),
+        (proxy_headers.v1("203.0.113.7", "192.0.2.1", 1234, 80), True),
+        (proxy_headers.v2(command=0x0), True),  # LOCAL: the balancer's own check
+        (b"", False),  # required, and missing
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n", False),  # malformed (bare LF)
+    ],
+    ids=["v2", "v1", "local", "missing", "malformed"],
+)
+async def test_the_listener_reads_the_proxy_header_when_the_tls_port_does(
+    board: ChallengeBoard,
+    header: bytes,
+    answered: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="dualproxy.acme")
+    async with http_listener(board, BEHIND_A_BALANCER) as port:
+        answer = await exchange("127.0.0.1", port, header + challenge_request(b"GET", "tok2"))
+    if answered:
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert answer.endswith(b"tok2.thumb")
+    else:
+        assert answer == b""
+        assert "http-01 listener: closed a connection from 127.0.0.1" in caplog.text
+
+
+async def test_without_the_protocol_a_header_is_a_bad_request(board: ChallengeBoard) -> None:
+    """The negative twin: off, the header's bytes are the request's, which is malformed."""
+    async with http_listener(board) as port:
+        header = proxy_headers.v1("203.0.113.7", "192.0.2.1", 1234, 80)
+        answer = await exchange("127.0.0.1", port, header + challenge_request(b"GET", "tok2"))
+    assert answer.startswith(b"HTTP/1.1 400 ")

@@ -24,6 +24,7 @@ from dualproxy.rotation.checks import (
     Finding,
     certificate_covers,
     check_acme,
+    check_config,
     check_keys,
 )
 from dualproxy.tls.keystore import LoadedKey, load_key
@@ -305,3 +306,44 @@ def test_check_acme_reports_a_certificate_whose_names_are_not_the_configured_one
     findings = check_acme(config, keys, [])
     assert [(f.level, f.key_path) for f in findings] == [("warning", "keys.b.chain")]
     assert "asks for api.example.com" in findings[0].message
+
+
+# --- the config itself -------------------------------------------------------------------
+
+
+def hinted(new: dict[str, Any], old: dict[str, Any] | None = None) -> Config:
+    data: dict[str, Any] = {
+        "listen": {"address": "127.0.0.1:0"},
+        "keys": {n: {"key": f"certs/{n}/key.pem", "chain": f"certs/{n}/chain.pem"} for n in "ab"},
+        "rotation": {
+            "old": "a", "new": "b", "grace_start": GRACE_START, "grace_end": GRACE_END,
+            "hints": {"new": new, **({"old": old} if old is not None else {})},
+        },
+    }  # fmt: skip
+    return parse(data, base_dir=CONFIG_FILE.parent, path=CONFIG_FILE, check_files=False)
+
+
+def test_check_config_warns_when_the_only_hint_is_one_mobile_stacks_cannot_send() -> None:
+    [finding] = check_config(hinted({"alpn": ["dualproxy-b"]}))
+    assert finding.level == "warning"
+    assert finding.key_path == "rotation.hints.new.alpn"
+    assert finding.file == CONFIG_FILE
+    assert "OkHttp, URLSession/Alamofire, Flutter and React Native" in finding.message
+    assert "add an SNI alias (hints.new.sni" in finding.message
+    [old_side] = check_config(hinted({"sni": [NEW_HINT]}, {"alpn": ["dualproxy-a"]}))
+    assert old_side.key_path == "rotation.hints.old.alpn"
+
+
+@pytest.mark.parametrize(
+    "new",
+    [
+        {"sni": [NEW_HINT]},
+        {"sni": [NEW_HINT], "alpn": ["dualproxy-b"]},
+        {"networks": ["10.0.0.0/8"], "alpn": ["dualproxy-b"]},
+        {},
+    ],
+    ids=["sni", "sni-and-alpn", "network-and-alpn", "no-hints"],
+)
+def test_check_config_is_quiet_when_apps_have_a_hint_they_can_send(new: dict[str, Any]) -> None:
+    assert check_config(hinted(new)) == []
+    assert check_config(make_config(rotation=False)) == []

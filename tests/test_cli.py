@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -43,7 +44,6 @@ from dualproxy.tls import pins
 EXAMPLE_CONFIG: Final = Path(__file__).resolve().parent.parent / "config.toml"
 EXAMPLE_LISTEN: Final = 'address = "127.0.0.1:8443"'
 EXAMPLE_UPSTREAM: Final = '[upstream]\nurl = "https://my-project.appspot.com"'
-EXAMPLE_ADMIN: Final = 'address = "127.0.0.1:9901"'
 # The example's rotation, and instants in each phase of it.
 BEFORE: Final = "2026-11-01T00:00:00Z"
 DURING: Final = "2026-12-10T00:00:00Z"
@@ -82,11 +82,9 @@ def example(tmp_path: Path, ca: trustme.CA) -> Example:
     text = config_file.read_text()
     assert EXAMPLE_LISTEN in text
     assert EXAMPLE_UPSTREAM in text
-    assert EXAMPLE_ADMIN in text
     # No network here: the example's App Engine upstream is dropped (dualproxy then answers
     # itself); test_example_relays_to_its_upstream puts a local one back.
     text = text.replace(EXAMPLE_LISTEN, 'address = "127.0.0.1:0"').replace(EXAMPLE_UPSTREAM, "")
-    text = text.replace(EXAMPLE_ADMIN, 'address = "127.0.0.1:0"')  # a free port, as listen's
     config_file.write_text(text)
     cafile = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(cafile))
@@ -221,6 +219,31 @@ def test_check_rejects_a_bad_config(
     assert advice in err
 
 
+def test_check_refuses_plain_http_to_a_remote_upstream_unless_allowed(
+    example: Example, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with example.config_file.open("a") as config:
+        config.write('\n[upstream]\nurl = "http://api.example.com"\n')
+    code, out, err = run(capsys, "check", "-c", example.config_file, "--at", DURING)
+    assert code == cli.EXIT_FAILED
+    assert out == ""
+    assert err.startswith(f"error: {example.config_file}: upstream.url: ")
+    assert "plain HTTP to another machine" in err
+    assert "allow_plaintext = true" in err
+    # The twin: with the opt-in written, check passes and says what it allows.
+    example.edit(
+        'url = "http://api.example.com"\n',
+        'url = "http://api.example.com"\nallow_plaintext = true\n',
+    )
+    code, out, err = run(capsys, "check", "-c", example.config_file, "--at", DURING)
+    assert code == cli.EXIT_OK, err
+    assert (
+        f"warning: {example.config_file}: upstream.allow_plaintext: requests to"
+        " http://api.example.com and its answers cross the network unencrypted"
+    ) in out
+    assert out.rstrip().endswith("check passed with 1 warning(s)")
+
+
 def test_check_rejects_a_chain_for_another_key(
     example: Example, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -333,6 +356,13 @@ def test_missing_or_unknown_command_is_a_usage_error(
     code, _, err = run(capsys, *argv)
     assert code == cli.EXIT_USAGE
     assert "usage: dualproxy" in err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--version"]) == cli.EXIT_OK
+    assert re.fullmatch(r"dualproxy \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)
+    # Its twin: an option that is not it is a usage error.
+    assert cli.main(["--verison"]) == cli.EXIT_USAGE
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
@@ -690,6 +720,198 @@ def test_serve_json_logs_and_its_admin_listener_answer_status(
     printed = capsys.readouterr().out
     assert printed.startswith("dualproxy status at ")
     assert re.search(rf"^{answer_key(example, answer.pin)} .* 1 +0 +0\.0%", printed, re.M), printed
+
+
+@pytest.mark.e2e
+def test_serve_says_what_it_serves_once_it_listens(example: Example) -> None:
+    """The start-up summary: every key with its role and pin, the phase, the upstream and
+    every listener, the admin listener's bound port included."""
+    process, started, port = start_serve(example)
+    try:
+        assert process.stderr is not None
+        if b"listeners: " not in started:
+            started += read_until(process.stderr, b"listeners: ", timeout=SUBPROCESS_TIMEOUT)
+        if not re.search(rb"listeners: .*\n", started):  # the rest of that line
+            started += read_until(process.stderr, b"\n", timeout=SUBPROCESS_TIMEOUT)
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    text = started.decode()
+    keys = re.search(r"INFO keys: (.*)$", text, re.M)
+    assert keys is not None, text
+    assert "k2026a (" in keys.group(1)
+    assert f"sha256/{example.old.pin}" in keys.group(1)
+    assert f"sha256/{example.new.pin}" in keys.group(1)
+    assert re.search(r"INFO rotation: (before the grace window|grace window open|after)", text)
+    assert "INFO upstream: none: dualproxy answers every request itself" in text
+    listeners = re.search(
+        r"INFO listeners: TLS 127\.0\.0\.1:(\d+); admin http://127\.0\.0\.1:(\d+)/", text
+    )
+    assert listeners is not None, text
+    assert int(listeners.group(1)) == port
+    assert int(listeners.group(2)) not in (0, port)
+
+
+def test_serve_on_a_port_in_use_says_what_to_do(
+    example: Example, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        listen = '"127.0.0.1:0"          # or a list'
+        example.edit(listen, listen.replace(":0", f":{port}"))
+        code = cli.main(["serve", "-c", str(example.config_file)])
+    assert code == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"error: cannot listen on 127.0.0.1:{port} (listen.address): " in err
+    assert "another process listens there" in err
+    assert "choose another port with listen.address" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_serve_that_cannot_start_keeps_its_log_format(example: Example, log_format: str) -> None:
+    """--log-format json: even the error that stops the start is a JSON line (a log pipeline
+    must not meet a plain-text line); in text, it is the usual `error: ...`."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        listen = '"127.0.0.1:0"          # or a list'
+        example.edit(listen, listen.replace(":0", f":{port}"))
+        script = Path(sys.executable).parent / "dualproxy"
+        failed = subprocess.run(
+            [script, "serve", "-c", example.config_file, "--log-format", log_format],
+            capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False,
+        )  # fmt: skip
+    assert failed.returncode == cli.EXIT_FAILED
+    lines = failed.stderr.splitlines()
+    assert lines
+    if log_format == "json":
+        entries = [json.loads(line) for line in lines]
+        assert entries[-1]["level"] == "error"
+        assert entries[-1]["message"].startswith(f"cannot listen on 127.0.0.1:{port}")
+    else:
+        assert lines[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    # And a config error, before anything else is set up.
+    example.config_file.write_text("[listen\n")
+    broken = subprocess.run(
+        [script, "serve", "-c", example.config_file, "--log-format", log_format],
+        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False,
+    )  # fmt: skip
+    assert broken.returncode == cli.EXIT_FAILED
+    if log_format == "json":
+        [entry] = [json.loads(line) for line in broken.stderr.splitlines()]
+        assert entry["level"] == "error"
+        assert "not valid TOML" in entry["message"]
+    else:
+        assert broken.stderr.startswith(f"error: {example.config_file}: not valid TOML")
+
+
+def second_example(example: Example) -> Path:
+    """A second config beside the example's, with the same keys, in its own folder."""
+    folder = example.folder / "second"
+    folder.mkdir()
+    shutil.copytree(example.folder / "certs", folder / "certs")
+    shutil.copy(example.config_file, folder / "config.toml")
+    return folder / "config.toml"
+
+
+def status_json(config_file: Path) -> dict[str, object]:
+    script = Path(sys.executable).parent / "dualproxy"
+    asked = subprocess.run(
+        [script, "status", "-c", config_file, "--json"],
+        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False,
+    )  # fmt: skip
+    assert asked.returncode == 0, asked.stderr
+    answer: dict[str, object] = json.loads(asked.stdout)
+    return answer
+
+
+def connections_in(status: dict[str, object]) -> int:
+    rows = status["connections"]
+    assert isinstance(rows, list)
+    return sum(int(row["connections"]) for row in rows)
+
+
+@pytest.mark.e2e
+def test_two_instances_on_one_machine_each_with_its_admin_listener(
+    example: Example,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without an [admin] address every serve takes a free port: a second instance starts
+    beside the first (no collision), and `dualproxy status -c` finds each one's own."""
+    other = second_example(example)
+    first, _, first_port = start_serve(example)
+    second = None
+    try:
+        second_example_ = Example(
+            other.parent, other, example.ca, example.cafile, example.old, example.new
+        )
+        second, _, second_port = start_serve(second_example_)
+        # Both serve TLS: the first gets two clients, the second one; each status is its own.
+        for port in (first_port, first_port, second_port):
+            answer = tls_get("127.0.0.1", port, cafile=example.cafile)
+            assert answer.response.startswith(b"HTTP/1.1 200")
+        assert connections_in(status_json(example.config_file)) == 2
+        assert connections_in(status_json(other)) == 1
+        # Without -c and without ./config.toml: two servers run, which one is meant?
+        empty = tmp_path / "elsewhere"
+        empty.mkdir()
+        monkeypatch.chdir(empty)
+        assert cli.main(["status"]) == cli.EXIT_FAILED
+        err = capsys.readouterr().err
+        assert "2 servers are running" in err
+        assert str(example.config_file) in err
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=SUBPROCESS_TIMEOUT) == 0
+        # The twin: once only one runs, it is the one.
+        assert cli.main(["status", "--json"]) == cli.EXIT_OK
+        assert connections_in(json.loads(capsys.readouterr().out)) == 2
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+            if process is not None:
+                process.communicate(timeout=SUBPROCESS_TIMEOUT)
+
+
+@pytest.mark.e2e
+def test_an_admin_address_in_use_never_stops_the_tls_front(example: Example) -> None:
+    """The admin address is held by another process (the one being replaced): serve starts,
+    serves TLS, says why the admin listener is missing, and takes the port once it is free."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        admin_port = taken.getsockname()[1]
+        example.edit("[admin]\n", f'[admin]\naddress = "127.0.0.1:{admin_port}"\n')
+        process, started, port = start_serve(example)
+        try:
+            assert process.stderr is not None
+            if b"serving TLS without the admin listener" not in started:
+                started += read_until(
+                    process.stderr, b"serving TLS without the admin listener",
+                    timeout=SUBPROCESS_TIMEOUT,
+                )  # fmt: skip
+            assert f"cannot listen on 127.0.0.1:{admin_port} (admin.address)".encode() in started
+            answer = tls_get("127.0.0.1", port, cafile=example.cafile)
+            assert answer.response.startswith(b"HTTP/1.1 200 ")
+            taken.close()  # the old process exits
+            read_until(process.stderr, b"is free now", timeout=SUBPROCESS_TIMEOUT)
+            status = status_json(example.config_file)
+            assert connections_in(status) == 1
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            _, rest = process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    assert process.returncode == 0
+    assert b"Traceback" not in started + rest
 
 
 def answer_key(example: Example, pin: str) -> str:

@@ -231,8 +231,8 @@ def test_optional_sections_override_their_defaults(tmp_path: Path) -> None:
         pytest.param(
             {},
             lambda c: (str(c.admin.address), c.admin.allow_non_loopback),
-            ("127.0.0.1:9901", False),
-            id="admin-default-loopback",
+            ("127.0.0.1:0", False),
+            id="admin-default-a-free-loopback-port",
         ),
         pytest.param(
             {"admin.address": "[::1]:0"},
@@ -294,11 +294,50 @@ def test_accepted(
             "unknown setting; did you mean 'grace_end'?",
             id="grace_ned-next-to-grace_end",
         ),
+        # A required key misspelled: the unknown key is named first, with the one it stands for.
         pytest.param(
             {"rotation.grace_end": DELETE, "rotation.grace_ned": GRACE_END},
-            "rotation.grace_end",
-            "(found 'grace_ned': misspelled?)",
+            "rotation.grace_ned",
+            "unknown setting; did you mean 'grace_end'? (grace_end is required",
             id="grace_ned-instead-of-grace_end",
+        ),
+        pytest.param(
+            {"rotation.grace_end": DELETE, "rotation.grace_oops": GRACE_END},
+            "rotation.grace_oops",
+            "unknown setting; did you mean 'grace_end'?",
+            id="grace_oops-instead-of-grace_end",
+        ),
+        pytest.param(
+            {"listen": DELETE, "lsiten": {"address": "127.0.0.1:8443"}},
+            "lsiten",
+            "unknown setting; did you mean 'listen'?",
+            id="lsiten-instead-of-listen",
+        ),
+        pytest.param(
+            {"keys.k2026a.chain": DELETE, "keys.k2026a.chian": "certs/k2026a/chain.pem"},
+            "keys.k2026a.chian",
+            "unknown setting; did you mean 'chain'?",
+            id="chian-instead-of-chain",
+        ),
+        pytest.param(
+            {"upstream": {"ulr": "https://api.example.com"}},
+            "upstream.ulr",
+            "unknown setting; did you mean 'url'?",
+            id="ulr-instead-of-url",
+        ),
+        # Twins: a legitimate key read after the missing one is no typo of it, and a key
+        # unlike the missing one leaves the missing one named.
+        pytest.param(
+            {"rotation.grace_start": DELETE},
+            "rotation.grace_start",
+            "missing; add a TOML datetime",
+            id="no-grace_start-beside-grace_end",
+        ),
+        pytest.param(
+            {"rotation.grace_end": DELETE, "rotation.zzz": 1},
+            "rotation.grace_end",
+            "missing; add a TOML datetime",
+            id="no-grace_end-beside-an-unrelated-unknown",
         ),
         pytest.param({"listen": DELETE}, "listen", "missing; add a table", id="no-listen"),
         pytest.param(
@@ -348,6 +387,18 @@ def test_accepted(
             "keys.bad name",
             "key names are letters",
             id="bad-key-name",
+        ),
+        pytest.param(
+            {"keys.k2026a.key": "certs/k2026a"},
+            "keys.k2026a.key",
+            "certs/k2026a is a directory, not a file; name the PEM file in it",
+            id="key-path-is-a-directory",
+        ),
+        pytest.param(
+            {"keys.k2026b.chain": "certs"},
+            "keys.k2026b.chain",
+            "is a directory, not a file",
+            id="chain-path-is-a-directory",
         ),
         pytest.param(
             {"keys.k2026a.key": "certs/k2026a/missing.pem"},
@@ -844,6 +895,43 @@ def test_upstream_every_setting(tmp_path: Path) -> None:
     assert upstream.headers == (("X-Proxy-Secret", "s3cret value"),)
     assert upstream.trusted_proxies == (IPv4Network("10.0.0.0/8"), IPv6Network("2001:db8::/32"))
     assert (upstream.pool_max_idle, upstream.pool_idle_timeout) == (0, 5.0)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8080", "http://[::1]:8080", "http://localhost:8080", "http://127.0.0.2"],
+)
+def test_plain_http_to_this_machine_needs_no_opt_in(tmp_path: Path, url: str) -> None:
+    make_files(tmp_path)
+    upstream = parse(edited({UPSTREAM: url}), base_dir=tmp_path).upstream
+    assert upstream is not None
+    assert (upstream.scheme, upstream.allow_plaintext, upstream.plaintext_remote) == (
+        "http",
+        False,
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    "url", ["http://example.com", "http://10.1.2.3:8080", "http://[2001:db8::1]", "http://api"]
+)
+def test_plain_http_to_another_machine_is_refused_unless_allowed(tmp_path: Path, url: str) -> None:
+    make_files(tmp_path)
+    with pytest.raises(OperatorError) as caught:
+        parse(edited({UPSTREAM: url}), base_dir=tmp_path)
+    assert caught.value.key_path == UPSTREAM
+    assert "plain HTTP to another machine" in caught.value.problem
+    assert "allow_plaintext = true" in caught.value.fix
+    # The twin: the operator's explicit opt-in is taken, and remembered for `check`.
+    upstream = parse(
+        edited({UPSTREAM: url, "upstream.allow_plaintext": True}), base_dir=tmp_path
+    ).upstream
+    assert upstream is not None
+    assert (upstream.allow_plaintext, upstream.plaintext_remote) == (True, True)
+    # https needs no opt-in, whatever the host.
+    secure = parse(edited({UPSTREAM: url.replace("http:", "https:")}), base_dir=tmp_path)
+    assert secure.upstream is not None
+    assert not secure.upstream.plaintext_remote
 
 
 def test_no_upstream_means_dualproxy_answers_itself(tmp_path: Path) -> None:

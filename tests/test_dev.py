@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import http.server
 import ipaddress
 import itertools
 import json
+import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -25,6 +28,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +38,7 @@ from typing import Final, NamedTuple
 
 import pytest
 import trio
+import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from helpers.clients import CLIENT_TIMEOUT, ipv6_loopback, read_until, tls_get
@@ -306,7 +311,7 @@ def test_every_scenario_as_printed_switched_live(tmp_path: Path) -> None:
     assert "Traceback" not in err
     assert "stopped" in out
     assert "reason=hint-sni" in err  # the connection log saw the hinted connection
-    assert "reloaded (scenario rogue)" in err
+    assert "reloaded (scenario rogue: rogue added (pin " in err
     assert "files changed" not in err  # a switch is not mistaken for a change on disk
 
 
@@ -390,6 +395,69 @@ def test_options_upstream_new_network_and_ipv6(tmp_path: Path) -> None:
         assert first.stop()[0] == 0
 
 
+@contextmanager
+def private_https_upstream(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTPS API whose certificate comes from a CA of its own (as a company's internal
+    API): its URL and that CA's file. Answers every GET with 200 "private upstream"."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"private upstream"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}", ca_file
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(STOP_TIMEOUT)
+
+
+@pytest.mark.e2e
+def test_upstream_ca_trusts_an_api_with_a_private_ca(tmp_path: Path) -> None:
+    with private_https_upstream(tmp_path) as (url, ca_file):
+        options = ["--upstream", url, "--upstream-ca", str(ca_file)]
+        with bench(tmp_path / "dev", tmp_path, *options) as running:
+            assert f"  upstream    {url}  (trusting {ca_file} too)\n" in running.banner
+            relayed = run_printed(running.commands()["ca"].command)
+            assert relayed.returncode == 0, relayed.stderr
+            # curl takes HTTP/2 when offered, HTTP/1.1 otherwise: the status is what counts.
+            assert relayed.stdout.split(None, 2)[1] == "200", relayed.stdout
+            assert relayed.stdout.endswith("private upstream")
+            assert running.stop()[0] == 0
+        # The twin: without it, the API's certificate does not verify, and the client hears 502.
+        with bench(tmp_path / "dev", tmp_path, "--upstream", url) as running:
+            refused = run_printed(running.commands()["ca"].command)
+            assert refused.stdout.split(None, 2)[1] == "502", refused.stdout
+            assert running.stop()[0] == 0
+
+
+def test_upstream_ca_needs_an_https_upstream(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["dev", "--dir", str(tmp_path / "dev"), "--upstream-ca", str(tmp_path / "ca.pem")]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.startswith("error: --upstream-ca: trusts an https --upstream")
+    missing = [*argv, "--upstream", "https://127.0.0.1:1", "--admin", "127.0.0.1:0"]
+    assert cli.main(missing) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.startswith("error: --upstream-ca: CA file")
+
+
 @pytest.mark.e2e
 def test_the_echo_upstream_shows_the_request_as_forwarded(tmp_path: Path) -> None:
     with bench(tmp_path / "dev", tmp_path) as running:
@@ -464,6 +532,55 @@ def test_sigint_stops_cleanly(tmp_path: Path) -> None:
     assert "KeyboardInterrupt" not in err
 
 
+# A helper run as the bench's process: a session leader (start_new_session) that makes the
+# pty's slave its controlling terminal (TIOCSCTTY), puts it on stdin, stdout and stderr, and
+# becomes `dualproxy dev`: as a shell in a terminal window starts it.
+_ON_A_TERMINAL: Final = """
+import fcntl, os, sys, termios
+fd = int(sys.argv[1])
+fcntl.ioctl(fd, termios.TIOCSCTTY, 0)
+for target in (0, 1, 2):
+    os.dup2(fd, target)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+@pytest.mark.e2e
+def test_closing_its_terminal_stops_the_bench(tmp_path: Path) -> None:
+    """Closing the terminal window sends SIGHUP: the bench stops and frees its ports, instead
+    of staying on them, orphaned."""
+    master, slave = os.openpty()
+    argv = [str(dualproxy_script()), "dev", "--dir", str(tmp_path / "dev")]
+    argv += ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+    process = subprocess.Popen(
+        [sys.executable, "-c", _ON_A_TERMINAL, str(slave), *argv],
+        start_new_session=True, pass_fds=(slave,), stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        screen = b""
+        deadline = time.monotonic() + START_TIMEOUT
+        while BANNER_END not in screen and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                screen += os.read(master, 65536)
+        assert BANNER_END in screen, screen.decode(errors="replace")
+        port = int(re.search(rb"https://localhost:(\d+)/", screen).group(1))  # type: ignore[union-attr]
+        assert served_pin(port)  # serving
+        os.close(master)  # the terminal window closes: the kernel hangs up on the session
+        master = -1
+        assert process.wait(timeout=STOP_TIMEOUT) == 0
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT).close()
+    finally:
+        if master >= 0:
+            os.close(master)
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=STOP_TIMEOUT)
+
+
 # --- usage and operator errors, in-process --------------------------------------------------
 
 
@@ -507,7 +624,11 @@ def test_ports_in_use_fail_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFix
         code = cli.main([*base, "--listen", f"127.0.0.1:{port}", "--admin", "127.0.0.1:0"])
         assert code == cli.EXIT_FAILED
         err = capsys.readouterr().err
-        assert f"cannot listen on 127.0.0.1:{port}" in err
+        # The option typed, not a config key the developer never wrote, and what to do.
+        assert f"error: cannot listen on 127.0.0.1:{port} (--listen): " in err
+        assert "listen.address" not in err
+        assert f"(a dualproxy still running? `ss -ltnp 'sport = :{port}'` names it)" in err
+        assert "choose another port with --listen" in err
         assert "Traceback" not in err
         code = cli.main([*base, "--listen", "127.0.0.1:0", "--admin", f"127.0.0.1:{port}"])
         assert code == cli.EXIT_FAILED
@@ -565,3 +686,22 @@ async def test_a_failed_switch_keeps_serving_the_current_scenario(tmp_path: Path
         with pytest.raises(devcontrol.SwitchError, match="unknown scenario 'nope'"):
             await bench_.switch("nope")
         nursery.cancel_scope.cancel()
+
+
+def test_the_grace_banner_shows_the_sni_alias_first(tmp_path: Path) -> None:
+    """The hint every app stack can send, with how a simulator and an emulator reach its name;
+    ALPN after it, for custom clients."""
+    material = dev.prepare(tmp_path / "dev")
+    settings = dev.BenchSettings("127.0.0.1:0", None, ("10.0.2.0/24",))
+    grace = dev.Bench(material, settings, "grace", handle_signals=False)
+    grace.bound = [("127.0.0.1", 8443)]
+    banner = grace.banner()
+    alias = banner.index(f"point the updated build at https://{HINT_SNI}:8443/")
+    assert alias < banner.index("/etc/hosts") < banner.index("InetAddress.getByName")
+    assert alias < banner.index(f"ALPN {dev.HINT_ALPN}     custom clients only")
+    assert "--new-network     test devices in 10.0.2.0/24" in banner
+    assert alias < banner.index("Try it: curl plays your app.")
+    # The twin: outside the grace window there is nothing to ask for.
+    before = dev.Bench(material, settings, "old-only", handle_signals=False)
+    before.bound = [("127.0.0.1", 8443)]
+    assert "point the updated build at" not in before.banner()

@@ -169,6 +169,25 @@ def test_timeline_marks_the_phase_at(at: datetime, marked: int) -> None:
     ]
 
 
+def test_timeline_and_explanations_show_seconds_when_they_matter() -> None:
+    """A 40-second window (a test, a bench) never reads "16:15Z .. 16:15Z"."""
+    start = datetime(2026, 12, 10, 16, 15, tzinfo=UTC)
+    short = rotation(grace_start=start, grace_end=start + timedelta(seconds=40))
+    lines = timeline(short, [], start + timedelta(seconds=10), "now")
+    assert lines[1] == "  until 2026-12-10 16:15:00Z  everyone gets old (k2026a)"
+    assert lines[2].startswith("  2026-12-10 16:15:00Z .. 2026-12-10 16:15:40Z  grace window")
+    assert lines[3] == "  from 2026-12-10 16:15:40Z  everyone gets new (k2026b)"
+    after = choose(short, hello(), None, start + timedelta(minutes=1))
+    assert explain(short, after, hello(), None) == (
+        "from rotation.grace_end (2026-12-10 16:15:40Z) on everyone gets new"
+    )
+    # The twin: whole minutes stay at minutes (the test above shows the long window's lines).
+    whole = rotation(grace_start=start, grace_end=start + timedelta(minutes=2))
+    assert timeline(whole, [], start, "now")[3] == (
+        "  from 2026-12-10 16:17Z  everyone gets new (k2026b)"
+    )
+
+
 def test_timeline_without_hints_or_rotation() -> None:
     plain = rotation(hints_new=Hints(), hints_old=Hints(), default="new")
     assert timeline(plain, [], DURING, "at")[2] == (

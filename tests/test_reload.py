@@ -486,7 +486,10 @@ async def test_config_reload_follows_the_new_window_and_refuses_a_broken_edit(
         assert not await server.reload("test")
         assert (server.reloads_ok, server.reloads_failed) == (1, 1)
         [error] = errors()
-        assert f"{config_file}: rotation.grace_end: missing" in error
+        assert (
+            f"{config_file}: rotation.grace_ends: unknown setting; did you mean 'grace_end'?"
+            in error
+        )
         assert server.config.rotation.grace_end == early_end
         assert spki_pin_of_certificate(await fetch_async(running, cafile)) == new.pin
 
@@ -604,10 +607,17 @@ async def test_sighup_reloads_and_sigterm_stops_dualproxy_serve(
 
             replace_file(key.chain, reissue(ca, key))
             process.send_signal(signal.SIGHUP)
-            await wait_until(lambda: bool(logged(r"reloaded \(SIGHUP\)")), "the SIGHUP reload")
+            await wait_until(lambda: bool(logged(r"reloaded \(SIGHUP")), "the SIGHUP reload")
             renewed = await fetch_async(address, cafile)
             assert renewed.serial_number == leaf_of(key.chain).serial_number != old.serial_number
             assert spki_pin_of_certificate(renewed) == key.pin
+            # The reload line says what changed: the file, and the new certificate's serial.
+            chain = key.chain.relative_to(tmp_path)
+            serial = f"{renewed.serial_number:X}"
+            assert logged(
+                rf"reloaded \(SIGHUP: changed {re.escape(str(chain))}; {key.name}: new"
+                rf" certificate \(serial {serial}, until .*\); TLS contexts rebuilt: single\)"
+            ), lines
 
             process.send_signal(signal.SIGTERM)
             with trio.fail_after(DEADLINE):
@@ -637,3 +647,90 @@ async def test_renewal_between_start_and_first_poll_is_picked_up(
         nursery.cancel_scope.cancel()
     assert spki_pin_of_certificate(leaf) == key.pin
     assert leaf.not_valid_after_utc - leaf.not_valid_before_utc > timedelta(days=32)
+
+
+# --- only what changed ------------------------------------------------------------------------
+
+
+def tls12_client(cafile: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(cafile))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def resumed(
+    address: Address, context: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[bool | None, ssl.SSLSession | None]:
+    """One TLS 1.2 handshake offering `session`: whether the server resumed it, and the
+    session to offer next time (TLS 1.2: the ticket is there once the handshake is)."""
+    with (
+        socket.create_connection(address, timeout=CLIENT_TIMEOUT) as raw,
+        context.wrap_socket(raw, server_hostname=SNI, session=session) as tls,
+    ):
+        return tls.session_reused, tls.session
+
+
+async def test_a_sighup_reload_is_not_followed_by_a_second_from_the_poller(
+    ca: trustme.CA, tmp_path: Path, cafile: Path, key: KeyFiles
+) -> None:
+    config = make_config([key], base_dir=tmp_path, extra=FAST_POLL)
+    async with serving(config) as running:
+        server = running.server
+        replace_file(key.chain, reissue(ca, key))
+        assert await server.reload("SIGHUP")
+        polls = server.reloads.polls
+        await wait_until(lambda: server.reloads.polls >= polls + 3, "three more polls")
+        assert (server.reloads_ok, server.reloads_failed) == (1, 0)
+        # Its twin: the poller still sees a change nobody reloaded.
+        replace_file(key.chain, reissue(ca, key))
+        await wait_until(lambda: server.reloads_ok == 2, "the poller's reload")
+        polls = server.reloads.polls
+        await wait_until(lambda: server.reloads.polls >= polls + 3, "three more polls")
+        assert (server.reloads_ok, server.reloads_failed) == (2, 0)
+
+
+async def test_a_manifest_re_sign_keeps_the_tls_contexts_and_the_sessions(
+    ca: trustme.CA,
+    tmp_path: Path,
+    cafile: Path,
+    key: KeyFiles,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A manifest re-sign touches no key: the contexts (their ticket keys) stay, so a client's
+    next connection resumes instead of a full handshake. A renewal rebuilds them (twin)."""
+    caplog.set_level(logging.INFO, logger="dualproxy")
+    manifest_file = tmp_path / "pins.jws"
+    manifest_file.write_text("first\n")
+    extra = {**FAST_POLL, "manifest": {"file": str(manifest_file)}}
+    config_file = tmp_path / "config.toml"
+    config = write_config(config_file, [key], extra=extra)
+    async with serving(config) as running:
+        server = running.server
+        snapshot, local = server.snapshot, server.material.local
+        address = (running.host, running.port)
+        client = tls12_client(cafile)
+        reused, session = await trio.to_thread.run_sync(resumed, address, client, None)
+        assert not reused
+
+        replace_file(manifest_file, b"second\n")
+        await wait_until(lambda: server.reloads_ok == 1, "the poller's reload")
+        assert server.material.local is not local  # the new manifest is served...
+        assert server.snapshot is snapshot  # ...from the same contexts
+        reused, session = await trio.to_thread.run_sync(resumed, address, client, session)
+        assert reused
+        [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reloaded")]
+        assert line.startswith("reloaded (files changed: changed pins.jws; TLS contexts kept)")
+
+        # A config edit that touches no key keeps them too, and says which setting changed.
+        config_file.write_text(config_file.read_text() + "\n[limits]\nbody_timeout = 30\n")
+        await wait_until(lambda: server.reloads_ok == 2, "the config's reload")
+        assert server.snapshot.identities["single"] is snapshot.identities["single"]
+        assert server.config.limits.body_timeout == 30
+        last = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reloaded")]
+        assert "changed config.toml; settings changed: limits; TLS contexts kept" in last[-1]
+
+        # The twin: a renewed chain is a new context.
+        replace_file(key.chain, reissue(ca, key))
+        await wait_until(lambda: server.reloads_ok == 3, "the renewal's reload")
+        assert server.snapshot.identities["single"] is not snapshot.identities["single"]
+        assert server.snapshot.keys["k2026a"].leaf.serial_number == leaf_of(key.chain).serial_number

@@ -791,9 +791,11 @@ async def test_a_tls_alpn_responder_answers_the_hellos_it_claims_and_no_other(
     cafile: Path,
     tmp_path: Path,
     conn_log: ConnLog,
+    caplog: pytest.LogCaptureFixture,
     offers_acme: bool,
     registered: bool,
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="dualproxy")
     challenge = ca.issue_cert("challenge.test")
     answering = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     challenge.configure_cert(answering)
@@ -819,6 +821,10 @@ async def test_a_tls_alpn_responder_answers_the_hellos_it_claims_and_no_other(
     else:
         assert pin == old_key.pin
         assert (line["outcome"], line["key"]) == ("no-request", "k1")
+    # A CA's validation is the responder's to log (once per challenge, named); its conn line
+    # is at debug level, every other client's at info.
+    [record] = [r for r in caplog.records if r.getMessage().startswith("conn ")]
+    assert record.levelno == (logging.DEBUG if offers_acme and registered else logging.INFO)
 
 
 # --- log lines cannot be forged ------------------------------------------------------------------

@@ -47,17 +47,21 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from dualproxy.config.names import ListenAddress, normalize_host
-from dualproxy.config.schema import ChallengeType
+from dualproxy.config.schema import ChallengeType, ListenConfig
 from dualproxy.files import write_atomically
 from dualproxy.http.errors import HttpRefusal
 from dualproxy.http.smallserver import Answer, Connection, Request
+from dualproxy.serve.connection import ConnectionRecord, peer_address
 from dualproxy.serve.listeners import accept_loop, open_listeners
+from dualproxy.serve.proxied import receive_proxy_header
 from dualproxy.tls.clienthello import (
     MAX_CLIENT_HELLO_BYTES,
     ClientHello,
     ClientHelloError,
     parse_client_hello,
 )
+from dualproxy.tls.outcome import Outcome
+from dualproxy.tls.proxy_protocol import expectation
 from dualproxy.tls.streams import TcpStream, TlsStream, discard_until_closed
 
 log = logging.getLogger("dualproxy.acme")
@@ -173,10 +177,10 @@ async def answer_tls_alpn(stream: TcpStream, peeked: bytes, context: ssl.SSLCont
             await tls.do_handshake()
             await tls.aclose()
     except trio.TooSlowError:
-        return "acme-tls/1 timed out"
+        return "timed out"
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return "acme-tls/1 aborted"
-    return "acme-tls/1 answered"
+        return "aborted"
+    return "answered"
 
 
 # --- the board ---------------------------------------------------------------------------
@@ -194,6 +198,9 @@ class ChallengeBoard:
         self._tls: Mapping[str, ssl.SSLContext] = {}
         self._http: Mapping[str, bytes] = {}
         self._seen: dict[str, tuple[Challenge, ssl.SSLContext | None]] = {}
+        # (challenge file, how it ended) already logged at info: a CA validates one challenge
+        # from several vantage points, and our own probe checks it first; one line each.
+        self._logged: set[tuple[str, str]] = set()
 
     def tls_alpn_context(self, sni: str | None) -> ssl.SSLContext | None:
         if sni is None:
@@ -212,11 +219,38 @@ class ChallengeBoard:
     async def answer_challenge(
         self, stream: TcpStream, peeked: bytes, context: ssl.SSLContext
     ) -> str:
-        """`answer_tls_alpn`: the validation handshake, then the close; how it ended."""
-        return await answer_tls_alpn(stream, peeked, context)
+        """`answer_tls_alpn`: the validation handshake, then the close; how it ended (logged
+        once per challenge and outcome, with the challenge's name)."""
+        how = await answer_tls_alpn(stream, peeked, context)
+        challenge = next((c for c, ctx in self._seen.values() if ctx is context), None)
+        if challenge is not None:
+            self._note(challenge, how)
+        return how
 
     def http01_answer(self, token: str) -> bytes | None:
-        return self._http.get(token)
+        answer = self._http.get(token)
+        if answer is not None:
+            challenge = next(
+                (c for c, _ in self._seen.values() if c.kind == "http-01" and c.token == token),
+                None,
+            )
+            if challenge is not None:
+                self._note(challenge, "answered")
+        return answer
+
+    def _note(self, challenge: Challenge, how: str) -> None:
+        """One info line per challenge and outcome, naming it; repeats at debug level."""
+        seen = (challenge.file_name(), how)
+        level = logging.DEBUG if seen in self._logged else logging.INFO
+        self._logged.add(seen)
+        log.log(
+            level,
+            "acme: %s challenge for %s: %s%s",
+            challenge.kind,
+            challenge.name,
+            how,
+            "" if level == logging.DEBUG else " (further validations of it: debug level)",
+        )
 
     def refresh(self, now: datetime | None = None) -> None:
         now = now or datetime.now(UTC)
@@ -231,6 +265,7 @@ class ChallengeBoard:
             else:
                 found[name] = (challenge, None)
         self._seen = found
+        self._logged = {seen for seen in self._logged if seen[0] in found}
         self._tls = {c.name: ctx for c, ctx in found.values() if ctx is not None}
         self._http = {
             c.token: c.key_authorization.encode("ascii")
@@ -394,14 +429,21 @@ async def wait_until_served(
 
 
 async def serve_http(
-    listener: socket.socket, board: ChallengeBoard, https_port: int | None
+    listener: socket.socket,
+    board: ChallengeBoard,
+    https_port: int | None,
+    proxy: ListenConfig | None = None,
 ) -> None:
-    """The plain-HTTP listener: http-01 answers, a redirect to https for everything else."""
-    await _accept_forever(listener, lambda sock: _http_connection(sock, board, https_port))
+    """The plain-HTTP listener: http-01 answers, a redirect to https for everything else.
+    `proxy`: the [listen] settings whose PROXY protocol rule this listener follows too (the
+    balancer that fronts the TLS port fronts this one)."""
+    await _accept_forever(
+        listener, lambda sock, address: _http_connection(sock, address, board, https_port, proxy)
+    )
 
 
 async def _accept_forever(
-    listener: socket.socket, handle: Callable[[socket.socket], Awaitable[None]]
+    listener: socket.socket, handle: Callable[[socket.socket, object], Awaitable[None]]
 ) -> None:
     """The server's accept loop (serve.listeners.accept_loop) into per-connection tasks, at
     most RESPONDER_MAX_CONNECTIONS at once (beyond it clients wait in the backlog); each task
@@ -410,7 +452,7 @@ async def _accept_forever(
 
     async def run(sock: socket.socket, address: object, token: object) -> None:
         try:
-            await handle(sock)
+            await handle(sock, address)
         finally:
             slots.release_on_behalf_of(token)
 
@@ -419,12 +461,33 @@ async def _accept_forever(
 
 
 async def _http_connection(
-    sock: socket.socket, board: ChallengeBoard, https_port: int | None
+    sock: socket.socket,
+    address: object,
+    board: ChallengeBoard,
+    https_port: int | None,
+    proxy: ListenConfig | None,
 ) -> None:
     stream = TcpStream(sock)
     try:
         with trio.move_on_after(RESPONDER_TIMEOUT):
-            connection = Connection(stream, max_head=MAX_HTTP_HEAD)
+            received = b""
+            if proxy is not None and proxy.proxy_protocol != "off":
+                record = ConnectionRecord(peer="-")
+                record.peer, record.peer_ip = peer_address(address)
+                expect = expectation(
+                    proxy.proxy_protocol, proxy.proxy_protocol_from, record.peer_ip
+                )
+                after = await receive_proxy_header(stream, expect, record)
+                if after is None:
+                    if record.outcome is Outcome.PROXY_REFUSED:
+                        log.info(
+                            "http-01 listener: closed a connection from %s: %s",
+                            record.peer,
+                            record.detail,
+                        )
+                    return
+                received = after
+            connection = Connection(stream, max_head=MAX_HTTP_HEAD, received=received)
             try:
                 request = await connection.receive_request()  # its body is never read
             except HttpRefusal:
@@ -486,7 +549,7 @@ def _host_of(request: Request) -> str | None:
 async def serve_tls_alpn_only(listener: socket.socket, board: ChallengeBoard) -> None:
     """A TLS listener that answers acme-tls/1 challenges and closes everything else (what
     the CLI runs on the TLS port while no `serve` holds it)."""
-    await _accept_forever(listener, lambda sock: _tls_alpn_connection(sock, board))
+    await _accept_forever(listener, lambda sock, _address: _tls_alpn_connection(sock, board))
 
 
 async def _tls_alpn_connection(sock: socket.socket, board: ChallengeBoard) -> None:
@@ -507,7 +570,7 @@ async def _tls_alpn_connection(sock: socket.socket, board: ChallengeBoard) -> No
                     continue
                 context = board.challenge_context(hello)
                 if context is not None:
-                    log.info("acme: %s", await answer_tls_alpn(stream, bytes(buffer), context))
+                    await board.answer_challenge(stream, bytes(buffer), context)
                 return
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass

@@ -141,7 +141,31 @@ def _network(
 
 
 def _directory(acme: AcmeConfig, net: acme_client.ClientNetwork) -> messages.Directory:
-    return acme_client.ClientV2.get_directory(acme.directory, net)
+    """The CA's directory (blocking). An answer that is no ACME directory (a 404, an HTML
+    page) is the URL's fault, not a passing CA failure: AcmeError naming acme.directory."""
+    try:
+        return acme_client.ClientV2.get_directory(acme.directory, net)
+    except (acme_errors.ClientError, messages.Error, jose_errors.Error, ValueError) as exc:
+        raise AcmeError(
+            f"acme.directory: {acme.directory} did not answer with an ACME directory"
+            f" ({_answer_summary(exc)}); check the URL (Let's Encrypt's is"
+            " https://acme-v02.api.letsencrypt.org/directory, its staging one"
+            " https://acme-staging-v02.api.letsencrypt.org/directory)"
+        ) from None
+
+
+def _answer_summary(exc: Exception) -> str:
+    """What the server answered, in a few words: "HTTP 404 Not Found", a problem document's
+    detail, or the parser's complaint."""
+    if isinstance(exc, messages.Error):
+        return _problem(exc)
+    response = exc.args[0] if exc.args else None
+    if isinstance(response, tuple):  # (response, the deserialization error)
+        response = response[0]
+    status = getattr(response, "status_code", None)
+    if status is not None:
+        return f"HTTP {status} {getattr(response, 'reason', '') or ''}".rstrip()
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def _open_session(acme: AcmeConfig) -> _Session:
@@ -243,7 +267,7 @@ async def obtain(
                     tls_probe or config.listen.addresses[0],
                     http_probe or acme.http_listen,
                 )
-                chain_pem = await _run_order(config, acme, csr_pem, folder, board, probes)
+                chain_pem = await _run_order(config, acme, key, csr_pem, folder, board, probes)
         except trio.TooSlowError:
             raise AcmeError(
                 f"no certificate for {key.name} within acme.order_timeout ({acme.order_timeout:g}"
@@ -271,16 +295,34 @@ async def obtain(
 async def _run_order(
     config: Config,
     acme: AcmeConfig,
+    key: KeyConfig,
     csr_pem: bytes,
     folder: Path,
     board: ChallengeBoard | None,
     probes: tuple[ListenAddress, ListenAddress | None],
 ) -> bytes:
+    """One order, each slow step said in the log first (a CA may take a minute, a hung one
+    until acme.order_timeout): who is asked, what is proven, what is awaited."""
+    log.info(
+        "acme: %s: asking %s for a certificate for %s",
+        key.name,
+        acme.directory,
+        ", ".join(key.names),
+    )
     session = await _blocking(_open_session, acme)
     try:
         order = await _blocking(session.client.new_order, csr_pem)
         picked = _pick_challenges(order, acme.challenge, session.jwk)
         challenges = [challenge for _, challenge in picked]
+        if challenges:
+            log.info(
+                "acme: %s: proving %s with %s",
+                key.name,
+                ", ".join(c.name for c in challenges),
+                acme.challenge,
+            )
+        else:
+            log.info("acme: %s: the CA still holds valid authorizations; no challenge", key.name)
         now = datetime.now(UTC)
         paths = await trio.to_thread.run_sync(publish, folder, challenges, now)
         try:
@@ -290,6 +332,11 @@ async def _run_order(
             await wait_until_served(challenges, *probes, timeout)
             for challb, challenge in picked:
                 await _blocking(_answer, session.client, challb, challenge)
+            log.info(
+                "acme: %s: waiting for the CA to validate and issue (at most %g s)",
+                key.name,
+                acme.order_timeout,
+            )
             # The library compares its deadline with naive local time.
             deadline = datetime.now() + timedelta(seconds=acme.order_timeout)
             order = await _blocking(session.client.poll_and_finalize, order, deadline)

@@ -46,6 +46,7 @@ from dualproxy.acme.issuer import (
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.names import ListenAddress
 from dualproxy.config.schema import Config, KeyConfig
+from dualproxy.config.times import brief_time
 from dualproxy.serve.listeners import bound_address, open_listeners
 from dualproxy.serve.server import Server
 
@@ -61,19 +62,21 @@ RENEWALS_OFF_RECHECK: Final = 60.0
 async def serve_beside(
     server: Server,
     *,
+    inherited: Sequence[socket.socket] = (),
     task_status: trio.TaskStatus[tuple[str, int] | None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """What `serve` runs beside `server` for [acme] (see the module docstring). Reports
     readiness once the board answers and the plain-HTTP listener is bound (its bound address,
     or None without acme.http_listen); start it before the server's run(), so that both
-    answer from the server's first client on."""
+    answer from the server's first client on. `inherited`: the http-01 listener's sockets when
+    systemd opened them (serve.activation), used instead of acme.http_listen."""
     acme = server.config.acme
     if acme is None:
         raise ValueError("serve_beside: the server's config has no [acme] table")
     board = ChallengeBoard(challenge_folder(acme))
     await board.refresh_async()
-    http_listeners = []
-    if acme.http_listen is not None:
+    http_listeners = list(inherited)
+    if not http_listeners and acme.http_listen is not None:
         http_listeners = await open_listeners([acme.http_listen], server.config.listen.reuse_port)
     try:
         async with trio.open_nursery() as nursery:
@@ -97,7 +100,7 @@ async def _once_listening(
     http = ListenAddress(*bound_address(http_listeners[0])) if http_listeners else None
     async with trio.open_nursery() as nursery:
         for listener in http_listeners:
-            nursery.start_soon(serve_http, listener, board, tls.port)
+            nursery.start_soon(serve_http, listener, board, tls.port, server.config.listen)
         nursery.start_soon(_renew_forever, server, board, _Probes(tls=tls, http=http))
 
 
@@ -175,7 +178,7 @@ async def _renew_one(
         log.warning(
             "acme: the certificate of %s expires at %s; renewal has not succeeded yet",
             key.name,
-            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC",
+            brief_time(leaf.not_valid_after_utc, zone=" UTC"),
         )
     if not plan.attempt_now(now):
         return plan

@@ -21,11 +21,14 @@ from dualproxy.cli.arguments import EXIT_OK, AddCommand, key_name_argument, with
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load
 from dualproxy.config.schema import Config, KeyConfig
+from dualproxy.config.times import brief_time
 from dualproxy.ops.logformat import setup_logging
 from dualproxy.serve.clock import utc_now
 from dualproxy.tls import keystore
 
 _R = TypeVar("_R")
+
+log = logging.getLogger("dualproxy.acme")
 
 
 def register(command: AddCommand) -> None:
@@ -53,20 +56,22 @@ def register(command: AddCommand) -> None:
     renew.set_defaults(handler=_cmd_acme_renew)
 
 
-def issue_or_fail(config: Config, keys: list[KeyConfig]) -> None:
-    """Obtain chains for `keys`, printing each result; OperatorError when any failed."""
+def issue_or_fail(config: Config, keys: list[KeyConfig]) -> list[str]:
+    """Obtain chains for `keys`, each result in the log (never printed: `serve` calls this
+    with its log in JSON); the names obtained. OperatorError naming each failure."""
     from dualproxy.acme import issuer as acme
 
     results = _run_acme(partial(acme.issue_keys, config, keys))
     failed = [(name, error) for name, error in results if error is not None]
     for name, error in results:
         if error is None:
-            key = config.keys[name]
-            print(f"{name}: new certificate written to {key.chain}")
-    for name, error in failed:
-        print(f"error: {name}: {error}", file=sys.stderr)
+            log.info("acme: %s: new certificate written to %s", name, config.keys[name].chain)
     if failed:
-        raise OperatorError(f"{len(failed)} of {len(results)} certificate(s) not obtained")
+        reasons = "; ".join(f"{name}: {error}" for name, error in failed)
+        raise OperatorError(
+            f"{len(failed)} of {len(results)} certificate(s) not obtained: {reasons}"
+        )
+    return [name for name, _ in results]
 
 
 def _run_acme(body: Callable[[], Awaitable[_R]]) -> _R:
@@ -83,13 +88,14 @@ def _run_acme(body: Callable[[], Awaitable[_R]]) -> _R:
 def _cmd_acme_issue(args: argparse.Namespace) -> int:
     from dualproxy.acme import issuer as acme
 
-    setup_logging(level=logging.WARNING)
+    setup_logging()  # the order's progress, step by step, on stderr
     config = load(args.config)
     try:
         key = acme.managed_key(config, args.key)
     except acme.AcmeError as exc:
         raise OperatorError(str(exc)) from None
     issue_or_fail(config, [key])
+    print(f"{key.name}: new certificate written to {key.chain}")
     _print_pin(config, key)
     return EXIT_OK
 
@@ -97,13 +103,14 @@ def _cmd_acme_issue(args: argparse.Namespace) -> int:
 def _print_pin(config: Config, key: KeyConfig) -> None:
     loaded = keystore.load_key(key, config.keystore)
     print(f"  pin sha256/{loaded.pin} (unchanged: same key)")
-    print(f"  valid until {loaded.not_after:%Y-%m-%d %H:%M} UTC, names {', '.join(loaded.names)}")
+    until = brief_time(loaded.not_after, zone=" UTC")
+    print(f"  valid until {until}, names {', '.join(loaded.names)}")
 
 
 def _cmd_acme_renew(args: argparse.Namespace) -> int:
     from dualproxy.acme import issuer as acme
 
-    setup_logging(level=logging.WARNING)
+    setup_logging()  # the progress of each order, step by step, on stderr
     config = load(args.config)
     if config.acme is None:
         raise OperatorError(
@@ -116,7 +123,8 @@ def _cmd_acme_renew(args: argparse.Namespace) -> int:
         if plan.urgency in (renewal.Urgency.SOON, renewal.Urgency.EXPIRED):
             print(f"warning: {key.name}: the certificate {plan.urgency}", file=sys.stderr)
         if not plan.attempt_now(now):
-            print(f"{key.name}: not due until {plan.due:%Y-%m-%d %H:%M} UTC ({plan.reason})")
+            print(f"{key.name}: not due until {brief_time(plan.due, zone=' UTC')} ({plan.reason})")
     if due:
-        issue_or_fail(config, due)
+        for name in issue_or_fail(config, due):
+            print(f"{name}: new certificate written to {config.keys[name].chain}")
     return EXIT_OK

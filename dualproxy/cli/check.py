@@ -8,11 +8,15 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Final
 
 from dualproxy.cli.arguments import EXIT_FAILED, EXIT_OK, AddCommand, with_config, with_time
-from dualproxy.config.errors import OperatorError
+from dualproxy.config.errors import OperatorError, locate
 from dualproxy.config.loader import load
+from dualproxy.config.schema import Config
+from dualproxy.config.times import brief_time, brief_times
 from dualproxy.rotation import checks, explain, policy
 from dualproxy.serve.clock import utc_now
 from dualproxy.tls import keystore, pins
@@ -85,21 +89,22 @@ def _cmd_check(args: argparse.Namespace) -> int:
     print(f"config: {config.path} (ok)", file=out)
     for warning in snapshot.warnings:
         print(f"warning: {warning}", file=out)
-    print(f"\nkeys (at {at:%Y-%m-%d %H:%M} UTC):", file=out)
+    print(f"\nkeys (at {brief_time(at, zone=' UTC')}):", file=out)
     for key in snapshot.keys.values():
         role = policy.pin_role(config.rotation, key.name, at)
         print(f"  {key.name} [{role}]", file=out)
         print(f"    algorithm  {key.algorithm}", file=out)
         print(f"    pin        sha256/{key.pin}", file=out)
         print(f"    names      {', '.join(key.names) or '(none)'}", file=out)
-        valid = f"{key.not_before:%Y-%m-%d %H:%M} .. {key.not_after:%Y-%m-%d %H:%M} UTC"
+        valid = " .. ".join(brief_times(key.not_before, key.not_after, zone="")) + " UTC"
         print(f"    valid      {valid}", file=out)
         print(f"    chain      {key.chain_file}", file=out)
     print("", file=out)
     marker = "now" if args.at is None else "at"
     for line in explain.timeline(config.rotation, config.keys, at, marker):
         print(line, file=out)
-    findings = checks.check_keys(config, snapshot.keys, at)
+    findings = checks.check_config(config)
+    findings += checks.check_keys(config, snapshot.keys, at)
     findings += checks.check_acme(config, snapshot.keys, [])
     if findings:
         print("", file=out)
@@ -152,12 +157,52 @@ def _cmd_route(args: argparse.Namespace) -> int:
 # --- pins --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _KeyAwaitingCertificate:
+    """An ACME-managed key whose chain is still to come: its pin is the key's alone, and its
+    names are those the config requests (an explain.PinSource)."""
+
+    pin: str
+    algorithm: str
+    names: tuple[str, ...]
+    not_after: datetime | None = None
+
+
+def _pin_sources(config: Config) -> dict[str, explain.PinSource]:
+    """Every configured key as a pin listing needs it: loaded with its chain, or, for an
+    ACME-managed key without a certificate yet, from its key file alone (said on stderr in
+    check's words)."""
+    waiting = {key.name for key in config.acme_keys() if not key.chain.exists()}
+    if not waiting:
+        return dict(keystore.load_snapshot(config).keys)
+    sources: dict[str, explain.PinSource] = {}
+    for name, key_config in config.keys.items():
+        if name not in waiting:
+            sources[name] = keystore.load_key(key_config, config.keystore)
+            continue
+        public_key = keystore.read_private_key(
+            key_config.key, key_path=f"keys.{name}.key"
+        ).public_key()
+        sources[name] = _KeyAwaitingCertificate(
+            pin=pins.spki_pin(public_key),
+            algorithm=pins.describe_key_algorithm(public_key),
+            names=key_config.names,
+        )
+        where = locate("no certificate yet", key_path=f"keys.{name}.chain", file=key_config.chain)
+        print(
+            f"note: {where}; its pin is the key's and stays the same once `dualproxy acme"
+            f" issue {name}` (or serve) gets one",
+            file=sys.stderr,
+        )
+    return sources
+
+
 def _cmd_pins(args: argparse.Namespace) -> int:
     config = load(args.config)
-    snapshot = keystore.load_snapshot(config)
+    sources = _pin_sources(config)
     at = args.at or utc_now()
     try:
-        pinned = explain.pinned_keys(config, snapshot.keys, at)
+        pinned = explain.pinned_keys(config, sources, at)
         rendered = None if args.format is None else pins.render(pinned, args.format)
     except ValueError as exc:  # no keys, or a certificate name no pin format can carry
         raise OperatorError(

@@ -28,6 +28,7 @@ from dualproxy.serve.clock import utc_now
 # Which command-line option a problem in the bench's generated config comes from.
 _DEV_OPTIONS: Final = (
     ("listen", "--listen"),
+    ("upstream.ca_file", "--upstream-ca"),
     ("upstream", "--upstream"),
     ("rotation.hints.new.networks", "--new-network"),
 )
@@ -60,6 +61,13 @@ def register(command: AddCommand) -> None:
         "--upstream",
         metavar="URL",
         help="relay to this API (http:// or https://) instead of the built-in echo upstream",
+    )
+    dev_cmd.add_argument(
+        "--upstream-ca",
+        type=Path,
+        metavar="FILE",
+        help="with an https --upstream: also trust the CA certificates in FILE (PEM), for an"
+        " API with a private or test CA",
     )
     dev_cmd.add_argument(
         "--new-network",
@@ -101,6 +109,10 @@ def _admin_argument(text: str) -> tuple[str, int]:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
+    if args.upstream_ca is not None and not (args.upstream or "").startswith("https://"):
+        raise UsageError(
+            "--upstream-ca: trusts an https --upstream's CA; give --upstream https://..."
+        )
     setup_logging()
     now = utc_now()
     try:
@@ -115,7 +127,9 @@ def _cmd_dev(args: argparse.Namespace) -> int:
             upstream = f"http://127.0.0.1:{echo_socket.getsockname()[1]}"
         else:
             echo_socket, upstream = None, args.upstream
-        settings = dev.BenchSettings(args.listen, upstream, tuple(args.new_network))
+        settings = dev.BenchSettings(
+            args.listen, upstream, tuple(args.new_network), upstream_ca=args.upstream_ca
+        )
         try:
             bench = dev.Bench(material, settings, args.scenario, command=_command_name(), now=now)
         except OperatorError as exc:
@@ -134,7 +148,8 @@ def _cmd_dev(args: argparse.Namespace) -> int:
                 " 127.0.0.1:PORT",
             ) from None
         code = run_until_interrupted(partial(bench.run, admin_socket, echo_socket))
-    print("\nstopped", flush=True)
+    with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+        print("\nstopped", flush=True)
     return code
 
 

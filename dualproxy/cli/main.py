@@ -17,10 +17,12 @@ commands with their handlers; a handler returns the exit code or raises one of t
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Callable, Sequence
 from typing import Final, NoReturn
 
+import dualproxy
 from dualproxy.cli import acme, check, dev, keys, manifest, reports, serve
 from dualproxy.cli.arguments import EXIT_FAILED, EXIT_OK, EXIT_USAGE, AddCommand, UsageError
 from dualproxy.config.errors import OperatorError
@@ -71,6 +73,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="TLS reverse proxy that keeps pinned apps working across key rotations.",
         epilog="exit codes: 0 ok, 1 the thing checked is wrong, 2 usage error",
     )
+    parser.add_argument("--version", action="version", version=f"dualproxy {_version()}")
     commands = parser.add_subparsers(metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -82,6 +85,15 @@ def _build_parser() -> argparse.ArgumentParser:
     for register in _GROUPS:
         register(command)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (what pip and bug reports name), else the
+    package's own (a source tree on PYTHONPATH)."""
+    try:
+        return importlib.metadata.version("dualproxy")
+    except importlib.metadata.PackageNotFoundError:
+        return dualproxy.__version__
 
 
 if __name__ == "__main__":  # pragma: no cover

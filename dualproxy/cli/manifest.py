@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from dualproxy.cli.arguments import EXIT_FAILED, EXIT_OK, AddCommand, with_config, with_time
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load
+from dualproxy.config.times import brief_time
 from dualproxy.files import write_atomically
 from dualproxy.pinning import manifest
 from dualproxy.rotation import explain
@@ -122,12 +123,13 @@ def _cmd_manifest_sign(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise OperatorError(f"cannot write the manifest: {exc.strerror}", file=out) from None
     signed = manifest.peek(token)
-    print(f"wrote {out}: {len(signed.pins)} pin(s), expires {signed.expires_at:%Y-%m-%d %H:%M} UTC")
+    expires = brief_time(signed.expires_at, zone=" UTC")
+    print(f"wrote {out}: {len(signed.pins)} pin(s), expires {expires}")
     for pin in signed.pins:
         print(f"  {pin.key:<16} {pin.role:<9} sha256/{pin.pin}")
     for name, moment in explain.role_changes(config.rotation, now, signed.expires_at):
         print(
-            f"note: rotation.{name} ({moment:%Y-%m-%d %H:%M} UTC) falls within its"
+            f"note: rotation.{name} ({brief_time(moment, zone=' UTC')}) falls within its"
             " validity: the roles change then; sign again after it"
         )
     return EXIT_OK

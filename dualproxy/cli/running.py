@@ -16,8 +16,12 @@ import trio
 from dualproxy.cli.arguments import EXIT_FAILED, EXIT_OK
 
 
-def run_until_interrupted(body: Callable[[], Awaitable[None]]) -> int:
-    """trio.run(body) until it returns or Ctrl-C; an OSError (a port in use) is exit 1."""
+def run_until_interrupted(
+    body: Callable[[], Awaitable[None]], *, report: Callable[[str], None] | None = None
+) -> int:
+    """trio.run(body) until it returns or Ctrl-C; an OSError (a port in use) is exit 1, its
+    message given to `report` (default: `error: ...` on stderr; `serve --log-format json`
+    logs it instead, so that its stderr stays JSON)."""
     failed = False
     try:
         trio.run(_cancel_on_sigint, body)
@@ -25,7 +29,7 @@ def run_until_interrupted(body: Callable[[], Awaitable[None]]) -> int:
         pass  # Ctrl-C before the handler below was in place: stopping is all it asks for
     except* OSError as group:
         for exc in _leaves(group):
-            print(f"error: {exc}", file=sys.stderr)
+            (report or print_error)(_describe(exc))
         failed = True
     return EXIT_FAILED if failed else EXIT_OK
 
@@ -45,6 +49,19 @@ async def _watch_sigint(
         async for _ in signals:
             scope.cancel()
             return
+
+
+def print_error(message: str) -> None:
+    """`error: message` on stderr: how a command reports what stopped it."""
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _describe(exc: OSError) -> str:
+    """The message without Python's "[Errno 98]" prefix: ours (listeners.open_listeners)
+    carry the address, the setting and what to do in strerror already."""
+    if exc.errno is not None and exc.strerror and exc.filename is None:
+        return exc.strerror
+    return str(exc)
 
 
 def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:

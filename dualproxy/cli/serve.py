@@ -5,10 +5,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import socket
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Final
@@ -17,18 +16,28 @@ import trio
 
 from dualproxy.acme import challenges
 from dualproxy.cli.acme import issue_or_fail
-from dualproxy.cli.arguments import EXIT_OK, AddCommand, UsageError, with_config
-from dualproxy.cli.running import run_until_interrupted
+from dualproxy.cli.arguments import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    AddCommand,
+    UsageError,
+    with_config,
+)
+from dualproxy.cli.running import print_error, run_until_interrupted
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load
 from dualproxy.config.names import ListenAddress, admin_address_problem, parse_address
 from dualproxy.config.schema import DEFAULT_CONFIG_FILE
 from dualproxy.ops import admin
 from dualproxy.ops.logformat import setup_logging
+from dualproxy.serve import activation, announce
 from dualproxy.serve.listeners import raise_open_file_limit
 from dualproxy.serve.server import Server
 
 LOG_FORMATS: Final = ("text", "json")
+
+log = logging.getLogger("dualproxy")
 
 
 def register(command: AddCommand) -> None:
@@ -76,8 +85,9 @@ def _with_admin_url(sub: argparse.ArgumentParser) -> None:
         type=_admin_url_argument,
         default=None,
         metavar="URL",
-        help="the server's admin listener (default: the config's [admin] address, or"
-        f" {admin.DEFAULT_URL} without a config)",
+        help="the server's admin listener (default: the one the server started with -c CONFIG"
+        " recorded, else the config's [admin] address; without a config, the only server"
+        " running)",
     )
     sub.add_argument(
         "-c",
@@ -105,6 +115,24 @@ def _admin_url_argument(text: str) -> tuple[str, int]:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_format)
+    if args.log_format != "json":
+        return _serve_command(args, print_error)
+    # Every line on stderr is one JSON object, the error that stops the start included.
+    try:
+        return _serve_command(args, _log_error)
+    except UsageError as exc:
+        _log_error(str(exc))
+        return EXIT_USAGE
+    except OperatorError as exc:
+        _log_error(str(exc))
+        return EXIT_FAILED
+
+
+def _log_error(message: str) -> None:
+    log.error("%s", message)
+
+
+def _serve_command(args: argparse.Namespace, report: Callable[[str], None]) -> int:
     config = load(args.config)
     admin_address = config.admin.address
     if args.admin is not None:
@@ -116,35 +144,67 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if missing:
         # Obtained before serving: the key store serves only keys that have a chain.
         names = ", ".join(key.name for key in missing)
-        logging.getLogger("dualproxy").info("acme: no chain yet for %s; obtaining it", names)
+        log.info("acme: no chain yet for %s; obtaining it", names)
         issue_or_fail(config, missing)
+    # Taken (and the variables unset) before anything else could start a child process.
+    inherited = activation.inherited_listeners()
     server = Server(config)  # loads the keys: an unusable one stops us here, exit 1
     raise_open_file_limit(config.limits.max_connections)
-    with contextlib.ExitStack() as sockets:
-        admin_socket = None
-        if admin_address is not None:
-            try:
-                admin_socket = sockets.enter_context(admin.open_socket(admin_address))
-            except OSError as exc:
-                raise OperatorError(f"{exc.strerror}", file=config.path) from None
-        code = run_until_interrupted(partial(_serve, server, admin_socket))
+    body = partial(_serve, server, admin_address, config.path, inherited)
+    code = run_until_interrupted(body, report=report)
     if code == EXIT_OK:
-        logging.getLogger("dualproxy").info("stopped")
+        log.info("stopped")
     return code
 
 
-async def _serve(server: Server, admin_socket: socket.socket | None) -> None:
-    """The server and, beside it, its admin listener and [acme]'s service, which stop when
-    the server does."""
+async def _serve(
+    server: Server,
+    admin_address: ListenAddress | None,
+    config_file: Path | None,
+    inherited: activation.Inherited | None,
+) -> None:
+    """The server and, beside it, its admin listener (which never stops it: see
+    admin.serve_when_possible) and [acme]'s service, which stop when the server does.
+    `inherited`: the listening sockets systemd passed (socket activation), served instead of
+    the configured addresses."""
     async with trio.open_nursery() as nursery:
-        if admin_socket is not None:
-            await nursery.start(admin.serve, admin_socket, server)
+        admin_at = None
+        if admin_address is not None:
+            bound = await nursery.start(
+                partial(admin.serve_when_possible, record_for=config_file),
+                admin_address,
+                server,
+            )
+            admin_at = (
+                f"http://{ListenAddress(*bound)}/"
+                if bound is not None
+                else f"{admin_address} not listening yet (see above)"
+            )
+        http01 = None
         if server.config.acme is not None:
             from dualproxy.acme import service  # the acme library loads only when used
 
-            await nursery.start(service.serve_beside, server)
-        await server.run()
+            acme_http = inherited.acme_http if inherited is not None else []
+            http01 = await nursery.start(partial(service.serve_beside, inherited=acme_http), server)
+        nursery.start_soon(_announce, server, http01, admin_at)
+        if inherited is not None and inherited.tls:
+            log.info(
+                "socket activation: serving the %d socket(s) systemd passed", len(inherited.tls)
+            )
+            await server.run(inherited.tls)
+        else:
+            await server.run()
         nursery.cancel_scope.cancel()
+
+
+async def _announce(server: Server, http01: tuple[str, int] | None, admin_at: str | None) -> None:
+    """Once the server listens: what it serves and where, in a few lines (announce.summary)."""
+    tls = await server.wait_listening()
+    lines = announce.summary(
+        server.config, server.snapshot, server.now(), tls=tls, http01=http01, admin=admin_at
+    )
+    for line in lines:
+        log.info("%s", line)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -167,14 +227,16 @@ def _cmd_canary_resume(args: argparse.Namespace) -> int:
 
 
 def _admin_address(args: argparse.Namespace) -> tuple[str, int]:
-    """Where the server's admin listener is: --admin, else the config's [admin] address
-    (a wildcard address is reached on loopback)."""
+    """Where the server's admin listener is: --admin; else what the server started with the
+    config recorded (admin.recorded: the port it got, whatever the config says); else the
+    config's fixed [admin] address (a wildcard address is reached on loopback). Without -c
+    and ./config.toml, the one running server that recorded its listener."""
     if args.admin is not None:
         address: tuple[str, int] = args.admin
         return address
     path = args.config if args.config is not None else Path(DEFAULT_CONFIG_FILE)
     if args.config is None and not path.is_file():
-        return admin.parse_url(admin.DEFAULT_URL)
+        return _the_only_recorded_server()
     listen = load(path).admin.address
     if listen is None:
         raise OperatorError(
@@ -183,5 +245,32 @@ def _admin_address(args: argparse.Namespace) -> tuple[str, int]:
             key_path="admin",
             file=path,
         )
+    found = admin.recorded(path)
+    if found is not None:
+        return found
+    if listen.port == 0:
+        raise OperatorError(
+            f"no running `dualproxy serve -c {path}` recorded its admin listener in"
+            f" {admin.runtime_folder()}",
+            fix="is it running, as this user? Pass --admin URL to ask a listener directly",
+            file=path,
+        )
     # A listener on every interface (admin.allow_non_loopback) answers on loopback too.
     return challenges.probe_address(listen)
+
+
+def _the_only_recorded_server() -> tuple[str, int]:
+    servers = admin.recorded_servers()
+    if len(servers) == 1:
+        return servers[0][0]
+    if not servers:
+        raise OperatorError(
+            f"no ./{DEFAULT_CONFIG_FILE} here, and no running `dualproxy serve` recorded its"
+            f" admin listener in {admin.runtime_folder()}",
+            fix="pass -c CONFIG (the server's), or --admin URL",
+        )
+    listed = "; ".join(f"{config} (http://{ListenAddress(*at)}/)" for at, config in servers)
+    raise OperatorError(
+        f"{len(servers)} servers are running: {listed}",
+        fix="pass -c CONFIG to choose one, or --admin URL",
+    )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,9 +30,11 @@ from urllib.parse import urlsplit
 
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.names import (
+    IPNetwork,
     admin_address_problem,
     host_name_problem,
     is_ip_address,
+    is_loopback_host,
     key_name_problem,
     normalize_host,
     parse_address,
@@ -49,10 +52,12 @@ from dualproxy.config.schema import (
     Hints,
     KeyConfig,
     KeyStoreSettings,
+    LifecycleConfig,
     Limits,
     ListenConfig,
     LogConfig,
     ManifestConfig,
+    ProxyProtocolMode,
     ReportsConfig,
     Role,
     Rotation,
@@ -66,6 +71,32 @@ _FIELD_VALUE = re.compile(r"[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)
 
 # ALPN tokens every client offers: hinting on them would route everyone.
 _COMMON_ALPN: Final = frozenset({b"http/1.1", b"http/1.0", b"h2", b"h3", b"acme-tls/1"})
+
+# Every key of the tables that have a required one (reader.Table's `known`): a required key
+# that is missing beside an unknown one is reported as that key misspelled. A key read but
+# not listed here fails every test that reads it, so add a new setting here too.
+_ROOT_KEYS: Final = (
+    "listen", "acme", "keys", "rotation", "limits", "keystore", "upstream", "admin",
+    "manifest", "reports", "lifecycle", "log",
+)  # fmt: skip
+_LISTEN_KEYS: Final = ("address", "reuse_port", "proxy_protocol", "proxy_protocol_from")
+_PROXY_PROTOCOL_MODES: Final[Mapping[str, ProxyProtocolMode]] = {
+    "off": "off", "required": "required", "optional": "optional",
+}  # fmt: skip
+_KEY_KEYS: Final = ("key", "chain", "names")
+_ACME_KEYS: Final = (
+    "directory", "email", "account_key", "challenge", "http_listen", "ca_file", "renew",
+    "renew_fraction", "retry_initial", "retry_max", "recheck_interval", "new_key_lead_days",
+    "order_timeout",
+)  # fmt: skip
+_ROTATION_KEYS: Final = (
+    "old", "new", "grace_start", "grace_end", "default", "canary_percent", "canary_min_sample",
+    "canary_halt_margin", "hints",
+)  # fmt: skip
+_UPSTREAM_KEYS: Final = (
+    "url", "ca_file", "host", "headers", "trusted_proxies", "pool_max_idle", "pool_idle_timeout",
+    "allow_plaintext",
+)  # fmt: skip
 
 
 def load(path: Path | str) -> Config:
@@ -99,9 +130,9 @@ def parse(
     check_files: bool = True,
 ) -> Config:
     """Validate already-decoded TOML; relative paths resolve against `base_dir`."""
-    root = Table(data, "")
-    listen = _parse_listen(root.table("listen", required=True))
-    acme_table = root.table("acme")
+    root = Table(data, "", _ROOT_KEYS)
+    listen = _parse_listen(root.table("listen", required=True, known=_LISTEN_KEYS))
+    acme_table = root.table("acme", known=_ACME_KEYS)
     acme = _parse_acme(acme_table, base_dir, check_files) if acme_table is not None else None
     http_listen = acme.http_listen if acme is not None else None
     # Port 0 (any free port, as tests use) cannot clash.
@@ -111,19 +142,20 @@ def parse(
             key_path="acme.http_listen",
         )
     keys = _parse_keys(root.table("keys", required=True), base_dir, check_files, acme)
-    rotation_table = root.table("rotation")
+    rotation_table = root.table("rotation", known=_ROTATION_KEYS)
     rotation = _parse_rotation(rotation_table, keys) if rotation_table is not None else None
     if rotation is None and not keys:
         raise OperatorError("no key is configured; add a [keys.NAME] table", key_path="keys")
     limits = _parse_limits(root.table("limits"))
     keystore = _parse_keystore(root.table("keystore"))
-    upstream_table = root.table("upstream")
+    upstream_table = root.table("upstream", known=_UPSTREAM_KEYS)
     upstream = (
         _parse_upstream(upstream_table, base_dir, check_files)
         if upstream_table is not None
         else None
     )
     admin = _parse_admin(root.table("admin"))
+    lifecycle = _parse_lifecycle(root.table("lifecycle"))
     manifest_table = root.table("manifest")
     manifest = _parse_manifest(manifest_table, base_dir) if manifest_table is not None else None
     reports_table = root.table("reports")
@@ -144,6 +176,7 @@ def parse(
         upstream=upstream,
         acme=acme,
         admin=admin,
+        lifecycle=lifecycle,
         manifest=manifest,
         reports=reports,
         log=log,
@@ -164,8 +197,44 @@ def _parse_listen(table: Table | None) -> ListenConfig:
     if len(set(addresses)) != len(addresses):
         raise OperatorError("an address is listed twice", key_path=table.path("address"))
     reuse_port = table.boolean("reuse_port", False)
+    mode = table.string("proxy_protocol") or "off"
+    if mode not in _PROXY_PROTOCOL_MODES:
+        raise OperatorError(
+            f"unknown mode {mode!r}; use one of {', '.join(_PROXY_PROTOCOL_MODES)}",
+            key_path=table.path("proxy_protocol"),
+        )
+    trusted = _parse_networks(table, "proxy_protocol_from")
+    if mode != "off" and not trusted:
+        raise table.missing(
+            "proxy_protocol_from",
+            "name the load balancers that send the PROXY header (their addresses or"
+            ' networks, e.g. proxy_protocol_from = ["10.0.0.0/8"]), so that no client can'
+            " write one itself and claim another client's address",
+        )
+    if mode == "off" and trusted:
+        raise OperatorError(
+            'has no effect while proxy_protocol = "off"; set proxy_protocol too, or remove it',
+            key_path=table.path("proxy_protocol_from"),
+        )
     table.done()
-    return ListenConfig(addresses=tuple(addresses), reuse_port=reuse_port)
+    return ListenConfig(
+        addresses=tuple(addresses),
+        reuse_port=reuse_port,
+        proxy_protocol=_PROXY_PROTOCOL_MODES[mode],
+        proxy_protocol_from=trusted,
+    )
+
+
+def _parse_networks(table: Table, key: str) -> tuple[IPNetwork, ...]:
+    """A list of networks ("10.0.0.0/8", "2001:db8::/32"; an address alone is its /32 or
+    /128), each exact: host bits set are refused, as they usually mean a typo."""
+    networks = []
+    for text in table.strings(key):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=True))
+        except ValueError as exc:
+            raise OperatorError(str(exc), key_path=table.path(key)) from None
+    return tuple(networks)
 
 
 def _parse_keys(
@@ -173,7 +242,7 @@ def _parse_keys(
 ) -> dict[str, KeyConfig]:
     assert table is not None
     keys = {}
-    for name, entry in table.tables():
+    for name, entry in table.tables(known=_KEY_KEYS):
         if (problem := key_name_problem(name)) is not None:
             raise OperatorError(problem, key_path=table.path(name))
         names = _parse_acme_names(entry, acme)
@@ -184,6 +253,8 @@ def _parse_keys(
             file = base_dir / Path(text).expanduser()
             # An ACME-managed key's chain may be missing: dualproxy obtains it.
             may_be_missing = field_name == "chain" and bool(names)
+            if check_files and (problem := _not_a_file_problem(file)) is not None:
+                raise OperatorError(problem, key_path=entry.path(field_name))
             if check_files and not may_be_missing and not file.is_file():
                 what = "private key" if field_name == "key" else "certificate chain"
                 advice = f"create it (dualproxy keys new {name})"
@@ -207,6 +278,20 @@ def _parse_keys(
             key_path="acme",
         )
     return keys
+
+
+def _not_a_file_problem(path: Path) -> str | None:
+    """Why a path that should name a file names something else that exists (a directory, a
+    FIFO), or None: "does not exist" would send the operator looking in the wrong place."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # missing (or unreadable): the callers' own messages say what to do
+    if stat.S_ISDIR(mode):
+        return f"{path} is a directory, not a file; name the PEM file in it"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a regular file (a FIFO, socket or device); name the PEM file"
+    return None
 
 
 def _parse_acme_names(entry: Table, acme: AcmeConfig | None) -> tuple[str, ...]:
@@ -278,6 +363,8 @@ def _parse_acme(table: Table, base_dir: Path, check_files: bool) -> AcmeConfig:
     ca_file = None
     if (ca_text := table.string("ca_file")) is not None:
         ca_file = base_dir / Path(ca_text).expanduser()
+        if check_files and (problem := _not_a_file_problem(ca_file)) is not None:
+            raise OperatorError(problem, key_path=table.path("ca_file"))
         if check_files and not ca_file.is_file():
             raise OperatorError(f"CA file {ca_file} does not exist", key_path=table.path("ca_file"))
     d = AcmeConfig(directory="", account_key=Path())
@@ -489,6 +576,8 @@ def _parse_upstream(table: Table, base_dir: Path, check_files: bool) -> Upstream
     ca_file = None
     if (ca_text := table.string("ca_file")) is not None:
         ca_file = base_dir / Path(ca_text).expanduser()
+        if check_files and (problem := _not_a_file_problem(ca_file)) is not None:
+            raise OperatorError(problem, key_path=table.path("ca_file"))
         if check_files and not ca_file.is_file():
             raise OperatorError(f"CA file {ca_file} does not exist", key_path=table.path("ca_file"))
     host_header = table.string("host") or "rewrite"
@@ -524,18 +613,22 @@ def _parse_upstream(table: Table, base_dir: Path, check_files: bool) -> Upstream
         raise OperatorError(
             f"write the host {parts.hostname!r} in punycode (xn--...)", key_path=table.path("url")
         )
-    trusted = []
-    for text in table.strings("trusted_proxies"):
-        try:
-            trusted.append(ipaddress.ip_network(text, strict=True))
-        except ValueError as exc:
-            raise OperatorError(str(exc), key_path=table.path("trusted_proxies")) from None
+    trusted = _parse_networks(table, "trusted_proxies")
     defaults = UpstreamConfig(url="", scheme="https", host="", port=0)
     pool_max_idle = table.integer("pool_max_idle", defaults.pool_max_idle, low=0, high=10_000)
     pool_idle_timeout = table.number(
         "pool_idle_timeout", defaults.pool_idle_timeout, low=0.1, high=3600
     )
+    allow_plaintext = table.boolean("allow_plaintext", defaults.allow_plaintext)
     table.done()
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname) and not allow_plaintext:
+        raise OperatorError(
+            f"{url!r} is plain HTTP to another machine: requests, with the clients' credentials,"
+            " and answers would cross the network unencrypted",
+            fix="use https:// (verified), or, if that network is yours and trusted (a sidecar,"
+            " a private link), add allow_plaintext = true to [upstream]",
+            key_path=table.path("url"),
+        )
     upstream = UpstreamConfig(
         url=url,
         scheme="https" if parts.scheme == "https" else "http",
@@ -544,9 +637,10 @@ def _parse_upstream(table: Table, base_dir: Path, check_files: bool) -> Upstream
         ca_file=ca_file,
         host_header="preserve" if host_header == "preserve" else "rewrite",
         headers=tuple(headers),
-        trusted_proxies=tuple(trusted),
+        trusted_proxies=trusted,
         pool_max_idle=pool_max_idle,
         pool_idle_timeout=pool_idle_timeout,
+        allow_plaintext=allow_plaintext,
     )
     return upstream
 
@@ -586,6 +680,17 @@ def _parse_log(table: Table | None, base_dir: Path) -> LogConfig:
             "is empty", key_path=table.path("access"), fix='write a file path, "stderr" or "off"'
         )
     return LogConfig(access_path=(base_dir / access).absolute())
+
+
+def _parse_lifecycle(table: Table | None) -> LifecycleConfig:
+    if table is None:
+        return LifecycleConfig()
+    defaults = LifecycleConfig()
+    settings = LifecycleConfig(
+        drain_delay=table.number("drain_delay", defaults.drain_delay, low=0, high=600),
+    )
+    table.done()
+    return settings
 
 
 def _parse_keystore(table: Table | None) -> KeyStoreSettings:

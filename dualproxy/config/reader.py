@@ -5,7 +5,7 @@ and `done()`, which rejects every key nobody asked for (a typo is an error, neve
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Final, TypeVar
 
@@ -16,15 +16,28 @@ _T = TypeVar("_T")
 # difflib ratio above which an unknown key is reported as a likely typo of a known one
 # ("grace_ned" vs "grace_end" scores 0.89, unrelated keys of similar length about 0.3-0.5).
 _TYPO_SIMILARITY: Final = 0.75
+# The same, when a required key is missing and the table holds an unknown key: that key is
+# most likely the required one misspelled, so a weaker likeness suffices ("grace_oops" vs
+# "grace_end" scores 0.63, "lsiten" vs "listen" 0.67).
+_MISSING_TYPO_SIMILARITY: Final = 0.5
 
 
 class Table:
-    """A TOML table being read: typed getters, and `done()` rejects keys nobody asked for."""
+    """A TOML table being read: typed getters, and `done()` rejects keys nobody asked for.
 
-    def __init__(self, data: Mapping[str, object], prefix: str) -> None:
+    `known`, when given, is every key the table's reader may ask for: a required key that is
+    missing is then reported as the unknown key beside it, the likely misspelling ("unknown
+    setting; did you mean 'grace_end'?"), rather than as missing. Reading a key not in
+    `known` is a bug of ours (AssertionError at `done()`), so the list cannot go stale.
+    """
+
+    def __init__(
+        self, data: Mapping[str, object], prefix: str, known: Collection[str] | None = None
+    ) -> None:
         self._data = data
         self._prefix = prefix
         self._seen: set[str] = set()
+        self._known = frozenset(known) if known is not None else None
 
     def path(self, key: str) -> str:
         return f"{self._prefix}.{key}" if self._prefix else key
@@ -43,9 +56,11 @@ class Table:
             )
         return value
 
-    def table(self, key: str, *, required: bool = False) -> Table | None:
+    def table(
+        self, key: str, *, required: bool = False, known: Collection[str] | None = None
+    ) -> Table | None:
         value = self._get(key, dict, "a table", required)
-        return None if value is None else Table(value, self.path(key))
+        return None if value is None else Table(value, self.path(key), known)
 
     def has(self, key: str) -> bool:
         return key in self._data
@@ -54,11 +69,12 @@ class Table:
         """Every key present (for tables whose keys are the operator's, like [upstream.headers])."""
         return list(self._data)
 
-    def tables(self) -> list[tuple[str, Table]]:
-        """Every entry, each of which must be a table (like [keys.NAME])."""
+    def tables(self, *, known: Collection[str] | None = None) -> list[tuple[str, Table]]:
+        """Every entry, each of which must be a table (like [keys.NAME]), each reading
+        `known` keys."""
         out = []
         for key in self._data:
-            sub = self.table(key)
+            sub = self.table(key, known=known)
             assert sub is not None
             out.append((key, sub))
         return out
@@ -128,18 +144,34 @@ class Table:
         return value.astimezone(UTC)
 
     def missing(self, key: str, advice: str) -> OperatorError:
-        """The error for a required key that is absent, pointing at a likely misspelling."""
+        """The error for a required key that is absent, pointing at a likely misspelling:
+        with `known` keys, an unknown key first (see the class docstring)."""
+        if self._known is not None:
+            unknown = [k for k in self._data if k not in self._known]
+            typo = difflib.get_close_matches(key, unknown, n=1, cutoff=_MISSING_TYPO_SIMILARITY)
+            if typo:
+                return OperatorError(
+                    f"unknown setting; did you mean {key!r}? ({key} is required: {advice})",
+                    key_path=self.path(typo[0]),
+                )
         strangers = [k for k in self._data if k not in self._seen and k != key]
         typo = difflib.get_close_matches(key, strangers, n=1, cutoff=_TYPO_SIMILARITY)
         found = f" (found {typo[0]!r}: misspelled?)" if typo else ""
         return OperatorError(f"missing; {advice}{found}", key_path=self.path(key))
 
     def done(self) -> None:
+        assert self._known is None or self._seen <= self._known, (
+            f"{self._prefix}: read {sorted(self._seen - self._known)}, not in its known keys"
+        )
         unknown = [k for k in self._data if k not in self._seen]
         if unknown:
-            known = difflib.get_close_matches(unknown[0], self._seen, n=1, cutoff=_TYPO_SIMILARITY)
-            advice = f"did you mean {known[0]!r}?" if known else "check it against config.toml"
-            raise OperatorError(f"unknown setting; {advice}", key_path=self.path(unknown[0]))
+            raise self._unknown(unknown[0])
+
+    def _unknown(self, key: str) -> OperatorError:
+        candidates = self._known if self._known is not None else self._seen
+        known = difflib.get_close_matches(key, candidates, n=1, cutoff=_TYPO_SIMILARITY)
+        advice = f"did you mean {known[0]!r}?" if known else "check it against config.toml"
+        return OperatorError(f"unknown setting; {advice}", key_path=self.path(key))
 
 
 def _toml_type(value: object) -> str:

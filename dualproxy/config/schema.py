@@ -11,7 +11,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final, Literal
 
-from dualproxy.config.names import IPNetwork, ListenAddress
+from dualproxy.config.names import IPNetwork, ListenAddress, is_loopback_host
 
 Role = Literal["old", "new"]
 
@@ -50,11 +50,22 @@ DEFAULT_CANARY_MIN_SAMPLE: Final = 200
 DEFAULT_CANARY_HALT_MARGIN: Final = 0.05
 
 
+ProxyProtocolMode = Literal["off", "required", "optional"]
+
+
 @dataclass(frozen=True, slots=True)
 class ListenConfig:
     addresses: tuple[ListenAddress, ...]
     # SO_REUSEPORT: several dualproxy processes (one per core) share one port.
     reuse_port: bool = False
+    # The PROXY protocol (HAProxy's, v1 and v2) from a load balancer that proxies TCP, so that
+    # the client's own address is used everywhere: "off" (no header is read), "required"
+    # (every connection starts with one; a peer outside proxy_protocol_from is refused), or
+    # "optional" (the balancer's connections may carry one; anyone else's must not).
+    proxy_protocol: ProxyProtocolMode = "off"
+    # The balancers allowed to send a header: required unless off, so that no client can
+    # claim another's address by writing a header itself.
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +202,11 @@ class Limits:
     # `timeout tunnel` as its documentation sets it (1 h). Apps ping far more often (OkHttp's
     # pingInterval, URLSession's sendPing: seconds to a minute); a dead peer frees its slot.
     websocket_idle_timeout: float = 3600.0
+    # A PROXY protocol header ([listen] proxy_protocol) must be complete within this: the
+    # balancer writes it with the connection's first packet, so a few seconds only bound a
+    # peer that is not the balancer it claims to be (HAProxy's spec allows at most 16 + 65535
+    # bytes; HAProxy itself waits at most `timeout client`).
+    proxy_header_timeout: float = 3.0
 
 
 # Range each Limits field accepts: (lowest, highest). Zero-length waits would refuse everyone;
@@ -212,6 +228,7 @@ LIMIT_RANGES: Final[Mapping[str, tuple[float, float]]] = MappingProxyType(
         "shutdown_grace": (0, 3600),
         "h2_max_concurrent_streams": (1, 1000),
         "websocket_idle_timeout": (1, 86400),
+        "proxy_header_timeout": (0.1, 60),
     }
 )
 
@@ -239,6 +256,16 @@ class UpstreamConfig:
     # cut-off (Google's front ends and nginx keep idle connections for about 60 s or more),
     # so we rarely pick one the upstream is about to close.
     pool_idle_timeout: float = 30.0
+    # Plain http:// to an upstream that is not on this machine: the requests (with the
+    # clients' credentials) and the answers cross the network unencrypted, so it is refused
+    # unless the operator says so (a sidecar on a pod network, a private link they trust).
+    allow_plaintext: bool = False
+
+    @property
+    def plaintext_remote(self) -> bool:
+        """Whether requests go unencrypted to another machine (http:// to a non-loopback
+        host): only with allow_plaintext."""
+        return self.scheme == "http" and not is_loopback_host(self.host)
 
     @property
     def authority(self) -> str:
@@ -299,9 +326,12 @@ class KeyStoreSettings:
     reload_poll_interval: float = 2.0
 
 
-# The admin listener's address unless the config names one: loopback (see AdminConfig), and a
-# port of Envoy's admin range (9901) that nothing else of ours uses.
-DEFAULT_ADMIN_ADDRESS: Final = ListenAddress("127.0.0.1", 9901)
+# The admin listener's address unless the config names one: loopback (see AdminConfig), on a
+# port the kernel picks at each start (port 0). A fixed default port (it was Envoy's 9901)
+# made a second instance on the machine, or a new process started before the old one exits,
+# fail to start; a free port cannot collide. `serve` records the port it got where `dualproxy
+# status` looks (ops.admin's runtime record). A scraper (Prometheus) needs a fixed port: name it.
+DEFAULT_ADMIN_ADDRESS: Final = ListenAddress("127.0.0.1", 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +339,9 @@ class AdminConfig:
     """The admin listener: /metrics, /status.json, the status page, canary resume."""
 
     # Loopback by default: the status page names keys and client counts, and the listener
-    # takes the canary resume. None: no admin listener.
+    # takes the canary resume. Port 0: a free port, recorded for `dualproxy status`. None: no
+    # admin listener. An address that cannot be bound never stops the TLS front: `serve`
+    # logs why and tries again (ops.admin.BIND_RETRY_INTERVAL).
     address: ListenAddress | None = DEFAULT_ADMIN_ADDRESS
     # A non-loopback address (so that Prometheus can scrape from another host) must be asked
     # for explicitly; canary resume still answers loopback clients only.
@@ -328,6 +360,19 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LifecycleConfig:
+    """How a server leaves: what a load balancer needs to take it out first."""
+
+    # On SIGTERM, /readyz answers 503 for this long while the server still accepts and
+    # serves, so that a balancer's health checks take it out before its listeners close;
+    # then the drain (limits.shutdown_grace). 0 (the default without a balancer): the drain
+    # starts at once. Set it to the balancer's check interval times its fall count (HAProxy
+    # `inter 2s fall 2`: 4 s and a margin; a Kubernetes readiness probe: periodSeconds times
+    # failureThreshold).
+    drain_delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: ListenConfig
     keys: Mapping[str, KeyConfig]
@@ -339,6 +384,7 @@ class Config:
     upstream: UpstreamConfig | None = None
     acme: AcmeConfig | None = None
     admin: AdminConfig = field(default_factory=AdminConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     # App-facing endpoints answered by dualproxy itself (None: not served).
     manifest: ManifestConfig | None = None
     reports: ReportsConfig | None = None

@@ -28,13 +28,15 @@ Scenarios:
 from __future__ import annotations
 
 import ipaddress
+import logging
 import shlex
+import signal
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import trio
 
@@ -54,7 +56,7 @@ from dualproxy.dev.certs import (
 )
 from dualproxy.rotation import policy
 from dualproxy.serve.clock import utc_now
-from dualproxy.serve.listeners import describe_bound
+from dualproxy.serve.listeners import describe_bound, open_listeners
 from dualproxy.serve.server import Server
 from dualproxy.tls import keystore, pins
 from dualproxy.tls.clienthello import ClientHello
@@ -79,6 +81,8 @@ __all__ = [
     "issue_certificate",
     "prepare",
 ]
+
+log = logging.getLogger("dualproxy")
 
 HINT_ALPN: Final = "dualproxy-new"
 SCENARIOS: Final = ("old-only", "grace", "new-only", "rogue", "expired", "wrong-host", "untrusted")
@@ -119,6 +123,8 @@ class BenchSettings:
     listen: str  # HOST:PORT
     upstream: str | None  # URL; None: dualproxy's own placeholder answers (tests)
     new_networks: tuple[str, ...] = ()  # grace: clients from these networks get new
+    # Extra trust for an https upstream with a private or test CA (upstream.ca_file).
+    upstream_ca: Path | None = None
 
 
 def build_config(
@@ -128,9 +134,13 @@ def build_config(
     command line got wrong (listen.address, upstream.url, rotation.hints.new.networks)."""
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; one of {', '.join(SCENARIOS)}")
-    data: dict[str, object] = {"listen": {"address": settings.listen}}
+    data: dict[str, Any] = {"listen": {"address": settings.listen}}
     if settings.upstream is not None:
-        data["upstream"] = {"url": settings.upstream}
+        # The developer typed the URL on the command line of a bench that never serves
+        # production: http:// to a dev server on the LAN is what they asked for.
+        data["upstream"] = {"url": settings.upstream, "allow_plaintext": True}
+        if settings.upstream_ca is not None:
+            data["upstream"]["ca_file"] = str(settings.upstream_ca.absolute())
     if scenario in ROTATION_SCENARIOS:
         data["keys"] = {name: _key_table(name) for name in ("old", "new")}
         if scenario == "old-only":
@@ -324,9 +334,9 @@ class Bench:
         for name, config in self.configs.items():
             if name != scenario:
                 keystore.load_snapshot(config)
-        self.server = Server(
-            self.configs[scenario], dev_headers=True, handle_signals=handle_signals
-        )
+        # The bench's own signals (`watch_signals`): SIGHUP stops it, it never reloads.
+        self.server = Server(self.configs[scenario], dev_headers=True, handle_signals=False)
+        self._handle_signals = handle_signals
         self._scenario = scenario
         self._switching = trio.Lock()
         self.bound: list[tuple[str, int]] = []  # where it listens, once running
@@ -402,6 +412,8 @@ class Bench:
             )
         else:
             upstream = self.settings.upstream or "none: dualproxy answers itself"
+            if self.settings.upstream_ca is not None:
+                upstream += f"  (trusting {self.settings.upstream_ca.absolute()} too)"
         switch = f"{self.command} dev switch SCENARIO"
         if material.folder != Path(DEFAULT_DIR).absolute():
             switch += f" --dir {shlex.quote(str(material.folder))}"
@@ -430,6 +442,7 @@ class Bench:
             f"                    adb reverse tcp:{port} tcp:{port}  (the app then reaches"
             f" https://localhost:{port}/)",
             "",
+            *(self._hint_lines(port) if self._scenario == "grace" else []),
             "Try it: curl plays your app. Run the same commands again after each switch.",
             self.scenario_text(),
             "",
@@ -440,11 +453,33 @@ class Bench:
         ]
         return "\n".join(lines)
 
+    def _hint_lines(self, port: int) -> list[str]:
+        """How an updated app asks for new in `grace`: the SNI alias first, the one hint every
+        mobile stack can send, and how a simulator or emulator reaches that name."""
+        lines = [
+            f"Ask for new from your app (the SNI alias, which every app stack can send): point the"
+            f" updated build at https://{HINT_SNI}:{port}/",
+            f"  iOS simulator     it resolves names as the Mac does: add `127.0.0.1 {HINT_SNI}`"
+            " to the Mac's /etc/hosts (once, with sudo)",
+            f"  Android emulator  after the adb reverse above, give OkHttp a Dns that maps"
+            f" {HINT_SNI} to 127.0.0.1 in debug builds:",
+            f'                    .dns {{ host -> if (host == "{HINT_SNI}")'
+            ' listOf(InetAddress.getByName("127.0.0.1")) else Dns.SYSTEM.lookup(host) }',
+            f"  ALPN {HINT_ALPN}     custom clients only (OkHttp, URLSession, Flutter and React"
+            " Native cannot send a custom token)",
+        ]
+        if self.settings.new_networks:
+            networks = ", ".join(self.settings.new_networks)
+            lines.append(f"  --new-network     test devices in {networks}")
+        return [*lines, ""]
+
     async def run(self, admin_socket: socket.socket, echo_socket: socket.socket | None) -> None:
         """Serve until cancelled (Ctrl-C) or drained (SIGTERM); the banner once listening."""
         address_file, written = self.material.admin_address_file, ""
         try:
             async with trio.open_nursery() as nursery:
+                if self._handle_signals:
+                    await nursery.start(self.watch_signals, nursery.cancel_scope)
                 if echo_socket is not None:
                     self.echo_port = int(echo_socket.getsockname()[1])
                     await nursery.start(echo.serve, echo_socket)
@@ -459,11 +494,39 @@ class Bench:
             if written:
                 devcontrol.remove_address_file(address_file, written)
 
+    async def watch_signals(
+        self,
+        everything: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """SIGTERM drains, as `serve`'s (a second one stops at once). SIGHUP stops the bench:
+        it is what closing its terminal sends, and a bench left running without one would
+        hold its ports with nobody to stop it (switching is `dev switch`, never a reload)."""
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    # Logged, not printed: the terminal that would show it may be gone.
+                    log.info("SIGHUP (its terminal closed?): stopping the bench")
+                    everything.cancel()
+                    return
+                if not self.server.draining:
+                    log.info("SIGTERM: stopping, after the requests in flight")
+                    self.server.drain()
+                else:
+                    log.warning("SIGTERM again: stopping now")
+                    self.server.stop_now()
+
     async def _serve(
         self,
         everything: trio.CancelScope,
         *,
         task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        await self.server.run(task_status=task_status)
+        listen = self.server.config.listen
+        # Opened here rather than by the server, so that a port in use names the option the
+        # developer typed (--listen), not a config key they never wrote.
+        listeners = await open_listeners(listen.addresses, listen.reuse_port, setting="--listen")
+        await self.server.run(listeners, task_status=task_status)
         everything.cancel()  # drained (SIGTERM): the echo and admin endpoint stop too

@@ -143,11 +143,15 @@ class Connection:
     """h11's server side over `stream`, for one small server's client (see the module
     docstring). One task uses it at a time."""
 
-    def __init__(self, stream: trio.abc.Stream, *, max_head: int) -> None:
+    def __init__(self, stream: trio.abc.Stream, *, max_head: int, received: bytes = b"") -> None:
+        """`received`: the connection's first bytes, already read from `stream` (what came
+        after a PROXY protocol header); they count against the head's size as any other."""
         self.stream = stream
         self._max_head = max_head
         # h11's cap on an incomplete event: past the head, it bounds a chunked body's lines.
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+        if received:
+            self._h11.receive_data(received)
         self._head_only = False  # the request being answered is a HEAD
 
     async def receive_request(

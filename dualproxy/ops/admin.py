@@ -6,6 +6,9 @@ bounded in size and time, Connection: close), answering from a `ServerView`.
     GET  /status.json    the same, for programs (evidence.Status.to_json, schema 1)
     GET  /status.txt     the same as text (what `dualproxy status` prints)
     GET  /metrics        Prometheus text format (metrics.py)
+    GET  /healthz        200 while the process serves (a liveness probe)
+    GET  /readyz         200 while it should get clients, 503 (with why) while it starts or
+                         leaves: a load balancer's or Kubernetes' readiness check
     POST /canary/resume  run a halted canary again (`dualproxy canary resume`)
 
 Who may ask. The listener is on loopback unless the config says admin.allow_non_loopback.
@@ -14,19 +17,28 @@ rebinding) and without an Origin header (no web page), as the dev control endpoi
 listener the operator opened up, each path has its own rule (`ROUTES`, `Allow`): the GETs
 answer anyone who can reach it (firewall it) but no web page, while the resume, which changes
 what clients are served, still takes only loopback peers and the same checks. A path we do not
-have is refused (404) after the readers' rule.
+have is refused (404) after the readers' rule. The health paths answer anyone who reaches
+the listener, with no Host or Origin check (`Allow.PROBES`): a balancer's check names no host
+(HAProxy's `option httpchk` is HTTP/1.0) or the listener's address, and they say nothing but
+"ok" or why not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import hashlib
 import http.client
 import json
 import logging
+import os
 import socket
+import stat
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Final, Protocol
 from urllib.parse import urlsplit
 
@@ -34,6 +46,7 @@ import trio
 
 from dualproxy.config.names import ListenAddress
 from dualproxy.config.schema import Config
+from dualproxy.files import write_atomically
 from dualproxy.http import smallserver
 from dualproxy.http.errors import HttpRefusal
 from dualproxy.http.smallserver import Answer, Request, json_answer
@@ -44,6 +57,7 @@ from dualproxy.rotation import policy
 from dualproxy.tls.keystore import KeySnapshot
 
 __all__ = [
+    "BIND_RETRY_INTERVAL",
     "DEFAULT_URL",
     "ROUTES",
     "Admin",
@@ -55,15 +69,27 @@ __all__ = [
     "fetch",
     "open_socket",
     "parse_url",
+    "record_path",
+    "recorded",
+    "recorded_servers",
     "resume_canary",
     "route",
+    "runtime_folder",
     "serve",
+    "serve_when_possible",
     "status_of",
 ]
 
 log = logging.getLogger("dualproxy")
 
 DEFAULT_URL: Final = "http://127.0.0.1:9901"
+# While the admin listener cannot bind its address, serving goes on and the bind is tried
+# again this often, in seconds: a process being replaced frees its port within its drain
+# (limits.shutdown_grace, 30 s by default), and a bind attempt costs nothing.
+BIND_RETRY_INTERVAL: Final = 5.0
+# Hex characters of the config path's SHA-256 in a record's name: 64 bits, no collision
+# between the configs of one machine.
+RECORD_NAME_CHARS: Final = 16
 # Nothing we take has a body: the resume is a bare POST.
 MAX_BODY_BYTES: Final = 1024
 # What `dualproxy status` and `canary resume` wait for an answer: the status is built in
@@ -100,6 +126,11 @@ class ServerView(Protocol):
 
     @property
     def reloads_failed(self) -> int: ...
+
+    def not_ready(self) -> str | None:
+        """Why a load balancer should send no clients now (starting, leaving); None when it
+        should."""
+        ...
 
     def now(self) -> datetime:
         """The policy's clock."""
@@ -154,10 +185,15 @@ class Allow(enum.Enum):
     # Anyone who can reach an opened listener (the operator firewalls it; a scraper names the
     # host as it likes, so no Host check), but no web page: what only reads.
     READERS = "readers"
+    # Anyone who reaches the listener, whatever Host and Origin say: a balancer's or
+    # Kubernetes' health check, on paths that tell nothing but whether to send clients.
+    PROBES = "probes"
 
     def check(self, request: Request, asker: Asker, does: str) -> None:
         """HttpRefusal (403, saying why) unless `asker` may send `request`, which `does` what
         the message names ("resume the canary")."""
+        if self is Allow.PROBES:
+            return
         if self is Allow.THIS_MACHINE and not asker.from_loopback:
             raise HttpRefusal(403, f"only this machine may {does}: {_ADVICE}", fault="client")
         if asker.on_loopback or self is Allow.THIS_MACHINE:
@@ -250,6 +286,21 @@ def _metrics(admin: Admin) -> Answer:
     return Answer(200, admin.scrape(), content_type=metrics.CONTENT_TYPE.encode())
 
 
+_TEXT: Final = b"text/plain; charset=utf-8"
+
+
+def _healthz(admin: Admin) -> Answer:
+    # Answered by the process's event loop: a process that hangs does not answer at all.
+    return Answer(200, b"ok\n", content_type=_TEXT)
+
+
+def _readyz(admin: Admin) -> Answer:
+    why = admin.server.not_ready()
+    if why is None:
+        return Answer(200, b"ready\n", content_type=_TEXT)
+    return Answer(503, f"not ready: {why}\n".encode(), content_type=_TEXT)
+
+
 def _resume(admin: Admin) -> Answer:
     judge = admin.server.evidence.canary
     resumed = judge.resume()
@@ -268,11 +319,164 @@ ROUTES: Final[Mapping[bytes, Route]] = {
     b"/status.json": Route(b"GET", Allow.READERS, "read the status", _status_json),
     b"/status.txt": Route(b"GET", Allow.READERS, "read the status", _status_text),
     b"/metrics": Route(b"GET", Allow.READERS, "read the metrics", _metrics),
+    b"/healthz": Route(b"GET", Allow.PROBES, "check the health", _healthz),
+    b"/readyz": Route(b"GET", Allow.PROBES, "check the readiness", _readyz),
     b"/canary/resume": Route(b"POST", Allow.THIS_MACHINE, "resume the canary", _resume),
 }
 
 
 # --- the listener ----------------------------------------------------------------------------
+
+
+async def serve_when_possible(
+    address: ListenAddress,
+    server: ServerView,
+    *,
+    record_for: Path | None = None,
+    task_status: trio.TaskStatus[tuple[str, int] | None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The admin listener at `address`, which must never stop the TLS front: an address that
+    cannot be bound (a previous process still holds it) is logged, serving goes on without
+    it, and the bind is tried again every BIND_RETRY_INTERVAL until it succeeds. Reports the
+    bound address, or None when the first bind failed. With `record_for` (the config file),
+    the bound address is recorded where `dualproxy status` finds it (`record_path`)."""
+    failures = 0
+    while True:
+        try:
+            sock = open_socket(address)
+        except OSError as exc:
+            failures += 1
+            if failures == 1:
+                task_status.started(None)
+                log.error(
+                    "%s; serving TLS without the admin listener, trying again every %g s",
+                    exc.strerror,
+                    BIND_RETRY_INTERVAL,
+                )
+            await trio.sleep(BIND_RETRY_INTERVAL)
+            continue
+        break
+    bound = _bound(sock)
+    if failures:
+        log.info("admin listener: %s is free now", address)
+    written = ""
+    record = record_path(record_for) if record_for is not None else None
+    try:
+        if record is not None:
+            written = _write_record(record, bound, record_for)
+        if not failures:
+            task_status.started(bound)
+        await serve(sock, server)
+    finally:
+        if record is not None and written:
+            _remove_record(record, written)
+
+
+def _bound(sock: socket.socket) -> tuple[str, int]:
+    host, port = sock.getsockname()[:2]
+    return str(host), int(port)
+
+
+# --- where `dualproxy status` finds a server's admin listener --------------------------------
+
+
+def runtime_folder() -> Path:
+    """Where running servers record their admin listener's address: $XDG_RUNTIME_DIR/dualproxy
+    (per user, cleared at logout or boot), else dualproxy-UID in the temporary folder. Only we
+    may write there: `_private_folder` refuses one another user could."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        return Path(base) / "dualproxy"
+    return Path(tempfile.gettempdir()) / f"dualproxy-{os.geteuid()}"
+
+
+def record_path(config_file: Path) -> Path:
+    """The record of the server started with `config_file` (one per config: two instances
+    with different configs never share one)."""
+    key = hashlib.sha256(str(config_file.absolute()).encode()).hexdigest()[:RECORD_NAME_CHARS]
+    return runtime_folder() / f"admin-{key}.json"
+
+
+def _private_folder(folder: Path) -> str | None:
+    """Make `folder` (mode 0700) or check it: why it cannot be trusted, or None."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        status = folder.lstat()
+    except OSError as exc:
+        return f"{folder}: {exc.strerror}"
+    if not stat.S_ISDIR(status.st_mode):
+        return f"{folder} is not a folder"
+    if status.st_uid != os.geteuid() or stat.S_IMODE(status.st_mode) & 0o077:
+        return (
+            f"{folder} is not ours alone (owner uid {status.st_uid}, mode"
+            f" {stat.S_IMODE(status.st_mode):04o}); remove it"
+        )
+    return None
+
+
+def _write_record(path: Path, bound: tuple[str, int], config_file: Path | None) -> str:
+    problem = _private_folder(path.parent)
+    if problem is not None:
+        log.warning("admin listener: not recorded for `dualproxy status` (%s)", problem)
+        return ""
+    text = json.dumps(
+        {
+            "address": str(ListenAddress(*bound)),
+            "pid": os.getpid(),
+            "config": str(config_file.absolute()) if config_file is not None else None,
+        }
+    )
+    try:
+        write_atomically(path, text.encode(), mode=0o600)
+    except OSError as exc:
+        log.warning("admin listener: not recorded for `dualproxy status` (%s)", exc)
+        return ""
+    return text
+
+
+def _remove_record(path: Path, written: str) -> None:
+    """Remove the record if it is still ours (a newer process may have written its own)."""
+    with contextlib.suppress(OSError):
+        if path.read_text() == written:
+            path.unlink()
+
+
+def recorded(config_file: Path) -> tuple[str, int] | None:
+    """The admin address a running server started with `config_file` recorded, or None (no
+    record, or its process has ended)."""
+    found = _read_record(record_path(config_file))
+    return found[0] if found is not None else None
+
+
+def recorded_servers() -> list[tuple[tuple[str, int], str]]:
+    """Every running server's recorded admin address, with its config file."""
+    folder = runtime_folder()
+    if _private_folder(folder) is not None:
+        return []
+    out = []
+    for path in sorted(folder.glob("admin-*.json")):
+        found = _read_record(path)
+        if found is not None:
+            out.append(found)
+    return out
+
+
+def _read_record(path: Path) -> tuple[tuple[str, int], str] | None:
+    if _private_folder(path.parent) is not None:
+        return None
+    try:
+        data = json.loads(path.read_text())
+        pid, address = int(data["pid"]), parse_url(str(data["address"]))
+        config = str(data.get("config") or "")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # left behind by a process that was killed
+    except PermissionError:
+        pass  # alive, as another user: not ours to question
+    return address, config
 
 
 def open_socket(address: ListenAddress) -> socket.socket:

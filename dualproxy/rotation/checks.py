@@ -22,9 +22,17 @@ from typing import Final, Literal
 from dualproxy.config.errors import locate
 from dualproxy.config.names import normalize_host
 from dualproxy.config.schema import Config, Role, Rotation
+from dualproxy.config.times import brief_time
 from dualproxy.tls.keystore import LoadedKey
 
-__all__ = ["EXPIRY_WARNING", "Finding", "certificate_covers", "check_acme", "check_keys"]
+__all__ = [
+    "EXPIRY_WARNING",
+    "Finding",
+    "certificate_covers",
+    "check_acme",
+    "check_config",
+    "check_keys",
+]
 
 # Warn this long before a served certificate expires: two weeks leaves time to renew by hand
 # after an automated renewal failed (Let's Encrypt's own expiry mails start at 20 days).
@@ -47,7 +55,7 @@ class Finding:
 
 
 def _time(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M UTC")
+    return brief_time(moment, zone=" UTC")
 
 
 def certificate_covers(cert_names: Sequence[str], host: str) -> bool:
@@ -262,3 +270,39 @@ def _served_from(config: Config, name: str, at: datetime) -> datetime | None:
     if name in rotation.new:
         return max(at, rotation.grace_start)
     return None  # a standby key: configured, never served
+
+
+def check_config(config: Config) -> list[Finding]:
+    """What the config itself allows that an operator should hear about at every check: an
+    upstream reached in plain HTTP over the network (upstream.allow_plaintext), a side of the
+    rotation hinted only by an ALPN token, which common mobile stacks cannot send."""
+    findings: list[Finding] = []
+    rotation = config.rotation
+    for role in _ROLES:
+        hints = rotation.hints_for(role) if rotation is not None else None
+        if hints is not None and hints.alpn and not hints.sni and not hints.networks:
+            findings.append(
+                Finding(
+                    "warning",
+                    f"rotation.hints.{role}.alpn",
+                    f"the only hint for {role} is an ALPN token, which OkHttp, URLSession/"
+                    "Alamofire, Flutter and React Native apps cannot send: only custom"
+                    f" clients will get {role} by it; add an SNI alias (hints.{role}.sni: a"
+                    " second host name for the API, used by the updated app) (README: Which"
+                    " hints real apps can send)",
+                    config.path,
+                )
+            )
+    upstream = config.upstream
+    if upstream is not None and upstream.plaintext_remote:
+        findings.append(
+            Finding(
+                "warning",
+                "upstream.allow_plaintext",
+                f"requests to {upstream.url} and its answers cross the network unencrypted"
+                " (plain HTTP to another machine, allowed by allow_plaintext = true); use"
+                " https:// unless that network is yours alone",
+                config.path,
+            )
+        )
+    return findings

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Final, TypeVar
+from typing import Final, Protocol, TypeVar
 
 from dualproxy.config.names import IPAddress, is_ip_address
 from dualproxy.config.schema import Config, Role, Rotation
+from dualproxy.config.times import brief_times
 from dualproxy.rotation.policy import (
     Choice,
     Phase,
@@ -25,10 +26,9 @@ from dualproxy.rotation.policy import (
     sni_matches,
 )
 from dualproxy.tls.clienthello import ClientHello
-from dualproxy.tls.keystore import LoadedKey
 from dualproxy.tls.pins import PinnedKey
 
-__all__ = ["explain", "pinned_keys", "role_changes", "timeline"]
+__all__ = ["PinSource", "explain", "pinned_keys", "role_changes", "timeline"]
 
 _PHASES: Final[tuple[Phase, ...]] = ("before", "during", "after")
 
@@ -52,7 +52,7 @@ def explain(
     if rotation is None or reason is Reason.SINGLE:
         return "no [rotation] in the config: every client gets the configured keys"
     role: Role = "new" if choice.identity == "new" else "old"
-    start, end = (_minute(t) for t in (rotation.grace_start, rotation.grace_end))
+    start, end = brief_times(rotation.grace_start, rotation.grace_end)
     default = f"rotation.default = {rotation.default!r}"
     if reason is Reason.BEFORE_WINDOW:
         return f"before rotation.grace_start ({start}) everyone gets old"
@@ -101,7 +101,7 @@ def timeline(
     during += f"; others get {rotation.default}"
     if rotation.canary_percent:
         during += f" (canary: {rotation.canary_percent:g}% of them get new)"
-    start, end = (_minute(t) for t in (rotation.grace_start, rotation.grace_end))
+    start, end = brief_times(rotation.grace_start, rotation.grace_end)
     old, new = ", ".join(rotation.old), ", ".join(rotation.new)
     return [
         "rotation timeline:",
@@ -111,7 +111,24 @@ def timeline(
     ]
 
 
-def pinned_keys(config: Config, keys: Mapping[str, LoadedKey], at: datetime) -> list[PinnedKey]:
+class PinSource(Protocol):
+    """What a pin listing needs of a key: a loaded one (`LoadedKey`), or one whose
+    certificate is still to come (its pin depends on the key alone)."""
+
+    @property
+    def pin(self) -> str: ...
+
+    @property
+    def algorithm(self) -> str: ...
+
+    @property
+    def names(self) -> tuple[str, ...]: ...
+
+    @property
+    def not_after(self) -> datetime | None: ...
+
+
+def pinned_keys(config: Config, keys: Mapping[str, PinSource], at: datetime) -> list[PinnedKey]:
     """Every configured key with its pin role at `at`, in `Config.key_order`: what the pin
     formats and the manifest list. ValueError for a certificate name no pin format can carry."""
     return [
@@ -138,10 +155,6 @@ def role_changes(
         return []
     bounds = (("grace_start", rotation.grace_start), ("grace_end", rotation.grace_end))
     return [(name, moment) for name, moment in bounds if after < moment < before]
-
-
-def _minute(moment: datetime) -> str:
-    return f"{moment:%Y-%m-%d %H:%M}Z"
 
 
 def _first(candidates: Iterable[_T]) -> _T:

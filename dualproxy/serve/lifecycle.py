@@ -14,9 +14,19 @@ finish their exchange first.
 **Reloads** run one at a time (`Reloads`): the file poller, SIGHUP, ACME and the dev bench may
 ask together, and two loads in flight could finish out of order and leave the older files'
 material in place. A reload that fails (a bad config, an unusable key, or a bug of ours) is
-logged and counted, and the previous material keeps serving. The file poller compares the
-watched files' signature (inode, size, mtime, mode) with the one taken *before* the last
-reload read them, so a file that changes while it loads is seen at the next poll.
+logged and counted, and the previous material keeps serving. Every reload, whoever asked,
+compares the watched files' signature (inode, size, mtime, mode) with the one taken *before*
+the last reload read them, and records its own: so a file that changes while it loads is seen
+at the next poll, and a SIGHUP reload is not followed by the poller's reload of the same
+files.
+
+**Only what changed is rebuilt.** A change of the manifest file alone re-reads the manifest
+and nothing else. Any other reload reads the config and the keys, then keeps every identity
+whose keys are exactly the ones it serves (the same key, the same chain): its SSL context,
+and with it the session-ticket key and the tickets issued, stays; a config edit or a manifest
+re-sign never turns every client's next connection into a full handshake. The log line says
+what changed: which files, which keys got a new certificate (its serial) or a new key, which
+contexts were rebuilt.
 
 **Stopping** (`Shutdown`): the drain (SIGTERM, `Server.drain`) stops accepting (the listeners
 close), closes idle keep-alive connections at once, gives requests in flight
@@ -35,6 +45,8 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from pathlib import Path
+from types import MappingProxyType
 from typing import Final, Protocol
 
 import trio
@@ -42,6 +54,7 @@ import trio
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load as load_config
 from dualproxy.config.schema import Config, ManifestConfig
+from dualproxy.config.times import brief_time
 from dualproxy.http.relay import DEPARTURE_CHECK_SECONDS, Departures, Drain, RelaySettings
 from dualproxy.pinning import endpoints, manifest
 from dualproxy.serve.closing import close_pool
@@ -59,7 +72,10 @@ __all__ = [
     "Reloadable",
     "Reloads",
     "Shutdown",
+    "changed_files",
+    "describe_changes",
     "files_signature",
+    "keep_unchanged",
     "prune_idle_upstream",
     "read_files",
     "watch_departures",
@@ -124,6 +140,100 @@ def files_signature(config: Config) -> FilesSignature:
     return tuple(signature)
 
 
+def changed_files(seen: FilesSignature, now: FilesSignature) -> tuple[Path, ...]:
+    """The watched files whose entry differs between two signatures (added, removed,
+    replaced, rewritten), in `now`'s order, then those only `seen` had."""
+    before = {entry[0]: entry for entry in seen}
+    after = {entry[0]: entry for entry in now}
+    changed = [path for path, entry in after.items() if before.get(path) != entry]
+    changed += [path for path in before if path not in after]
+    return tuple(Path(path) for path in changed)
+
+
+def _signature_for(config: Config, before: FilesSignature) -> FilesSignature:
+    """`config`'s watched files as `before` saw them (taken before a reload read them); a
+    file `before` did not watch (a path the reloaded config names anew) as it is now."""
+    known = {entry[0]: entry for entry in before}
+    fresh = files_signature(config)
+    return tuple(known.get(entry[0], entry) for entry in fresh)
+
+
+def keep_unchanged(current: KeySnapshot, loaded: KeySnapshot) -> KeySnapshot:
+    """`loaded`, with every identity whose keys equal those `current` serves for it taken
+    from `current` (its SSL context, so its session tickets, survive the reload); `current`
+    itself when nothing differs at all."""
+    identities = {
+        name: current.identities[name]
+        if name in current.identities and current.identities[name].keys == identity.keys
+        else identity
+        for name, identity in loaded.identities.items()
+    }
+    if (
+        loaded.keys == current.keys
+        and all(identity is current.identities.get(name) for name, identity in identities.items())
+        and identities.keys() == current.identities.keys()
+    ):
+        return current
+    return replace(loaded, identities=MappingProxyType(identities))
+
+
+def describe_changes(current: Material, new: Material, files: tuple[Path, ...]) -> str:
+    """What a reload changed, in words for its log line: the files, the config's tables,
+    each key's new certificate (serial, expiry) or new key (pin), the contexts rebuilt."""
+    parts: list[str] = []
+    base = current.config.path.parent if current.config.path is not None else None
+    if files:
+        parts.append("changed " + ", ".join(_short_path(f, base) for f in files))
+    old_config, new_config = current.config, new.config
+    if old_config.path is not None and old_config.path in files:
+        tables = [
+            name
+            for name in _CONFIG_TABLES
+            if getattr(old_config, name) != getattr(new_config, name)
+        ]
+        parts.append(f"settings changed: {', '.join(tables)}" if tables else "no setting changed")
+    old_keys, new_keys = current.snapshot.keys, new.snapshot.keys
+    for name, key in new_keys.items():
+        before = old_keys.get(name)
+        until = brief_time(key.not_after, zone=" UTC")
+        serial = f"{key.leaf.serial_number:X}"
+        if before is None:
+            parts.append(f"{name} added (pin {key.pin}, serial {serial}, until {until})")
+        elif before.pin != key.pin:
+            parts.append(f"{name}: new key (pin {key.pin}, serial {serial}, until {until})")
+        elif before.chain != key.chain:
+            parts.append(f"{name}: new certificate (serial {serial}, until {until})")
+    parts += [f"{name} removed" for name in old_keys if name not in new_keys]
+    if new.snapshot is current.snapshot:
+        parts.append("TLS contexts kept")
+    else:
+        rebuilt = [
+            str(name)
+            for name, identity in new.snapshot.identities.items()
+            if current.snapshot.identities.get(name) is not identity
+        ]
+        parts.append(
+            f"TLS contexts rebuilt: {', '.join(rebuilt)}" if rebuilt else "TLS contexts kept"
+        )
+    return "; ".join(parts) if parts else "nothing changed"
+
+
+# Config's fields that are tables of config.toml, in the file's order: what a reload names.
+_CONFIG_TABLES: Final = (
+    "listen", "keys", "rotation", "upstream", "acme", "manifest", "reports", "limits",
+    "keystore", "admin",
+)  # fmt: skip
+
+
+def _short_path(path: Path, base: Path | None) -> str:
+    if base is not None:
+        try:
+            return str(path.relative_to(base.absolute()))
+        except ValueError:
+            pass
+    return str(path)
+
+
 def _relay_for(current: Material, config: Config) -> RelaySettings | None:
     """Relay settings for a reloaded config: the current pool is kept unless the upstream or
     the pool's own limits changed (blocking: a new pool reads CA files)."""
@@ -163,17 +273,35 @@ class Reloads:
         self._files_seen = files_seen
         self.ok = 0
         self.failed = 0
+        self.polls = 0  # the file poller's looks at the files (tests wait for them)
 
     @property
     def waiting(self) -> int:
         """Reloads waiting for the one in progress to finish."""
         return self._lock.statistics().tasks_waiting
 
-    async def reload(self, why: str) -> bool:
-        """Re-read the config and key files; swap in new material only if all of it is good.
-        True when it took effect."""
+    async def reload(self, why: str, *, only_if_changed: bool = False) -> bool:
+        """Re-read what changed of the config, key and manifest files; swap in new material
+        only if all of it is good. True when it took effect. `only_if_changed` (the file
+        poller): nothing happens, False, when no watched file changed since the last reload
+        read them (a SIGHUP reload got there first)."""
         async with self._lock:
-            return await self._reload_now(why)
+            config = self._server.material.config
+            before = await trio.to_thread.run_sync(files_signature, config)
+            files = changed_files(self._files_seen, before)
+            if only_if_changed and not files:
+                return False
+            try:
+                manifest_file = config.manifest.file if config.manifest is not None else None
+                if files and set(files) <= {manifest_file}:
+                    return await self._reload_manifest(why, files)
+                return await self._reload_now(why, files=files)
+            finally:
+                # What was read, as it was before it was read (also after a failure: the
+                # poller then waits for the files to change again, which is when a writer
+                # finishes). The config may name files anew: those as they are now.
+                new_config = self._server.material.config
+                self._files_seen = await trio.to_thread.run_sync(_signature_for, new_config, before)
 
     async def apply(self, config: Config, why: str) -> bool:
         """Serve `config` from now on, as a reload would serve a changed config file (see
@@ -200,11 +328,33 @@ class Reloads:
             config = self._server.material.config
             await trio.sleep(config.keystore.reload_poll_interval)
             current = await trio.to_thread.run_sync(files_signature, self._server.material.config)
+            self.polls += 1
             if current != self._files_seen:
-                await self.reload("files changed")
-                self._files_seen = current
+                await self.reload("files changed", only_if_changed=True)
 
-    async def _reload_now(self, why: str, given: Config | None = None) -> bool:
+    async def _reload_manifest(self, why: str, files: tuple[Path, ...]) -> bool:
+        """Only the manifest file changed: re-read it, keep everything else (the TLS
+        contexts above all)."""
+        current = self._server.material
+        try:
+            local = await trio.to_thread.run_sync(
+                endpoints.build, current.config, current.local, self._clock
+            )
+        except Exception:
+            self.failed += 1
+            log.exception("reload (%s) failed unexpectedly, still serving the previous one", why)
+            return False
+        relay = current.relay
+        if relay is not None and relay.local is not local:
+            relay = replace(relay, local=local)
+        material = replace(current, relay=relay, local=local)
+        self.ok += 1
+        self._server.install(material, f"{why}: {describe_changes(current, material, files)}")
+        return True
+
+    async def _reload_now(
+        self, why: str, given: Config | None = None, *, files: tuple[Path, ...] = ()
+    ) -> bool:
         current = self._server.material
         try:
             material = await trio.to_thread.run_sync(self._prepare, current, given)
@@ -225,7 +375,7 @@ class Reloads:
             material = replace(material, config=kept)
         old_pool = current.relay.pool if current.relay is not None else None
         self.ok += 1
-        self._server.install(material, why)
+        self._server.install(material, f"{why}: {describe_changes(current, material, files)}")
         relay = material.relay
         if old_pool is not None and (relay is None or relay.pool is not old_pool):
             # Its idle connections close now; those in use finish their exchange first.
@@ -240,6 +390,7 @@ class Reloads:
             config, snapshot = self._load(current.config)
         else:
             config, snapshot = given, keystore.load_snapshot(given)
+        snapshot = keep_unchanged(current.snapshot, snapshot)
         relay = _relay_for(current, config)
         local = endpoints.build(config, current.local, self._clock)
         if relay is not None and relay.local is not local:
@@ -308,7 +459,7 @@ class ManifestWatch:
         if self._logged == (expires, status):
             return
         self._logged = (expires, status)
-        _log_expiry(settings, f"{expires:%Y-%m-%d %H:%M} UTC", status)
+        _log_expiry(settings, brief_time(expires, zone=" UTC"), status)
 
     async def watch(self, served: Reloadable, clock: Callable[[], datetime]) -> None:
         while True:  # the server checked once before it started accepting

@@ -35,6 +35,7 @@ __all__ = [
     "ACCEPT_BACKOFF_SECONDS",
     "ACCEPT_BATCH",
     "accept_loop",
+    "bind_hint",
     "bound_address",
     "close_listener",
     "describe_bound",
@@ -66,11 +67,12 @@ Handler = Callable[[socket.socket, object, object], Awaitable[None]]
 
 
 async def open_listeners(
-    addresses: Sequence[ListenAddress], reuse_port: bool
+    addresses: Sequence[ListenAddress], reuse_port: bool, *, setting: str = "listen.address"
 ) -> list[socket.socket]:
     """Bind every configured address (non-blocking listening sockets); with reuse_port,
-    several processes may share them. OSError naming the address and `listen.address` when
-    one cannot be bound; those already bound are closed then."""
+    several processes may share them. OSError naming the address, the `setting` it comes
+    from (a config key, or the command-line option that set it) and what to do when one
+    cannot be bound; those already bound are closed then."""
     listeners: list[socket.socket] = []
     try:
         for address in addresses:
@@ -97,7 +99,9 @@ async def open_listeners(
                 except OSError as exc:
                     sock.close()
                     raise OSError(
-                        exc.errno, f"cannot listen on {address} (listen.address): {exc.strerror}"
+                        exc.errno,
+                        f"cannot listen on {address} ({setting}): {exc.strerror}"
+                        + bind_hint(exc.errno, address.port, setting),
                     ) from exc
                 listeners.append(sock)
     except BaseException:
@@ -105,6 +109,24 @@ async def open_listeners(
             listener.close()
         raise
     return listeners
+
+
+def bind_hint(error: int | None, port: int, setting: str) -> str:
+    """What to do when binding `port` failed with `error` (an errno), as "; ..." or ""."""
+    if error == errno.EADDRINUSE:
+        return (
+            f"; another process listens there (a dualproxy still running? `ss -ltnp 'sport ="
+            f" :{port}'` names it): stop it, or choose another port with {setting}"
+        )
+    if error == errno.EACCES and 0 < port < 1024:
+        return (
+            f"; ports below 1024 need root or the CAP_NET_BIND_SERVICE capability (systemd:"
+            f" AmbientCapabilities=CAP_NET_BIND_SERVICE), or choose a port above 1023 with"
+            f" {setting}"
+        )
+    if error == errno.EADDRNOTAVAIL:
+        return f"; no interface of this machine has that address: fix {setting}"
+    return ""
 
 
 _AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[object, ...]]

@@ -2,6 +2,8 @@
 
 Theory of operation. For every accepted connection (`listeners.accept_loop`) we
 
+0. behind a load balancer ([listen] proxy_protocol), read its PROXY header (proxied.py): the
+   client's address it carries replaces the balancer's for everything below;
 1. **peek**: read raw bytes until `parse_client_hello` returns a hello, bounded by
    MAX_CLIENT_HELLO_BYTES and by the handshake timeout. The peek is advisory: bytes it cannot
    parse still go to OpenSSL (with the default identity), which then decides. Only plain HTTP
@@ -54,7 +56,7 @@ from dualproxy.ops.evidence import NONE_LABEL, Evidence
 from dualproxy.ops.logformat import configured_format, log_event
 from dualproxy.pinning import endpoints, reports
 from dualproxy.rotation import policy
-from dualproxy.serve import lifecycle, placeholder
+from dualproxy.serve import announce, lifecycle, placeholder
 from dualproxy.serve.clock import ReusedUtcNow, utc_now
 from dualproxy.serve.closing import CLOSE_NOTIFY_TIMEOUT, close_pool, linger, lingering_close
 from dualproxy.serve.connection import ConnectionRecord, peer_address
@@ -67,7 +69,8 @@ from dualproxy.serve.listeners import (
     describe_bound,
     open_listeners,
 )
-from dualproxy.tls import keystore
+from dualproxy.serve.proxied import receive_proxy_header
+from dualproxy.tls import keystore, proxy_protocol
 from dualproxy.tls.clienthello import (
     MAX_CLIENT_HELLO_BYTES,
     ClientHello,
@@ -140,6 +143,10 @@ class Server:
         self._shutdown = lifecycle.Shutdown(self._drain, self._slots)
         self._listening = trio.Event()
         self._bound: list[tuple[str, int]] = []
+        # The tasks beside the connections while run() runs (the drain delay is one of them).
+        self._services: trio.Nursery | None = None
+        # SIGTERM with [lifecycle] drain_delay: not ready any more, still serving (see drain).
+        self._leaving = False
         # The paths answered here, never upstream ([manifest], [reports]; endpoints.py).
         self._local = endpoints.build(config, None, clock)
         self._manifest = lifecycle.ManifestWatch()
@@ -234,10 +241,12 @@ class Server:
             if self._drain.draining:
                 accepting.cancel()
             async with trio.open_nursery() as services:
+                self._services = services
                 services.start_soon(self.reloads.watch_files)
                 services.start_soon(lifecycle.prune_idle_upstream, self)
                 services.start_soon(lifecycle.watch_departures, self._departures)
                 services.start_soon(self._manifest.watch, self, self._clock)
+                services.start_soon(announce.watch_window, self, self._clock)
                 if self.access_log is not None:
                     services.start_soon(self.access_log.run)
                 if self._handle_signals:
@@ -245,6 +254,7 @@ class Server:
                 await self._serve(listeners, bound, task_status)
                 services.cancel_scope.cancel()
         finally:
+            self._services = None
             for listener in listeners:  # those whose accept loop never started
                 close_listener(listener)
             self._shutdown.accepting = self._shutdown.connections = None
@@ -297,15 +307,46 @@ class Server:
 
     @property
     def draining(self) -> bool:
-        """Whether the drain has started (it ends with run())."""
-        return self._shutdown.draining
+        """Whether the server is leaving: the drain delay or the drain has started (it ends
+        with run())."""
+        return self._leaving or self._shutdown.draining
+
+    def not_ready(self) -> str | None:
+        """Why a load balancer should not send us clients now (what /readyz answers 503
+        with), or None when it should: the keys are loaded (this object exists) and the
+        listeners accept, and the server is not leaving."""
+        if self.draining:
+            return "draining: this server is stopping"
+        if not self._listening.is_set():
+            return "starting: the listeners are not open yet"
+        return None
 
     def drain(self) -> None:
-        """Shut down gracefully, as SIGTERM does: stop accepting (the listeners close, so new
-        clients are refused or go to another process on the port), close idle keep-alive
-        connections at once, give requests in flight limits.shutdown_grace to finish, their
-        responses saying `Connection: close`, then cancel whatever is left; run() returns.
+        """Shut down gracefully, as SIGTERM does. With [lifecycle] drain_delay, first only
+        answer /readyz with 503 for that long while serving as before, so that a load
+        balancer takes us out before we stop accepting. Then stop accepting (the listeners
+        close, so new clients are refused or go to another process on the port), close idle
+        keep-alive connections at once, give requests in flight limits.shutdown_grace to
+        finish, their responses saying `Connection: close`, then cancel whatever is left;
+        run() returns.
         """
+        delay = self.config.lifecycle.drain_delay
+        if self._leaving or self._shutdown.draining:
+            return
+        if delay > 0 and self._services is not None:
+            self._leaving = True
+            log.info(
+                "leaving: /readyz answers 503 from now on; serving on for %g s"
+                " ([lifecycle] drain_delay) so that the load balancer stops sending, then"
+                " draining",
+                delay,
+            )
+            self._services.start_soon(self._drain_after, delay)
+            return
+        self._shutdown.drain(self.config.limits.shutdown_grace)
+
+    async def _drain_after(self, delay: float) -> None:
+        await trio.sleep(delay)
         self._shutdown.drain(self.config.limits.shutdown_grace)
 
     def stop_now(self) -> None:
@@ -369,9 +410,15 @@ class Server:
             self._slots.release_on_behalf_of(token)
             record.end()
             self.evidence.connection_ended(record, self.config.rotation)
-            # An exchange the upstream failed (a 502, 503 or 504 of ours) is a warning.
-            upstream_failed = record.outcome is Outcome.UPSTREAM_ERROR
-            log_event(log, record, logging.WARNING if upstream_failed else logging.INFO)
+            # A CA's validation connections are logged by the challenge board, once per
+            # challenge and with its name; their conn lines only at debug level. An exchange
+            # the upstream failed (a 502, 503 or 504 of ours) is a warning.
+            level = logging.INFO
+            if record.outcome is Outcome.ACME_CHALLENGE:
+                level = logging.DEBUG
+            elif record.outcome is Outcome.UPSTREAM_ERROR:
+                level = logging.WARNING
+            log_event(log, record, level)
 
     async def handle_connection(self, stream: TcpStream, record: ConnectionRecord) -> None:
         """Peek, choose, handshake, serve. Fills `record` (its peer already set); the caller
@@ -380,8 +427,23 @@ class Server:
         # One config and its snapshot for the whole handshake, whatever reloads do meanwhile:
         # a reload swaps both at once, and the plan must name identities this snapshot has.
         config, snapshot = self.config, self.snapshot
+        received = b""
+        if config.listen.proxy_protocol != "off":
+            listen = config.listen
+            expect = proxy_protocol.expectation(
+                listen.proxy_protocol, listen.proxy_protocol_from, peer_ip
+            )
+            after: bytes | None = None
+            with trio.move_on_after(config.limits.proxy_header_timeout):
+                after = await receive_proxy_header(stream, expect, record)
+                if after is None:
+                    return
+                received, peer_ip = after, record.peer_ip
+            if after is None:  # the timeout
+                record.outcome, record.detail = Outcome.PROXY_REFUSED, "PROXY header timeout"
+                return
         with trio.move_on_after(config.limits.handshake_timeout) as handshake_scope:
-            peeked = await self._peek(stream, record)
+            peeked = await self._peek(stream, record, received)
             if peeked is None:
                 return
             # An ACME CA validating tls-alpn-01 gets the challenge certificate instead of ours
@@ -433,20 +495,26 @@ class Server:
                 with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
                     await tls.aclose()
 
-    async def _peek(self, stream: TcpStream, record: ConnectionRecord) -> bytes | None:
-        """Read until the ClientHello is complete or unparseable; the bytes read, or None when
-        the connection is already finished (closed, plain HTTP)."""
-        buffer = bytearray()
+    async def _peek(
+        self, stream: TcpStream, record: ConnectionRecord, received: bytes = b""
+    ) -> bytes | None:
+        """Read until the ClientHello is complete or unparseable; the bytes read (after the
+        `received` ones: what the PROXY header's reader read past it), or None when the
+        connection is already finished (closed, plain HTTP)."""
+        buffer = bytearray(received)
+        read = not received  # what came with a PROXY header is parsed before reading more
         while True:
-            try:
-                chunk = await stream.receive_some(max(1, MAX_CLIENT_HELLO_BYTES - len(buffer)))
-            except trio.BrokenResourceError:
-                chunk = b""
-            if not chunk:
-                record.outcome = Outcome.NO_HELLO
-                record.detail = f"closed after {len(buffer)} bytes"
-                return None
-            buffer += chunk
+            if read:
+                try:
+                    chunk = await stream.receive_some(max(1, MAX_CLIENT_HELLO_BYTES - len(buffer)))
+                except trio.BrokenResourceError:
+                    chunk = b""
+                if not chunk:
+                    record.outcome = Outcome.NO_HELLO
+                    record.detail = f"closed after {len(buffer)} bytes"
+                    return None
+                buffer += chunk
+            read = True
             data = bytes(buffer)
             # Checked on every read, not only the first: a request may arrive a byte at a time.
             if looks_like_plain_http(data):

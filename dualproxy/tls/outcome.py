@@ -34,6 +34,9 @@ class Outcome(enum.StrEnum):
     TIMEOUT = "timeout"  # hello or handshake not complete within handshake_timeout
     NO_HELLO = "no-hello"  # closed before a complete ClientHello (port scans, TCP health checks)
     PLAIN_HTTP = "plain-http"  # plain HTTP sent to the TLS port; answered 400
+    # A PROXY protocol header missing, malformed, or from a peer not allowed to send one
+    # ([listen] proxy_protocol): closed without an answer, the detail says which.
+    PROXY_REFUSED = "proxy-refused"
     ACME_CHALLENGE = "acme-challenge"  # an ACME CA validating tls-alpn-01 (acme.challenges)
     SHUTDOWN = "shutdown"  # the server stopped while the connection was open
     INTERNAL_ERROR = "internal-error"  # a bug in dualproxy, logged with its traceback
