@@ -391,3 +391,23 @@ async def test_serve_writes_json_lines_reopens_on_sigusr1_and_loses_none_on_stop
     assert (after["path"], after["proto"]) == ("/second", "HTTP/1.1")
     # The other lines stay JSON on stderr.
     assert all(json.loads(line) for line in lines if line)
+
+
+@pytest.mark.parametrize("moved", [False, True])
+async def test_a_reload_keeps_the_access_log_and_says_when_it_moved(
+    key: KeyFiles, tmp_path: Path, caplog: pytest.LogCaptureFixture, moved: bool
+) -> None:
+    """The file is the server's from its start: a reload that names another one says to
+    restart (as for the listen address) and keeps logging where it did; one that does not
+    says nothing of it."""
+    first, second = tmp_path / "access.log", tmp_path / "moved.log"
+    config_file = tmp_path / "config.toml"
+    config = write_config(config_file, [key], extra={"log": {"access": str(first)}})
+    async with serving(config) as run:
+        target = second if moved else first
+        write_config(config_file, [key], extra={"log": {"access": str(target)}})
+        with caplog.at_level(logging.WARNING, logger="dualproxy"):
+            assert await run.server.reload("test")
+        assert run.server.config.log.access_path == first
+    assert ("log.access changed: restart dualproxy to apply" in caplog.text) is moved
+    assert not second.exists()

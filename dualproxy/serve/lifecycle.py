@@ -221,7 +221,7 @@ def describe_changes(current: Material, new: Material, files: tuple[Path, ...]) 
 # Config's fields that are tables of config.toml, in the file's order: what a reload names.
 _CONFIG_TABLES: Final = (
     "listen", "keys", "rotation", "upstream", "acme", "manifest", "reports", "limits",
-    "keystore", "admin",
+    "keystore", "admin", "log",
 )  # fmt: skip
 
 
@@ -373,6 +373,10 @@ class Reloads:
             # replace(), not Config(...): a field added to Config later must not be dropped.
             kept = replace(material.config, listen=current.config.listen)
             material = replace(material, config=kept)
+        if material.config.log != current.config.log:
+            # The access log is opened once, by the server (reopened in place on SIGUSR1).
+            log.warning("log.access changed: restart dualproxy to apply (kept the old one)")
+            material = replace(material, config=replace(material.config, log=current.config.log))
         old_pool = current.relay.pool if current.relay is not None else None
         self.ok += 1
         self._server.install(material, f"{why}: {describe_changes(current, material, files)}")
