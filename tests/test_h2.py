@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from helpers.clients import CLIENT_TIMEOUT
 from helpers.configs import make_config
 from helpers.h2client import SNI, H2Client, h2_client
 from helpers.keys import KeyFiles, make_key
+from helpers.logs import ConnLog
 from helpers.serving import serving
 from helpers.upstream_server import (
     Behaviour,
@@ -154,6 +156,36 @@ async def test_concurrent_streams_share_one_connection(
         await client.flush()
         replies = [await client.reply(stream_id) for stream_id in ids]
     assert [echo(r.body)["target"] for r in replies] == [f"/n/{n}" for n in range(20)]
+
+
+async def test_streams_are_counted_per_key_and_reason_as_requests_are(
+    key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    upstream: UpstreamServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The connection's record and the evidence count HTTP/2 streams as HTTP/1.1 requests:
+    per key and reason, by status class; a stream refused for its fields counts as its 4xx
+    response, not as a request (as a request head that fails its checks)."""
+    log = ConnLog(caplog)
+    with caplog.at_level(logging.INFO, logger="dualproxy"):
+        async with proxy(key, cafile, tmp_path, upstream) as p:
+            async with p.client(validate=False) as client:
+                for n in range(3):
+                    assert (await client.request("GET", f"/{n}")).status == 200
+                refused = client.start_request(pseudo=REFUSED["connection"])
+                await client.flush()
+                assert (await client.reply(refused)).status == 400
+            line = await log.one()
+            counters = p.server.evidence.counters_for("k1", "single")
+    assert (line["alpn"], line["key"], line["outcome"], line["requests"]) == (
+        "h2",
+        "k1",
+        "ok",
+        "3",
+    )
+    assert (counters.statuses[2], counters.statuses[4]) == (3, 1)
 
 
 SIZE: Final = 8 * 1024 * 1024
