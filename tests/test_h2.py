@@ -102,10 +102,10 @@ def echo(body: bytes | bytearray) -> dict[str, Any]:
     return data
 
 
-async def well_behaved(p: Proxy) -> None:
-    """A second connection, opened while the first misbehaved, still gets its answer."""
-    async with p.client() as other:
-        reply = await other.request("GET", "/still-fine")
+async def well_behaved(other: H2Client) -> None:
+    """A second connection, opened before the first misbehaved and open all along, still gets
+    its answer."""
+    reply = await other.request("GET", "/still-fine")
     assert reply.status == 200
     assert echo(reply.body)["target"] == "/still-fine"
 
@@ -369,7 +369,7 @@ REFUSED: Final = {
 async def test_malformed_requests_get_400_and_nothing_goes_upstream(
     key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer, name: str
 ) -> None:
-    async with proxy(key, cafile, tmp_path, upstream) as p:
+    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as bystander:
         async with p.client(validate=False) as client:
             stream_id = client.start_request(pseudo=REFUSED[name])
             await client.flush()
@@ -378,7 +378,7 @@ async def test_malformed_requests_get_400_and_nothing_goes_upstream(
             # The stream failed, the connection did not.
             fine = await client.request("GET", "/next")
             assert fine.status == 200
-        await well_behaved(p)
+        await well_behaved(bystander)
     assert [r.target for r in upstream.requests] == [b"/next", b"/still-fine"]
 
 
@@ -418,7 +418,7 @@ async def test_connect_and_trace_get_405(
 async def test_data_beyond_content_length_ends_the_connection_and_nothing_goes_upstream(
     key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
 ) -> None:
-    async with proxy(key, cafile, tmp_path, upstream) as p:
+    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as bystander:
         async with p.client(validate=False) as client:
             stream_id = client.start_request(
                 "POST", "/", headers=[("content-length", "3")], end=False
@@ -428,7 +428,7 @@ async def test_data_beyond_content_length_ends_the_connection_and_nothing_goes_u
             await client.until_closed()
         assert client.goaway is not None
         assert client.goaway.error_code == PROTOCOL_ERROR
-        await well_behaved(p)
+        await well_behaved(bystander)
     assert [r.target for r in upstream.requests] == [b"/still-fine"]
 
 
@@ -477,7 +477,7 @@ async def test_rapid_reset_is_stopped_with_enhance_your_calm(
     key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
 ) -> None:
     upstream.behaviour = Behaviour.HANG_BEFORE_HEAD
-    async with proxy(key, cafile, tmp_path, upstream) as p:
+    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as bystander:
         async with p.client() as client:
             for _ in range(h2limits.RESET_BURST * 3):  # bounded: past the burst
                 stream_id = client.start_request("GET", "/")
@@ -489,7 +489,7 @@ async def test_rapid_reset_is_stopped_with_enhance_your_calm(
         assert client.goaway is not None
         assert client.goaway.error_code == ENHANCE_YOUR_CALM
         upstream.behaviour = Behaviour.ECHO
-        await well_behaved(p)
+        await well_behaved(bystander)
 
 
 async def test_a_few_resets_are_tolerated(
@@ -511,7 +511,7 @@ def frames(*items: Any) -> bytes:
 async def test_continuation_flood_ends_the_connection(
     key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
 ) -> None:
-    async with proxy(key, cafile, tmp_path, upstream) as p:
+    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as bystander:
         async with p.client() as client:
             headers = HeadersFrame(1)
             headers.data = client.conn.encoder.encode(BASE)
@@ -520,14 +520,14 @@ async def test_continuation_flood_ends_the_connection(
             await client.until_closed()
         assert client.goaway is not None
         assert client.goaway.error_code == PROTOCOL_ERROR
-        await well_behaved(p)
+        await well_behaved(bystander)
     assert [r.target for r in upstream.requests] == [b"/still-fine"]
 
 
 async def test_hpack_bomb_is_refused_while_decoding(
     key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
 ) -> None:
-    async with proxy(key, cafile, tmp_path, upstream) as p:
+    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as bystander:
         async with p.client() as client:
             # One 4000-byte field into the dynamic table, then referenced again and again: a
             # few bytes on the wire, far past the header list size once decoded.
@@ -541,7 +541,7 @@ async def test_hpack_bomb_is_refused_while_decoding(
             await client.until_closed()
         assert client.goaway is not None
         assert client.goaway.error_code in (ENHANCE_YOUR_CALM, PROTOCOL_ERROR)
-        await well_behaved(p)
+        await well_behaved(bystander)
 
 
 async def test_a_header_list_within_the_limit_passes(
@@ -562,7 +562,7 @@ async def test_a_header_list_within_the_limit_passes(
 async def test_control_frames_unread_end_the_connection(
     key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer, flood: Any
 ) -> None:
-    async with proxy(key, cafile, tmp_path, upstream) as p:
+    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as bystander:
         async with p.client() as client:
             # Sent at once, more than we answer while our output does not drain.
             await client.send_raw(
@@ -571,7 +571,7 @@ async def test_control_frames_unread_end_the_connection(
             await client.until_closed()
         assert client.goaway is not None
         assert client.goaway.error_code == ENHANCE_YOUR_CALM
-        await well_behaved(p)
+        await well_behaved(bystander)
 
 
 async def test_pings_that_are_read_are_answered(
@@ -591,7 +591,7 @@ async def test_pings_that_are_read_are_answered(
 async def test_empty_data_frames_end_the_connection(
     key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
 ) -> None:
-    async with proxy(key, cafile, tmp_path, upstream) as p:
+    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as bystander:
         async with p.client() as client:
             stream_id = client.start_request("POST", "/", end=False)
             await client.flush()
@@ -599,13 +599,13 @@ async def test_empty_data_frames_end_the_connection(
             await client.until_closed()
         assert client.goaway is not None
         assert client.goaway.error_code == ENHANCE_YOUR_CALM
-        await well_behaved(p)
+        await well_behaved(bystander)
 
 
 async def test_priority_flood_ends_the_connection(
     key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
 ) -> None:
-    async with proxy(key, cafile, tmp_path, upstream) as p:
+    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as bystander:
         async with p.client() as client:
             count = h2limits.PRIORITY_FRAMES_PER_STREAM * 2 + 10
             await client.send_raw(
@@ -614,13 +614,13 @@ async def test_priority_flood_ends_the_connection(
             await client.until_closed()
         assert client.goaway is not None
         assert client.goaway.error_code == ENHANCE_YOUR_CALM
-        await well_behaved(p)
+        await well_behaved(bystander)
 
 
 async def test_window_update_trickle_ends_the_connection(
     key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
 ) -> None:
-    async with proxy(key, cafile, tmp_path, upstream) as p:
+    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as bystander:
         async with p.client() as client:
             count = h2limits.WINDOW_UPDATES_PER_DATA_FRAME * 2 + 10
             await client.send_raw(
@@ -629,14 +629,17 @@ async def test_window_update_trickle_ends_the_connection(
             await client.until_closed()
         assert client.goaway is not None
         assert client.goaway.error_code == ENHANCE_YOUR_CALM
-        await well_behaved(p)
+        await well_behaved(bystander)
 
 
 async def test_streams_beyond_the_advertised_limit_end_the_connection(
     key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
 ) -> None:
     upstream.behaviour = Behaviour.HANG_BEFORE_HEAD
-    async with proxy(key, cafile, tmp_path, upstream, h2_max_concurrent_streams=2) as p:
+    async with (
+        proxy(key, cafile, tmp_path, upstream, h2_max_concurrent_streams=2) as p,
+        p.client() as bystander,
+    ):
         async with p.client() as client:
             for n in range(3):
                 client.start_request("GET", f"/{n}")
@@ -646,7 +649,7 @@ async def test_streams_beyond_the_advertised_limit_end_the_connection(
         assert client.goaway.error_code == PROTOCOL_ERROR
         assert client.conn.remote_settings.max_concurrent_streams == 2
         upstream.behaviour = Behaviour.ECHO
-        await well_behaved(p)
+        await well_behaved(bystander)
     assert [r.target for r in upstream.requests] == [b"/still-fine"]
 
 
@@ -670,7 +673,7 @@ async def test_a_client_that_does_not_read_its_stream_stalls_only_that_stream(
 ) -> None:
     upstream.large_body_size = 1024 * 1024
     upstream.behaviour = Behaviour.LARGE_BODY
-    async with proxy(key, cafile, tmp_path, upstream, send_timeout=1) as p:
+    async with proxy(key, cafile, tmp_path, upstream, send_timeout=1) as p, p.client() as bystander:
         # A stream window of 0: the response cannot move; it is cut after send_timeout.
         async with p.client(initial_window_size=0) as client:
             stalled = client.start_request("GET", "/big")
@@ -680,7 +683,7 @@ async def test_a_client_that_does_not_read_its_stream_stalls_only_that_stream(
             await client.flush()
             reply = await client.reply(stalled)
             assert reply.reset == h2.errors.ErrorCodes.CANCEL
-        await well_behaved(p)
+        await well_behaved(bystander)
 
 
 async def test_an_idle_connection_gets_goaway_then_closes(
