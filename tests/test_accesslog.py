@@ -28,7 +28,9 @@ from helpers.logs import ACCESS_FIELDS, parse_access_line
 from helpers.serving import Running, serving
 from helpers.upstream_server import UpstreamServer, closed_port, serve_upstream
 
+from dualproxy.config.errors import OperatorError
 from dualproxy.ops.accesslog import BUFFER_BYTES, MAX_PATH_CHARS, AccessLog
+from dualproxy.serve.server import Server
 
 
 def entry(log: AccessLog, **changes: Any) -> None:
@@ -411,3 +413,56 @@ async def test_a_reload_keeps_the_access_log_and_says_when_it_moved(
         assert run.server.config.log.access_path == first
     assert ("log.access changed: restart dualproxy to apply" in caplog.text) is moved
     assert not second.exists()
+
+
+# --- [log] access: what the operator may write -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "on", "path"),
+    [("stderr", True, None), ("off", False, None), ("logs/access.log", True, "logs/access.log")],
+)
+def test_log_access_takes_stderr_off_or_a_path(
+    key: KeyFiles, tmp_path: Path, value: str, on: bool, path: str | None
+) -> None:
+    config = make_config([key], base_dir=tmp_path, extra={"log": {"access": value}})
+    assert config.log.access is on
+    assert config.log.access_path == (tmp_path / path if path else None)
+    if path:
+        (tmp_path / path).parent.mkdir()
+    server = Server(config, handle_signals=False)
+    assert (server.access_log is not None) is on
+    if server.access_log is not None:
+        server.access_log.close()
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"access": ""}, "log.access: is empty"),
+        ({"acces": "stderr"}, "log.acces: unknown setting"),
+        ({"access": 5}, "log.access"),
+    ],
+    ids=["empty", "misspelled", "not-text"],
+)
+def test_log_access_refuses_what_it_cannot_use(
+    key: KeyFiles, tmp_path: Path, table: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(OperatorError) as refused:
+        make_config([key], base_dir=tmp_path, extra={"log": table})
+    assert message in str(refused.value)
+
+
+def test_an_access_log_file_that_cannot_be_opened_names_the_setting(
+    key: KeyFiles, tmp_path: Path
+) -> None:
+    """Checked when the server starts, before it listens: whose fault and what to do."""
+    config = make_config(
+        [key], base_dir=tmp_path, extra={"log": {"access": "missing-dir/access.log"}}
+    )
+    with pytest.raises(OperatorError) as refused:
+        Server(config, handle_signals=False)
+    text = str(refused.value)
+    assert "log.access" in text
+    assert "missing-dir/access.log" in text
+    assert 'write "stderr" or "off"' in text or "writable" in text
