@@ -103,6 +103,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     marker = "now" if args.at is None else "at"
     for line in explain.timeline(config.rotation, config.keys, at, marker):
         print(line, file=out)
+    limits = config.limits
+    print(
+        f"\nconnections: at most {limits.max_connections} per process (idle ones are reclaimed"
+        f" at the limit), {limits.max_connections_per_client} per client",
+        file=out,
+    )
     findings = checks.check_config(config)
     findings += checks.check_keys(config, snapshot.keys, at)
     findings += checks.check_acme(config, snapshot.keys, [])

@@ -169,6 +169,13 @@ class Limits:
     # Concurrent client connections; beyond it we stop accepting and the kernel's backlog
     # holds new ones (HAProxy maxconn behaviour) instead of failing the ones we have.
     max_connections: int = 4096
+    # Concurrent connections of one client (an IPv4 address or an IPv6 /64; behind a balancer
+    # with the PROXY protocol, the client it names): beyond it a new one is closed at once, so
+    # one client cannot take every slot (HAProxy and Envoy have such limits). An app holds a
+    # few (OkHttp keeps 5 idle, browsers 6 per host); a carrier-grade NAT puts hundreds of
+    # phones behind one IPv4 address, so a quarter of max_connections stays far above them
+    # while a flood from one address stops there.
+    max_connections_per_client: int = 1024
     # A request body that stalls this long is abandoned with 408 (nginx client_body_timeout
     # 60 s): slow mobile uploads pass, a client that stopped sending does not pin a slot.
     body_timeout: float = 60.0
@@ -217,6 +224,7 @@ LIMIT_RANGES: Final[Mapping[str, tuple[float, float]]] = MappingProxyType(
         "request_header_timeout": (0.1, 300),
         "keepalive_timeout": (0, 3600),
         "max_connections": (1, 1_000_000),
+        "max_connections_per_client": (1, 1_000_000),
         "body_timeout": (0.1, 3600),
         "send_timeout": (0.1, 3600),
         "upstream_connect_timeout": (0.1, 300),

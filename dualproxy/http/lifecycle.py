@@ -64,16 +64,30 @@ class Departures:
 
 
 class Drain:
-    """Graceful shutdown as relays see it; one per server, shared by all its connections.
+    """Graceful shutdown as relays see it, and the idle connections it closes; one per server,
+    shared by all its connections.
 
     Once `start()` is called, connections waiting for a request (idle keep-alive ones, and
     new ones that have not sent a byte yet) close at once, and busy ones finish their
     exchange with `Connection: close` on the response.
+
+    At the connection limit, `reclaim(n)` closes the n connections that have waited longest for
+    a request (nginx's "reusing connections"), so that new clients get their slots: the idle
+    connections are kept in the order they began to wait (a dict keeps insertion order), a
+    connection in the middle of a request is never among them. While `starved` (a client waits
+    for a slot and none was idle), a connection that becomes idle is reclaimed at once.
     """
 
     def __init__(self) -> None:
         self.draining = False
+        # Scopes of the connections waiting for a request (the drain closes them all), and of
+        # those among them that have served one (keep-alive: reclaimable), the longest idle
+        # first. A new connection waiting for its first request is not reclaimed: its
+        # client has only just been admitted.
         self._idle: set[trio.CancelScope] = set()
+        self._reclaimable: dict[trio.CancelScope, None] = {}
+        self.reclaimed = 0  # connections closed by a reclaim so far
+        self.starved = False  # a client waits for a slot: the next idle connection gives it
 
     def start(self) -> None:
         self.draining = True
@@ -84,32 +98,56 @@ class Drain:
     def idle_connections(self) -> int:
         return len(self._idle)
 
-    def enter_idle(self, scope: trio.CancelScope) -> None:
-        """`scope` waits for a request: the drain cancels it (at once, if it has started)."""
+    def enter_idle(self, scope: trio.CancelScope, *, reclaimable: bool = False) -> None:
+        """`scope` waits for a request: the drain cancels it (at once, if it has started).
+        `reclaimable` (it has served a request, a keep-alive connection): a reclaim may cancel
+        it too (at once, while a client waits for a slot)."""
         if self.draining:
             scope.cancel()
+        elif reclaimable and self.starved:
+            scope.cancel()
+            self.reclaimed += 1
+            return
         self._idle.add(scope)
+        if reclaimable:
+            self._reclaimable[scope] = None
 
     def leave_idle(self, scope: trio.CancelScope) -> None:
         self._idle.discard(scope)
+        self._reclaimable.pop(scope, None)
 
-    def idle(self, timeout: float) -> IdleWait:
+    def reclaim(self, count: int) -> int:
+        """Close up to `count` of the longest-idle keep-alive connections (their waits are
+        cancelled; each closes quietly, as at its keep-alive timeout); how many."""
+        reclaimable = self._reclaimable
+        oldest = [scope for scope, _ in zip(reclaimable, range(count), strict=False)]
+        for scope in oldest:
+            del reclaimable[scope]
+            self._idle.discard(scope)
+            scope.cancel()
+        self.reclaimed += len(oldest)
+        return len(oldest)
+
+    def idle(self, timeout: float, *, reclaimable: bool = False) -> IdleWait:
         """A cancel scope for waiting on a quiet connection: it ends after `timeout`, or as
-        soon as the drain starts (at once, when it already has)."""
-        return IdleWait(self, trio.CancelScope(deadline=trio.current_time() + timeout))
+        soon as the drain starts (at once, when it already has), or, `reclaimable`, a
+        reclaim at the connection limit."""
+        scope = trio.CancelScope(deadline=trio.current_time() + timeout)
+        return IdleWait(self, scope, reclaimable)
 
 
 class IdleWait:
     """`Drain.idle`'s context manager: its scope is cancelled by the drain while entered."""
 
-    __slots__ = ("_drain", "_scope")
+    __slots__ = ("_drain", "_reclaimable", "_scope")
 
-    def __init__(self, drain: Drain, scope: trio.CancelScope) -> None:
+    def __init__(self, drain: Drain, scope: trio.CancelScope, reclaimable: bool) -> None:
         self._drain = drain
         self._scope = scope
+        self._reclaimable = reclaimable
 
     def __enter__(self) -> trio.CancelScope:
-        self._drain.enter_idle(self._scope)
+        self._drain.enter_idle(self._scope, reclaimable=self._reclaimable)
         return self._scope.__enter__()
 
     def __exit__(

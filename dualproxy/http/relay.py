@@ -278,7 +278,7 @@ class ClientConnection:
             # connection may idle longer, and its next head's clock starts at its first byte.
             first = self._requests == 0
             waited_from = self._bound(self._idle_wait())
-            self._drain.enter_idle(self._scope)
+            self._drain.enter_idle(self._scope, reclaimable=not first)
             try:
                 chunk = await self._stream.receive_some(RECEIVE_SIZE)
             finally:
@@ -287,9 +287,10 @@ class ClientConnection:
                 return None
             buffer += chunk
             now = self._now()
-            if self._drain.draining or now >= self._deadline:
-                # The drain (or the deadline) came just as the request did and may have
-                # cancelled the scope already: the request is served, in a fresh one.
+            if self._scope.cancel_called or self._drain.draining or now >= self._deadline:
+                # The drain, a reclaim at the connection limit, or the deadline came just as
+                # the request did and may have cancelled the scope already: the request is
+                # served, in a fresh one.
                 raise _Restart
             started = waited_from if first else now
         else:  # a pipelined request, already here

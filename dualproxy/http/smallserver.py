@@ -154,6 +154,17 @@ class Connection:
             self._h11.receive_data(received)
         self._head_only = False  # the request being answered is a HEAD
 
+    async def wait_for_request(self) -> bool:
+        """Wait until the next request has begun (its first bytes are here: True) or the
+        client closed (False), reading nothing more than that: a server that calls it as its
+        idle wait and `receive_request` after it tells an idle connection from one in the
+        middle of a request."""
+        if self._h11.trailing_data[0]:  # pipelined, or what came after a PROXY header
+            return True
+        data = await self.stream.receive_some(_MAX_RECEIVE)
+        self._h11.receive_data(bytes(data))  # b"": the client closed
+        return bool(data)
+
     async def receive_request(
         self, *, max_body: int | None = None, keep_body: bool = True
     ) -> Request | None:

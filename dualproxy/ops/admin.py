@@ -51,7 +51,7 @@ from dualproxy.http import smallserver
 from dualproxy.http.errors import HttpRefusal
 from dualproxy.http.smallserver import Answer, Request, json_answer
 from dualproxy.ops import metrics, statuspage
-from dualproxy.ops.evidence import Evidence, KeyFacts, Status
+from dualproxy.ops.evidence import ConnectionCounts, Evidence, KeyFacts, Status
 from dualproxy.pinning.reports import ReportSummary
 from dualproxy.rotation import policy
 from dualproxy.tls.keystore import KeySnapshot
@@ -122,6 +122,15 @@ class ServerView(Protocol):
     def active_connections(self) -> int: ...
 
     @property
+    def idle_connections(self) -> int: ...
+
+    @property
+    def reclaimed_connections(self) -> int: ...
+
+    @property
+    def refused_per_client(self) -> int: ...
+
+    @property
     def reloads_ok(self) -> int: ...
 
     @property
@@ -161,6 +170,14 @@ def status_of(server: ServerView) -> Status:
         reloads_ok=server.reloads_ok,
         reloads_failed=server.reloads_failed,
         pin_reports=server.report_summary(),
+        connections=ConnectionCounts(
+            max_connections=config.limits.max_connections,
+            max_per_client=config.limits.max_connections_per_client,
+            open=server.active_connections,
+            idle=server.idle_connections,
+            reclaimed=server.reclaimed_connections,
+            refused_per_client=server.refused_per_client,
+        ),
     )
 
 

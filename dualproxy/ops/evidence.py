@@ -60,6 +60,7 @@ __all__ = [
     "SERIES_BUCKETS",
     "CanaryJudge",
     "CanaryStatus",
+    "ConnectionCounts",
     "Evidence",
     "FinishedConnection",
     "KeyFacts",
@@ -361,6 +362,28 @@ class ResponseRow:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionCounts:
+    """The connection limits of one server process and how close it is to them."""
+
+    max_connections: int  # limits.max_connections
+    max_per_client: int  # limits.max_connections_per_client
+    open: int  # client connections open now
+    idle: int  # of them, waiting for a request (reclaimed first at the limit)
+    reclaimed: int  # idle connections closed at the limit to admit new clients, since start
+    refused_per_client: int  # connections closed at once: their client held max_per_client
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "max_connections": self.max_connections,
+            "max_connections_per_client": self.max_per_client,
+            "open": self.open,
+            "idle": self.idle,
+            "reclaimed": self.reclaimed,
+            "refused_per_client": self.refused_per_client,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     """Everything the surfaces show, at one instant."""
 
@@ -377,6 +400,8 @@ class Status:
     canary: CanaryStatus | None
     bucket_seconds: int
     series_start: datetime  # the start of the oldest bucket in the series
+    # The connection limits and how close the server is to them (None: not a server's status).
+    connections: ConnectionCounts | None
     # What apps reported about failed pins ([reports]; reports.ReportSummary), None without.
     pin_reports: ReportSummary | None = None
 
@@ -449,6 +474,9 @@ class Status:
                 for r in self.response_rows
             ],
             "active_connections": self.active_connections,
+            "connection_limits": (
+                self.connections.to_json() if self.connections is not None else None
+            ),
             "reloads": {"ok": self.reloads_ok, "failed": self.reloads_failed},
             "series": {
                 "bucket_seconds": self.bucket_seconds,
@@ -544,6 +572,7 @@ class Evidence:
         reloads_ok: int,
         reloads_failed: int,
         pin_reports: ReportSummary | None = None,
+        connections: ConnectionCounts | None = None,
     ) -> Status:
         """A consistent picture of the counts (called at scrape time, never per request).
 
@@ -605,6 +634,7 @@ class Evidence:
             rows=rows,
             response_rows=response_rows,
             active_connections=active_connections,
+            connections=connections,
             reloads_ok=reloads_ok,
             reloads_failed=reloads_failed,
             canary=canary,

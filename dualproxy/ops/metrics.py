@@ -61,6 +61,33 @@ def exposition(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
+def _connection_limits(status: Status) -> list[Metric]:
+    """The connection limits and how close the server is to them (serve.admission)."""
+    counts = status.connections
+    if counts is None:
+        return []
+    limit = GaugeMetricFamily(
+        "dualproxy_connection_limit",
+        "The configured connection limits: per process (max_connections) and per client.",
+        labels=["scope"],
+    )
+    limit.add_metric(["process"], counts.max_connections)
+    limit.add_metric(["client"], counts.max_per_client)
+    return [
+        limit,
+        GaugeMetricFamily(
+            "dualproxy_idle_connections",
+            "Client connections open now that wait for a request (reclaimed first at the limit).",
+            value=counts.idle,
+        ),
+        CounterMetricFamily(
+            "dualproxy_connections_reclaimed",
+            "Idle connections closed at max_connections to admit new clients.",
+            value=counts.reclaimed,
+        ),
+    ]
+
+
 def families(status: Status) -> list[Metric]:
     """Every metric family, from one status."""
     connections = CounterMetricFamily(
@@ -176,6 +203,7 @@ def families(status: Status) -> list[Metric]:
             "Client connections open now.",
             value=status.active_connections,
         ),
+        *_connection_limits(status),
         not_after,
         not_before,
         phase,

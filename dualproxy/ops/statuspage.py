@@ -23,7 +23,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from dualproxy.config.schema import DEFAULT_CANARY_HALT_MARGIN
-from dualproxy.ops.evidence import NONE_LABEL, KeyStatus, Row, Sample, Status, percent
+from dualproxy.ops.evidence import (
+    NONE_LABEL,
+    ConnectionCounts,
+    KeyStatus,
+    Row,
+    Sample,
+    Status,
+    percent,
+)
 
 __all__ = ["render_html", "render_text"]
 
@@ -100,6 +108,8 @@ def render_text(status: Status) -> str:
         f"active connections {status.active_connections}; responses: {responses};"
         f" reloads: {status.reloads_ok} ok, {status.reloads_failed} failed"
     )
+    if status.connections is not None:
+        lines.append(_limits_text(status.connections))
     reports = status.pin_reports
     if reports is not None:
         lines.append("")
@@ -143,6 +153,16 @@ once it is gone.</p>
 </table>"""
 
 
+def _limits_text(counts: ConnectionCounts) -> str:
+    """The connection limits and how close the server is to them, in one line."""
+    return (
+        f"connections: {counts.open} open of limits.max_connections {counts.max_connections}"
+        f" ({counts.idle} idle); {counts.reclaimed} idle reclaimed at the limit;"
+        f" {counts.refused_per_client} refused for max_connections_per_client"
+        f" {counts.max_per_client} (limits per process)"
+    )
+
+
 def render_html(status: Status) -> str:
     """The whole status page."""
     canary = status.canary
@@ -170,6 +190,7 @@ def render_html(status: Status) -> str:
         for (k, r), s, requests in _by_reason(status.rows)
     )
     responses = " · ".join(f"{_e(k)} {v}" for k, v in sorted(status.responses.items()))
+    limits = f"{_e(_limits_text(status.connections))}<br>" if status.connections else ""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -201,7 +222,7 @@ def render_html(status: Status) -> str:
 <tbody>{rows or '<tr><td colspan="7" class="muted">no connections yet</td></tr>'}</tbody>
 </table>
 {_reports_html(status)}
-<footer class="muted">active connections {status.active_connections} ·
+<footer class="muted">{limits}active connections {status.active_connections} ·
 responses {responses or "none yet"} · reloads {status.reloads_ok} ok,
 {status.reloads_failed} failed · <a href="/status.json">status.json</a> ·
 <a href="/metrics">metrics</a></footer>

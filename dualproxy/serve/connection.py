@@ -58,6 +58,8 @@ class ConnectionRecord(LogEvent):
 
     peer: str  # log text: see peer_address
     peer_ip: IPAddress | None = None  # for the policy and X-Forwarded-For
+    # The client's id while counted against max_connections_per_client (serve.admission).
+    client: bytes | None = None
     hello: ClientHello | None = None
     choice: policy.Choice | None = None
     key: str | None = None

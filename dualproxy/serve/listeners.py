@@ -169,11 +169,15 @@ async def accept_loop(
     handler: Handler,
     *,
     name: str | None = None,
+    at_limit: Callable[[bool], object] | None = None,
 ) -> None:
     """Accept clients into `handler` tasks in `nursery` until cancelled, each holding a slot
     of `slots` (see the module docstring); the listener is closed on the way out.
 
-    `name` names the tasks (trio otherwise formats one for every task).
+    `name` names the tasks (trio otherwise formats one for every task). `at_limit(True)` is
+    called when a client waits and every slot is taken, before waiting for one, and
+    `at_limit(False)` once a slot is taken (the server reclaims idle connections meanwhile:
+    serve.admission).
     """
     try:
         while True:
@@ -181,14 +185,23 @@ async def accept_loop(
             # listener stays quiet would keep it from the other listeners' clients (with
             # one slot left, forever).
             await trio.lowlevel.wait_readable(listener)
-            for _ in range(ACCEPT_BATCH):
+            for accepted in range(ACCEPT_BATCH):
                 # A slot is taken before accepting: at the limit we stop accepting and new
                 # clients wait in the kernel's backlog instead of being cut off.
                 token = object()
                 try:
                     slots.acquire_on_behalf_of_nowait(token)
                 except trio.WouldBlock:
-                    await slots.acquire_on_behalf_of(token)
+                    if accepted:  # maybe nobody waits now: look again before reclaiming
+                        break
+                    if at_limit is None:
+                        await slots.acquire_on_behalf_of(token)
+                    else:
+                        at_limit(True)  # a client waits (the listener was readable)
+                        try:
+                            await slots.acquire_on_behalf_of(token)
+                        finally:
+                            at_limit(False)
                 try:
                     sock, address = listener.accept()
                 except BlockingIOError:  # the backlog is empty (or the client gave up)

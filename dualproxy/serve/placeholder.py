@@ -20,6 +20,8 @@ from dataclasses import replace
 from http import HTTPStatus
 from typing import Final
 
+import trio
+
 from dualproxy.config.schema import Limits
 from dualproxy.http import smallserver
 from dualproxy.http.errors import HttpRefusal
@@ -57,16 +59,22 @@ async def respond(
     connection = smallserver.Connection(tls, max_head=MAX_REQUEST_HEAD_BYTES)
     while True:
         # The first request may take the header timeout; later ones may idle for the
-        # keep-alive timeout first. The drain ends the wait (the whole request is small).
+        # keep-alive timeout first. The drain (or a reclaim at the connection limit) ends the
+        # idle wait; once a request has begun, it has request_header_timeout to arrive whole
+        # (it is small: PLACEHOLDER_MAX_BODY).
         wait = limits.keepalive_timeout if record.requests else limits.request_header_timeout
         endpoints_now = local()
         keep = endpoints_now.max_body_bytes if endpoints_now is not None else 0
-        request: smallserver.Request | None = None  # stays None when the wait times out
+        request: smallserver.Request | None = None  # stays None when a wait times out
         try:
-            with drain.idle(wait):
-                request = await connection.receive_request(
-                    max_body=max(PLACEHOLDER_MAX_BODY, keep), keep_body=keep != 0
-                )
+            begun = False
+            with drain.idle(wait, reclaimable=bool(record.requests)):
+                begun = await connection.wait_for_request()
+            if begun:
+                with trio.move_on_after(limits.request_header_timeout):
+                    request = await connection.receive_request(
+                        max_body=max(PLACEHOLDER_MAX_BODY, keep), keep_body=keep != 0
+                    )
         except HttpRefusal as refused:
             if refused.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
                 return False  # a body past what we read: closed unanswered

@@ -43,6 +43,7 @@ import socket
 import ssl
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from functools import partial
 from typing import Final, Protocol
 
 import trio
@@ -57,6 +58,7 @@ from dualproxy.ops.logformat import configured_format, log_event
 from dualproxy.pinning import endpoints, reports
 from dualproxy.rotation import policy
 from dualproxy.serve import announce, lifecycle, placeholder
+from dualproxy.serve.admission import Admission
 from dualproxy.serve.clock import ReusedUtcNow, utc_now
 from dualproxy.serve.closing import CLOSE_NOTIFY_TIMEOUT, close_pool, linger, lingering_close
 from dualproxy.serve.connection import ConnectionRecord, peer_address
@@ -141,6 +143,8 @@ class Server:
         self._drain = Drain()
         self._departures = Departures()  # relayed clients waiting for a response head
         self._shutdown = lifecycle.Shutdown(self._drain, self._slots)
+        # The reclaim at max_connections and the per-client limit (admission.py).
+        self._admission = Admission(self._drain)
         self._listening = trio.Event()
         self._bound: list[tuple[str, int]] = []
         # The tasks beside the connections while run() runs (the drain delay is one of them).
@@ -191,6 +195,24 @@ class Server:
     def active_connections(self) -> int:
         """Connections open now (each holds a connection slot)."""
         return self._slots.borrowed_tokens
+
+    @property
+    def idle_connections(self) -> int:
+        """Connections open now that wait for a request (reclaimable at the limit)."""
+        return self._drain.idle_connections
+
+    @property
+    def reclaimed_connections(self) -> int:
+        """Idle connections closed at max_connections to admit new clients, since the start."""
+        return self._admission.reclaimed
+
+    @property
+    def refused_per_client(self) -> int:
+        """Connections closed at once for their client's max_connections_per_client."""
+        return self._admission.refused
+
+    def _at_limit(self, waiting: bool) -> None:
+        self._admission.at_limit(self.config.limits.max_connections, waiting)
 
     @property
     def reloads_ok(self) -> int:
@@ -278,7 +300,7 @@ class Server:
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
                         acceptors.start_soon(
-                            accept_loop,
+                            partial(accept_loop, at_limit=self._at_limit),
                             listener,
                             self._slots,
                             connections,
@@ -408,6 +430,8 @@ class Server:
             # the TLS stream's aclose closed it already, and closing again is a no-op.
             stream.close()
             self._slots.release_on_behalf_of(token)
+            if record.client is not None:
+                self._admission.release(record.client)
             record.end()
             self.evidence.connection_ended(record, self.config.rotation)
             # A CA's validation connections are logged by the challenge board, once per
@@ -442,6 +466,12 @@ class Server:
             if after is None:  # the timeout
                 record.outcome, record.detail = Outcome.PROXY_REFUSED, "PROXY header timeout"
                 return
+        limit = config.limits.max_connections_per_client
+        record.client = self._admission.admit(peer_ip, limit, record.peer)
+        if record.client is None:
+            record.outcome = Outcome.CLIENT_LIMIT
+            record.detail = f"the client holds limits.max_connections_per_client ({limit})"
+            return
         with trio.move_on_after(config.limits.handshake_timeout) as handshake_scope:
             peeked = await self._peek(stream, record, received)
             if peeked is None:

@@ -37,6 +37,8 @@ class Outcome(enum.StrEnum):
     # A PROXY protocol header missing, malformed, or from a peer not allowed to send one
     # ([listen] proxy_protocol): closed without an answer, the detail says which.
     PROXY_REFUSED = "proxy-refused"
+    # Closed at once: the client already held limits.max_connections_per_client.
+    CLIENT_LIMIT = "client-limit"
     ACME_CHALLENGE = "acme-challenge"  # an ACME CA validating tls-alpn-01 (acme.challenges)
     SHUTDOWN = "shutdown"  # the server stopped while the connection was open
     INTERNAL_ERROR = "internal-error"  # a bug in dualproxy, logged with its traceback
