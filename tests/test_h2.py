@@ -699,6 +699,46 @@ async def test_an_idle_connection_gets_goaway_then_closes(
     assert client.goaway.error_code == NO_ERROR
 
 
+async def test_at_the_connection_limit_idle_connections_are_reclaimed_with_goaway(
+    key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    """A new client at limits.max_connections takes the slot of an idle HTTP/2 connection
+    (GOAWAY NO_ERROR, then closed), never that of one with a stream in flight: that one's
+    stream finishes, and only then is the connection reclaimed."""
+    upstream.behaviour = Behaviour.HANG_BEFORE_HEAD
+    upstream.hang = 1.0
+    async with (
+        proxy(
+            key,
+            cafile,
+            tmp_path,
+            upstream,
+            max_connections=2,
+            keepalive_timeout=3600,
+            request_header_timeout=300,
+        ) as p,
+        p.client() as idle,
+        p.client() as busy,
+    ):
+        upstream.behaviour = Behaviour.ECHO
+        assert (await idle.request("GET", "/idle")).status == 200
+        upstream.behaviour = Behaviour.HANG_BEFORE_HEAD
+        in_flight = busy.start_request("GET", "/busy")
+        await busy.flush()
+        with trio.fail_after(CLIENT_TIMEOUT):
+            while len(upstream.requests) < 2:
+                await trio.sleep(0.01)
+        upstream.behaviour = Behaviour.ECHO
+        async with p.client() as newcomer:  # admitted once a slot frees
+            await idle.until_closed()
+            reply = await busy.reply(in_flight)
+            assert (await newcomer.request("GET", "/new")).status == 200
+    assert idle.goaway is not None
+    assert idle.goaway.error_code == NO_ERROR
+    assert reply.status == 200
+    assert echo(reply.body)["target"] == "/busy"
+
+
 async def test_the_drain_says_goaway_and_lets_streams_in_flight_finish(
     key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
 ) -> None:

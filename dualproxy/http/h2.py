@@ -259,6 +259,7 @@ class Http2Connection:
         self._drained = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._read_scope = trio.CancelScope()  # the reader's current wait
+        self._reading = False  # the reader waits in it (registered with the drain)
         # Set when the connection ended on an error of the client's while it may still be
         # sending: the caller then closes with a lingering close, so that our GOAWAY is not
         # lost to the reset that closing on unread bytes sends.
@@ -300,12 +301,16 @@ class Http2Connection:
             data = None
             with scope:
                 if not self._goaway:
-                    self._drain.enter_idle(scope)
+                    # Between streams, once one was served, it is an idle keep-alive
+                    # connection: a reclaim at the connection limit may end it (GOAWAY).
+                    self._drain.enter_idle(scope, reclaimable=idle and self._started > 0)
+                self._reading = True
                 try:
                     data = await stream.receive_some(RECEIVE_SIZE)
                 finally:
+                    self._reading = False
                     self._drain.leave_idle(scope)
-            if data is None:  # the drain, or the idle wait ran out
+            if data is None:  # the drain, a reclaim, or the idle wait ran out
                 self._say_goaway()
                 continue
             if not data:
@@ -534,7 +539,11 @@ class Http2Connection:
             if self._goaway:
                 self._read_scope.cancel()
             else:
-                self._read_scope.deadline = self._idle_deadline()
+                scope = self._read_scope
+                scope.deadline = self._idle_deadline()
+                if self._reading:  # the reader waits: as an idle keep-alive connection now
+                    self._drain.leave_idle(scope)
+                    self._drain.enter_idle(scope, reclaimable=True)
 
     async def _exchange(self, stream: _Stream) -> HttpRefusal | Cut | None:
         """The stream's request and its response; how it ended, when not well."""
