@@ -690,3 +690,30 @@ def test_missing_pebble_skips_unless_required(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("DUALPROXY_REQUIRE_PEBBLE", "1")
     with pytest.raises(pytest.fail.Exception, match="DUALPROXY_REQUIRE_PEBBLE=1"):
         pebble_module.require_pebble()
+
+
+def test_a_when_safe_old_key_is_renewed_while_it_may_still_be_served(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    end, deadline = datetime(2027, 1, 1, tzinfo=UTC), datetime(2027, 2, 1, tzinfo=UTC)
+    data = {
+        "listen": {"address": "127.0.0.1:0"},
+        "acme": {"directory": "https://acme.invalid/dir"},
+        "keys": {
+            n: {"key": f"{n}/key.pem", "chain": f"{n}/chain.pem", "names": list(NAMES)}
+            for n in ("a", "b")
+        },
+        "rotation": {
+            "old": "a",
+            "new": "b",
+            "grace_start": datetime(2026, 12, 1, tzinfo=UTC),
+            "grace_end": end,
+            "canary_percent": 5,
+            "close": "when-safe",
+            "grace_deadline": deadline,
+        },
+    }
+    config = parse(data, base_dir=tmp_path, check_files=False)
+    assert not acme.retired(config, "a", end)  # held open: it may still be served
+    assert acme.retired(config, "a", end, window_closed=True)  # the evidence closed it
+    assert acme.retired(config, "a", deadline)

@@ -45,8 +45,9 @@ NEW_SNI: Final = "k2.api.example.com"
 PLAIN_SNI: Final = "api.example.com"
 CURLE_SSL_PINNEDPUBKEYNOTMATCH: Final = 90
 CURLE_PEER_FAILED_VERIFICATION: Final = 60
-# The canary's minimum sample in these tests: enough handshakes to judge, few enough to be fast.
-MIN_SAMPLE: Final = 12
+# Clients in the canary tests: a burst where every other client fails halts the canary well
+# within this (rotation.canary: a handful when half fail), and normal traffic runs as many.
+CANARY_CLIENTS: Final = 15
 
 
 @pytest.fixture
@@ -61,7 +62,6 @@ def rotation(*, canary_percent: float = 0.0) -> dict[str, Any]:
         "grace_start": GRACE_START,
         "grace_end": GRACE_END,
         "canary_percent": canary_percent,
-        "canary_min_sample": MIN_SAMPLE,
         "canary_halt_margin": 0.05,
         "hints": {"new": {"sni": [NEW_SNI]}},
     }
@@ -258,9 +258,8 @@ async def test_the_canary_halts_under_a_failure_burst_and_not_under_normal_traff
     # Every hint-less client is in the canary (100%): loopback clients are few.
     config = make_config([old, new], rotation=rotation(canary_percent=100), base_dir=tmp_path)
     async with serving(config, clock=Clock(DURING)) as run, admin_listener(run.server) as at:
-        # Bounded: the minimum sample and a few more.
         served = 0
-        for _ in range(MIN_SAMPLE + 3):
+        for _ in range(CANARY_CLIENTS):
             if burst and served % 2 == 0:
                 await okhttp_style(run, cafile)
             else:
@@ -294,8 +293,10 @@ async def test_the_canary_halts_under_a_failure_burst_and_not_under_normal_traff
     if burst:
         assert after.pin == old.pin
         assert canary["halted"] is True
-        assert canary["canary_sample"]["handshakes"] == MIN_SAMPLE
+        assert canary["state"] == "halted"
+        assert canary["canary_sample"]["handshakes"] == served < CANARY_CLIENTS
         assert canary["canary_sample"]["pin_failure_share"] > 0.05
+        assert canary["e_value"] >= canary["halt_threshold"] == 100
         assert "CANARY HALTED" in caplog.text
         assert value(parsed, "dualproxy_canary_halted") == 1
         assert value(parsed, "dualproxy_canary_halts_total") == 1
@@ -307,7 +308,8 @@ async def test_the_canary_halts_under_a_failure_burst_and_not_under_normal_traff
     else:
         assert after.pin == new.pin
         assert canary["halted"] is False
-        assert canary["canary_sample"]["handshakes"] == MIN_SAMPLE + 4
+        assert canary["state"] == "running"
+        assert canary["canary_sample"]["handshakes"] == CANARY_CLIENTS + 1
         assert canary["canary_sample"]["pin_failures"] == 0
         assert "CANARY HALTED" not in caplog.text
         assert value(parsed, "dualproxy_canary_halted") == 0
@@ -485,7 +487,7 @@ async def test_status_finds_the_admin_listener_through_the_config(
         )
     assert (code, resumed) == (cli.EXIT_OK, cli.EXIT_OK)
     out = capsys.readouterr().out
-    assert "canary: running, 5% of hint-less clients" in out
+    assert "canary: running: 5% of hint-less clients get the new key" in out
     assert "the canary was not halted; nothing changed" in out
     # Its twin: a config whose admin listener is off says so.
     write_config(

@@ -149,3 +149,37 @@ async def test_the_watcher_is_quiet_without_a_change(
     with trio.move_on_after(3 * announce.WINDOW_CHECK_INTERVAL):
         await announce.watch_window(served, lambda: BASE)
     assert caplog.records == []
+
+
+def test_a_when_safe_window_is_announced_closed_by_the_evidence_or_at_its_deadline(
+    keys: list[KeyFiles], tmp_path: Path
+) -> None:
+    """Issue 19 item 3 with the start-up lines: past grace_end a held window is still open (no
+    line), the evidence's close and the deadline each say which closed it."""
+    plain = rotated(keys, tmp_path, BASE, BASE + timedelta(seconds=40)).rotation
+    assert plain is not None
+    deadline = BASE + timedelta(seconds=100)
+    rotation = replace(
+        plain, default="old", close="when-safe", max_breakage=0.005, grace_deadline=deadline
+    )
+    held = BASE + timedelta(seconds=41)
+    assert announce.phase_change(rotation, "during", held) is None
+    assert announce.phase_change(rotation, "during", held, window_closed=True) == (
+        "grace window closed by the evidence (rotation.close = when-safe): everyone gets new"
+        " (k2026b); old (k2026a) is retired"
+    )
+    assert announce.phase_change(rotation, "during", deadline) == (
+        "grace window closed at rotation.grace_deadline 2026-12-10 16:16:40Z: everyone gets new"
+        " (k2026b); old (k2026a) is retired"
+    )
+    snapshot_config = replace(
+        rotated(keys, tmp_path, BASE, BASE + timedelta(seconds=40)), rotation=rotation
+    )
+    lines = announce.summary(
+        snapshot_config, keystore.load_snapshot(snapshot_config), held, tls=[("127.0.0.1", 8443)]
+    )
+    assert lines[1] == (
+        "rotation: grace window held open past grace_end (2026-12-10 16:15:40Z) until it is safe"
+        ' to close (rotation.close = "when-safe"), at the latest until 2026-12-10 16:16:40Z:'
+        " hinted clients get their side, others get old"
+    )

@@ -319,6 +319,76 @@ def test_route_canary(example: Example, capsys: pytest.CaptureFixture[str]) -> N
         assert f"reason:   {reason}\n" in out
 
 
+def when_safe(example: Example) -> None:
+    """The example with close = "when-safe", a deadline and a 5% canary."""
+    example.edit("canary_percent = 0 ", "canary_percent = 5 ")
+    example.edit('# close = "at-grace-end" ', 'close = "when-safe"\n# ')
+    example.edit(
+        "# grace_deadline = 2027-02-15T00:00:00Z", "grace_deadline = 2027-02-15T00:00:00Z\n#"
+    )
+
+
+def test_route_says_which_rule_ends_the_window(
+    example: Example, capsys: pytest.CaptureFixture[str]
+) -> None:
+    at = "2027-01-20T00:00:00Z"
+    code, out, _ = run(capsys, "route", "-c", example.config_file, "--at", at)
+    assert code == cli.EXIT_OK
+    assert "reason:   after-window\n" in out
+    assert 'rule:     rotation.close = "at-grace-end"' in out
+    when_safe(example)
+    code, out, _ = run(capsys, "route", "-c", example.config_file, "--at", at)
+    assert code == cli.EXIT_OK
+    assert "reason:   default\n" in out  # held open, as far as the command line can tell
+    assert 'rule:     rotation.close = "when-safe": past grace_end the window goes on' in out
+    code, out, _ = run(capsys, "check", "-c", example.config_file, "--at", at)
+    assert code == cli.EXIT_OK
+    assert re.search(r"when safe \(rotation.close\).*<- at$", out, re.M)
+    assert "warning" not in out
+
+
+def test_check_says_a_setting_is_unused_or_a_rule_has_no_evidence(
+    example: Example, capsys: pytest.CaptureFixture[str]
+) -> None:
+    example.edit("canary_percent = 0 ", "canary_min_sample = 200\ncanary_percent = 0 ")
+    code, out, _ = run(capsys, "check", "-c", example.config_file, "--at", DURING)
+    assert code == cli.EXIT_OK
+    assert "rotation.canary_min_sample: no longer used: the canary halts on a sequential" in out
+    example.edit("canary_min_sample = 200\n", "")
+    when_safe(example)
+    example.edit("canary_percent = 5 ", "canary_percent = 0 ")
+    code, out, _ = run(capsys, "check", "-c", example.config_file, "--at", DURING)
+    assert code == cli.EXIT_OK
+    assert "rotation.canary_percent: is 0, so nothing samples the hint-less clients" in out
+
+
+def test_check_names_app_versions_that_know_only_the_old_pin(
+    example: Example, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = example.folder / "reports" / "pin-reports.jsonl"
+    store.parent.mkdir()
+    record = {
+        "received-at": "2026-12-02T10:00:00Z",
+        "kind": "trustkit",
+        "hostname": "api.example.com",
+        "known-pins": [example.old.pin],
+        "app-bundle-id": "com.example.app",
+        "app-version": "2.3",
+        "app-platform": "IOS",
+    }
+    both = {**record, "app-version": "2.4", "known-pins": [example.old.pin, example.new.pin]}
+    store.write_text(f"{json.dumps(record)}\n{json.dumps(record)}\n{json.dumps(both)}\n")
+    with example.config_file.open("a") as config:
+        config.write('\n[reports]\nstore = "reports/pin-reports.jsonl"\n')
+    code, out, _ = run(capsys, "check", "-c", example.config_file, "--at", DURING)
+    assert code == cli.EXIT_OK
+    assert (
+        "reports.store: app versions know only the old key's pins: com.example.app 2.3 (IOS)"
+        " (2 reports); they fail from grace_end (2027-01-15 00:00 UTC) on"
+    ) in out
+    assert "2.4" not in out  # its twin knows the new pin too
+
+
 def test_route_without_a_rotation(example: Example, capsys: pytest.CaptureFixture[str]) -> None:
     single = example.folder / "single.toml"
     write_config(single, [example.old])

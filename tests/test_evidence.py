@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import pytest
@@ -21,12 +21,13 @@ from dualproxy.ops.evidence import (
     Row,
     Sample,
     Status,
-    should_halt,
 )
-from dualproxy.rotation.policy import Choice, Reason
+from dualproxy.rotation import canary as rules
+from dualproxy.rotation.canary import REPORT_HALT_CLIENTS
+from dualproxy.rotation.policy import Choice, Phase, Reason
 from dualproxy.tls.outcome import Outcome
 
-ROTATION: Final = grace_window(canary_percent=10.0, canary_min_sample=20, canary_halt_margin=0.05)
+ROTATION: Final = grace_window(canary_percent=10.0, canary_halt_margin=0.05)
 NO_CANARY: Final = replace(ROTATION, canary_percent=0.0)
 # A wall-clock instant on a bucket boundary, inside the window.
 T0: Final = datetime(2026, 12, 10, tzinfo=UTC).timestamp()
@@ -72,9 +73,13 @@ def facts(name: str, role: str) -> KeyFacts:
     return KeyFacts(name, role, "pin" + name, "ECDSA P-256", GRACE_START, GRACE_END)
 
 
-def status_of(evidence: Evidence, rotation: Rotation | None = ROTATION) -> Status:
+def status_of(
+    evidence: Evidence,
+    rotation: Rotation | None = ROTATION,
+    now: datetime = datetime(2026, 12, 10, tzinfo=UTC),
+) -> Status:
     return evidence.status(
-        now=datetime(2026, 12, 10, tzinfo=UTC),
+        now=now,
         phase="during",
         rotation=rotation,
         keys=[facts("k2026a", "old"), facts("k2026b", "new")],
@@ -170,67 +175,78 @@ def test_series_start_is_the_oldest_bucket_boundary() -> None:
 # --- the canary -----------------------------------------------------------------------------
 
 
+def feed(judge: CanaryJudge, reason: Reason, sample: Sample, rotation: Rotation) -> None:
+    """`sample`'s handshakes through CanaryJudge.observe, one at a time, as the server does."""
+    for aborted, quiet, count in (
+        (False, False, sample.completed - sample.no_request),
+        (False, True, sample.no_request),
+        (True, False, sample.aborted),
+    ):
+        for _ in range(count):
+            judge.observe(reason.value, aborted, quiet, rotation)
+
+
 @pytest.mark.parametrize(
     ("canary", "control", "halts"),
     [
-        pytest.param(Sample(completed=199, aborted=1), Sample(), False, id="below-min-sample"),
-        pytest.param(Sample(completed=190, aborted=10), Sample(), False, id="at-margin"),
-        pytest.param(Sample(completed=189, aborted=11), Sample(), True, id="over-margin"),
+        pytest.param(Sample(aborted=6), Sample(completed=380), True, id="all-fail"),
+        pytest.param(Sample(aborted=6), Sample(aborted=380), False, id="old-fails-as-much"),
         pytest.param(
-            Sample(completed=180, no_request=5, aborted=20),
-            Sample(completed=100, no_request=10),
-            False,
-            id="old-fails-as-much",
+            Sample(completed=80, no_request=24), Sample(completed=1500), True, id="30-percent"
         ),
         pytest.param(
-            Sample(completed=140, no_request=20, aborted=60),
-            Sample(completed=100, no_request=10),
-            True,
-            id="new-fails-more",
-        ),
-        pytest.param(
-            Sample(completed=176, aborted=24),
-            Sample(completed=90, aborted=10),
+            Sample(completed=200, no_request=8),
+            Sample(completed=1000, no_request=4),
             False,
-            id="old-aborts-as-much",
+            id="within-margin",
         ),
     ],
 )
-def test_the_halt_rule(canary: Sample, control: Sample, halts: bool) -> None:
-    """The rule on its samples, and as the server applies it: one handshake at a time
-    through CanaryJudge.observe (the old key's first, then the canary's)."""
-    assert should_halt(canary, control, min_sample=200, margin=0.05) is halts
-    rotation = grace_window(canary_percent=10.0, canary_min_sample=200, canary_halt_margin=0.05)
+def test_the_judge_applies_the_sequential_test_after_each_canary_handshake(
+    canary: Sample, control: Sample, halts: bool
+) -> None:
+    """The control group's handshakes first, then the canary's, one at a time: the judge
+    halts exactly when rotation.canary.halts first holds on the counts so far."""
+    rotation = grace_window(canary_percent=10.0)
     judge = CanaryJudge(clock=lambda: T0)
-    for reason, sample in ((Reason.DEFAULT, control), (Reason.CANARY, canary)):
-        for aborted, quiet, count in (
-            (False, False, sample.completed - sample.no_request),
-            (False, True, sample.no_request),
-            (True, False, sample.aborted),
-        ):
-            for _ in range(count):
-                judge.observe(reason.value, aborted, quiet, rotation)
-    assert (judge.canary, judge.control) == (canary, control)
+    feed(judge, Reason.DEFAULT, control, rotation)
+    feed(judge, Reason.CANARY, canary, rotation)
     assert judge.halted is halts
+    if halts:  # it stopped counting at the halt, which came before the sample was complete
+        seen = judge.canary
+        assert seen.handshakes <= canary.handshakes
+        assert rules.halts(
+            seen.handshakes,
+            seen.pin_failures,
+            judge.control.handshakes,
+            judge.control.pin_failures,
+            margin=rotation.canary_halt_margin,
+            false_halt=rotation.canary_false_halt,
+        )
+    else:
+        assert (judge.canary, judge.control) == (canary, control)
 
 
 def test_the_canary_halts_under_a_burst_and_stays_halted_until_resumed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     evidence = Evidence(clock=FakeClock(T0))
-    for _ in range(10):
+    for _ in range(200):
         evidence.connection_ended(ok("k2026a", "old", Reason.DEFAULT), ROTATION)
-    for _ in range(ROTATION.canary_min_sample - 1):
-        evidence.connection_ended(aborted("k2026b", "new", Reason.CANARY), ROTATION)
-    assert not evidence.canary.halted  # not before the minimum sample
     with caplog.at_level(logging.ERROR, logger="dualproxy"):
-        evidence.connection_ended(aborted("k2026b", "new", Reason.CANARY), ROTATION)
+        for _ in range(20):
+            evidence.connection_ended(aborted("k2026b", "new", Reason.CANARY), ROTATION)
     assert evidence.canary.halted
+    assert evidence.canary.canary.handshakes <= 5  # all failing: a handful suffices
     assert "CANARY HALTED" in caplog.text
     assert "100.0%" in caplog.text
+    assert "false-halt probability 0.01" in caplog.text
     canary = status_of(evidence).canary
     assert canary is not None
     assert canary.halted
+    assert canary.state == "halted"
+    assert canary.sending == 0.0
+    assert canary.e_value >= canary.threshold == 100
     assert canary.halts == 1
     assert canary.halted_at == datetime.fromtimestamp(T0, UTC)
     # Good traffic afterwards does not undo it: only the operator does.
@@ -241,6 +257,22 @@ def test_the_canary_halts_under_a_burst_and_stays_halted_until_resumed(
     assert not evidence.canary.halted
     assert evidence.canary.canary == Sample()  # fresh samples after the resume
     assert not evidence.canary.resume()  # nothing to resume
+
+
+def test_canary_clients_reporting_a_version_that_knows_no_new_pin_halt_it() -> None:
+    """REPORT_HALT_CLIENTS distinct canary clients halt it; one fewer, or outside the window,
+    or without a canary, does not."""
+    judge = CanaryJudge(clock=lambda: T0)
+    judge.review_reports(ROTATION, [("app 1.0 (IOS)", REPORT_HALT_CLIENTS - 1)], True)
+    assert not judge.halted
+    judge.review_reports(ROTATION, [("app 1.0 (IOS)", REPORT_HALT_CLIENTS)], False)
+    assert not judge.halted
+    judge.review_reports(NO_CANARY, [("app 1.0 (IOS)", REPORT_HALT_CLIENTS)], True)
+    assert not judge.halted
+    judge.review_reports(ROTATION, [("app 1.0 (IOS)", REPORT_HALT_CLIENTS)], True)
+    assert judge.halted
+    assert judge.why is not None
+    assert "app version app 1.0 (IOS) knows no pin of the new key" in judge.why
 
 
 def test_the_canary_keeps_running_when_new_fails_no_more_than_old() -> None:
@@ -292,3 +324,141 @@ def test_status_json_has_the_documented_fields() -> None:
     canary = document["canary"]
     assert isinstance(canary, dict)
     assert canary["halted"] is False
+    assert canary["state"] == "running"
+    assert canary["false_halt"] == 0.01
+    assert canary["e_value"] == 1.0
+    assert canary["halt_threshold"] == 100
+    # close = "at-grace-end": while open, what grace_end will break (issue 19 item 3).
+    window = document["window"]
+    assert isinstance(window, dict)
+    assert (window["close"], window["state"]) == ("at-grace-end", "open")
+    assert window["max_breakage"] is None
+    assert window["grace_deadline"] is None
+    assert window["breakage"]["handshakes"] == 1
+
+
+# --- the canary runs only during the window (issue 15, item 11) -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("phase", "state", "sending"),
+    [("before", "waiting", 0.0), ("during", "running", 10.0), ("after", "over", 0.0)],
+)
+def test_the_canary_is_running_only_during_the_window(
+    phase: Phase, state: str, sending: float
+) -> None:
+    evidence = Evidence(clock=FakeClock(T0))
+    status = evidence.status(
+        now=datetime(2026, 12, 10, tzinfo=UTC),
+        phase=phase,
+        rotation=ROTATION,
+        keys=[facts("k2026a", "old"), facts("k2026b", "new")],
+        active_connections=0,
+        reloads_ok=0,
+        reloads_failed=0,
+    )
+    assert status.canary is not None
+    assert (status.canary.state, status.canary.sending) == (state, sending)
+    assert status.canary.percent == 10.0  # the configured share, shown as such
+
+
+# --- a "when-safe" window ---------------------------------------------------------------------
+
+DEADLINE: Final = GRACE_END + timedelta(days=30)
+WHEN_SAFE: Final = grace_window(
+    canary_percent=10.0, close="when-safe", max_breakage=0.005, grace_deadline=DEADLINE
+)
+
+
+def state_at(evidence: Evidence, rotation: Rotation | None, now: datetime) -> str | None:
+    """The state the window review finds (None: nothing to review)."""
+    verdict = evidence.review_window(rotation, now)
+    return None if verdict is None else verdict.state
+
+
+def healthy(evidence: Evidence, rotation: Rotation, canary: int) -> None:
+    for _ in range(canary):
+        evidence.connection_ended(ok("k2026b", "new", Reason.CANARY), rotation)
+        for _ in range(9):
+            evidence.connection_ended(ok("k2026a", "old", Reason.DEFAULT), rotation)
+
+
+def test_a_when_safe_window_is_held_while_unsafe_closes_once_safe_and_stays_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="dualproxy")
+    evidence = Evidence(clock=FakeClock(T0))
+    assert state_at(evidence, WHEN_SAFE, GRACE_END - timedelta(seconds=1)) is None
+    # Old-pin-only clients in the canary: it halts, and the window is held past grace_end.
+    healthy(evidence, WHEN_SAFE, 20)
+    for _ in range(10):
+        evidence.connection_ended(aborted("k2026b", "new", Reason.CANARY), WHEN_SAFE)
+    assert evidence.canary.halted
+    verdict = evidence.review_window(WHEN_SAFE, GRACE_END)
+    assert verdict is not None
+    assert verdict.state == "held"
+    assert not evidence.window.closed
+    assert "grace window held open past grace_end" in caplog.text
+    window = status_of(evidence, WHEN_SAFE, GRACE_END).window
+    assert window is not None
+    assert window.state == "held"
+    before = status_of(evidence, WHEN_SAFE).window
+    assert before is not None
+    assert before.state == "open"
+    # Once they are gone: the operator resumes, the canary is healthy, and it closes.
+    evidence.canary.resume()
+    healthy(evidence, WHEN_SAFE, 1500)
+    assert evidence.breakage(WHEN_SAFE).upper > WHEN_SAFE.max_breakage  # not yet
+    assert state_at(evidence, WHEN_SAFE, GRACE_END + timedelta(hours=1)) == "held"
+    healthy(evidence, WHEN_SAFE, 3000)
+    verdict = evidence.review_window(WHEN_SAFE, GRACE_END + timedelta(hours=2))
+    assert verdict is not None
+    assert verdict.state == "closed"
+    assert evidence.window.closed
+    assert evidence.window.closed_at == GRACE_END + timedelta(hours=2)
+    assert "grace window closed by the evidence" in caplog.text
+    # Closed stays closed, whatever comes next.
+    for _ in range(50):
+        evidence.connection_ended(aborted("k2026b", "new", Reason.CANARY), WHEN_SAFE)
+    assert state_at(evidence, WHEN_SAFE, GRACE_END + timedelta(hours=3)) == "closed"
+    assert evidence.window.closed
+    # A reload that keeps the window (another max_breakage) keeps the record; another
+    # rotation starts its own.
+    assert state_at(evidence, replace(WHEN_SAFE, max_breakage=0.0), GRACE_END) == "closed"
+    later = replace(WHEN_SAFE, grace_end=GRACE_END + timedelta(days=1))
+    state_at(evidence, later, GRACE_END + timedelta(days=1))
+    assert not evidence.window.closed
+
+
+def test_a_when_safe_window_closes_at_its_deadline_whatever_the_evidence(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    evidence = Evidence(clock=FakeClock(T0))
+    for _ in range(10):
+        evidence.connection_ended(aborted("k2026b", "new", Reason.CANARY), WHEN_SAFE)
+    assert state_at(evidence, WHEN_SAFE, DEADLINE - timedelta(seconds=1)) == "held"
+    with caplog.at_level(logging.WARNING, logger="dualproxy"):
+        verdict = evidence.review_window(WHEN_SAFE, DEADLINE)
+    assert verdict is not None
+    assert verdict.state == "closed-at-deadline"
+    assert "closed at grace_deadline" in caplog.text
+    assert not evidence.window.closed  # the clock closed it, not the evidence
+
+
+def test_an_at_grace_end_window_is_not_reviewed() -> None:
+    evidence = Evidence(clock=FakeClock(T0))
+    assert state_at(evidence, ROTATION, GRACE_END + timedelta(days=1)) is None
+    assert state_at(evidence, None, GRACE_END) is None
+
+
+def test_the_breakage_counts_hinted_old_clients_as_unsampled_and_hinted_new_as_unaffected() -> None:
+    evidence = Evidence(clock=FakeClock(T0))
+    healthy(evidence, WHEN_SAFE, 10)  # 100 sampled
+    for _ in range(50):
+        evidence.connection_ended(ok("k2026a", "old", Reason.HINT_SNI), WHEN_SAFE)
+        evidence.connection_ended(ok("k2026b", "new", Reason.HINT_ALPN), WHEN_SAFE)
+    evidence.connection_ended(ok("k2026a", "old", Reason.BEFORE_WINDOW), WHEN_SAFE)  # not counted
+    estimate = evidence.breakage(WHEN_SAFE)
+    assert estimate.handshakes == 200
+    assert (estimate.sampled, estimate.unsampled) == (0.5, 0.25)
+    assert estimate.upper >= 0.25

@@ -18,7 +18,13 @@ from helpers.rotation import GRACE_END, GRACE_START
 from dualproxy.config.loader import parse
 from dualproxy.config.names import IPAddress
 from dualproxy.config.schema import Config, Hints, KeyConfig, KeyStoreSettings, Rotation
-from dualproxy.rotation.explain import explain, pinned_keys, role_changes, timeline
+from dualproxy.rotation.explain import (
+    explain,
+    pinned_keys,
+    role_changes,
+    timeline,
+    window_rule,
+)
 from dualproxy.rotation.policy import Choice, Reason, canary_bucket, choose
 from dualproxy.tls.clienthello import ClientHello
 from dualproxy.tls.keystore import LoadedKey, load_key
@@ -167,6 +173,44 @@ def test_timeline_marks_the_phase_at(at: datetime, marked: int) -> None:
         " (canary: 5% of them get new)" + ("   <- now" * (marked == 2)),
         "  from 2027-01-15 00:00Z  everyone gets new (k2026b)" + ("   <- now" * (marked == 3)),
     ]
+
+
+WHEN_SAFE_DEADLINE: Final = GRACE_END + timedelta(days=31)
+
+
+@pytest.mark.parametrize(
+    ("at", "marked"),
+    [(DURING, 2), (AFTER, 3), (WHEN_SAFE_DEADLINE, 4)],
+    ids=["window", "held-part", "after-deadline"],
+)
+def test_timeline_of_a_when_safe_window_shows_the_held_part(at: datetime, marked: int) -> None:
+    plan = rotation(
+        canary_percent=5.0, close="when-safe", max_breakage=0.005, grace_deadline=WHEN_SAFE_DEADLINE
+    )
+    lines = timeline(plan, ["k2026a", "k2026b"], at, "at")
+    assert len(lines) == 5
+    assert lines[3].startswith(
+        "  2027-01-15 00:00Z .. 2027-02-15 00:00Z  when safe (rotation.close): the window goes"
+        " on while more than 0.50% of clients would fail on new"
+    )
+    assert lines[4].startswith("  from 2027-02-15 00:00Z  everyone gets new (k2026b), whatever")
+    assert [index for index, line in enumerate(lines) if line.endswith("<- at")] == [marked]
+
+
+def test_window_rule_says_how_the_window_ends_once_grace_end_has_passed() -> None:
+    plan = rotation(close="when-safe", max_breakage=0.005, grace_deadline=WHEN_SAFE_DEADLINE)
+    assert window_rule(plan, DURING) is None
+    assert window_rule(rotation(), AFTER) == (
+        'rotation.close = "at-grace-end": the window ended at grace_end'
+    )
+    held = window_rule(plan, AFTER)
+    assert held is not None
+    assert "goes on while more than 0.50% of clients would fail" in held
+    assert "`dualproxy status`" in held
+    assert window_rule(plan, WHEN_SAFE_DEADLINE) == (
+        'rotation.close = "when-safe": grace_deadline (2027-02-15 00:00Z) has passed'
+    )
+    assert window_rule(None, AFTER) is None
 
 
 def test_timeline_and_explanations_show_seconds_when_they_matter() -> None:

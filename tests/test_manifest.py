@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import re
 import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from helpers.configs import make_config, write_config
 from helpers.keys import KeyFiles, make_key
-from helpers.rotation import grace_window
+from helpers.rotation import Clock, grace_window
 from helpers.serving import serving
 from helpers.upstream_server import UpstreamServer, serve_upstream
 from test_relay import Proxy
@@ -34,7 +36,7 @@ from test_relay import Proxy
 from dualproxy.cli import main as cli
 from dualproxy.files import write_atomically
 from dualproxy.pinning import manifest
-from dualproxy.tls.pins import PinnedKey
+from dualproxy.tls.pins import PinnedKey, PinRole
 
 # RFC 8037 appendix A: the Ed25519 key (A.1), its JWK thumbprint (A.3) and the JWS of
 # "Example of Ed25519 signing" (A.4).
@@ -646,3 +648,110 @@ async def test_serve_logs_an_error_for_an_expired_manifest_and_still_serves_it(
     assert any("expired at" in message for message in errors)
     # Served as is: the app, not the server, refuses it.
     assert got.body.decode().strip() == token
+
+
+# --- a manifest signed before the window, checked after it (issue 15, item 14) ----------------
+
+
+def _config_before_a_window(tmp_path: Path, ca: trustme.CA) -> tuple[Path, list[KeyFiles]]:
+    """Both keys, a rotation whose window opens in a day and closes in two, and [manifest]."""
+    keys = [make_key(ca, tmp_path / "certs", name) for name in ("k2026a", "k2026b")]
+    config_file = tmp_path / "config.toml"
+    now = datetime.now(UTC).replace(microsecond=0)
+    window = {
+        "old": "k2026a",
+        "new": "k2026b",
+        "grace_start": now + timedelta(days=1),
+        "grace_end": now + timedelta(days=2),
+    }
+    write_config(config_file, keys, rotation=window, extra={"manifest": {"file": "certs/pins.jws"}})
+    return config_file, keys
+
+
+def test_verify_after_grace_end_fails_a_manifest_listing_the_retired_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], ca: trustme.CA
+) -> None:
+    config_file, _ = _config_before_a_window(tmp_path, ca)
+    key_file, public_file = tmp_path / "signing.pem", tmp_path / "signing.pub.pem"
+    assert run(capsys, "manifest", "keygen", "--out", key_file)[0] == 0
+    argv: list[str | Path] = [
+        "manifest", "sign", "-c", config_file, "--key", key_file, "--valid-for", "7d",
+    ]  # fmt: skip
+    assert run(capsys, *argv)[0] == 0  # before the window: k2026a current, k2026b next
+    verify: list[str | Path] = [
+        "manifest", "verify", tmp_path / "certs" / "pins.jws", "--public-key", public_file,
+        "-c", config_file, "--at",
+    ]  # fmt: skip
+
+    def at(days: float) -> str:
+        return (datetime.now(UTC) + timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    # Inside the window the roles moved on: said, but every listed key is still served.
+    code, out, err = run(capsys, *verify, at(1.5))
+    assert (code, err) == (0, "")
+    assert "warning: lists key k2026a" in out
+    assert "as current; it is retiring at" in out
+    # After grace_end the old key is retired: apps would keep trusting it. Fails.
+    code, out, err = run(capsys, *verify, at(3))
+    assert code == 1
+    assert "error: lists key k2026a" in err
+    assert "as current, but it is retired at" in err
+    assert "sign it again" in err
+    # Its twin: a manifest signed after grace_end leaves the retired key out, and passes.
+    resigned = tmp_path / "resigned.toml"
+    now = datetime.now(UTC)
+    text = config_file.read_text()
+    for name, moment in (("grace_start", now - timedelta(days=2)), ("grace_end", now)):
+        text = re.sub(rf"^{name} = .*$", f"{name} = {moment.isoformat()}", text, flags=re.M)
+    resigned.write_text(text)
+    assert run(capsys, "manifest", "sign", "-c", resigned, "--key", key_file)[0] == 0
+    code, out, err = run(capsys, *verify[:-2], resigned, "--at", at(0.1))
+    assert (code, err) == (0, ""), out
+    assert "every key" in out
+
+
+async def test_serve_warns_when_its_manifest_lists_a_retired_key(
+    tmp_path: Path, ca: trustme.CA, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = [make_key(ca, tmp_path / "certs", name) for name in ("k2026a", "k2026b")]
+    signing = ed25519.Ed25519PrivateKey.generate()
+    file = tmp_path / "pins.jws"
+    pinned_keys = [
+        manifest_pin(keys[0], "current"),
+        manifest_pin(keys[1], "next"),
+    ]
+    token = manifest.sign(
+        manifest.build_payload(
+            pinned_keys, ROTATION, issued_at=datetime.now(UTC), valid_for=timedelta(days=7)
+        ),
+        signing,
+    )
+    write_atomically(file, token.encode() + b"\n", mode=0o644)
+    window = {
+        "old": "k2026a",
+        "new": "k2026b",
+        "grace_start": ROTATION.grace_start,
+        "grace_end": ROTATION.grace_end,
+    }
+    config = make_config(
+        keys, rotation=window, base_dir=tmp_path, extra={"manifest": {"file": str(file)}}
+    )
+    caplog.set_level(logging.WARNING, logger="dualproxy")
+    day_before = ROTATION.grace_end - timedelta(days=1)
+    for now, warned in ((day_before, False), (ROTATION.grace_end, True)):
+        caplog.clear()
+        async with serving(config, clock=Clock(now)):
+            pass
+        retired = [r for r in caplog.records if "as current, but it is retired" in r.getMessage()]
+        assert bool(retired) is warned, now
+
+
+def manifest_pin(key: KeyFiles, role: PinRole) -> PinnedKey:
+    return PinnedKey(
+        name=key.name,
+        role=role,
+        pin=key.pin,
+        algorithm="ECDSA P-256",
+        hostnames=("api.example.com",),
+        not_after=None,
+    )

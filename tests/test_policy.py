@@ -488,3 +488,42 @@ def test_any_choice_is_an_identity_of_the_plan_for_a_reason_of_the_phase(
 def test_the_phases_partition_the_reasons() -> None:
     reasons = [reason for group in REASONS_BY_PHASE.values() for reason in group]
     assert sorted(reasons) == sorted(Reason)
+
+
+# --- a "when-safe" window (issue 19, item 3) ---------------------------------------------------
+
+DEADLINE: Final = GRACE_END + timedelta(days=30)
+WHEN_SAFE: Final = replace(CANARY, close="when-safe", max_breakage=0.005, grace_deadline=DEADLINE)
+
+
+@pytest.mark.parametrize(
+    ("now", "closed", "peer", "sni", "expected"),
+    [
+        (GRACE_END, False, OUT_OF_CANARY, PLAIN_SNI, ("old", "default")),
+        (GRACE_END, False, IN_CANARY, PLAIN_SNI, ("new", "canary")),
+        (GRACE_END, False, OUT_OF_CANARY, NEW_SNI, ("new", "hint-sni")),
+        (DEADLINE - TICK, False, OUT_OF_CANARY, PLAIN_SNI, ("old", "default")),
+        (GRACE_END, True, OUT_OF_CANARY, PLAIN_SNI, ("new", "after-window")),
+        (DEADLINE, False, OUT_OF_CANARY, PLAIN_SNI, ("new", "after-window")),
+    ],
+    ids=[
+        "held-default-old",
+        "held-canary-runs",
+        "held-hints-apply",
+        "held-until-deadline",
+        "closed-by-evidence",
+        "deadline-closes",
+    ],
+)
+def test_a_when_safe_window_goes_on_past_grace_end_until_closed_or_the_deadline(
+    now: datetime, closed: bool, peer: IPAddress, sni: str, expected: tuple[str, str]
+) -> None:
+    choice = choose(WHEN_SAFE, hello(sni), peer, now, window_closed=closed)
+    assert (choice.identity, choice.reason) == expected
+    # Its twin: the same client with close = "at-grace-end" gets new from grace_end on.
+    assert choose(CANARY, hello(sni), peer, now).reason == Reason.AFTER_WINDOW
+    held = expected[1] != "after-window"
+    assert (phase(WHEN_SAFE, now, window_closed=closed) == "during") is held
+    assert pin_role(WHEN_SAFE, "k2026a", now, window_closed=closed) == (
+        "retiring" if held else "retired"
+    )

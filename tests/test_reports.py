@@ -10,6 +10,8 @@ import base64
 import copy
 import ipaddress
 import json
+import socket
+import ssl
 import string
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -17,9 +19,12 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
+import trio
 import trustme
+from helpers.clients import CLIENT_TIMEOUT
 from helpers.configs import make_config, write_config
 from helpers.keys import KeyFiles, make_key
+from helpers.rotation import GRACE_END, GRACE_START, Clock
 from helpers.serving import serving
 from helpers.upstream_server import UpstreamServer, serve_upstream
 from hypothesis import given
@@ -30,11 +35,15 @@ from dualproxy.cli import main as cli
 from dualproxy.ops import admin
 from dualproxy.pinning import reports
 from dualproxy.pinning.reports import ReportError
+from dualproxy.rotation.canary import REPORT_HALT_CLIENTS
+from dualproxy.rotation.policy import canary_bucket
+from dualproxy.serve.rollout import REVIEW_SECONDS
 
 REPORT_PATH: Final = "/.well-known/dualproxy/pin-report"
 PIN_OLD: Final = base64.b64encode(bytes(range(32))).decode()
 PIN_NEW: Final = base64.b64encode(bytes(range(32, 64))).decode()
 NOW: Final = datetime(2026, 12, 10, 12, 0, tzinfo=UTC)
+DURING: Final = datetime(2026, 12, 10, tzinfo=UTC)
 
 
 def hpkp(pin: str) -> str:
@@ -562,3 +571,96 @@ def test_reports_summary_command(
     assert cli.main(["reports", "summary", "-c", str(config_file)]) == 0
     out = capsys.readouterr().out
     assert "com.example.app 2.3 IOS  knows: k1 (current)" in out
+
+
+# --- the canary's reports (issue 19, item 2) -------------------------------------------------
+
+
+def test_old_pin_only_versions_and_their_canary_clients(pem: str) -> None:
+    counts = reports.ReportCounts()
+    old_only = reports.parse_report(body(trustkit_ios(pem, version="2.3", pins=(PIN_OLD,))))
+    both = reports.parse_report(body(trustkit_ios(pem, version="2.4", pins=(PIN_OLD, PIN_NEW))))
+    for client in (b"a", b"b", b"b", None):
+        counts.add(old_only, NOW, canary_client=client)
+    counts.add(both, NOW, canary_client=b"c")
+    found = counts.old_pin_only(frozenset({PIN_OLD}), frozenset({PIN_NEW}))
+    assert found == [
+        {
+            "app": "com.example.app",
+            "version": "2.3",
+            "platform": "IOS",
+            "name": "com.example.app 2.3 (IOS)",
+            "count": 4,
+            "last_seen": "2026-12-10T12:00:00Z",
+            "canary_clients": 2,
+        }
+    ]
+    # Without the rotation's pins there is nothing to tell apart.
+    assert counts.old_pin_only(frozenset(), frozenset({PIN_NEW})) == []
+    summary = reports.summary(counts, old_pins=frozenset({PIN_OLD}), new_pins=frozenset({PIN_NEW}))
+    assert summary["old_pin_only"] == found
+    assert reports.summary(counts)["old_pin_only"] == []
+
+
+def post_report(port: int, cafile: Path, source: str, data: bytes) -> bytes:
+    """One report POSTed over TLS from `source` (a loopback address), as an app sends it."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as raw:
+        raw.settimeout(CLIENT_TIMEOUT)
+        raw.bind((source, 0))
+        raw.connect(("127.0.0.1", port))
+        with context.wrap_socket(raw, server_hostname="api.example.com") as tls:
+            head = (
+                f"POST {REPORT_PATH} HTTP/1.1\r\nHost: api.example.com\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                "Connection: close\r\n\r\n"
+            )
+            tls.sendall(head.encode() + data)
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+            return answer
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("in_canary", [True, False], ids=["canary-clients", "other-clients"])
+async def test_canary_clients_reporting_a_version_without_the_new_pin_halt_the_canary(
+    tmp_path: Path, ca: trustme.CA, cafile: Path, pem: str, in_canary: bool
+) -> None:
+    """Three canary clients report app 1.0 knowing only the old pin: the canary halts
+    within a review. The twin: the same reports from clients outside the canary."""
+    old, new = (make_key(ca, tmp_path / "certs", name) for name in ("k2026a", "k2026b"))
+    window = {
+        "old": "k2026a", "new": "k2026b", "grace_start": GRACE_START, "grace_end": GRACE_END,
+        "canary_percent": 50,
+    }  # fmt: skip
+    config = make_config(
+        [old, new],
+        rotation=window,
+        base_dir=tmp_path,
+        extra={"reports": {"store": str(tmp_path / "r.jsonl")}},
+    )
+    sources = [
+        str(address)
+        for address in ipaddress.IPv4Network("127.0.0.0/24").hosts()
+        if (canary_bucket(address) < 50) is in_canary
+    ][:REPORT_HALT_CLIENTS]
+    report = body(trustkit_ios(pem, version="1.0", pins=(old.pin,)))
+    async with serving(config, clock=Clock(DURING)) as run_:
+        for source in sources:
+            answer = await trio.to_thread.run_sync(post_report, run_.port, cafile, source, report)
+            assert answer.startswith(b"HTTP/1.1 204 ")
+        with trio.move_on_after(3 * REVIEW_SECONDS):  # bounded: a review runs every second
+            while not run_.server.evidence.canary.halted:
+                await trio.sleep(0.05)
+        halted = run_.server.evidence.canary.halted
+        summary = run_.server.report_summary()
+    assert halted is in_canary
+    assert summary is not None
+    version = summary["old_pin_only"][0]
+    assert (version["name"], version["count"]) == ("com.example.app 1.0 (IOS)", 3)
+    assert version["canary_clients"] == (3 if in_canary else 0)
+    if in_canary:
+        why = run_.server.evidence.canary.why
+        assert why is not None
+        assert "com.example.app 1.0 (IOS) knows no pin of the new key" in why

@@ -29,13 +29,14 @@ from test_admin import DURING, admin_listener, connections_counted, rotation
 from test_evidence import Finished
 
 from dualproxy.config.schema import Rotation
+from dualproxy.ops import metrics
 from dualproxy.ops.evidence import Evidence, KeyFacts, Status
 from dualproxy.ops.statuspage import render_html, render_text
 from dualproxy.pinning.reports import ReportSummary
 from dualproxy.rotation.policy import Choice, Phase, Reason
 from dualproxy.tls.outcome import Outcome
 
-ROTATION: Final = grace_window(canary_percent=10.0, canary_min_sample=1)
+ROTATION: Final = grace_window(canary_percent=10.0)
 OLD_COLOUR: Final = (0x4C, 0x6E, 0xF5)
 NEW_COLOUR: Final = (0x0C, 0xA6, 0x78)
 CHROMIUM_TIMEOUT: Final = 60.0
@@ -67,7 +68,9 @@ def status(*, halted: bool) -> Status:
         record = Finished(
             "k2026b", Choice("new", Reason.CANARY), Outcome.CLIENT_ABORTED, "unknown_ca"
         )
-        evidence.connection_ended(record, ROTATION)
+        for _ in range(3):  # every canary handshake failing: three are enough to halt
+            evidence.connection_ended(record, ROTATION)
+        assert evidence.canary.halted
     keys = [
         KeyFacts("k2026a", "old", "A" * 43 + "=", "ECDSA P-256", GRACE_START, GRACE_END),
         KeyFacts(
@@ -107,6 +110,17 @@ def test_pin_failure_reports_show_which_versions_know_which_pins() -> None:
                 "app_versions": ["<b>evil</b> 1 (ANDROID)"],
             },
         ],
+        "old_pin_only": [
+            {
+                "app": "com.example.app",
+                "version": "2.3",
+                "platform": "IOS",
+                "name": "com.example.app 2.3 (IOS)",
+                "count": 2,
+                "last_seen": "2026-12-10T12:00:00Z",
+                "canary_clients": 1,
+            }
+        ],
     }
     with_reports = replace(status(halted=False), pin_reports=summary)
     page = render_html(with_reports)
@@ -117,6 +131,11 @@ def test_pin_failure_reports_show_which_versions_know_which_pins() -> None:
     assert "pin-failure reports from apps: 3" in text
     assert "  k2026a (retiring): 2 from com.example.app 2.3 (IOS)" in text
     assert "  a pin of no key of ours: 1 from" in text
+    # Which versions know only the retiring key, and when they fail (issue 19, item 2).
+    assert "app versions that know only the old key's pins: they fail once the window" in text
+    assert "  com.example.app 2.3 (IOS): 2 reports, 1 canary clients" in text
+    assert 'id="old-pin-only"' in page
+    assert "com.example.app 2.3 (IOS): 2 reports, 1 canary clients" in page
     assert with_reports.to_json()["pin_reports"] == summary
     without = status(halted=False)
     assert 'id="pin-reports"' not in render_html(without)
@@ -140,6 +159,99 @@ def test_the_page_shows_the_canary_state_keys_and_timeline(halted: bool) -> None
     text = render_text(status(halted=halted))
     assert ("canary: HALTED" in text) is halted
     assert "k2026b           new" in text
+
+
+@pytest.mark.parametrize(
+    ("phase", "now", "state", "said"),
+    [
+        ("before", GRACE_START - timedelta(days=1), "waiting", "canary: waiting: from grace_start"),
+        ("during", DURING, "running", "canary: running: 10% of hint-less clients get the new key"),
+        ("after", GRACE_END, "over", "canary: over: the window has closed"),
+    ],
+)
+def test_the_canary_is_shown_running_only_during_the_window(
+    phase: Phase, now: datetime, state: str, said: str
+) -> None:
+    """Issue 15, item 11: the page, `dualproxy status` and dualproxy_canary_percent say it runs
+    during the window, and only then."""
+    evidence = Evidence(clock=lambda: DURING.timestamp())
+    keys = [KeyFacts("k2026a", "old", "A" * 43 + "=", "ECDSA P-256", GRACE_START, GRACE_END)]
+    shown = status_at(evidence, keys, now=now, phase=phase)
+    running = state == "running"
+    page, text = render_html(shown), render_text(shown)
+    assert ("Canary running" in page) is running
+    assert said in text
+    assert ("running" in text) is running
+    assert shown.to_json()["canary"]["state"] == state  # type: ignore[index]
+    families = {family.name: family for family in metrics.families(shown)}
+    percent = families["dualproxy_canary_percent"].samples[0].value
+    assert percent == (10.0 if running else 0.0)
+    states = {s.labels["state"]: s.value for s in families["dualproxy_canary_state"].samples}
+    assert states == {name: float(name == state) for name in states}
+
+
+def test_a_held_window_is_visible_everywhere() -> None:
+    """Issue 19, item 3: the estimate and the hold on the page, in `dualproxy status`, in
+    /status.json and in the metrics; an "at-grace-end" window has none of it."""
+    deadline = GRACE_END + timedelta(days=30)
+    when_safe = replace(ROTATION, close="when-safe", max_breakage=0.005, grace_deadline=deadline)
+    evidence = Evidence(clock=lambda: DURING.timestamp())
+    for _ in range(40):
+        record = Finished("k2026a", Choice("old", Reason.DEFAULT), Outcome.OK, "", "TLSv1.3", 1)
+        evidence.connection_ended(record, when_safe)
+    evidence.review_window(when_safe, GRACE_END)
+    keys = [KeyFacts("k2026a", "old", "A" * 43 + "=", "ECDSA P-256", GRACE_START, deadline)]
+    held = status_at(evidence, keys, now=GRACE_END, phase="during", rotation=when_safe)
+    text, page = render_text(held), render_html(held)
+    assert "window: HELD OPEN past grace_end (2027-01-15 00:00:00Z)" in text
+    assert "if the window closed now: no canary handshake to estimate from, at most" in text
+    assert "clients that never connect are not seen" in text
+    assert 'class="banner window held"' in page
+    document = held.to_json()
+    window = document["window"]
+    assert isinstance(window, dict)
+    assert window["state"] == "held"
+    assert window["breakage"]["upper"] == 1.0
+    assert document["rotation"]["grace_deadline"] == "2027-02-14T00:00:00Z"  # type: ignore[index]
+    families = {family.name: family for family in metrics.families(held)}
+    assert families["dualproxy_window_held"].samples[0].value == 1.0
+    assert families["dualproxy_window_breakage_upper"].samples[0].value == 1.0
+    assert "dualproxy_rotation_grace_deadline_timestamp_seconds" in families
+    plain = status_at(evidence, keys, now=GRACE_END, phase="after")
+    assert plain.window is None
+    assert "window:" not in render_text(plain)
+    assert "dualproxy_window_held" not in {family.name for family in metrics.families(plain)}
+
+
+def test_an_at_grace_end_window_shows_what_grace_end_will_break_while_it_is_open() -> None:
+    """Issue 19, item 3: with close = "at-grace-end" the estimate is shown during the window
+    (the operator learns before grace_end, not after); the twin: before and after, none."""
+    evidence = Evidence(clock=lambda: DURING.timestamp())
+    for key, choice, outcome in (
+        ("k2026a", Choice("old", Reason.DEFAULT), Outcome.OK),
+        ("k2026b", Choice("new", Reason.CANARY), Outcome.NO_REQUEST),
+        ("k2026b", Choice("new", Reason.CANARY), Outcome.OK),
+    ):
+        record = Finished(key, choice, outcome, "", "TLSv1.3", 1)
+        evidence.connection_ended(record, ROTATION)
+    keys = [KeyFacts("k2026a", "old", "A" * 43 + "=", "ECDSA P-256", GRACE_START, GRACE_END)]
+    during = status_at(evidence, keys)
+    text, page = render_text(during), render_html(during)
+    assert (
+        'window: close = "at-grace-end": at grace_end (2027-01-15 00:00:00Z) every client' in text
+    )
+    assert "if the window closed now: estimated 50.00%" in text  # 1 of 2 canary, 0 of 1 old
+    assert 'class="banner window"' in page
+    assert during.window is not None
+    assert during.window.estimate.estimate == pytest.approx(0.5)
+    families = {family.name: family for family in metrics.families(during)}
+    assert families["dualproxy_window_held"].samples[0].value == 0.0
+    assert families["dualproxy_window_breakage_estimate"].samples[0].value == pytest.approx(0.5)
+    assert "dualproxy_window_max_breakage" not in families
+    for phase, now in (("before", GRACE_START - timedelta(days=1)), ("after", GRACE_END)):
+        outside = status_at(evidence, keys, now=now, phase=phase)  # type: ignore[arg-type]
+        assert outside.window is None
+        assert "window:" not in render_text(outside)
 
 
 def test_a_single_key_page_has_no_grace_window_and_no_canary() -> None:

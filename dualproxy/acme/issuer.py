@@ -57,6 +57,7 @@ from dualproxy.config.names import ListenAddress
 from dualproxy.config.schema import AcmeConfig, ChallengeType, Config, KeyConfig
 from dualproxy.files import write_atomically
 from dualproxy.pinning.manifest import b64url_encode
+from dualproxy.rotation import policy
 from dualproxy.tls import keygen, keystore
 
 log = logging.getLogger("dualproxy.acme")
@@ -508,11 +509,17 @@ def validity_of(cert: x509.Certificate | None) -> renewal.Validity | None:
     return renewal.Validity(cert.not_valid_before_utc, cert.not_valid_after_utc)
 
 
-def retired(config: Config, name: str, now: datetime) -> bool:
-    """A rotation's old key after grace_end is served to nobody: renewing it would only spend
-    the CA's rate limits (`dualproxy acme issue` still can)."""
+def retired(config: Config, name: str, now: datetime, *, window_closed: bool = False) -> bool:
+    """A rotation's old key once its window is over is served to nobody: renewing it would only
+    spend the CA's rate limits (`dualproxy acme issue` still can). A `close = "when-safe"`
+    window is over once the evidence closed it (`window_closed`, a running server's record) or
+    at grace_deadline: until then the old key may still be served, and is kept renewed."""
     rotation = config.rotation
-    return rotation is not None and name in rotation.old and now >= rotation.grace_end
+    return (
+        rotation is not None
+        and name in rotation.old
+        and policy.phase(rotation, now, window_closed=window_closed) == "after"
+    )
 
 
 def grace_start_for(config: Config, name: str) -> datetime | None:

@@ -133,7 +133,7 @@ async def _renew_forever(server: Server, board: ChallengeBoard, probes: _Probes)
         policy = renewal.Policy.from_config(acme)
         plans = []
         for key in config.acme_keys():
-            if retired(config, key.name, clock()):
+            if retired(config, key.name, clock(), window_closed=server.evidence.window.closed):
                 continue
             state = memory.setdefault(key.name, _KeyMemory(point=random.random()))
             plan = await _renew_one(server, config, key, state, policy, board, clock, probes)

@@ -17,6 +17,7 @@ from dualproxy.config.errors import OperatorError, locate
 from dualproxy.config.loader import load
 from dualproxy.config.schema import Config
 from dualproxy.config.times import brief_time, brief_times
+from dualproxy.pinning import endpoints, reports
 from dualproxy.rotation import checks, explain, policy
 from dualproxy.serve.clock import utc_now
 from dualproxy.tls import keystore, pins
@@ -112,6 +113,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     findings = checks.check_config(config)
     findings += checks.check_keys(config, snapshot.keys, at)
     findings += checks.check_acme(config, snapshot.keys, [])
+    findings += checks.check_rotation(config)
+    findings += checks.check_old_pin_only(config, _old_pin_only(config, snapshot), at)
     if findings:
         print("", file=out)
     for finding in findings:
@@ -125,6 +128,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
     warnings = len(findings) + len(snapshot.warnings)
     print(f"\ncheck passed{f' with {warnings} warning(s)' if warnings else ''}", file=out)
     return EXIT_OK
+
+
+def _old_pin_only(config: Config, snapshot: keystore.KeySnapshot) -> list[tuple[str, int]]:
+    """The app versions that the [reports] store says know only the old keys' pins, by name
+    with their reports (none without [reports] or a rotation)."""
+    if config.reports is None or config.rotation is None:
+        return []
+    settings = config.reports
+    store = reports.ReportStore(
+        settings.store, max_bytes=settings.store_max_bytes, keep=settings.store_files
+    )
+    old_pins, new_pins = endpoints.rotation_pins(snapshot.keys, config.rotation)
+    counts = reports.counts_from_store(store)
+    return [(v["name"], v["count"]) for v in counts.old_pin_only(old_pins, new_pins)]
 
 
 # --- route -------------------------------------------------------------------------------
@@ -157,6 +174,9 @@ def _cmd_route(args: argparse.Namespace) -> int:
     print(f"reason:   {choice.reason}")
     print(f"why:      {why}")
     print(f"phase:    {policy.phase(config.rotation, at)} (at {at:%Y-%m-%d %H:%M:%S} UTC)")
+    rule = explain.window_rule(config.rotation, at)
+    if rule is not None:
+        print(f"rule:     {rule}")
     return EXIT_OK
 
 

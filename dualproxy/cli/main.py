@@ -10,8 +10,9 @@ command cannot use) is exit 2. None of them carries key material: those exceptio
 not to, and the commands print pins (public) but never a private key.
 
 The groups, in the order `--help` lists their commands: `serve` (serve, status, canary),
-`check` (check, route, pins), `acme`, `manifest`, `reports`, `keys`, `dev`. Each registers its
-commands with their handlers; a handler returns the exit code or raises one of the two errors.
+`check` (check, route, pins), `rehearse`, `acme`, `manifest`, `reports`, `keys`, `dev`. Each
+registers its commands with their handlers; a handler returns the exit code or raises one of
+the two errors.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Final, NoReturn
 
 import dualproxy
-from dualproxy.cli import acme, check, dev, keys, manifest, reports, serve
+from dualproxy.cli import acme, check, dev, keys, manifest, rehearse, reports, serve
 from dualproxy.cli.arguments import EXIT_FAILED, EXIT_OK, EXIT_USAGE, AddCommand, UsageError
 from dualproxy.config.errors import OperatorError
 
@@ -33,6 +34,7 @@ __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "main"]
 _GROUPS: Final[tuple[Callable[[AddCommand], None], ...]] = (
     serve.register,
     check.register,
+    rehearse.register,
     acme.register,
     manifest.register,
     reports.register,

@@ -17,7 +17,7 @@ from dualproxy.config.loader import load
 from dualproxy.config.times import brief_time
 from dualproxy.files import write_atomically
 from dualproxy.pinning import manifest
-from dualproxy.rotation import explain
+from dualproxy.rotation import explain, policy
 from dualproxy.serve.clock import utc_now
 from dualproxy.tls import keystore
 
@@ -168,7 +168,14 @@ def _cmd_manifest_verify(args: argparse.Namespace) -> int:
             " the manifest: apps that trust only the manifest would refuse it; sign it again",
             file=sys.stderr,
         )
-    if missing:
+    roles = {
+        key.pin: policy.pin_role(config.rotation, name, at) for name, key in snapshot.keys.items()
+    }
+    stale = manifest.stale_roles(verified, roles)
+    for found in stale:
+        level, stream = ("error", sys.stderr) if found.retired else ("warning", sys.stdout)
+        print(f"{level}: {found.describe(at)}", file=stream)
+    if missing or any(found.retired for found in stale):
         return EXIT_FAILED
     print(f"  every key {config.path} serves now is listed")
     return EXIT_OK

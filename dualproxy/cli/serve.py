@@ -31,6 +31,7 @@ from dualproxy.config.names import ListenAddress, admin_address_problem, parse_a
 from dualproxy.config.schema import DEFAULT_CONFIG_FILE
 from dualproxy.ops import admin
 from dualproxy.ops.logformat import setup_logging
+from dualproxy.rotation import checks
 from dualproxy.serve import activation, announce
 from dualproxy.serve.listeners import raise_open_file_limit
 from dualproxy.serve.server import Server
@@ -134,6 +135,8 @@ def _log_error(message: str) -> None:
 
 def _serve_command(args: argparse.Namespace, report: Callable[[str], None]) -> int:
     config = load(args.config)
+    for finding in checks.check_rotation(config):
+        logging.getLogger("dualproxy").warning("%s", finding)
     admin_address = config.admin.address
     if args.admin is not None:
         admin_address = args.admin

@@ -23,6 +23,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final
@@ -42,12 +43,15 @@ from dualproxy.config.names import (
 from dualproxy.config.reader import Table
 from dualproxy.config.schema import (
     CHALLENGE_TYPES,
+    CLOSE_RULES,
+    DEFAULT_CANARY_FALSE_HALT,
     DEFAULT_CANARY_HALT_MARGIN,
-    DEFAULT_CANARY_MIN_SAMPLE,
+    DEFAULT_MAX_BREAKAGE,
     LIMIT_RANGES,
     MANAGED_HEADERS,
     AcmeConfig,
     AdminConfig,
+    CloseRule,
     Config,
     Hints,
     KeyConfig,
@@ -91,7 +95,7 @@ _ACME_KEYS: Final = (
 )  # fmt: skip
 _ROTATION_KEYS: Final = (
     "old", "new", "grace_start", "grace_end", "default", "canary_percent", "canary_min_sample",
-    "canary_halt_margin", "hints",
+    "canary_halt_margin", "hints", "canary_false_halt", "close", "max_breakage", "grace_deadline",
 )  # fmt: skip
 _UPSTREAM_KEYS: Final = (
     "url", "ca_file", "host", "headers", "trusted_proxies", "pool_max_idle", "pool_idle_timeout",
@@ -99,8 +103,10 @@ _UPSTREAM_KEYS: Final = (
 )  # fmt: skip
 
 
-def load(path: Path | str) -> Config:
-    """Read and validate a config file; raises OperatorError."""
+def load(path: Path | str, *, check_files: bool = True) -> Config:
+    """Read and validate a config file; raises OperatorError. `check_files=False` accepts key,
+    chain and CA files that do not exist (yet): for `dualproxy rehearse`, which plays the plan
+    with stand-ins."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -117,7 +123,7 @@ def load(path: Path | str) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise OperatorError(f"not valid TOML: {exc}", file=path) from None
     try:
-        return parse(data, base_dir=path.parent.absolute(), path=path)
+        return parse(data, base_dir=path.parent.absolute(), path=path, check_files=check_files)
     except OperatorError as exc:
         raise OperatorError(exc.problem, key_path=exc.key_path, file=path, fix=exc.fix) from None
 
@@ -440,10 +446,9 @@ def _parse_rotation(table: Table, keys: Mapping[str, KeyConfig]) -> Rotation:
             ' they all get it already: set canary_percent = 0 or default = "old"',
             key_path=table.path("canary_percent"),
         )
-    min_sample = table.integer(
-        "canary_min_sample", DEFAULT_CANARY_MIN_SAMPLE, low=1, high=1_000_000_000
-    )
     margin = table.number("canary_halt_margin", DEFAULT_CANARY_HALT_MARGIN, low=0.0, high=1.0)
+    false_halt, min_sample = _parse_canary_test(table)
+    close, max_breakage, deadline = _parse_close_rule(table, end, default)
     hints = table.table("hints")
     hints_new = hints_old = Hints()
     if hints is not None:
@@ -459,11 +464,67 @@ def _parse_rotation(table: Table, keys: Mapping[str, KeyConfig]) -> Rotation:
         grace_end=end,
         default="old" if default == "old" else "new",
         canary_percent=canary,
-        canary_min_sample=min_sample,
         canary_halt_margin=margin,
         hints_new=hints_new,
         hints_old=hints_old,
+        canary_false_halt=false_halt,
+        canary_min_sample=min_sample,
+        close=close,
+        max_breakage=max_breakage,
+        grace_deadline=deadline,
     )
+
+
+def _parse_canary_test(table: Table) -> tuple[float, int | None]:
+    """The canary's sequential test: canary_false_halt; canary_min_sample, which it replaced,
+    is still read (a config that sets it keeps loading; `check` and `serve` say it is unused)."""
+    # Below one in a million the test needs ever longer evidence for nothing; above 0.2 a
+    # halt says little.
+    false_halt = table.number("canary_false_halt", DEFAULT_CANARY_FALSE_HALT, low=1e-6, high=0.2)
+    min_sample = None
+    if table.has("canary_min_sample"):
+        min_sample = table.integer("canary_min_sample", 1, low=1, high=1_000_000_000)
+    return false_halt, min_sample
+
+
+def _parse_close_rule(
+    table: Table, grace_end: datetime, default: str
+) -> tuple[CloseRule, float, datetime | None]:
+    """close, max_breakage and grace_deadline: how the window ends (schema.Rotation)."""
+    close = table.string("close") or "at-grace-end"
+    if close not in CLOSE_RULES:
+        raise OperatorError(
+            f'{close!r} is neither "at-grace-end" nor "when-safe"', key_path=table.path("close")
+        )
+    if close == "at-grace-end":
+        for name in ("max_breakage", "grace_deadline"):
+            if table.has(name):
+                raise OperatorError(
+                    'applies to close = "when-safe" only; remove it, or set close = "when-safe"',
+                    key_path=table.path(name),
+                )
+        return "at-grace-end", DEFAULT_MAX_BREAKAGE, None
+    if default != "old":
+        raise OperatorError(
+            'close = "when-safe" keeps the old key the default until it is safe; it needs'
+            ' default = "old"',
+            key_path=table.path("close"),
+        )
+    max_breakage = table.number("max_breakage", DEFAULT_MAX_BREAKAGE, low=0.0, high=1.0)
+    if not table.has("grace_deadline"):
+        raise table.missing(
+            "grace_deadline",
+            'close = "when-safe" needs a hard end: add e.g. grace_deadline ='
+            " 2027-02-15T00:00:00Z (after grace_end), when the window closes whatever the"
+            " evidence",
+        )
+    deadline = table.instant("grace_deadline")
+    if not grace_end < deadline:
+        raise OperatorError(
+            "must be after grace_end (the window may be held open from grace_end until then)",
+            key_path=table.path("grace_deadline"),
+        )
+    return "when-safe", max_breakage, deadline
 
 
 def _parse_hints(table: Table | None) -> Hints:

@@ -41,13 +41,25 @@ MANAGED_HEADERS: Final = frozenset(
     }
 )
 
-# The canary's halt rule (policy, evidence). 200 handshakes: with a true pin-failure share
-# of 0 the chance of seeing 10 (5 %) failures by accident is nil, while a real pin failure
-# (shares of 20 % and more when an app ships without the new pin) shows well before; five
-# percentage points stays above the background of clients that connect and leave (browser
-# preconnects, health checks) that the old key sees just as much.
-DEFAULT_CANARY_MIN_SAMPLE: Final = 200
+# The canary's halt rule (rotation.canary, evidence). The margin: five percentage points
+# stays above the background of clients that connect and leave (browser preconnects, health
+# checks) that the old key sees just as much, while an app shipped without the new pin fails
+# far more (shares of 20 % and more).
 DEFAULT_CANARY_HALT_MARGIN: Final = 0.05
+# The sequential test's false-halt probability over a whole window, however often it looks:
+# one rotation in a hundred halts without cause at most, and a halt costs time (a resume),
+# never an app. Lower costs little: log(1/a) grows slowly (0.001 needs about seven more
+# canary handshakes than 0.01 when 30 % of them fail).
+DEFAULT_CANARY_FALSE_HALT: Final = 0.01
+
+CloseRule = Literal["at-grace-end", "when-safe"]
+CLOSE_RULES: Final[tuple[CloseRule, ...]] = ("at-grace-end", "when-safe")
+# With close = "when-safe", the window ends once at most this share of handshakes would fail
+# on the new key (an upper bound: rotation.canary). Half a percent is within the background of
+# pin-failure-like connections many APIs see anyway (0.2-1 %), so what closing adds is lost
+# in it; a lower value needs more canary handshakes to prove (the bound shrinks about as
+# log(n)/n: some 2,000 canary handshakes for 0.5 % with 5 % of clients in the canary).
+DEFAULT_MAX_BREAKAGE: Final = 0.005
 
 
 ProxyProtocolMode = Literal["off", "required", "optional"]
@@ -137,16 +149,33 @@ class Rotation:
     grace_end: datetime  # aware, UTC, after grace_start
     default: Role = "old"
     canary_percent: float = 0.0
-    # The canary halts (hint-less clients get the default again) once the new key has served
-    # canary_min_sample canary handshakes and its pin-failure share exceeds the old key's by
-    # more than canary_halt_margin (a fraction: 0.05 is five percentage points).
-    canary_min_sample: int = DEFAULT_CANARY_MIN_SAMPLE
+    # The canary halts (hint-less clients get the default again) once a sequential test is
+    # sure, at false-halt probability canary_false_halt, that the new key's pin-failure share
+    # exceeds the old key's by more than canary_halt_margin (a fraction: 0.05 is five points).
     canary_halt_margin: float = DEFAULT_CANARY_HALT_MARGIN
+    canary_false_halt: float = DEFAULT_CANARY_FALSE_HALT
+    # Read from old configs and unused (the sequential test replaced the fixed sample); None
+    # when the config does not set it.
+    canary_min_sample: int | None = None
     hints_new: Hints = field(default_factory=Hints)
     hints_old: Hints = field(default_factory=Hints)
+    # "at-grace-end": every client gets new from grace_end on. "when-safe": from grace_end the
+    # old key stays the default while more than max_breakage of handshakes would fail on the
+    # new key (the canary's estimate, an upper bound), until grace_deadline at the latest.
+    close: CloseRule = "at-grace-end"
+    max_breakage: float = DEFAULT_MAX_BREAKAGE
+    grace_deadline: datetime | None = None  # aware, UTC, after grace_end; set for "when-safe"
 
     def keys_of(self, role: Role) -> tuple[str, ...]:
         return self.old if role == "old" else self.new
+
+    @property
+    def old_served_until(self) -> datetime:
+        """The latest instant the old key may still be served: grace_end, or with
+        close = "when-safe" grace_deadline (the evidence may close the window earlier)."""
+        if self.close == "when-safe" and self.grace_deadline is not None:
+            return self.grace_deadline
+        return self.grace_end
 
     def hints_for(self, role: Role) -> Hints:
         return self.hints_old if role == "old" else self.hints_new

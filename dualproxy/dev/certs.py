@@ -55,6 +55,7 @@ __all__ = [
     "CertificateSpec",
     "DevMaterial",
     "issue_certificate",
+    "new_ca",
     "prepare",
 ]
 
@@ -199,7 +200,7 @@ def prepare(
             continue
         issuer = (ca_cert, ca_key)
         if spec.issuer == "untrusted":
-            untrusted = untrusted or _new_ca("dualproxy untrusted CA (nobody trusts it)")
+            untrusted = untrusted or new_ca("dualproxy untrusted CA (nobody trusts it)")
             issuer = untrusted
         not_after = now - EXPIRED_AGO if spec.expired else now + CERT_LIFETIME
         not_before = not_after - CERT_LIFETIME if spec.expired else now - BACKDATE
@@ -248,7 +249,8 @@ def _normal_name(name: str) -> str:
         return normalize_host(name)
 
 
-def _new_ca(organization: str) -> tuple[x509.Certificate, PrivateKey]:
+def new_ca(organization: str) -> tuple[x509.Certificate, PrivateKey]:
+    """A CA certificate and its key, kept in memory (the caller writes them if it must)."""
     # Only trustme (a declared dependency) is imported lazily: nothing else needs it.
     import trustme
 
@@ -270,7 +272,7 @@ def _ca(folder: Path) -> tuple[x509.Certificate, PrivateKey]:
         else:
             if _same_key(ca_cert.public_key(), ca_key):
                 return ca_cert, ca_key
-    ca_cert, ca_private = _new_ca("dualproxy dev CA")
+    ca_cert, ca_private = new_ca("dualproxy dev CA")
     ca_key_file.unlink(missing_ok=True)  # write_private_key never overwrites a key
     keygen.write_private_key(ca_key_file, ca_private)
     _write_atomically(ca_file, ca_cert.public_bytes(serialization.Encoding.PEM))

@@ -163,7 +163,7 @@ def status_of(server: ServerView) -> Status:
         keys.append(KeyFacts(name, role, key.pin, key.algorithm, key.not_before, key.not_after))
     return server.evidence.status(
         now=now,
-        phase=policy.phase(rotation, now),
+        phase=policy.phase(rotation, now, window_closed=server.evidence.window.closed),
         rotation=rotation,
         keys=keys,
         active_connections=server.active_connections,

@@ -19,13 +19,20 @@ Definitions (the README's "Evidence and the admin listener" repeats them):
   It has a background level (browser preconnects, TLS health checks that never send a
   request), which the old and the new key see alike: compare them side by side.
 
-The canary rule (`should_halt`): with rotation.canary_percent > 0, once the new key has served
-rotation.canary_min_sample canary handshakes (reason `canary`), its share among them is
-compared with the old key's among the hint-less clients it served (reason `default`, the
-canary's control group; a share of 0 while that group is empty). A difference above
-rotation.canary_halt_margin halts the canary: policy.choose sends hint-less clients to the
-default again, and it stays halted until `resume` (an operator, `dualproxy canary resume`).
-Both samples count from the process start or the last resume; each process judges its own.
+The canary's halt (`CanaryJudge`): with rotation.canary_percent > 0, after every canary
+handshake (reason `canary`, the new key) the sequential test of `rotation.canary` compares its
+samples with the old key's among the hint-less clients it served (reason `default`, the
+canary's control group): once it is sure, at false-halt probability
+rotation.canary_false_halt, that the new key fails more than rotation.canary_halt_margin
+above the old, the canary halts: policy.choose sends hint-less clients to the default again,
+and it stays halted until `resume` (an operator, `dualproxy canary resume`). App versions that
+canary clients report failing on the new key (`review_reports`) halt it too. Both samples
+count from the process start or the last resume; each process judges its own.
+
+The window (`WindowJudge`): with rotation.close = "when-safe", `review_window` (every second,
+from the serving layer) estimates what closing would break (`rotation.canary.breakage`) and
+applies `rotation.canary.window_verdict`; once it closes, `closed` stays true for that
+rotation and policy.choose gives everyone the new key.
 
 Cost. Per request: a list increment for the status class, and for a relayed response one for
 its latency bucket and a float addition. Per connection: one dict update; for a handshake that
@@ -40,18 +47,23 @@ counted per connection (Evidence, CanaryJudge), read at one instant (Status) and
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Literal, Protocol
 
-from dualproxy.config.schema import Rotation
+from dualproxy.config.schema import CloseRule, Rotation
 from dualproxy.config.times import format_time
+from dualproxy.rotation import canary as rules
+from dualproxy.rotation.canary import REPORT_HALT_CLIENTS, Breakage, Verdict
 from dualproxy.rotation.policy import Choice, Phase, Reason
 from dualproxy.tls.outcome import Outcome
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from dualproxy.pinning.reports import ReportSummary
 
 __all__ = [
@@ -70,8 +82,9 @@ __all__ = [
     "Sample",
     "Status",
     "Window",
+    "WindowJudge",
+    "WindowStatus",
     "percent",
-    "should_halt",
 ]
 
 log = logging.getLogger("dualproxy")
@@ -109,6 +122,16 @@ _CLIENT_ABORTED: Final = Outcome.CLIENT_ABORTED
 _NO_REQUEST: Final = Outcome.NO_REQUEST
 _CANARY: Final = Reason.CANARY
 _DEFAULT: Final = Reason.DEFAULT
+# The reasons of a window's other handshakes (hinted, or unparsed and given the default).
+_WINDOW_REASONS: Final = frozenset(
+    {Reason.HINT_SNI, Reason.HINT_ALPN, Reason.HINT_NETWORK, Reason.UNPARSED}
+)
+# How often a held window's state is written to the log again (seconds of the policy clock):
+# an operator who missed the first warning sees it within the hour, and the log stays short.
+WINDOW_HELD_LOG_INTERVAL: Final = 60 * 60
+# The error of the breakage bound a "when-safe" window closes on: the chance that, at any
+# moment of the window, more clients would fail than the bound says. As the canary's halt.
+WINDOW_BOUND_ERROR: Final = 0.01
 
 
 class FinishedConnection(Protocol):
@@ -185,28 +208,6 @@ class Window:
         return self.pin_failures / self.handshakes if self.handshakes else None
 
 
-def should_halt(canary: Sample, control: Sample, *, min_sample: int, margin: float) -> bool:
-    """The canary rule (see the module docstring)."""
-    return _halts(
-        canary.handshakes,
-        canary.pin_failures,
-        control.handshakes,
-        control.pin_failures,
-        min_sample,
-        margin,
-    )
-
-
-def _halts(
-    handshakes: int, failures: int, control: int, control_failures: int, least: int, margin: float
-) -> bool:
-    """should_halt on plain ints (per canary connection, without building Samples)."""
-    if handshakes < least:
-        return False
-    control_share = control_failures / control if control else 0.0
-    return failures / handshakes - control_share > margin
-
-
 class CanaryJudge:
     """The canary's two samples since the start or the last resume, and its halt."""
 
@@ -230,9 +231,20 @@ class CanaryJudge:
         """The old key's hint-less handshakes (reason default)."""
         return Sample(*self._control)
 
+    def log_e_value(self, rotation: Rotation) -> float:
+        """The halt test's evidence now (rotation.canary.log_e_value)."""
+        canary, control = self._canary, self._control
+        return rules.log_e_value(
+            canary[0] + canary[1],
+            canary[1] + canary[2],
+            control[0] + control[1],
+            control[1] + control[2],
+            rotation.canary_halt_margin,
+        )
+
     def observe(self, reason: str, aborted: bool, quiet: bool, rotation: Rotation | None) -> None:
         """Count one handshake that reached a certificate (`reason`: a Reason), and apply the
-        rule."""
+        test after a canary handshake."""
         if self.halted or rotation is None or rotation.canary_percent <= 0:
             return
         if reason == _DEFAULT:
@@ -246,26 +258,46 @@ class CanaryJudge:
         if counts is self._control:
             return
         control = self._control
-        if _halts(
+        if rules.halts(
             counts[0] + counts[1],
             counts[1] + counts[2],
             control[0] + control[1],
             control[1] + control[2],
-            rotation.canary_min_sample,
-            rotation.canary_halt_margin,
+            margin=rotation.canary_halt_margin,
+            false_halt=rotation.canary_false_halt,
         ):
-            self._halt(rotation)
+            canary, control_sample = self.canary, self.control
+            self._halt(
+                rotation,
+                f"new key pin-failure share {percent(canary.share)} over {canary.handshakes}"
+                f" canary handshakes vs old key {percent(control_sample.share)} over"
+                f" {control_sample.handshakes}: more than"
+                f" {rotation.canary_halt_margin * 100:g} points worse, at false-halt"
+                f" probability {rotation.canary_false_halt:g}",
+            )
 
-    def _halt(self, rotation: Rotation) -> None:
+    def review_reports(
+        self, rotation: Rotation | None, failing: Iterable[tuple[str, int]], in_window: bool
+    ) -> None:
+        """Halt when canary clients report an app version failing on the new key: `failing`
+        holds (app version, distinct canary clients whose reports know no new pin), from
+        pinning.reports.ReportCounts.canary_failures."""
+        if self.halted or rotation is None or rotation.canary_percent <= 0 or not in_window:
+            return
+        for version, clients in failing:
+            if clients >= REPORT_HALT_CLIENTS:
+                self._halt(
+                    rotation,
+                    f"app version {version} knows no pin of the new key: {clients} canary"
+                    " clients reported its pin failures",
+                )
+                return
+
+    def _halt(self, rotation: Rotation, why: str) -> None:
         self.halted = True
         self.halted_at = self._clock()
         self.halts += 1
-        canary, control = self.canary, self.control
-        self.why = (
-            f"new key pin-failure share {percent(canary.share)} over {canary.handshakes} canary"
-            f" handshakes vs old key {percent(control.share)} over {control.handshakes}"
-            f" (margin {rotation.canary_halt_margin * 100:g} points)"
-        )
+        self.why = why
         log.error(
             "CANARY HALTED: %s; hint-less clients get the default key (%s) again; resume with"
             " `dualproxy canary resume` once the cause is fixed",
@@ -284,6 +316,70 @@ class CanaryJudge:
         if was_halted:
             log.warning("canary resumed by the operator; samples start from zero")
         return was_halted
+
+
+def _window_id(rotation: Rotation) -> tuple[object, ...]:
+    """What makes a window the same one across reloads (a changed max_breakage does not)."""
+    return (rotation.old, rotation.new, rotation.grace_start, rotation.grace_end)
+
+
+class WindowJudge:
+    """A "when-safe" window's record: whether and when the evidence closed it, and the last
+    verdict (see the module docstring). `closed` is read for every connection."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.closed_at: datetime | None = None
+        self.verdict: Verdict | None = None
+        self.estimate: Breakage | None = None
+        self._window: tuple[object, ...] | None = None
+        self._held_logged: datetime | None = None
+
+    def review(
+        self, rotation: Rotation | None, now: datetime, estimate: Breakage, canary_halted: bool
+    ) -> Verdict | None:
+        """Apply the closing rule at `now` and log what changed; None without a rotation."""
+        if rotation is None:
+            return None
+        if self._window != _window_id(rotation):  # another rotation: its own record
+            self._window = _window_id(rotation)
+            self.closed, self.closed_at, self._held_logged = False, None, None
+        verdict = rules.window_verdict(
+            rotation,
+            now,
+            closed_at=self.closed_at,
+            estimate=estimate,
+            canary_halted=canary_halted,
+        )
+        previous = self.verdict.state if self.verdict is not None else None
+        self.verdict, self.estimate = verdict, estimate
+        if verdict.state == "held":
+            if self._held_logged is None or (
+                (now - self._held_logged).total_seconds() >= WINDOW_HELD_LOG_INTERVAL
+            ):
+                self._held_logged = now
+                log.warning(
+                    "grace window held open past grace_end (%s): %s; the old key stays the"
+                    " default until it is safe, at the latest until grace_deadline (%s)",
+                    format_time(rotation.grace_end),
+                    verdict.why,
+                    format_time(rotation.old_served_until),
+                )
+        elif verdict.state == "closed" and not self.closed:
+            self.closed, self.closed_at = True, now
+            log.warning(
+                "grace window closed by the evidence: %s; every client gets the new key now",
+                verdict.why,
+            )
+        elif verdict.state == "closed-at-deadline" and previous != "closed-at-deadline":
+            log.warning(
+                "grace window closed at grace_deadline (%s) whatever the evidence: up to %s of"
+                " clients may fail on the new key (rotation.max_breakage %s)",
+                format_time(rotation.old_served_until),
+                f"{estimate.upper:.2%}",
+                f"{rotation.max_breakage:.2%}",
+            )
+        return verdict
 
 
 # One connection's place in the counts: (key, reason, outcome, handshake completed, pin failure).
@@ -339,15 +435,52 @@ class KeyStatus:
 
 @dataclass(frozen=True, slots=True)
 class CanaryStatus:
-    percent: float
-    min_sample: int
+    percent: float  # configured
+    # "waiting" (before the window), "running", "halted", "over" (the window closed)
+    state: CanaryState
     margin: float
+    false_halt: float
+    log_e_value: float  # the test's evidence; it halts at log(1 / false_halt)
     halted: bool
     halted_at: datetime | None
     why: str | None
     halts: int
     canary: Sample
     control: Sample
+
+    @property
+    def sending(self) -> float:
+        """The share of hint-less clients it sends to the new key now: the configured one
+        while it runs, 0 otherwise."""
+        return self.percent if self.state == "running" else 0.0
+
+    @property
+    def e_value(self) -> float:
+        return math.exp(min(self.log_e_value, _MAX_LOG_E))
+
+    @property
+    def threshold(self) -> float:
+        return 1 / self.false_halt
+
+
+CanaryState = Literal["waiting", "running", "halted", "over"]
+# e-values shown are capped here (exp would overflow a double past about 709).
+_MAX_LOG_E: Final = 700.0
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStatus:
+    """How the window closes and what closing would break, at one instant: a "when-safe"
+    window from start to end, an "at-grace-end" one while it is open (its operator learns
+    before grace_end how many clients it will cost, not after)."""
+
+    max_breakage: float
+    deadline: datetime  # grace_deadline ("when-safe"); grace_end ("at-grace-end")
+    state: str  # rotation.canary.Verdict.state
+    why: str
+    estimate: Breakage
+    closed_at: datetime | None
+    close: CloseRule = "when-safe"
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +537,8 @@ class Status:
     connections: ConnectionCounts | None
     # What apps reported about failed pins ([reports]; reports.ReportSummary), None without.
     pin_reports: ReportSummary | None = None
+    # A "when-safe" window's close rule and estimate; None for close = "at-grace-end".
+    window: WindowStatus | None = None
 
     @property
     def responses(self) -> dict[str, int]:
@@ -443,8 +578,14 @@ class Status:
                 "grace_end": format_time(rotation.grace_end),
                 "default": rotation.default,
                 "canary_percent": rotation.canary_percent,
+                "close": rotation.close,
+                "max_breakage": rotation.max_breakage if rotation.close == "when-safe" else None,
+                "grace_deadline": format_time(rotation.grace_deadline)
+                if rotation.grace_deadline is not None
+                else None,
             },
             "canary": None if self.canary is None else _canary_json(self.canary),
+            "window": None if self.window is None else _window_json(self.window),
             "keys": [_key_json(k) for k in self.keys],
             "connections": [
                 {
@@ -511,6 +652,7 @@ class Evidence:
         self.started = clock()
         self._request_counters: dict[tuple[str, str], RequestCounters] = {}
         self.canary = CanaryJudge(clock)
+        self.window = WindowJudge()
         self._rows: dict[_RowKey, list[int]] = {}  # [connections, requests]
         self._timelines: dict[str, _Timeline] = {}
         # The bucket number each ring slot holds now; a slot is cleared when time reuses it.
@@ -558,6 +700,40 @@ class Evidence:
         timeline.failures[slot] += failure
         if reason is _CANARY or reason is _DEFAULT:
             self.canary.observe(reason, aborted, quiet, rotation)
+
+    # --- the window ----------------------------------------------------------------------
+
+    def breakage(self, rotation: Rotation) -> Breakage:
+        """What closing the window now would break (rotation.canary.breakage): the canary's
+        samples, and the handshakes since the start by who would change key at the close."""
+        sampled = unsampled = unaffected = 0
+        for (key, reason, outcome, completed, _), counts in self._rows.items():
+            if not (completed or outcome is _CLIENT_ABORTED):
+                continue
+            if reason in (_DEFAULT, _CANARY):
+                sampled += counts[0]
+            elif reason in _WINDOW_REASONS:
+                # Hinted (or unparsed) clients on the old key change key at the close, unseen.
+                if key in rotation.old or reason == Reason.UNPARSED:
+                    unsampled += counts[0]
+                else:
+                    unaffected += counts[0]
+        canary, control = self.canary.canary, self.canary.control
+        return rules.breakage(
+            (canary.handshakes, canary.pin_failures),
+            (control.handshakes, control.pin_failures),
+            sampled=sampled,
+            unsampled=unsampled,
+            unaffected=unaffected,
+            error=WINDOW_BOUND_ERROR,
+        )
+
+    def review_window(self, rotation: Rotation | None, now: datetime) -> Verdict | None:
+        """Apply a "when-safe" window's closing rule at `now` (the policy's clock): what the
+        serving layer calls every second. None without such a window."""
+        if rotation is None or rotation.close != "when-safe" or now < rotation.grace_end:
+            return None
+        return self.window.review(rotation, now, self.breakage(rotation), self.canary.halted)
 
     # --- reading -----------------------------------------------------------------------
 
@@ -612,18 +788,49 @@ class Evidence:
             if any(counters.statuses)
         )
         canary = None
-        if (rotation is not None and rotation.canary_percent > 0) or self.canary.halts:
+        if rotation is not None and (rotation.canary_percent > 0 or self.canary.halts):
             judge = self.canary
+            state: CanaryState = (
+                "waiting"
+                if phase == "before"
+                else "over"
+                if phase == "after"
+                else "halted"
+                if judge.halted
+                else "running"
+            )
             canary = CanaryStatus(
-                percent=rotation.canary_percent if rotation is not None else 0.0,
-                min_sample=rotation.canary_min_sample if rotation is not None else 0,
-                margin=rotation.canary_halt_margin if rotation is not None else 0.0,
+                percent=rotation.canary_percent,
+                state=state,
+                margin=rotation.canary_halt_margin,
+                false_halt=rotation.canary_false_halt,
+                log_e_value=judge.log_e_value(rotation),
                 halted=judge.halted,
                 halted_at=_utc(judge.halted_at) if judge.halted_at is not None else None,
                 why=judge.why,
                 halts=judge.halts,
                 canary=judge.canary,
                 control=judge.control,
+            )
+        window = None
+        if rotation is not None and (rotation.close == "when-safe" or phase == "during"):
+            judge_window = self.window
+            estimate = self.breakage(rotation)
+            verdict = rules.window_verdict(
+                rotation,
+                now,
+                closed_at=judge_window.closed_at if judge_window.closed else None,
+                estimate=estimate,
+                canary_halted=self.canary.halted,
+            )
+            window = WindowStatus(
+                max_breakage=rotation.max_breakage,
+                deadline=rotation.old_served_until,
+                state=verdict.state,
+                why=verdict.why,
+                estimate=estimate,
+                closed_at=judge_window.closed_at,
+                close=rotation.close,
             )
         return Status(
             now=now,
@@ -641,6 +848,7 @@ class Evidence:
             bucket_seconds=self._bucket_seconds,
             series_start=_utc(first_bucket * self._bucket_seconds),
             pin_reports=pin_reports,
+            window=window,
         )
 
     def _series(self, key: str, first_bucket: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -715,12 +923,40 @@ def _key_json(status: KeyStatus) -> dict[str, object]:
 def _canary_json(canary: CanaryStatus) -> dict[str, object]:
     return {
         "percent": canary.percent,
-        "min_sample": canary.min_sample,
+        "state": canary.state,
+        "sending_percent": canary.sending,
+        "min_sample": None,  # replaced by the sequential test (false_halt, e_value)
         "halt_margin": canary.margin,
+        "false_halt": canary.false_halt,
+        "e_value": canary.e_value,
+        "halt_threshold": canary.threshold,
         "halted": canary.halted,
         "halted_at": format_time(canary.halted_at) if canary.halted_at is not None else None,
         "why": canary.why,
         "halts": canary.halts,
         "canary_sample": _sample_json(canary.canary),
         "control_sample": _sample_json(canary.control),
+    }
+
+
+def _breakage_json(estimate: Breakage) -> dict[str, object]:
+    return {
+        "estimate": estimate.estimate,
+        "upper": estimate.upper,
+        "sampled_share": estimate.sampled,
+        "unsampled_share": estimate.unsampled,
+        "handshakes": estimate.handshakes,
+    }
+
+
+def _window_json(window: WindowStatus) -> dict[str, object]:
+    when_safe = window.close == "when-safe"
+    return {
+        "close": window.close,
+        "state": window.state,
+        "why": window.why,
+        "max_breakage": window.max_breakage if when_safe else None,
+        "grace_deadline": format_time(window.deadline) if when_safe else None,
+        "closed_at": format_time(window.closed_at) if window.closed_at is not None else None,
+        "breakage": _breakage_json(window.estimate),
     }

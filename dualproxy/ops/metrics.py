@@ -26,7 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from dualproxy.ops.evidence import LATENCY_BOUNDS, NONE_LABEL, Sample, Status
+from dualproxy.ops.evidence import LATENCY_BOUNDS, NONE_LABEL, CanaryState, Sample, Status
 from dualproxy.rotation.policy import Phase
 from dualproxy.tls.outcome import Outcome
 
@@ -34,6 +34,10 @@ __all__ = ["CONTENT_TYPE", "EvidenceCollector", "exposition", "families", "regis
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 _PHASES: Final = typing.get_args(Phase)
+_CANARY_STATES: Final = typing.get_args(CanaryState)
+# App versions exported as labels of dualproxy_pin_reports_old_pin_only: their names come from
+# clients, so the series are bounded to the versions that matter (the most reports first).
+OLD_ONLY_VERSIONS_EXPORTED: Final = 20
 # The histogram's bucket labels: LATENCY_BOUNDS as Prometheus writes them, then +Inf.
 _LATENCY_LABELS: Final = (*(repr(bound) for bound in LATENCY_BOUNDS), "+Inf")
 
@@ -215,10 +219,10 @@ def families(status: Status) -> list[Metric]:
     reloads.add_metric(["failed"], status.reloads_failed)
     out.append(reloads)
     if status.rotation is not None:
-        for edge, moment in (
-            ("start", status.rotation.grace_start),
-            ("end", status.rotation.grace_end),
-        ):
+        edges = [("start", status.rotation.grace_start), ("end", status.rotation.grace_end)]
+        if status.rotation.grace_deadline is not None:
+            edges.append(("deadline", status.rotation.grace_deadline))
+        for edge, moment in edges:
             out.append(
                 GaugeMetricFamily(
                     f"dualproxy_rotation_grace_{edge}_timestamp_seconds",
@@ -228,11 +232,33 @@ def families(status: Status) -> list[Metric]:
             )
     canary = status.canary
     if canary is not None:
+        state = GaugeMetricFamily(
+            "dualproxy_canary_state",
+            "1 for the canary's state: waiting (before the window), running, halted, over"
+            " (the window closed).",
+            labels=["state"],
+        )
+        for name in _CANARY_STATES:
+            state.add_metric([name], 1.0 if canary.state == name else 0.0)
         out += [
             GaugeMetricFamily(
                 "dualproxy_canary_percent",
-                "Share of hint-less clients the canary sends to the new key (config).",
-                value=canary.percent,
+                "Share of hint-less clients the canary sends to the new key now: the"
+                " configured share while it runs, 0 before and after the window and while"
+                " halted.",
+                value=canary.sending,
+            ),
+            state,
+            GaugeMetricFamily(
+                "dualproxy_canary_e_value",
+                "The halt test's evidence against 'the new key costs at most the margin'; the"
+                " canary halts once it reaches dualproxy_canary_halt_threshold.",
+                value=canary.e_value,
+            ),
+            GaugeMetricFamily(
+                "dualproxy_canary_halt_threshold",
+                "1 / rotation.canary_false_halt: the e-value at which the canary halts.",
+                value=canary.threshold,
             ),
             GaugeMetricFamily(
                 "dualproxy_canary_halted",
@@ -264,4 +290,66 @@ def families(status: Status) -> list[Metric]:
             sample_handshakes.add_metric([group], sample.handshakes)
             sample_failures.add_metric([group], sample.pin_failures)
         out += [sample_handshakes, sample_failures]
+    out += _window_families(status)
+    return out
+
+
+def _window_families(status: Status) -> list[Metric]:
+    """The window's estimate (a "when-safe" window's from start to end, an "at-grace-end"
+    one's while open) and hold, and the app versions that know only the old key's pins
+    (from pin-failure reports)."""
+    out: list[Metric] = []
+    window = status.window
+    if window is not None:
+        estimate = window.estimate
+        out += [
+            GaugeMetricFamily(
+                "dualproxy_window_held",
+                "1 while a close = when-safe window is held open past grace_end.",
+                value=1.0 if window.state == "held" else 0.0,
+            ),
+            GaugeMetricFamily(
+                "dualproxy_window_breakage_upper",
+                "Upper bound on the share of handshakes that would fail if the window closed"
+                " now (valid at any moment with probability 0.99).",
+                value=estimate.upper,
+            ),
+        ]
+        if window.close == "when-safe":
+            out.append(
+                GaugeMetricFamily(
+                    "dualproxy_window_max_breakage",
+                    "rotation.max_breakage: the window closes once the upper bound is within it.",
+                    value=window.max_breakage,
+                )
+            )
+        if estimate.estimate is not None:
+            out.append(
+                GaugeMetricFamily(
+                    "dualproxy_window_breakage_estimate",
+                    "Estimated share of handshakes that would fail if the window closed now.",
+                    value=estimate.estimate,
+                )
+            )
+    reports = status.pin_reports
+    if reports is not None and status.rotation is not None:
+        versions = reports["old_pin_only"]
+        out.append(
+            GaugeMetricFamily(
+                "dualproxy_pin_reports_old_pin_only_versions",
+                "App versions whose pin-failure reports know only the old keys' pins.",
+                value=len(versions),
+            )
+        )
+        reported = GaugeMetricFamily(
+            "dualproxy_pin_reports_old_pin_only",
+            "Pin-failure reports of an app version that knows only the old keys' pins (the"
+            f" {OLD_ONLY_VERSIONS_EXPORTED} with most reports: labels are the apps' own).",
+            labels=["app", "version", "platform"],
+        )
+        for version in versions[:OLD_ONLY_VERSIONS_EXPORTED]:
+            reported.add_metric(
+                [version["app"], version["version"], version["platform"]], version["count"]
+            )
+        out.append(reported)
     return out

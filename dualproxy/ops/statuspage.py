@@ -25,13 +25,17 @@ from typing import Final
 from dualproxy.config.schema import DEFAULT_CANARY_HALT_MARGIN
 from dualproxy.ops.evidence import (
     NONE_LABEL,
+    CanaryStatus,
     ConnectionCounts,
     KeyStatus,
     Row,
     Sample,
     Status,
+    WindowStatus,
     percent,
 )
+from dualproxy.pinning.reports import OldPinOnlyVersion
+from dualproxy.rotation.canary import Breakage
 
 __all__ = ["render_html", "render_text"]
 
@@ -70,19 +74,21 @@ def render_text(status: Status) -> str:
     ]
     canary = status.canary
     if canary is not None:
-        state = "HALTED" if canary.halted else "running"
-        lines.append(
-            f"canary: {state}, {canary.percent:g}% of hint-less clients"
-            f" (halts when new fails > old + {canary.margin * 100:g} points"
-            f" after {canary.min_sample} canary handshakes)"
-        )
+        lines.append(f"canary: {_canary_text(canary, status)}")
         if canary.halted:
             lines.append(f"  halted at {_when(canary.halted_at)}: {canary.why}")
-            lines.append("  resume with: dualproxy canary resume")
-        lines.append(
-            f"  sample: new (canary) {_sample_text(canary.canary)};"
-            f" old (control) {_sample_text(canary.control)}"
-        )
+            if canary.state == "halted":
+                lines.append("  resume with: dualproxy canary resume")
+        if canary.state != "waiting":
+            lines.append(
+                f"  sample: new (canary) {_sample_text(canary.canary)};"
+                f" old (control) {_sample_text(canary.control)};"
+                f" evidence {_evidence_text(canary)}"
+            )
+    window = status.window
+    if window is not None:
+        lines.append(f"window: {_window_text(window, status)}")
+        lines.append(f"  {_breakage_text(window.estimate)}")
     lines.append("")
     header = (
         f"{'key':<16} {'role':<8} {'24h hs':>8} {'24h fail':>8} {'24h share':>9}"
@@ -122,7 +128,96 @@ def render_text(status: Status) -> str:
                 f"  {_pins_known(group['labels'])}: {group['count']} from"
                 f" {', '.join(group['app_versions'][:REPORT_VERSIONS_SHOWN])}"
             )
+        old_only = reports["old_pin_only"]
+        if status.rotation is not None:
+            lines.append(f"app versions that know only the old key's pins: {_fails_when(status)}")
+            for version in old_only[:REPORT_GROUPS_SHOWN]:
+                lines.append(f"  {_old_only_text(version)}")
+            if not old_only:
+                lines.append("  none reported")
     return "\n".join(lines) + "\n"
+
+
+def _canary_text(canary: CanaryStatus, status: Status) -> str:
+    """The canary's state in one line: it runs only during the window."""
+    rotation = status.rotation
+    rule = (
+        f"halts when a sequential test is sure (false-halt probability {canary.false_halt:g})"
+        f" that new fails more than old + {canary.margin * 100:g} points"
+    )
+    if canary.state == "waiting":
+        start = _when(rotation.grace_start) if rotation is not None else "-"
+        return (
+            f"waiting: from grace_start ({start}) {canary.percent:g}% of hint-less clients get"
+            f" the new key; it {rule}"
+        )
+    if canary.state == "over":
+        return f"over: the window has closed; it sent {canary.percent:g}% of hint-less clients"
+    if canary.state == "halted":
+        return f"HALTED: hint-less clients get the default key ({canary.percent:g}% configured)"
+    return f"running: {canary.percent:g}% of hint-less clients get the new key; it {rule}"
+
+
+def _evidence_text(canary: CanaryStatus) -> str:
+    return f"e-value {canary.e_value:.3g} (halts at {canary.threshold:g})"
+
+
+def _window_text(window: WindowStatus, status: Status) -> str:
+    """How the window stands, and how it will close."""
+    limit = f"{window.max_breakage:.2%}"
+    deadline = _when(window.deadline)
+    rotation = status.rotation
+    end = _when(rotation.grace_end) if rotation is not None else "-"
+    if window.close == "at-grace-end":
+        return (
+            f'close = "at-grace-end": at grace_end ({end}) every client gets the new key,'
+            ' whatever the evidence (close = "when-safe" holds it while too many would fail)'
+        )
+    if window.state in ("before", "open"):
+        return (
+            f'close = "when-safe": from grace_end ({end}) the old key stays the default while'
+            f" more than {limit} of clients would fail on the new key (upper bound), until"
+            f" grace_deadline ({deadline}) at the latest"
+        )
+    if window.state == "held":
+        return (
+            f"HELD OPEN past grace_end ({end}): {window.why}; re-evaluated every second;"
+            f" closes at grace_deadline ({deadline}) at the latest"
+        )
+    if window.state == "closed":
+        return f"closed by the evidence at {_when(window.closed_at)} ({window.why})"
+    return f"closed at grace_deadline ({deadline}) whatever the evidence"
+
+
+def _breakage_text(estimate: Breakage) -> str:
+    if estimate.estimate is None:
+        shown = "no canary handshake to estimate from"
+    else:
+        shown = f"estimated {estimate.estimate:.2%}"
+    return (
+        f"if the window closed now: {shown}, at most {estimate.upper:.2%} of handshakes would"
+        f" fail on the new key (the canary samples {estimate.sampled:.1%} of the window's"
+        f" {estimate.handshakes} handshakes; {estimate.unsampled:.1%}, hinted to old or"
+        " unparsed, are counted as failing; clients that never connect are not seen)"
+    )
+
+
+def _fails_when(status: Status) -> str:
+    rotation = status.rotation
+    if status.phase == "after":
+        return "they fail now (the old key is no longer served)"
+    end = _when(rotation.grace_end) if rotation is not None else "-"
+    if rotation is not None and rotation.close == "when-safe":
+        return f"they fail once the window closes (from {end}, when it is safe)"
+    return f"they fail once the window closes ({end})"
+
+
+def _old_only_text(version: OldPinOnlyVersion) -> str:
+    canary = f", {version['canary_clients']} canary clients" if version["canary_clients"] else ""
+    return (
+        f"{version['name']}: {version['count']} reports{canary}"
+        f" (last {version['last_seen'] or '-'})"
+    )
 
 
 def _pins_known(labels: Sequence[str | None]) -> str:
@@ -142,6 +237,17 @@ def _reports_html(status: Status) -> str:
         for group in reports["by_known_pins"][:REPORT_GROUPS_SHOWN]
     )
     empty = '<tr><td colspan="4" class="muted">no reports yet</td></tr>'
+    old_only = ""
+    if status.rotation is not None:
+        items = "".join(
+            f"<li>{_e(_old_only_text(version))}</li>"
+            for version in reports["old_pin_only"][:REPORT_GROUPS_SHOWN]
+        )
+        none = '<li class="muted">none reported</li>'
+        old_only = (
+            '<p id="old-pin-only"><strong>App versions that know only the old key&#39;s pins'
+            f"</strong>: {_e(_fails_when(status))}.</p><ul>{items or none}</ul>"
+        )
     return f"""<h2>Pin-failure reports from apps</h2>
 <p class="muted">{reports["total"]} reports (TrustKit, RFC 7469), grouped by the pins the
 app knows: the app versions that know only the retiring key's pin are the ones that fail
@@ -150,7 +256,8 @@ once it is gone.</p>
 <thead><tr><th>pins the app knows</th><th>reports</th><th>app versions</th>
 <th>last seen</th></tr></thead>
 <tbody>{rows or empty}</tbody>
-</table>"""
+</table>
+{old_only}"""
 
 
 def _limits_text(counts: ConnectionCounts) -> str:
@@ -167,20 +274,30 @@ def render_html(status: Status) -> str:
     """The whole status page."""
     canary = status.canary
     banner = ""
-    if canary is not None and canary.halted:
+    if canary is not None and canary.state == "halted":
         banner = (
             '<div class="banner halted"><strong>Canary halted</strong>'
             f" at {_e(_when(canary.halted_at))}: {_e(canary.why or '')}."
             " Hint-less clients get the default key again; hinted clients are unaffected."
             " Resume with <code>dualproxy canary resume</code>.</div>"
         )
-    elif canary is not None:
+    elif canary is not None and canary.state == "running":
         banner = (
             f'<div class="banner running"><strong>Canary running</strong>: {canary.percent:g}%'
             f" of hint-less clients get the new key. New {_e(_sample_text(canary.canary))};"
-            f" old {_e(_sample_text(canary.control))}. It halts itself when new fails more"
-            f" than old by over {canary.margin * 100:g} points after {canary.min_sample}"
-            " canary handshakes.</div>"
+            f" old {_e(_sample_text(canary.control))}; evidence {_e(_evidence_text(canary))}."
+            " It halts itself once a sequential test is sure (false-halt probability"
+            f" {canary.false_halt:g}) that new fails more than old by over"
+            f" {canary.margin * 100:g} points.</div>"
+        )
+    elif canary is not None:
+        banner = f'<div class="banner idle">Canary {_e(_canary_text(canary, status))}.</div>'
+    window = status.window
+    if window is not None:
+        held = " held" if window.state == "held" else ""
+        banner += (
+            f'<div class="banner window{held}" id="window"><strong>Window</strong>:'
+            f" {_e(_window_text(window, status))}. {_e(_breakage_text(window.estimate))}.</div>"
         )
     cards = "".join(_card(key, status) for key in status.keys)
     days = "".join(_day_chart(key, status) for key in status.keys)
@@ -247,6 +364,8 @@ h2 { font-size: 16px; margin: 28px 0 8px; }
 .banner { border-radius: 8px; padding: 12px 16px; margin: 16px 0; }
 .banner.halted { background: #fff5f5; border: 2px solid #e03131; color: #c92a2a; }
 .banner.running { background: #e6fcf5; border: 1px solid #63e6be; color: #087f5b; }
+.banner.idle, .banner.window { background: #f8f9fa; border: 1px solid #dee2e6; color: #495057; }
+.banner.window.held { background: #fff9db; border: 2px solid #fab005; color: #8d6e00; }
 .cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(300px, 1fr)); gap: 16px; }
 .card, .panel { background: #fff; border-radius: 10px; box-shadow: 0 1px 3px rgba(0,0,0,.08);
   padding: 16px 18px; margin: 0; }

@@ -29,7 +29,7 @@ import trio
 from dualproxy.config.schema import Config, ManifestConfig, ReportsConfig, Rotation
 from dualproxy.http.local import Endpoint, LocalAnswer, LocalRequest
 from dualproxy.pinning import manifest, reports
-from dualproxy.rotation.policy import pin_role
+from dualproxy.rotation.policy import canary_bucket, client_id, pin_role
 
 if TYPE_CHECKING:
     from dualproxy.tls.keystore import LoadedKey
@@ -119,11 +119,19 @@ class ReportsState:
 
 
 class ReportEndpoint:
-    """POST of a pin-failure report: checked, rate limited, counted, stored; 204."""
+    """POST of a pin-failure report: checked, rate limited, counted, stored; 204. A report
+    from a client the canary sends to the new key is counted as such (`canary_client`): the
+    canary halts on app versions its clients report failing (ops.evidence)."""
 
-    def __init__(self, state: ReportsState, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        state: ReportsState,
+        clock: Callable[[], datetime],
+        rotation: Rotation | None = None,
+    ) -> None:
         self._state = state
         self._clock = clock
+        self._rotation = rotation
         self.max_body_bytes = state.config.max_body_bytes
 
     async def answer(self, request: LocalRequest) -> LocalAnswer:
@@ -147,7 +155,7 @@ class ReportEndpoint:
         except reports.ReportError as exc:
             return _text_answer(HTTPStatus.BAD_REQUEST, exc.problem)
         received = self._clock()
-        state.counts.add(report, received)
+        state.counts.add(report, received, canary_client=self._canary_client(request, received))
         try:
             await trio.to_thread.run_sync(state.store.append, report.record(received))
         except OSError as exc:
@@ -155,6 +163,21 @@ class ReportEndpoint:
             log.warning("pin-report not stored (%s): %s", state.store.path, exc.strerror or exc)
         log.info("pin-report %s", report.log_summary())
         return LocalAnswer(int(HTTPStatus.NO_CONTENT), [_NOSNIFF])
+
+    def _canary_client(self, request: LocalRequest, received: datetime) -> bytes | None:
+        """The sender as policy.client_id has it when the canary sends it the new key (its
+        address in the canary's buckets, during the window), else None. Its API connections
+        are what count, not this report's, which may carry a hint of its own."""
+        rotation, peer = self._rotation, request.peer
+        if (
+            rotation is None
+            or peer is None
+            or rotation.canary_percent <= 0
+            or not rotation.grace_start <= received < rotation.old_served_until
+            or canary_bucket(peer) >= rotation.canary_percent
+        ):
+            return None
+        return client_id(peer)
 
 
 # --- all of them ---------------------------------------------------------------------------
@@ -170,6 +193,7 @@ class LocalEndpoints:
         reports_state: ReportsState | None = None,
         manifest_expires: datetime | None = None,
         manifest_problem: str | None = None,
+        manifest_claims: manifest.Manifest | None = None,
     ) -> None:
         self._by_path = by_path
         self.prefix = _common_prefix(list(by_path))
@@ -177,6 +201,8 @@ class LocalEndpoints:
         self.max_body_bytes = max(e.max_body_bytes for e in by_path.values())
         self.reports_state = reports_state
         self.manifest_expires = manifest_expires
+        # What the served manifest lists, as signed (not verified: we only serve it).
+        self.manifest_claims = manifest_claims
         self.manifest_problem = manifest_problem
 
     def find(self, target: bytes) -> Endpoint | None:
@@ -187,19 +213,44 @@ class LocalEndpoints:
         return self._by_path.get(target.partition(b"?")[0])
 
     def report_summary(
-        self, pin_labels: Mapping[str, str] | None = None
+        self,
+        pin_labels: Mapping[str, str] | None = None,
+        *,
+        old_pins: frozenset[str] = frozenset(),
+        new_pins: frozenset[str] = frozenset(),
     ) -> reports.ReportSummary | None:
         """reports.summary of the counts so far (None without [reports])."""
         if self.reports_state is None:
             return None
-        return reports.summary(self.reports_state.counts, pin_labels)
+        return reports.summary(
+            self.reports_state.counts, pin_labels, old_pins=old_pins, new_pins=new_pins
+        )
 
 
 def pin_labels(
-    keys: Iterable[LoadedKey], rotation: Rotation | None, now: datetime
+    keys: Iterable[LoadedKey],
+    rotation: Rotation | None,
+    now: datetime,
+    *,
+    window_closed: bool = False,
 ) -> dict[str, str]:
     """pin -> "key (role)" for `reports.summary` (a key snapshot's keys)."""
-    return {key.pin: f"{key.name} ({pin_role(rotation, key.name, now)})" for key in keys}
+    return {
+        key.pin: f"{key.name} ({pin_role(rotation, key.name, now, window_closed=window_closed)})"
+        for key in keys
+    }
+
+
+def rotation_pins(
+    keys: Mapping[str, LoadedKey], rotation: Rotation | None
+) -> tuple[frozenset[str], frozenset[str]]:
+    """The pins of the rotation's old keys and of its new keys (empty without a rotation)."""
+    if rotation is None:
+        return frozenset(), frozenset()
+    return (
+        frozenset(keys[name].pin for name in rotation.old if name in keys),
+        frozenset(keys[name].pin for name in rotation.new if name in keys),
+    )
 
 
 def _common_prefix(paths: Sequence[bytes]) -> bytes:
@@ -219,12 +270,13 @@ def build(
     if config.manifest is None and config.reports is None:
         return None
     by_path: dict[bytes, Endpoint] = {}
-    expires = problem = None
+    expires = problem = claims = None
     if config.manifest is not None:
         content, problem = read_manifest_file(config.manifest.file)
         if content is not None:
             try:
-                expires = manifest.peek(content).expires_at
+                claims = manifest.peek(content)
+                expires = claims.expires_at
             except manifest.ManifestError as exc:
                 problem = f"{config.manifest.file} is served as is, but is no manifest: {exc}"
         by_path[config.manifest.path.encode()] = ManifestEndpoint(config.manifest, content)
@@ -233,7 +285,11 @@ def build(
         state = previous.reports_state if previous is not None else None
         if state is None or state.config != config.reports:  # kept only while unchanged
             state = ReportsState(config.reports)
-        by_path[config.reports.path.encode()] = ReportEndpoint(state, clock)
+        by_path[config.reports.path.encode()] = ReportEndpoint(state, clock, config.rotation)
     return LocalEndpoints(
-        by_path, reports_state=state, manifest_expires=expires, manifest_problem=problem
+        by_path,
+        reports_state=state,
+        manifest_expires=expires,
+        manifest_problem=problem,
+        manifest_claims=claims,
     )

@@ -442,6 +442,39 @@ def read_public_key(path: Path) -> ed25519.Ed25519PublicKey:
     return key
 
 
+@dataclass(frozen=True, slots=True)
+class StaleRole:
+    """A pin the manifest lists with a role its key no longer has: `retired` means apps that
+    trust the manifest keep trusting a key that is served to nobody (sign again)."""
+
+    pin: ManifestPin
+    now: str  # the key's role at the time asked (policy.pin_role): "retired", "current", ...
+
+    @property
+    def retired(self) -> bool:
+        return self.now == "retired"
+
+    def describe(self, moment: datetime) -> str:
+        listed = f"lists key {self.pin.key} (sha256/{self.pin.pin}) as {self.pin.role}"
+        if self.retired:
+            return (
+                f"{listed}, but it is retired at {format_time(moment)} (its window is over):"
+                " apps that trust the manifest keep trusting a key no longer served; sign it"
+                " again (`dualproxy manifest sign`)"
+            )
+        return f"{listed}; it is {self.now} at {format_time(moment)}: sign it again"
+
+
+def stale_roles(listed: Manifest, roles_now: Mapping[str, str]) -> list[StaleRole]:
+    """The listed pins whose key's role at some instant (`roles_now`: pin -> role, as
+    policy.pin_role gives it) differs from the role the manifest gives them."""
+    return [
+        StaleRole(pin, roles_now[pin.pin])
+        for pin in listed.pins
+        if pin.pin in roles_now and roles_now[pin.pin] != pin.role
+    ]
+
+
 def served_key_names(config: Config, now: datetime) -> tuple[str, ...]:
     """The keys some client may be served at `now`: all of them without a rotation, old
     before the window, both during it, new after it."""

@@ -64,6 +64,9 @@ MAX_PEM: Final = 16 * 1024  # one PEM certificate: an RSA-4096 leaf is about 2.5
 # Addresses the rate limiter remembers; beyond it the least recently seen are forgotten
 # (each costs about 200 bytes, so this bounds it to a few MiB).
 MAX_TRACKED_CLIENTS: Final = 10_000
+# Distinct canary clients remembered per group: enough to show and to halt on (the canary
+# halts at rotation.canary.REPORT_HALT_CLIENTS), 8 bytes each.
+MAX_CANARY_CLIENTS: Final = 100
 
 _PIN_ENTRY: Final = re.compile(r'pin-sha256="([A-Za-z0-9+/]{43}=)"')
 _PEM_CERTIFICATE: Final = re.compile(
@@ -333,6 +336,9 @@ class GroupKey:
 class _Group:
     count: int = 0
     last_seen: datetime | None = None
+    # Distinct clients (policy.client_id) that sent it while in the canary; at most
+    # MAX_CANARY_CLIENTS are remembered.
+    canary_clients: set[bytes] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -346,7 +352,11 @@ class ReportCounts:
     last_seen: datetime | None = None
     _groups: dict[GroupKey, _Group] = field(default_factory=dict)
 
-    def add(self, report: PinReport, received_at: datetime) -> None:
+    def add(
+        self, report: PinReport, received_at: datetime, *, canary_client: bytes | None = None
+    ) -> None:
+        """Count `report`; `canary_client`: the sender (policy.client_id) when it is a client
+        the canary sends to the new key."""
         self.total += 1
         self.by_kind[report.kind] = self.by_kind.get(report.kind, 0) + 1
         if self.last_seen is None or received_at > self.last_seen:
@@ -366,11 +376,45 @@ class ReportCounts:
         group.count += 1
         if group.last_seen is None or received_at > group.last_seen:
             group.last_seen = received_at
+        if canary_client is not None and len(group.canary_clients) < MAX_CANARY_CLIENTS:
+            group.canary_clients.add(canary_client)
 
     def groups(self) -> Iterator[tuple[GroupKey, int, datetime | None]]:
         """Each group's key, count and last report."""
         for key, group in self._groups.items():
             yield key, group.count, group.last_seen
+
+    def old_pin_only(
+        self, old_pins: frozenset[str], new_pins: frozenset[str]
+    ) -> list[OldPinOnlyVersion]:
+        """The app versions whose reports know a pin of the old keys and none of the new: they
+        fail on the new key. Most reports first."""
+        versions: dict[tuple[str, str, str], tuple[int, datetime | None, set[bytes]]] = {}
+        for key, group in self._groups.items():
+            pins = set(key.known_pins)
+            if pins.isdisjoint(old_pins) or not pins.isdisjoint(new_pins):
+                continue
+            name = (key.app, key.version, key.platform)
+            count, last, clients = versions.get(name, (0, None, set()))
+            seen = [moment for moment in (last, group.last_seen) if moment is not None]
+            versions[name] = (
+                count + group.count,
+                max(seen) if seen else None,
+                clients | group.canary_clients,
+            )
+        found = [
+            OldPinOnlyVersion(
+                app=app,
+                version=version,
+                platform=platform,
+                name=version_name(app, version, platform),
+                count=count,
+                last_seen=format_time(last) if last else None,
+                canary_clients=len(clients),
+            )
+            for (app, version, platform), (count, last, clients) in versions.items()
+        ]
+        return sorted(found, key=lambda e: (-e["count"], e["name"]))
 
 
 class AppVersionSummary(TypedDict):
@@ -390,6 +434,19 @@ class PinSetSummary(TypedDict):
     app_versions: list[str]  # "com.example.app 2.3 (IOS)", "(no app)" for RFC 7469
 
 
+class OldPinOnlyVersion(TypedDict):
+    """An app version whose reports know a pin of the rotation's old keys and none of its new
+    keys: it fails once it gets the new key."""
+
+    app: str
+    version: str
+    platform: str
+    name: str  # "com.example.app 2.3 (IOS)"
+    count: int  # its reports with such pins
+    last_seen: str | None
+    canary_clients: int  # distinct clients that sent them while in the canary
+
+
 class ReportSummary(TypedDict):
     total: int  # reports accepted (read from the store at start, and since)
     by_kind: dict[str, int]  # "trustkit", "rfc7469"
@@ -397,9 +454,23 @@ class ReportSummary(TypedDict):
     ungrouped: int  # counted in total only: they came past MAX_GROUPS groups
     by_app_version: list[AppVersionSummary]  # most reports first
     by_known_pins: list[PinSetSummary]  # most reports first
+    # With a rotation: the versions that know only the old keys' pins, most reports first.
+    old_pin_only: list[OldPinOnlyVersion]
 
 
-def summary(counts: ReportCounts, pin_labels: Mapping[str, str] | None = None) -> ReportSummary:
+def version_name(app: str, version: str, platform: str) -> str:
+    """An app version as the summaries name it: "com.example.app 2.3 (IOS)", "(no app)"."""
+    name = " ".join(part for part in (app, version) if part) or "(no app)"
+    return f"{name} ({platform})" if platform else name
+
+
+def summary(
+    counts: ReportCounts,
+    pin_labels: Mapping[str, str] | None = None,
+    *,
+    old_pins: frozenset[str] = frozenset(),
+    new_pins: frozenset[str] = frozenset(),
+) -> ReportSummary:
     """The counts as JSON-able data (`json.dumps` takes it as is), for /status.json, the
     status page and `dualproxy reports summary`; its shape is `ReportSummary`:
 
@@ -412,7 +483,9 @@ def summary(counts: ReportCounts, pin_labels: Mapping[str, str] | None = None) -
                         "last_seen": "...", "app_versions": ["com.example.app 2.3 (IOS)"]}, ...]}
     ```
     `pin_labels` names the pins we know (pin -> "key (role)"): a pin set whose labels are all
-    the old key's answers "which app versions still only know the old pin".
+    the old key's answers "which app versions still only know the old pin", and with the
+    rotation's `old_pins` and `new_pins`, `old_pin_only` lists those versions
+    (`ReportCounts.old_pin_only`).
     """
     labels = pin_labels or {}
     apps: dict[tuple[str, str, str], AppVersionSummary] = {}
@@ -445,8 +518,7 @@ def summary(counts: ReportCounts, pin_labels: Mapping[str, str] | None = None) -
         )
         pin_set["count"] += count
         pin_set["last_seen"] = _later(pin_set["last_seen"], seen)
-        name = " ".join(part for part in (key.app, key.version) if part) or "(no app)"
-        pin_set["app_versions"].append(f"{name} ({key.platform})" if key.platform else name)
+        pin_set["app_versions"].append(version_name(key.app, key.version, key.platform))
     # Most reports first; equal counts in a stable order.
     return ReportSummary(
         total=counts.total,
@@ -457,6 +529,7 @@ def summary(counts: ReportCounts, pin_labels: Mapping[str, str] | None = None) -
             apps.values(), key=lambda e: (-e["count"], e["app"], e["version"], e["platform"])
         ),
         by_known_pins=sorted(pin_sets.values(), key=lambda e: (-e["count"], e["pins"])),
+        old_pin_only=counts.old_pin_only(old_pins, new_pins) if old_pins else [],
     )
 
 

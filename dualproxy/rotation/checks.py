@@ -32,6 +32,8 @@ __all__ = [
     "check_acme",
     "check_config",
     "check_keys",
+    "check_old_pin_only",
+    "check_rotation",
 ]
 
 # Warn this long before a served certificate expires: two weeks leaves time to renew by hand
@@ -104,22 +106,91 @@ def _validity(config: Config, keys: Mapping[str, LoadedKey], at: datetime) -> li
     return findings
 
 
+def check_rotation(config: Config) -> list[Finding]:
+    """Settings that load but do not do what their writer may think."""
+    rotation = config.rotation
+    findings: list[Finding] = []
+    if rotation is None:
+        return findings
+    if rotation.canary_min_sample is not None:
+        findings.append(
+            Finding(
+                "warning",
+                "rotation.canary_min_sample",
+                "no longer used: the canary halts on a sequential test checked after every"
+                " canary handshake (rotation.canary_false_halt, canary_halt_margin); remove it",
+                config.path,
+            )
+        )
+    if rotation.close == "when-safe" and rotation.canary_percent <= 0:
+        findings.append(
+            Finding(
+                "warning",
+                "rotation.canary_percent",
+                'is 0, so nothing samples the hint-less clients that close = "when-safe"'
+                " needs evidence about: the window stays open until grace_deadline unless every"
+                " client sends a hint; set canary_percent (e.g. 5)",
+                config.path,
+            )
+        )
+    return findings
+
+
+def check_old_pin_only(
+    config: Config, versions: Sequence[tuple[str, int]], at: datetime
+) -> list[Finding]:
+    """A warning naming the app versions whose pin-failure reports know only the old keys'
+    pins (`versions`: name and reports, from the [reports] store): they fail on the new key."""
+    rotation = config.rotation
+    if rotation is None or not versions:
+        return []
+    named = ", ".join(f"{name} ({count} reports)" for name, count in versions)
+    if at >= rotation.old_served_until:
+        when = "they fail now, as the old key is no longer served"
+    elif rotation.close == "when-safe":
+        when = (
+            f"they fail once the window closes (from {_time(rotation.grace_end)} when it is"
+            f" safe, {_time(rotation.old_served_until)} at the latest)"
+        )
+    else:
+        when = f"they fail from grace_end ({_time(rotation.grace_end)}) on"
+    return [
+        Finding(
+            "warning",
+            "reports.store",
+            f"app versions know only the old key's pins: {named}; {when}: ship the new pin"
+            " (a backup pin, or the signed manifest) in an update",
+            config.reports.store if config.reports is not None else config.path,
+        )
+    ]
+
+
 def _window(rotation: Rotation, keys: Mapping[str, LoadedKey], at: datetime) -> list[Finding]:
     """Warnings for certificates that do not cover the part of the timeline they serve."""
     findings: list[Finding] = []
-    if at >= rotation.grace_end:
+    served_until = rotation.old_served_until
+    if at >= served_until:
         return findings  # the old keys are retired; _validity covers the new ones
     end = _time(rotation.grace_end)
     for name in rotation.old:
         key = keys[name]
-        if at < key.not_after < rotation.grace_end:
+        if at < key.not_after < served_until:
+            if rotation.close == "when-safe":
+                until = (
+                    f"the grace window may be held open (until grace_deadline,"
+                    f" {_time(served_until)})"
+                )
+                earlier = "or bring rotation.grace_deadline forward"
+            else:
+                until = f"the grace window ends ({end})"
+                earlier = "or end the window earlier (rotation.grace_end)"
             findings.append(
                 _key_finding(
                     "warning",
                     key,
-                    f"the old key's certificate expires at {_time(key.not_after)}, before the"
-                    f" grace window ends ({end}); apps that pin only the old key fail from then"
-                    " on: renew it on the same key, or end the window earlier (rotation.grace_end)",
+                    f"the old key's certificate expires at {_time(key.not_after)}, before"
+                    f" {until}; apps that pin only the old key fail from then on: renew it on"
+                    f" the same key, {earlier}",
                 )
             )
     for name in rotation.new:
@@ -161,7 +232,7 @@ def _names(
 ) -> list[Finding]:
     """Warnings for names some clients use that the certificate they get does not cover."""
     findings: list[Finding] = []
-    if at < rotation.grace_end:  # hints only matter while the window can still open or last
+    if at < rotation.old_served_until:  # hints matter while the window can still open or last
         for role in _ROLES:
             names = [n for k in rotation.keys_of(role) for n in keys[k].names]
             for sni in rotation.hints_for(role).sni:
@@ -266,7 +337,7 @@ def _served_from(config: Config, name: str, at: datetime) -> datetime | None:
     if rotation is None:
         return at
     if name in rotation.old:
-        return at if at < rotation.grace_end else None
+        return at if at < rotation.old_served_until else None
     if name in rotation.new:
         return max(at, rotation.grace_start)
     return None  # a standby key: configured, never served

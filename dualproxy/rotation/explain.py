@@ -15,7 +15,7 @@ from typing import Final, Protocol, TypeVar
 
 from dualproxy.config.names import IPAddress, is_ip_address
 from dualproxy.config.schema import Config, Role, Rotation
-from dualproxy.config.times import brief_times
+from dualproxy.config.times import brief_time, brief_times
 from dualproxy.rotation.policy import (
     Choice,
     Phase,
@@ -28,7 +28,7 @@ from dualproxy.rotation.policy import (
 from dualproxy.tls.clienthello import ClientHello
 from dualproxy.tls.pins import PinnedKey
 
-__all__ = ["PinSource", "explain", "pinned_keys", "role_changes", "timeline"]
+__all__ = ["PinSource", "explain", "pinned_keys", "role_changes", "timeline", "window_rule"]
 
 _PHASES: Final[tuple[Phase, ...]] = ("before", "during", "after")
 
@@ -101,14 +101,46 @@ def timeline(
     during += f"; others get {rotation.default}"
     if rotation.canary_percent:
         during += f" (canary: {rotation.canary_percent:g}% of them get new)"
-    start, end = brief_times(rotation.grace_start, rotation.grace_end)
+    start, end, deadline = brief_times(
+        rotation.grace_start, rotation.grace_end, rotation.old_served_until
+    )
     old, new = ", ".join(rotation.old), ", ".join(rotation.new)
-    return [
+    lines = [
         "rotation timeline:",
         f"  until {start}  everyone gets old ({old}){mark['before']}",
-        f"  {start} .. {end}  grace window: {during}{mark['during']}",
-        f"  from {end}  everyone gets new ({new}){mark['after']}",
     ]
+    if rotation.close == "when-safe":
+        held = at >= rotation.grace_end and now == "during"
+        lines += [
+            f"  {start} .. {end}  grace window: {during}{mark['during'] if not held else ''}",
+            f"  {end} .. {deadline}  when safe (rotation.close): the window goes on while more"
+            f" than {rotation.max_breakage:.2%} of clients would fail on new (the canary's"
+            f" upper bound); it closes once within that{mark['during'] if held else ''}",
+            f"  from {deadline}  everyone gets new ({new}), whatever the evidence{mark['after']}",
+        ]
+    else:
+        lines += [
+            f"  {start} .. {end}  grace window: {during}{mark['during']}",
+            f"  from {end}  everyone gets new ({new}){mark['after']}",
+        ]
+    return lines
+
+
+def window_rule(rotation: Rotation | None, at: datetime) -> str | None:
+    """How the window ends, when `at` is past grace_end (what `route` adds): None before."""
+    if rotation is None or at < rotation.grace_end:
+        return None
+    if rotation.close == "at-grace-end":
+        return 'rotation.close = "at-grace-end": the window ended at grace_end'
+    deadline = brief_time(rotation.old_served_until)
+    if at >= rotation.old_served_until:
+        return f'rotation.close = "when-safe": grace_deadline ({deadline}) has passed'
+    return (
+        'rotation.close = "when-safe": past grace_end the window goes on while more than'
+        f" {rotation.max_breakage:.2%} of clients would fail on the new key, until"
+        f" grace_deadline ({deadline}); shown as still open: whether a running server closed it"
+        " is in `dualproxy status` (once closed, every client gets new)"
+    )
 
 
 class PinSource(Protocol):

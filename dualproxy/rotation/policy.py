@@ -7,7 +7,10 @@ these rules, first match wins:
 1. No rotation configured: the only identity, `single`.
 2. The grace window is half-open, [grace_start, grace_end). Before it everyone gets old
    (`before-window`); from grace_end on everyone gets new (`after-window`), whatever the hello
-   says and whether or not it could be parsed.
+   says and whether or not it could be parsed. With rotation.close = "when-safe" the window
+   goes on past grace_end, as if grace_end had not come, until the evidence closes it
+   (`window_closed`, decided by `canary.window_verdict` and an input here like the clock)
+   or grace_deadline comes.
 3. In the window, a hello the peek could not parse (None) gets the default identity
    (`unparsed`): the peek is advisory and must not decide on guesses.
 4. In the window, the signals are checked in the order SNI, ALPN, network. For each signal a
@@ -101,13 +104,18 @@ class Choice:
     reason: Reason
 
 
-def phase(rotation: Rotation | None, now: datetime) -> Phase:
-    """Where `now` (an aware datetime) falls relative to the grace window."""
+def phase(rotation: Rotation | None, now: datetime, *, window_closed: bool = False) -> Phase:
+    """Where `now` (an aware datetime) falls relative to the grace window (rule 2):
+    `window_closed` says that the evidence closed a "when-safe" window (a running server's
+    record; without it, as on the command line, a "when-safe" window lasts until
+    grace_deadline)."""
     if rotation is None:
         return "single"
     if now < rotation.grace_start:
         return "before"
     if now < rotation.grace_end:
+        return "during"
+    if rotation.close == "when-safe" and not window_closed and now < rotation.old_served_until:
         return "during"
     return "after"
 
@@ -119,11 +127,12 @@ def choose(
     now: datetime,
     *,
     canary_halted: bool = False,
+    window_closed: bool = False,
 ) -> Choice:
     """The identity to present to this connection, by the rules in the module docstring."""
     if rotation is None:
         return Choice("single", Reason.SINGLE)
-    window = phase(rotation, now)
+    window = phase(rotation, now, window_closed=window_closed)
     if window == "before":
         return Choice("old", Reason.BEFORE_WINDOW)
     if window == "after":
@@ -175,13 +184,16 @@ def client_id(peer: IPAddress) -> bytes:
     return address.packed if address.version == 4 else address.packed[:_IPV6_CLIENT_PREFIX_BYTES]
 
 
-def pin_role(rotation: Rotation | None, key_name: str, now: datetime) -> PinRole:
-    """What an app should do with the pin of `key_name` at `now` (for `dualproxy pins`)."""
+def pin_role(
+    rotation: Rotation | None, key_name: str, now: datetime, *, window_closed: bool = False
+) -> PinRole:
+    """What an app should do with the pin of `key_name` at `now` (for `dualproxy pins`);
+    `window_closed` as for `phase`."""
     if rotation is None:
         return "current"
     for role in _ROLES:
         if key_name in rotation.keys_of(role):
-            return _PIN_ROLES[phase(rotation, now), role]
+            return _PIN_ROLES[phase(rotation, now, window_closed=window_closed), role]
     return "standby"
 
 

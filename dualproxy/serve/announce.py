@@ -75,15 +75,27 @@ def summary(
     ]
 
 
-def phase_change(rotation: Rotation | None, was: Phase, now: datetime) -> str | None:
-    """The log line for the window's phase at `now` after `was`, or None when it is the same."""
-    current = phase(rotation, now)
+def phase_change(
+    rotation: Rotation | None, was: Phase, now: datetime, *, window_closed: bool = False
+) -> str | None:
+    """The log line for the window's phase at `now` after `was`, or None when it is the same
+    (`window_closed`: the evidence closed a "when-safe" window, policy.phase)."""
+    current = phase(rotation, now, window_closed=window_closed)
     if current == was or rotation is None:
         return None
-    start, end = brief_times(rotation.grace_start, rotation.grace_end)
+    start, end, deadline = brief_times(
+        rotation.grace_start, rotation.grace_end, rotation.old_served_until
+    )
     old, new = ", ".join(rotation.old), ", ".join(rotation.new)
     if current == "during":
         return f"grace window opened (rotation.grace_start {start}): {_during(rotation, end)}"
+    if current == "after" and rotation.close == "when-safe":
+        how = (
+            "by the evidence (rotation.close = when-safe)"
+            if now < rotation.old_served_until
+            else f"at rotation.grace_deadline {deadline}"
+        )
+        return f"grace window closed {how}: everyone gets new ({new}); old ({old}) is retired"
     if current == "after":
         return (
             f"grace window closed (rotation.grace_end {end}): everyone gets new ({new});"
@@ -92,19 +104,26 @@ def phase_change(rotation: Rotation | None, was: Phase, now: datetime) -> str | 
     return f"grace window not open yet (a reload moved it): everyone gets old ({old}) until {start}"
 
 
-async def watch_window(served: Listening, clock: Callable[[], datetime]) -> None:
-    """Log each change of the window's phase (see the module docstring); forever."""
-    was = phase(served.config.rotation, clock())
+async def watch_window(
+    served: Listening,
+    clock: Callable[[], datetime],
+    window_closed: Callable[[], bool] = lambda: False,
+) -> None:
+    """Log each change of the window's phase (see the module docstring); forever.
+    `window_closed`: whether the evidence closed a "when-safe" window (seen within
+    WINDOW_CHECK_INTERVAL; the evidence logs the moment itself)."""
+    was = phase(served.config.rotation, clock(), window_closed=window_closed())
     while True:
         rotation = served.config.rotation
         now = clock()
-        line = phase_change(rotation, was, now)
+        closed = window_closed()
+        line = phase_change(rotation, was, now, window_closed=closed)
         if line is not None:
             log.info("%s", line)
-        was = phase(rotation, now)
+        was = phase(rotation, now, window_closed=closed)
         wait = WINDOW_CHECK_INTERVAL
         if rotation is not None:
-            for boundary in (rotation.grace_start, rotation.grace_end):
+            for boundary in (rotation.grace_start, rotation.grace_end, rotation.old_served_until):
                 if boundary > now:
                     wait = min(wait, (boundary - now).total_seconds())
                     break
@@ -119,6 +138,13 @@ def _phase_words(rotation: Rotation | None, now: datetime) -> str:
     old, new = ", ".join(rotation.old), ", ".join(rotation.new)
     if current == "before":
         return f"before the grace window ({start} .. {end}): everyone gets old ({old})"
+    if current == "during" and now >= rotation.grace_end:
+        deadline = brief_time(rotation.old_served_until)
+        return (
+            f"grace window held open past grace_end ({end}) until it is safe to close"
+            f' (rotation.close = "when-safe"), at the latest until {deadline}: hinted clients'
+            f" get their side, others get {rotation.default}"
+        )
     if current == "during":
         return f"grace window open: {_during(rotation, end)}"
     return f"after the grace window (closed {end}): everyone gets new ({new})"

@@ -57,6 +57,7 @@ from dualproxy.config.schema import Config, ManifestConfig
 from dualproxy.config.times import brief_time
 from dualproxy.http.relay import DEPARTURE_CHECK_SECONDS, Departures, Drain, RelaySettings
 from dualproxy.pinning import endpoints, manifest
+from dualproxy.rotation.policy import pin_role
 from dualproxy.serve.closing import close_pool
 from dualproxy.tls import keystore
 from dualproxy.tls.keystore import KeySnapshot
@@ -441,11 +442,16 @@ class Shutdown:
 
 class ManifestWatch:
     """Says in the log that the served manifest is missing, expires soon or has expired:
-    apps then refuse it and fall back to the pins they ship with. Once per state (and per
-    manifest), at start, after each reload and every MANIFEST_EXPIRY_CHECK_INTERVAL."""
+    apps then refuse it and fall back to the pins they ship with; and that it lists a key in
+    a role the key no longer has (a retired key after its window: apps keep trusting it).
+    Once per state (and per manifest), at start, after each reload and every
+    MANIFEST_EXPIRY_CHECK_INTERVAL."""
 
-    def __init__(self) -> None:
+    def __init__(self, window_closed: Callable[[], bool] = lambda: False) -> None:
         self._logged: tuple[datetime, str] | None = None  # the last expiry state logged
+        self._stale_logged: object = None  # the last stale roles logged
+        # Whether the evidence closed a "when-safe" window (the pin roles depend on it).
+        self._window_closed = window_closed
 
     def announce(self, material: Material, now: datetime) -> None:
         """At start and after each reload: a manifest that is missing, and its expiry."""
@@ -453,6 +459,27 @@ class ManifestWatch:
         if local is not None and local.manifest_problem is not None:
             log.warning("manifest: %s", local.manifest_problem)
         self.check_expiry(material, now)
+        self.check_roles(material, now)
+
+    def check_roles(self, material: Material, now: datetime) -> None:
+        """Warn, once per manifest and state, when the served manifest lists a key in a role
+        it no longer has (a retired old key still listed after the window)."""
+        local, settings = material.local, material.config.manifest
+        claims = local.manifest_claims if local is not None else None
+        if claims is None or settings is None:
+            return
+        rotation, closed = material.config.rotation, self._window_closed()
+        roles = {
+            key.pin: pin_role(rotation, name, now, window_closed=closed)
+            for name, key in material.snapshot.keys.items()
+        }
+        stale = manifest.stale_roles(claims, roles)
+        state = (claims.issued_at, tuple(stale))
+        if state == self._stale_logged:
+            return
+        self._stale_logged = state
+        for found in stale:
+            log.warning("manifest: %s %s", settings.file, found.describe(now))
 
     def check_expiry(self, material: Material, now: datetime) -> None:
         local, settings = material.local, material.config.manifest
@@ -469,6 +496,7 @@ class ManifestWatch:
         while True:  # the server checked once before it started accepting
             await trio.sleep(MANIFEST_EXPIRY_CHECK_INTERVAL)
             self.check_expiry(served.material, clock())
+            self.check_roles(served.material, clock())
 
 
 def _log_expiry(settings: ManifestConfig, when: str, status: str) -> None:

@@ -57,7 +57,7 @@ from dualproxy.ops.evidence import NONE_LABEL, Evidence
 from dualproxy.ops.logformat import configured_format, log_event
 from dualproxy.pinning import endpoints, reports
 from dualproxy.rotation import policy
-from dualproxy.serve import announce, lifecycle, placeholder
+from dualproxy.serve import announce, lifecycle, placeholder, rollout
 from dualproxy.serve.admission import Admission
 from dualproxy.serve.clock import ReusedUtcNow, utc_now
 from dualproxy.serve.closing import CLOSE_NOTIFY_TIMEOUT, close_pool, linger, lingering_close
@@ -153,7 +153,7 @@ class Server:
         self._leaving = False
         # The paths answered here, never upstream ([manifest], [reports]; endpoints.py).
         self._local = endpoints.build(config, None, clock)
-        self._manifest = lifecycle.ManifestWatch()
+        self._manifest = lifecycle.ManifestWatch(lambda: self.evidence.window.closed)
         # What requests are relayed with when config.upstream is set (a bad [upstream] stops
         # us here, as an unusable key does); run() closes the pool's connections when it ends.
         self._relay = (
@@ -230,8 +230,11 @@ class Server:
         local = self._local
         if local is None:
             return None
-        keys = self.snapshot.keys.values()
-        return local.report_summary(endpoints.pin_labels(keys, self.config.rotation, self._clock()))
+        keys, rotation = self.snapshot.keys, self.config.rotation
+        closed = self.evidence.window.closed
+        labels = endpoints.pin_labels(keys.values(), rotation, self._clock(), window_closed=closed)
+        old_pins, new_pins = endpoints.rotation_pins(keys, rotation)
+        return local.report_summary(labels, old_pins=old_pins, new_pins=new_pins)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -259,6 +262,7 @@ class Server:
             for warning in self.snapshot.warnings:
                 log.warning("%s", warning)
             self._manifest.announce(self.material, self._clock())
+            rollout.review(self)  # a restart inside a held window says so before serving
             self._shutdown.accepting = accepting = trio.CancelScope()
             if self._drain.draining:
                 accepting.cancel()
@@ -268,7 +272,10 @@ class Server:
                 services.start_soon(lifecycle.prune_idle_upstream, self)
                 services.start_soon(lifecycle.watch_departures, self._departures)
                 services.start_soon(self._manifest.watch, self, self._clock)
-                services.start_soon(announce.watch_window, self, self._clock)
+                services.start_soon(rollout.review_forever, self)
+                services.start_soon(
+                    announce.watch_window, self, self._clock, lambda: self.evidence.window.closed
+                )
                 if self.access_log is not None:
                     services.start_soon(self.access_log.run)
                 if self._handle_signals:
@@ -485,12 +492,14 @@ class Server:
                     record.outcome = Outcome.ACME_CHALLENGE
                     record.detail = await responder.answer_challenge(stream, peeked, context)
                     return
+            evidence = self.evidence
             record.choice = policy.choose(
                 config.rotation,
                 record.hello,
                 peer_ip,
                 self._clock(),
-                canary_halted=self.evidence.canary.halted,
+                canary_halted=evidence.canary.halted,
+                window_closed=evidence.window.closed,
             )
             identity = snapshot.identities[record.choice.identity]
             record.key = identity.presented_key(record.hello).name
