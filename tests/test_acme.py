@@ -8,6 +8,7 @@ resolves to 127.0.0.1 and Pebble validates on the ports the test's dualproxy lis
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,6 +29,8 @@ import pytest
 import trio
 import trustme
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
 from helpers.clients import CLIENT_TIMEOUT, read_until
 from helpers.configs import config_toml
 from helpers.keys import make_key
@@ -391,6 +394,110 @@ async def test_server_renews_in_the_background_with_clients_connected(tmp_path: 
     assert loop.pins == {setup.pin}
     assert len(set(loop.serials)) >= 2
     assert server.reloads_ok >= 1
+
+
+async def test_replicas_sharing_the_acme_folder_renew_with_one_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two servers on one ACME folder and key files (replicas on a shared state volume), the
+    certificate due for both: one order, no error, both serve the new chain on the same key
+    (the CA validates at the first's port, which answers the challenge the second may have
+    published: every replica reads the shared folder within its poll interval)."""
+    caplog.set_level(logging.INFO, logger="dualproxy")
+    with running_pebble(tmp_path / "pebble", validity=40) as short_lived:
+        # Due 8 s into each certificate's life: both replicas at once.
+        setup = make_setup(tmp_path, short_lived, renew_fraction=0.2, retry_initial=1)
+        config = setup.config()
+        assert await acme.issue_keys(config, list(config.acme_keys())) == [("k1", None)]
+        first = leaf(setup.chain_file).serial_number
+        # The second replica: the same files, its own port (the CA validates at the first's,
+        # which answers the challenge the second publishes in the shared folder).
+        other = tmp_path / "replica-b.toml"
+        text = setup.config_file.read_text()
+        other.write_text(text.replace(f"127.0.0.1:{short_lived.tls_port}", "127.0.0.1:0"))
+        async with (
+            serving_with_acme(config) as (a, _),
+            serving_with_acme(load(other)) as (b, _),
+        ):
+            with trio.fail_after(60):
+                while not all(s.snapshot.keys["k1"].leaf.serial_number != first for s in (a, b)):
+                    await trio.sleep(0.1)
+            renewed = {s.snapshot.keys["k1"].leaf.serial_number for s in (a, b)}
+            messages = [r.getMessage() for r in caplog.records]
+    assert len(renewed) == 1  # both serve the same new certificate
+    assert renewed != {first}
+    assert {spki_pin_of_certificate(s.snapshot.keys["k1"].leaf) for s in (a, b)} == {setup.pin}
+    # One order: the other replica took the chain the first wrote (reloaded by its poller,
+    # or, when both were due at once, after waiting for the lock), and none failed.
+    assert sum(m.startswith("acme: new certificate for k1 written") for m in messages) == 1
+    assert not [m for m in messages if "renewing k1 failed" in m]
+
+
+def self_signed(key: keygen.PrivateKey, days: int) -> bytes:
+    """A certificate for `key` valid for `days` from now, as PEM (a stand-in for a CA's)."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, NAMES[0])])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=days))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize("renewed_meanwhile", [True, False])
+async def test_a_renewal_waits_for_another_process_s_order_and_takes_its_chain(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, renewed_meanwhile: bool
+) -> None:
+    """A serve's renewal (`served` given) that finds the ACME folder locked waits; when the
+    process holding it wrote a newer chain for the key meanwhile, that one is taken and no
+    order is placed (the CA here is unreachable: asking it would fail). The negative twin:
+    nothing new was written, so it asks the CA itself."""
+    caplog.set_level(logging.INFO, logger="dualproxy")
+    key = keygen.generate_private_key()
+    keygen.write_private_key(tmp_path / "certs/k1/key.pem", key)
+    chain = tmp_path / "certs/k1/chain.pem"
+    chain.write_bytes(self_signed(key, days=30))
+    data = {
+        "listen": {"address": "127.0.0.1:0"},
+        "acme": {"directory": "https://127.0.0.1:9/dir", "order_timeout": 5},
+        "keys": {
+            "k1": {"key": "certs/k1/key.pem", "chain": "certs/k1/chain.pem", "names": [NAMES[0]]}
+        },
+    }
+    config = parse(data, base_dir=tmp_path)
+    served = leaf(chain)
+    lock = acme.challenge_folder(config.acme).parent / acme.LOCK_FILE  # type: ignore[arg-type]
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another replica's order in progress
+        async with trio.open_nursery() as nursery:
+            results: list[bool | BaseException] = []
+
+            async def renew() -> None:
+                try:
+                    results.append(await acme.obtain(config, config.keys["k1"], served=served))
+                except acme.AcmeError as exc:
+                    results.append(exc)
+
+            nursery.start_soon(renew)
+            await trio.sleep(0.2)
+            assert results == []  # waiting for the lock, not failing
+            if renewed_meanwhile:
+                chain.write_bytes(self_signed(key, days=60))
+            fcntl.flock(held, fcntl.LOCK_UN)
+    if renewed_meanwhile:
+        assert results == [False]
+        assert any("was renewed by another process" in r.getMessage() for r in caplog.records)
+    else:
+        assert len(results) == 1
+        assert isinstance(results[0], acme.AcmeError)  # it asked the CA (unreachable here)
+        assert leaf(chain).serial_number == served.serial_number
 
 
 async def test_http_listener_answers_http01_for_the_cli_and_redirects(

@@ -13,8 +13,10 @@ written here: tls-alpn-01 (it knows the challenge type no more), ACME Renewal In
 (RFC 9773; its own helper draws the random point itself, our timing is in renewal.py), and
 translating its errors into ones that say whose fault a failure is and what to do.
 
-Only one order runs at a time per challenge folder (a lock file), so a background renewal in
-`serve` and `dualproxy acme renew` from cron never race for the same key.
+Only one order runs at a time per ACME folder (a lock file), so a background renewal in
+`serve` and `dualproxy acme renew` from cron never race for the same key; replicas that share
+the folder (and the keys' files) wait for one another, and the one that gets the lock second
+takes the chain the first wrote instead of ordering again (`obtain`'s `served`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import fcntl
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -59,6 +61,7 @@ from dualproxy.files import write_atomically
 from dualproxy.pinning.manifest import b64url_encode
 from dualproxy.rotation import policy
 from dualproxy.tls import keygen, keystore
+from dualproxy.tls.keygen import PrivateKey
 
 log = logging.getLogger("dualproxy.acme")
 
@@ -73,6 +76,9 @@ NETWORK_TIMEOUT: Final = 45
 # picks the file up within keystore.reload_poll_interval; this much more absorbs a busy box.
 SERVED_CHECK_MARGIN: Final = 10.0
 LOCK_FILE: Final = "lock"
+# How often a renewal waiting for another process's order looks at the lock again: an order
+# takes seconds, and a look costs one system call.
+LOCK_POLL_INTERVAL: Final = 1.0
 CHALLENGES_FOLDER: Final = "challenges"
 
 
@@ -246,20 +252,34 @@ async def obtain(
     board: ChallengeBoard | None = None,
     tls_probe: ListenAddress | None = None,
     http_probe: ListenAddress | None = None,
-) -> bytes:
-    """Get a new chain for `key` (same key) and write it over the key's chain file; returns it.
+    served: x509.Certificate | None = None,
+) -> bool:
+    """Get a new chain for `key` (same key) and write it over the key's chain file. True when
+    we ordered it; False when another process renewed it meanwhile (see `served`).
 
     `board`: the running server's own challenge board, refreshed at once after publishing
     (other responders pick the files up by polling). `tls_probe`, `http_probe`: where our
     listeners are, when not at the configured addresses (a server bound to port 0).
-    AcmeError on any failure.
+    `served`: the certificate a running server renews (replicas sharing the ACME folder may
+    all find it due at once): another process's order is waited for (up to
+    acme.order_timeout) instead of failing, and when the chain file then holds a newer
+    certificate for the key than `served`, that one is taken and no order is placed: one
+    order per renewal across the replicas. AcmeError on any failure.
     """
     acme = config.acme
     assert acme is not None
     assert key.names
     folder = challenge_folder(acme)
-    with _order_lock(folder.parent):
+    wait = acme.order_timeout if served is not None else None
+    async with _order_lock(folder.parent, wait=wait):
         private_key = keystore.read_private_key(key.key, key_path=f"keys.{key.name}.key")
+        if served is not None and _renewed_since(key, served, private_key) is not None:
+            log.info(
+                "acme: %s was renewed by another process sharing %s; serving its chain",
+                key.name,
+                folder.parent,
+            )
+            return False
         csr = keygen.make_csr(private_key, key.names)
         csr_pem = csr.public_bytes(serialization.Encoding.PEM)
         try:
@@ -290,7 +310,25 @@ async def obtain(
             " the certificate is issued but not saved: fix the folder's permissions and run"
             f" `dualproxy acme issue {key.name}` again"
         ) from None
-    return chain_pem
+    return True
+
+
+def _renewed_since(
+    key: KeyConfig, served: x509.Certificate, private_key: PrivateKey
+) -> x509.Certificate | None:
+    """The leaf of the key's chain file when it is a later certificate for the same key than
+    `served` (another process renewed it); None otherwise (unreadable, or the same)."""
+    try:
+        leaf = x509.load_pem_x509_certificate(key.chain.read_bytes())
+    except (OSError, ValueError):
+        return None
+    same_key = leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) == private_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    later = leaf.not_valid_after_utc > served.not_valid_after_utc
+    return leaf if same_key and later and leaf.serial_number != served.serial_number else None
 
 
 async def _run_order(
@@ -331,6 +369,10 @@ async def _run_order(
                 await board.refresh_async()
             timeout = config.keystore.reload_poll_interval + SERVED_CHECK_MARGIN
             await wait_until_served(challenges, *probes, timeout)
+            if challenges:
+                # Replicas sharing the folder, which the CA may reach instead of us (behind a
+                # load balancer), read it within their poll interval: let them.
+                await trio.sleep(timeout)
             for challb, challenge in picked:
                 await _blocking(_answer, session.client, challb, challenge)
             log.info(
@@ -425,26 +467,37 @@ def _write_chain(path: Path, chain_pem: bytes) -> None:
     write_atomically(path, chain_pem, mode=0o644)
 
 
-@contextlib.contextmanager
-def _order_lock(folder: Path) -> Iterator[None]:
-    """One order at a time per challenge folder, across processes (flock, released on exit
-    even when the process dies)."""
+def _open_lock(folder: Path) -> int:
+    """The lock file's descriptor (the folder made when missing); AcmeError saying why not."""
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise AcmeError(
             f"{folder}: cannot create the ACME state folder or its lock: {exc.strerror}; it is"
             " the folder of acme.account_key: fix its permissions or pick another"
         ) from None
+
+
+@contextlib.asynccontextmanager
+async def _order_lock(folder: Path, *, wait: float | None = None) -> AsyncIterator[None]:
+    """One order at a time per ACME folder, across processes and replicas that share it
+    (flock, released on exit even when the process dies). Held by another: AcmeError at once,
+    or with `wait`, looked at again every LOCK_POLL_INTERVAL for up to `wait` seconds."""
+    fd = _open_lock(folder)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AcmeError(
-                f"another dualproxy process is getting a certificate now ({folder / LOCK_FILE}"
-                " is locked); try again in a minute"
-            ) from None
+        deadline = trio.current_time() + (wait or 0.0)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if wait is None or trio.current_time() >= deadline:
+                    raise AcmeError(
+                        "another dualproxy process is getting a certificate now"
+                        f" ({folder / LOCK_FILE} is locked); try again in a minute"
+                    ) from None
+                await trio.sleep(LOCK_POLL_INTERVAL)
         yield
     finally:
         os.close(fd)

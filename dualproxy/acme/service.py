@@ -185,7 +185,9 @@ async def _renew_one(
     log.info("acme: renewing %s (%s)", key.name, plan.reason)
     memory.last_attempt = now
     try:
-        await obtain(config, key, board=board, tls_probe=probes.tls, http_probe=probes.http)
+        ordered = await obtain(
+            config, key, board=board, tls_probe=probes.tls, http_probe=probes.http, served=leaf
+        )
     except Exception as exc:
         # AcmeError and OperatorError say what to do; anything else is our bug, with its
         # traceback. Either way the current chain keeps serving and a retry is scheduled.
@@ -204,7 +206,8 @@ async def _renew_one(
     else:
         memory.failures = 0
         memory.window_checked = None  # a new certificate has its own window
-        log.info("acme: new certificate for %s written to %s", key.name, key.chain)
+        if ordered:
+            log.info("acme: new certificate for %s written to %s", key.name, key.chain)
         await server.reload(f"acme: new certificate for {key.name}")
         loaded = server.snapshot.keys.get(key.name)
         leaf = loaded.leaf if loaded is not None else leaf
