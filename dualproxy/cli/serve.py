@@ -28,13 +28,14 @@ from dualproxy.cli.running import print_error, run_until_interrupted
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load
 from dualproxy.config.names import ListenAddress, admin_address_problem, parse_address
-from dualproxy.config.schema import DEFAULT_CONFIG_FILE
+from dualproxy.config.schema import DEFAULT_CONFIG_FILE, Config
 from dualproxy.ops import admin
 from dualproxy.ops.logformat import setup_logging
 from dualproxy.rotation import checks
 from dualproxy.serve import activation, announce
 from dualproxy.serve.listeners import raise_open_file_limit
 from dualproxy.serve.server import Server
+from dualproxy.serve.supervisor import Supervisor, supervised_problem
 
 LOG_FORMATS: Final = ("text", "json")
 
@@ -143,14 +144,16 @@ def _serve_command(args: argparse.Namespace, report: Callable[[str], None]) -> i
         allow = config.admin.allow_non_loopback
         if (problem := admin_address_problem(admin_address, allow_non_loopback=allow)) is not None:
             raise UsageError(f"--admin: {problem}")
+    # Taken (and the variables unset) before anything else could start a child process.
+    inherited = activation.inherited_listeners()
+    if config.process.worker_count() > 1:
+        return _supervise(config, admin_address, args.log_format, report, inherited)
     missing = [key for key in config.acme_keys() if not key.chain.exists()]
     if missing:
         # Obtained before serving: the key store serves only keys that have a chain.
         names = ", ".join(key.name for key in missing)
         log.info("acme: no chain yet for %s; obtaining it", names)
         issue_or_fail(config, missing)
-    # Taken (and the variables unset) before anything else could start a child process.
-    inherited = activation.inherited_listeners()
     server = Server(config)  # loads the keys: an unusable one stops us here, exit 1
     raise_open_file_limit(config.limits.max_connections)
     body = partial(_serve, server, admin_address, config.path, inherited)
@@ -160,8 +163,29 @@ def _serve_command(args: argparse.Namespace, report: Callable[[str], None]) -> i
     return code
 
 
+def _supervise(
+    config: Config,
+    admin_address: ListenAddress | None,
+    log_format: str,
+    report: Callable[[str], None],
+    inherited: activation.Inherited | None,
+) -> int:
+    """[process] workers above 1: a supervisor and its workers (serve.supervisor), with the
+    admin listener in the supervisor; socket activation's sockets are shared by the
+    workers."""
+    if (problem := supervised_problem(config)) is not None:
+        raise OperatorError(problem, key_path="process.workers", file=config.path)
+    supervisor = Supervisor(config, log_format=log_format)  # checks the keys: exit 1
+    raise_open_file_limit(config.limits.max_connections)
+    body = partial(_serve, supervisor, admin_address, config.path, inherited)
+    code = run_until_interrupted(body, report=report)
+    if code == EXIT_OK:
+        log.info("stopped")
+    return code
+
+
 async def _serve(
-    server: Server,
+    server: Server | Supervisor,
     admin_address: ListenAddress | None,
     config_file: Path | None,
     inherited: activation.Inherited | None,
@@ -184,7 +208,7 @@ async def _serve(
                 else f"{admin_address} not listening yet (see above)"
             )
         http01 = None
-        if server.config.acme is not None:
+        if server.config.acme is not None and isinstance(server, Server):
             from dualproxy.acme import service  # the acme library loads only when used
 
             acme_http = inherited.acme_http if inherited is not None else []
@@ -200,7 +224,9 @@ async def _serve(
         nursery.cancel_scope.cancel()
 
 
-async def _announce(server: Server, http01: tuple[str, int] | None, admin_at: str | None) -> None:
+async def _announce(
+    server: Server | Supervisor, http01: tuple[str, int] | None, admin_at: str | None
+) -> None:
     """Once the server listens: what it serves and where, in a few lines (announce.summary)."""
     tls = await server.wait_listening()
     lines = announce.summary(

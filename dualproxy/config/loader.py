@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final
+from typing import Final, Literal
 from urllib.parse import urlsplit
 
 from dualproxy.config.errors import OperatorError
@@ -49,6 +49,7 @@ from dualproxy.config.schema import (
     DEFAULT_MAX_BREAKAGE,
     LIMIT_RANGES,
     MANAGED_HEADERS,
+    MAX_WORKERS,
     AcmeConfig,
     AdminConfig,
     CloseRule,
@@ -61,6 +62,7 @@ from dualproxy.config.schema import (
     ListenConfig,
     LogConfig,
     ManifestConfig,
+    ProcessConfig,
     ProxyProtocolMode,
     ReportsConfig,
     Role,
@@ -81,7 +83,7 @@ _COMMON_ALPN: Final = frozenset({b"http/1.1", b"http/1.0", b"h2", b"h3", b"acme-
 # not listed here fails every test that reads it, so add a new setting here too.
 _ROOT_KEYS: Final = (
     "listen", "acme", "keys", "rotation", "limits", "keystore", "upstream", "admin",
-    "manifest", "reports", "lifecycle", "log",
+    "manifest", "reports", "lifecycle", "process", "log",
 )  # fmt: skip
 _LISTEN_KEYS: Final = ("address", "reuse_port", "proxy_protocol", "proxy_protocol_from")
 _PROXY_PROTOCOL_MODES: Final[Mapping[str, ProxyProtocolMode]] = {
@@ -170,6 +172,7 @@ def parse(
         raise OperatorError(
             "is also manifest.path; give each its own path", key_path="reports.path"
         )
+    process = _parse_process(root.table("process"))
     log = _parse_log(root.table("log"), base_dir)
     root.done()
     return Config(
@@ -185,8 +188,33 @@ def parse(
         lifecycle=lifecycle,
         manifest=manifest,
         reports=reports,
+        process=process,
         log=log,
     )
+
+
+def _parse_process(table: Table | None) -> ProcessConfig:
+    if table is None:
+        return ProcessConfig()
+    key_path = table.path("workers")
+    workers: int | Literal["auto"] = ProcessConfig().workers
+    if table.has("workers"):
+        value = table.value("workers")
+        if value == "auto":
+            workers = "auto"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if not 1 <= value <= MAX_WORKERS:
+                raise OperatorError(
+                    f'{value} is out of range; use 1 to {MAX_WORKERS}, or "auto" (one per CPU)',
+                    key_path=key_path,
+                )
+            workers = value
+        else:
+            raise OperatorError(
+                f'expected "auto" or a number of processes, got {value!r}', key_path=key_path
+            )
+    table.done()
+    return ProcessConfig(workers=workers)
 
 
 def _parse_listen(table: Table | None) -> ListenConfig:

@@ -65,6 +65,12 @@ class Table:
     def has(self, key: str) -> bool:
         return key in self._data
 
+    def value(self, key: str) -> object:
+        """A present key's value as TOML gave it, for a setting of several types (a number or
+        a word); the caller checks it."""
+        self._seen.add(key)
+        return self._data[key]
+
     def names(self) -> list[str]:
         """Every key present (for tables whose keys are the operator's, like [upstream.headers])."""
         return list(self._data)

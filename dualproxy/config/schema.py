@@ -4,6 +4,7 @@ the reason for its value. `loader` builds them from a file, checking every value
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -385,6 +386,38 @@ class AdminConfig:
     allow_non_loopback: bool = False
 
 
+# The most worker processes `[process] workers` may ask for: beyond a machine's cores they
+# only add memory and scheduling; 512 leaves room for the largest hosts (nginx caps its
+# worker_processes at the CPUs it finds, HAProxy its threads at 4096), and stops a typo
+# (workers = 40000) from forking the machine to its knees.
+MAX_WORKERS: Final = 512
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessConfig:
+    """How many processes serve ([process]): one (today's single process, no supervisor), or
+    a supervisor and that many workers (serve.supervisor)."""
+
+    # 1 by default: one process, as before this setting existed; "auto" (what nginx's
+    # `worker_processes auto` does) is one worker per CPU this process may run on.
+    workers: int | Literal["auto"] = 1
+
+    def worker_count(self) -> int:
+        """The number of workers: "auto" resolved to the CPUs this process may run on."""
+        if self.workers == "auto":
+            return available_cpus()
+        return self.workers
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which taskset, cgroups' cpusets
+    and container runtimes narrow), not the machine's count; at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity API on this platform (macOS)
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     """Where the per-request access log goes (ops.accesslog)."""
@@ -425,6 +458,7 @@ class Config:
     # App-facing endpoints answered by dualproxy itself (None: not served).
     manifest: ManifestConfig | None = None
     reports: ReportsConfig | None = None
+    process: ProcessConfig = field(default_factory=ProcessConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def acme_keys(self) -> tuple[KeyConfig, ...]:

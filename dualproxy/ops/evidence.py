@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 from dualproxy.config.schema import CloseRule, Rotation
 from dualproxy.config.times import format_time
+from dualproxy.ops.tally import RowKey, Tally
 from dualproxy.rotation import canary as rules
 from dualproxy.rotation.canary import REPORT_HALT_CLIENTS, Breakage, Verdict
 from dualproxy.rotation.policy import Choice, Phase, Reason
@@ -217,6 +218,10 @@ class CanaryJudge:
         self.halted_at: float | None = None
         self.why: str | None = None
         self.halts = 0  # since the process started
+        self.resumes = 0  # of a halted canary, since the process started
+        # False in a worker process: it counts, the supervisor's judge decides on the sums of
+        # every worker (`add`) and tells each worker (`follow`): one decision per machine.
+        self.decides = True
         # [completed, aborted, no_request] of each sample: plain ints, counted per connection.
         self._canary = [0, 0, 0]
         self._control = [0, 0, 0]
@@ -255,7 +260,7 @@ class CanaryJudge:
             return
         counts[1 if aborted else 0] += 1
         counts[2] += quiet
-        if counts is self._control:
+        if counts is self._control or not self.decides:
             return
         control = self._control
         if rules.halts(
@@ -276,13 +281,58 @@ class CanaryJudge:
                 f" probability {rotation.canary_false_halt:g}",
             )
 
+    def add(self, canary: Sample, control: Sample, rotation: Rotation | None) -> None:
+        """Count handshakes observed elsewhere (the workers' counts, summed by the
+        supervisor), and apply the sequential test to the sums."""
+        if self.halted or rotation is None or rotation.canary_percent <= 0:
+            return
+        for counts, sample in ((self._canary, canary), (self._control, control)):
+            counts[0] += sample.completed
+            counts[1] += sample.aborted
+            counts[2] += sample.no_request
+        if canary.handshakes and rules.halts(
+            self._canary[0] + self._canary[1],
+            self._canary[1] + self._canary[2],
+            self._control[0] + self._control[1],
+            self._control[1] + self._control[2],
+            margin=rotation.canary_halt_margin,
+            false_halt=rotation.canary_false_halt,
+        ):
+            summed, control_sample = self.canary, self.control
+            self._halt(
+                rotation,
+                f"new key pin-failure share {percent(summed.share)} over {summed.handshakes}"
+                f" canary handshakes vs old key {percent(control_sample.share)} over"
+                f" {control_sample.handshakes}: more than"
+                f" {rotation.canary_halt_margin * 100:g} points worse, at false-halt"
+                f" probability {rotation.canary_false_halt:g}",
+            )
+
+    def follow(self, halted: bool, why: str | None, halted_at: float | None) -> None:
+        """Take the decision another judge made (a worker takes its supervisor's): halted
+        with its reason, or running again with fresh samples. Logs nothing: the judge that
+        decided said so."""
+        if halted and not self.halted:
+            self.halts += 1
+        elif not halted and self.halted:
+            self.resumes += 1
+            self._canary = [0, 0, 0]
+            self._control = [0, 0, 0]
+        self.halted, self.why, self.halted_at = halted, why, halted_at
+
     def review_reports(
         self, rotation: Rotation | None, failing: Iterable[tuple[str, int]], in_window: bool
     ) -> None:
         """Halt when canary clients report an app version failing on the new key: `failing`
         holds (app version, distinct canary clients whose reports know no new pin), from
         pinning.reports.ReportCounts.canary_failures."""
-        if self.halted or rotation is None or rotation.canary_percent <= 0 or not in_window:
+        if (
+            self.halted
+            or not self.decides
+            or rotation is None
+            or rotation.canary_percent <= 0
+            or not in_window
+        ):
             return
         for version, clients in failing:
             if clients >= REPORT_HALT_CLIENTS:
@@ -314,6 +364,7 @@ class CanaryJudge:
         self._canary = [0, 0, 0]
         self._control = [0, 0, 0]
         if was_halted:
+            self.resumes += 1
             log.warning("canary resumed by the operator; samples start from zero")
         return was_halted
 
@@ -383,7 +434,7 @@ class WindowJudge:
 
 
 # One connection's place in the counts: (key, reason, outcome, handshake completed, pin failure).
-_RowKey = tuple[str, str, Outcome, bool, bool]
+_RowKey = RowKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -700,6 +751,62 @@ class Evidence:
         timeline.failures[slot] += failure
         if reason is _CANARY or reason is _DEFAULT:
             self.canary.observe(reason, aborted, quiet, rotation)
+
+    # --- several processes ------------------------------------------------------------
+
+    def tally(self) -> Tally:
+        """Every count so far as plain data (a worker's, diffed and sent to its supervisor:
+        serve.worker); a few microseconds per key, never per request."""
+        rows = {k: (counts[0], counts[1]) for k, counts in self._rows.items()}
+        responses = {
+            k: (tuple(c.statuses), tuple(c.latency), c.latency_sum)
+            for k, c in self._request_counters.items()
+        }
+        buckets: dict[tuple[str, int], tuple[int, int]] = {}
+        for key, timeline in self._timelines.items():
+            for slot, bucket in enumerate(self._slot_bucket):
+                if bucket >= 0 and (timeline.handshakes[slot] or timeline.failures[slot]):
+                    buckets[key, bucket] = (timeline.handshakes[slot], timeline.failures[slot])
+        canary, control = self.canary.canary, self.canary.control
+        return Tally(
+            rows,
+            responses,
+            buckets,
+            (canary.completed, canary.aborted, canary.no_request),
+            (control.completed, control.aborted, control.no_request),
+        )
+
+    def add(self, tally: Tally, rotation: Rotation | None) -> None:
+        """Add counts made elsewhere (a worker's, as a difference of two tallies) to these,
+        the canary's samples included (its rule then judges the sums)."""
+        for row_key, (connections, requests) in tally.rows.items():
+            row = self._rows.get(row_key)
+            if row is None:
+                row = self._rows[row_key] = [0, 0]
+            row[0] += connections
+            row[1] += requests
+        for (key, reason), (statuses, latency, latency_sum) in tally.responses.items():
+            counters = self.counters_for(key, reason)
+            for index, count in enumerate(statuses[: len(counters.statuses)]):
+                counters.statuses[index] += count
+            for index, count in enumerate(latency[: len(counters.latency)]):
+                counters.latency[index] += count
+            counters.latency_sum += latency_sum
+        for (key, bucket), (handshakes, failures) in tally.buckets.items():
+            slot = bucket % SERIES_BUCKETS
+            held = self._slot_bucket[slot]
+            if held > bucket:
+                continue  # a day old: the ring holds a newer bucket there
+            if held != bucket:
+                self._slot_bucket[slot] = bucket
+                for stale in self._timelines.values():
+                    stale.handshakes[slot] = stale.failures[slot] = 0
+            timeline = self._timelines.get(key)
+            if timeline is None:
+                timeline = self._timelines[key] = _Timeline()
+            timeline.handshakes[slot] += handshakes
+            timeline.failures[slot] += failures
+        self.canary.add(Sample(*tally.canary), Sample(*tally.control), rotation)
 
     # --- the window ----------------------------------------------------------------------
 

@@ -222,7 +222,7 @@ def describe_changes(current: Material, new: Material, files: tuple[Path, ...]) 
 # Config's fields that are tables of config.toml, in the file's order: what a reload names.
 _CONFIG_TABLES: Final = (
     "listen", "keys", "rotation", "upstream", "acme", "manifest", "reports", "limits",
-    "keystore", "admin", "log",
+    "keystore", "admin", "lifecycle", "process", "log",
 )  # fmt: skip
 
 

@@ -123,10 +123,12 @@ class Server:
         dev_headers: bool = False,
         handle_signals: bool = True,
         load: Loader = read_files,
+        watch_files: bool = True,
     ) -> None:
         """`snapshot`: the config's keys, when the caller loaded them already (and vouches
         that they are as fresh as the files); `load`: how reloads read the config file and
-        its keys (lifecycle.read_files)."""
+        its keys (lifecycle.read_files); `watch_files`: reload when they change (a worker
+        process leaves that to its supervisor, which checks them once for every worker)."""
         self.config = config
         # Taken before the keys are read, so the file poller sees any change made while they
         # load (with a snapshot passed in, the caller vouches that it is that fresh).
@@ -135,6 +137,7 @@ class Server:
         self._clock = ReusedUtcNow() if clock is utc_now else clock
         self._dev_headers = dev_headers
         self._handle_signals = handle_signals
+        self._watch_files = watch_files
         self._slots = trio.CapacityLimiter(config.limits.max_connections)
         # Who got which key and how it went (the admin listener shows it); the canary's halt.
         self.evidence = Evidence()
@@ -268,7 +271,8 @@ class Server:
                 accepting.cancel()
             async with trio.open_nursery() as services:
                 self._services = services
-                services.start_soon(self.reloads.watch_files)
+                if self._watch_files:
+                    services.start_soon(self.reloads.watch_files)
                 services.start_soon(lifecycle.prune_idle_upstream, self)
                 services.start_soon(lifecycle.watch_departures, self._departures)
                 services.start_soon(self._manifest.watch, self, self._clock)

@@ -1,0 +1,64 @@
+"""The entry point of one worker process: `python -m dualproxy.cli.worker`, started by the
+supervisor of `dualproxy serve` ([process] workers above 1; serve.supervisor) with the
+listening sockets and its link as inherited descriptors. Not a command for people: it is
+not listed among `dualproxy`'s commands, and it refuses to run without those descriptors.
+
+Exit codes are `serve`'s: 0 once drained or stopped, 1 when the config or a key cannot be
+used (the supervisor logs that the worker exited, and starts another after its backoff).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+from dualproxy.cli.arguments import EXIT_FAILED, EXIT_USAGE
+from dualproxy.cli.running import run_until_interrupted
+from dualproxy.cli.serve import LOG_FORMATS
+from dualproxy.config.errors import OperatorError
+from dualproxy.ops.logformat import setup_logging
+from dualproxy.serve.worker import serve_worker, worker_server
+
+log = logging.getLogger("dualproxy")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dualproxy.cli.worker",
+        description="One worker of `dualproxy serve` ([process] workers); started by its"
+        " supervisor, never by hand.",
+    )
+    parser.add_argument("-c", "--config", type=Path, required=True)
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text")
+    parser.add_argument("--slot", type=int, default=0, help="which worker (for the log)")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, action="append", required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(args.log_format)
+    try:
+        control = socket.socket(fileno=args.control_fd)
+        listeners = [socket.socket(fileno=fd) for fd in args.listen_fd]
+    except OSError as exc:
+        log.error("worker: not started by a dualproxy supervisor (%s)", exc.strerror)
+        return EXIT_USAGE
+    for listener in listeners:
+        listener.setblocking(False)
+    try:
+        server = worker_server(args.config)
+    except OperatorError as exc:
+        log.error("worker %d: %s", args.slot, exc)
+        return EXIT_FAILED
+    return run_until_interrupted(partial(serve_worker, server, listeners, control, args.slot))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
