@@ -22,11 +22,15 @@ wrk resume whatever a server offers (`probe_load_generators` counts it), so ngin
 its session cache and tickets off and dualproxy through serve_without_tickets.py, both with an
 OPENSSL_CONF that sends no tickets; `probe_tls` checks that neither resumes.
 
-Two loads per proxy and round:
+Four loads per proxy and round (`--loads` picks some):
 
 * keep-alive: `wrk -t1 -c32` for the duration: a handful of TLS handshakes, then requests;
 * new connection: `h2load --h1 -H 'Connection: close' -c16 -n N`, N sized by a calibration run
-  to last about the duration: one full TLS handshake per request.
+  to last about the duration: one full TLS handshake per request;
+* HTTP/2: `h2load -c16 -m10 -n N` (issue 18): 16 connections, 10 streams in flight on each,
+  N calibrated likewise (nginx with `http2` on its listener);
+* new HTTP/2 connection: `h2load -c16 -n16` run again and again for the duration: one full
+  TLS handshake, the HTTP/2 preface and SETTINGS, and one stream per connection.
 
 The machine may be shared (a test suite running next to us): before each run the script waits
 for it to be idle, and a run during which other processes were busy is measured again.
@@ -117,9 +121,20 @@ TARGET_NEWCONN_CPU: Final = 2.0
 REFERENCE_KEEPALIVE_PER_CORE: Final = 0.11
 REFERENCE_NEWCONN_CPU: Final = 2.5
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+# Idle upstream connections each proxy keeps (nginx `keepalive`, dualproxy
+# `upstream.pool_max_idle`): the HTTP/2 load has 16 x 10 = 160 requests in flight, each on an
+# upstream connection of its own; with fewer kept idle, both proxies would be measured opening
+# and closing upstream connections. The HTTP/1.1 loads never have more than 32 in flight.
+UPSTREAM_POOL_IDLE: Final = 256
 
 ProxyName = Literal["nginx", "dualproxy"]
-LoadKind = Literal["keepalive", "newconn"]
+LoadKind = Literal["keepalive", "newconn", "h2", "h2conn"]
+LOADS: Final[tuple[LoadKind, ...]] = ("keepalive", "newconn", "h2", "h2conn")
+# Issue 18: dualproxy's HTTP/2 requests per CPU-second at least this share of its own HTTP/1.1
+# keep-alive figure (HTTP/2 framing, HPACK and flow control in Python cost more per request).
+TARGET_H2_VS_KEEPALIVE: Final = 0.6
+# h2load runs per calibration of the new-HTTP/2-connection load (each -c clients, -n clients).
+CALIBRATION_H2CONN_REPEATS: Final = 5
 PROXIES: Final[tuple[ProxyName, ...]] = ("nginx", "dualproxy")
 
 
@@ -427,12 +442,13 @@ def nginx_proxy_http_block(port: int, upstream_port: int, certs: CertFiles, log:
     keepalive_timeout 60s;
     upstream backend {{
         server 127.0.0.1:{upstream_port};
-        keepalive 32;
+        keepalive {UPSTREAM_POOL_IDLE};
         keepalive_requests 10000000;
         keepalive_timeout 30s;
     }}
     server {{
-        listen 127.0.0.1:{port} ssl backlog=4096;
+        # http2: for the HTTP/2 loads (wrk and h2load --h1 still get HTTP/1.1).
+        listen 127.0.0.1:{port} ssl http2 backlog=4096;
         ssl_certificate {certs.chain};
         ssl_certificate_key {certs.key};
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -467,6 +483,7 @@ chain = "chain.pem"
 """
     if upstream_port is not None:
         text += f'\n[upstream]\nurl = "http://127.0.0.1:{upstream_port}"\n'
+        text += f"pool_max_idle = {UPSTREAM_POOL_IDLE}\n"
     if workers != 1:
         text += f"\n[process]\nworkers = {workers}\n"
     return text
@@ -696,6 +713,14 @@ def h2load_command(port: int, connections: int, requests: int) -> list[str]:
     ]  # fmt: skip
 
 
+def h2_command(port: int, connections: int, streams: int, requests: int) -> list[str]:
+    """HTTP/2: `connections` clients with `streams` requests in flight each (-n: see above)."""
+    return [
+        "h2load", f"-c{connections}", f"-m{streams}", "-t1", f"-n{requests}",
+        f"https://127.0.0.1:{port}/",
+    ]  # fmt: skip
+
+
 def parse_wrk(output: str) -> LoadResult:
     done = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h),", output)
     if done is None:
@@ -764,6 +789,24 @@ def run_load(cmd: Sequence[str], duration: float, parse: Callable[[str], LoadRes
     if done.returncode != 0:
         raise BenchError(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout}{done.stderr}")
     return parse(done.stdout)
+
+
+def run_repeated(cmd: Sequence[str], times: int, duration: float) -> LoadResult:
+    """Run h2load `cmd` `times` times in a row (each a batch of new connections), as one
+    result; bounded like run_load, over all of them."""
+    deadline = time.monotonic() + LOAD_TIMEOUT_FACTOR * duration + LOAD_GRACE_SECONDS
+    total = LoadResult(requests=0, seconds=0.0, errors=0)
+    started = time.monotonic()
+    for _ in range(times):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BenchError(f"{' '.join(cmd)} x{times} overran its time")
+        one = run_load(cmd, max(left - LOAD_GRACE_SECONDS, 0.1) / LOAD_TIMEOUT_FACTOR, parse_h2load)
+        total.requests += one.requests
+        total.errors += one.errors
+        total.tls = total.tls or one.tls
+    total.seconds = time.monotonic() - started
+    return total
 
 
 # --- what the servers saw ----------------------------------------------------------------
@@ -863,6 +906,9 @@ class Bench:
     taskset_load: list[str]
     # h2load -n per proxy, sized by calibrate() so that a run lasts about --duration.
     newconn_requests: dict[str, int] = field(default_factory=dict)
+    # The same for the HTTP/2 load, and the h2load repeats of the new-HTTP/2-connection load.
+    h2_requests: dict[str, int] = field(default_factory=dict)
+    h2conn_repeats: dict[str, int] = field(default_factory=dict)
 
     def calibrate(self, proxy: ProxyName, duration: float) -> Run:
         """A short h2load run (also a warm-up) that sizes this proxy's new-connection runs."""
@@ -873,21 +919,45 @@ class Bench:
         self.newconn_requests[proxy] = per_client * clients
         return run
 
+    def calibrate_h2(self, proxy: ProxyName, duration: float) -> None:
+        """Short runs (also warm-ups) that size this proxy's HTTP/2 runs to last `duration`."""
+        clients = self.args.h2_connections
+        if "h2" in self.args.loads:
+            self.h2_requests[proxy] = clients * CALIBRATION_REQUESTS_PER_CLIENT * 20
+            run = self.measure(proxy, "h2", -1, duration)
+            self.h2_requests[proxy] = clients * max(20, round(run.rate * duration / clients))
+        if "h2conn" in self.args.loads:
+            self.h2conn_repeats[proxy] = CALIBRATION_H2CONN_REPEATS
+            run = self.measure(proxy, "h2conn", -1, duration)
+            self.h2conn_repeats[proxy] = max(2, round(run.rate * duration / clients))
+
     def measure(self, proxy: ProxyName, kind: LoadKind, round_: int, duration: float) -> Run:
         server = self.servers[proxy]
         log = self.access_log if proxy == "nginx" else server.log
         offset = log.stat().st_size
+        clients = self.args.h2_connections
+        repeats = 1
         if kind == "keepalive":
             cmd = wrk_command(server.port, self.args.keepalive_connections, duration)
             parse = parse_wrk
-        else:
+        elif kind == "newconn":
             requests = self.newconn_requests[proxy]
             cmd = h2load_command(server.port, self.args.newconn_connections, requests)
             parse = parse_h2load
+        elif kind == "h2":
+            requests = self.h2_requests[proxy]
+            cmd = h2_command(server.port, clients, self.args.h2_streams, requests)
+            parse = parse_h2load
+        else:  # h2conn: one stream per new connection
+            cmd = h2_command(server.port, clients, 1, clients)
+            repeats = self.h2conn_repeats[proxy]
         wait_for_quiet(self.args.quiet_timeout)
         ours0 = {name: tree_cpu_seconds(s.pid) for name, s in self.servers.items()}
         (busy0, steal0), load0 = machine_seconds(), children_cpu_seconds()
-        result = run_load([*self.taskset_load, *cmd], duration, parse)
+        if kind == "h2conn":
+            result = run_repeated([*self.taskset_load, *cmd], repeats, duration)
+        else:
+            result = run_load([*self.taskset_load, *cmd], duration, parse)
         time.sleep(SETTLE_SECONDS)
         (busy1, steal1), load1 = machine_seconds(), children_cpu_seconds()
         ours1 = {name: tree_cpu_seconds(s.pid) for name, s in self.servers.items()}
@@ -950,16 +1020,25 @@ FIGURES: Final = (
         f"<= {TARGET_NEWCONN_CPU:g}x (naive: {REFERENCE_NEWCONN_CPU:g}x)",
     ),
     Figure("connections / CPU-second", "newconn", lambda r: r.requests_per_cpu_second, "{:,.0f}"),
+    Figure("requests/s", "h2", lambda r: r.rate, "{:,.0f}"),
+    Figure("server CPU s", "h2", lambda r: r.server_cpu_s, "{:.2f}"),
+    Figure("CPU-ms / request", "h2", lambda r: r.cpu_ms_per_request, "{:.4f}"),
+    Figure("requests / CPU-second", "h2", lambda r: r.requests_per_cpu_second, "{:,.0f}"),
+    Figure("connections/s", "h2conn", lambda r: r.rate, "{:,.0f}"),
+    Figure("CPU-ms / new connection", "h2conn", lambda r: r.cpu_ms_per_request, "{:.4f}"),
 )
 
 
 def summarize(runs: Sequence[Run], rounds: int) -> list[dict[str, object]]:
-    """Per figure: each proxy's median over rounds, and the median of per-round ratios."""
+    """Per figure: each proxy's median over rounds, and the median of per-round ratios (the
+    figures of the loads that ran)."""
     rows: list[dict[str, object]] = []
     for fig in FIGURES:
         per_proxy = {
             p: [fig.value(r) for r in runs if r.proxy == p and r.kind == fig.kind] for p in PROXIES
         }
+        if not all(per_proxy.values()):
+            continue
         ratios = []
         for n in range(rounds):
             pair = {r.proxy: fig.value(r) for r in runs if r.round == n and r.kind == fig.kind}
@@ -969,6 +1048,7 @@ def summarize(runs: Sequence[Run], rounds: int) -> list[dict[str, object]]:
             {
                 "kind": fig.kind,
                 "figure": fig.label,
+                "label": fig.label,
                 "nginx": statistics.median(per_proxy["nginx"]),
                 "dualproxy": statistics.median(per_proxy["dualproxy"]),
                 "ratio_median": statistics.median(ratios) if ratios else None,
@@ -979,8 +1059,27 @@ def summarize(runs: Sequence[Run], rounds: int) -> list[dict[str, object]]:
     return rows
 
 
+def h2_vs_keepalive(runs: Sequence[Run], rounds: int) -> list[float]:
+    """Per round: dualproxy's HTTP/2 requests per CPU-second over its own HTTP/1.1 keep-alive
+    figure (the issue's 0.6 target)."""
+    ratios = []
+    for n in range(rounds):
+        own = {r.kind: r for r in runs if r.round == n and r.proxy == "dualproxy"}
+        if "h2" in own and "keepalive" in own and own["keepalive"].requests_per_cpu_second:
+            h2, h1 = own["h2"], own["keepalive"]
+            ratios.append(h2.requests_per_cpu_second / h1.requests_per_cpu_second)
+    return ratios
+
+
 def format_table(rows: Sequence[dict[str, object]], args: argparse.Namespace) -> str:
     titles = {
+        "h2": (
+            f"HTTP/2: h2load -c{args.h2_connections} -m{args.h2_streams}, about {args.duration:g} s"
+        ),
+        "h2conn": (
+            f"new HTTP/2 connection, one stream each: h2load -c{args.h2_connections}"
+            f" -n{args.h2_connections}, repeated for about {args.duration:g} s"
+        ),
         "keepalive": f"keep-alive: wrk -t1 -c{args.keepalive_connections}, {args.duration:g} s",
         "newconn": (
             f"new TLS connection per request: h2load --h1 -H 'Connection: close'"
@@ -989,7 +1088,9 @@ def format_table(rows: Sequence[dict[str, object]], args: argparse.Namespace) ->
     }
     out = [f"{'':28}{'nginx':>12}{'dualproxy':>12}{'ratio':>9}  target (dualproxy/nginx)"]
     kind = None
-    for row, fig in zip(rows, FIGURES, strict=True):
+    figures: dict[tuple[str, str], Figure] = {(fig.kind, fig.label): fig for fig in FIGURES}
+    for row in rows:
+        fig = figures[str(row["kind"]), str(row["label"])]
         if row["kind"] != kind:
             kind = row["kind"]
             out.append(titles[fig.kind])
@@ -1133,6 +1234,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--keepalive-connections", type=int, default=32, help="wrk -c")
     parser.add_argument("--newconn-connections", type=int, default=16, help="h2load -c")
+    parser.add_argument("--h2-connections", type=int, default=16, help="h2load -c (HTTP/2)")
+    parser.add_argument("--h2-streams", type=int, default=10, help="h2load -m (HTTP/2)")
+    parser.add_argument(
+        "--loads",
+        type=lambda text: tuple(text.split(",")),
+        default=LOADS,
+        help=f"which loads, comma-separated (default: all of {','.join(LOADS)})",
+    )
     parser.add_argument(
         "--pin-cpus",
         action="store_true",
@@ -1174,6 +1283,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration <= 0:
         parser.error("--rounds must be >= 1 and --duration > 0")
+    if unknown := set(args.loads) - set(LOADS):
+        parser.error(f"--loads: unknown {', '.join(sorted(unknown))}; choose from {LOADS}")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
     if args.placeholder and args.require_proxy:
@@ -1295,10 +1406,16 @@ def measure_rounds(bench: Bench, args: argparse.Namespace) -> list[Run]:
     print("warm-up and calibration", flush=True)
     for proxy in PROXIES:
         bench.measure(proxy, "keepalive", -1, args.warmup)
-        bench.calibrate(proxy, args.duration)
-    print(f"h2load -n per run: {bench.newconn_requests}", flush=True)
+        if "newconn" in args.loads:
+            bench.calibrate(proxy, args.duration)
+        bench.calibrate_h2(proxy, args.duration)
+    print(
+        f"h2load -n per run: {bench.newconn_requests}, HTTP/2: {bench.h2_requests};"
+        f" new HTTP/2 connection batches: {bench.h2conn_repeats}",
+        flush=True,
+    )
     runs: list[Run] = []
-    kinds: tuple[LoadKind, ...] = ("keepalive", "newconn")
+    kinds: tuple[LoadKind, ...] = tuple(kind for kind in LOADS if kind in args.loads)
     for n in range(args.rounds):
         # Alternate who goes first, so a drift (thermal, a neighbour) hits both alike.
         for proxy in PROXIES if n % 2 == 0 else PROXIES[::-1]:
@@ -1340,6 +1457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench = Bench(lab.servers, lab.access_log, args, lab.taskset_load)
         runs = measure_rounds(bench, args)
         rows = summarize(runs, args.rounds)
+        h2_ratios = h2_vs_keepalive(runs, args.rounds)
         tls = {p: next((r.tls for r in runs if r.proxy == p and r.tls), "") for p in PROXIES}
         noisy = sum(1 for r in runs if r.noisy)
         table = (
@@ -1350,6 +1468,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"medians of {args.rounds} rounds; ratio = median of the per-round dualproxy/nginx;"
             " server CPU = utime+stime of the server's process tree\n" + format_table(rows, args)
         )
+        if h2_ratios:
+            ratio = statistics.median(h2_ratios)
+            verdict = "MET" if ratio >= TARGET_H2_VS_KEEPALIVE else "NOT MET"
+            table += (
+                f"\ndualproxy HTTP/2 / its own HTTP/1.1 keep-alive, requests per CPU-second:"
+                f" {ratio:.3f}x (per round {[round(x, 3) for x in h2_ratios]});"
+                f" target >= {TARGET_H2_VS_KEEPALIVE:g}x: {verdict}"
+            )
         print("\n" + table, flush=True)
         profiles: dict[str, str] = {}
         if args.profile:
@@ -1366,6 +1492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dualproxy_mode": mode,
             "checks": checks,
             "summary": rows,
+            "h2_vs_own_keepalive_per_round": h2_ratios,
             "runs": [r.as_json() for r in runs],
             "table": table,
             "profiles": profiles,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Final
 
 import h11
@@ -572,9 +573,30 @@ def test_only_a_405_names_the_methods_we_relay() -> None:
 
 def test_a_refusal_quotes_no_more_than_ascii() -> None:
     _, body = refusal_response(
-        HttpRefusal(502, "upstream: caf\u00e9", fault="upstream"), head_only=False
+        HttpRefusal(502, "upstream: caf\u00e9", fault="upstream"),
+        head_only=False,
+        upstream_detail=True,
     )
     assert body == b"502 Bad Gateway: upstream: caf\\xe9\n"
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_an_upstream_failure_shows_the_public_only_its_status(status: int) -> None:
+    refusal = HttpRefusal(status, "upstream: connection to 10.0.0.7:8080 refused", fault="upstream")
+    (_, _, _, fields, _, _), body = refusal_response(refusal, head_only=False)
+    phrase = HTTPStatus(status).phrase
+    assert body == f"{status} {phrase}\n".encode()
+    assert (b"content-length", b"%d" % len(body)) in fields
+    # Dev mode keeps the detail, where it helps.
+    _, detailed = refusal_response(refusal, head_only=False, upstream_detail=True)
+    assert b"10.0.0.7:8080 refused" in detailed
+
+
+def test_a_client_refusal_still_says_what_was_wrong() -> None:
+    _, body = refusal_response(
+        HttpRefusal(400, "more than one Host field", fault="client"), head_only=False
+    )
+    assert body == b"400 Bad Request: more than one Host field\n"
 
 
 CL: Final = [(b"content-length", b"5")]

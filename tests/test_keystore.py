@@ -1096,9 +1096,14 @@ def test_openssl_presents_the_predicted_leaf(
 @pytest.mark.e2e
 @pytest.mark.parametrize(
     ("offer", "selected"),
-    [(["dualproxy-k2026b", "http/1.1"], "http/1.1"), (["h2"], None)],
+    [
+        (["dualproxy-k2026b", "http/1.1"], "http/1.1"),
+        (["h2", "http/1.1"], "h2"),
+        (["http/1.1", "h2"], "h2"),  # ours first: HTTP/2 when the client has it
+        (["dualproxy-k2026b"], None),  # a hint token alone: no ALPN, HTTP/1.1
+    ],
 )
-def test_alpn_selects_http11(
+def test_alpn_selects_h2_then_http11(
     tmp_path: Path,
     ca: trustme.CA,
     material: dict[str, Material],

@@ -813,7 +813,7 @@ async def test_a_refused_upstream_connection_gets_502(
             answer, _ = await client.read_until_closed()
     [refusal] = parse_responses(answer)
     assert refusal.status == 502
-    assert b"refused" in refusal.body
+    assert refusal.body == b"502 Bad Gateway\n"  # nothing of the upstream: that is the log's
 
 
 @pytest.mark.parametrize("mismatch", ["unknown-ca", "wrong-name"])
@@ -831,7 +831,7 @@ async def test_an_upstream_certificate_we_cannot_verify_gets_502(
         answer, _ = await client.read_until_closed()
     [refusal] = parse_responses(answer)
     assert refusal.status == 502
-    assert b"certificate verify failed" in refusal.body
+    assert refusal.body == b"502 Bad Gateway\n"
     assert upstream.received == b""
 
 

@@ -61,6 +61,7 @@ from dualproxy.config.schema import (
     LifecycleConfig,
     Limits,
     ListenConfig,
+    LogConfig,
     ManifestConfig,
     ProcessConfig,
     ProxyProtocolMode,
@@ -84,7 +85,7 @@ _COMMON_ALPN: Final = frozenset({b"http/1.1", b"http/1.0", b"h2", b"h3", b"acme-
 # not listed here fails every test that reads it, so add a new setting here too.
 _ROOT_KEYS: Final = (
     "listen", "acme", "keys", "rotation", "limits", "keystore", "upstream", "admin",
-    "manifest", "reports", "lifecycle", "process", "tls",
+    "manifest", "reports", "lifecycle", "process", "tls", "log",
 )  # fmt: skip
 _LISTEN_KEYS: Final = ("address", "reuse_port", "proxy_protocol", "proxy_protocol_from")
 _PROXY_PROTOCOL_MODES: Final[Mapping[str, ProxyProtocolMode]] = {
@@ -175,6 +176,7 @@ def parse(
             "is also manifest.path; give each its own path", key_path="reports.path"
         )
     process = _parse_process(root.table("process"))
+    log = _parse_log(root.table("log"), base_dir)
     root.done()
     return Config(
         listen=listen,
@@ -191,6 +193,7 @@ def parse(
         reports=reports,
         process=process,
         tls=tls,
+        log=log,
     )
 
 
@@ -754,6 +757,22 @@ def _parse_admin(table: Table | None) -> AdminConfig:
     if (problem := admin_address_problem(address, allow_non_loopback=allow)) is not None:
         raise OperatorError(problem, key_path=table.path("address"))
     return AdminConfig(address=address, allow_non_loopback=allow)
+
+
+def _parse_log(table: Table | None, base_dir: Path) -> LogConfig:
+    if table is None:
+        return LogConfig()
+    access = table.string("access")
+    table.done()
+    if access is None or access == "stderr":
+        return LogConfig()
+    if access == "off":
+        return LogConfig(access=False)
+    if not access.strip():
+        raise OperatorError(
+            "is empty", key_path=table.path("access"), fix='write a file path, "stderr" or "off"'
+        )
+    return LogConfig(access_path=(base_dir / access).absolute())
 
 
 def _parse_lifecycle(table: Table | None) -> LifecycleConfig:

@@ -234,6 +234,15 @@ class Limits:
     # SIGTERM: stop accepting, let requests in flight finish this long, then exit (Kubernetes
     # gives 30 s before SIGKILL by default: terminationGracePeriodSeconds).
     shutdown_grace: float = 30.0
+    # HTTP/2 streams one client connection may have in flight (SETTINGS_MAX_CONCURRENT_STREAMS;
+    # a client that opens more once it acknowledged the setting gets GOAWAY PROTOCOL_ERROR,
+    # before that the stream is refused with REFUSED_STREAM): 100, Envoy's and nginx's order
+    # (nginx http2_max_concurrent_streams 128), RFC 9113's recommended minimum.
+    h2_max_concurrent_streams: int = 100
+    # A WebSocket tunnel that moves no byte either way for this long is closed: HAProxy's
+    # `timeout tunnel` as its documentation sets it (1 h). Apps ping far more often (OkHttp's
+    # pingInterval, URLSession's sendPing: seconds to a minute); a dead peer frees its slot.
+    websocket_idle_timeout: float = 3600.0
     # A PROXY protocol header ([listen] proxy_protocol) must be complete within this: the
     # balancer writes it with the connection's first packet, so a few seconds only bound a
     # peer that is not the balancer it claims to be (HAProxy's spec allows at most 16 + 65535
@@ -260,6 +269,8 @@ LIMIT_RANGES: Final[Mapping[str, tuple[float, float]]] = MappingProxyType(
         "max_response_header_count": (8, 10_000),
         "max_body_bytes": (0, 1 << 40),
         "shutdown_grace": (0, 3600),
+        "h2_max_concurrent_streams": (1, 1000),
+        "websocket_idle_timeout": (1, 86400),
         "proxy_header_timeout": (0.1, 60),
     }
 )
@@ -435,6 +446,17 @@ def available_cpus() -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    """Where the per-request access log goes (ops.accesslog)."""
+
+    # True: one line per request; "off" turns it off (nginx's access_log off).
+    access: bool = True
+    # The file it is appended to, reopened on SIGUSR1 (logrotate); None: stderr, with the
+    # other log lines.
+    access_path: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LifecycleConfig:
     """How a server leaves: what a load balancer needs to take it out first."""
 
@@ -465,6 +487,7 @@ class Config:
     reports: ReportsConfig | None = None
     process: ProcessConfig = field(default_factory=ProcessConfig)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def acme_keys(self) -> tuple[KeyConfig, ...]:
         """The keys whose certificates dualproxy obtains itself ([acme] and `names`)."""

@@ -72,6 +72,14 @@ when it expires, `expired` says what that means: a silent close when idle (nobod
 answer), 408 for a request that stalls, 504 for an upstream that does not take the request
 or answer it, a cut once the response started or when the client does not read it.
 
+WebSocket (RFC 6455) [`upgrading`, `switch`]. A request whose Connection lists "upgrade"
+(`RequestHead.upgrade`) is relayed only for `Upgrade: websocket`, a GET in HTTP/1.1 (RFC
+6455 §4.1): the upstream gets our `Connection: upgrade` and `Upgrade: websocket` (the
+Sec-WebSocket-* fields pass as any field does), and a 101 from it is relayed as the last HTTP
+on the connection, which the driver then turns into a byte tunnel (http.tunnel); any other
+answer is relayed as usual. Any other upgrade is refused with 501, and a WebSocket handshake
+that is not a GET in HTTP/1.1 with 400: never silently relayed as a plain request.
+
 Driving it from HTTP/2 (issue 18). Framing is the driver's, semantics the exchange's: an
 HTTP/2 stream checks its pseudo-headers and fields (the HTTP/2 rules: no connection-specific
 fields, lowercase names, :authority against Host) and builds a `RequestHead` from them:
@@ -98,7 +106,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple, Protocol
 
 from dualproxy.http.body import LAST_CHUNK, encode_chunk
-from dualproxy.http.errors import Fault, HttpRefusal, timeout_problem
+from dualproxy.http.errors import Fault, HttpRefusal, snippet, timeout_problem
 from dualproxy.http.heads import RequestHead, ResponseHead, request_head
 from dualproxy.http.local import Endpoint, LocalAnswer, LocalRoutes
 from dualproxy.http.rewrite import (
@@ -148,6 +156,10 @@ _OK: Final = HTTPStatus.OK.value
 _NO_BODY_STATUSES: Final = frozenset({HTTPStatus.NO_CONTENT.value, HTTPStatus.NOT_MODIFIED.value})
 _CHUNKED_FIELD: Final = (b"transfer-encoding", b"chunked")
 _CLOSE_FIELD: Final = (b"connection", b"close")
+_WEBSOCKET: Final = b"websocket"
+# What asks the upstream for the switch, and tells the client it happened (RFC 6455 §4).
+_UPGRADE_LINES: Final = (b"connection: upgrade", b"upgrade: websocket")
+_UPGRADE_FIELDS: Final = ((b"connection", b"upgrade"), (b"upgrade", b"websocket"))
 
 # What the log says of an exchange that ended early without a refusal of ours.
 EARLY_ANSWER: Final = "upstream answered before taking the whole request body"
@@ -276,12 +288,22 @@ def response_framing(
 ResponseStart = tuple[int, bytes, Sequence[bytes], list[tuple[bytes, bytes]], Framing, bool]
 
 
-def refusal_response(refusal: HttpRefusal, *, head_only: bool) -> tuple[ResponseStart, bytes]:
+def refusal_response(
+    refusal: HttpRefusal, *, head_only: bool, upstream_detail: bool = False
+) -> tuple[ResponseStart, bytes]:
     """Our answer to a refused exchange, and its body: short plain text, closing the
-    connection; `head_only` for a HEAD request (the body is then b"")."""
+    connection; `head_only` for a HEAD request (the body is then b"").
+
+    The body says what the client did wrong; of the upstream's failures (502, 503, 504) it
+    says only the status, since the problem names upstream addresses, certificate details
+    and timeouts that are none of the public's business (the log has them), unless
+    `upstream_detail` (dev mode, where it helps)."""
     status = refusal.status
     phrase = HTTPStatus(status).phrase
-    body = f"{status} {phrase}: {refusal.problem}\n".encode("ascii", "backslashreplace")
+    if refusal.fault == "upstream" and not upstream_detail:
+        body = f"{status} {phrase}\n".encode("ascii")
+    else:
+        body = f"{status} {phrase}: {refusal.problem}\n".encode("ascii", "backslashreplace")
     fields = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"x-content-type-options", b"nosniff"),
@@ -300,6 +322,8 @@ class ClientSide(NamedTuple):
     peer: ClientPeer | None  # for X-Forwarded-For; None when the address is unknown
     # Added to every response (dev mode names the key served and why).
     response_headers: tuple[tuple[bytes, bytes], ...] = ()
+    # A 502/504 body says what failed upstream (dev mode): see refusal_response.
+    upstream_detail: bool = False
 
 
 class ExchangeSettings(Protocol):
@@ -338,6 +362,7 @@ class Exchange:
         "replayable",
         "request_read",
         "response_started",
+        "upgrading",
     )
 
     _limits: Limits
@@ -355,9 +380,15 @@ class Exchange:
         # may be sent twice.
         self.replayable = not self.has_body and head.method in REPLAYABLE_METHODS
         self.response_started = False
+        self.upgrading = False  # a WebSocket handshake, relayed (set by `route`)
         self._chunked = head.chunked
         self._received = 0
         self._cap = 0
+
+    @property
+    def received(self) -> int:
+        """The request body's bytes taken so far (`request_data`)."""
+        return self._received
 
     def route(self, settings: ExchangeSettings | None) -> Endpoint | None:
         """The local endpoint that answers this request, or None to relay it; raises
@@ -371,6 +402,8 @@ class Exchange:
             )
         limits = self._limits = settings.limits
         self._rules = settings.rules
+        if self.head.upgrade:
+            self.upgrading = _websocket_handshake(self.head)
         local = settings.local
         endpoint = local.find(self.head.target) if local is not None else None
         cap = limits.max_body_bytes
@@ -387,6 +420,8 @@ class Exchange:
         """The request head for the upstream: rewritten fields, our framing."""
         head = self.head
         lines = upstream_request_lines(head, peer=self._client.peer, rules=self._rules)
+        if self.upgrading:
+            lines += _UPGRADE_LINES
         if head.chunked:
             lines.append(b"transfer-encoding: chunked")
         elif head.content_length is not None:
@@ -439,6 +474,13 @@ class Exchange:
         lines = client_response_lines(response)
         return response.status, response.reason, lines, fields, framing, keep_alive
 
+    def switch(self, response: ResponseHead) -> ResponseStart:
+        """The client's 101 for the upstream's: the connection's last HTTP (see WebSocket)."""
+        fields = [*_UPGRADE_FIELDS, *self._client.response_headers]
+        self.response_started = True
+        lines = client_response_lines(response)
+        return response.status, response.reason, lines, fields, Framing.NONE, False
+
     def answer_locally(self, answer: LocalAnswer, *, draining: bool) -> tuple[ResponseStart, bytes]:
         """The client's response for a local endpoint's `answer`, and its body."""
         head = self.head
@@ -455,6 +497,24 @@ class Exchange:
         reason = HTTPStatus(status).phrase.encode()
         start = status, reason, (), fields, framing, keep_alive
         return start, b"" if framing is Framing.NONE else answer.body
+
+
+def _websocket_handshake(head: RequestHead) -> bool:
+    """True for a WebSocket handshake we relay; HttpRefusal for any other upgrade."""
+    protocol = head.upgrade
+    if protocol.lower() != _WEBSOCKET:
+        raise HttpRefusal(
+            HTTPStatus.NOT_IMPLEMENTED,
+            f"upgrade to {snippet(protocol)} is not supported (only websocket is relayed)",
+            fault="client",
+        )
+    if head.method != b"GET" or head.version != b"1.1":
+        raise HttpRefusal(
+            HTTPStatus.BAD_REQUEST,
+            "a WebSocket handshake is a GET in HTTP/1.1 (RFC 6455 section 4.1)",
+            fault="client",
+        )
+    return True
 
 
 def _too_large(cap: int) -> HttpRefusal:

@@ -79,7 +79,7 @@ A request head is refused, without forwarding a byte, by the first rule it break
 A response head (the upstream's fault, always 502) is refused for the same line, field,
 Content-Length and Transfer-Encoding rules (names may hold underscores: the CGI concern is the
 request's), a status line other than ``HTTP/1.x SP 3DIGIT [SP reason]`` with a code from 100 to
-599, a version other than 1.0 and 1.1, a 101 (we never send Upgrade, so never ask for a switch),
+599, a version other than 1.0 and 1.1, a 101 unless the request asked for an upgrade,
 more than ``max_fields`` fields (``limits.max_response_header_count``) or a head longer than
 ``MAX_RESPONSE_HEAD_BYTES``. No
 body follows a response to HEAD or a 1xx, 204 or 304 (RFC 9112 §6.3), whatever its fields say.
@@ -129,7 +129,9 @@ __all__ = [
     "ResponseHead",
     "check_request_head",
     "check_response_head",
+    "expects_continue",
     "find_head_end",
+    "is_authority",
     "request_head",
     "response_head",
 ]
@@ -255,6 +257,9 @@ class RequestHead(NamedTuple):
     expect_continue: bool
     close: bool = False  # see above
     forward: tuple[bytes, ...] | None = None  # see above
+    # The protocol an Upgrade field asks for, when Connection lists "upgrade" (RFC 9110 §7.8);
+    # b"" for none. The exchange relays a WebSocket upgrade and refuses every other.
+    upgrade: bytes = b""
 
 
 class ResponseHead(NamedTuple):
@@ -389,6 +394,9 @@ def check_request_head(head: bytes, limits: HeadLimits) -> RequestHead:
         content_length, chunked = _framing(watched, version, _BAD_REQUEST)
     expect_continue = b"expect" in watched and _expects_continue(watched[b"expect"])
     close, forward = _extras(version, kept, connection, REQUEST_AS_IS_DROPPED)
+    upgrade = b""
+    if b"upgrade" in watched and b"upgrade" in connection_options(connection):
+        upgrade = b",".join(watched[b"upgrade"])
     return RequestHead(
         method,
         target,
@@ -400,15 +408,21 @@ def check_request_head(head: bytes, limits: HeadLimits) -> RequestHead:
         expect_continue and version == b"1.1",
         close,
         forward,
+        upgrade,
     )
 
 
 def check_response_head(
-    head: bytes, *, request_method: bytes, max_fields: int = _DEFAULT_RESPONSE_FIELDS
+    head: bytes,
+    *,
+    request_method: bytes,
+    max_fields: int = _DEFAULT_RESPONSE_FIELDS,
+    upgrading: bool = False,
 ) -> ResponseHead:
     """Check the upstream's response head to a `request_method` request, with at most
     `max_fields` header fields (limits.max_response_header_count); raises HttpRefusal(502,
-    the upstream's fault) for anything but a well-formed, unambiguously framed head."""
+    the upstream's fault) for anything but a well-formed, unambiguously framed head.
+    `upgrading`: the request asked for an upgrade, so a 101 may answer it."""
     if len(head) > MAX_RESPONSE_HEAD_BYTES:
         raise _refusal(_BAD_GATEWAY, f"response head longer than {MAX_RESPONSE_HEAD_BYTES} bytes")
     lines = _split_lines(head, _BAD_GATEWAY)
@@ -422,8 +436,8 @@ def check_response_head(
     status = int(code)
     if version not in _SUPPORTED_VERSIONS:
         raise _refusal(_BAD_GATEWAY, f"response version HTTP/{version.decode()}")
-    if status == _SWITCHING_PROTOCOLS:
-        raise _refusal(_BAD_GATEWAY, "101 Switching Protocols, but we never ask for an upgrade")
+    if status == _SWITCHING_PROTOCOLS and not upgrading:
+        raise _refusal(_BAD_GATEWAY, "101 Switching Protocols, but we did not ask for an upgrade")
     headers, watched, kept, connection = _fields(
         lines, _TCHAR_TABLE, RESPONSE_DROPPED, _BAD_GATEWAY
     )
@@ -716,3 +730,9 @@ def _field_lines_problem(lines: list[bytes], name_table: bytes) -> str:
     if b"_" in name and name.translate(_TCHAR_TABLE).isalpha():
         return f"underscore in field name {snippet(name)}"
     return f"invalid field name {snippet(name)}"
+
+
+# The authority and Expect rules above, for a head that arrives in another framing (an HTTP/2
+# stream's fields: http.h2fields).
+is_authority = _is_authority
+expects_continue = _expects_continue

@@ -43,24 +43,24 @@ comes (`Departures`; nginx's 499).
 How a connection ends: quietly (the client left, asked to close, or the connection idled),
 after a refusal of ours (`exchange.refusal_response`, then the caller's close, a *lingering*
 one when `client_may_be_sending`), or cut (closed here at once, without close_notify).
-Logging is per connection (the server's record, through `Tally`), never per request.
+Each exchange is reported through the `Tally` (settings.py) as it ends, for the access log;
+the connection's own line is the server's record.
 
-One module of some 670 lines: `ClientConnection` is one class whose methods share the
+One module of some 650 lines: `ClientConnection` is one class whose methods share the
 connection's buffer, cancel scope and current exchange; what could leave did (the exchange's
-rules to exchange.py, the drain and the departure watch to lifecycle.py).
+rules to exchange.py, the drain and the departure watch to lifecycle.py, the settings and
+the Tally to settings.py).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 import trio
 
-from dualproxy.config.errors import OperatorError
 from dualproxy.config.names import IPAddress
 from dualproxy.http.body import END, LAST_CHUNK, BodyReader, body_reader, encode_chunk
 from dualproxy.http.errors import HttpRefusal
@@ -77,7 +77,6 @@ from dualproxy.http.exchange import (
     client_may_be_sending,
     expired,
     refusal_response,
-    wait_bounds,
 )
 from dualproxy.http.heads import (
     HeadLimits,
@@ -88,13 +87,15 @@ from dualproxy.http.heads import (
     response_head,
 )
 from dualproxy.http.lifecycle import DEPARTURE_CHECK_SECONDS, Departures, Drain, Leaver
-from dualproxy.http.local import Endpoint, LocalRequest, LocalRoutes
-from dualproxy.http.rewrite import ClientPeer, ForwardingRules
-from dualproxy.http.upstream import UpstreamConnection, UpstreamPool
+from dualproxy.http.local import Endpoint, LocalRequest
+from dualproxy.http.rewrite import ClientPeer
+from dualproxy.http.settings import RelaySettings, Tally
+from dualproxy.http.tunnel import TunnelResult, relay_tunnel
+from dualproxy.http.upstream import UpstreamConnection
 from dualproxy.tls.streams import RECEIVE_SIZE, TlsStream
 
 if TYPE_CHECKING:
-    from dualproxy.config.schema import Config, Limits
+    from dualproxy.config.schema import Limits
 
 # What the server uses: the connection, its settings and record, and (from lifecycle) what
 # all connections share.
@@ -115,74 +116,6 @@ __all__ = [
 DEADLINE_SLACK: Final = 0.3
 # The interim answer to Expect: 100-continue, sent when we start reading the body.
 _CONTINUE: Final = response_head(HTTPStatus.CONTINUE, b"Continue", [])
-
-
-class Tally(Protocol):
-    """What the relay reports about its connection (the server's ConnectionRecord)."""
-
-    def request_received(self) -> None:
-        """A request head passed the checks."""
-
-    def note(self, detail: str) -> None:
-        """Why the connection ended early (logged once, with the connection)."""
-
-    def response_relayed(self, status: int, upstream_seconds: float) -> None:
-        """An upstream response head arrived, `upstream_seconds` after the request was sent;
-        called once per response, so it must cost a few integer operations at most."""
-
-    def response_generated(self, status: int) -> None:
-        """The relay answered the client itself (a refusal: 4xx, 502, 504)."""
-
-
-@dataclass(frozen=True, slots=True)
-class RelaySettings:
-    """What requests are relayed with; the server builds a new one when a reload changes it,
-    and each request uses the one current when its head arrived."""
-
-    limits: Limits
-    head_limits: HeadLimits
-    rules: ForwardingRules
-    pool: UpstreamPool
-    # Paths dualproxy answers itself (the pin manifest, pin-failure reports), never relayed.
-    local: LocalRoutes | None = None
-    # Each wait's timeout, indexed by exchange.Wait (exchange.wait_bounds of `limits`).
-    bounds: tuple[float, ...] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "bounds", wait_bounds(self.limits))
-
-    @classmethod
-    def build(
-        cls,
-        config: Config,
-        pool: UpstreamPool | None = None,
-        local: LocalRoutes | None = None,
-    ) -> RelaySettings:
-        """Settings for `config` (which has an upstream), with `pool` or a new one.
-
-        Raises OperatorError for an [upstream] that cannot be served: an added header that
-        dualproxy manages itself, an unusable ca_file. A new pool loads the system's CA store:
-        call this from a worker thread once the server runs.
-        """
-        upstream = config.upstream
-        assert upstream is not None
-        try:
-            rules = ForwardingRules.from_config(upstream)
-            if pool is None:
-                pool = UpstreamPool(upstream, config.limits)
-        except ValueError as exc:
-            raise OperatorError(str(exc), file=config.path) from None
-        except OperatorError as exc:
-            raise OperatorError(
-                exc.problem, key_path=exc.key_path, file=config.path, fix=exc.fix
-            ) from None
-        return cls(
-            limits=config.limits,
-            head_limits=HeadLimits.from_limits(config.limits),
-            rules=rules,
-            pool=pool,
-            local=local,
-        )
 
 
 class _ClientGone(Exception):
@@ -208,10 +141,12 @@ class ClientConnection:
         response_headers: Sequence[tuple[bytes, bytes]] = (),
         departures: Departures | None = None,
         client_fd: int = -1,
+        upstream_detail: bool = False,
     ) -> None:
         """`departures` and `client_fd` (the client socket's descriptor): where this client
         waits to be looked at for having left while the upstream works (see Departures);
-        without both, nobody looks (a stream without a socket of its own)."""
+        without both, nobody looks (a stream without a socket of its own).
+        `upstream_detail`: a 502/504 body says what failed (dev mode), else it is generic."""
         self._stream = stream
         # The stream as TLS, for a last response that carries our close_notify.
         self._tls = stream if isinstance(stream, TlsStream) else None
@@ -221,7 +156,9 @@ class ClientConnection:
         self._fd = client_fd
         self._client_left = False  # Departures saw the client go while it waited
         self._client = ClientSide(
-            ClientPeer.of(peer) if peer is not None else None, tuple(response_headers)
+            ClientPeer.of(peer) if peer is not None else None,
+            tuple(response_headers),
+            upstream_detail,
         )
         self._settings = settings
         self._drain = drain
@@ -245,6 +182,12 @@ class ClientConnection:
         self._limits: Limits | None = None  # the current request's
         self._bounds: tuple[float, ...] = ()  # their wait_bounds
         self._exchange: Exchange | None = None  # the current request's, once its head is read
+        # The current exchange, for its access log line (Tally.exchange_ended): when its head
+        # started, the status and body bytes sent, the upstream's time to the response head.
+        self._head_at = 0.0
+        self._status = self._bytes_out = 0
+        self._upstream_seconds: float | None = None
+        self._tunneled: TunnelResult | None = None  # a WebSocket's, once it ended
 
     async def serve(self) -> None:
         """Relay requests until the client leaves, asks to close, or something fails.
@@ -270,11 +213,15 @@ class ClientConnection:
                 ending = self._expired()
             break
         if isinstance(ending, HttpRefusal):
-            self._tally.note(f"{ending.status} {ending.problem}")
+            problem = f"{ending.status} {ending.problem}"
+            self._tally.note(problem)
             self._tally.response_generated(ending.status)
+            self._status = ending.status
             await self._refuse(ending)
+            self._log_exchange(problem)
         elif isinstance(ending, Cut):
             self._tally.note(ending.problem)
+            self._log_exchange(ending.problem)
             await trio.aclose_forcefully(self._stream)
 
     async def _serve_requests(self) -> HttpRefusal | Cut | None:
@@ -287,6 +234,8 @@ class ClientConnection:
             self._exchange = None
             self._keep_alive = False
             self._request_read = False
+            self._status = self._bytes_out = 0
+            self._upstream_seconds = None
             try:
                 head = await self._receive_head(settings)
                 if head is None:
@@ -306,10 +255,12 @@ class ClientConnection:
                     await self._answer_locally(exchange, endpoint)
                 elif (cut := await self._relay(exchange, current)) is not None:
                     return cut
+                self._log_exchange(None)
             except HttpRefusal as refusal:
                 return refusal
             except _ClientGone:
                 self._tally.note(CLIENT_CLOSED_MID_REQUEST)
+                self._log_exchange(CLIENT_CLOSED_MID_REQUEST)
                 return None
             if not self._keep_alive:
                 return None
@@ -352,6 +303,7 @@ class ClientConnection:
                 return None
         head = bytes(buffer[:end])
         del buffer[:end]  # what follows is the body, or a pipelined next request
+        self._head_at = started
         return check_request_head(head, head_limits)
 
     async def _receive_rest_of_head(self, head_limits: HeadLimits, started: float) -> int | None:
@@ -399,10 +351,16 @@ class ClientConnection:
                 else:
                     self._departures[self._fd] = self
                     try:
-                        response = await upstream.receive_head(timeout=None, request_method=method)
+                        response = await upstream.receive_head(
+                            timeout=None, request_method=method, upgrading=exchange.upgrading
+                        )
                     finally:
                         self._departures.pop(self._fd, None)
-                self._tally.response_relayed(response.status, self._now() - sent)
+                upstream_seconds = self._upstream_seconds = self._now() - sent
+                self._tally.response_relayed(response.status, upstream_seconds)
+                if response.status == HTTPStatus.SWITCHING_PROTOCOLS:  # asked for: upgrading
+                    await self._tunnel(upstream, response, exchange, settings)
+                    return None
                 # _respond releases or discards the upstream connection itself.
                 return await self._respond(upstream, response, exchange, settings)
             except HttpRefusal as failure:
@@ -514,6 +472,7 @@ class ClientConnection:
         answer = await endpoint.answer(request)
         self._tally.response_generated(answer.status)
         start, content = exchange.answer_locally(answer, draining=self._drain.draining)
+        self._status, self._bytes_out = answer.status, len(content)
         status, reason, lines, fields, _, keep_alive = start
         data = response_head(status, reason, fields, lines=lines) + content
         await self._send_client([data], last=not keep_alive)
@@ -551,6 +510,7 @@ class ClientConnection:
         try:
             start = exchange.respond(response, draining=self._drain.draining)
             status, reason, lines, fields, framing, keep_alive = start
+            self._status = status
             if not exchange.request_read:  # an early answer: the client may still be sending
                 self.client_may_be_sending = client_may_be_sending(
                     request_read=False, eof=self._eof, buffered=bool(self._buffer)
@@ -577,6 +537,7 @@ class ClientConnection:
                     break
                 out.append(encode_chunk(piece) if chunked else piece)
                 pending += len(piece)
+                self._bytes_out += len(piece)
                 if pending >= RECEIVE_SIZE:
                     await self._send_client(out)
                     out, pending = [], 0
@@ -594,6 +555,34 @@ class ClientConnection:
             else:
                 settings.pool.discard(upstream)
         return None
+
+    async def _tunnel(
+        self,
+        upstream: UpstreamConnection,
+        response: ResponseHead,
+        exchange: Exchange,
+        settings: RelaySettings,
+    ) -> None:
+        """The upstream switched to WebSocket: its 101 to the client, then bytes both ways
+        (http.tunnel, bounded by its own idle timeout) until either side closes."""
+        try:
+            status, reason, lines, fields, _, _ = exchange.switch(response)
+            self._status = status
+            await self._send_client([response_head(status, reason, fields, lines=lines)])
+            stream, pending = upstream.tunnel()
+            client_pending = bytes(self._buffer)
+            self._buffer.clear()
+            self._set_deadline(math.inf)
+            self._tunneled = await relay_tunnel(
+                self._stream,
+                client_pending,
+                stream,
+                pending,
+                idle_timeout=settings.limits.websocket_idle_timeout,
+            )
+        finally:
+            settings.pool.discard(upstream)
+        self._keep_alive = False
 
     async def _send_client(self, out: list[bytes], *, last: bool = False) -> None:
         """Send to the client; `last`: the connection's final bytes, its TLS close_notify
@@ -649,6 +638,35 @@ class ClientConnection:
         assert self._limits is not None
         return expired(self._wait, self._limits)
 
+    def _log_exchange(self, ended: str | None) -> None:
+        """The current exchange is over: its line for the access log (through the Tally)."""
+        exchange = self._exchange
+        method, target, version, received = b"-", b"-", b"1.1", 0
+        if exchange is not None:
+            head = exchange.head
+            method, target, version, received = (
+                head.method,
+                head.target,
+                head.version,
+                exchange.received,
+            )
+        if (tunneled := self._tunneled) is not None:  # a WebSocket: its bytes, how it ended
+            self._tunneled = None
+            received, self._bytes_out = tunneled.bytes_up, tunneled.bytes_down
+            assert self._limits is not None
+            ended = ended or tunneled.ending(self._limits.websocket_idle_timeout)
+        self._tally.exchange_ended(
+            method,
+            target,
+            version,
+            self._status,
+            received,
+            self._bytes_out,
+            self._now() - self._head_at,
+            self._upstream_seconds,
+            ended,
+        )
+
     # --- refusing ------------------------------------------------------------------------
 
     async def _refuse(self, refusal: HttpRefusal) -> None:
@@ -659,9 +677,10 @@ class ClientConnection:
         exchange = self._exchange
         head_only = exchange is not None and exchange.head.method == b"HEAD"
         (status, reason, lines, fields, _, _), content = refusal_response(
-            refusal, head_only=head_only
+            refusal, head_only=head_only, upstream_detail=self._client.upstream_detail
         )
         data = response_head(status, reason, fields, lines=lines) + content
+        self._bytes_out = len(content)
         with trio.move_on_after(limits.send_timeout) as scope:
             await self._stream.send_all(data)
         if scope.cancelled_caught:

@@ -82,6 +82,7 @@ _RESPONSE_LIMITS: Final = HeadLimits()
 _BAD_GATEWAY: Final = int(HTTPStatus.BAD_GATEWAY)
 _GATEWAY_TIMEOUT: Final = int(HTTPStatus.GATEWAY_TIMEOUT)
 _OK: Final = int(HTTPStatus.OK)
+_SWITCHING_PROTOCOLS: Final = int(HTTPStatus.SWITCHING_PROTOCOLS)
 _NO_CONTENT: Final = int(HTTPStatus.NO_CONTENT)
 _NOT_MODIFIED: Final = int(HTTPStatus.NOT_MODIFIED)
 
@@ -190,17 +191,20 @@ class UpstreamConnection:
         *,
         timeout: float | None,  # noqa: ASYNC109
         request_method: bytes,
+        upgrading: bool = False,
     ) -> ResponseHead:
         """The final response head, interim 1xx ones skipped; the whole wait is `timeout`.
 
         The head is checked by heads.check_response_head (and kept as `response_head`);
         body bytes read along with it stay buffered for `buffered_body`/`receive_body`.
+        `upgrading`: the request asked for an upgrade, and a 101 is final: what follows it is
+        the new protocol's (`tunnel`).
         """
         try:
             if timeout is None:
-                return await self._receive_head(request_method)
+                return await self._receive_head(request_method, upgrading)
             with trio.fail_after(timeout):
-                return await self._receive_head(request_method)
+                return await self._receive_head(request_method, upgrading)
         except trio.TooSlowError as exc:
             assert timeout is not None
             raise self.timeout_error("head", timeout) from exc
@@ -211,11 +215,18 @@ class UpstreamConnection:
                 before_response=not self._started,
             ) from exc
 
-    async def _receive_head(self, request_method: bytes) -> ResponseHead:
+    async def _receive_head(self, request_method: bytes, upgrading: bool) -> ResponseHead:
         for _ in range(MAX_INFORMATIONAL_RESPONSES + 1):
             head = check_response_head(
-                await self._read_head(), request_method=request_method, max_fields=self._max_fields
+                await self._read_head(),
+                request_method=request_method,
+                max_fields=self._max_fields,
+                upgrading=upgrading,
             )
+            if head.status == _SWITCHING_PROTOCOLS:  # only when upgrading: the last HTTP
+                self._keep_alive = False
+                self.response_head = head
+                return head
             if head.status < _OK:  # interim: no body, the final head follows
                 continue
             no_body = request_method == b"HEAD" or head.status in (_NO_CONTENT, _NOT_MODIFIED)
@@ -305,6 +316,14 @@ class UpstreamConnection:
                 self._buffer += data
             else:
                 self._eof = True
+
+    def tunnel(self) -> tuple[TcpStream | TlsStream, bytes]:
+        """After a 101: the stream, now the new protocol's, and its bytes already received
+        (the connection is never pooled again)."""
+        self._keep_alive = False
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return self.stream, data
 
     def reusable(self) -> bool:
         """Whether this connection may carry another exchange: the response read to its end,

@@ -25,12 +25,21 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from datetime import UTC, datetime
 from typing import ClassVar, Final
 
-__all__ = ["JsonFormatter", "LogEvent", "TextFormatter", "log_event", "setup_logging"]
+__all__ = [
+    "JsonFormatter",
+    "LogEvent",
+    "TextFormatter",
+    "configured_format",
+    "log_event",
+    "log_value",
+    "setup_logging",
+]
 
 # logging.Formatter's default_time_format and default_msec_format, as it writes asctime.
 _TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
@@ -56,6 +65,24 @@ class LogEvent:
         raise NotImplementedError
 
 
+# What a client-controlled log value may hold as it is: printable ASCII but for the quote, the
+# backslash and "=" (which would forge a field).
+_UNSAFE_LOG_CHARS: Final = re.compile(r"[^\x21-\x7e]|[\"\\=]")
+
+
+def log_value(value: object) -> str:
+    """Client-controlled text (SNI, ALPN, a request's path) for a log line: as it is when that
+    is safe, else quoted with the escapes of Python's unicode_escape codec, so that it cannot
+    forge log fields or lines; "-" for None."""
+    if value is None:
+        return "-"
+    text = str(value)
+    if text and not _UNSAFE_LOG_CHARS.search(text):
+        return text
+    escaped = text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
 def log_event(logger: logging.Logger, event: LogEvent, level: int = logging.INFO) -> None:
     """`logger.log(level, event)`, without the search for the caller's file and line that
     logging makes for every record (a walk up the stack; see the module docstring)."""
@@ -66,9 +93,21 @@ def log_event(logger: logging.Logger, event: LogEvent, level: int = logging.INFO
         logger.handle(record)
 
 
+# The format setup_logging chose, for the lines written beside logging (ops.accesslog).
+_configured_format = "text"
+
+
+def configured_format() -> str:
+    """The log format of this process ("text" or "json"), as setup_logging set it."""
+    return _configured_format
+
+
 def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     """Log to stderr in `log_format` ("text", or "json" for one object per line), from `level`
     up; a no-op when logging is set up already (logging.basicConfig's rule)."""
+    global _configured_format
+    if not logging.getLogger().handlers:
+        _configured_format = log_format
     # What no log line of ours shows, so nothing records it (the logging HOWTO's
     # "Optimization"): a log line per connection is part of every connection's cost.
     logging.logThreads = False

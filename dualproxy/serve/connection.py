@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import codecs
 import ipaddress
-import re
 import socket
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -36,17 +35,19 @@ from typing import ClassVar, Final
 import trio
 
 from dualproxy.config.names import IPAddress
+from dualproxy.ops.accesslog import AccessLog
 from dualproxy.ops.evidence import LATENCY_BOUNDS, RequestCounters
-from dualproxy.ops.logformat import LogEvent
+from dualproxy.ops.logformat import LogEvent, log_value
 from dualproxy.rotation import policy
 from dualproxy.tls.clienthello import ClientHello
 from dualproxy.tls.outcome import Outcome
 
-__all__ = ["ConnectionRecord", "log_value", "peer_address"]
+__all__ = ["ConnectionRecord", "peer_address"]
 
+# What we answer when the upstream failed an exchange (errors.py: the upstream's fault).
+_UPSTREAM_FAILURE_STATUSES: Final = frozenset({502, 503, 504})
 # What the log line writes for a value that is none.
 _NONE_TEXT: Final = "-"
-_UNSAFE_LOG_CHARS: Final = re.compile(r"[^\x21-\x7e]|[\"\\=]")
 
 
 @dataclass(slots=True)
@@ -71,6 +72,10 @@ class ConnectionRecord(LogEvent):
     # The per-request counts of the key and reason this connection was served, shared with
     # the other connections served them (Evidence.counters_for; taken when the key is chosen).
     counters: RequestCounters = field(default_factory=RequestCounters, repr=False)
+    # Where each exchange is logged (the server's; None: no access log).
+    access: AccessLog | None = field(default=None, repr=False)
+    # Exchanges we answered 502, 503 or 504: the upstream failed them.
+    upstream_failures: int = 0
 
     # The relay's Tally: it reports through these, without importing this module.
     def request_received(self) -> None:
@@ -88,10 +93,48 @@ class ConnectionRecord(LogEvent):
 
     def response_generated(self, status: int) -> None:
         self.counters.statuses[status // 100] += 1
+        if status in _UPSTREAM_FAILURE_STATUSES:
+            self.upstream_failures += 1
+
+    def exchange_ended(
+        self,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        status: int,
+        bytes_in: int,
+        bytes_out: int,
+        seconds: float,
+        upstream_seconds: float | None,
+        ended: str | None,
+    ) -> None:
+        access = self.access
+        if access is not None:
+            choice = self.choice
+            access.exchange(
+                peer=self.peer,
+                method=method,
+                target=target,
+                version=version,
+                status=status,
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+                seconds=seconds,
+                upstream_seconds=upstream_seconds,
+                key=self.key,
+                reason=choice.reason if choice is not None else None,
+                ended=ended,
+            )
 
     def end(self) -> None:
-        """The connection is over: its duration (`ms`) is fixed from now on."""
+        """The connection is over: its duration (`ms`) is fixed from now on. One whose
+        upstream failed an exchange ends as upstream-error, not ok (and is logged at WARNING),
+        its detail saying why (the last failure's, with how many there were)."""
         self.ended = trio.current_time()
+        if self.upstream_failures and self.outcome is Outcome.OK:
+            self.outcome = Outcome.UPSTREAM_ERROR
+            if self.upstream_failures > 1:
+                self.detail = f"{self.upstream_failures} exchanges failed, the last: {self.detail}"
 
     @property
     def ms(self) -> int:
@@ -149,19 +192,6 @@ class ConnectionRecord(LogEvent):
 def _unless_none_text(value: str | None) -> str | None:
     """A JSON field's value: None for what the text line writes as "-" (none, "" or "-")."""
     return value if value and value != _NONE_TEXT else None
-
-
-def log_value(value: object) -> str:
-    """Client-controlled text (SNI, ALPN) for the log line: as it is when that is safe, else
-    quoted with the escapes of Python's unicode_escape codec, so that it cannot forge log
-    fields or lines; "-" for None."""
-    if value is None:
-        return _NONE_TEXT
-    text = str(value)
-    if text and not _UNSAFE_LOG_CHARS.search(text):
-        return text
-    escaped = text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
-    return f'"{escaped}"'
 
 
 def peer_address(name: object) -> tuple[str, IPAddress | None]:

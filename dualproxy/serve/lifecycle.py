@@ -224,7 +224,7 @@ def describe_changes(current: Material, new: Material, files: tuple[Path, ...]) 
 # Config's fields that are tables of config.toml, in the file's order: what a reload names.
 _CONFIG_TABLES: Final = (
     "listen", "keys", "rotation", "upstream", "acme", "manifest", "reports", "limits",
-    "keystore", "admin", "lifecycle", "process",
+    "keystore", "admin", "lifecycle", "process", "log",
 )  # fmt: skip
 
 
@@ -377,6 +377,10 @@ class Reloads:
             # replace(), not Config(...): a field added to Config later must not be dropped.
             kept = replace(material.config, listen=current.config.listen)
             material = replace(material, config=kept)
+        if material.config.log != current.config.log:
+            # The access log is opened once, by the server (reopened in place on SIGUSR1).
+            log.warning("log.access changed: restart dualproxy to apply (kept the old one)")
+            material = replace(material, config=replace(material.config, log=current.config.log))
         old_pool = current.relay.pool if current.relay is not None else None
         self.ok += 1
         self._server.install(material, f"{why}: {describe_changes(current, material, files)}")
@@ -546,18 +550,22 @@ class Controllable(Protocol):
 
     def stop_now(self) -> None: ...
 
+    def reopen_logs(self) -> None: ...
+
 
 async def watch_signals(
     server: Controllable, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """SIGHUP reloads, SIGTERM drains (a second one stops at once). Started with
-    nursery.start, it reports readiness once the handlers are installed: a SIGHUP before
-    that would kill the process."""
-    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM) as signals:
+    """SIGHUP reloads, SIGTERM drains (a second one stops at once), SIGUSR1 reopens the
+    access log file (logrotate's postrotate). Started with nursery.start, it reports
+    readiness once the handlers are installed: a SIGHUP before that would kill the process."""
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1) as signals:
         task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:
                 await server.reload("SIGHUP")
+            elif signum == signal.SIGUSR1:
+                server.reopen_logs()
             elif not server.draining:
                 log.info("SIGTERM: stopping, after the requests in flight")
                 server.drain()

@@ -25,12 +25,12 @@ import trio
 from dualproxy.config.schema import Limits
 from dualproxy.http import smallserver
 from dualproxy.http.errors import HttpRefusal
-from dualproxy.http.local import LocalRequest, LocalRoutes
+from dualproxy.http.local import Endpoint, LocalAnswer, LocalRequest, LocalRoutes
 from dualproxy.http.relay import Drain
 from dualproxy.serve.connection import ConnectionRecord
 from dualproxy.tls.streams import TlsStream
 
-__all__ = ["MAX_REQUEST_HEAD_BYTES", "PLACEHOLDER_MAX_BODY", "respond"]
+__all__ = ["MAX_REQUEST_HEAD_BYTES", "PLACEHOLDER_MAX_BODY", "PlaceholderRoutes", "respond"]
 
 # Request bodies the placeholder responder reads and discards, in bytes: enough for any
 # health-check POST, small enough that nobody can make us read a file upload for nothing.
@@ -112,3 +112,31 @@ async def respond(
         await connection.send_answer(answer, keep_alive=not drain.draining)
         if not connection.start_next_cycle():
             return False
+
+
+class _NoUpstream:
+    """The fixed answer, as a local endpoint."""
+
+    max_body_bytes = PLACEHOLDER_MAX_BODY
+
+    async def answer(self, request: LocalRequest) -> LocalAnswer:
+        return LocalAnswer(HTTPStatus.OK, [(b"content-type", _TEXT)], _NO_UPSTREAM_ANSWER)
+
+
+class PlaceholderRoutes:
+    """The placeholder as local routes, for HTTP/2 streams (http.h2.LocalOnly): the server's
+    local endpoints (`local()`, now) where they answer, the fixed answer everywhere else."""
+
+    def __init__(self, local: Callable[[], LocalRoutes | None]) -> None:
+        self._local = local
+        self._fixed = _NoUpstream()
+
+    @property
+    def max_body_bytes(self) -> int:
+        routes = self._local()
+        return max(PLACEHOLDER_MAX_BODY, routes.max_body_bytes if routes is not None else 0)
+
+    def find(self, target: bytes) -> Endpoint | None:
+        routes = self._local()
+        endpoint = routes.find(target) if routes is not None else None
+        return endpoint if endpoint is not None else self._fixed

@@ -48,10 +48,13 @@ from typing import Final, Protocol
 
 import trio
 
+from dualproxy.config.errors import OperatorError
 from dualproxy.config.schema import Config
+from dualproxy.http.h2 import ALPN_H2, Http2Connection, LocalOnly, StreamSettings
 from dualproxy.http.relay import ClientConnection, Departures, Drain, RelaySettings
+from dualproxy.ops.accesslog import AccessLog
 from dualproxy.ops.evidence import NONE_LABEL, Evidence
-from dualproxy.ops.logformat import log_event
+from dualproxy.ops.logformat import configured_format, log_event
 from dualproxy.pinning import endpoints, reports
 from dualproxy.rotation import policy
 from dualproxy.serve import announce, lifecycle, placeholder, rollout
@@ -167,6 +170,8 @@ class Server:
         self.reloads = lifecycle.Reloads(self, load, self._clock, files_seen=files_seen)
         # Answers tls-alpn-01 validations on our listeners while ACME runs beside us.
         self.tls_alpn_responder: TlsAlpnResponder | None = None
+        # One line per request ([log] access; ops.accesslog), flushed beside the server.
+        self.access_log = _open_access_log(config)
 
     # --- what it serves --------------------------------------------------------------
 
@@ -282,6 +287,8 @@ class Server:
                     announce.watch_window, self, self._clock, lambda: self.evidence.window.closed
                 )
                 services.start_soon(keep_rotating, self.tickets)
+                if self.access_log is not None:
+                    services.start_soon(self.access_log.run)
                 if self._handle_signals:
                     await services.start(lifecycle.watch_signals, self)
                 await self._serve(listeners, bound, task_status)
@@ -291,6 +298,8 @@ class Server:
             for listener in listeners:  # those whose accept loop never started
                 close_listener(listener)
             self._shutdown.accepting = self._shutdown.connections = None
+            if self.access_log is not None:  # a clean stop loses no line
+                self.access_log.close()
             if self._relay is not None:
                 await close_pool(self._relay.pool)
 
@@ -384,6 +393,21 @@ class Server:
         """Cancel every connection at once (a second SIGTERM during the drain)."""
         self._shutdown.stop_now(self.config.limits.shutdown_grace)
 
+    def reopen_logs(self) -> None:
+        """Reopen the access log file (SIGUSR1, after logrotate moved it)."""
+        if self.access_log is None:
+            return
+        try:
+            self.access_log.reopen()
+        except OSError as exc:
+            log.error(
+                "log.access: cannot reopen %s (%s); still writing to the old file",
+                self.config.log.access_path,
+                exc.strerror,
+            )
+            return
+        log.info("log.access: reopened %s", self.config.log.access_path or "stderr")
+
     async def reload(self, why: str) -> bool:
         """Re-read the config and key files; swap in new material only if all of it is good
         (lifecycle.Reloads: one at a time, the previous material serving on failure). True
@@ -402,7 +426,7 @@ class Server:
 
     async def _connection_task(self, sock: socket.socket, address: object, token: object) -> None:
         """listeners.accept_loop's handler: owns the socket and the slot (`token`)."""
-        record = ConnectionRecord(peer="-", counters=self._unkeyed_counters)
+        record = ConnectionRecord(peer="-", counters=self._unkeyed_counters, access=self.access_log)
         record.peer, record.peer_ip = peer_address(address)
         try:
             stream = TcpStream(sock, options_set=ACCEPTED_SOCKETS_INHERIT_OPTIONS)
@@ -429,9 +453,14 @@ class Server:
             record.end()
             self.evidence.connection_ended(record, self.config.rotation)
             # A CA's validation connections are logged by the challenge board, once per
-            # challenge and with its name; their conn lines only at debug level.
-            acme = record.outcome is Outcome.ACME_CHALLENGE
-            log_event(log, record, logging.DEBUG if acme else logging.INFO)
+            # challenge and with its name; their conn lines only at debug level. An exchange
+            # the upstream failed (a 502, 503 or 504 of ours) is a warning.
+            level = logging.INFO
+            if record.outcome is Outcome.ACME_CHALLENGE:
+                level = logging.DEBUG
+            elif record.outcome is Outcome.UPSTREAM_ERROR:
+                level = logging.WARNING
+            log_event(log, record, level)
 
     async def handle_connection(self, stream: TcpStream, record: ConnectionRecord) -> None:
         """Peek, choose, handshake, serve. Fills `record` (its peer already set); the caller
@@ -555,10 +584,12 @@ class Server:
                 return data
 
     async def respond(self, tls: TlsStream, record: ConnectionRecord) -> bool:
-        """Serve HTTP/1.1 on the established TLS stream: relay to the upstream when the config
-        has one (see relay.py), otherwise answer every request ourselves (placeholder.py).
-        True when the connection should end with a lingering close (the client may still be
-        sending)."""
+        """Serve HTTP/2 or HTTP/1.1, as ALPN chose, on the established TLS stream: relay to
+        the upstream when the config has one (see h2.py, relay.py), otherwise answer every
+        request ourselves (placeholder.py). True when the connection should end with a
+        lingering close (the client may still be sending)."""
+        if tls.selected_alpn_protocol() == ALPN_H2:
+            return await self._respond_h2(tls, record)
         if self._relay is None:
             return await placeholder.respond(
                 tls,
@@ -577,9 +608,33 @@ class Server:
             client_fd=tls.transport_stream.socket.fileno(),
             tally=record,
             response_headers=self._dev_response_headers(record),
+            upstream_detail=self._dev_headers,
         )
         await relay.serve()
         return relay.client_may_be_sending
+
+    async def _respond_h2(self, tls: TlsStream, record: ConnectionRecord) -> bool:
+        """Serve the connection's HTTP/2 streams (http.h2): relayed, or without an upstream
+        answered as the placeholder answers HTTP/1.1 requests."""
+        config = self.config
+        settings: Callable[[], StreamSettings | None] = self._relay_settings
+        if self._relay is None:
+            placeholder_settings = LocalOnly(
+                config.limits, placeholder.PlaceholderRoutes(self._local_endpoints)
+            )
+            settings = lambda: placeholder_settings  # noqa: E731
+        connection = Http2Connection(
+            tls,
+            peer=record.peer_ip,
+            settings=settings,
+            limits=config.limits,
+            drain=self._drain,
+            tally=record,
+            response_headers=self._dev_response_headers(record),
+            upstream_detail=self._dev_headers,
+        )
+        await connection.serve()
+        return connection.client_may_be_sending
 
     def _dev_response_headers(self, record: ConnectionRecord) -> list[tuple[bytes, bytes]]:
         """In dev mode only: the key served on this connection and why it was chosen."""
@@ -595,6 +650,23 @@ class Server:
 
     def _local_endpoints(self) -> endpoints.LocalEndpoints | None:
         return self._local
+
+
+def _open_access_log(config: Config) -> AccessLog | None:
+    """The access log [log] asks for, in the process's log format; None when it is off.
+    OperatorError for a file we cannot append to."""
+    settings = config.log
+    if not settings.access:
+        return None
+    try:
+        return AccessLog(settings.access_path, json_lines=configured_format() == "json")
+    except OSError as exc:
+        raise OperatorError(
+            f"cannot open {settings.access_path} for appending: {exc.strerror}",
+            key_path="log.access",
+            file=config.path,
+            fix='point it at a writable file, or write "stderr" or "off"',
+        ) from None
 
 
 _PLAIN_HTTP_REFUSAL: Final = (

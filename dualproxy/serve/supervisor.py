@@ -50,6 +50,7 @@ new epoch: samples counted before it, still in flight, are not added to the new 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -332,6 +333,15 @@ class Supervisor:
         self.drain()
         self._stopping_now = True
         self._tell_all({"t": "stop"})
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate's postrotate): each worker that serves reopens its own access
+        log file, as a single process does on SIGUSR1 (its handler is installed before it
+        serves); the supervisor writes none."""
+        for worker in self.workers:
+            if worker.pid is not None and worker.ready:
+                with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
+                    os.kill(worker.pid, signal.SIGUSR1)
 
     def _close_listeners(self) -> None:
         for listeners in self._listener_sets:

@@ -99,9 +99,10 @@ TLS12_CIPHER_SUITES: Final = (
 )
 MOZILLA_INTERMEDIATE_TLS12_CIPHERS: Final = ":".join(s.openssl_name for s in TLS12_CIPHER_SUITES)
 
-# We relay HTTP/1.1 only (relay, http1). Offering h2 would make HTTP/2 clients send a preface
-# we cannot read; a client that offers only other protocols still connects, without ALPN.
-ALPN_PROTOCOLS: Final = ("http/1.1",)
+# HTTP/2 first (http.h2: mobile stacks prefer it, one connection carries every request), then
+# HTTP/1.1 (http.relay); OpenSSL picks our first that the client offers. A client that offers
+# only other protocols (ALPN hint tokens alone) still connects, without ALPN: HTTP/1.1.
+ALPN_PROTOCOLS: Final = ("h2", "http/1.1")
 
 # TLS 1.3 session tickets sent after each handshake (full or resumed). OpenSSL's default is
 # two, for browsers that open two connections to a site at once; each ticket costs the server

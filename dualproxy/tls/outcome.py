@@ -25,6 +25,9 @@ class Outcome(enum.StrEnum):
     """How a connection ended, as logged and counted."""
 
     OK = "ok"  # handshake completed and at least one request answered
+    # As OK, but the upstream failed at least one of them: we answered 502, 503 or 504
+    # (logged at WARNING, with why in the detail).
+    UPSTREAM_ERROR = "upstream-error"
     NO_REQUEST = "no-request"  # handshake completed, closed without a request
     CLIENT_ABORTED = "client-aborted"  # alert or close from the client during the handshake
     TLS_ERROR = "tls-error"  # the handshake failed on our side (no shared cipher, old version)

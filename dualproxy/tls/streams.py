@@ -379,14 +379,20 @@ class TlsStream(trio.abc.Stream):
                 try:
                     # Usually the records just received hold the bytes: read them here, and
                     # go through _call's loop only when OpenSSL wants more.
+                    # What reading made OpenSSL write (a KeyUpdate's answer) goes now, unless
+                    # another task is sending (HTTP/2 sends while it receives): its send, or
+                    # the next, takes it.
+                    flush = not self._sending
                     try:
                         data = self._ssl.read(size)
                     except ssl.SSLWantReadError:
-                        data = await self._call(self._ssl.read, size)
+                        data = await self._call(
+                            self._ssl.read, size, flush=flush, reading=not flush
+                        )
                     except (ssl.SSLError, ssl.CertificateError) as exc:
                         await self._fail(exc)
                     else:
-                        if self._outgoing.pending and not self._hold_outgoing:
+                        if flush and self._outgoing.pending and not self._hold_outgoing:
                             await self._flush()
                 except _CleanEnd:
                     self._ended = True
@@ -506,17 +512,21 @@ class TlsStream(trio.abc.Stream):
         if self._state is _State.BROKEN:
             raise trio.BrokenResourceError("this TLS stream broke earlier")
 
-    async def _call(self, operation: Callable[..., _T], *args: object, flush: bool = True) -> _T:
+    async def _call(
+        self, operation: Callable[..., _T], *args: object, flush: bool = True, reading: bool = False
+    ) -> _T:
         """Run an OpenSSL operation, feeding it socket bytes until it completes.
 
         A receive cancelled while it waits has consumed nothing, so the stream stays usable
         (an idle connection's close still gets its close_notify); a send cancelled half-way
-        breaks it (see _flush)."""
+        breaks it (see _flush). `reading` while another task sends (HTTP/2 receives and sends
+        at once): what OpenSSL wrote stays for that send or the next (only a handshake needs
+        its bytes to go before it reads)."""
         while True:  # bounded: each round completes, or reads from the socket
             try:
                 result = operation(*args)
             except ssl.SSLWantReadError:
-                if self._outgoing.pending and not self._hold_outgoing:
+                if self._outgoing.pending and not self._hold_outgoing and not reading:
                     await self._flush()
                 await self._receive_records()
                 continue

@@ -1,5 +1,5 @@
-"""The server's `conn` log lines, read as a log pipeline would: parsed from the text alone
-(never through the code that writes them), and collected from pytest's caplog."""
+"""The server's `conn` and `access` log lines, read as a log pipeline would: parsed from the
+text alone (never through the code that writes them), and collected from pytest's caplog."""
 
 from __future__ import annotations
 
@@ -64,3 +64,40 @@ class ConnLog:
         lines = await self.wait(1)
         assert len(lines) == 1, lines
         return lines[0]
+
+
+# --- the access log (ops.accesslog): one line per request ----------------------------------
+
+# Every field of an access line, in order.
+ACCESS_FIELDS: Final = (
+    "peer",
+    "method",
+    "path",
+    "proto",
+    "status",
+    "in",
+    "out",
+    "ms",
+    "upstream_ms",
+    "key",
+    "reason",
+    "ended",
+)
+_ACCESS_FIELD: Final = r'[a-z_]+=(?:"(?:[^"\\]|\\.)*"|[^\s"=\\]+)'
+_ACCESS_LINE: Final = re.compile(
+    rf"(\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}}) (INFO|WARNING) access((?: {_ACCESS_FIELD})+)"
+)
+
+
+def parse_access_line(line: str) -> dict[str, str]:
+    """A text access line as {field: value} (plus "level"), quoted values unescaped."""
+    match = _ACCESS_LINE.fullmatch(line)
+    assert match, line
+    fields = {"level": match.group(2)}
+    for item in re.findall(_ACCESS_FIELD, match.group(3)):
+        key, _, value = item.partition("=")
+        if value.startswith('"'):
+            value = value[1:-1].replace('\\"', '"').encode().decode("unicode_escape")
+        fields[key] = value
+    assert tuple(fields)[1:] == ACCESS_FIELDS, line
+    return fields
