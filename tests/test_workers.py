@@ -32,7 +32,7 @@ from helpers.keys import KeyFiles, make_key, reissue
 from dualproxy.config.loader import load
 from dualproxy.config.names import ListenAddress
 from dualproxy.config.schema import AcmeConfig
-from dualproxy.ops import admin
+from dualproxy.ops import admin, statuspage
 from dualproxy.ops.tally import from_wire
 from dualproxy.serve.control import Channel, ChannelError
 from dualproxy.serve.listeners import open_listeners
@@ -158,6 +158,14 @@ async def test_metrics_totals_equal_the_requests_sent(setup: Setup) -> None:
         assert status.active_connections == 0
         assert sum(worker.connections for worker in supervisor.workers) == 31
         assert all(worker.ready for worker in supervisor.workers)
+        # The limits hold per worker: the machine admits two workers' worth.
+        limits = status.connections
+        assert limits is not None
+        assert limits.processes == 2
+        assert "per process x 2 processes" in statuspage.render_text(status)
+        machine = re.search(r'dualproxy_connection_limit\{scope="machine"\} (\S+)', scraped)
+        assert machine is not None
+        assert float(machine.group(1)) == 2 * limits.max_connections
 
 
 async def test_a_killed_worker_is_replaced_while_the_others_keep_serving(setup: Setup) -> None:

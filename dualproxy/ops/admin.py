@@ -128,6 +128,11 @@ class ServerView(Protocol):
     def reclaimed_connections(self) -> int: ...
 
     @property
+    def processes(self) -> int:
+        """Processes serving clients, each with its own connection limits (the workers)."""
+        ...
+
+    @property
     def refused_per_client(self) -> int: ...
 
     @property
@@ -177,6 +182,7 @@ def status_of(server: ServerView) -> Status:
             idle=server.idle_connections,
             reclaimed=server.reclaimed_connections,
             refused_per_client=server.refused_per_client,
+            processes=server.processes,
         ),
     )
 

@@ -555,9 +555,13 @@ class ConnectionCounts:
     idle: int  # of them, waiting for a request (reclaimed first at the limit)
     reclaimed: int  # idle connections closed at the limit to admit new clients, since start
     refused_per_client: int  # connections closed at once: their client held max_per_client
+    # Processes that each hold those limits (the workers; 1 without): the machine admits
+    # max_connections times this many.
+    processes: int = 1
 
     def to_json(self) -> dict[str, int]:
         return {
+            "processes": self.processes,
             "max_connections": self.max_connections,
             "max_connections_per_client": self.max_per_client,
             "open": self.open,

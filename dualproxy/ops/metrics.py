@@ -72,10 +72,12 @@ def _connection_limits(status: Status) -> list[Metric]:
         return []
     limit = GaugeMetricFamily(
         "dualproxy_connection_limit",
-        "The configured connection limits: per process (max_connections) and per client.",
+        "The configured connection limits: per process (max_connections), for the machine"
+        " (times the worker processes) and per client.",
         labels=["scope"],
     )
     limit.add_metric(["process"], counts.max_connections)
+    limit.add_metric(["machine"], counts.max_connections * counts.processes)
     limit.add_metric(["client"], counts.max_per_client)
     return [
         limit,

@@ -262,9 +262,10 @@ once it is gone.</p>
 
 def _limits_text(counts: ConnectionCounts) -> str:
     """The connection limits and how close the server is to them, in one line."""
+    per = f" per process x {counts.processes} processes" if counts.processes > 1 else ""
     return (
         f"connections: {counts.open} open of limits.max_connections {counts.max_connections}"
-        f" ({counts.idle} idle); {counts.reclaimed} idle reclaimed at the limit;"
+        f"{per} ({counts.idle} idle); {counts.reclaimed} idle reclaimed at the limit;"
         f" {counts.refused_per_client} refused for max_connections_per_client"
         f" {counts.max_per_client} (limits per process)"
     )

@@ -206,6 +206,11 @@ class Server:
         return self._slots.borrowed_tokens
 
     @property
+    def processes(self) -> int:
+        """Processes serving clients, each with its own connection limits."""
+        return 1
+
+    @property
     def idle_connections(self) -> int:
         """Connections open now that wait for a request (reclaimable at the limit)."""
         return self._drain.idle_connections

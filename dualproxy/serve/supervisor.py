@@ -232,6 +232,11 @@ class Supervisor:
         return sum(worker.active for worker in self.workers)
 
     @property
+    def processes(self) -> int:
+        """Processes serving clients, each with its own connection limits."""
+        return len(self.workers)
+
+    @property
     def idle_connections(self) -> int:
         return sum(worker.idle for worker in self.workers)
 
