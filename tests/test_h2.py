@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -247,6 +248,39 @@ async def test_curl_negotiates_h2_and_moves_eight_mib_both_ways(
     assert down.returncode == 0, down.stderr
     got = (tmp_path / "down.bin").read_bytes()
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(pattern_bytes(SIZE)).hexdigest()
+
+
+H2LOAD_REQUESTS: Final = 200
+
+
+@pytest.mark.e2e
+async def test_h2load_through_dualproxy_gets_every_response(
+    key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    """nghttp2's load generator (what the benchmark drives): h2 negotiated, 4 connections of
+    10 concurrent streams, every request answered by the upstream, none failed."""
+    h2load = shutil.which("h2load")
+    assert h2load is not None, "h2load is installed by scripts/test (nghttp2-client)"
+    async with proxy(key, cafile, tmp_path, upstream) as p:
+        command = [h2load, "-n", str(H2LOAD_REQUESTS), "-c", "4", "-m", "10"]
+        result = await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [*command, f"https://127.0.0.1:{p.port}/load"],
+                capture_output=True,
+                text=True,
+                timeout=CLIENT_TIMEOUT * 3,
+                check=False,
+            )
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Application protocol: h2" in result.stdout
+    total = H2LOAD_REQUESTS
+    assert (
+        f"requests: {total} total, {total} started, {total} done, {total} succeeded, 0 failed,"
+        in result.stdout
+    )
+    assert "status codes: 200 2xx" in result.stdout
+    assert len(upstream.requests) == H2LOAD_REQUESTS
 
 
 @pytest.mark.e2e

@@ -28,6 +28,7 @@ import trustme
 from helpers.clients import read_until, tls_get, tls_get_async
 from helpers.configs import write_config
 from helpers.keys import KeyFiles, make_key, reissue
+from helpers.upstream_server import UpstreamServer, serve_upstream
 
 from dualproxy.config.loader import load
 from dualproxy.config.names import ListenAddress
@@ -695,3 +696,47 @@ async def test_a_ticket_issued_by_one_worker_resumes_on_the_other(setup: Setup) 
         per_worker = [worker.connections for worker in supervisor.workers]
     assert resumed == [False] + [True] * 23
     assert all(per_worker), per_worker  # both workers took reconnects
+
+
+async def test_sigusr1_makes_every_worker_reopen_the_access_log(setup: Setup) -> None:
+    """logrotate renames the access log, then sends SIGUSR1 to the supervisor (reopen_logs):
+    from then on every worker writes to a new file at the configured path, none to the
+    renamed one (requests spread over both workers by their reuse_port sockets; relayed,
+    as the placeholder writes no access line)."""
+    access = setup.folder / "access.log"
+    async with serve_upstream(UpstreamServer.https(setup.folder)) as upstream:
+        write_config(
+            setup.config_file,
+            [setup.old],
+            extra={
+                "process": {"workers": 2},
+                "log": {"access": str(access)},
+                "upstream": upstream.config_table(),
+            },
+        )
+        await reopened_by_every_worker(setup, access)
+
+
+async def reopened_by_every_worker(setup: Setup, access: Path) -> None:
+    supervisor = setup.supervisor("reuse_port")
+    async with supervising(supervisor) as port:
+        assert await new_connection_gets(port, setup.cafile, 10) == [200] * 10
+
+        def lines(path: Path) -> int:
+            return len(path.read_text().splitlines()) if path.exists() else 0
+
+        await eventually(lambda: lines(access) == 10, "10 access lines")
+        rotated = access.with_name("access.log.1")
+        access.rename(rotated)
+        supervisor.reopen_logs()
+        await eventually(access.exists, "a new access log")
+        assert await new_connection_gets(port, setup.cafile, 20) == [200] * 20
+
+        def counted() -> bool:
+            return sum(worker.connections for worker in supervisor.workers) == 30
+
+        await eventually(counted, "30 connections counted")
+        await eventually(lambda: lines(access) == 20, "20 access lines in the new file")
+        per_worker = [worker.connections for worker in supervisor.workers]
+    assert lines(rotated) == 10
+    assert all(per_worker), per_worker
