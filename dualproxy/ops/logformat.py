@@ -23,6 +23,7 @@ connection line is logged once per connection.
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import re
@@ -49,7 +50,7 @@ _UNKNOWN_FILE: Final = "(unknown file)"
 _UNKNOWN_FUNCTION: Final = "(unknown function)"
 
 
-class LogEvent:
+class LogEvent(abc.ABC):
     """A log message with fields: `str(event)` is its text line, `log_fields()` its JSON
     members (in the text line's order), `event` its name in JSON.
 
@@ -61,8 +62,9 @@ class LogEvent:
     __slots__ = ()
     event: ClassVar[str]
 
+    @abc.abstractmethod
     def log_fields(self) -> dict[str, object]:
-        raise NotImplementedError
+        """The event's fields for the JSON format, in the text line's order."""
 
 
 # What a client-controlled log value may hold as it is: printable ASCII but for the quote, the
