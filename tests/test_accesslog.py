@@ -6,9 +6,11 @@ report at WARNING, with the reason, while the client sees a generic body.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -157,6 +159,58 @@ async def test_the_buffer_is_flushed_every_second(
     log.close()
 
 
+class _Recording(io.StringIO):
+    """A stderr without a descriptor (as a pipe is, to the rule): each write kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_on_a_pipe_each_write_is_whole_lines_within_pipe_buf(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Workers share stderr (a pipe or socket under systemd and containers): a write of at
+    most PIPE_BUF bytes is atomic there, so no line of one worker lands inside another's."""
+    recording = _Recording()
+    monkeypatch.setattr(sys, "stderr", recording)
+    log = AccessLog(None)
+    for index in range(1000):  # some 170 KiB: more than one buffer, many pieces
+        entry(log, target=b"/v1/items?id=%d" % index)
+    log.flush()
+    assert len(recording.writes) > 1
+    for piece in recording.writes:
+        assert len(piece.encode()) <= select.PIPE_BUF
+        assert piece.endswith("\n")
+    lines = "".join(recording.writes).splitlines()
+    assert [parse_access_line(line)["path"] for line in lines] == [
+        f"/v1/items?id={index}" for index in range(1000)
+    ]
+
+
+def test_on_a_regular_file_the_buffer_goes_in_one_write(tmp_path: Path) -> None:
+    """O_APPEND: each write(2) lands whole at the end of the file, however long."""
+    path = tmp_path / "access.log"
+    log = AccessLog(path)
+    writes: list[str] = []
+    write = log._out.write
+
+    def recording(text: str) -> int:
+        writes.append(text)
+        return write(text)
+
+    log._out.write = recording  # type: ignore[method-assign]
+    for index in range(100):
+        entry(log, target=b"/%d" % index)
+    log.close()
+    assert len(writes) == 1
+    assert len(path.read_text().splitlines()) == 100
+
+
 def test_reopen_starts_a_new_file_after_a_rotation(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     log = AccessLog(path)
@@ -241,6 +295,52 @@ async def test_both_protocols_are_logged_one_line_per_request(
         )
         assert int(line["out"]) > 0
         assert line["upstream_ms"] != "-"
+
+
+async def test_requests_the_placeholder_answers_are_logged_as_any_other(
+    key: KeyFiles, cafile: Path, tmp_path: Path
+) -> None:
+    """Without [upstream] the server answers itself (HTTP/1.1 through http.smallserver, HTTP/2
+    through its local routes): each request still gets its line, with no upstream time."""
+    path = tmp_path / "access.log"
+    config = make_config([key], base_dir=tmp_path, extra={"log": {"access": str(path)}})
+    async with serving(config) as run:
+        async with h2_client(run.port, cafile) as client:
+            await client.request("GET", "/h2")
+
+        def curl(*args: str) -> None:
+            target = f"https://{SNI}:{run.port}"
+            urls = [f"{target}/h1", f"{target}/h1/again"]
+            resolve = ["--resolve", f"{SNI}:{run.port}:127.0.0.1"]
+            result = subprocess.run(
+                ["curl", "-sS", "--http1.1", "--cacert", str(cafile), *resolve, *args, *urls],
+                capture_output=True,
+                timeout=CLIENT_TIMEOUT,
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr
+
+        await trio.to_thread.run_sync(curl, "-d", "12345")  # two POSTs on one connection
+        await trio.to_thread.run_sync(curl, "-I")  # two HEADs
+        assert run.server.access_log is not None
+        run.server.access_log.flush()
+        lines = [parse_access_line(line) for line in path.read_text().splitlines()]
+    assert [(line["method"], line["path"], line["proto"]) for line in lines] == [
+        ("GET", "/h2", "HTTP/2"),
+        ("POST", "/h1", "HTTP/1.1"),
+        ("POST", "/h1/again", "HTTP/1.1"),
+        ("HEAD", "/h1", "HTTP/1.1"),
+        ("HEAD", "/h1/again", "HTTP/1.1"),
+    ]
+    for line in lines:
+        assert (line["status"], line["upstream_ms"], line["key"], line["ended"]) == (
+            "200",
+            "-",
+            "k1",
+            "-",
+        )
+    assert [line["in"] for line in lines] == ["0", "5", "5", "0", "0"]
+    assert [int(line["out"]) > 0 for line in lines] == [True, True, True, False, False]
 
 
 async def test_a_502_is_a_warning_with_its_reason_and_a_generic_body(

@@ -100,12 +100,15 @@ _INTERNAL_ERROR: Final = b'{"error": "internal error: see the log"}\n'
 @dataclass(frozen=True, slots=True)
 class Request:
     """One request as a small server sees it. `headers` as h11 gives them: names lowercase,
-    in the order sent. `body` is empty when it was not read or not kept."""
+    in the order sent. `body` is empty when it was not read or not kept; `body_size` counts
+    what was read, kept or not (for an access log); `version` as h11 read it."""
 
     method: bytes
     target: bytes
     headers: tuple[tuple[bytes, bytes], ...] = ()
     body: bytes = b""
+    body_size: int = 0
+    version: bytes = b"1.1"
 
     @property
     def path(self) -> bytes:
@@ -203,7 +206,7 @@ class Connection:
                 head = event
                 self._head_only = event.method == b"HEAD"
                 if max_body is None:
-                    return _request(head, b"")
+                    return _request(head, b"", 0)
             elif isinstance(event, h11.Data):
                 assert max_body is not None  # without it, the head was returned
                 body_size += len(event.data)
@@ -217,7 +220,7 @@ class Connection:
                     body += event.data
             elif isinstance(event, h11.EndOfMessage):
                 assert head is not None  # h11 ends only a message it began
-                return _request(head, bytes(body))
+                return _request(head, bytes(body), body_size)
             else:  # ConnectionClosed; or PAUSED, which start_next_cycle prevents
                 return None
 
@@ -258,8 +261,10 @@ class Connection:
         return True
 
 
-def _request(head: h11.Request, body: bytes) -> Request:
-    return Request(head.method, head.target, tuple(head.headers), body)
+def _request(head: h11.Request, body: bytes, body_size: int) -> Request:
+    return Request(
+        head.method, head.target, tuple(head.headers), body, body_size, head.http_version
+    )
 
 
 # --- a local JSON endpoint's connection ----------------------------------------------------

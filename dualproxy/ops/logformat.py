@@ -39,6 +39,7 @@ __all__ = [
     "configured_format",
     "log_event",
     "log_value",
+    "needs_quoting",
     "setup_logging",
 ]
 
@@ -70,6 +71,9 @@ class LogEvent(abc.ABC):
 # What a client-controlled log value may hold as it is: printable ASCII but for the quote, the
 # backslash and "=" (which would forge a field).
 _UNSAFE_LOG_CHARS: Final = re.compile(r"[^\x21-\x7e]|[\"\\=]")
+# Its search: a match when log_value must quote the text (for a caller that inlines the check
+# on a per-request path, ops.accesslog).
+needs_quoting: Final = _UNSAFE_LOG_CHARS.search
 
 
 def log_value(value: object) -> str:
@@ -79,7 +83,7 @@ def log_value(value: object) -> str:
     if value is None:
         return "-"
     text = str(value)
-    if text and not _UNSAFE_LOG_CHARS.search(text):
+    if text and not needs_quoting(text):
         return text
     escaped = text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
     return f'"{escaped}"'

@@ -112,18 +112,18 @@ class ConnectionRecord(LogEvent):
         if access is not None:
             choice = self.choice
             access.exchange(
-                peer=self.peer,
-                method=method,
-                target=target,
-                version=version,
-                status=status,
-                bytes_in=bytes_in,
-                bytes_out=bytes_out,
-                seconds=seconds,
-                upstream_seconds=upstream_seconds,
-                key=self.key,
-                reason=choice.reason if choice is not None else None,
-                ended=ended,
+                self.peer,
+                method,
+                target,
+                version,
+                status,
+                bytes_in,
+                bytes_out,
+                seconds,
+                upstream_seconds,
+                self.key,
+                choice.reason if choice is not None else None,
+                ended,
             )
 
     def end(self) -> None:

@@ -66,11 +66,13 @@ async def respond(
         endpoints_now = local()
         keep = endpoints_now.max_body_bytes if endpoints_now is not None else 0
         request: smallserver.Request | None = None  # stays None when a wait times out
+        begun_at = 0.0
         try:
             begun = False
             with drain.idle(wait, reclaimable=bool(record.requests)):
                 begun = await connection.wait_for_request()
             if begun:
+                begun_at = trio.current_time()
                 with trio.move_on_after(limits.request_header_timeout):
                     request = await connection.receive_request(
                         max_body=max(PLACEHOLDER_MAX_BODY, keep), keep_body=keep != 0
@@ -79,9 +81,9 @@ async def respond(
             if refused.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
                 return False  # a body past what we read: closed unanswered
             record.response_generated(HTTPStatus.BAD_REQUEST)
-            await connection.send_answer(
-                smallserver.Answer(HTTPStatus.BAD_REQUEST, b"bad request\n")
-            )
+            refusal = smallserver.Answer(HTTPStatus.BAD_REQUEST, b"bad request\n")
+            await connection.send_answer(refusal)
+            _log_exchange(record, None, refusal, begun_at, f"{refused.status} {refused.problem}")
             return True
         if request is None:
             return False
@@ -110,8 +112,39 @@ async def respond(
         if response_headers:
             answer = replace(answer, headers=(*answer.headers, *response_headers))
         await connection.send_answer(answer, keep_alive=not drain.draining)
+        _log_exchange(record, request, answer, begun_at, None)
         if not connection.start_next_cycle():
             return False
+
+
+def _log_exchange(
+    record: ConnectionRecord,
+    request: smallserver.Request | None,
+    answer: smallserver.Answer,
+    begun_at: float,
+    ended: str | None,
+) -> None:
+    """The exchange's access log line, as the relay writes one (http.settings.Tally): a
+    request the placeholder answered is a request like any other in the log."""
+    method, target, version, received = b"-", b"-", b"1.1", 0
+    if request is not None:
+        method, target, version, received = (
+            request.method,
+            request.target,
+            request.version,
+            request.body_size,
+        )
+    record.exchange_ended(
+        method,
+        target,
+        version,
+        answer.status,
+        received,
+        0 if method == b"HEAD" else len(answer.body),
+        trio.current_time() - begun_at,
+        None,
+        ended,
+    )
 
 
 class _NoUpstream:
