@@ -314,6 +314,24 @@ def test_a_key_file_others_may_read_is_refused(tmp_path: Path, mode: int) -> Non
     assert refused.value.file == path
 
 
+def test_the_state_folder_s_key_file_is_0600_and_its_errors_name_state_dir(
+    tmp_path: Path, key: KeyFiles
+) -> None:
+    """[state] dir named and no ticket_key_file: the keys live in ticket-keys there (the
+    folder made when missing), 0600 as a named file is; one others may read is refused
+    naming state.dir, the setting that put it there."""
+    config = make_config([key], base_dir=tmp_path, extra={"state": {"dir": "state"}})
+    path = tmp_path / "state" / "ticket-keys"
+    TicketKeys(config.tls)  # the folder made (0700) at the first start
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    path.chmod(0o644)
+    with pytest.raises(OperatorError, match="chmod 600") as refused:
+        TicketKeys(config.tls)
+    assert refused.value.key_path == "state.dir"
+    assert refused.value.file == path
+
+
 def test_a_key_file_dualproxy_did_not_write_is_refused_without_its_bytes(tmp_path: Path) -> None:
     path = tmp_path / "ticket.keys"
     secret = "c2VjcmV0LWJ5dGVzLW5vdC1vdXJz"
