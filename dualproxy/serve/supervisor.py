@@ -77,6 +77,7 @@ from dualproxy.serve.closing import close_pool
 from dualproxy.serve.control import Channel, ChannelError
 from dualproxy.serve.lifecycle import Loader, Material, read_files
 from dualproxy.serve.listeners import bound_address, describe_bound, open_listeners
+from dualproxy.serve.sharedhalt import SharedHalt
 from dualproxy.tls import keystore
 from dualproxy.tls.keystore import KeySnapshot
 from dualproxy.tls.streams import set_tcp_options
@@ -176,10 +177,13 @@ class Supervisor:
         clock: Callable[[], datetime] = utc_now,
         load: Loader = read_files,
         handle_signals: bool = True,
+        share_state: bool = False,
     ) -> None:
         """Checks the config's keys (OperatorError, as a single process's start does).
         `workers`: how many (default: the config's [process] workers); `handle_signals`:
-        SIGHUP and SIGTERM as a single process takes them (tests call reload and drain)."""
+        SIGHUP and SIGTERM as a single process takes them (tests call reload and drain);
+        `share_state`: the machine's canary halt shared with the replicas of the state
+        folder (sharedhalt.py), as a single server's."""
         files_seen = lifecycle.files_signature(config)
         snapshot = keystore.load_snapshot(config)
         self._clock = clock
@@ -201,6 +205,9 @@ class Supervisor:
             self._ticket_folder = private_ticket_folder()
         self.evidence = Evidence()
         self.reloads = lifecycle.Reloads(self, load, clock, files_seen=files_seen)
+        self.shared_halt = SharedHalt(self) if share_state else None
+        if self.shared_halt is not None:
+            self.evidence.canary.on_decision = self.reloads.poll_soon
         self._draining = False
         self._stopping_now = False
         self._serving = False  # a worker served once: from then on a death is restarted
@@ -399,10 +406,13 @@ class Supervisor:
             self._own_sockets = reuse_port
             self._shapes = [_shape(s) for s in first]
             self._bound = [bound_address(s) for s in first]
+            shared = self.shared_halt.sync if self.shared_halt is not None else None
+            if shared is not None:  # before any worker: each starts with the machine's halt
+                await shared()
             async with trio.open_nursery() as nursery:
                 if self._handle_signals:
                     await nursery.start(lifecycle.watch_signals, self)
-                nursery.start_soon(self.reloads.watch_files)
+                nursery.start_soon(self.reloads.watch_files, shared)
                 nursery.start_soon(self._sync_canary)
                 async with trio.open_nursery() as keepers:
                     for worker in self.workers:
@@ -582,6 +592,7 @@ class Supervisor:
                 "halted": judge.halted,
                 "why": judge.why,
                 "at": judge.halted_at,
+                "by": judge.by,
                 "epoch": judge.resumes,
             }
         )

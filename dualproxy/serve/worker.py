@@ -74,11 +74,12 @@ class Reporter:
         """Take the supervisor's canary decision; samples counted from here on belong to its
         epoch (a resume starts them from zero)."""
         halted_at = message.get("at")
-        why = message.get("why")
+        why, by = message.get("why"), message.get("by")
         evidence.canary.follow(
             bool(message.get("halted")),
             str(why) if why is not None else None,
             float(halted_at) if isinstance(halted_at, int | float) else None,
+            str(by) if by is not None else None,
         )
         epoch = message.get("epoch")
         if isinstance(epoch, int) and epoch != self.epoch:
