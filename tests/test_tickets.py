@@ -22,7 +22,7 @@ from typing import Final
 import pytest
 import trio
 import trustme
-from helpers.clients import CLIENT_TIMEOUT
+from helpers.clients import CLIENT_TIMEOUT, Resuming
 from helpers.configs import make_config
 from helpers.keys import KeyFiles, make_key, reissue
 from helpers.serving import serving
@@ -394,32 +394,6 @@ async def test_a_ticket_resumes_after_a_reload(
         assert await running.server.reload("test")
         assert running.server.snapshot is not before
         assert await client.connect(running.port)
-
-
-class Resuming:
-    """A client of a real server that offers its last session on every connection."""
-
-    def __init__(self, cafile: Path, version: ssl.TLSVersion) -> None:
-        self.context = ssl.create_default_context(cafile=str(cafile))
-        self.context.minimum_version = self.context.maximum_version = version
-        self.session: ssl.SSLSession | None = None
-
-    async def connect(self, port: int) -> bool:
-        """One GET on a new connection; whether it resumed."""
-        return await trio.to_thread.run_sync(self._connect, port)
-
-    def _connect(self, port: int) -> bool:
-        with (
-            socket.create_connection(("127.0.0.1", port), CLIENT_TIMEOUT) as raw,
-            self.context.wrap_socket(
-                raw, server_hostname="api.example.com", session=self.session
-            ) as tls,
-        ):
-            tls.sendall(b"GET / HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n")
-            while tls.recv(65536):
-                pass
-            self.session = tls.session
-            return bool(tls.session_reused)
 
 
 @pytest.mark.parametrize("version", VERSIONS)

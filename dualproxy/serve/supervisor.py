@@ -45,7 +45,11 @@ runs here only: a changed file is checked once, then reaches the workers as a re
 within REPORT_INTERVAL (worker.py), which decides on the sums; every CANARY_SYNC_INTERVAL the
 supervisor compares its judge's state with what it last told the workers and tells them
 (halted, or resumed by `dualproxy canary resume` on the admin listener). A resume starts a
-new epoch: samples counted before it, still in flight, are not added to the new ones.
+new epoch: samples counted before it, still in flight, are not added to the new ones. With
+`share_state` (serve's), the judge's decisions are shared with the replicas of the state
+folder, and theirs taken (sharedhalt.py), the record read before the first worker starts;
+a worker started while the canary is halted starts halted (`--canary-halted`), so that no
+canary client gets the new key before its link says why.
 """
 
 from __future__ import annotations
@@ -369,7 +373,9 @@ class Supervisor:
 
     def worker_command(self, slot: int, listeners: Sequence[int], control: int) -> list[str]:
         """The command line of a worker: this interpreter, the config file, the inherited
-        descriptors, and the ticket-key file the workers share when the config names none."""
+        descriptors, the ticket-key file the workers share when the config names none, and
+        whether the machine's canary is halted (a halt read from the state folder at start,
+        or a worker restarted after a halt, serves no canary client meanwhile)."""
         path = self.config.path
         assert path is not None  # `serve` always reads a file
         command = [sys.executable, "-m", "dualproxy.cli.worker", "-c", str(path)]
@@ -379,6 +385,9 @@ class Supervisor:
             command += ["--listen-fd", str(fd)]
         if self._ticket_folder is not None:
             command += ["--ticket-key-file", str(self._ticket_folder / TICKET_KEY_FILE_NAME)]
+        if self.evidence.canary.halted:
+            # From its first client: the link tells it why only once it serves.
+            command += ["--canary-halted"]
         return command
 
     async def run(

@@ -88,16 +88,22 @@ class Reporter:
             self._sent = replace(self._sent, canary=tally.canary, control=tally.control)
 
 
-def worker_server(config_file: Path, *, ticket_key_file: Path | None = None) -> Server:
+def worker_server(
+    config_file: Path, *, ticket_key_file: Path | None = None, canary_halted: bool = False
+) -> Server:
     """A worker's server for the config in `config_file`: no file poller, a canary judge
     that counts and follows; `ticket_key_file`: the session-ticket key file the workers
-    share when the config names none (the supervisor's). OperatorError when the config or a
-    key cannot be used (the supervisor checked them moments ago: the files changed since)."""
+    share when the config names none (the supervisor's); `canary_halted`: the machine's
+    canary is halted (the supervisor's canary message says why once the worker serves).
+    OperatorError when the config or a key cannot be used (the supervisor checked them
+    moments ago: the files changed since)."""
     config = load(config_file)
     if ticket_key_file is not None and config.tls.ticket_key_file is None:
         config = replace(config, tls=replace(config.tls, ticket_key_file=ticket_key_file))
     server = Server(config, watch_files=False)
     server.evidence.canary.decides = False
+    if canary_halted:
+        server.evidence.canary.follow(True, None, None)
     return server
 
 
