@@ -75,7 +75,8 @@ def register(command: AddCommand) -> None:
         help="run a halted canary again (its samples start from zero)",
         description="Resume the canary that the server halted when the new key's pin-failure"
         " share rose above the old key's; fix the cause first (an app shipped without the new"
-        " pin).",
+        " pin). Replicas sharing its state folder ([state] dir) resume too, within their poll"
+        " interval.",
     )
     _with_admin_url(resume)
     resume.set_defaults(handler=_cmd_canary_resume)
