@@ -72,6 +72,25 @@ KEY_FILES: Final = (
 DELETE: Final = object()
 
 
+# The commented, working example at the repository root.
+EXAMPLE_FILE: Final = Path(__file__).resolve().parent.parent / "config.toml"
+
+
+def commented_tables(*headers: str) -> dict[str, Any]:
+    """The tables config.toml documents in comments ("# [acme]"), uncommented and decoded:
+    each header's setting lines up to the first line that is no comment (a comment's
+    continuation, "#   ...", is not a setting)."""
+    lines = EXAMPLE_FILE.read_text().splitlines()
+    block = []
+    for header in headers:
+        for line in lines[lines.index(header) :]:
+            if not line.startswith("# "):
+                break
+            if not line[2:].startswith(" "):
+                block.append(line[2:])
+    return tomllib.loads("\n".join(block))
+
+
 def make_files(folder: Path) -> None:
     """Empty key and chain files: config only checks that they exist."""
     for relative in KEY_FILES:
@@ -1353,16 +1372,10 @@ def test_acme_without_any_names_is_rejected(tmp_path: Path) -> None:
 
 def test_the_commented_acme_example_in_config_toml_parses(tmp_path: Path) -> None:
     """config.toml documents [acme] and names in comments; uncommented, they are valid."""
-    text = (Path(__file__).resolve().parent.parent / "config.toml").read_text()
+    text = EXAMPLE_FILE.read_text()
     lines = text.splitlines()
-    block = []
-    for line in lines[lines.index("# [acme]") :]:
-        if not line.startswith("# "):
-            break
-        if not line[2:].startswith(" "):  # a setting, not the continuation of a comment
-            block.append(line[2:])
     data = tomllib.loads(text)
-    data.update(tomllib.loads("\n".join(block)))
+    data.update(commented_tables("# [acme]"))
     names_line = next(line[2:] for line in lines if line.startswith("# names = "))
     data["keys"]["k2026a"].update(tomllib.loads(names_line))
     config = parse(data, base_dir=tmp_path, check_files=False)
@@ -1458,17 +1471,9 @@ def test_manifest_and_reports_rejected(
 def test_the_commented_manifest_and_reports_examples_in_config_toml_parse(tmp_path: Path) -> None:
     """config.toml documents [manifest] and [reports] in comments; uncommented, they are valid
     and say what the defaults say."""
-    lines = (Path(__file__).resolve().parent.parent / "config.toml").read_text().splitlines()
-    block = []
-    for table in ("# [manifest]", "# [reports]"):
-        for line in lines[lines.index(table) :]:
-            if not line.startswith("# "):
-                break
-            if not line[2:].startswith(" "):
-                block.append(line[2:])
     make_files(tmp_path)
     data = edited({})
-    data.update(tomllib.loads("\n".join(block)))
+    data.update(commented_tables("# [manifest]", "# [reports]"))
     config = parse(data, base_dir=tmp_path)
     assert config.manifest == ManifestConfig(file=tmp_path / "certs/pins.jws")
     assert config.reports == ReportsConfig(store=tmp_path / "reports/pin-reports.jsonl")
@@ -1569,15 +1574,8 @@ def test_a_bad_state_table_is_refused(
 
 
 def test_the_commented_state_example_in_config_toml_parses(tmp_path: Path) -> None:
-    lines = (Path(__file__).resolve().parent.parent / "config.toml").read_text().splitlines()
-    block = []
-    for line in lines[lines.index("# [state]") :]:
-        if not line.startswith("# "):
-            break
-        if not line[2:].startswith(" "):
-            block.append(line[2:])
     make_files(tmp_path)
     data = edited({})
-    data.update(tomllib.loads("\n".join(block)))
+    data.update(commented_tables("# [state]"))
     config = parse(data, base_dir=tmp_path)
     assert config.state == StateConfig(dir=tmp_path / "state", configured=True)

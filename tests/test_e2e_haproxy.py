@@ -196,9 +196,7 @@ async def fleet(
     async with serve_upstream(UpstreamServer.https(tmp_path)) as upstream:
         replicas = []
         for name in ("r1", "r2"):
-            replica = Replica(
-                name, tmp_path / f"{name}.toml", free_port(), free_port(), tmp_path / f"{name}.log"
-            )
+            replica = Replica.beside(tmp_path, name)
             write_config(
                 replica.config,
                 list(keys),

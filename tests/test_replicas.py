@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -19,8 +18,8 @@ import trustme
 from helpers.clients import Resuming, tls_get
 from helpers.configs import write_config
 from helpers.keys import KeyFiles, make_key
-from helpers.pebble import free_port
 from helpers.replicas import Replica, canary_resume, start_all, wait_for
+from helpers.rotation import open_canary_window
 
 pytestmark = pytest.mark.e2e
 
@@ -43,24 +42,13 @@ def replicas(
     """Two replicas, each with its own config file (its ports) in one folder, with the state
     folder `state` named in both (None: the default, which only the halt record uses);
     with `canary`, a rotation whose canary takes every hint-less client."""
-    now = datetime.now(UTC)
-    rotation = None
-    if canary:
-        rotation = {
-            "old": "k2026a",
-            "new": "k2026b",
-            "grace_start": now - timedelta(days=1),
-            "grace_end": now + timedelta(days=30),
-            "canary_percent": 100,
-        }
+    rotation = open_canary_window(100) if canary else None
     extra: dict[str, Any] = {"keystore": {"reload_poll_interval": POLL_INTERVAL}}
     if state is not None:
         extra["state"] = {"dir": state}
     pair = []
     for name in ("a", "b"):
-        replica = Replica(
-            name, tmp_path / f"{name}.toml", free_port(), free_port(), tmp_path / f"{name}.log"
-        )
+        replica = Replica.beside(tmp_path, name)
         write_config(
             replica.config,
             list(keys) if canary else [keys[0]],

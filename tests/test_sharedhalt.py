@@ -17,6 +17,7 @@ import trio
 import trustme
 from helpers.configs import make_config
 from helpers.keys import KeyFiles, make_key
+from helpers.rotation import open_canary_window
 
 from dualproxy.config.schema import Config
 from dualproxy.ops import admin, statuspage
@@ -37,18 +38,10 @@ def keys(ca: trustme.CA, tmp_path: Path) -> tuple[KeyFiles, KeyFiles]:
 def config_for(
     keys: tuple[KeyFiles, KeyFiles], tmp_path: Path, state: str = "state", **extra: Any
 ) -> Config:
-    now = datetime.now(UTC)
-    rotation = {
-        "old": "k2026a",
-        "new": "k2026b",
-        "grace_start": now - timedelta(days=1),
-        "grace_end": now + timedelta(days=30),
-        "canary_percent": 100,
-    }
     return make_config(
         list(keys),
         base_dir=tmp_path,
-        rotation=rotation,
+        rotation=open_canary_window(100),
         extra={"state": {"dir": state}, "keystore": {"reload_poll_interval": 3600}, **extra},
     )
 

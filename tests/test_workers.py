@@ -18,7 +18,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -28,6 +28,7 @@ import trustme
 from helpers.clients import read_until, tls_get, tls_get_async
 from helpers.configs import write_config
 from helpers.keys import KeyFiles, make_key, reissue
+from helpers.rotation import open_canary_window
 from helpers.upstream_server import UpstreamServer, serve_upstream
 
 from dualproxy.config.loader import load
@@ -257,17 +258,7 @@ async def test_the_canary_halt_reaches_every_worker(setup: Setup) -> None:
     decides; the supervisor halts on the sums of both workers' samples, and from
     then on every worker serves the old key: the clients that follow all get it. Before
     the halt they got the new one."""
-    now = datetime.now(UTC)
-    setup.write(
-        rotation={
-            "old": "k2026a",
-            "new": "k2026b",
-            "grace_start": now - timedelta(days=1),
-            "grace_end": now + timedelta(days=30),
-            "canary_percent": 100,
-            "canary_halt_margin": 0.05,
-        }
-    )
+    setup.write(rotation=open_canary_window(100, canary_halt_margin=0.05))
     supervisor = setup.supervisor()
     async with supervising(supervisor) as port:
 
@@ -321,19 +312,11 @@ async def test_a_halt_in_the_state_folder_reaches_every_worker_and_a_resume_is_w
     status names that replica; `canary resume` on this machine is written for the others
     (the next generation, by this supervisor) and every worker sends the canary the new key
     again."""
-    now = datetime.now(UTC)
-    rotation = {
-        "old": "k2026a",
-        "new": "k2026b",
-        "grace_start": now - timedelta(days=1),
-        "grace_end": now + timedelta(days=30),
-        "canary_percent": 100,
-    }
     state = setup.folder / "state"
     write_config(
         setup.config_file,
         [setup.old, setup.new],
-        rotation=rotation,
+        rotation=open_canary_window(100),
         extra={
             "process": {"workers": 2},
             "state": {"dir": str(state)},

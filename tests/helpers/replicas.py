@@ -16,6 +16,8 @@ from typing import Any, Final
 
 import pytest
 
+from helpers.pebble import free_port
+
 DUALPROXY: Final = (sys.executable, "-m", "dualproxy")
 # Bound of every wait here: generous for a shared, loaded machine; a healthy run takes a
 # small fraction of it.
@@ -44,6 +46,13 @@ class Replica:
     admin: int
     log: Path
     process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def beside(cls, folder: Path, name: str) -> Replica:
+        """A replica whose config (NAME.toml, for the caller to write) and log are in
+        `folder`, on two free loopback ports."""
+        config, log = folder / f"{name}.toml", folder / f"{name}.log"
+        return cls(name, config, free_port(), free_port(), log)
 
     def start(self) -> None:
         with self.log.open("ab") as log:  # the child keeps its own copy
