@@ -27,6 +27,8 @@ from dualproxy.config.schema import (
     ManifestConfig,
     ReportsConfig,
     Rotation,
+    StateConfig,
+    TlsSettings,
     UpstreamConfig,
 )
 from dualproxy.config.times import parse_time
@@ -68,6 +70,25 @@ KEY_FILES: Final = (
 
 # An edit value that removes the key instead of setting it.
 DELETE: Final = object()
+
+
+# The commented, working example at the repository root.
+EXAMPLE_FILE: Final = Path(__file__).resolve().parent.parent / "config.toml"
+
+
+def commented_tables(*headers: str) -> dict[str, Any]:
+    """The tables config.toml documents in comments ("# [acme]"), uncommented and decoded:
+    each header's setting lines up to the first line that is no comment (a comment's
+    continuation, "#   ...", is not a setting)."""
+    lines = EXAMPLE_FILE.read_text().splitlines()
+    block = []
+    for header in headers:
+        for line in lines[lines.index(header) :]:
+            if not line.startswith("# "):
+                break
+            if not line[2:].startswith(" "):
+                block.append(line[2:])
+    return tomllib.loads("\n".join(block))
 
 
 def make_files(folder: Path) -> None:
@@ -120,6 +141,7 @@ def expected_example(folder: Path, path: Path | None) -> Config:
         limits=Limits(),
         keystore=KeyStoreSettings(),
         path=path,
+        state=StateConfig(dir=folder / "certs/acme"),
     )
 
 
@@ -1350,16 +1372,10 @@ def test_acme_without_any_names_is_rejected(tmp_path: Path) -> None:
 
 def test_the_commented_acme_example_in_config_toml_parses(tmp_path: Path) -> None:
     """config.toml documents [acme] and names in comments; uncommented, they are valid."""
-    text = (Path(__file__).resolve().parent.parent / "config.toml").read_text()
+    text = EXAMPLE_FILE.read_text()
     lines = text.splitlines()
-    block = []
-    for line in lines[lines.index("# [acme]") :]:
-        if not line.startswith("# "):
-            break
-        if not line[2:].startswith(" "):  # a setting, not the continuation of a comment
-            block.append(line[2:])
     data = tomllib.loads(text)
-    data.update(tomllib.loads("\n".join(block)))
+    data.update(commented_tables("# [acme]"))
     names_line = next(line[2:] for line in lines if line.startswith("# names = "))
     data["keys"]["k2026a"].update(tomllib.loads(names_line))
     config = parse(data, base_dir=tmp_path, check_files=False)
@@ -1455,17 +1471,111 @@ def test_manifest_and_reports_rejected(
 def test_the_commented_manifest_and_reports_examples_in_config_toml_parse(tmp_path: Path) -> None:
     """config.toml documents [manifest] and [reports] in comments; uncommented, they are valid
     and say what the defaults say."""
-    lines = (Path(__file__).resolve().parent.parent / "config.toml").read_text().splitlines()
-    block = []
-    for table in ("# [manifest]", "# [reports]"):
-        for line in lines[lines.index(table) :]:
-            if not line.startswith("# "):
-                break
-            if not line[2:].startswith(" "):
-                block.append(line[2:])
     make_files(tmp_path)
     data = edited({})
-    data.update(tomllib.loads("\n".join(block)))
+    data.update(commented_tables("# [manifest]", "# [reports]"))
     config = parse(data, base_dir=tmp_path)
     assert config.manifest == ManifestConfig(file=tmp_path / "certs/pins.jws")
     assert config.reports == ReportsConfig(store=tmp_path / "reports/pin-reports.jsonl")
+
+
+# --- [state] -------------------------------------------------------------------------------
+
+
+def test_without_state_the_folder_is_the_acme_account_s(tmp_path: Path) -> None:
+    """Unnamed, the state folder is certs/acme beside the config (where the ACME account has
+    always defaulted to), or the folder of an account_key the config names; ticket keys stay
+    in memory. Its twin names the folder: test_a_named_state_folder_..."""
+    make_files(tmp_path)
+    config = parse(edited({}), base_dir=tmp_path)
+    assert config.state == StateConfig(dir=tmp_path / "certs/acme", configured=False)
+    assert config.tls == TlsSettings()
+    acme = parse(acme_data(ACME), base_dir=tmp_path)
+    assert acme.acme is not None
+    assert acme.state.dir == acme.acme.account_key.parent == tmp_path / "certs/acme"
+    named_key = parse(acme_data({**ACME, "account_key": "keys/acct.pem"}), base_dir=tmp_path)
+    assert named_key.state == StateConfig(dir=tmp_path / "keys", configured=False)
+
+
+@pytest.mark.parametrize(
+    ("written", "folder"),
+    [("shared", "shared"), ("~/shared/", "home/shared"), ("/srv/dualproxy", "/srv/dualproxy")],
+    ids=["relative", "home", "absolute"],
+)
+def test_a_named_state_folder_holds_the_acme_account_and_the_ticket_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: str, folder: str
+) -> None:
+    """A relative dir starts at the config's folder (~ is the home folder); the ACME account
+    key, and so its challenges and order lock, default to it; so do the ticket keys (0600,
+    the errors about them naming state.dir)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    make_files(tmp_path)
+    data = acme_data(ACME)
+    data["state"] = {"dir": written}
+    config = parse(data, base_dir=tmp_path)
+    expected = tmp_path / folder
+    assert config.state == StateConfig(dir=expected, configured=True)
+    assert config.acme is not None
+    assert config.acme.account_key == expected / "account.pem"
+    assert config.tls == TlsSettings(
+        ticket_key_file=expected / "ticket-keys", ticket_key_file_key="state.dir"
+    )
+
+
+@pytest.mark.parametrize(
+    ("tables", "account_key", "ticket_key_file"),
+    [
+        ({"acme": {"account_key": "acct.pem"}}, "acct.pem", "state/ticket-keys"),
+        ({"tls": {"ticket_key_file": "t.keys"}}, "state/account.pem", "t.keys"),
+        ({"tls": {"session_tickets": False}}, "state/account.pem", None),
+    ],
+    ids=["account-key-named", "ticket-key-file-named", "tickets-off"],
+)
+def test_what_the_config_names_wins_over_the_state_folder(
+    tmp_path: Path,
+    tables: dict[str, dict[str, object]],
+    account_key: str,
+    ticket_key_file: str | None,
+) -> None:
+    make_files(tmp_path)
+    data = acme_data(ACME)
+    data["state"] = {"dir": "state"}
+    for table, settings in tables.items():
+        data.setdefault(table, {}).update(settings)
+    config = parse(data, base_dir=tmp_path)
+    assert config.state.dir == tmp_path / "state"
+    assert config.acme is not None
+    assert config.acme.account_key == tmp_path / account_key
+    expected = tmp_path / ticket_key_file if ticket_key_file is not None else None
+    assert config.tls.ticket_key_file == expected
+    named = "tls.ticket_key_file" if "tls" in tables else "state.dir"
+    assert config.tls.ticket_key_file_key == named
+
+
+@pytest.mark.parametrize(
+    ("state", "key_path", "message"),
+    [
+        ({}, "state.dir", "missing"),
+        ({"dir": ""}, "state.dir", "is empty"),
+        ({"dir": 7}, "state.dir", "expected a string"),
+        ({"dir": "certs/k2026a/key.pem"}, "state.dir", "is not a folder"),
+        ({"dir": "s", "dri": "s"}, "state.dri", "unknown setting"),
+    ],
+    ids=["no-dir", "empty", "not-text", "a-file", "unknown-key"],
+)
+def test_a_bad_state_table_is_refused(
+    tmp_path: Path, state: dict[str, object], key_path: str, message: str
+) -> None:
+    make_files(tmp_path)
+    with pytest.raises(OperatorError) as caught:
+        parse(edited({"state": state}), base_dir=tmp_path)
+    assert caught.value.key_path == key_path
+    assert message in caught.value.problem
+
+
+def test_the_commented_state_example_in_config_toml_parses(tmp_path: Path) -> None:
+    make_files(tmp_path)
+    data = edited({})
+    data.update(commented_tables("# [state]"))
+    config = parse(data, base_dir=tmp_path)
+    assert config.state == StateConfig(dir=tmp_path / "state", configured=True)

@@ -197,6 +197,13 @@ def test_the_deployment_agrees_with_its_dualproxy_config(tmp_path: Path) -> None
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert docs["Service"]["spec"]["externalTrafficPolicy"] == "Local"
+    # The replicas' shared state folder is the ReadWriteMany volume every pod mounts.
+    state = next(m for m in container["volumeMounts"] if m["name"] == "state")
+    assert config.state.dir == Path(state["mountPath"])
+    assert config.state.configured
+    claim = next(v for v in pod["volumes"] if v["name"] == "state")["persistentVolumeClaim"]
+    assert claim["claimName"] == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 # --- Prometheus ----------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ share one state folder; clients on distinct loopback addresses (127.0.0.11, 127.
 What it shows: each client's own address reaches the upstream (X-Forwarded-For) and the policy
 (`dualproxy route --client` predicts the key each client got); SIGTERM on a replica under
 continuous traffic fails no request (readiness drops first, HAProxy takes it out, then it
-drains); SIGKILL on a replica is noticed by HAProxy's checks and a client's retry succeeds.
+drains); SIGKILL on a replica is noticed by HAProxy's checks and a client's retry succeeds;
+through the balancer, a client resumes on one replica the session the other issued, and the
+canary one replica halts is halted on both, then resumed on both by either.
 Every loop is bounded in count and time."""
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,16 +32,16 @@ import pytest
 import trio
 import trustme
 from cryptography import x509
-from helpers.clients import CLIENT_TIMEOUT
+from helpers.clients import CLIENT_TIMEOUT, Resuming, tls_get
 from helpers.configs import write_config
 from helpers.keys import KeyFiles, make_key
 from helpers.pebble import free_port
+from helpers.replicas import DUALPROXY, WAIT, Replica, canary_resume, start_all, wait_for
 from helpers.upstream_server import UpstreamServer, serve_upstream
 
 from dualproxy.tls.pins import spki_pin_of_certificate
 
 SNI: Final = "api.example.com"
-DUALPROXY: Final = (sys.executable, "-m", "dualproxy")
 CLIENTS: Final = ("127.0.0.11", "127.0.0.12")
 # HAProxy's checks: every 200 ms, down after 2 failures, up after 1 success.
 CHECK_INTERVAL_MS: Final = 200
@@ -50,7 +50,10 @@ DRAIN_DELAY: Final = 2.0
 # Bounds of the traffic loops: requests per client, and seconds.
 MAX_REQUESTS: Final = 400
 MAX_SECONDS: Final = 60.0
-WAIT: Final = 30.0
+# The replicas look at their state folder's files (the canary's halt record) this often.
+POLL_INTERVAL: Final = 0.2
+# At most this many clients failing the canary's pin before a replica halts it (a handful do).
+MAX_FAILING_CLIENTS: Final = 40
 # A client's retries after a failed request, and its pause before the first (then longer):
 # as a mobile HTTP stack retries a connection that broke.
 RETRIES: Final = 3
@@ -66,37 +69,6 @@ def haproxy() -> str:
             pytest.fail("haproxy is required (DUALPROXY_REQUIRE_DEPLOY_TOOLS=1) but not found")
         pytest.skip("haproxy not found (scripts/test installs it)")
     return path
-
-
-@dataclass
-class Replica:
-    name: str
-    config: Path
-    port: int
-    admin: int
-    log: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("wb") as log:  # the child keeps its own copy
-            self.process = subprocess.Popen(
-                [*DUALPROXY, "serve", "-c", str(self.config)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/readyz", timeout=2) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 @dataclass
@@ -118,14 +90,6 @@ class Balancer:
                 data += chunk
         rows = [line.split(",") for line in data.decode().splitlines() if line and line[0] != "#"]
         return {row[1]: row[17] for row in rows if row[0] == "replicas" and row[1] != "BACKEND"}
-
-
-def wait_for(condition: Any, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {WAIT} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -212,8 +176,11 @@ def keys(ca: trustme.CA, tmp_path: Path) -> tuple[KeyFiles, KeyFiles]:
 
 @asynccontextmanager
 async def fleet(
-    keys: tuple[KeyFiles, KeyFiles], cafile: Path, tmp_path: Path
+    keys: tuple[KeyFiles, KeyFiles], cafile: Path, tmp_path: Path, *, canary_percent: float = 0
 ) -> AsyncIterator[Fleet]:
+    """Two replicas sharing one state folder (the canary's halt record, the session-ticket
+    keys) behind HAProxy; `canary_percent` of the hint-less clients (CLIENTS[0]) in the
+    canary."""
     haproxy_command = haproxy()
     now = datetime.now(UTC)
     rotation = {
@@ -221,6 +188,7 @@ async def fleet(
         "new": "k2",
         "grace_start": now - timedelta(days=1),
         "grace_end": now + timedelta(days=1),
+        "canary_percent": canary_percent,
         "hints": {"new": {"networks": [f"{CLIENTS[1]}/32"]}},
     }
     state = tmp_path / "state"
@@ -228,9 +196,7 @@ async def fleet(
     async with serve_upstream(UpstreamServer.https(tmp_path)) as upstream:
         replicas = []
         for name in ("r1", "r2"):
-            replica = Replica(
-                name, tmp_path / f"{name}.toml", free_port(), free_port(), tmp_path / f"{name}.log"
-            )
+            replica = Replica.beside(tmp_path, name)
             write_config(
                 replica.config,
                 list(keys),
@@ -240,6 +206,8 @@ async def fleet(
                     "upstream": upstream.config_table(),
                     "admin": {"address": f"127.0.0.1:{replica.admin}"},
                     "lifecycle": {"drain_delay": DRAIN_DELAY},
+                    "state": {"dir": str(state)},
+                    "keystore": {"reload_poll_interval": POLL_INTERVAL},
                     "listen": {
                         "address": f"127.0.0.1:{replica.port}",
                         "proxy_protocol": "required",
@@ -275,11 +243,7 @@ backend replicas
 """
         )
         try:
-            for replica in replicas:
-                replica.start()
-            await trio.to_thread.run_sync(
-                wait_for, lambda: all(r.ready() for r in replicas), "both replicas ready"
-            )
+            await trio.to_thread.run_sync(start_all, replicas)
             with (tmp_path / "haproxy.log").open("wb") as log:
                 balancer.process = subprocess.Popen(
                     [haproxy_command, "-db", "-f", str(balancer.config)],
@@ -371,3 +335,58 @@ async def test_sigkill_on_a_replica_is_taken_out_and_retries_succeed(
 
         await trio.to_thread.run_sync(scenario)
     assert traffic.failed == []  # every failure was retried, and the retry succeeded
+
+
+async def test_replicas_share_session_tickets_and_the_canary_halt_behind_the_balancer(
+    keys: tuple[KeyFiles, KeyFiles], cafile: Path, tmp_path: Path
+) -> None:
+    """Every hint-less client in the canary. A client's reconnects, which the balancer sends
+    to one replica then the other, all resume (the ticket keys of the shared state folder).
+    Clients that fail the new key's pin, sent until one replica halts its canary: the other
+    halts too, naming it, and every client gets the old key from both; `dualproxy canary
+    resume` on one replica, and both send the canary the new key again."""
+    old, new = keys
+    source = CLIENTS[0]
+    async with fleet(keys, cafile, tmp_path, canary_percent=100) as f:
+        port, replicas = f.balancer.port, f.replicas
+
+        def pins(count: int) -> list[str]:
+            return [request(port, cafile, source)[0] for _ in range(count)]
+
+        def halted() -> list[bool]:
+            return [bool(r.canary()["halted"]) for r in replicas]
+
+        def settled(sent: int) -> Callable[[], bool]:
+            """Whether the replicas counted `sent` canary clients, or one halted."""
+
+            def check() -> bool:
+                counted = sum(r.canary()["canary_sample"]["handshakes"] for r in replicas)
+                return any(halted()) or counted >= sent
+
+            return check
+
+        def scenario() -> None:
+            client = Resuming(cafile)
+            resumed = [client.connect_blocking(port, source) for _ in range(6)]
+            assert resumed == [False] + [True] * 5
+            assert pins(2) == [new.pin] * 2
+            # One failing client at a time, each counted before the next: the first replica
+            # to halt halts on its own evidence, the other has seen one client fewer.
+            before = 6 + 2  # the canary's handshakes so far: the reconnects and pins(2)
+            for sent in range(1, MAX_FAILING_CLIENTS + 1):
+                tls_get("127.0.0.1", port, cafile=cafile, source=source, request=False)
+                wait_for(settled(before + sent), "the client counted")
+                if any(halted()):
+                    break
+            wait_for(lambda: all(halted()), "the other replica to take the halt")
+            by = {r.name: r.canary()["halted_by"] for r in replicas}
+            first = next(r for r in replicas if by[r.name] is None)
+            (other,) = (r for r in replicas if r is not first)
+            assert by[other.name].endswith(f" pid {first.pid}")
+            assert pins(4) == [old.pin] * 4
+            assert "canary resumed" in canary_resume(other)
+            wait_for(lambda: not any(halted()), "both replicas to resume")
+            assert pins(4) == [new.pin] * 4
+
+        await trio.to_thread.run_sync(scenario)
+    assert any("CANARY HALTED by replica" in r.log.read_text() for r in replicas)

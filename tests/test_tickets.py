@@ -22,7 +22,7 @@ from typing import Final
 import pytest
 import trio
 import trustme
-from helpers.clients import CLIENT_TIMEOUT
+from helpers.clients import CLIENT_TIMEOUT, Resuming
 from helpers.configs import make_config
 from helpers.keys import KeyFiles, make_key, reissue
 from helpers.serving import serving
@@ -314,6 +314,24 @@ def test_a_key_file_others_may_read_is_refused(tmp_path: Path, mode: int) -> Non
     assert refused.value.file == path
 
 
+def test_the_state_folder_s_key_file_is_0600_and_its_errors_name_state_dir(
+    tmp_path: Path, key: KeyFiles
+) -> None:
+    """[state] dir named and no ticket_key_file: the keys live in ticket-keys there (the
+    folder made when missing), 0600 as a named file is; one others may read is refused
+    naming state.dir, the setting that put it there."""
+    config = make_config([key], base_dir=tmp_path, extra={"state": {"dir": "state"}})
+    path = tmp_path / "state" / "ticket-keys"
+    TicketKeys(config.tls)  # the folder made (0700) at the first start
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    path.chmod(0o644)
+    with pytest.raises(OperatorError, match="chmod 600") as refused:
+        TicketKeys(config.tls)
+    assert refused.value.key_path == "state.dir"
+    assert refused.value.file == path
+
+
 def test_a_key_file_dualproxy_did_not_write_is_refused_without_its_bytes(tmp_path: Path) -> None:
     path = tmp_path / "ticket.keys"
     secret = "c2VjcmV0LWJ5dGVzLW5vdC1vdXJz"
@@ -376,32 +394,6 @@ async def test_a_ticket_resumes_after_a_reload(
         assert await running.server.reload("test")
         assert running.server.snapshot is not before
         assert await client.connect(running.port)
-
-
-class Resuming:
-    """A client of a real server that offers its last session on every connection."""
-
-    def __init__(self, cafile: Path, version: ssl.TLSVersion) -> None:
-        self.context = ssl.create_default_context(cafile=str(cafile))
-        self.context.minimum_version = self.context.maximum_version = version
-        self.session: ssl.SSLSession | None = None
-
-    async def connect(self, port: int) -> bool:
-        """One GET on a new connection; whether it resumed."""
-        return await trio.to_thread.run_sync(self._connect, port)
-
-    def _connect(self, port: int) -> bool:
-        with (
-            socket.create_connection(("127.0.0.1", port), CLIENT_TIMEOUT) as raw,
-            self.context.wrap_socket(
-                raw, server_hostname="api.example.com", session=self.session
-            ) as tls,
-        ):
-            tls.sendall(b"GET / HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n")
-            while tls.recv(65536):
-                pass
-            self.session = tls.session
-            return bool(tls.session_reused)
 
 
 @pytest.mark.parametrize("version", VERSIONS)

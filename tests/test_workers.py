@@ -18,7 +18,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -28,16 +28,19 @@ import trustme
 from helpers.clients import read_until, tls_get, tls_get_async
 from helpers.configs import write_config
 from helpers.keys import KeyFiles, make_key, reissue
+from helpers.rotation import open_canary_window
 from helpers.upstream_server import UpstreamServer, serve_upstream
 
 from dualproxy.config.loader import load
 from dualproxy.config.names import ListenAddress
 from dualproxy.config.schema import AcmeConfig
 from dualproxy.ops import admin, statuspage
+from dualproxy.ops.haltrecord import HaltRecord, parse_record, rotation_id
 from dualproxy.ops.tally import from_wire
 from dualproxy.serve.control import Channel, ChannelError
 from dualproxy.serve.listeners import open_listeners
 from dualproxy.serve.server import Server
+from dualproxy.serve.sharedhalt import RECORD_FILE
 from dualproxy.serve.supervisor import Sharing, Supervisor, supervised_problem
 from dualproxy.serve.worker import serve_worker, worker_server
 
@@ -255,17 +258,7 @@ async def test_the_canary_halt_reaches_every_worker(setup: Setup) -> None:
     decides; the supervisor halts on the sums of both workers' samples, and from
     then on every worker serves the old key: the clients that follow all get it. Before
     the halt they got the new one."""
-    now = datetime.now(UTC)
-    setup.write(
-        rotation={
-            "old": "k2026a",
-            "new": "k2026b",
-            "grace_start": now - timedelta(days=1),
-            "grace_end": now + timedelta(days=30),
-            "canary_percent": 100,
-            "canary_halt_margin": 0.05,
-        }
-    )
+    setup.write(rotation=open_canary_window(100, canary_halt_margin=0.05))
     supervisor = setup.supervisor()
     async with supervising(supervisor) as port:
 
@@ -309,6 +302,60 @@ async def test_the_canary_halt_reaches_every_worker(setup: Setup) -> None:
                 await trio.sleep(0.1)
         assert resumed_everywhere
         assert not supervisor.evidence.canary.halted
+
+
+async def test_a_halt_in_the_state_folder_reaches_every_worker_and_a_resume_is_written(
+    setup: Setup,
+) -> None:
+    """Another replica halted the canary (its record is in the shared state folder before
+    the supervisor starts): every worker serves the old key from its first client, and the
+    status names that replica; `canary resume` on this machine is written for the others
+    (the next generation, by this supervisor) and every worker sends the canary the new key
+    again."""
+    state = setup.folder / "state"
+    write_config(
+        setup.config_file,
+        [setup.old, setup.new],
+        rotation=open_canary_window(100),
+        extra={
+            "process": {"workers": 2},
+            "state": {"dir": str(state)},
+            "keystore": {"reload_poll_interval": 0.2},
+        },
+    )
+    config = load(setup.config_file)
+    assert config.rotation is not None
+    pins = {setup.old.name: setup.old.pin, setup.new.name: setup.new.pin}
+    at = datetime(2026, 12, 6, tzinfo=UTC)
+    elsewhere = HaltRecord(
+        1, rotation_id(config.rotation, pins), True, "app 2.1 fails", at, "replica-x pid 1"
+    )
+    state.mkdir()
+    (state / RECORD_FILE).write_bytes(elsewhere.to_bytes())
+    supervisor = Supervisor(config, sharing="reuse_port", handle_signals=False, share_state=True)
+    async with supervising(supervisor) as port:
+
+        def pins_served(count: int) -> list[str]:
+            return [tls_get("127.0.0.1", port, cafile=setup.cafile).pin for _ in range(count)]
+
+        assert await trio.to_thread.run_sync(pins_served, 10) == [setup.old.pin] * 10
+        canary = admin.status_of(supervisor).to_json()["canary"]
+        assert isinstance(canary, dict)
+        assert (canary["halted_by"], canary["why"]) == ("replica-x pid 1", "app 2.1 fails")
+
+        assert supervisor.evidence.canary.resume()  # `dualproxy canary resume`
+
+        def resumed() -> bool:
+            return pins_served(10) == [setup.new.pin] * 10
+
+        resumed_everywhere = False
+        with trio.move_on_after(WAIT):
+            while not (resumed_everywhere := await trio.to_thread.run_sync(resumed)):
+                await trio.sleep(0.1)
+        assert resumed_everywhere
+        written = parse_record((state / RECORD_FILE).read_bytes())
+        assert (written.generation, written.halted) == (2, False)
+        assert written.by.endswith(f" pid {os.getpid()}")
 
 
 @pytest.mark.parametrize("sharing", ["shared", "reuse_port"])

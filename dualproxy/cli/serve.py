@@ -75,7 +75,8 @@ def register(command: AddCommand) -> None:
         help="run a halted canary again (its samples start from zero)",
         description="Resume the canary that the server halted when the new key's pin-failure"
         " share rose above the old key's; fix the cause first (an app shipped without the new"
-        " pin).",
+        " pin). Replicas sharing its state folder ([state] dir) resume too, within their poll"
+        " interval.",
     )
     _with_admin_url(resume)
     resume.set_defaults(handler=_cmd_canary_resume)
@@ -154,7 +155,7 @@ def _serve_command(args: argparse.Namespace, report: Callable[[str], None]) -> i
         names = ", ".join(key.name for key in missing)
         log.info("acme: no chain yet for %s; obtaining it", names)
         issue_or_fail(config, missing)
-    server = Server(config)  # loads the keys: an unusable one stops us here, exit 1
+    server = Server(config, share_state=True)  # loads the keys: an unusable one stops us, exit 1
     raise_open_file_limit(config.limits.max_connections)
     body = partial(_serve, server, admin_address, config.path, inherited)
     code = run_until_interrupted(body, report=report)
@@ -175,7 +176,7 @@ def _supervise(
     workers."""
     if (problem := supervised_problem(config)) is not None:
         raise OperatorError(problem, key_path="process.workers", file=config.path)
-    supervisor = Supervisor(config, log_format=log_format)  # checks the keys: exit 1
+    supervisor = Supervisor(config, log_format=log_format, share_state=True)  # keys: exit 1
     raise_open_file_limit(config.limits.max_connections)
     body = partial(_serve, supervisor, admin_address, config.path, inherited)
     code = run_until_interrupted(body, report=report)

@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the session-ticket key file the workers share (the supervisor's, when the"
         " config names none)",
     )
+    parser.add_argument(
+        "--canary-halted",
+        action="store_true",
+        help="the machine's canary is halted: serve no canary client from the first",
+    )
     return parser
 
 
@@ -60,7 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for listener in listeners:
         listener.setblocking(False)
     try:
-        server = worker_server(args.config, ticket_key_file=args.ticket_key_file)
+        server = worker_server(
+            args.config, ticket_key_file=args.ticket_key_file, canary_halted=args.canary_halted
+        )
     except OperatorError as exc:
         log.error("worker %d: %s", args.slot, exc)
         return EXIT_FAILED

@@ -23,6 +23,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -47,9 +48,12 @@ from dualproxy.config.schema import (
     DEFAULT_CANARY_FALSE_HALT,
     DEFAULT_CANARY_HALT_MARGIN,
     DEFAULT_MAX_BREAKAGE,
+    DEFAULT_STATE_DIR,
     LIMIT_RANGES,
     MANAGED_HEADERS,
     MAX_WORKERS,
+    STATE_ACCOUNT_KEY_FILE,
+    STATE_TICKET_KEY_FILE,
     TICKET_KEY_ROTATION_RANGE,
     AcmeConfig,
     AdminConfig,
@@ -68,6 +72,7 @@ from dualproxy.config.schema import (
     ReportsConfig,
     Role,
     Rotation,
+    StateConfig,
     TlsSettings,
     UpstreamConfig,
 )
@@ -85,7 +90,7 @@ _COMMON_ALPN: Final = frozenset({b"http/1.1", b"http/1.0", b"h2", b"h3", b"acme-
 # not listed here fails every test that reads it, so add a new setting here too.
 _ROOT_KEYS: Final = (
     "listen", "acme", "keys", "rotation", "limits", "keystore", "upstream", "admin",
-    "manifest", "reports", "lifecycle", "process", "tls", "log",
+    "manifest", "reports", "lifecycle", "process", "tls", "log", "state",
 )  # fmt: skip
 _LISTEN_KEYS: Final = ("address", "reuse_port", "proxy_protocol", "proxy_protocol_from")
 _PROXY_PROTOCOL_MODES: Final[Mapping[str, ProxyProtocolMode]] = {
@@ -142,8 +147,18 @@ def parse(
     """Validate already-decoded TOML; relative paths resolve against `base_dir`."""
     root = Table(data, "", _ROOT_KEYS)
     listen = _parse_listen(root.table("listen", required=True, known=_LISTEN_KEYS))
+    state_dir = _parse_state(root.table("state"), base_dir, check_files)
     acme_table = root.table("acme", known=_ACME_KEYS)
-    acme = _parse_acme(acme_table, base_dir, check_files) if acme_table is not None else None
+    acme = (
+        _parse_acme(acme_table, base_dir, check_files, state_dir or base_dir / DEFAULT_STATE_DIR)
+        if acme_table is not None
+        else None
+    )
+    # Unnamed, the state folder is where ACME writes already (schema.StateConfig).
+    state = StateConfig(
+        dir=state_dir or (acme.account_key.parent if acme else base_dir / DEFAULT_STATE_DIR),
+        configured=state_dir is not None,
+    )
     http_listen = acme.http_listen if acme is not None else None
     # Port 0 (any free port, as tests use) cannot clash.
     if http_listen is not None and http_listen.port and http_listen in listen.addresses:
@@ -158,7 +173,7 @@ def parse(
         raise OperatorError("no key is configured; add a [keys.NAME] table", key_path="keys")
     limits = _parse_limits(root.table("limits"))
     keystore = _parse_keystore(root.table("keystore"))
-    tls = _parse_tls(root.table("tls"), base_dir)
+    tls = _parse_tls(root.table("tls"), base_dir, state)
     upstream_table = root.table("upstream", known=_UPSTREAM_KEYS)
     upstream = (
         _parse_upstream(upstream_table, base_dir, check_files)
@@ -194,7 +209,33 @@ def parse(
         process=process,
         tls=tls,
         log=log,
+        state=state,
     )
+
+
+def _parse_state(table: Table | None, base_dir: Path, check_files: bool) -> Path | None:
+    """[state] dir, when the config names it: a folder (made when missing, 0700, by whoever
+    writes there first), relative to the config's folder."""
+    if table is None:
+        return None
+    text = table.string("dir", required=True)
+    assert text is not None
+    if not text.strip():
+        raise OperatorError(
+            "is empty",
+            key_path=table.path("dir"),
+            fix="name the folder the replicas share, or remove [state] (its default is the"
+            " certs/acme folder beside the config)",
+        )
+    folder = base_dir / Path(text).expanduser()
+    if check_files and folder.exists() and not folder.is_dir():
+        raise OperatorError(
+            f"{folder} is not a folder",
+            key_path=table.path("dir"),
+            fix="name a folder (dualproxy makes it when missing), not a file",
+        )
+    table.done()
+    return folder
 
 
 def _parse_process(table: Table | None) -> ProcessConfig:
@@ -365,7 +406,7 @@ def _parse_acme_names(entry: Table, acme: AcmeConfig | None) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _parse_acme(table: Table, base_dir: Path, check_files: bool) -> AcmeConfig:
+def _parse_acme(table: Table, base_dir: Path, check_files: bool, state_dir: Path) -> AcmeConfig:
     directory = table.string("directory", required=True)
     assert directory is not None
     parts = urlsplit(directory)
@@ -378,8 +419,14 @@ def _parse_acme(table: Table, base_dir: Path, check_files: bool) -> AcmeConfig:
     email = table.string("email")
     if email is not None and not re.fullmatch(r"[^@\s:,]+@[^@\s:,]+\.[^@\s:,]+", email):
         raise OperatorError(f"{email!r} is not an email address", key_path=table.path("email"))
-    account_text = table.string("account_key") or "certs/acme/account.pem"
-    account_key = base_dir / Path(account_text).expanduser()
+    # The account's folder holds its challenges and order lock (acme.issuer): the state
+    # folder's, unless account_key names another file.
+    account_text = table.string("account_key")
+    account_key = (
+        base_dir / Path(account_text).expanduser()
+        if account_text
+        else state_dir / STATE_ACCOUNT_KEY_FILE
+    )
     challenge = table.string("challenge") or "tls-alpn-01"
     if challenge not in CHALLENGE_TYPES:
         raise OperatorError(
@@ -802,20 +849,28 @@ def _parse_keystore(table: Table | None) -> KeyStoreSettings:
     return settings
 
 
-def _parse_tls(table: Table | None, base_dir: Path) -> TlsSettings:
-    if table is None:
-        return TlsSettings()
+def _parse_tls(table: Table | None, base_dir: Path, state: StateConfig) -> TlsSettings:
     d = TlsSettings()
-    low, high = TICKET_KEY_ROTATION_RANGE
-    key_file = table.string("ticket_key_file")
-    settings = TlsSettings(
-        session_tickets=table.boolean("session_tickets", d.session_tickets),
-        ticket_key_rotation=table.number(
-            "ticket_key_rotation", d.ticket_key_rotation, low=low, high=high
-        ),
-        ticket_key_file=base_dir / Path(key_file).expanduser() if key_file else None,
-    )
-    table.done()
+    settings = d
+    if table is not None:
+        low, high = TICKET_KEY_ROTATION_RANGE
+        key_file = table.string("ticket_key_file")
+        settings = TlsSettings(
+            session_tickets=table.boolean("session_tickets", d.session_tickets),
+            ticket_key_rotation=table.number(
+                "ticket_key_rotation", d.ticket_key_rotation, low=low, high=high
+            ),
+            ticket_key_file=base_dir / Path(key_file).expanduser() if key_file else None,
+        )
+        table.done()
+    if state.configured and settings.session_tickets and settings.ticket_key_file is None:
+        # Replicas named the folder they share: they share the ticket keys in it, so a client
+        # resumes on any of them (schema.StateConfig says why only then).
+        return replace(
+            settings,
+            ticket_key_file=state.dir / STATE_TICKET_KEY_FILE,
+            ticket_key_file_key="state.dir",
+        )
     return settings
 
 

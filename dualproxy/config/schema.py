@@ -387,8 +387,44 @@ class TlsSettings:
     session_tickets: bool = True
     ticket_key_rotation: float = DEFAULT_TICKET_KEY_ROTATION
     # Where the keys are kept (0600) so that tickets survive a restart and processes sharing
-    # the file share keys; None: in memory only, new keys at each start.
+    # the file share keys; None: in memory only, new keys at each start. An explicit
+    # [state] dir makes it STATE_TICKET_KEY_FILE there by default (StateConfig).
     ticket_key_file: Path | None = None
+    # The config key that chose ticket_key_file, named by the errors about that file:
+    # "state.dir" when the file is the state folder's default.
+    ticket_key_file_key: str = "tls.ticket_key_file"
+
+
+# The state folder when the config names none, relative to the config's folder: the folder
+# the ACME account key has always defaulted to (certs/acme/account.pem), which holds its
+# challenges and order lock too. So a config without [state] keeps every file where it was,
+# and the one folder dualproxy already writes beside its config is the one it keeps writing.
+DEFAULT_STATE_DIR: Final = Path("certs/acme")
+# The files dualproxy keeps in the state folder by default (StateConfig).
+STATE_ACCOUNT_KEY_FILE: Final = "account.pem"
+STATE_TICKET_KEY_FILE: Final = "ticket-keys"
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """[state]: the folder where what replicas must agree on lives (docs/deploy.md, "More
+    than one replica"): the ACME account, challenges and order lock, the canary's halt record
+    (serve.sharedhalt), and with an explicit dir the session-ticket keys. Replicas that mount
+    the same folder act as one; a single server keeps its canary halt there across restarts.
+
+    `dir` when the config names none: the folder of [acme] account_key when that is set
+    (where dualproxy already writes its challenges, so a folder it may write), else
+    DEFAULT_STATE_DIR beside the config. Named ([state] dir): the ACME account key defaults
+    to STATE_ACCOUNT_KEY_FILE in it (its challenges and lock beside it), unless [acme]
+    account_key names another; and with session tickets on and no [tls] ticket_key_file,
+    the ticket keys are kept in STATE_TICKET_KEY_FILE there. Only then: naming the folder
+    says "these processes share it", which is when keys on disk pay for themselves; a
+    server that never asked keeps its ticket keys in memory (forward secrecy bounded by the
+    rotation, never in a backup of the disk) as before."""
+
+    dir: Path = DEFAULT_STATE_DIR
+    # Whether the config names it ([state] dir).
+    configured: bool = False
 
 
 # The admin listener's address unless the config names one: loopback (see AdminConfig), on a
@@ -488,6 +524,7 @@ class Config:
     process: ProcessConfig = field(default_factory=ProcessConfig)
     tls: TlsSettings = field(default_factory=TlsSettings)
     log: LogConfig = field(default_factory=LogConfig)
+    state: StateConfig = field(default_factory=StateConfig)
 
     def acme_keys(self) -> tuple[KeyConfig, ...]:
         """The keys whose certificates dualproxy obtains itself ([acme] and `names`)."""

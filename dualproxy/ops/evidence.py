@@ -27,7 +27,9 @@ rotation.canary_false_halt, that the new key fails more than rotation.canary_hal
 above the old, the canary halts: policy.choose sends hint-less clients to the default again,
 and it stays halted until `resume` (an operator, `dualproxy canary resume`). App versions that
 canary clients report failing on the new key (`review_reports`) halt it too. Both samples
-count from the process start or the last resume; each process judges its own.
+count from the process start or the last resume; each machine judges its own, and takes
+what another decided through `follow` (a worker its supervisor's; a replica the halt record
+of the state folder it shares with others, serve.sharedhalt), which names who (`by`).
 
 The window (`WindowJudge`): with rotation.close = "when-safe", `review_window` (every second,
 from the serving layer) estimates what closing would break (`rotation.canary.breakage`) and
@@ -219,9 +221,15 @@ class CanaryJudge:
         self.why: str | None = None
         self.halts = 0  # since the process started
         self.resumes = 0  # of a halted canary, since the process started
+        # Who halted it when another did (`follow`): a replica's name; None when this judge
+        # decided, or the machine's supervisor did.
+        self.by: str | None = None
         # False in a worker process: it counts, the supervisor's judge decides on the sums of
         # every worker (`add`) and tells each worker (`follow`): one decision per machine.
         self.decides = True
+        # Called (no argument, nothing awaited) when this judge halts or an operator resumes
+        # it, not when it follows: what shares the decision with other replicas wakes up.
+        self.on_decision: Callable[[], None] | None = None
         # [completed, aborted, no_request] of each sample: plain ints, counted per connection.
         self._canary = [0, 0, 0]
         self._control = [0, 0, 0]
@@ -308,10 +316,12 @@ class CanaryJudge:
                 f" probability {rotation.canary_false_halt:g}",
             )
 
-    def follow(self, halted: bool, why: str | None, halted_at: float | None) -> None:
-        """Take the decision another judge made (a worker takes its supervisor's): halted
-        with its reason, or running again with fresh samples. Logs nothing: the judge that
-        decided said so."""
+    def follow(
+        self, halted: bool, why: str | None, halted_at: float | None, by: str | None = None
+    ) -> None:
+        """Take the decision another judge made (a worker takes its supervisor's, a replica
+        another replica's: `by`): halted with its reason, or running again with fresh
+        samples. Logs nothing: the caller says whose decision it took."""
         if halted and not self.halted:
             self.halts += 1
         elif not halted and self.halted:
@@ -319,6 +329,7 @@ class CanaryJudge:
             self._canary = [0, 0, 0]
             self._control = [0, 0, 0]
         self.halted, self.why, self.halted_at = halted, why, halted_at
+        self.by = by if halted else None
 
     def review_reports(
         self, rotation: Rotation | None, failing: Iterable[tuple[str, int]], in_window: bool
@@ -348,12 +359,15 @@ class CanaryJudge:
         self.halted_at = self._clock()
         self.halts += 1
         self.why = why
+        self.by = None
         log.error(
             "CANARY HALTED: %s; hint-less clients get the default key (%s) again; resume with"
             " `dualproxy canary resume` once the cause is fixed",
             self.why,
             rotation.default,
         )
+        if self.on_decision is not None:
+            self.on_decision()
 
     def resume(self) -> bool:
         """Run the canary again with fresh samples; False when it was not halted."""
@@ -361,11 +375,14 @@ class CanaryJudge:
         self.halted = False
         self.halted_at = None
         self.why = None
+        self.by = None
         self._canary = [0, 0, 0]
         self._control = [0, 0, 0]
         if was_halted:
             self.resumes += 1
             log.warning("canary resumed by the operator; samples start from zero")
+            if self.on_decision is not None:
+                self.on_decision()
         return was_halted
 
 
@@ -498,6 +515,9 @@ class CanaryStatus:
     halts: int
     canary: Sample
     control: Sample
+    # The replica whose halt this server took from the state folder's record (None: its own
+    # evidence, or not halted).
+    halted_by: str | None = None
 
     @property
     def sending(self) -> float:
@@ -922,6 +942,7 @@ class Evidence:
                 halts=judge.halts,
                 canary=judge.canary,
                 control=judge.control,
+                halted_by=judge.by if judge.halted else None,
             )
         window = None
         if rotation is not None and (rotation.close == "when-safe" or phase == "during"):
@@ -1044,6 +1065,7 @@ def _canary_json(canary: CanaryStatus) -> dict[str, object]:
         "halted": canary.halted,
         "halted_at": format_time(canary.halted_at) if canary.halted_at is not None else None,
         "why": canary.why,
+        "halted_by": canary.halted_by,
         "halts": canary.halts,
         "canary_sample": _sample_json(canary.canary),
         "control_sample": _sample_json(canary.control),

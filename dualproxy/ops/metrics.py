@@ -267,6 +267,13 @@ def families(status: Status) -> list[Metric]:
                 "1 while the canary is halted (until `dualproxy canary resume`).",
                 value=1.0 if canary.halted else 0.0,
             ),
+            GaugeMetricFamily(
+                "dualproxy_canary_halted_by_replica",
+                "1 while the canary is halted by another replica's decision, taken from the"
+                " state folder's halt record ([state] dir); 0 while it is halted by this"
+                " server's own evidence, or runs.",
+                value=1.0 if canary.halted_by is not None else 0.0,
+            ),
             CounterMetricFamily(
                 "dualproxy_canary_halts",
                 "Times the canary halted itself since the process started.",

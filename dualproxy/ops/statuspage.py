@@ -76,7 +76,7 @@ def render_text(status: Status) -> str:
     if canary is not None:
         lines.append(f"canary: {_canary_text(canary, status)}")
         if canary.halted:
-            lines.append(f"  halted at {_when(canary.halted_at)}: {canary.why}")
+            lines.append(f"  halted at {_when(canary.halted_at)}{_by(canary)}: {canary.why}")
             if canary.state == "halted":
                 lines.append("  resume with: dualproxy canary resume")
         if canary.state != "waiting":
@@ -278,7 +278,7 @@ def render_html(status: Status) -> str:
     if canary is not None and canary.state == "halted":
         banner = (
             '<div class="banner halted"><strong>Canary halted</strong>'
-            f" at {_e(_when(canary.halted_at))}: {_e(canary.why or '')}."
+            f" at {_e(_when(canary.halted_at))}{_e(_by(canary))}: {_e(canary.why or '')}."
             " Hint-less clients get the default key again; hinted clients are unaffected."
             " Resume with <code>dualproxy canary resume</code>.</div>"
         )
@@ -652,6 +652,14 @@ def _colour(role: str) -> str:
 
 def _when(moment: datetime | None) -> str:
     return "-" if moment is None else f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z"
+
+
+def _by(canary: CanaryStatus) -> str:
+    """Who halted it, when another replica did (" by replica X (the state folder's record)");
+    nothing when this server's own evidence did."""
+    if canary.halted_by is None:
+        return ""
+    return f" by replica {canary.halted_by} (the state folder's halt record)"
 
 
 def _day(moment: datetime) -> str:

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -224,7 +224,7 @@ def describe_changes(current: Material, new: Material, files: tuple[Path, ...]) 
 # Config's fields that are tables of config.toml, in the file's order: what a reload names.
 _CONFIG_TABLES: Final = (
     "listen", "keys", "rotation", "upstream", "acme", "manifest", "reports", "limits",
-    "keystore", "admin", "lifecycle", "process", "log",
+    "keystore", "admin", "lifecycle", "process", "tls", "log", "state",
 )  # fmt: skip
 
 
@@ -278,6 +278,7 @@ class Reloads:
         self.ok = 0
         self.failed = 0
         self.polls = 0  # the file poller's looks at the files (tests wait for them)
+        self._poll_now = trio.Event()  # set: the next poll is due at once (`poll_soon`)
 
     @property
     def waiting(self) -> int:
@@ -319,8 +320,15 @@ class Reloads:
                 self._files_seen = seen
             return applied
 
-    async def watch_files(self) -> None:
-        """Reload when a watched file changes (renewal tools, Kubernetes Secret updates).
+    def poll_soon(self) -> None:
+        """Make the file poller's next look (and `watch_files`'s `also`) happen now rather than
+        at the end of its interval: something to share was decided (sharedhalt.py)."""
+        self._poll_now.set()
+
+    async def watch_files(self, also: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Reload when a watched file changes (renewal tools, Kubernetes Secret updates); with
+        `also`, run it after each look too: what else is polled at the same interval (the
+        state folder's canary halt record, sharedhalt.py).
 
         A change that fails to load (a torn write: new chain, old key) is retried when the
         files change again, which is when the writer finishes. The signature a reload is
@@ -330,11 +338,15 @@ class Reloads:
         """
         while True:
             config = self._server.material.config
-            await trio.sleep(config.keystore.reload_poll_interval)
+            with trio.move_on_after(config.keystore.reload_poll_interval):
+                await self._poll_now.wait()
+            self._poll_now = trio.Event()
             current = await trio.to_thread.run_sync(files_signature, self._server.material.config)
             self.polls += 1
             if current != self._files_seen:
                 await self.reload("files changed", only_if_changed=True)
+            if also is not None:
+                await also()
 
     async def _reload_manifest(self, why: str, files: tuple[Path, ...]) -> bool:
         """Only the manifest file changed: re-read it, keep everything else (the TLS

@@ -72,6 +72,7 @@ from dualproxy.serve.listeners import (
     open_listeners,
 )
 from dualproxy.serve.proxied import receive_proxy_header
+from dualproxy.serve.sharedhalt import SharedHalt
 from dualproxy.tls import keystore, proxy_protocol
 from dualproxy.tls.clienthello import (
     MAX_CLIENT_HELLO_BYTES,
@@ -125,11 +126,15 @@ class Server:
         handle_signals: bool = True,
         load: Loader = read_files,
         watch_files: bool = True,
+        share_state: bool = False,
     ) -> None:
         """`snapshot`: the config's keys, when the caller loaded them already (and vouches
         that they are as fresh as the files); `load`: how reloads read the config file and
         its keys (lifecycle.read_files); `watch_files`: reload when they change (a worker
-        process leaves that to its supervisor, which checks them once for every worker)."""
+        process leaves that to its supervisor, which checks them once for every worker);
+        `share_state`: share the canary's halt with the replicas of the state folder
+        (sharedhalt.py; `dualproxy serve` does, a rehearsal or the dev bench must not),
+        read at start and with each look of the file poller."""
         self.config = config
         # Taken before the keys are read, so the file poller sees any change made while they
         # load (with a snapshot passed in, the caller vouches that it is that fresh).
@@ -168,6 +173,11 @@ class Server:
             RelaySettings.build(config, local=self._local) if config.upstream is not None else None
         )
         self.reloads = lifecycle.Reloads(self, load, self._clock, files_seen=files_seen)
+        # The canary's halt record in the state folder, and the poller woken to share a halt
+        # or a resume at once.
+        self.shared_halt = SharedHalt(self) if share_state else None
+        if self.shared_halt is not None:
+            self.evidence.canary.on_decision = self.reloads.poll_soon
         # Answers tls-alpn-01 validations on our listeners while ACME runs beside us.
         self.tls_alpn_responder: TlsAlpnResponder | None = None
         # One line per request ([log] access; ops.accesslog), flushed beside the server.
@@ -276,6 +286,8 @@ class Server:
             for warning in self.snapshot.warnings:
                 log.warning("%s", warning)
             self._manifest.announce(self.material, self._clock())
+            if self.shared_halt is not None:  # a halt outlives a restart
+                await self.shared_halt.sync()
             rollout.review(self)  # a restart inside a held window says so before serving
             self._shutdown.accepting = accepting = trio.CancelScope()
             if self._drain.draining:
@@ -283,7 +295,8 @@ class Server:
             async with trio.open_nursery() as services:
                 self._services = services
                 if self._watch_files:
-                    services.start_soon(self.reloads.watch_files)
+                    shared = self.shared_halt.sync if self.shared_halt is not None else None
+                    services.start_soon(self.reloads.watch_files, shared)
                 services.start_soon(lifecycle.prune_idle_upstream, self)
                 services.start_soon(lifecycle.watch_departures, self._departures)
                 services.start_soon(self._manifest.watch, self, self._clock)

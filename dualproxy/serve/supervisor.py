@@ -45,7 +45,11 @@ runs here only: a changed file is checked once, then reaches the workers as a re
 within REPORT_INTERVAL (worker.py), which decides on the sums; every CANARY_SYNC_INTERVAL the
 supervisor compares its judge's state with what it last told the workers and tells them
 (halted, or resumed by `dualproxy canary resume` on the admin listener). A resume starts a
-new epoch: samples counted before it, still in flight, are not added to the new ones.
+new epoch: samples counted before it, still in flight, are not added to the new ones. With
+`share_state` (serve's), the judge's decisions are shared with the replicas of the state
+folder, and theirs taken (sharedhalt.py), the record read before the first worker starts;
+a worker started while the canary is halted starts halted (`--canary-halted`), so that no
+canary client gets the new key before its link says why.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ from dualproxy.serve.closing import close_pool
 from dualproxy.serve.control import Channel, ChannelError
 from dualproxy.serve.lifecycle import Loader, Material, read_files
 from dualproxy.serve.listeners import bound_address, describe_bound, open_listeners
+from dualproxy.serve.sharedhalt import SharedHalt
 from dualproxy.tls import keystore
 from dualproxy.tls.keystore import KeySnapshot
 from dualproxy.tls.streams import set_tcp_options
@@ -176,10 +181,13 @@ class Supervisor:
         clock: Callable[[], datetime] = utc_now,
         load: Loader = read_files,
         handle_signals: bool = True,
+        share_state: bool = False,
     ) -> None:
         """Checks the config's keys (OperatorError, as a single process's start does).
         `workers`: how many (default: the config's [process] workers); `handle_signals`:
-        SIGHUP and SIGTERM as a single process takes them (tests call reload and drain)."""
+        SIGHUP and SIGTERM as a single process takes them (tests call reload and drain);
+        `share_state`: the machine's canary halt shared with the replicas of the state
+        folder (sharedhalt.py), as a single server's."""
         files_seen = lifecycle.files_signature(config)
         snapshot = keystore.load_snapshot(config)
         self._clock = clock
@@ -201,6 +209,9 @@ class Supervisor:
             self._ticket_folder = private_ticket_folder()
         self.evidence = Evidence()
         self.reloads = lifecycle.Reloads(self, load, clock, files_seen=files_seen)
+        self.shared_halt = SharedHalt(self) if share_state else None
+        if self.shared_halt is not None:
+            self.evidence.canary.on_decision = self.reloads.poll_soon
         self._draining = False
         self._stopping_now = False
         self._serving = False  # a worker served once: from then on a death is restarted
@@ -362,7 +373,9 @@ class Supervisor:
 
     def worker_command(self, slot: int, listeners: Sequence[int], control: int) -> list[str]:
         """The command line of a worker: this interpreter, the config file, the inherited
-        descriptors, and the ticket-key file the workers share when the config names none."""
+        descriptors, the ticket-key file the workers share when the config names none, and
+        whether the machine's canary is halted (a halt read from the state folder at start,
+        or a worker restarted after a halt, serves no canary client meanwhile)."""
         path = self.config.path
         assert path is not None  # `serve` always reads a file
         command = [sys.executable, "-m", "dualproxy.cli.worker", "-c", str(path)]
@@ -372,6 +385,9 @@ class Supervisor:
             command += ["--listen-fd", str(fd)]
         if self._ticket_folder is not None:
             command += ["--ticket-key-file", str(self._ticket_folder / TICKET_KEY_FILE_NAME)]
+        if self.evidence.canary.halted:
+            # From its first client: the link tells it why only once it serves.
+            command += ["--canary-halted"]
         return command
 
     async def run(
@@ -399,10 +415,13 @@ class Supervisor:
             self._own_sockets = reuse_port
             self._shapes = [_shape(s) for s in first]
             self._bound = [bound_address(s) for s in first]
+            shared = self.shared_halt.sync if self.shared_halt is not None else None
+            if shared is not None:  # before any worker: each starts with the machine's halt
+                await shared()
             async with trio.open_nursery() as nursery:
                 if self._handle_signals:
                     await nursery.start(lifecycle.watch_signals, self)
-                nursery.start_soon(self.reloads.watch_files)
+                nursery.start_soon(self.reloads.watch_files, shared)
                 nursery.start_soon(self._sync_canary)
                 async with trio.open_nursery() as keepers:
                     for worker in self.workers:
@@ -582,6 +601,7 @@ class Supervisor:
                 "halted": judge.halted,
                 "why": judge.why,
                 "at": judge.halted_at,
+                "by": judge.by,
                 "epoch": judge.resumes,
             }
         )

@@ -74,11 +74,12 @@ class Reporter:
         """Take the supervisor's canary decision; samples counted from here on belong to its
         epoch (a resume starts them from zero)."""
         halted_at = message.get("at")
-        why = message.get("why")
+        why, by = message.get("why"), message.get("by")
         evidence.canary.follow(
             bool(message.get("halted")),
             str(why) if why is not None else None,
             float(halted_at) if isinstance(halted_at, int | float) else None,
+            str(by) if by is not None else None,
         )
         epoch = message.get("epoch")
         if isinstance(epoch, int) and epoch != self.epoch:
@@ -87,16 +88,22 @@ class Reporter:
             self._sent = replace(self._sent, canary=tally.canary, control=tally.control)
 
 
-def worker_server(config_file: Path, *, ticket_key_file: Path | None = None) -> Server:
+def worker_server(
+    config_file: Path, *, ticket_key_file: Path | None = None, canary_halted: bool = False
+) -> Server:
     """A worker's server for the config in `config_file`: no file poller, a canary judge
     that counts and follows; `ticket_key_file`: the session-ticket key file the workers
-    share when the config names none (the supervisor's). OperatorError when the config or a
-    key cannot be used (the supervisor checked them moments ago: the files changed since)."""
+    share when the config names none (the supervisor's); `canary_halted`: the machine's
+    canary is halted (the supervisor's canary message says why once the worker serves).
+    OperatorError when the config or a key cannot be used (the supervisor checked them
+    moments ago: the files changed since)."""
     config = load(config_file)
     if ticket_key_file is not None and config.tls.ticket_key_file is None:
         config = replace(config, tls=replace(config.tls, ticket_key_file=ticket_key_file))
     server = Server(config, watch_files=False)
     server.evidence.canary.decides = False
+    if canary_halted:
+        server.evidence.canary.follow(True, None, None)
     return server
 
 

@@ -66,8 +66,8 @@ session ids still resume on the same context, as with nginx's `ssl_session_ticke
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
-import fcntl
 import hashlib
 import json
 import logging
@@ -77,8 +77,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -87,7 +86,7 @@ import trio
 
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.schema import TlsSettings
-from dualproxy.files import write_atomically
+from dualproxy.files import locked, write_atomically
 from dualproxy.tls.keystore import KeySnapshot, key_file_permission_problem
 
 __all__ = [
@@ -164,17 +163,11 @@ class TicketKeys:
     `clock`: Unix seconds (tests pass a fake one). Thread-safe: reloads build contexts in a
     worker thread while handshakes use the ring."""
 
-    def __init__(
-        self,
-        settings: TlsSettings,
-        *,
-        clock: Callable[[], float] = time.time,
-        key_file_key_path: str = "tls.ticket_key_file",
-    ) -> None:
+    def __init__(self, settings: TlsSettings, *, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self._clock = clock
         self._rotation = settings.ticket_key_rotation
-        self._key_path = key_file_key_path
+        self._key_path = settings.ticket_key_file_key  # named by the key file's errors
         self._lock = threading.Lock()
         self._keys: list[TicketKey] = []  # newest first
         self._native: dict[bytes, _NativeKey] = {}
@@ -194,7 +187,12 @@ class TicketKeys:
         if settings.ticket_key_file is None:
             self._rotate(now)
             return
-        with _file_lock(settings.ticket_key_file):
+        # Its folder (a state folder a first start meets empty) made first, so that the lock
+        # beside the file holds from the first start on; a folder that cannot be made is
+        # said by the write that fails in it.
+        with contextlib.suppress(OSError):
+            settings.ticket_key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with locked(settings.ticket_key_file):
             self._keys = self._read_file(settings.ticket_key_file, now)
             if not self._current_valid(now):
                 self._rotate(now)
@@ -237,7 +235,7 @@ class TicketKeys:
             return True
         # Another process sharing the file may have rotated already: adopt its keys. Under the
         # file's lock, so that processes due at the same moment make one new key, not one each.
-        with _file_lock(path):
+        with locked(path):
             try:
                 self._keys = self._read_file(path, now)
             except OperatorError as exc:
@@ -412,28 +410,6 @@ class TicketKeys:
         if native is None:
             native = self._native[key.name] = _NativeKey(key)
         return native
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on PATH.lock (created 0600 beside the key file) for the block:
-    the key file itself is replaced by each write (a rename), so it cannot carry the lock.
-    Without a lock file (a read-only folder), go on unlocked: writing fails there too, and
-    says so."""
-    try:
-        fd = os.open(
-            path.with_name(path.name + ".lock"),
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-        )
-    except OSError:
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and at most one small write
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 async def keep_rotating(tickets: TicketKeys) -> None:

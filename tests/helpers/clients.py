@@ -72,6 +72,39 @@ def tls_get(
             return TLSResult(pin, tls.selected_alpn_protocol(), tls.version(), response)
 
 
+class Resuming:
+    """A client that offers its last session (its ticket) on every new connection: whether a
+    server, or another replica of it, resumes what one issued."""
+
+    def __init__(self, cafile: Path, version: ssl.TLSVersion | None = None) -> None:
+        self.context = ssl.create_default_context(cafile=str(cafile))
+        if version is not None:
+            self.context.minimum_version = self.context.maximum_version = version
+        self.session: ssl.SSLSession | None = None
+
+    async def connect(self, port: int) -> bool:
+        """One GET on a new connection; whether it resumed."""
+        return await trio.to_thread.run_sync(self.connect_blocking, port)
+
+    def connect_blocking(self, port: int, source: str | None = None) -> bool:
+        """`connect`, blocking; from the local address `source` when given."""
+        with (
+            socket.create_connection(
+                ("127.0.0.1", port),
+                CLIENT_TIMEOUT,
+                source_address=(source, 0) if source is not None else None,
+            ) as raw,
+            self.context.wrap_socket(
+                raw, server_hostname="api.example.com", session=self.session
+            ) as tls,
+        ):
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n")
+            while tls.recv(65536):  # the response, and the tickets sent before it
+                pass
+            self.session = tls.session
+            return bool(tls.session_reused)
+
+
 async def tls_get_async(host: str, port: int, **kwargs: Any) -> TLSResult:
     """tls_get in a worker thread, so the in-process server keeps running."""
     return await trio.to_thread.run_sync(lambda: tls_get(host, port, **kwargs))

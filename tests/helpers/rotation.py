@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from dualproxy.config.schema import Rotation
@@ -18,6 +18,21 @@ def grace_window(**changes: Any) -> Rotation:
     return Rotation(
         old=("k2026a",), new=("k2026b",), grace_start=GRACE_START, grace_end=GRACE_END, **changes
     )
+
+
+def open_canary_window(canary_percent: float = 100, **changes: Any) -> dict[str, Any]:
+    """A [rotation] table (as config.loader.parse takes it) from k2026a to k2026b whose window
+    is open now, from a day ago for thirty days, with `canary_percent` of the hint-less
+    clients in the canary, and `changes` to its other settings."""
+    now = datetime.now(UTC)
+    return {
+        "old": "k2026a",
+        "new": "k2026b",
+        "grace_start": now - timedelta(days=1),
+        "grace_end": now + timedelta(days=30),
+        "canary_percent": canary_percent,
+        **changes,
+    }
 
 
 class Clock:
