@@ -193,7 +193,10 @@ def test_the_deployment_agrees_with_its_dualproxy_config(tmp_path: Path) -> None
     assert pod["terminationGracePeriodSeconds"] > grace
     assert "lifecycle" not in container  # no preStop hook: the drain delay does it
     keys = next(v for v in pod["volumes"] if v["name"] == "keys")
-    assert keys["secret"]["defaultMode"] == 0o440  # root-owned, the pod's group: accepted
+    # 0400 as written; the kubelet adds group read for the pod's fsGroup (0440 root:group),
+    # which dualproxy's key check accepts for a root-owned key.
+    assert keys["secret"]["defaultMode"] == 0o400
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert docs["Service"]["spec"]["externalTrafficPolicy"] == "Local"

@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives import serialization
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.names import ListenAddress
 from dualproxy.config.reader import Table
-from dualproxy.config.schema import Config, KeyConfig, ListenConfig, Rotation
+from dualproxy.config.schema import Config, KeyConfig, ListenConfig, LogConfig, Rotation
 from dualproxy.config.times import format_time
 from dualproxy.dev import certs
 from dualproxy.rotation import policy
@@ -369,7 +369,8 @@ def _check_loopback() -> None:
 
 def _setup(config: Config, folder: Path) -> _Setup:
     """The config the rehearsal serves: a loopback port, no upstream/ACME/endpoints, network
-    hints played by loopback ranges, and the configured keys or stand-ins."""
+    hints played by loopback ranges, no access log (its report says what the fleet got), and
+    the configured keys or stand-ins."""
     rotation = config.rotation
     assert rotation is not None
     hints_new = replace(
@@ -388,6 +389,7 @@ def _setup(config: Config, folder: Path) -> _Setup:
         acme=None,
         manifest=None,
         reports=None,
+        log=LogConfig(access=False),
     )
     try:
         snapshot = keystore.load_snapshot(served)

@@ -20,7 +20,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,9 +59,20 @@ def require_pebble() -> tuple[str, str]:
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: the probes stay bound until all are chosen (one at a time,
+    the kernel may hand the same port out twice, as it once did to Pebble's management
+    interface and its DNS server)."""
+    with ExitStack() as probes:
+        ports = []
+        for _ in range(count):
+            probe = probes.enter_context(socket.socket())
+            probe.bind(("127.0.0.1", 0))
+            ports.append(int(probe.getsockname()[1]))
+        return ports
 
 
 @dataclass(frozen=True)
@@ -91,7 +102,8 @@ def running_pebble(folder: Path, *, validity: int | None = None) -> Iterator[Peb
     server_cert.cert_chain_pems[0].write_to_path(str(cert_file))
     server_cert.private_key_pem.write_to_path(str(key_file))
     ca.cert_pem.write_to_path(str(ca_file))
-    ports = {name: free_port() for name in ("acme", "manage", "dns", "dnsmanage", "http", "tls")}
+    names = ("acme", "manage", "dns", "dnsmanage", "http", "tls")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     config = {
         "pebble": {
             "listenAddress": f"127.0.0.1:{ports['acme']}",
