@@ -202,6 +202,20 @@ def test_real_client_hello_fields(captured: Captured) -> None:
     assert hello.cipher_suites
 
 
+def test_a_brief_hello_keeps_what_the_log_names_and_drops_the_lists(captured: Captured) -> None:
+    """What an idle connection keeps once its certificate is chosen (serve.server)."""
+    hello = captured.hello
+    brief = hello.brief()
+    assert (brief.sni, brief.alpn, brief.legacy_version) == (
+        hello.sni,
+        hello.alpn,
+        hello.legacy_version,
+    )
+    lists = ("cipher_suites", "signature_algorithms", "supported_versions", "supported_groups")
+    assert all(getattr(hello, name) for name in ("cipher_suites", "signature_algorithms"))
+    assert [getattr(brief, name) for name in lists] == [(), (), (), ()]
+
+
 @pytest.mark.e2e
 def test_rsa_only_client_offers_no_ecdsa() -> None:
     """The twin of the ECDSA check above, with the exact list the command line asked for."""

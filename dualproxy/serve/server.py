@@ -532,6 +532,8 @@ class Server:
             )
             identity = snapshot.identities[record.choice.identity]
             record.key = identity.presented_key(record.hello).name
+            if record.hello is not None:  # chosen: only what the log line names stays
+                record.hello = record.hello.brief()
             record.counters = self.evidence.counters_for(record.key, record.choice.reason)
             # https_compatible=False: aclose sends close_notify (RFC 8446 6.1), so a client
             # can tell our end of a response from a truncation. A client that closes without

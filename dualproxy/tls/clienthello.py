@@ -113,6 +113,12 @@ class ClientHello:
         """The client can speak TLS 1.3 (only the supported_versions extension can say so)."""
         return TLS1_3 in self.supported_versions
 
+    def brief(self) -> ClientHello:
+        """What a connection keeps once its certificate is chosen: the SNI and ALPN its log
+        line names. The lists the choice read (some 2 kB of Python ints per hello, held for
+        as long as a keep-alive connection idles) go."""
+        return ClientHello(self.legacy_version, (), self.sni, self.alpn, (), (), ())
+
 
 def parse_client_hello(data: bytes) -> ClientHello | None:
     """`data` is everything received so far on the connection, from its first byte.
