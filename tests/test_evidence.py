@@ -445,6 +445,19 @@ def test_a_when_safe_window_closes_at_its_deadline_whatever_the_evidence(
     assert not evidence.window.closed  # the clock closed it, not the evidence
 
 
+def test_a_window_judge_that_follows_closes_only_when_told() -> None:
+    """A worker's: the evidence that would close the window (its twin above closes it) is
+    not judged here; the supervisor's decision is taken as it comes."""
+    evidence = Evidence(clock=FakeClock(T0))
+    evidence.window.decides = False
+    healthy(evidence, WHEN_SAFE, 10)
+    assert evidence.review_window(WHEN_SAFE, GRACE_END + timedelta(hours=1)) is None
+    assert not evidence.window.closed
+    closed_at = GRACE_END + timedelta(hours=2)
+    evidence.window.follow(True, closed_at)
+    assert (evidence.window.closed, evidence.window.closed_at) == (True, closed_at)
+
+
 def test_an_at_grace_end_window_is_not_reviewed() -> None:
     evidence = Evidence(clock=FakeClock(T0))
     assert state_at(evidence, ROTATION, GRACE_END + timedelta(days=1)) is None

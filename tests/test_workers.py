@@ -30,11 +30,13 @@ from helpers.configs import write_config
 from helpers.keys import KeyFiles, make_key, reissue
 from helpers.rotation import open_canary_window
 from helpers.upstream_server import UpstreamServer, serve_upstream
+from test_reports import body, post_report, trustkit_ios
 
 from dualproxy.config.loader import load
 from dualproxy.config.names import ListenAddress
 from dualproxy.config.schema import AcmeConfig
 from dualproxy.ops import admin, statuspage
+from dualproxy.ops.evidence import Evidence
 from dualproxy.ops.haltrecord import HaltRecord, parse_record, rotation_id
 from dualproxy.ops.tally import from_wire
 from dualproxy.serve.control import Channel, ChannelError
@@ -42,7 +44,7 @@ from dualproxy.serve.listeners import open_listeners
 from dualproxy.serve.server import Server
 from dualproxy.serve.sharedhalt import RECORD_FILE
 from dualproxy.serve.supervisor import Sharing, Supervisor, supervised_problem
-from dualproxy.serve.worker import serve_worker, worker_server
+from dualproxy.serve.worker import Reporter, serve_worker, worker_server
 
 pytestmark = pytest.mark.e2e
 
@@ -590,6 +592,60 @@ async def test_a_drain_before_the_workers_serve_stops_them(
             supervisor.drain()
     assert not any("workers: pids" in record.getMessage() for record in caplog.records)
     assert any("every worker finished" in record.getMessage() for record in caplog.records)
+
+
+async def test_canary_clients_reports_on_any_worker_halt_the_machine_s_canary(
+    setup: Setup,
+) -> None:
+    """Three canary clients (every hint-less client is one, at 100 %) report app 1.0 knowing
+    only the old pin, wherever their reports land: no worker decides, and the supervisor's
+    judge halts on the union of what its workers' reports say; from then on every worker
+    serves the old key. The report halt of a single process (test_reports), machine-wide."""
+    write_config(
+        setup.config_file,
+        [setup.old, setup.new],
+        rotation=open_canary_window(100),
+        extra={"process": {"workers": 2}, "reports": {"store": str(setup.folder / "reports")}},
+    )
+    supervisor = setup.supervisor("reuse_port")
+    report = body(trustkit_ios(setup.old.chain.read_text(), version="1.0", pins=(setup.old.pin,)))
+    async with supervising(supervisor) as port:
+        assert not supervisor.evidence.canary.halted
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            answer = await trio.to_thread.run_sync(post_report, port, setup.cafile, source, report)
+            assert answer.startswith(b"HTTP/1.1 204 ")
+        await eventually(lambda: supervisor.evidence.canary.halted, "the supervisor halts")
+        assert supervisor.evidence.canary.why == (
+            "app version com.example.app 1.0 (IOS) knows no pin of the new key: 3 canary"
+            " clients reported its pin failures"
+        )
+        assert {name: len(clients) for name, clients in supervisor.canary_failures().items()} == {
+            "com.example.app 1.0 (IOS)": 3
+        }
+
+        def all_old() -> bool:
+            pins = [tls_get("127.0.0.1", port, cafile=setup.cafile).pin for _ in range(10)]
+            return pins == [setup.old.pin] * 10
+
+        halted_everywhere = False
+        with trio.move_on_after(WAIT):
+            while not (halted_everywhere := await trio.to_thread.run_sync(all_old)):
+                await trio.sleep(0.1)
+        assert halted_everywhere
+
+
+def test_a_worker_sends_its_report_failures_when_they_change() -> None:
+    """Whole, as hex, and only when they changed (Reporter.next_message)."""
+    reporter = Reporter()
+    evidence = Evidence()
+    figures = {"active": 0}
+    first = reporter.next_message(evidence, figures, {"app 1.0": frozenset({b"\x01"})})
+    assert first is not None
+    assert first["failing"] == {"app 1.0": ["01"]}
+    assert reporter.next_message(evidence, figures, {"app 1.0": frozenset({b"\x01"})}) is None
+    grown = reporter.next_message(evidence, figures, {"app 1.0": frozenset({b"\x01", b"\x02"})})
+    assert grown is not None
+    assert grown["failing"] == {"app 1.0": ["01", "02"]}
 
 
 async def test_the_pin_failure_reports_of_every_worker_are_summed(setup: Setup) -> None:

@@ -398,16 +398,24 @@ class WindowJudge:
     def __init__(self) -> None:
         self.closed = False
         self.closed_at: datetime | None = None
+        # False in a worker process: the supervisor judges the window on every worker's sums
+        # and tells each worker (`follow`), as it does the canary's halt.
+        self.decides = True
         self.verdict: Verdict | None = None
         self.estimate: Breakage | None = None
         self._window: tuple[object, ...] | None = None
         self._held_logged: datetime | None = None
 
+    def follow(self, closed: bool, closed_at: datetime | None) -> None:
+        """Take the machine's decision (a worker: its supervisor's judge closed the window)."""
+        self.closed, self.closed_at = closed, closed_at
+
     def review(
         self, rotation: Rotation | None, now: datetime, estimate: Breakage, canary_halted: bool
     ) -> Verdict | None:
-        """Apply the closing rule at `now` and log what changed; None without a rotation."""
-        if rotation is None:
+        """Apply the closing rule at `now` and log what changed; None without a rotation, or
+        in a process that follows another's decision."""
+        if rotation is None or not self.decides:
             return None
         if self._window != _window_id(rotation):  # another rotation: its own record
             self._window = _window_id(rotation)

@@ -384,11 +384,30 @@ class ReportCounts:
         for key, group in self._groups.items():
             yield key, group.count, group.last_seen
 
+    def canary_failure_clients(
+        self, old_pins: frozenset[str], new_pins: frozenset[str]
+    ) -> dict[str, frozenset[bytes]]:
+        """The canary clients (policy.client_id) that reported each app version of
+        `old_pin_only` failing, by its name, for the versions that have any: what a worker
+        sends its supervisor, whose judge sees the union over every worker."""
+        return {
+            version["name"]: clients
+            for version, clients in self._old_pin_only(old_pins, new_pins)
+            if clients
+        }
+
     def old_pin_only(
         self, old_pins: frozenset[str], new_pins: frozenset[str]
     ) -> list[OldPinOnlyVersion]:
         """The app versions whose reports know a pin of the old keys and none of the new: they
         fail on the new key. Most reports first."""
+        found = [version for version, _ in self._old_pin_only(old_pins, new_pins)]
+        return sorted(found, key=lambda e: (-e["count"], e["name"]))
+
+    def _old_pin_only(
+        self, old_pins: frozenset[str], new_pins: frozenset[str]
+    ) -> list[tuple[OldPinOnlyVersion, frozenset[bytes]]]:
+        """Each version of `old_pin_only`, with its canary clients."""
         versions: dict[tuple[str, str, str], tuple[int, datetime | None, set[bytes]]] = {}
         for key, group in self._groups.items():
             pins = set(key.known_pins)
@@ -402,19 +421,21 @@ class ReportCounts:
                 max(seen) if seen else None,
                 clients | group.canary_clients,
             )
-        found = [
-            OldPinOnlyVersion(
-                app=app,
-                version=version,
-                platform=platform,
-                name=version_name(app, version, platform),
-                count=count,
-                last_seen=format_time(last) if last else None,
-                canary_clients=len(clients),
+        return [
+            (
+                OldPinOnlyVersion(
+                    app=app,
+                    version=version,
+                    platform=platform,
+                    name=version_name(app, version, platform),
+                    count=count,
+                    last_seen=format_time(last) if last else None,
+                    canary_clients=len(clients),
+                ),
+                frozenset(clients),
             )
             for (app, version, platform), (count, last, clients) in versions.items()
         ]
-        return sorted(found, key=lambda e: (-e["count"], e["name"]))
 
 
 class AppVersionSummary(TypedDict):

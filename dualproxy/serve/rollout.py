@@ -13,6 +13,7 @@ reads counts that change slowly, so a second is prompt and costs nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from typing import Final, Protocol
 
@@ -23,7 +24,10 @@ from dualproxy.pinning import endpoints
 from dualproxy.rotation import policy
 from dualproxy.serve.lifecycle import Material
 
-__all__ = ["REVIEW_SECONDS", "Reviewed", "review", "review_forever"]
+__all__ = ["REVIEW_SECONDS", "Failures", "Reviewed", "canary_failures", "review", "review_forever"]
+
+# App versions reported failing on the new key, by name: the canary clients that reported each.
+Failures = Mapping[str, Collection[bytes]]
 
 # How often the window and the reports are looked at: a rotation is days long, and an app
 # version reported failing halts the canary within a second of its third canary client.
@@ -42,29 +46,45 @@ class Reviewed(Protocol):
     def now(self) -> datetime: ...
 
 
-def review(server: Reviewed) -> None:
-    """Apply the report halt and the closing rule once, now."""
+def canary_failures(material: Material) -> dict[str, frozenset[bytes]]:
+    """What this process's report counts say: the canary clients that reported each app
+    version failing on the new key (none without a rotation that has a canary, or without
+    the reports endpoint)."""
+    rotation = material.config.rotation
+    local = material.local
+    state = local.reports_state if local is not None else None
+    if rotation is None or state is None or rotation.canary_percent <= 0:
+        return {}
+    old_pins, new_pins = endpoints.rotation_pins(material.snapshot.keys, rotation)
+    return state.counts.canary_failure_clients(old_pins, new_pins)
+
+
+def review(server: Reviewed, failures: Failures | None = None) -> None:
+    """Apply the report halt and the closing rule once, now. `failures`: the reports'
+    evidence when it is not this process's own (a supervisor's: the union of its workers');
+    a judge that does not decide (a worker's) halts on none, and a window judge that does
+    not decide closes nothing."""
     material = server.material
     rotation = material.config.rotation
     if rotation is None:
         return
     evidence = server.evidence
     now = server.now()
-    local = material.local
-    state = local.reports_state if local is not None else None
-    if state is not None and rotation.canary_percent > 0 and not evidence.canary.halted:
-        old_pins, new_pins = endpoints.rotation_pins(material.snapshot.keys, rotation)
-        failing = [
-            (version["name"], version["canary_clients"])
-            for version in state.counts.old_pin_only(old_pins, new_pins)
-        ]
+    canary = evidence.canary
+    if rotation.canary_percent > 0 and not canary.halted and canary.decides:
+        if failures is None:
+            failures = canary_failures(material)
+        failing = sorted(
+            ((name, len(clients)) for name, clients in failures.items()),
+            key=lambda version: (-version[1], version[0]),
+        )
         in_window = policy.phase(rotation, now, window_closed=evidence.window.closed) == "during"
-        evidence.canary.review_reports(rotation, failing, in_window)
+        canary.review_reports(rotation, failing, in_window)
     evidence.review_window(rotation, now)
 
 
-async def review_forever(server: Reviewed) -> None:
-    """`review` every REVIEW_SECONDS, until cancelled."""
+async def review_forever(server: Reviewed, failures: Callable[[], Failures] | None = None) -> None:
+    """`review` every REVIEW_SECONDS, until cancelled; `failures`: see review."""
     while True:
         await trio.sleep(REVIEW_SECONDS)
-        review(server)
+        review(server, failures() if failures is not None else None)

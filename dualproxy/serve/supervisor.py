@@ -75,7 +75,7 @@ from dualproxy.http.relay import RelaySettings
 from dualproxy.ops.evidence import Evidence
 from dualproxy.ops.tally import from_wire
 from dualproxy.pinning import endpoints, reports
-from dualproxy.serve import lifecycle
+from dualproxy.serve import lifecycle, rollout
 from dualproxy.serve.clock import utc_now
 from dualproxy.serve.closing import close_pool
 from dualproxy.serve.control import Channel, ChannelError
@@ -164,6 +164,10 @@ class WorkerState:
     requests: int = 0
     restarts: int = 0
     epoch: int = -1  # the canary epoch last sent to this worker
+    # The canary clients its pin-failure reports have for each app version failing on the
+    # new key, as last reported; and those of the slot's workers that exited.
+    failures: dict[str, frozenset[bytes]] = field(default_factory=dict)
+    retired_failures: dict[str, frozenset[bytes]] = field(default_factory=dict)
     outbox: trio.MemorySendChannel[dict[str, object]] | None = field(default=None, repr=False)
 
 
@@ -219,7 +223,8 @@ class Supervisor:
         self._drain_started = trio.Event()  # wakes a slot waiting to restart its worker
         self._all_ready = trio.Event()
         self._bound: list[tuple[str, int]] = []
-        self._canary_told = (False, 0)  # (halted, resumes) the workers were last told
+        # (halted, resumes, window closed): what the workers were last told.
+        self._canary_told = (False, 0, False)
         self._listener_sets: list[list[socket.socket]] = []  # per worker slot, while running
         self._own_sockets = False  # a reuse_port socket per slot (not shared, not inherited)
         self._shapes: list[_Shape] = []  # of the first slot's sockets, for fresh ones
@@ -286,6 +291,14 @@ class Supervisor:
         labels = endpoints.pin_labels(keys, self.config.rotation, self.now())
         return reports.summary(counts, labels)
 
+    def canary_failures(self) -> dict[str, frozenset[bytes]]:
+        """The canary clients every worker's pin-failure reports have for each app version
+        failing on the new key (rollout.review's evidence for the report halt): the union,
+        so that a client counts once whichever worker took its reports."""
+        return _union(
+            [failures for w in self.workers for failures in (w.failures, w.retired_failures)]
+        )
+
     async def wait_listening(self) -> list[tuple[str, int]]:
         """Wait until every worker serves; the (host, port) pairs they listen on."""
         await self._listening.wait()
@@ -304,6 +317,9 @@ class Supervisor:
                 len(self.workers),
             )
             material = replace(material, config=replace(config, process=current.process))
+        if config.rotation != current.rotation:  # another rotation's failures are not its own
+            for worker in self.workers:
+                worker.retired_failures = {}
         self._material = material
         for warning in material.snapshot.warnings:
             log.warning("%s", warning)
@@ -423,6 +439,8 @@ class Supervisor:
                     await nursery.start(lifecycle.watch_signals, self)
                 nursery.start_soon(self.reloads.watch_files, shared)
                 nursery.start_soon(self._sync_canary)
+                # The machine's report halt and window rule, on every worker's evidence.
+                nursery.start_soon(rollout.review_forever, self, self.canary_failures)
                 async with trio.open_nursery() as keepers:
                     for worker in self.workers:
                         keepers.start_soon(self._keep, worker)
@@ -530,6 +548,8 @@ class Supervisor:
             worker.retired_reclaimed += worker.reclaimed
             worker.retired_refused_per_client += worker.refused_per_client
             worker.reclaimed = worker.refused_per_client = 0
+            worker.retired_failures = _union([worker.retired_failures, worker.failures])
+            worker.failures = {}
             with trio.CancelScope(shield=True):
                 if process.returncode is None:
                     await _stop(process)
@@ -584,6 +604,11 @@ class Supervisor:
             value = message.get(figure)
             if isinstance(value, int):
                 setattr(worker, figure, value)
+        if "failing" in message:
+            try:
+                worker.failures = _failures_from_wire(message["failing"])
+            except ValueError as exc:
+                log.error("worker %d sent report failures we cannot read (%s)", worker.slot, exc)
         if message.get("epoch") != self.evidence.canary.resumes:
             # Counted before a resume the worker had not heard of yet: not the new samples.
             delta = replace(delta, canary=(0, 0, 0), control=(0, 0, 0))
@@ -592,7 +617,7 @@ class Supervisor:
         self.evidence.add(delta, self.config.rotation)
 
     def _tell_canary(self, worker: WorkerState) -> None:
-        judge = self.evidence.canary
+        judge, window = self.evidence.canary, self.evidence.window
         if worker.outbox is None:
             return
         worker.outbox.send_nowait(
@@ -603,6 +628,10 @@ class Supervisor:
                 "at": judge.halted_at,
                 "by": judge.by,
                 "epoch": judge.resumes,
+                "window_closed": window.closed,
+                "window_closed_at": (
+                    window.closed_at.isoformat() if window.closed_at is not None else None
+                ),
             }
         )
         worker.epoch = judge.resumes
@@ -612,7 +641,7 @@ class Supervisor:
         judge = self.evidence.canary
         while True:
             await trio.sleep(CANARY_SYNC_INTERVAL)
-            state = (judge.halted, judge.resumes)
+            state = (judge.halted, judge.resumes, self.evidence.window.closed)
             if state != self._canary_told:
                 self._canary_told = state
                 for worker in self.workers:
@@ -674,3 +703,29 @@ def _describe_exit(code: int | None) -> str:
             name = f"signal {-code}"
         return f"was killed by {name}"
     return f"exited with code {code}"
+
+
+def _union(maps: Sequence[dict[str, frozenset[bytes]]]) -> dict[str, frozenset[bytes]]:
+    union: dict[str, frozenset[bytes]] = {}
+    for failures in maps:
+        for name, clients in failures.items():
+            union[name] = union.get(name, frozenset()) | clients
+    return union
+
+
+def _failures_from_wire(value: object) -> dict[str, frozenset[bytes]]:
+    """A worker's `failing` (Reporter.next_message): {version name: [client id as hex]},
+    bounded as its report counts are; ValueError for anything else."""
+    if not isinstance(value, dict) or len(value) > reports.MAX_GROUPS:
+        raise ValueError("not a map of app versions")
+    failures: dict[str, frozenset[bytes]] = {}
+    for name, clients in value.items():
+        if (
+            not isinstance(name, str)
+            or not isinstance(clients, list)
+            or len(clients) > reports.MAX_CANARY_CLIENTS
+            or not all(isinstance(client, str) for client in clients)
+        ):
+            raise ValueError("not lists of client ids by app version")
+        failures[name] = frozenset(bytes.fromhex(client) for client in clients)
+    return failures

@@ -7,10 +7,13 @@ admin listener, watches no file, and decides nothing about the canary. On its li
 
 - sends `ready` (the addresses it serves) once its accept loops run;
 - sends `tally` every REPORT_INTERVAL when something changed: the difference of its evidence
-  since the last one (ops.tally), its open connections, and the canary epoch it follows;
+  since the last one (ops.tally), its open connections, the canary epoch it follows, and the
+  canary clients its pin-failure reports have for each app version failing on the new key
+  (the supervisor judges the report halt on their union);
 - obeys `reload` (the supervisor validated the files first: `Server.reload`, answered with
   `reloaded`), `drain` and `stop` (SIGTERM's drain, a second SIGTERM's stop), and `canary`
-  (the machine's decision: halted or running again, `CanaryJudge.follow`).
+  (the machine's decisions: the canary halted or running again, `CanaryJudge.follow`, and a
+  "when-safe" window closed or not, `WindowJudge.follow`).
 
 When the link closes (the supervisor died, even by SIGKILL), the worker drains as on
 SIGTERM: nobody would restart it or read its counts. It still takes SIGTERM itself (systemd
@@ -26,6 +29,7 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Final
 
@@ -34,6 +38,7 @@ import trio
 from dualproxy.config.loader import load
 from dualproxy.ops.evidence import Evidence
 from dualproxy.ops.tally import EMPTY, Tally, to_wire
+from dualproxy.serve import rollout
 from dualproxy.serve.control import Channel, ChannelError
 from dualproxy.serve.server import Server
 
@@ -53,26 +58,40 @@ class Reporter:
     def __init__(self) -> None:
         self._sent: Tally = EMPTY
         self._figures: dict[str, int] = {}
+        self._failures: dict[str, list[str]] = {}
         # The supervisor's canary epoch (its resumes) this worker's samples belong to.
         self.epoch = 0
 
     def next_message(
-        self, evidence: Evidence, connections: Mapping[str, int]
+        self,
+        evidence: Evidence,
+        connections: Mapping[str, int],
+        failures: rollout.Failures | None = None,
     ) -> dict[str, object] | None:
         """The `tally` message with what changed since the last one, or None when nothing
         did. `connections`: the server's connection figures as they are now (`active`,
-        `idle`: gauges; `reclaimed`, `refused_per_client`: totals since it started)."""
+        `idle`: gauges; `reclaimed`, `refused_per_client`: totals since it started).
+        `failures`: the canary clients its report counts have for each app version failing
+        on the new key (rollout.canary_failures), sent whole (as hex) when they changed: the
+        supervisor's judge halts on the union over every worker."""
         now = evidence.tally()
         delta = now.minus(self._sent)
         figures = dict(connections)
-        if delta.empty and figures == self._figures:
+        failing = {
+            name: sorted(client.hex() for client in clients)
+            for name, clients in (failures or {}).items()
+        }
+        if delta.empty and figures == self._figures and failing == self._failures:
             return None
-        self._sent, self._figures = now, figures
-        return {"t": "tally", "epoch": self.epoch, **figures, **to_wire(delta)}
+        message: dict[str, object] = {"t": "tally", "epoch": self.epoch, **figures}
+        if failing != self._failures:
+            message["failing"] = failing
+        self._sent, self._figures, self._failures = now, figures, failing
+        return {**message, **to_wire(delta)}
 
     def follow_canary(self, evidence: Evidence, message: dict[str, object]) -> None:
-        """Take the supervisor's canary decision; samples counted from here on belong to its
-        epoch (a resume starts them from zero)."""
+        """Take the supervisor's canary decision and its window's; samples counted from here
+        on belong to its epoch (a resume starts them from zero)."""
         halted_at = message.get("at")
         why, by = message.get("why"), message.get("by")
         evidence.canary.follow(
@@ -80,6 +99,11 @@ class Reporter:
             str(why) if why is not None else None,
             float(halted_at) if isinstance(halted_at, int | float) else None,
             str(by) if by is not None else None,
+        )
+        closed_at = message.get("window_closed_at")
+        evidence.window.follow(
+            bool(message.get("window_closed")),
+            datetime.fromisoformat(closed_at) if isinstance(closed_at, str) else None,
         )
         epoch = message.get("epoch")
         if isinstance(epoch, int) and epoch != self.epoch:
@@ -102,6 +126,7 @@ def worker_server(
         config = replace(config, tls=replace(config.tls, ticket_key_file=ticket_key_file))
     server = Server(config, watch_files=False)
     server.evidence.canary.decides = False
+    server.evidence.window.decides = False
     if canary_halted:
         server.evidence.canary.follow(True, None, None)
     return server
@@ -154,7 +179,8 @@ def connection_figures(server: Server, *, active: int | None = None) -> dict[str
 async def _report(server: Server, channel: Channel, reporter: Reporter) -> None:
     while True:
         await trio.sleep(REPORT_INTERVAL)
-        message = reporter.next_message(server.evidence, connection_figures(server))
+        failures = rollout.canary_failures(server.material)
+        message = reporter.next_message(server.evidence, connection_figures(server), failures)
         if message is not None:
             await _send(channel, message)
 
