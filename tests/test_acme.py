@@ -19,7 +19,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -685,23 +685,33 @@ def _plain_http(port: int, request: bytes) -> bytes:
     return response
 
 
-def test_serve_obtains_a_missing_chain_then_serves_it(tmp_path: Path, pebble: Pebble) -> None:
-    """`dualproxy serve` with an ACME-managed key that has no chain yet: it gets one (answering
-    the challenge itself), then serves it."""
-    setup = make_setup(tmp_path, pebble)
-    assert not setup.chain_file.exists()
+@dataclass
+class ServeRun:
+    """A `dualproxy serve --log-format json` process, and what it wrote to stderr."""
+
+    process: subprocess.Popen[bytes]
+    output: bytes = b""
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every line it wrote, each a JSON object (the issuance's lines included)."""
+        return [json.loads(line) for line in self.output.decode().splitlines()]
+
+
+@contextmanager
+def serve_process(config_file: Path, ready: bytes) -> Iterator[ServeRun]:
+    """`dualproxy serve -c config_file --log-format json` for the block, from the moment it
+    wrote `ready`; stopped with SIGTERM at the end, its output then whole in `output`."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "dualproxy", "serve", "-c", str(setup.config_file),
+        [sys.executable, "-m", "dualproxy", "serve", "-c", str(config_file),
          "--log-format", "json"],
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
+    run = ServeRun(process)
     try:
         assert process.stderr is not None
-        started = read_until(process.stderr, b"listening on", timeout=60)
-        served = verified_leaf(pebble.tls_port, pebble.root_pem())
-        assert spki_pin_of_certificate(served) == setup.pin
-        assert served == leaf(setup.chain_file)
+        run.output = read_until(process.stderr, ready, timeout=60)
+        yield run
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -709,9 +719,19 @@ def test_serve_obtains_a_missing_chain_then_serves_it(tmp_path: Path, pebble: Pe
         except subprocess.TimeoutExpired:
             process.kill()
             _, rest = process.communicate()
-    # --log-format json: every line is a JSON object, the issuance's included.
-    lines = (started + rest).decode().splitlines()
-    entries = [json.loads(line) for line in lines]
+        run.output += rest
+
+
+def test_serve_obtains_a_missing_chain_then_serves_it(tmp_path: Path, pebble: Pebble) -> None:
+    """`dualproxy serve` with an ACME-managed key that has no chain yet: it gets one (answering
+    the challenge itself), then serves it."""
+    setup = make_setup(tmp_path, pebble)
+    assert not setup.chain_file.exists()
+    with serve_process(setup.config_file, b"listening on") as run:
+        served = verified_leaf(pebble.tls_port, pebble.root_pem())
+        assert spki_pin_of_certificate(served) == setup.pin
+        assert served == leaf(setup.chain_file)
+    entries = run.entries()
     messages = [e.get("message", "") for e in entries]
     written = [
         m for m in messages if m == f"acme: k1: new certificate written to {setup.chain_file}"
@@ -740,15 +760,7 @@ def test_serve_with_workers_obtains_a_missing_chain_then_takes_the_cli_s_renewal
     poller (each worker's reload line names the new certificate)."""
     setup = make_setup(tmp_path, pebble, workers=2)
     assert not setup.chain_file.exists()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dualproxy", "serve", "-c", str(setup.config_file),
-         "--log-format", "json"],
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    try:
-        assert process.stderr is not None
-        started = read_until(process.stderr, b"workers: pids", timeout=60)
+    with serve_process(setup.config_file, b"workers: pids") as run:
         root = pebble.root_pem()
         served = verified_leaf(pebble.tls_port, root)
         assert served == leaf(setup.chain_file)
@@ -762,19 +774,12 @@ def test_serve_with_workers_obtains_a_missing_chain_then_takes_the_cli_s_renewal
             ),
             "the workers serving the chain the CLI wrote",
         )
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            _, rest = process.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            _, rest = process.communicate()
-    assert process.returncode == 0
-    messages = [json.loads(line).get("message", "") for line in (started + rest).splitlines()]
+    assert run.process.returncode == 0
+    messages = [entry.get("message", "") for entry in run.entries()]
     assert messages.count("acme: no chain yet for k1; obtaining it") == 1, messages
     renews = [m for m in messages if m.startswith("acme: the supervisor (pid ")]
     assert len(renews) == 1, messages
-    assert f"pid {process.pid})" in renews[0]
+    assert f"pid {run.process.pid})" in renews[0]
     serial = f"k1: new certificate (serial {renewed:X}"
     for slot in (0, 1):
         assert [m for m in messages if f", worker {slot}: " in m and serial in m], messages
