@@ -60,6 +60,9 @@ NAMES: Final = ("api.dualproxy.test", "www.dualproxy.test")
 # stops soon after the renewal has been seen.
 MAX_CLIENTS: Final = 400
 AFTER_RENEWAL: Final = 5
+# Bound of each wait here: generous for a shared, loaded machine; a healthy run takes a
+# small fraction of it.
+WAIT: Final = 30.0
 
 
 @pytest.fixture
@@ -452,21 +455,44 @@ async def test_replicas_sharing_the_acme_folder_renew_with_one_order(
     assert not [m for m in messages if "renewing k1 failed" in m]
 
 
+async def test_a_cancelled_order_withdraws_its_challenges_and_frees_the_lock(
+    tmp_path: Path, pebble: Pebble
+) -> None:
+    """SIGTERM during an order (its serve's nursery cancelled while the challenges are
+    published and nobody answers them yet): the challenge files are withdrawn and the lock
+    is free for the next order. The twin: while the order runs, both are held."""
+    setup = make_setup(tmp_path, pebble)
+    config = setup.config()
+    assert config.acme is not None
+    folder = acme.challenge_folder(config.acme)
+    lock = folder.parent / acme.LOCK_FILE
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(acme.obtain, config, config.keys["k1"])
+            while not list(folder.glob("*.json")):  # published; nothing answers here
+                await trio.sleep(0.02)
+            with lock.open("r+") as held, pytest.raises(BlockingIOError):
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            nursery.cancel_scope.cancel()
+    assert not list(folder.glob("*.json"))
+    with lock.open("r+") as free:
+        fcntl.flock(free, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert not setup.chain_file.exists()
+
+
 # --- with workers ([process] workers): the supervisor renews, every worker answers ------------
 
 # Handshakes per look at the workers: reuse_port's hash leaves a worker without any of 16
 # new connections once in 2**15 looks, and the look is repeated.
 WORKER_BATCH: Final = 16
-# Bound of each wait on the workers: generous for a shared, loaded machine.
-WORKERS_WAIT: Final = 30.0
 
 
 async def every_worker_serves(
     supervisor: Supervisor, port: int, root_pem: bytes, serial: int
 ) -> set[str]:
     """Wait until a batch of handshakes all get the certificate `serial` and every worker
-    took some of them (so each serves it); the pins they got. Fails after WORKERS_WAIT."""
-    with trio.move_on_after(WORKERS_WAIT):
+    took some of them (so each serves it); the pins they got. Fails after WAIT."""
+    with trio.move_on_after(WAIT):
         while True:
             before = [worker.connections for worker in supervisor.workers]
             leaves = [
@@ -478,12 +504,12 @@ async def every_worker_serves(
             took = [w.connections - b for w, b in zip(supervisor.workers, before, strict=True)]
             if all(took) and {cert.serial_number for cert in leaves} == {serial}:
                 return {spki_pin_of_certificate(cert) for cert in leaves}
-    pytest.fail(f"not within {WORKERS_WAIT} s: every worker serving serial {serial:X}")
+    pytest.fail(f"not within {WAIT} s: every worker serving serial {serial:X}")
 
 
 async def wait_for_renewal(chain_file: Path, first: int) -> int:
     """The serial of the chain written over `first`'s, once it is."""
-    with trio.fail_after(WORKERS_WAIT):
+    with trio.fail_after(WAIT):
         while (serial := leaf(chain_file).serial_number) == first:
             await trio.sleep(0.1)
     return serial
@@ -560,7 +586,7 @@ async def test_a_worker_killed_during_an_order_is_replaced_and_the_renewal_succe
         caplog.clear()
         supervisor = Supervisor(config, handle_signals=False)
         async with supervising_with_acme(supervisor) as (port, _):
-            with trio.fail_after(WORKERS_WAIT):
+            with trio.fail_after(WAIT):
                 while not any(m.startswith("acme: k1: proving") for m in messages_of(caplog)):
                     await trio.sleep(0.02)
             victim = supervisor.workers[0]
