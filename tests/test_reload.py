@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -36,8 +36,9 @@ from helpers.keys import KeyFiles, make_key, reissue
 from helpers.rotation import Clock
 from helpers.serving import Running, serving
 
-from dualproxy.config.schema import Config
-from dualproxy.serve.lifecycle import read_files
+from dualproxy.config.names import ListenAddress
+from dualproxy.config.schema import AcmeConfig, Config
+from dualproxy.serve.lifecycle import acme_restart_needed, read_files
 from dualproxy.serve.server import Server
 from dualproxy.tls.keystore import KeySnapshot
 from dualproxy.tls.pins import spki_pin_of_certificate
@@ -560,6 +561,26 @@ async def test_config_reload_keeps_the_listen_addresses(
         assert server.config.path == config_file
         assert any("restart dualproxy" in r.getMessage() for r in caplog.records)
         assert spki_pin_of_certificate(await fetch_async(running, cafile)) == key.pin
+
+
+def test_an_acme_change_that_needs_a_restart_is_named() -> None:
+    """What the responders and the http-01 listener were set up with at start (a server's,
+    or a supervisor's workers') needs a restart: [acme] added or removed, its http_listen,
+    its folder; the twin: every other [acme] setting applies at once (renewals read it at
+    each look), and no [acme] before or after is no change."""
+    before = AcmeConfig("https://ca.example/dir", Path("/state/account.pem"))
+    assert acme_restart_needed(None, None) is None
+    assert acme_restart_needed(before, before) is None
+    applied = replace(before, renew_fraction=0.5, renew=False, directory="https://other/dir")
+    assert acme_restart_needed(before, applied) is None
+    assert acme_restart_needed(None, before) == "[acme] added"
+    assert acme_restart_needed(before, None) == "[acme] removed"
+    moved = replace(before, http_listen=ListenAddress("0.0.0.0", 80))
+    assert acme_restart_needed(before, moved) == "acme.http_listen changed"
+    elsewhere = replace(before, account_key=Path("/other/account.pem"))
+    changed = acme_restart_needed(before, elsewhere)
+    assert changed is not None
+    assert changed.startswith("the ACME folder")
 
 
 # --- SIGHUP and SIGTERM: `dualproxy serve` as operators run it ------------------------------

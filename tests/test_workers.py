@@ -17,7 +17,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Final
@@ -29,12 +29,15 @@ from helpers.clients import read_until, tls_get, tls_get_async
 from helpers.configs import write_config
 from helpers.keys import KeyFiles, make_key, reissue
 from helpers.rotation import open_canary_window
+from helpers.serving import supervising_with_acme
+from helpers.smallhttp import exchange
 from helpers.upstream_server import UpstreamServer, serve_upstream
 from test_reports import body, post_report, trustkit_ios
 
+from dualproxy.acme.challenges import Challenge, probe_http01, probe_tls_alpn, publish
+from dualproxy.acme.issuer import challenge_folder
 from dualproxy.config.loader import load
 from dualproxy.config.names import ListenAddress
-from dualproxy.config.schema import AcmeConfig
 from dualproxy.ops import admin, statuspage
 from dualproxy.ops.evidence import Evidence
 from dualproxy.ops.haltrecord import HaltRecord, parse_record, rotation_id
@@ -43,7 +46,7 @@ from dualproxy.serve.control import Channel, ChannelError
 from dualproxy.serve.listeners import open_listeners
 from dualproxy.serve.server import Server
 from dualproxy.serve.sharedhalt import RECORD_FILE
-from dualproxy.serve.supervisor import Sharing, Supervisor, supervised_problem
+from dualproxy.serve.supervisor import Sharing, Supervisor
 from dualproxy.serve.worker import Reporter, serve_worker, worker_server
 
 pytestmark = pytest.mark.e2e
@@ -376,15 +379,64 @@ async def test_workers_share_one_listener_or_reuse_port_sockets(
         await eventually(counted, "40 connections counted")
 
 
-def test_acme_is_refused_with_several_workers(setup: Setup) -> None:
-    """[acme]'s challenges are answered by the process that orders them: with workers it
-    is refused at start, saying what to do; without [acme] nothing is refused."""
+async def test_with_acme_every_worker_answers_the_challenges(
+    setup: Setup, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """[acme] with workers (once refused at start): every worker answers the challenges
+    published in the ACME folder, as replicas of a state folder do. tls-alpn-01 on each
+    worker's TLS socket (the probes spread over both by reuse_port: each worker says once
+    that it answered), http-01 on the one listener the supervisor opened and handed to every
+    worker, which redirects the rest to the TLS port; the supervisor answers none itself.
+    The twin: a name with no pending challenge gets no challenge certificate. No CA here:
+    renewals are off, which the supervisor says once."""
+    caplog.set_level(logging.INFO, logger="dualproxy")
+    names = ["api.example.com"]
+    write_config(
+        setup.config_file,
+        [setup.old],
+        extra={
+            "process": {"workers": 2},
+            "keys": {setup.old.name: {**setup.old.table(), "names": names}},
+            "acme": {
+                "directory": "https://ca.invalid/directory",
+                "challenge": "http-01",
+                "http_listen": "127.0.0.1:0",
+                "renew": False,
+            },
+        },
+    )
     config = load(setup.config_file)
-    assert supervised_problem(config) is None
-    acme = AcmeConfig(directory="https://acme.example/dir", account_key=setup.folder / "a.pem")
-    problem = supervised_problem(replace(config, acme=acme))
-    assert problem is not None
-    assert "set [process] workers = 1" in problem
+    assert config.acme is not None
+    tls01 = Challenge("tls-alpn-01", names[0], "tok-tls", "tok-tls.thumbprint")
+    http01 = Challenge("http-01", names[0], "tok-http", "tok-http.thumbprint")
+    publish(challenge_folder(config.acme), [tls01, http01], datetime.now(UTC))
+    stray = Challenge("tls-alpn-01", "k2.api.example.com", "tok-no", "tok-no.thumbprint")
+    supervisor = Supervisor(config, handle_signals=False)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with supervising_with_acme(supervisor) as (port, http):
+            assert http is not None
+
+            def probes(challenge: Challenge, count: int) -> list[bool]:
+                return [probe_tls_alpn("127.0.0.1", port, challenge) for _ in range(count)]
+
+            assert await trio.to_thread.run_sync(probes, tls01, 16) == [True] * 16
+            assert await trio.to_thread.run_sync(probes, stray, 4) == [False] * 4
+            assert await trio.to_thread.run_sync(probe_http01, "127.0.0.1", http[1], http01)
+            redirect = await exchange(
+                "127.0.0.1", http[1], b"GET /x HTTP/1.1\r\nHost: api.example.com\r\n\r\n"
+            )
+            assert await new_connection_gets(port, setup.cafile, 2) == [200, 200]
+    assert redirect.startswith(b"HTTP/1.1 301 ")
+    assert f"location: https://api.example.com:{port}/x".encode() in redirect.lower()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("acme: the ")]
+    assert said == [
+        f"acme: the supervisor (pid {os.getpid()}) places no order ([acme] renew = false);"
+        " the workers answer the CA's challenges"
+    ]
+    # The workers' stderr: each answered tls-alpn-01 (one line each), one of them http-01.
+    err = capfd.readouterr().err
+    assert err.count(f"acme: tls-alpn-01 challenge for {names[0]}: answered") == 2, err
+    assert f"acme: http-01 challenge for {names[0]}: answered" in err, err
 
 
 # --- `dualproxy serve` as a process: its signals, exit codes and lines stay a single one's ----

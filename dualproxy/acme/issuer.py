@@ -75,6 +75,13 @@ NETWORK_TIMEOUT: Final = 45
 # The local check that our own listener answers a published challenge: a running `serve`
 # picks the file up within keystore.reload_poll_interval; this much more absorbs a busy box.
 SERVED_CHECK_MARGIN: Final = 10.0
+# Once our own listener answers, every other process answering from the same folder (the
+# workers of a supervisor, replicas sharing the state folder: the CA may reach any of them)
+# has it within keystore.reload_poll_interval and one refresh of its board, which reads a few
+# small files and signs one certificate per challenge (milliseconds): a second more absorbs
+# a loaded machine. A process that still misses it costs one failed validation, retried
+# after acme.retry_initial; a longer wait would cost every order, every time.
+PICKUP_MARGIN: Final = 1.0
 LOCK_FILE: Final = "lock"
 # How often a renewal waiting for another process's order looks at the lock again: an order
 # takes seconds, and a look costs one system call.
@@ -370,9 +377,10 @@ async def _run_order(
             timeout = config.keystore.reload_poll_interval + SERVED_CHECK_MARGIN
             await wait_until_served(challenges, *probes, timeout)
             if challenges:
-                # Replicas sharing the folder, which the CA may reach instead of us (behind a
-                # load balancer), read it within their poll interval: let them.
-                await trio.sleep(timeout)
+                # The other processes answering from the folder (workers, replicas behind a
+                # load balancer), which the CA may reach instead of the one we probed, read
+                # it within their poll interval: let them.
+                await trio.sleep(config.keystore.reload_poll_interval + PICKUP_MARGIN)
             for challb, challenge in picked:
                 await _blocking(_answer, session.client, challb, challenge)
             log.info(
@@ -384,9 +392,10 @@ async def _run_order(
             deadline = datetime.now() + timedelta(seconds=acme.order_timeout)
             order = await _blocking(session.client.poll_and_finalize, order, deadline)
         finally:
-            await trio.to_thread.run_sync(withdraw_challenges, paths)
-            if board is not None:
-                with trio.CancelScope(shield=True):
+            # Shielded: a cancelled order (SIGTERM) withdraws its challenges too.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(withdraw_challenges, paths)
+                if board is not None:
                     await board.refresh_async()
     finally:
         session.close()

@@ -35,7 +35,7 @@ from dualproxy.rotation import checks
 from dualproxy.serve import activation, announce
 from dualproxy.serve.listeners import raise_open_file_limit
 from dualproxy.serve.server import Server
-from dualproxy.serve.supervisor import Supervisor, supervised_problem
+from dualproxy.serve.supervisor import Supervisor
 
 LOG_FORMATS: Final = ("text", "json")
 
@@ -147,14 +147,15 @@ def _serve_command(args: argparse.Namespace, report: Callable[[str], None]) -> i
             raise UsageError(f"--admin: {problem}")
     # Taken (and the variables unset) before anything else could start a child process.
     inherited = activation.inherited_listeners()
-    if config.process.worker_count() > 1:
-        return _supervise(config, admin_address, args.log_format, report, inherited)
     missing = [key for key in config.acme_keys() if not key.chain.exists()]
     if missing:
-        # Obtained before serving: the key store serves only keys that have a chain.
+        # Obtained before serving (by this process, on the configured ports, before any
+        # worker starts): the key store serves only keys that have a chain.
         names = ", ".join(key.name for key in missing)
         log.info("acme: no chain yet for %s; obtaining it", names)
         issue_or_fail(config, missing)
+    if config.process.worker_count() > 1:
+        return _supervise(config, admin_address, args.log_format, report, inherited)
     server = Server(config, share_state=True)  # loads the keys: an unusable one stops us, exit 1
     raise_open_file_limit(config.limits.max_connections)
     body = partial(_serve, server, admin_address, config.path, inherited)
@@ -172,10 +173,8 @@ def _supervise(
     inherited: activation.Inherited | None,
 ) -> int:
     """[process] workers above 1: a supervisor and its workers (serve.supervisor), with the
-    admin listener in the supervisor; socket activation's sockets are shared by the
-    workers."""
-    if (problem := supervised_problem(config)) is not None:
-        raise OperatorError(problem, key_path="process.workers", file=config.path)
+    admin listener (and [acme]'s renewals) in the supervisor; socket activation's sockets are
+    shared by the workers."""
     supervisor = Supervisor(config, log_format=log_format, share_state=True)  # keys: exit 1
     raise_open_file_limit(config.limits.max_connections)
     body = partial(_serve, supervisor, admin_address, config.path, inherited)
@@ -209,11 +208,15 @@ async def _serve(
                 else f"{admin_address} not listening yet (see above)"
             )
         http01 = None
-        if server.config.acme is not None and isinstance(server, Server):
+        if server.config.acme is not None:
             from dualproxy.acme import service  # the acme library loads only when used
 
             acme_http = inherited.acme_http if inherited is not None else []
-            http01 = await nursery.start(partial(service.serve_beside, inherited=acme_http), server)
+            if isinstance(server, Server):  # it answers the challenges and renews
+                beside = partial(service.serve_beside, server, inherited=acme_http)
+            else:  # it renews; its workers answer
+                beside = partial(service.renew_beside, server, inherited=acme_http)
+            http01 = await nursery.start(beside)
         nursery.start_soon(_announce, server, http01, admin_at)
         if inherited is not None and inherited.tls:
             log.info(

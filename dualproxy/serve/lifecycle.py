@@ -55,7 +55,7 @@ import trio
 
 from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import load as load_config
-from dualproxy.config.schema import Config, ManifestConfig
+from dualproxy.config.schema import AcmeConfig, Config, ManifestConfig
 from dualproxy.config.times import brief_time
 from dualproxy.http.relay import DEPARTURE_CHECK_SECONDS, Departures, Drain, RelaySettings
 from dualproxy.pinning import endpoints, manifest
@@ -75,6 +75,7 @@ __all__ = [
     "Reloadable",
     "Reloads",
     "Shutdown",
+    "acme_restart_needed",
     "changed_files",
     "describe_changes",
     "files_signature",
@@ -141,6 +142,17 @@ def files_signature(config: Config) -> FilesSignature:
         except OSError:
             signature.append((str(path), -1, -1, -1, -1))
     return tuple(signature)
+
+
+def acme_restart_needed(old: AcmeConfig | None, new: AcmeConfig | None) -> str | None:
+    """What a reload changed of [acme] that only a restart applies, in words, or None."""
+    if old is None or new is None:
+        return None if old is new else f"[acme] {'added' if new is not None else 'removed'}"
+    if old.http_listen != new.http_listen:
+        return "acme.http_listen changed"
+    if old.account_key.parent != new.account_key.parent:
+        return "the ACME folder (acme.account_key's: its challenges and lock) changed"
+    return None
 
 
 def changed_files(seen: FilesSignature, now: FilesSignature) -> tuple[Path, ...]:
@@ -393,6 +405,13 @@ class Reloads:
             # The access log is opened once, by the server (reopened in place on SIGUSR1).
             log.warning("log.access changed: restart dualproxy to apply (kept the old one)")
             material = replace(material, config=replace(material.config, log=current.config.log))
+        if (changed := acme_restart_needed(current.config.acme, material.config.acme)) is not None:
+            log.warning(
+                "%s: restart dualproxy to apply (the challenge responders and the http-01"
+                " listener are set up at start; renewals follow the other [acme] settings"
+                " at once)",
+                changed,
+            )
         old_pool = current.relay.pool if current.relay is not None else None
         self.ok += 1
         self._server.install(material, f"{why}: {describe_changes(current, material, files)}")

@@ -11,7 +11,11 @@ evidence (an `Evidence` every worker's counts are added to, ops.tally) and with 
 one canary decision; the reloads (the files are read and checked here, once); and, with
 managed session-ticket keys (issue 16 item 2), the key set every worker must share: the
 seam is `Supervisor.worker_command`, where the key file (or a descriptor) is handed over.
-It never handles client traffic.
+With [acme], the http-01 listener too (one socket every worker accepts from, `acme_http`,
+handed over by the ACME service that runs beside the supervisor: acme.service.renew_beside,
+which places every order of the machine; each worker answers the challenges from the shared
+folder). It never handles client traffic: it only connects out, to the CA and, to check
+that a challenge is answered, to its own listeners on loopback.
 
 **Workers** are `python -m dualproxy.cli.worker` processes (spawned, never forked from this
 trio process), each in its own session so that a terminal's signals reach the supervisor
@@ -95,7 +99,6 @@ __all__ = [
     "Sharing",
     "Supervisor",
     "WorkerState",
-    "supervised_problem",
 ]
 
 log = logging.getLogger("dualproxy")
@@ -120,16 +123,6 @@ WORKER_STOP_TIMEOUT: Final = 5.0
 # How workers share the listening sockets (see the module docstring): "shared", one socket
 # per address for all of them; "reuse_port", one SO_REUSEPORT socket per address per worker.
 Sharing = Literal["shared", "reuse_port"]
-
-
-def supervised_problem(config: Config) -> str | None:
-    """Why `config` cannot be served by several workers, or None."""
-    if config.acme is not None:
-        return (
-            "[acme] is served by a single process for now (its challenges are answered by the"
-            " process that orders them): set [process] workers = 1"
-        )
-    return None
 
 
 # The workers' shared ticket-key file, in the supervisor's private folder.
@@ -228,6 +221,10 @@ class Supervisor:
         self._listener_sets: list[list[socket.socket]] = []  # per worker slot, while running
         self._own_sockets = False  # a reuse_port socket per slot (not shared, not inherited)
         self._shapes: list[_Shape] = []  # of the first slot's sockets, for fresh ones
+        # The http-01 listener ([acme] http_listen, or systemd's), handed over before run()
+        # by the ACME service (acme.service.renew_beside): one socket every worker inherits
+        # and serves; ours to close, with the TLS listeners.
+        self.acme_http: list[socket.socket] = []
 
     # --- what the admin listener, the reloads and the announcement read ----------------
 
@@ -376,7 +373,7 @@ class Supervisor:
                     os.kill(worker.pid, signal.SIGUSR1)
 
     def _close_listeners(self) -> None:
-        for listeners in self._listener_sets:
+        for listeners in [*self._listener_sets, self.acme_http]:
             for sock in listeners:
                 sock.close()
 
@@ -389,9 +386,10 @@ class Supervisor:
 
     def worker_command(self, slot: int, listeners: Sequence[int], control: int) -> list[str]:
         """The command line of a worker: this interpreter, the config file, the inherited
-        descriptors, the ticket-key file the workers share when the config names none, and
-        whether the machine's canary is halted (a halt read from the state folder at start,
-        or a worker restarted after a halt, serves no canary client meanwhile)."""
+        descriptors (the TLS listeners, the link, the http-01 listener), the ticket-key file
+        the workers share when the config names none, and whether the machine's canary is
+        halted (a halt read from the state folder at start, or a worker restarted after a
+        halt, serves no canary client meanwhile)."""
         path = self.config.path
         assert path is not None  # `serve` always reads a file
         command = [sys.executable, "-m", "dualproxy.cli.worker", "-c", str(path)]
@@ -399,6 +397,8 @@ class Supervisor:
         command += ["--control-fd", str(control)]
         for fd in listeners:
             command += ["--listen-fd", str(fd)]
+        for sock in self.acme_http:
+            command += ["--acme-http-fd", str(sock.fileno())]
         if self._ticket_folder is not None:
             command += ["--ticket-key-file", str(self._ticket_folder / TICKET_KEY_FILE_NAME)]
         if self.evidence.canary.halted:
@@ -519,9 +519,10 @@ class Supervisor:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = [sock.fileno() for sock in listeners]
         command = self.worker_command(worker.slot, fds, theirs.fileno())
+        acme_http = [sock.fileno() for sock in self.acme_http]
         try:
             process = await trio.lowlevel.open_process(
-                command, pass_fds=(*fds, theirs.fileno()), start_new_session=True
+                command, pass_fds=(*fds, *acme_http, theirs.fileno()), start_new_session=True
             )
         except OSError:
             ours.close()

@@ -13,6 +13,7 @@ import trio
 from dualproxy.config.schema import Config
 from dualproxy.serve.lifecycle import Loader
 from dualproxy.serve.server import Server
+from dualproxy.serve.supervisor import Supervisor
 
 
 @dataclass
@@ -44,3 +45,27 @@ async def serving(
         host, port = bound[0]
         yield Running(server, host, port)
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def supervising_with_acme(
+    supervisor: Supervisor,
+) -> AsyncIterator[tuple[int, tuple[str, int] | None]]:
+    """A supervisor and its workers with [acme]'s service beside it (its renewals; the
+    workers answer the challenges), as `dualproxy serve` starts them with [process] workers;
+    the TLS port and the http-01 listener's address (None without one). Drained at the end;
+    the service stops when the supervisor does."""
+    from dualproxy.acme import service
+
+    async with trio.open_nursery() as nursery:
+
+        async def run_then_stop(
+            *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            await supervisor.run(task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+        http = await nursery.start(service.renew_beside, supervisor)
+        bound = await nursery.start(run_then_stop)
+        yield bound[0][1], http
+        supervisor.drain()
