@@ -2177,8 +2177,10 @@ class Lab:
         return server
 
     def stop(self, name: str) -> None:
-        """Stop one server this lab started, and forget it."""
-        self.servers.pop(name).stop()
+        """Stop one server this lab started, then forget it (so that an interrupt while it
+        stops leaves it to the caller's final stop)."""
+        self.servers[name].stop()
+        del self.servers[name]
 
 
 def start_lab(args: argparse.Namespace, tmp: Path, servers: dict[str, Server]) -> Lab:
