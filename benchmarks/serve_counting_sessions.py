@@ -14,8 +14,9 @@ seconds when they changed and once more at exit, the sums over them to
 
 A context that is freed (a reload that rebuilt it, once its last connection ended) keeps
 the counts last seen of it in the sums, so they only grow. Nothing on a connection's path
-changes: the thread's cost is a few `session_stats()` calls and a small file write a few
-times a second (tens of microseconds each), next to the seconds of CPU a measured run costs.
+changes: the thread's cost is a few `session_stats()` calls and a small file write, about
+0.2 ms (timeit, three contexts), at most four times a second: under 1 ms of CPU a second,
+under 0.2% of what dualproxy spends during a measured run.
 
 With `[process] workers` the workers run through this wrapper too (wrapping.py), each
 writing its own file; the supervisor's own contexts (it validates the keys) count nothing.
