@@ -18,8 +18,10 @@ changes: the thread's cost is a few `session_stats()` calls and a small file wri
 0.2 ms (timeit, three contexts), at most four times a second: under 1 ms of CPU a second,
 under 0.2% of what dualproxy spends during a measured run.
 
-With `[process] workers` the workers run through this wrapper too (wrapping.py), each
-writing its own file; the supervisor's own contexts (it validates the keys) count nothing.
+With `[process] workers` the supervisor starts its workers through this wrapper too (its
+`worker_command` is patched to run `serve_counting_sessions.py worker ...`, as
+serve_without_tickets.py does; each wrapper stands alone, so that it can be copied beside
+another tree), each writing its own file; the supervisor's own contexts count nothing.
 
 Usage: DUALPROXY_BENCH_SESSION_STATS=DIR python benchmarks/serve_counting_sessions.py serve -c FILE
 """
@@ -34,10 +36,13 @@ import ssl
 import sys
 import threading
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from wrapping import main, route_workers_through
+from dualproxy.cli import worker
+from dualproxy.cli.main import main
+from dualproxy.serve.supervisor import Supervisor
 
 ENVIRONMENT: Final = "DUALPROXY_BENCH_SESSION_STATS"
 # How often the counts are written: run.py lets the servers settle 1.5 s after a load before
@@ -104,8 +109,21 @@ def start(folder: Path) -> None:
     atexit.register(last_write)
 
 
-route_workers_through(__file__)
+_worker_command = Supervisor.worker_command
+
+
+def _worker_through_this_wrapper(
+    self: Supervisor, slot: int, listeners: Sequence[int], control: int
+) -> list[str]:
+    command = _worker_command(self, slot, listeners, control)
+    module = command.index("-m")
+    return [*command[:module], __file__, "worker", *command[module + 2 :]]
+
+
+setattr(Supervisor, "worker_command", _worker_through_this_wrapper)  # noqa: B010
 
 if __name__ == "__main__":
     start(Path(os.environ[ENVIRONMENT]))
+    if sys.argv[1:2] == ["worker"]:
+        sys.exit(worker.main(sys.argv[2:]))
     sys.exit(main(sys.argv[1:]))
