@@ -32,6 +32,17 @@ Four loads per proxy and round (`--loads` picks some):
 * new HTTP/2 connection: `h2load -c16 -n16` run again and again for the duration: one full
   TLS handshake, the HTTP/2 preface and SETTINGS, and one stream per connection.
 
+Two more, opt-in (issue 16), each against servers of its own:
+
+* resumed (`--loads resumed`): the new-connection load against a second pair of servers with
+  session tickets on (nginx with `ssl_session_ticket_key` files made at run time, dualproxy as
+  shipped, its managed ticket keys); h2load resumes every client's session on its next
+  connection, and both servers' own counts must say so (`resumption_problem`). Then, once per
+  invocation, the share of reconnects that resume on another worker and after a reload, with
+  a Python client against dualproxy with two workers (`measure_resumption_shares`);
+* idle (`--loads idle`): the RSS that 1000 idle TLS connections (one request each, kept
+  open) add to each server's process tree, on a freshly started pair each round.
+
 The machine may be shared (a test suite running next to us): before each run the script waits
 for it to be idle, and a run during which other processes were busy is measured again.
 
@@ -44,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -61,9 +73,9 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, Literal
 
@@ -128,8 +140,37 @@ CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 UPSTREAM_POOL_IDLE: Final = 256
 
 ProxyName = Literal["nginx", "dualproxy"]
-LoadKind = Literal["keepalive", "newconn", "h2", "h2conn"]
-LOADS: Final[tuple[LoadKind, ...]] = ("keepalive", "newconn", "h2", "h2conn")
+LoadKind = Literal["keepalive", "newconn", "h2", "h2conn", "resumed", "idle"]
+LOADS: Final[tuple[LoadKind, ...]] = ("keepalive", "newconn", "h2", "h2conn", "resumed", "idle")
+# What runs without --loads: the opt-in loads cost minutes more, and servers of their own.
+DEFAULT_LOADS: Final[tuple[LoadKind, ...]] = ("keepalive", "newconn", "h2", "h2conn")
+# Issue 16's targets, as ratios to nginx in the same run: keep-alive requests per CPU-second,
+# CPU per new connection, RSS per idle TLS connection; and the share of reconnects that must
+# resume on another worker and after a reload.
+ISSUE16_KEEPALIVE_PER_CORE: Final = 0.33
+ISSUE16_NEWCONN_CPU: Final = 1.5
+ISSUE16_IDLE_RSS: Final = 1.2
+TARGET_RESUMED_SHARE: Final = 0.99
+# The resumed load: h2load's clients each make one full handshake (their first connection)
+# and resume on every later one. A run passes when the servers' own counts show at most this
+# share of its connections beyond those as full handshakes: a server that resumes "mostly"
+# would be measured on a mix and is a failure, not a figure.
+RESUMED_FULL_SLACK: Final = 0.01
+# The idle load: connections held open per server (the issue's method), and bounds.
+IDLE_CONNECTIONS: Final = 1000
+# Opening them (a handshake and a request each, one after another) must end within this;
+# both servers close a keep-alive connection idle for 60 s (dualproxy's keepalive_timeout,
+# nginx's in this script's config), so the first ones must still be open when it ends.
+IDLE_OPEN_TIMEOUT: Final = 40.0
+# After the last connection's response, before the "after" sample: the servers finish
+# writing (dualproxy's access line, nginx's buffered log) and settle.
+IDLE_SETTLE_SECONDS: Final = 1.0
+# The share measurements: sessions per measurement, and the bound on each one's time.
+SHARE_SESSIONS: Final = 200
+SHARE_TIMEOUT: Final = 120.0
+# A reconnect that should land on the other worker is dropped (before its ClientHello) when
+# the kernel gave it to the ticket's worker again; each session gets at most this many tries.
+SHARE_LANDING_TRIES: Final = 20
 # Issue 18: dualproxy's HTTP/2 requests per CPU-second at least this share of its own HTTP/1.1
 # keep-alive figure (HTTP/2 framing, HPACK and flow control in Python cost more per request).
 TARGET_H2_VS_KEEPALIVE: Final = 0.6
@@ -267,6 +308,13 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def own_cpu_seconds() -> float:
+    """CPU seconds of this script itself (the idle load's and the share measurements' client;
+    next to nothing while a load generator runs)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def wait_for_quiet(timeout: float) -> float:
     """Wait until the machine is nearly idle (other work, such as a test suite, would compete
     with the run); gives up after `timeout`. Returns the busy share of the last second."""
@@ -306,6 +354,10 @@ def tree_cpu_seconds(root: int) -> tuple[float, float]:
 
 # --- servers -----------------------------------------------------------------------------
 
+# Where serve_counting_sessions.py writes its counts (its ENVIRONMENT; not imported: importing
+# it would import dualproxy into this script and patch its supervisor).
+SESSION_STATS_ENVIRONMENT: Final = "DUALPROXY_BENCH_SESSION_STATS"
+
 
 def free_port() -> int:
     """A free port below the kernel's ephemeral range. One inside it (what binding port 0
@@ -335,6 +387,15 @@ class Server:
     process: subprocess.Popen[bytes]
     log: Path
     stop_command: list[str] | None = None  # nginx -s stop; None: SIGTERM
+    # nginx: its access log (one line per request), where the run reads what it saw.
+    access_log: Path | None = None
+    # dualproxy through serve_counting_sessions.py: the folder of its processes' counts.
+    session_stats: Path | None = None
+
+    @property
+    def view_log(self) -> Path:
+        """The log the run reads to count what the server saw."""
+        return self.access_log if self.access_log is not None else self.log
 
     @property
     def pid(self) -> int:
@@ -370,8 +431,9 @@ def start_server(
     *,
     stop_command: list[str] | None = None,
     openssl_conf: Path | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Server:
-    env = dict(os.environ)
+    env = dict(os.environ) | (extra_env or {})
     if openssl_conf is not None:
         env["OPENSSL_CONF"] = str(openssl_conf)
     with log.open("ab") as out:
@@ -431,11 +493,20 @@ def upstream_http_block(port: int) -> str:
 """
 
 
-def nginx_proxy_http_block(port: int, upstream_port: int, certs: CertFiles, log: Path) -> str:
+def nginx_proxy_http_block(
+    port: int, upstream_port: int, certs: CertFiles, log: Path, ticket_keys: Sequence[Path] = ()
+) -> str:
+    """nginx as the proxy; `ticket_keys`: session tickets on, encrypted with the first key
+    file and decrypted with any (the resumed load), else off."""
     # keepalive_requests: nginx closes a client connection after 1000 requests by default,
     # which would make wrk reconnect (a TLS handshake) where dualproxy does not.
     # The access log records resumption and requests per connection: the run checks both.
     fields = "$connection $connection_requests $ssl_session_reused $ssl_protocol $status"
+    tickets = "ssl_session_tickets off;"
+    if ticket_keys:
+        tickets = "ssl_session_tickets on;" + "".join(
+            f"\n        ssl_session_ticket_key {path};" for path in ticket_keys
+        )
     return f"""    log_format bench '{fields}';
     access_log {log} bench buffer=64k flush=1s;
     keepalive_requests 10000000;
@@ -453,7 +524,7 @@ def nginx_proxy_http_block(port: int, upstream_port: int, certs: CertFiles, log:
         ssl_certificate_key {certs.key};
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_session_cache off;
-        ssl_session_tickets off;
+        {tickets}
         # Server order, as dualproxy's context has (it needs it to predict the certificate):
         # both then pick TLS_AES_256_GCM_SHA384, whatever order h2load or wrk offer.
         ssl_prefer_server_ciphers on;
@@ -494,6 +565,14 @@ class CertFiles:
     ca: Path
     key: Path
     chain: Path
+    ca_key: Path  # to renew the leaf (the reload share measurement)
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    """Write `data` to a new file only we may read (created 0600 before any byte lands)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
 
 
 def make_certs(directory: Path) -> CertFiles:
@@ -503,15 +582,71 @@ def make_certs(directory: Path) -> CertFiles:
     ca = trustme.CA(key_type=trustme.KeyType.ECDSA)
     leaf = ca.issue_cert("127.0.0.1", "localhost", key_type=trustme.KeyType.ECDSA)
     files = CertFiles(
-        ca=directory / "ca.pem", key=directory / "key.pem", chain=directory / "chain.pem"
+        ca=directory / "ca.pem",
+        key=directory / "key.pem",
+        chain=directory / "chain.pem",
+        ca_key=directory / "ca-key.pem",
     )
     ca.cert_pem.write_to_path(str(files.ca))
-    # dualproxy refuses a private key others can read: create it 0600 before writing.
-    fd = os.open(files.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(leaf.private_key_pem.bytes())
+    # dualproxy refuses a private key others can read.
+    _write_secret(files.key, leaf.private_key_pem.bytes())
+    _write_secret(files.ca_key, ca.private_key_pem.bytes())
     files.chain.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
     return files
+
+
+def renew_certificate(certs: CertFiles) -> None:
+    """A renewal that keeps the key: a new leaf certificate (new serial and validity) for
+    the same public key, signed by the same CA, replacing the chain file atomically."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtensionOID
+
+    ca_key = serialization.load_pem_private_key(certs.ca_key.read_bytes(), password=None)
+    leaf_key = serialization.load_pem_private_key(certs.key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    assert isinstance(leaf_key, ec.EllipticCurvePrivateKey)
+    old_chain = x509.load_pem_x509_certificates(certs.chain.read_bytes())
+    old = old_chain[0]
+    ca = x509.load_pem_x509_certificate(certs.ca.read_bytes())
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(old.subject)
+        .issuer_name(ca.subject)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=90))
+    )
+    for extension in old.extensions:
+        if extension.oid != ExtensionOID.AUTHORITY_KEY_IDENTIFIER:
+            builder = builder.add_extension(extension.value, extension.critical)
+    builder = builder.add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+    )
+    leaf = builder.sign(ca_key, hashes.SHA256())
+    fresh = certs.chain.with_name(certs.chain.name + ".new")
+    fresh.write_bytes(
+        b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in [leaf, *old_chain[1:]])
+    )
+    fresh.replace(certs.chain)
+
+
+# nginx's ssl_session_ticket_key file: 80 bytes (a 16-byte name, 32-byte AES-256 and
+# 32-byte HMAC-SHA256 keys), as dualproxy's own keys are (tls.tickets).
+TICKET_KEY_FILE_BYTES: Final = 80
+
+
+def make_ticket_key_files(directory: Path, count: int = 2) -> list[Path]:
+    """`count` random ticket-key files for nginx, 0600: the first encrypts new tickets, the
+    others only decrypt (a rotated ring, as dualproxy holds its current and previous key)."""
+    directory.mkdir(mode=0o700)
+    paths = [directory / f"ticket-{n}.key" for n in range(count)]
+    for path in paths:
+        _write_secret(path, os.urandom(TICKET_KEY_FILE_BYTES))
+    return paths
 
 
 # --- checks ------------------------------------------------------------------------------
@@ -530,10 +665,20 @@ class TlsProbe:
     resumed_on_reconnect: bool
 
 
+def client_socket(port: int) -> socket.socket:
+    """A TCP connection to 127.0.0.1:`port` for our Python clients, with TCP_NODELAY as
+    curl, h2load and wrk set it: without it, the request written after the handshake waits
+    for the server's delayed ACK of the client's Finished (40 ms) when the server sends no
+    ticket in between."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 def _https_get(
     port: int, context: ssl.SSLContext, session: ssl.SSLSession | None
 ) -> tuple[bytes, ssl.SSLSocket]:
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    raw = client_socket(port)
     tls = context.wrap_socket(raw, server_hostname="127.0.0.1", session=session)
     tls.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     response = bytearray()
@@ -829,6 +974,7 @@ def server_view(proxy: ProxyName, text: str) -> dict[str, int]:
             "connections": len({row[0] for row in rows}),
             "requests": len(rows),
             "resumed_requests": sum(1 for row in rows if row[2] == "r"),
+            "resumed_connections": len({row[0] for row in rows if row[2] == "r"}),
         } | {f"status_{code}": n for code, n in sorted(statuses.items())}
     # dualproxy: one "conn ... outcome=X ... requests=N" line per connection when it ends.
     lines = [line for line in text.splitlines() if " conn " in line]
@@ -841,6 +987,59 @@ def server_view(proxy: ProxyName, text: str) -> dict[str, int]:
     }
     view |= {f"outcome_{name}": count for name, count in sorted(outcomes.items())}
     return view
+
+
+def read_session_stats(folder: Path) -> dict[int, dict[str, int]]:
+    """Each dualproxy process's OpenSSL session counts (serve_counting_sessions.py), by pid."""
+    stats: dict[int, dict[str, int]] = {}
+    for path in folder.glob("*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            data = json.loads(path.read_text())
+            stats[int(data["pid"])] = {str(k): int(v) for k, v in data.items() if k != "pid"}
+    return stats
+
+
+@dataclass(frozen=True)
+class SessionCounts:
+    """Handshakes a server completed and how many of them resumed a session, by its own
+    count (OpenSSL's accept_good and hits, summed over processes and contexts)."""
+
+    handshakes: int
+    resumed: int
+
+    @classmethod
+    def of(cls, stats: dict[int, dict[str, int]]) -> SessionCounts:
+        return cls(
+            handshakes=sum(one.get("accept_good", 0) for one in stats.values()),
+            resumed=sum(one.get("hits", 0) for one in stats.values()),
+        )
+
+    def minus(self, before: SessionCounts) -> SessionCounts:
+        return SessionCounts(self.handshakes - before.handshakes, self.resumed - before.resumed)
+
+
+def resumption_problem(connections: int, resumed: int, clients: int) -> str | None:
+    """What is wrong, in words, with a resumed run in which the server counted `connections`
+    TLS connections, `resumed` of them resumed, from `clients` h2load clients (each of which
+    makes one full handshake, its first); None when nearly every connection resumed."""
+    if connections <= 0:
+        return "the server counted no TLS connection"
+    full = connections - resumed
+    allowed = clients + RESUMED_FULL_SLACK * connections
+    if full > allowed:
+        return (
+            f"{full} of {connections} connections were full handshakes, where at most"
+            f" {allowed:.0f} may be (one per h2load client, plus {RESUMED_FULL_SLACK:.0%})"
+        )
+    return None
+
+
+def resumed_connections(view: dict[str, int]) -> tuple[int, int]:
+    """(TLS connections, of which resumed) in a server's view of a run: nginx's from its
+    access log ($ssl_session_reused per connection), dualproxy's from OpenSSL's counts."""
+    if "tls_handshakes" in view:
+        return view["tls_handshakes"], view["tls_resumed"]
+    return view.get("connections", 0), view.get("resumed_connections", 0)
 
 
 # --- one measured run --------------------------------------------------------------------
@@ -865,6 +1064,12 @@ class Run:
     server_view: dict[str, int]
     tls: str
     latency_ms: dict[str, float]
+    # The idle load: kB of the server's process tree (summed over its processes) before the
+    # connections were opened and once they were all open and idle.
+    rss_before_kb: int = 0
+    rss_after_kb: int = 0
+    pss_before_kb: int = 0
+    pss_after_kb: int = 0
 
     @property
     def noisy(self) -> bool:
@@ -889,34 +1094,62 @@ class Run:
     def requests_per_cpu_second(self) -> float:
         return self.requests / self.server_cpu_s if self.server_cpu_s else float("nan")
 
+    @property
+    def resumed_share(self) -> float:
+        """Of the TLS connections the server counted, the share it resumed."""
+        connections, resumed = resumed_connections(self.server_view)
+        return resumed / connections if connections else float("nan")
+
+    @property
+    def rss_kb_per_connection(self) -> float:
+        """The idle load: RSS the server's tree grew by, per connection held open."""
+        if not self.requests:
+            return float("nan")
+        return (self.rss_after_kb - self.rss_before_kb) / self.requests
+
+    @property
+    def pss_kb_per_connection(self) -> float:
+        if not self.requests:
+            return float("nan")
+        return (self.pss_after_kb - self.pss_before_kb) / self.requests
+
     def as_json(self) -> dict[str, object]:
-        return asdict(self) | {
+        figures: dict[str, object] = {
             "noisy": self.noisy,
             "requests_per_second": round(self.rate, 1),
             "cpu_ms_per_request": round(self.cpu_ms_per_request, 4),
             "requests_per_cpu_second": round(self.requests_per_cpu_second, 1),
         }
+        if self.kind == "resumed":
+            figures["resumed_share"] = round(self.resumed_share, 5)
+        if self.kind == "idle":
+            figures["rss_kb_per_connection"] = round(self.rss_kb_per_connection, 2)
+            figures["pss_kb_per_connection"] = round(self.pss_kb_per_connection, 2)
+        return asdict(self) | figures
 
 
 @dataclass
 class Bench:
     servers: dict[str, Server]
-    access_log: Path
     args: argparse.Namespace
     taskset_load: list[str]
     # h2load -n per proxy, sized by calibrate() so that a run lasts about --duration.
     newconn_requests: dict[str, int] = field(default_factory=dict)
+    # The same for the resumed load (its own servers, resuming: faster).
+    resumed_requests: dict[str, int] = field(default_factory=dict)
     # The same for the HTTP/2 load, and the h2load repeats of the new-HTTP/2-connection load.
     h2_requests: dict[str, int] = field(default_factory=dict)
     h2conn_repeats: dict[str, int] = field(default_factory=dict)
 
-    def calibrate(self, proxy: ProxyName, duration: float) -> Run:
-        """A short h2load run (also a warm-up) that sizes this proxy's new-connection runs."""
+    def calibrate(self, proxy: ProxyName, duration: float, kind: LoadKind = "newconn") -> Run:
+        """A short h2load run (also a warm-up) that sizes this proxy's new-connection runs
+        (or, with kind "resumed", its resumed runs)."""
+        sizes = self.resumed_requests if kind == "resumed" else self.newconn_requests
         clients = self.args.newconn_connections
-        self.newconn_requests[proxy] = clients * CALIBRATION_REQUESTS_PER_CLIENT
-        run = self.measure(proxy, "newconn", -1, duration)
+        sizes[proxy] = clients * CALIBRATION_REQUESTS_PER_CLIENT
+        run = self.measure(proxy, kind, -1, duration)
         per_client = max(4, round(run.rate * duration / clients))
-        self.newconn_requests[proxy] = per_client * clients
+        sizes[proxy] = per_client * clients
         return run
 
     def calibrate_h2(self, proxy: ProxyName, duration: float) -> None:
@@ -932,17 +1165,18 @@ class Bench:
             self.h2conn_repeats[proxy] = max(2, round(run.rate * duration / clients))
 
     def measure(self, proxy: ProxyName, kind: LoadKind, round_: int, duration: float) -> Run:
-        server = self.servers[proxy]
-        log = self.access_log if proxy == "nginx" else server.log
+        # The resumed load runs against the pair with session tickets on.
+        server = self.servers[f"{proxy}-tickets" if kind == "resumed" else proxy]
+        log = server.view_log
         offset = log.stat().st_size
         clients = self.args.h2_connections
         repeats = 1
         if kind == "keepalive":
             cmd = wrk_command(server.port, self.args.keepalive_connections, duration)
             parse = parse_wrk
-        elif kind == "newconn":
-            requests = self.newconn_requests[proxy]
-            cmd = h2load_command(server.port, self.args.newconn_connections, requests)
+        elif kind in ("newconn", "resumed"):
+            sizes = self.resumed_requests if kind == "resumed" else self.newconn_requests
+            cmd = h2load_command(server.port, self.args.newconn_connections, sizes[proxy])
             parse = parse_h2load
         elif kind == "h2":
             requests = self.h2_requests[proxy]
@@ -951,18 +1185,57 @@ class Bench:
         else:  # h2conn: one stream per new connection
             cmd = h2_command(server.port, clients, 1, clients)
             repeats = self.h2conn_repeats[proxy]
+        sessions0 = self._session_counts(server)
+
+        def load() -> LoadResult:
+            if kind == "h2conn":
+                return run_repeated([*self.taskset_load, *cmd], repeats, duration)
+            return run_load([*self.taskset_load, *cmd], duration, parse)
+
+        run = self.sampled(server.name, proxy, kind, round_, load)
+        run.server_view = server_view(proxy, read_from(log, offset))
+        if server.session_stats is not None:
+            sessions = self._session_counts(server).minus(sessions0)
+            run.server_view |= {
+                "tls_handshakes": sessions.handshakes,
+                "tls_resumed": sessions.resumed,
+            }
+        if kind == "resumed":
+            connections, resumed = resumed_connections(run.server_view)
+            problem = resumption_problem(connections, resumed, self.args.newconn_connections)
+            if problem is not None:
+                raise BenchError(
+                    f"{server.name} did not resume as the resumed load needs: {problem}"
+                    f" (server saw {run.server_view})"
+                )
+        return run
+
+    def _session_counts(self, server: Server) -> SessionCounts:
+        if server.session_stats is None:
+            return SessionCounts(0, 0)
+        return SessionCounts.of(read_session_stats(server.session_stats))
+
+    def sampled(
+        self,
+        name: str,
+        proxy: ProxyName,
+        kind: LoadKind,
+        round_: int,
+        load: Callable[[], LoadResult],
+    ) -> Run:
+        """Run `load` between two samples of every server's CPU and the machine's, after
+        waiting for the machine to be quiet; `name` is the server measured. The load
+        generator's CPU is that of this script's children plus its own (the idle load's client
+        is this script)."""
         wait_for_quiet(self.args.quiet_timeout)
-        ours0 = {name: tree_cpu_seconds(s.pid) for name, s in self.servers.items()}
-        (busy0, steal0), load0 = machine_seconds(), children_cpu_seconds()
-        if kind == "h2conn":
-            result = run_repeated([*self.taskset_load, *cmd], repeats, duration)
-        else:
-            result = run_load([*self.taskset_load, *cmd], duration, parse)
+        ours0 = {n: tree_cpu_seconds(s.pid) for n, s in self.servers.items()}
+        (busy0, steal0), load0 = machine_seconds(), children_cpu_seconds() + own_cpu_seconds()
+        result = load()
         time.sleep(SETTLE_SECONDS)
-        (busy1, steal1), load1 = machine_seconds(), children_cpu_seconds()
-        ours1 = {name: tree_cpu_seconds(s.pid) for name, s in self.servers.items()}
-        ours = {name: sum(ours1[name]) - sum(ours0[name]) for name in ours0}
-        server_system = ours1[proxy][1] - ours0[proxy][1]
+        (busy1, steal1), load1 = machine_seconds(), children_cpu_seconds() + own_cpu_seconds()
+        ours1 = {n: tree_cpu_seconds(s.pid) for n, s in self.servers.items() if n in ours0}
+        ours = {n: sum(ours1[n]) - sum(ours0[n]) for n in ours1}
+        server_system = ours1[name][1] - ours0[name][1]
         for s in self.servers.values():
             if s.process.poll() is not None:
                 raise BenchError(f"{s.name} died during the run:\n{s.log_tail()}")
@@ -973,16 +1246,430 @@ class Bench:
             requests=result.requests,
             seconds=round(result.seconds, 3),
             errors=result.errors,
-            server_cpu_s=round(ours[proxy], 3),
+            server_cpu_s=round(ours[name], 3),
             server_system_cpu_s=round(server_system, 3),
             upstream_cpu_s=round(ours["upstream"], 3),
             load_generator_cpu_s=round(load1 - load0, 3),
             foreign_cpu_s=round(busy1 - busy0 - sum(ours.values()) - (load1 - load0), 3),
             stolen_cpu_s=round(steal1 - steal0, 3),
-            server_view=server_view(proxy, read_from(log, offset)),
+            server_view={},
             tls=result.tls,
             latency_ms=result.latency_ms,
         )
+
+
+# --- idle connections: RSS per connection ------------------------------------------------
+
+
+def status_kb(text: str, name: str) -> int:
+    """A "Name:   123 kB" line's value from /proc/PID/status or smaps_rollup text (0 if absent)."""
+    match = re.search(rf"^{re.escape(name)}:\s+(\d+) kB$", text, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def tree_pids(root: int) -> list[int]:
+    """`root` and every live descendant."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            parents.setdefault(stat[0], []).append(int(entry.name))
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo += parents.get(pid, [])
+    return pids
+
+
+def tree_memory_kb(root: int) -> tuple[int, int]:
+    """(RSS, PSS) in kB of `root`'s process tree, summed over its processes. RSS counts a
+    page shared by two processes (nginx's master and worker, dualproxy's workers) twice,
+    PSS shares it out; a difference of two samples is what the tree grew by either way."""
+    rss = pss = 0
+    for pid in tree_pids(root):
+        with contextlib.suppress(OSError):
+            rss += status_kb(Path(f"/proc/{pid}/status").read_text(), "VmRSS")
+            pss += status_kb(Path(f"/proc/{pid}/smaps_rollup").read_text(), "Pss")
+    return rss, pss
+
+
+def response_complete(data: bytes) -> bool | None:
+    """Whether `data` holds a whole HTTP/1.1 response (Content-Length or chunked framing):
+    True, False (need more), or None when its framing is neither (it then ends at close)."""
+    head_end = data.find(b"\r\n\r\n")
+    if head_end < 0:
+        return False
+    head = data[:head_end].lower()
+    length = re.search(rb"\r\ncontent-length: *(\d+)", head)
+    if length is not None:
+        return len(data) - head_end - 4 >= int(length.group(1))
+    if re.search(rb"\r\ntransfer-encoding: *chunked", head):
+        return data.endswith(b"\r\n0\r\n\r\n")
+    return None
+
+
+def _get_keeping_open(tls: ssl.SSLSocket) -> bytes:
+    """One keep-alive GET on `tls` and its whole response; the connection stays open."""
+    tls.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    data = b""
+    while not response_complete(data):
+        chunk = tls.recv(65536)
+        if not chunk:
+            raise BenchError(f"the server closed a keep-alive connection: {data[:200]!r}")
+        data += chunk
+    return data
+
+
+def open_idle_connections(
+    port: int, context: ssl.SSLContext, count: int, held: list[ssl.SSLSocket]
+) -> LoadResult:
+    """Open `count` TLS connections one after another, one keep-alive request each, and keep
+    them (appended to `held`, which the caller closes); bounded by IDLE_OPEN_TIMEOUT."""
+    started = time.monotonic()
+    deadline = started + IDLE_OPEN_TIMEOUT
+    errors = 0
+    for _ in range(count):
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"opening {count} idle connections took over {IDLE_OPEN_TIMEOUT:g} s"
+                f" ({len(held)} open): the first ones may have timed out"
+            )
+        raw = client_socket(port)
+        try:
+            tls = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        except (OSError, ssl.SSLError):
+            raw.close()
+            errors += 1
+            continue
+        held.append(tls)
+        response = _get_keeping_open(tls)
+        if not response.startswith(b"HTTP/1.1 200"):
+            errors += 1
+    return LoadResult(
+        requests=len(held) - errors, seconds=time.monotonic() - started, errors=errors
+    )
+
+
+def raise_open_files_limit(wanted: int) -> None:
+    """This script holds the idle load's connections: let it have `wanted` descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        top = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+
+
+def measure_idle(lab: Lab, bench: Bench, proxy: ProxyName, round_: int) -> Run:
+    """RSS per idle TLS connection: a fresh server (configured as the lab's), one request
+    on a first connection (closed), then `--idle-connections` connections of one request
+    each, kept open; the RSS of its process tree before and after, over the count."""
+    name = f"{proxy}-idle-{next(lab.serials)}"
+    if proxy == "nginx":
+        server = lab.start_nginx(name)
+    else:
+        how: DualproxyRun = "shipped" if lab.args.dualproxy_default_tls else "no-tickets"
+        server = lab.start_dualproxy(name, how)
+    held: list[ssl.SSLSocket] = []
+    try:
+        wait_listening(server)
+        context = ssl.create_default_context(cafile=str(lab.certs.ca))
+        _, first = _https_get(server.port, context, None)
+        first.close()
+        time.sleep(IDLE_SETTLE_SECONDS)
+        before = tree_memory_kb(server.pid)
+        after = (0, 0)
+
+        def load() -> LoadResult:
+            nonlocal after
+            result = open_idle_connections(server.port, context, lab.args.idle_connections, held)
+            time.sleep(IDLE_SETTLE_SECONDS)
+            after = tree_memory_kb(server.pid)
+            return result
+
+        run = bench.sampled(name, proxy, "idle", round_, load)
+    finally:
+        for tls in held:
+            with contextlib.suppress(OSError):
+                tls.close()
+        if proxy == "dualproxy":
+            # Its connection lines (the view's counts) are written as the connections end.
+            wait_for_log(server.log, " conn ", len(held) + 1)
+        lab.stop(name)
+    run.rss_before_kb, run.pss_before_kb = before
+    run.rss_after_kb, run.pss_after_kb = after
+    run.server_view = server_view(proxy, server.view_log.read_text(errors="replace"))
+    return run
+
+
+def wait_for_log(log: Path, text: str, count: int) -> None:
+    """Wait until `log` holds `count` lines with `text`, five seconds at most."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if log.read_text(errors="replace").count(text) >= count:
+                return
+        time.sleep(0.1)
+
+
+# --- resumption across workers and reloads ----------------------------------------------
+
+
+@dataclass
+class ShareResult:
+    """One share measurement: reconnects offering a session, and how many the server
+    resumed by its own count (OpenSSL's), with what the clients saw beside it."""
+
+    name: str
+    sessions: int  # sessions obtained (each a full handshake)
+    reconnects: int  # handshakes the server completed in the reconnect phase
+    resumed: int  # of which it resumed (its count)
+    client_resumed: int  # reconnects whose client saw session_reused
+    detail: str = ""
+    per_worker: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def share(self) -> float:
+        return self.resumed / self.reconnects if self.reconnects else float("nan")
+
+    def line(self) -> str:
+        verdict = "MET" if self.share >= TARGET_RESUMED_SHARE else "NOT MET"
+        return (
+            f"  {self.name}: {self.resumed} of {self.reconnects} reconnects resumed"
+            f" ({self.share:.1%}; the clients saw {self.client_resumed}); target"
+            f" >= {TARGET_RESUMED_SHARE:.0%}: {verdict}{'; ' + self.detail if self.detail else ''}"
+        )
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets process `pid` holds."""
+    inodes: set[int] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+    return inodes
+
+
+class Workers:
+    """Which of a supervisor's workers took a connection: the one that holds a socket it did
+    not hold before the connection was made (the share instance has no other traffic and no
+    upstream, so a worker's new socket is the client's). The kernel chooses the worker (one
+    SO_REUSEPORT socket each) when the TCP handshake completes, before any TLS byte."""
+
+    def __init__(self, supervisor: int, count: int) -> None:
+        self.supervisor = supervisor
+        deadline = time.monotonic() + START_TIMEOUT
+        while len(self.pids()) < count:
+            if time.monotonic() > deadline:
+                raise BenchError(f"dualproxy's supervisor did not start {count} workers")
+            time.sleep(0.05)
+
+    def pids(self) -> list[int]:
+        return [pid for pid in tree_pids(self.supervisor) if pid != self.supervisor]
+
+    def connect(self, port: int) -> tuple[socket.socket, int]:
+        """A TCP connection to `port`, and the pid of the worker that accepted it."""
+        before = {pid: socket_inodes(pid) for pid in self.pids()}
+        raw = client_socket(port)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for pid, known in before.items():
+                if socket_inodes(pid) - known:
+                    return raw, pid
+            time.sleep(0.001)
+        raw.close()
+        raise BenchError("no worker accepted a connection within 5 s")
+
+
+def _handshake_and_get(
+    raw: socket.socket, context: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[ssl.SSLSession, bool]:
+    """TLS on `raw` offering `session`, one GET with Connection: close, its whole response:
+    (the session to offer next time, whether this one resumed)."""
+    with context.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls:
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        while tls.recv(65536):
+            pass
+        # The TLS 1.3 ticket came before the response (streams.py sends them together).
+        fresh = tls.session
+        reused = bool(tls.session_reused)
+    if fresh is None or not fresh.has_ticket:
+        raise BenchError("dualproxy sent no session ticket: no resumption to measure")
+    return fresh, reused
+
+
+def _wait_for_counts(server: Server, before: SessionCounts, handshakes: int) -> SessionCounts:
+    """The server's counts once they include `handshakes` more than `before` (each process
+    writes them every quarter second), or as they are after a few seconds."""
+    assert server.session_stats is not None
+    deadline = time.monotonic() + 5
+    while True:
+        now = SessionCounts.of(read_session_stats(server.session_stats)).minus(before)
+        if now.handshakes >= handshakes or time.monotonic() > deadline:
+            return now
+        time.sleep(0.1)
+
+
+def _per_worker(server: Server, before: dict[int, dict[str, int]]) -> dict[str, dict[str, int]]:
+    assert server.session_stats is not None
+    after = read_session_stats(server.session_stats)
+    out: dict[str, dict[str, int]] = {}
+    for pid, counts in sorted(after.items()):
+        old = before.get(pid, {})
+        handshakes = counts.get("accept_good", 0) - old.get("accept_good", 0)
+        if handshakes:
+            out[str(pid)] = {
+                "handshakes": handshakes,
+                "resumed": counts.get("hits", 0) - old.get("hits", 0),
+            }
+    return out
+
+
+def share_across_workers(
+    server: Server, workers: Workers, context: ssl.SSLContext, sessions: int, deadline: float
+) -> ShareResult:
+    """Sessions from full handshakes, each noting the worker that issued its ticket; then
+    each is offered on a connection that landed on another worker (a connection that landed
+    on the same one is closed before its ClientHello and made again)."""
+    assert server.session_stats is not None
+    start = SessionCounts.of(read_session_stats(server.session_stats))
+    issued: list[tuple[ssl.SSLSession, int]] = []
+    for _ in range(sessions):
+        raw, pid = workers.connect(server.port)
+        issued.append((_handshake_and_get(raw, context, None)[0], pid))
+    _wait_for_counts(server, start, sessions)
+    stats0 = read_session_stats(server.session_stats)
+    before = SessionCounts.of(stats0)
+    reconnects = client_resumed = dropped = 0
+    for session, issuer in issued:
+        if time.monotonic() > deadline:
+            raise BenchError(f"the share across workers overran {SHARE_TIMEOUT:g} s")
+        for _ in range(SHARE_LANDING_TRIES):
+            raw, pid = workers.connect(server.port)
+            if pid != issuer:
+                break
+            raw.close()
+            dropped += 1
+        else:
+            raise BenchError(f"{SHARE_LANDING_TRIES} connections in a row landed on one worker")
+        client_resumed += _handshake_and_get(raw, context, session)[1]
+        reconnects += 1
+    counts = _wait_for_counts(server, before, reconnects)
+    return ShareResult(
+        name=f"across workers ({len(workers.pids())} workers; each ticket offered to a worker"
+        " that did not issue it)",
+        sessions=sessions,
+        reconnects=counts.handshakes,
+        resumed=counts.resumed,
+        client_resumed=client_resumed,
+        detail=f"{dropped} connections landed on the issuing worker and were made again",
+        per_worker=_per_worker(server, stats0),
+    )
+
+
+def share_across_reload(
+    lab: Lab,
+    server: Server,
+    certs: CertFiles,
+    context: ssl.SSLContext,
+    sessions: int,
+    deadline: float,
+    *,
+    renew: bool,
+) -> ShareResult:
+    """Sessions from full handshakes; SIGHUP (after a certificate renewal that keeps the
+    key, with `renew`: the TLS contexts are rebuilt); each session offered again."""
+    assert server.session_stats is not None
+    start = SessionCounts.of(read_session_stats(server.session_stats))
+    issued = []
+    for _ in range(sessions):
+        raw = client_socket(server.port)
+        issued.append(_handshake_and_get(raw, context, None)[0])
+    _wait_for_counts(server, start, sessions)
+    offset = server.log.stat().st_size
+    if renew:
+        renew_certificate(certs)
+    server.process.send_signal(signal.SIGHUP)
+    reload_lines = wait_for_reload(server, offset, lab.args.share_workers)
+    rebuilt = all("contexts rebuilt" in line for line in reload_lines)
+    if renew and not rebuilt:
+        raise BenchError(f"the renewal did not rebuild every TLS context: {reload_lines}")
+    stats0 = read_session_stats(server.session_stats)
+    before = SessionCounts.of(stats0)
+    client_resumed = 0
+    for session in issued:
+        if time.monotonic() > deadline:
+            raise BenchError(f"the share across a reload overran {SHARE_TIMEOUT:g} s")
+        raw = client_socket(server.port)
+        client_resumed += _handshake_and_get(raw, context, session)[1]
+    counts = _wait_for_counts(server, before, len(issued))
+    what = "a certificate renewal, same key: TLS contexts rebuilt" if renew else "files unchanged"
+    return ShareResult(
+        name=f"across a reload (SIGHUP, {what})",
+        sessions=sessions,
+        reconnects=counts.handshakes,
+        resumed=counts.resumed,
+        client_resumed=client_resumed,
+        detail=f"reload lines: {len(reload_lines)}",
+        per_worker=_per_worker(server, stats0),
+    )
+
+
+def wait_for_reload(server: Server, offset: int, workers: int) -> list[str]:
+    """The log lines of a SIGHUP reload: the supervisor's and each worker's (or the single
+    process's); BenchError when one failed or they do not come within START_TIMEOUT."""
+    wanted = workers if workers > 1 else 1
+    pattern = "reloaded (SIGHUP, worker" if workers > 1 else "reloaded (SIGHUP"
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        lines = read_from(server.log, offset).splitlines()
+        if failed := [line for line in lines if "reload (" in line and "failed" in line]:
+            raise BenchError(f"dualproxy's reload failed: {failed[0]}")
+        done = [line for line in lines if pattern in line]
+        if len(done) >= wanted:
+            return done
+        if time.monotonic() > deadline:
+            raise BenchError(f"dualproxy did not log its reload: {lines[-5:]}")
+        time.sleep(0.05)
+
+
+def measure_resumption_shares(lab: Lab) -> list[ShareResult]:
+    """The shares of reconnects that resume on another worker and after a reload, against
+    a dualproxy of its own (`--share-workers` workers, its managed ticket keys, no upstream:
+    it answers by itself) with certificates of its own (the renewal rewrites them)."""
+    folder = lab.tmp / "shares"
+    folder.mkdir()
+    for path in (lab.certs.key, lab.certs.ca_key):
+        _write_secret(folder / path.name, path.read_bytes())
+    shutil.copy(lab.certs.chain, folder / lab.certs.chain.name)
+    certs = CertFiles(
+        ca=lab.certs.ca,
+        key=folder / lab.certs.key.name,
+        chain=folder / lab.certs.chain.name,
+        ca_key=folder / lab.certs.ca_key.name,
+    )
+    workers = lab.args.share_workers
+    server = lab.start_dualproxy(
+        "dualproxy-shares", "counting", workers=workers, folder=folder, upstream=False
+    )
+    sessions = lab.args.share_sessions
+    try:
+        wait_listening(server)
+        context = ssl.create_default_context(cafile=str(lab.certs.ca))
+        results = []
+        if workers > 1:
+            deadline = time.monotonic() + SHARE_TIMEOUT
+            pool = Workers(server.pid, workers)
+            results.append(share_across_workers(server, pool, context, sessions, deadline))
+        for renew in (False, True):
+            deadline = time.monotonic() + SHARE_TIMEOUT
+            results.append(
+                share_across_reload(lab, server, certs, context, sessions, deadline, renew=renew)
+            )
+    finally:
+        lab.stop(server.name)
+    return results
 
 
 # --- summary -----------------------------------------------------------------------------
@@ -995,6 +1682,18 @@ class Figure:
     value: Callable[[Run], float]
     fmt: str
     target: str = ""
+    # The target's bound on the ratio dualproxy/nginx: at least (True) or at most it.
+    bound: float | None = None
+    at_least: bool = False
+
+    def met(self, ratio: float) -> bool | None:
+        """Whether `ratio` meets this figure's target; None when it has none."""
+        return None if self.bound is None else meets(ratio, self.bound, self.at_least)
+
+
+def meets(ratio: float, bound: float, at_least: bool) -> bool:
+    """Whether a ratio dualproxy/nginx meets a target: at least `bound`, or at most it."""
+    return ratio >= bound if at_least else ratio <= bound
 
 
 FIGURES: Final = (
@@ -1008,6 +1707,8 @@ FIGURES: Final = (
         lambda r: r.requests_per_cpu_second,
         "{:,.0f}",
         f">= {TARGET_KEEPALIVE_PER_CORE:g}x (naive: {REFERENCE_KEEPALIVE_PER_CORE:g}x)",
+        TARGET_KEEPALIVE_PER_CORE,
+        at_least=True,
     ),
     Figure("connections/s", "newconn", lambda r: r.rate, "{:,.0f}"),
     Figure("server CPU s", "newconn", lambda r: r.server_cpu_s, "{:.2f}"),
@@ -1018,6 +1719,7 @@ FIGURES: Final = (
         lambda r: r.cpu_ms_per_request,
         "{:.4f}",
         f"<= {TARGET_NEWCONN_CPU:g}x (naive: {REFERENCE_NEWCONN_CPU:g}x)",
+        TARGET_NEWCONN_CPU,
     ),
     Figure("connections / CPU-second", "newconn", lambda r: r.requests_per_cpu_second, "{:,.0f}"),
     Figure("requests/s", "h2", lambda r: r.rate, "{:,.0f}"),
@@ -1026,6 +1728,30 @@ FIGURES: Final = (
     Figure("requests / CPU-second", "h2", lambda r: r.requests_per_cpu_second, "{:,.0f}"),
     Figure("connections/s", "h2conn", lambda r: r.rate, "{:,.0f}"),
     Figure("CPU-ms / new connection", "h2conn", lambda r: r.cpu_ms_per_request, "{:.4f}"),
+    Figure("connections/s", "resumed", lambda r: r.rate, "{:,.0f}"),
+    Figure("server CPU s", "resumed", lambda r: r.server_cpu_s, "{:.2f}"),
+    Figure("  of which kernel", "resumed", lambda r: r.kernel_share, "{:.0%}"),
+    Figure("resumed (server's count)", "resumed", lambda r: r.resumed_share, "{:.2%}"),
+    Figure("CPU-ms / resumed connection", "resumed", lambda r: r.cpu_ms_per_request, "{:.4f}"),
+    Figure("connections / CPU-second", "resumed", lambda r: r.requests_per_cpu_second, "{:,.0f}"),
+    Figure("RSS before, MB", "idle", lambda r: r.rss_before_kb / 1024, "{:.1f}"),
+    Figure("RSS with them open, MB", "idle", lambda r: r.rss_after_kb / 1024, "{:.1f}"),
+    Figure(
+        "kB RSS / idle connection",
+        "idle",
+        lambda r: r.rss_kb_per_connection,
+        "{:.1f}",
+        f"<= {ISSUE16_IDLE_RSS:g}x (issue 16)",
+        ISSUE16_IDLE_RSS,
+    ),
+    Figure("kB PSS / idle connection", "idle", lambda r: r.pss_kb_per_connection, "{:.1f}"),
+    Figure("CPU-ms / connection opened", "idle", lambda r: r.cpu_ms_per_request, "{:.4f}"),
+)
+# Issue 16's targets over figures of the table: (kind, label, bound, at least?).
+ISSUE16_TARGETS: Final = (
+    ("keepalive", "requests / CPU-second", ISSUE16_KEEPALIVE_PER_CORE, True),
+    ("newconn", "CPU-ms / new connection", ISSUE16_NEWCONN_CPU, False),
+    ("idle", "kB RSS / idle connection", ISSUE16_IDLE_RSS, False),
 )
 
 
@@ -1059,6 +1785,24 @@ def summarize(runs: Sequence[Run], rounds: int) -> list[dict[str, object]]:
     return rows
 
 
+def issue16_lines(rows: Sequence[dict[str, object]]) -> list[str]:
+    """Issue 16's targets against the table's ratios, for the loads that ran."""
+    lines = []
+    for kind, label, bound, at_least in ISSUE16_TARGETS:
+        row = next((r for r in rows if r["kind"] == kind and r["label"] == label), None)
+        ratio = row["ratio_median"] if row is not None else None
+        if not isinstance(ratio, float):
+            continue
+        sign = ">=" if at_least else "<="
+        lines.append(
+            f"  {kind} {label}: {ratio:.3f}x, target {sign} {bound:g}x:"
+            f" {'MET' if meets(ratio, bound, at_least) else 'NOT MET'}"
+        )
+    if not lines:
+        return []
+    return ["issue 16 targets (dualproxy/nginx, medians of per-round ratios):", *lines]
+
+
 def h2_vs_keepalive(runs: Sequence[Run], rounds: int) -> list[float]:
     """Per round: dualproxy's HTTP/2 requests per CPU-second over its own HTTP/1.1 keep-alive
     figure (the issue's 0.6 target)."""
@@ -1085,6 +1829,14 @@ def format_table(rows: Sequence[dict[str, object]], args: argparse.Namespace) ->
             f"new TLS connection per request: h2load --h1 -H 'Connection: close'"
             f" -c{args.newconn_connections}, {args.duration:g} s"
         ),
+        "resumed": (
+            f"resumed TLS connection per request (tickets on): the same h2load"
+            f" -c{args.newconn_connections}, {args.duration:g} s"
+        ),
+        "idle": (
+            f"{args.idle_connections} idle TLS connections, one request each (fresh servers;"
+            " RSS summed over the process tree)"
+        ),
     }
     out = [f"{'':28}{'nginx':>12}{'dualproxy':>12}{'ratio':>9}  target (dualproxy/nginx)"]
     kind = None
@@ -1097,12 +1849,7 @@ def format_table(rows: Sequence[dict[str, object]], args: argparse.Namespace) ->
         ratio = row["ratio_median"]
         verdict = ""
         if fig.target and isinstance(ratio, float):
-            ok = (
-                ratio >= TARGET_KEEPALIVE_PER_CORE
-                if fig.kind == "keepalive"
-                else ratio <= TARGET_NEWCONN_CPU
-            )
-            verdict = f"{fig.target}: {'MET' if ok else 'NOT MET'}"
+            verdict = f"{fig.target}: {'MET' if fig.met(ratio) else 'NOT MET'}"
         nginx, dualproxy = fig.fmt.format(row["nginx"]), fig.fmt.format(row["dualproxy"])
         shown = f"{ratio:.3f}x" if isinstance(ratio, float) else "-"
         out.append(f"  {fig.label:26}{nginx:>12}{dualproxy:>12}{shown:>9}  {verdict}")
@@ -1238,9 +1985,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--h2-streams", type=int, default=10, help="h2load -m (HTTP/2)")
     parser.add_argument(
         "--loads",
-        type=lambda text: tuple(text.split(",")),
-        default=LOADS,
-        help=f"which loads, comma-separated (default: all of {','.join(LOADS)})",
+        type=lambda text: LOADS if text == "all" else tuple(text.split(",")),
+        default=DEFAULT_LOADS,
+        help=f"which loads, comma-separated, from {','.join(LOADS)}, or all (default:"
+        f" {','.join(DEFAULT_LOADS)}; resumed and idle are slower, and start servers of their"
+        " own)",
+    )
+    parser.add_argument(
+        "--idle-connections",
+        type=int,
+        default=IDLE_CONNECTIONS,
+        help="connections the idle load holds open per server",
+    )
+    parser.add_argument(
+        "--share-sessions",
+        type=int,
+        default=SHARE_SESSIONS,
+        help="sessions per resumption-share measurement (with the resumed load)",
+    )
+    parser.add_argument(
+        "--share-workers",
+        type=int,
+        default=2,
+        help="dualproxy's workers for the resumption-share measurements",
     )
     parser.add_argument(
         "--pin-cpus",
@@ -1287,29 +2054,139 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--loads: unknown {', '.join(sorted(unknown))}; choose from {LOADS}")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if not 1 <= args.idle_connections <= 10_000:
+        parser.error("--idle-connections must be between 1 and 10000")
+    if not 1 <= args.share_sessions <= 5_000 or not 1 <= args.share_workers <= 16:
+        parser.error("--share-sessions must be 1-5000 and --share-workers 1-16")
     if args.placeholder and args.require_proxy:
         parser.error("--placeholder and --require-proxy contradict each other")
     return args
 
 
+# How a dualproxy runs: "no-tickets" through serve_without_tickets.py with the no-tickets
+# OpenSSL config (the full-handshake loads), "shipped" as `dualproxy` itself
+# (--dualproxy-default-tls), "counting" through serve_counting_sessions.py: as shipped (its
+# managed ticket keys), with its OpenSSL session counts written out (the resumed load).
+DualproxyRun = Literal["no-tickets", "shipped", "counting"]
+
+
 @dataclass
 class Lab:
-    """The three servers, their files and ports, for one invocation."""
+    """The servers, their files and ports, for one invocation; starts more on demand (the
+    resumed load's pair, the idle load's fresh ones), each put into `servers` as it starts so
+    that the caller stops it whatever fails."""
 
+    args: argparse.Namespace
     tmp: Path
     certs: CertFiles
     servers: dict[str, Server]
-    access_log: Path  # nginx-as-proxy's, one line per request
-    dualproxy_toml: Path
+    no_tickets: Path  # the OpenSSL config that sends no tickets
     taskset_proxy: list[str]
     taskset_load: list[str]
+    upstream_port: int = 0
+    # Numbers the servers started afresh (the idle load's), whose files must not collide.
+    serials: Iterator[int] = field(default_factory=itertools.count)
+
+    @property
+    def dualproxy_toml(self) -> Path:
+        return self.tmp / "dualproxy.toml"
+
+    def _start_nginx(
+        self,
+        name: str,
+        block: str,
+        workers: int,
+        port: int,
+        *,
+        access_log: Path | None = None,
+        no_tickets: bool = False,
+    ) -> Server:
+        nginx = tool_path("nginx")
+        assert nginx is not None
+        conf = nginx_conf(self.tmp, name, block, workers)
+        log = self.tmp / f"{name}-error.log"
+        base = [nginx, "-p", str(self.tmp), "-e", str(log), "-c", str(conf)]
+        taskset = self.taskset_load if name == "upstream" else self.taskset_proxy
+        server = start_server(
+            name,
+            [*taskset, *base],
+            port,
+            self.tmp / f"{name}-stderr.log",
+            stop_command=[*base, "-s", "stop"],
+            openssl_conf=self.no_tickets if no_tickets else None,
+        )
+        server.access_log = access_log
+        self.servers[name] = server
+        return server
+
+    def start_upstream(self) -> Server:
+        self.upstream_port = free_port()
+        block = upstream_http_block(self.upstream_port)
+        return self._start_nginx("upstream", block, 1, self.upstream_port)
+
+    def start_nginx(self, name: str, *, tickets: bool = False) -> Server:
+        """nginx as the proxy, --workers workers; `tickets`: session tickets on, with two
+        ticket-key files made now (else no tickets, and the no-tickets OpenSSL config)."""
+        port = free_port()
+        access_log = self.tmp / f"{name}-access.log"
+        access_log.touch()
+        keys = make_ticket_key_files(self.tmp / f"{name}-keys") if tickets else []
+        block = nginx_proxy_http_block(port, self.upstream_port, self.certs, access_log, keys)
+        return self._start_nginx(
+            name, block, self.args.workers, port, access_log=access_log, no_tickets=not tickets
+        )
+
+    def start_dualproxy(
+        self,
+        name: str,
+        run: DualproxyRun,
+        workers: int | None = None,
+        *,
+        folder: Path | None = None,
+        upstream: bool = True,
+    ) -> Server:
+        """dualproxy with its own config file `<name>.toml` in `folder` (the lab's by default;
+        the key and chain files are read from there), relaying to the upstream unless
+        --placeholder or not `upstream`, --workers processes unless `workers` says."""
+        port = free_port()
+        upstream_port = None if self.args.placeholder or not upstream else self.upstream_port
+        toml = (folder or self.tmp) / f"{name}.toml"
+        toml.write_text(dualproxy_toml(port, upstream_port, workers or self.args.workers))
+        here = Path(__file__).parent
+        env: dict[str, str] = {}
+        stats: Path | None = None
+        if run == "shipped":
+            command = [str(VENV_BIN / "dualproxy")]
+        elif run == "no-tickets":
+            command = [sys.executable, str(here / "serve_without_tickets.py")]
+        else:
+            command = [sys.executable, str(here / "serve_counting_sessions.py")]
+            stats = self.tmp / f"{name}-sessions"
+            stats.mkdir()
+            env[SESSION_STATS_ENVIRONMENT] = str(stats)
+        server = start_server(
+            name,
+            [*self.taskset_proxy, *command, "serve", "-c", str(toml)],
+            port,
+            self.tmp / f"{name}.log",
+            openssl_conf=self.no_tickets if run == "no-tickets" else None,
+            extra_env=env,
+        )
+        server.session_stats = stats
+        self.servers[name] = server
+        return server
+
+    def stop(self, name: str) -> None:
+        """Stop one server this lab started, then forget it (so that an interrupt while it
+        stops leaves it to the caller's final stop)."""
+        self.servers[name].stop()
+        del self.servers[name]
 
 
 def start_lab(args: argparse.Namespace, tmp: Path, servers: dict[str, Server]) -> Lab:
-    """Certificates, configs, then upstream, nginx and dualproxy, each listening when it
-    returns. `servers` is filled as they start, so the caller can stop them whatever fails."""
-    nginx = tool_path("nginx")
-    assert nginx is not None
+    """Certificates, configs, then upstream, nginx and dualproxy (and the resumed load's
+    nginx-tickets and dualproxy-tickets), each listening when it returns. `servers` is filled
+    as they start, so the caller can stop them whatever fails."""
     taskset_proxy: list[str] = []
     taskset_load: list[str] = []
     cpus = sorted(os.sched_getaffinity(0))
@@ -1317,47 +2194,18 @@ def start_lab(args: argparse.Namespace, tmp: Path, servers: dict[str, Server]) -
         # The proxies on the last --workers CPUs, everything else on the others.
         taskset_proxy = ["taskset", "-c", ",".join(map(str, cpus[-args.workers :]))]
         taskset_load = ["taskset", "-c", ",".join(map(str, cpus[: -args.workers]))]
-    certs = make_certs(tmp)
-    ports = {name: free_port() for name in ("upstream", "nginx", "dualproxy")}
-    access_log = tmp / "nginx-proxy-access.log"
-    access_log.touch()
     no_tickets = tmp / "openssl-no-tickets.cnf"
     no_tickets.write_text(NO_TICKETS_OPENSSL_CONF)
-    blocks = {
-        "upstream": upstream_http_block(ports["upstream"]),
-        "nginx": nginx_proxy_http_block(ports["nginx"], ports["upstream"], certs, access_log),
-    }
-    for name, block in blocks.items():
-        conf = nginx_conf(tmp, name, block, args.workers if name == "nginx" else 1)
-        base = [nginx, "-p", str(tmp), "-e", str(tmp / f"{name}-error.log"), "-c", str(conf)]
-        servers[name] = start_server(
-            name,
-            [*(taskset_load if name == "upstream" else taskset_proxy), *base],
-            ports[name],
-            tmp / f"{name}-stderr.log",
-            stop_command=[*base, "-s", "stop"],
-            openssl_conf=no_tickets if name == "nginx" else None,
-        )
-    toml = tmp / "dualproxy.toml"
-    toml.write_text(
-        dualproxy_toml(
-            ports["dualproxy"], None if args.placeholder else ports["upstream"], args.workers
-        )
-    )
-    if args.dualproxy_default_tls:
-        dualproxy = [str(VENV_BIN / "dualproxy")]
-    else:
-        dualproxy = [sys.executable, str(Path(__file__).with_name("serve_without_tickets.py"))]
-    servers["dualproxy"] = start_server(
-        "dualproxy",
-        [*taskset_proxy, *dualproxy, "serve", "-c", str(toml)],
-        ports["dualproxy"],
-        tmp / "dualproxy.log",
-        openssl_conf=None if args.dualproxy_default_tls else no_tickets,
-    )
+    lab = Lab(args, tmp, make_certs(tmp), servers, no_tickets, taskset_proxy, taskset_load)
+    lab.start_upstream()
+    lab.start_nginx("nginx")
+    lab.start_dualproxy("dualproxy", "shipped" if args.dualproxy_default_tls else "no-tickets")
+    if "resumed" in args.loads:
+        lab.start_nginx("nginx-tickets", tickets=True)
+        lab.start_dualproxy("dualproxy-tickets", "counting")
     for server in servers.values():
         wait_listening(server)
-    return Lab(tmp, certs, servers, access_log, toml, taskset_proxy, taskset_load)
+    return lab
 
 
 def check_lab(lab: Lab, args: argparse.Namespace) -> tuple[str, dict[str, object]]:
@@ -1402,16 +2250,19 @@ def check_lab(lab: Lab, args: argparse.Namespace) -> tuple[str, dict[str, object
     return modes["dualproxy"], checks
 
 
-def measure_rounds(bench: Bench, args: argparse.Namespace) -> list[Run]:
+def measure_rounds(lab: Lab, bench: Bench, args: argparse.Namespace) -> list[Run]:
     print("warm-up and calibration", flush=True)
     for proxy in PROXIES:
         bench.measure(proxy, "keepalive", -1, args.warmup)
         if "newconn" in args.loads:
             bench.calibrate(proxy, args.duration)
         bench.calibrate_h2(proxy, args.duration)
+        if "resumed" in args.loads:
+            bench.calibrate(proxy, args.duration, "resumed")
     print(
         f"h2load -n per run: {bench.newconn_requests}, HTTP/2: {bench.h2_requests};"
-        f" new HTTP/2 connection batches: {bench.h2conn_repeats}",
+        f" new HTTP/2 connection batches: {bench.h2conn_repeats};"
+        f" resumed: {bench.resumed_requests}",
         flush=True,
     )
     runs: list[Run] = []
@@ -1421,11 +2272,19 @@ def measure_rounds(bench: Bench, args: argparse.Namespace) -> list[Run]:
         for proxy in PROXIES if n % 2 == 0 else PROXIES[::-1]:
             for kind in kinds:
                 for attempt in range(1 + args.noisy_retries):
-                    run = bench.measure(proxy, kind, n, args.duration)
+                    if kind == "idle":
+                        run = measure_idle(lab, bench, proxy, n)
+                        what = (
+                            f"  RSS {run.rss_before_kb / 1024:.1f} -> {run.rss_after_kb / 1024:.1f}"
+                            f" MB, {run.rss_kb_per_connection:.1f} kB/conn"
+                        )
+                    else:
+                        run = bench.measure(proxy, kind, n, args.duration)
+                        what = ""
                     print(
                         f"round {n + 1}/{args.rounds} {proxy:9} {kind:9} {run.rate:9,.0f} req/s"
                         f"  server CPU {run.server_cpu_s:5.2f} s"
-                        f"  {run.cpu_ms_per_request:.4f} ms/req  errors {run.errors}"
+                        f"  {run.cpu_ms_per_request:.4f} ms/req  errors {run.errors}{what}"
                         f"  others' CPU {run.foreign_cpu_s:.2f} s  stolen {run.stolen_cpu_s:.2f} s"
                         f"{' NOISY' if run.noisy else ''}  server saw {run.server_view}",
                         flush=True,
@@ -1449,13 +2308,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.now(UTC)
     out_dir = args.results_dir / started.strftime("%Y%m%dT%H%M%SZ")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if "idle" in args.loads:
+        # This script holds the idle load's connections (and h2load's run beside it).
+        raise_open_files_limit(args.idle_connections + 1024)
     tmp = Path(tempfile.mkdtemp(prefix="dualproxy-bench-"))
     servers: dict[str, Server] = {}
     try:
         lab = start_lab(args, tmp, servers)
         mode, checks = check_lab(lab, args)
-        bench = Bench(lab.servers, lab.access_log, args, lab.taskset_load)
-        runs = measure_rounds(bench, args)
+        bench = Bench(lab.servers, args, lab.taskset_load)
+        runs = measure_rounds(lab, bench, args)
+        shares: list[ShareResult] = []
+        if "resumed" in args.loads:
+            print("resumption shares (dualproxy, a Python client)", flush=True)
+            shares = measure_resumption_shares(lab)
         rows = summarize(runs, args.rounds)
         h2_ratios = h2_vs_keepalive(runs, args.rounds)
         tls = {p: next((r.tls for r in runs if r.proxy == p and r.tls), "") for p in PROXIES}
@@ -1476,6 +2342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f" {ratio:.3f}x (per round {[round(x, 3) for x in h2_ratios]});"
                 f" target >= {TARGET_H2_VS_KEEPALIVE:g}x: {verdict}"
             )
+        if shares:
+            table += (
+                f"\nsessions resumed by dualproxy ({args.share_sessions} sessions each, the"
+                " server's count):\n" + "\n".join(share.line() for share in shares)
+            )
+        if targets := issue16_lines(rows):
+            table += "\n" + "\n".join(targets)
         print("\n" + table, flush=True)
         profiles: dict[str, str] = {}
         if args.profile:
@@ -1493,6 +2366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "checks": checks,
             "summary": rows,
             "h2_vs_own_keepalive_per_round": h2_ratios,
+            "resumption_shares": [asdict(s) | {"share": s.share} for s in shares],
             "runs": [r.as_json() for r in runs],
             "table": table,
             "profiles": profiles,
