@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import pytest
 import trustme
@@ -58,20 +59,34 @@ def require_pebble() -> tuple[str, str]:
     return pebble, challtestsrv
 
 
+# Ports free_ports handed out in this test run, and how many probes it may make per port.
+_GIVEN: set[int] = set()
+_PROBES_PER_PORT: Final = 20
+
+
 def free_port() -> int:
     return free_ports(1)[0]
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports: the probes stay bound until all are chosen (one at a time,
-    the kernel may hand the same port out twice, as it once did to Pebble's management
-    interface and its DNS server)."""
+    """`count` free ports, none handed out before in this test run: the probes stay bound
+    until all are chosen (one at a time, the kernel may hand the same port out twice, as it
+    once did to Pebble's management interface and its DNS server), and a port given to an
+    earlier caller (a replica's TLS port, while another's admin port is being chosen) is
+    passed over."""
     with ExitStack() as probes:
-        ports = []
-        for _ in range(count):
+        ports: list[int] = []
+        for _ in range(count * _PROBES_PER_PORT):  # bounded: a few repeats at most
+            if len(ports) == count:
+                break
             probe = probes.enter_context(socket.socket())
             probe.bind(("127.0.0.1", 0))
-            ports.append(int(probe.getsockname()[1]))
+            port = int(probe.getsockname()[1])
+            if port not in _GIVEN:
+                ports.append(port)
+        if len(ports) < count:
+            raise RuntimeError(f"no {count} fresh ports after {count * _PROBES_PER_PORT} probes")
+        _GIVEN.update(ports)
         return ports
 
 
