@@ -138,6 +138,9 @@ CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 # upstream connection of its own; with fewer kept idle, both proxies would be measured opening
 # and closing upstream connections. The HTTP/1.1 loads never have more than 32 in flight.
 UPSTREAM_POOL_IDLE: Final = 256
+# Requests per client connection on both proxies (nginx keepalive_requests, dualproxy
+# limits.keepalive_requests): none closes a load generator's connection during a run.
+KEEPALIVE_REQUESTS: Final = 10_000_000
 
 ProxyName = Literal["nginx", "dualproxy"]
 LoadKind = Literal["keepalive", "newconn", "h2", "h2conn", "resumed", "idle"]
@@ -481,7 +484,7 @@ def upstream_http_block(port: int) -> str:
     # No cap on requests per connection and a long idle time: neither proxy should ever
     # pay for reconnecting to the upstream during a run.
     return f"""    access_log off;
-    keepalive_requests 10000000;
+    keepalive_requests {KEEPALIVE_REQUESTS};
     keepalive_timeout 300s;
     server {{
         listen 127.0.0.1:{port} backlog=4096;
@@ -498,8 +501,9 @@ def nginx_proxy_http_block(
 ) -> str:
     """nginx as the proxy; `ticket_keys`: session tickets on, encrypted with the first key
     file and decrypted with any (the resumed load), else off."""
-    # keepalive_requests: nginx closes a client connection after 1000 requests by default,
-    # which would make wrk reconnect (a TLS handshake) where dualproxy does not.
+    # keepalive_requests: nginx closes a client connection after 1000 requests by default, as
+    # dualproxy does (limits.keepalive_requests): both are raised, so that wrk never reconnects
+    # (a TLS handshake) and h2load's HTTP/2 clients, which do not reconnect, run to the end.
     # The access log records resumption and requests per connection: the run checks both.
     fields = "$connection $connection_requests $ssl_session_reused $ssl_protocol $status"
     tickets = "ssl_session_tickets off;"
@@ -509,12 +513,12 @@ def nginx_proxy_http_block(
         )
     return f"""    log_format bench '{fields}';
     access_log {log} bench buffer=64k flush=1s;
-    keepalive_requests 10000000;
+    keepalive_requests {KEEPALIVE_REQUESTS};
     keepalive_timeout 60s;
     upstream backend {{
         server 127.0.0.1:{upstream_port};
         keepalive {UPSTREAM_POOL_IDLE};
-        keepalive_requests 10000000;
+        keepalive_requests {KEEPALIVE_REQUESTS};
         keepalive_timeout 30s;
     }}
     server {{
@@ -551,6 +555,11 @@ address = "127.0.0.1:{port}"
 [keys.bench]
 key = "key.pem"
 chain = "chain.pem"
+
+# As nginx's keepalive_requests below: no load generator's connection is closed after 1000
+# requests (wrk would reconnect, i.e. handshake, and h2load would not reconnect at all).
+[limits]
+keepalive_requests = {KEEPALIVE_REQUESTS}
 """
     if upstream_port is not None:
         text += f'\n[upstream]\nurl = "http://127.0.0.1:{upstream_port}"\n'

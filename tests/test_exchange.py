@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from typing import Any, Final
 
@@ -24,7 +24,6 @@ from dualproxy.http.errors import HttpRefusal
 from dualproxy.http.exchange import (
     ALLOWED_METHODS,
     CLIENT_LEFT,
-    MAX_REQUESTS_PER_CONNECTION,
     REPLAYABLE_METHODS,
     WAIT_BOUNDS,
     ClientSide,
@@ -60,6 +59,9 @@ CLIENT: Final = ClientSide(ClientPeer.of(ipaddress.ip_address("203.0.113.5")))
 DEV: Final = ClientSide(None, ((b"x-dualproxy-key", b"k1"),))
 # Hypothesis examples per property, as in the other pure modules' tests.
 EXAMPLES: Final = 200
+
+# limits.keepalive_requests as the tests' Limits() have it (nginx's keepalive_requests).
+KEEPALIVE_REQUESTS: Final = Limits().keepalive_requests
 
 
 @dataclass(frozen=True)
@@ -387,7 +389,7 @@ def test_golden_relayed_response_head() -> None:
         (
             (),
             b"GET / HTTP/1.1",
-            MAX_REQUESTS_PER_CONNECTION - 1,
+            KEEPALIVE_REQUESTS - 1,
             False,
             True,
             (b"Content-Length: 2",),
@@ -396,7 +398,7 @@ def test_golden_relayed_response_head() -> None:
         (
             (),
             b"GET / HTTP/1.1",
-            MAX_REQUESTS_PER_CONNECTION,
+            KEEPALIVE_REQUESTS,
             False,
             True,
             (b"Content-Length: 2",),
@@ -444,6 +446,22 @@ def test_the_keep_alive_decision(
     assert started.response_started
 
 
+@pytest.mark.parametrize(("requests", "closes"), [(2, False), (3, True)])
+def test_limits_keepalive_requests_closes_after_that_many(requests: int, closes: bool) -> None:
+    """The operator's keepalive_requests (3 here), not a fixed number, ends the connection;
+    a local endpoint's answer counts as a request too."""
+    started = Exchange(head(), CLIENT, requests)
+    assert started.route(Settings(limits=replace(LIMITS, keepalive_requests=3))) is None
+    *_, keep_alive = started.respond(response(b"Content-Length: 2"), draining=False)
+    assert keep_alive is not closes
+    local = Exchange(head(line=b"GET /local HTTP/1.1"), CLIENT, requests)
+    routes = Routes({b"/local": Route(max_body_bytes=0)})
+    endpoint = local.route(Settings(limits=replace(LIMITS, keepalive_requests=3), local=routes))
+    assert endpoint is not None
+    (*_, local_keep_alive), _ = local.answer_locally(LocalAnswer(200, [], b"ok"), draining=False)
+    assert local_keep_alive is not closes
+
+
 @settings(max_examples=examples(EXAMPLES))
 @given(
     method=st.sampled_from([b"GET", b"HEAD", b"POST"]),
@@ -451,7 +469,7 @@ def test_the_keep_alive_decision(
     close=st.booleans(),
     body=st.sampled_from([None, b"Content-Length: 3", b"Transfer-Encoding: chunked"]),
     body_read=st.booleans(),
-    requests=st.sampled_from([1, 2, MAX_REQUESTS_PER_CONNECTION - 1, MAX_REQUESTS_PER_CONNECTION]),
+    requests=st.sampled_from([1, 2, KEEPALIVE_REQUESTS - 1, KEEPALIVE_REQUESTS]),
     draining=st.booleans(),
     status=st.sampled_from([100, 200, 204, 304, 404]),
     framing=st.sampled_from([None, b"Content-Length: 7", b"Transfer-Encoding: chunked"]),
@@ -497,7 +515,7 @@ def test_responses_follow_the_rules_read_plainly(
         version == b"1.0",
         unread,
         draining,
-        requests >= MAX_REQUESTS_PER_CONNECTION,
+        requests >= KEEPALIVE_REQUESTS,
         how is Framing.CLOSE,
     ]
     assert keep_alive is not any(reasons_to_close)

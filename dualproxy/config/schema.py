@@ -239,6 +239,12 @@ class Limits:
     # before that the stream is refused with REFUSED_STREAM): 100, Envoy's and nginx's order
     # (nginx http2_max_concurrent_streams 128), RFC 9113's recommended minimum.
     h2_max_concurrent_streams: int = 100
+    # Requests (HTTP/2 streams) one client connection may carry; the last is answered with
+    # `Connection: close` (HTTP/1.1) or followed by GOAWAY (HTTP/2): nginx's keepalive_requests
+    # default. It bounds what one connection's lifetime holds, and lets the kernel spread
+    # long-lived clients across the processes sharing the port; raise it for clients that keep
+    # one connection for hours (a benchmark's load generator, which may not reconnect).
+    keepalive_requests: int = 1000
     # A WebSocket tunnel that moves no byte either way for this long is closed: HAProxy's
     # `timeout tunnel` as its documentation sets it (1 h). Apps ping far more often (OkHttp's
     # pingInterval, URLSession's sendPing: seconds to a minute); a dead peer frees its slot.
@@ -249,6 +255,10 @@ class Limits:
     # bytes; HAProxy itself waits at most `timeout client`).
     proxy_header_timeout: float = 3.0
 
+
+# The most requests one connection may carry, whatever keepalive_requests says: what the
+# relay's loops count to (nginx takes up to 2^32).
+MAX_KEEPALIVE_REQUESTS: Final = 1 << 32
 
 # Range each Limits field accepts: (lowest, highest). Zero-length waits would refuse everyone;
 # the highs are where a value stops being a limit.
@@ -270,6 +280,7 @@ LIMIT_RANGES: Final[Mapping[str, tuple[float, float]]] = MappingProxyType(
         "max_body_bytes": (0, 1 << 40),
         "shutdown_grace": (0, 3600),
         "h2_max_concurrent_streams": (1, 1000),
+        "keepalive_requests": (1, MAX_KEEPALIVE_REQUESTS),
         "websocket_idle_timeout": (1, 86400),
         "proxy_header_timeout": (0.1, 60),
     }

@@ -30,7 +30,7 @@ The steps, in order (the HTTP/1.1 driver's calls in brackets):
    close` or in HTTP/1.0 (whose keep-alive extension we do not implement), after a body we
    can only end by closing (a body of unknown length to an HTTP/1.0 client), after an answer
    that came before the whole request body went (its rest was never read), while the server
-   drains, and after a connection's MAX_REQUESTS_PER_CONNECTION-th request; the response
+   drains, and after a connection's limits.keepalive_requests-th request; the response
    then says `Connection: close`.
 
 The retry rule [`replayable`, `may_replay`]. A pooled connection may have been
@@ -105,6 +105,7 @@ from http import HTTPStatus
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple, Protocol
 
+from dualproxy.config.schema import MAX_KEEPALIVE_REQUESTS
 from dualproxy.http.body import LAST_CHUNK, encode_chunk
 from dualproxy.http.errors import Fault, HttpRefusal, snippet, timeout_problem
 from dualproxy.http.heads import RequestHead, ResponseHead, request_head
@@ -146,10 +147,9 @@ ALLOWED_METHODS: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 # Idempotent methods (RFC 9110 9.2.2): sent again on a fresh connection when a reused one
 # failed before any response, provided the request had no body (see the retry rule above).
 REPLAYABLE_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
-# Requests served on one client connection, the last one answered with Connection: close
-# (nginx's keepalive_requests default): it bounds what one connection's lifetime holds, and
-# lets the kernel spread long-lived clients across the processes sharing the port.
-MAX_REQUESTS_PER_CONNECTION: Final = 1000
+# The bound of the loops that serve a connection's requests: the most limits.keepalive_requests
+# may be (the exchange closes the connection after the configured number).
+MAX_REQUESTS_PER_CONNECTION: Final = MAX_KEEPALIVE_REQUESTS
 # Methods whose request means a body: without one, the upstream still gets Content-Length: 0.
 _BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
 _OK: Final = HTTPStatus.OK.value
@@ -465,7 +465,7 @@ class Exchange:
             not self.request_read  # an early answer: the rest of the body was never read
             or framing is Framing.CLOSE
             or draining
-            or self._requests >= MAX_REQUESTS_PER_CONNECTION
+            or self._requests >= self._limits.keepalive_requests
             or head.close
         )
         if not keep_alive:
@@ -484,7 +484,9 @@ class Exchange:
     def answer_locally(self, answer: LocalAnswer, *, draining: bool) -> tuple[ResponseStart, bytes]:
         """The client's response for a local endpoint's `answer`, and its body."""
         head = self.head
-        keep_alive = not (draining or self._requests >= MAX_REQUESTS_PER_CONNECTION or head.close)
+        keep_alive = not (
+            draining or self._requests >= self._limits.keepalive_requests or head.close
+        )
         status = answer.status
         fields = [*answer.headers, *self._client.response_headers]
         no_body = status in _NO_BODY_STATUSES

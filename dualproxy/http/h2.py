@@ -36,7 +36,7 @@ waits for its first stream for request_header_timeout, between streams for
 keepalive_timeout, then says GOAWAY and closes.
 
 Ending. GOAWAY (NO_ERROR, the last stream we took) on the drain, after
-MAX_REQUESTS_PER_CONNECTION streams and when idle: streams in flight finish, new ones are
+limits.keepalive_requests streams and when idle: streams in flight finish, new ones are
 refused (REFUSED_STREAM: the client may retry them elsewhere), the connection closes when the
 last one ends. A protocol error found by h2 (content-length against DATA, a CONTINUATION
 flood, an oversized header list) ends it with the GOAWAY h2 wrote. Nothing here logs: the
@@ -64,7 +64,6 @@ from dualproxy.http.body import END
 from dualproxy.http.errors import HttpRefusal
 from dualproxy.http.exchange import (
     EARLY_ANSWER,
-    MAX_REQUESTS_PER_CONNECTION,
     ClientSide,
     Cut,
     Exchange,
@@ -416,7 +415,7 @@ class Http2Connection:
             self._log_stream(stream, _CLIENT_RESET)
         else:
             self._nursery.start_soon(self._serve_stream, stream)
-        if self._started >= MAX_REQUESTS_PER_CONNECTION:
+        if self._started >= self._limits.keepalive_requests:
             self._say_goaway()  # as an HTTP/1.1 connection's last request says close
 
     def _say_goaway(self) -> None:
