@@ -31,9 +31,11 @@ RST_STREAM after send_timeout), not the connection, and the upstream connection 
 further than one receive ahead.
 
 Waits, as `exchange.Wait` says: each wait of a stream is bounded by its setting and an
-expiry means what `exchange.expired` says (408, 504, a cut: RST_STREAM). The connection
-waits for its first stream for request_header_timeout, between streams for
-keepalive_timeout, then says GOAWAY and closes.
+expiry means what `exchange.expired` says (408, 504, a cut: RST_STREAM). A stream task runs
+in one cancel scope, which the client's reset cancels and whose deadline each wait moves to
+its own bound (`_bound`, lazily, as relay.py does per connection: a scope per wait costs more
+than the rest of the wait). The connection waits for its first stream for
+request_header_timeout, between streams for keepalive_timeout, then says GOAWAY and closes.
 
 Ending. GOAWAY (NO_ERROR, the last stream we took) on the drain, after
 MAX_REQUESTS_PER_CONNECTION streams and when idle: streams in flight finish, new ones are
@@ -73,12 +75,14 @@ from dualproxy.http.exchange import (
     Wait,
     expired,
     refusal_response,
+    wait_bounds,
 )
 from dualproxy.http.h2fields import stream_request_head
 from dualproxy.http.h2limits import FloodGuard
 from dualproxy.http.heads import HeadLimits, ResponseHead
 from dualproxy.http.lifecycle import Drain
 from dualproxy.http.local import Endpoint, LocalRequest, LocalRoutes
+from dualproxy.http.relay import DEADLINE_SLACK
 from dualproxy.http.rewrite import ClientPeer, ForwardingRules, client_response_headers
 from dualproxy.http.upstream import UpstreamConnection, UpstreamPool
 from dualproxy.tls.streams import RECEIVE_SIZE
@@ -127,10 +131,11 @@ class LocalOnly:
     """Exchange settings that answer every request locally (`routes`): how a server without an
     upstream (the placeholder) serves HTTP/2 streams."""
 
-    __slots__ = ("head_limits", "limits", "local", "rules")
+    __slots__ = ("bounds", "head_limits", "limits", "local", "rules")
 
     def __init__(self, limits: Limits, routes: LocalRoutes) -> None:
         self.limits = limits
+        self.bounds = wait_bounds(limits)
         self.head_limits = HeadLimits.from_limits(limits)
         self.local: LocalRoutes | None = routes
         self.rules = ForwardingRules(b"", "rewrite", (), ())
@@ -141,6 +146,8 @@ class StreamSettings(Protocol):
 
     @property
     def limits(self) -> Limits: ...
+    @property
+    def bounds(self) -> tuple[float, ...]: ...
     @property
     def head_limits(self) -> HeadLimits: ...
     @property
@@ -153,12 +160,15 @@ class _Stream:
     """One request stream as the connection sees it."""
 
     __slots__ = (
+        "bounds",
         "bytes_out",
         "data",
+        "deadline",
         "ended",
         "exchange",
         "fields",
         "id",
+        "limits",
         "opened",
         "reset",
         "responded",
@@ -166,6 +176,7 @@ class _Stream:
         "status",
         "unacked",
         "upstream_seconds",
+        "wait",
         "wake",
         "window",
     )
@@ -186,7 +197,14 @@ class _Stream:
         self.reset = False  # the client reset it
         self.responded = False  # our response ended (END_STREAM sent)
         self.exchange: Exchange | None = None
+        # The stream task's one cancel scope: a reset cancels it, and `_bound` moves its
+        # deadline to each wait's own and records which wait it is (`wait`), so that an
+        # expiry is answered as that wait's (exchange.expired), as relay.py does per connection.
         self.scope = trio.CancelScope()
+        self.deadline = math.inf  # the scope's, mirrored
+        self.wait = Wait.UPSTREAM_SEND
+        self.limits: Limits | None = None  # what the stream is served with, once it started
+        self.bounds: tuple[float, ...] = ()  # their wait_bounds
         self.wake: trio.Event | None = None  # set when body bytes or the end arrive
         self.window: trio.Event | None = None  # set when its send window may have opened
 
@@ -220,6 +238,7 @@ class Http2Connection:
         self._stream = stream
         self._settings = settings
         self._limits = limits
+        self._bounds = wait_bounds(limits)  # for streams served without settings
         self._drain = drain
         self._tally = tally
         self._client = ClientSide(
@@ -485,18 +504,15 @@ class Http2Connection:
         problem: str | None = None
         finished = False
         try:
-            with stream.scope:
+            scope = stream.scope
+            with scope:
                 ending = await self._exchange(stream)
                 finished = True
-                if isinstance(ending, HttpRefusal):
-                    problem = f"{ending.status} {ending.problem}"
-                    await self._refuse(stream, ending)
-                elif isinstance(ending, Cut):
-                    problem = ending.problem
-                    self._tally.note(ending.problem)
-                    self._reset(
-                        stream.id, _INTERNAL_ERROR if ending.fault == "upstream" else _CANCEL
-                    )
+            if scope.cancelled_caught and not stream.reset:  # a wait outlasted its bound
+                ending = self._expired(stream)
+                finished = True
+            if ending is not None and not stream.reset:
+                problem = await self._end_badly(stream, ending)
         finally:
             del self._streams[stream.id]
             self._stream_gone()
@@ -509,6 +525,45 @@ class Http2Connection:
                 problem = _CLIENT_RESET if stream.reset else "the connection ended first"
             self._wake_writer.set()
             self._log_stream(stream, problem)
+
+    async def _end_badly(self, stream: _Stream, ending: HttpRefusal | Cut) -> str:
+        """A refusal answered on the stream, or RST_STREAM for a cut; the problem, for the
+        stream's log line."""
+        if isinstance(ending, Cut):
+            self._tally.note(ending.problem)
+            self._reset(stream.id, _INTERNAL_ERROR if ending.fault == "upstream" else _CANCEL)
+            return ending.problem
+        # In a scope of its own (the exchange's may have expired), which a reset cancels too;
+        # a client that does not take the answer within send_timeout gets RST_STREAM instead
+        # (the stream task's end, since the answer did not end the stream).
+        scope = stream.scope = trio.CancelScope()
+        stream.deadline = math.inf
+        with scope, contextlib.suppress(_StreamCut):  # the stream closed meanwhile
+            await self._refuse(stream, ending)
+        return f"{ending.status} {ending.problem}"
+
+    def _expired(self, stream: _Stream) -> HttpRefusal | Cut:
+        """What it means that the stream's scope ended on its deadline, by the wait it was in:
+        exchange.expired's answer, a cut once the response started."""
+        assert stream.limits is not None  # bounds are set once limits are
+        ending = expired(stream.wait, stream.limits)
+        assert ending is not None  # a stream's waits are never a connection's idle ones
+        exchange = stream.exchange
+        if isinstance(ending, HttpRefusal) and exchange is not None and exchange.response_started:
+            return Cut(ending.problem, ending.fault)
+        return ending
+
+    def _bound(self, stream: _Stream, wait: Wait) -> float:
+        """Bound `wait`, about to start, by its timeout from now, moving the stream scope's
+        deadline (not pushed back by less than DEADLINE_SLACK: relay.py's `_bound`); the
+        time it read."""
+        stream.wait = wait
+        now = self._now()
+        deadline = now + stream.bounds[wait]
+        current = stream.deadline
+        if deadline < current or deadline - current > DEADLINE_SLACK:
+            stream.scope.deadline = stream.deadline = deadline
+        return now
 
     def _log_stream(self, stream: _Stream, ended: str | None) -> None:
         """The stream's exchange is over: its line for the access log (through the Tally)."""
@@ -546,14 +601,21 @@ class Http2Connection:
                     self._drain.enter_idle(scope, reclaimable=True)
 
     async def _exchange(self, stream: _Stream) -> HttpRefusal | Cut | None:
-        """The stream's request and its response; how it ended, when not well."""
+        """The stream's request and its response; how it ended, when not well (an expired
+        wait ends it by cancelling its scope: `_expired`)."""
         exchange = None
         try:
             current = self._settings()
-            limits = current.limits if current is not None else self._limits
-            head_limits = (
-                current.head_limits if current is not None else HeadLimits.from_limits(limits)
-            )
+            if current is not None:
+                limits, stream.bounds, head_limits = (
+                    current.limits,
+                    current.bounds,
+                    current.head_limits,
+                )
+            else:
+                limits, stream.bounds = self._limits, self._bounds
+                head_limits = HeadLimits.from_limits(limits)
+            stream.limits = limits
             head = stream_request_head(
                 stream.fields, head_limits, body_length=len(stream.data) if stream.ended else None
             )
@@ -561,12 +623,12 @@ class Http2Connection:
             exchange = stream.exchange = Exchange(head, self._client, 1)
             endpoint = exchange.route(current)
             if endpoint is not None:
-                await self._answer_locally(stream, exchange, endpoint, limits)
+                await self._answer_locally(stream, exchange, endpoint)
                 return None
             pool = getattr(current, "pool", None)
             assert current is not None  # route refused the request otherwise
             assert pool is not None  # LocalOnly answers every request locally
-            return await self._relay(stream, exchange, current, pool)
+            return await self._relay(stream, exchange, pool)
         except HttpRefusal as refusal:
             if exchange is not None and exchange.response_started:
                 return Cut(refusal.problem, refusal.fault)
@@ -587,23 +649,21 @@ class Http2Connection:
         stream.unacked = 0
         return piece
 
-    async def _wait_body(self, stream: _Stream, limits: Limits) -> None:
+    async def _wait_body(self, stream: _Stream) -> None:
         """Until more of the body, or its end, arrived: 408 after body_timeout."""
         if stream.data or stream.ended:  # it came while we sent the previous piece upstream
             return
         stream.wake = wake = trio.Event()
-        with trio.move_on_after(limits.body_timeout) as waiting:
-            await wake.wait()
-        if waiting.cancelled_caught:
-            raise _expiry(Wait.CLIENT_BODY, limits)
+        self._bound(stream, Wait.CLIENT_BODY)
+        await wake.wait()
 
     async def _continue(self, stream: _Stream, exchange: Exchange) -> None:
         """100 Continue, when asked for, before the body is read (RFC 9110 §10.1.1)."""
         if exchange.continue_first and not stream.ended:
             self._send_headers(stream, _CONTINUE_HEADERS, end=False)
-            await self._wait_drained()
+            await self._wait_sent(stream)
 
-    async def _read_body(self, stream: _Stream, exchange: Exchange, limits: Limits) -> bytes:
+    async def _read_body(self, stream: _Stream, exchange: Exchange) -> bytes:
         await self._continue(stream, exchange)
         content = bytearray()
         while True:  # bounded: the exchange's cap, and body_timeout for each wait
@@ -613,38 +673,33 @@ class Http2Connection:
                 exchange.request_end()
                 return bytes(content)
             else:
-                await self._wait_body(stream, limits)
+                await self._wait_body(stream)
 
     async def _relay(
-        self, stream: _Stream, exchange: Exchange, settings: StreamSettings, pool: UpstreamPool
+        self, stream: _Stream, exchange: Exchange, pool: UpstreamPool
     ) -> HttpRefusal | Cut | None:
         """Relay one routed request and its response (relay.py's `_relay`, over a stream)."""
-        limits = settings.limits
         request = exchange.upstream_request()
         method = exchange.head.method
         for attempt in range(2):  # the second only for the stale-connection retry
             check = attempt > 0 or not exchange.replayable
+            now = self._bound(stream, Wait.UPSTREAM_SEND)
             try:
-                with trio.fail_after(limits.upstream_timeout):
-                    upstream = await pool.acquire(check=check)
-            except trio.TooSlowError:
-                raise _expiry(Wait.UPSTREAM_SEND, limits) from None
+                upstream = await pool.acquire(now, check=check)
             except HttpRefusal as failure:
                 return exchange.upstream_failed(failure)
             finished = False
             try:
                 early = None
                 if exchange.has_body:
-                    early = await self._forward_body(stream, upstream, request, exchange, limits)
+                    early = await self._forward_body(stream, upstream, request, exchange)
                 else:
-                    await upstream.send_request(request)
-                sent = self._now()
-                response = early or await upstream.receive_head(
-                    timeout=limits.upstream_timeout, request_method=method
-                )
+                    await upstream.send_request(request, bounded=False)
+                sent = self._bound(stream, Wait.UPSTREAM_HEAD)
+                response = early or await upstream.receive_head(timeout=None, request_method=method)
                 upstream_seconds = stream.upstream_seconds = self._now() - sent
                 self._tally.response_relayed(response.status, upstream_seconds)
-                ending = await self._respond(stream, upstream, response, exchange, limits)
+                ending = await self._respond(stream, upstream, response, exchange)
                 finished = ending is None
                 return ending
             except HttpRefusal as failure:
@@ -663,12 +718,7 @@ class Http2Connection:
         raise AssertionError("unreachable: the second attempt is never replayed")
 
     async def _forward_body(
-        self,
-        stream: _Stream,
-        upstream: UpstreamConnection,
-        request: bytes,
-        exchange: Exchange,
-        limits: Limits,
+        self, stream: _Stream, upstream: UpstreamConnection, request: bytes, exchange: Exchange
     ) -> ResponseHead | None:
         """Send the request head and stream the body after it; None once all of it went, or
         the upstream's early answer (relay.py's `_forward_body`)."""
@@ -684,23 +734,34 @@ class Http2Connection:
                 if stream.ended:
                     if end := exchange.request_end():
                         out.append(end)
-                    await _send_upstream(upstream, out, first)
+                    await self._send_upstream(stream, upstream, out, first)
                     return None
                 if out:
-                    await _send_upstream(upstream, out, first)
+                    await self._send_upstream(stream, upstream, out, first)
                     out, first = [], False
-                await self._wait_body(stream, limits)
+                await self._wait_body(stream)
         except HttpRefusal as failure:
             if failure.fault != "upstream":
                 raise
+            self._bound(stream, Wait.UPSTREAM_HEAD)
             try:
                 response = await upstream.receive_head(
-                    timeout=limits.upstream_timeout, request_method=exchange.head.method
+                    timeout=None, request_method=exchange.head.method
                 )
             except HttpRefusal:
                 raise failure from None
             self._tally.note(EARLY_ANSWER)
             return response
+
+    async def _send_upstream(
+        self, stream: _Stream, upstream: UpstreamConnection, out: list[bytes], first: bool
+    ) -> None:
+        self._bound(stream, Wait.UPSTREAM_SEND)
+        data = b"".join(out) if len(out) > 1 else out[0]
+        if first:
+            await upstream.send_request(data, bounded=False)
+        else:
+            await upstream.send(data, bounded=False)
 
     # --- the response -------------------------------------------------------------------
 
@@ -710,7 +771,6 @@ class Http2Connection:
         upstream: UpstreamConnection,
         response: ResponseHead,
         exchange: Exchange,
-        limits: Limits,
     ) -> Cut | None:
         """The upstream's response on the stream: HEADERS, then DATA as the windows allow."""
         status, _, _, fields, framing, _ = exchange.respond(response, draining=False)
@@ -732,22 +792,23 @@ class Http2Connection:
                 ):  # bounded: the upstream's framing, upstream_timeout per read
                     if piece is None:
                         if held is not None:
-                            await self._send_data(stream, held, limits)
+                            await self._send_data(stream, held)
                             held = None
-                        await self._wait_drained()
-                        piece = await upstream.receive_body(timeout=limits.upstream_timeout)
+                        await self._wait_sent(stream)
+                        self._bound(stream, Wait.UPSTREAM_BODY)
+                        piece = await upstream.receive_body(timeout=None)
                         continue
                     assert isinstance(piece, bytes)
                     if piece and not no_body:
                         if held is not None:
-                            await self._send_data(stream, held, limits)
+                            await self._send_data(stream, held)
                         held = piece
                     piece = upstream.buffered_body()
                 if held is not None:
-                    await self._send_data(stream, held, limits, end=True)
+                    await self._send_data(stream, held, end=True)
                 else:
                     self._end_stream(stream)
-            await self._wait_drained()
+            await self._wait_sent(stream)
         except HttpRefusal as failure:
             ending = exchange.upstream_failed(failure)
             assert isinstance(ending, Cut)
@@ -755,23 +816,22 @@ class Http2Connection:
         return None
 
     async def _answer_locally(
-        self, stream: _Stream, exchange: Exchange, endpoint: Endpoint, limits: Limits
+        self, stream: _Stream, exchange: Exchange, endpoint: Endpoint
     ) -> None:
         content = b""
         if exchange.has_body:
-            content = await self._read_body(stream, exchange, limits)
+            content = await self._read_body(stream, exchange)
         head = exchange.head
         peer = self._client.peer
         request = LocalRequest(
             head.method, head.target, head.headers, peer.address if peer else None, content
         )
-        with trio.move_on_after(limits.send_timeout) as answering:
-            answer = await endpoint.answer(request)
-        if answering.cancelled_caught:
-            raise _expiry(Wait.CLIENT_SEND, limits)
+        # Bounded like a send: the endpoint may write to disk in a worker thread.
+        self._bound(stream, Wait.CLIENT_SEND)
+        answer = await endpoint.answer(request)
         self._tally.response_generated(answer.status)
         start, body = exchange.answer_locally(answer, draining=False)
-        await self._send_whole(stream, start, body, limits)
+        await self._send_whole(stream, start, body)
 
     async def _refuse(self, stream: _Stream, refusal: HttpRefusal) -> None:
         """Answer `refusal` on the stream (its response had not started); a body the client
@@ -783,21 +843,19 @@ class Http2Connection:
         start, body = refusal_response(
             refusal, head_only=head_only, upstream_detail=self._client.upstream_detail
         )
-        await self._send_whole(stream, start, body, self._limits)
+        await self._send_whole(stream, start, body)
         if not stream.ended:
             self._reset(stream.id, _NO_ERROR)
 
-    async def _send_whole(
-        self, stream: _Stream, start: ResponseStart, body: bytes, limits: Limits
-    ) -> None:
+    async def _send_whole(self, stream: _Stream, start: ResponseStart, body: bytes) -> None:
         status, _, _, fields, _, _ = start
         stream.status = status
         headers = [(b":status", b"%d" % status)]
         headers += [field for field in fields if field[0] not in _NOT_IN_H2]
         self._send_headers(stream, headers, end=not body)
         if body:
-            await self._send_data(stream, body, limits, end=True)
-        await self._wait_drained()
+            await self._send_data(stream, body, end=True)
+        await self._wait_sent(stream)
 
     # --- frames out -----------------------------------------------------------------------
 
@@ -818,9 +876,7 @@ class Http2Connection:
             raise _StreamCut(Cut(f"stream closed: {exc}", "client")) from None
         stream.responded = True
 
-    async def _send_data(
-        self, stream: _Stream, data: bytes, limits: Limits, *, end: bool = False
-    ) -> None:
+    async def _send_data(self, stream: _Stream, data: bytes, *, end: bool = False) -> None:
         """Queue `data` as DATA frames as the windows allow, waiting for the writer between
         frames; a window that stays shut for send_timeout cuts the stream. `end`: the last
         frame ends the stream."""
@@ -832,10 +888,8 @@ class Http2Connection:
                 raise _StreamCut(Cut(f"stream closed: {exc}", "client")) from None
             if window <= 0:
                 stream.window = opened = trio.Event()
-                with trio.move_on_after(limits.send_timeout) as waiting:
-                    await opened.wait()
-                if waiting.cancelled_caught:
-                    raise _expiry(Wait.CLIENT_SEND, limits)
+                self._bound(stream, Wait.CLIENT_SEND)
+                await opened.wait()
                 continue
             size = min(window, h2conn.max_outbound_frame_size, len(data))
             last = end and size == len(data)
@@ -848,7 +902,13 @@ class Http2Connection:
             stream.responded = last
             data = data[size:]
             if data:
-                await self._wait_drained()
+                await self._wait_sent(stream)
+
+    async def _wait_sent(self, stream: _Stream) -> None:
+        """Hand what is queued to the writer and wait until it went (the writer's own
+        send_timeout bounds it; the stream's deadline says so too)."""
+        self._bound(stream, Wait.CLIENT_SEND)
+        await self._wait_drained()
 
     def _reset(self, stream_id: int, code: h2.errors.ErrorCodes) -> None:
         with contextlib.suppress(h2.exceptions.ProtocolError):  # closed already: nothing to do
@@ -858,23 +918,6 @@ class Http2Connection:
     def _acknowledge(self, stream_id: int, length: int) -> None:
         with contextlib.suppress(h2.exceptions.ProtocolError):  # the connection is closing
             self._h2.acknowledge_received_data(length, stream_id)
-
-
-async def _send_upstream(upstream: UpstreamConnection, out: list[bytes], first: bool) -> None:
-    data = b"".join(out) if len(out) > 1 else out[0]
-    if first:
-        await upstream.send_request(data)
-    else:
-        await upstream.send(data)
-
-
-def _expiry(wait: Wait, limits: Limits) -> HttpRefusal | _StreamCut:
-    """What `wait` running out means, as an exception to raise."""
-    ending = expired(wait, limits)
-    if isinstance(ending, HttpRefusal):
-        return ending
-    assert ending is not None
-    return _StreamCut(ending)
 
 
 def _set(event: trio.Event | None) -> None:
