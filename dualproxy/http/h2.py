@@ -20,7 +20,9 @@ Tasks, all in the connection's nursery:
   on anyway). Only the writer sends, so a stream's cancellation never cuts a TLS record.
 - one **stream task** per request, the exchange's driver: route, relay (request body from
   the stream's buffer, response body into DATA frames as flow control allows) or answer
-  locally, or refuse. It waits for the writer to drain what it queued before queuing more.
+  locally, or refuse. It waits for the writer to drain what it queued before queuing more;
+  once its whole response is queued it ends at once, unless our output is backed up (the
+  writer is in a send it had to wait for) or the connection is ending (`_hand_over`).
 
 Bounded buffers. A request body is taken from the client no faster than the stream task
 hands it to the upstream: we acknowledge DATA (WINDOW_UPDATE) only once forwarded, so a
@@ -276,6 +278,7 @@ class Http2Connection:
         self._raw_out = bytearray()  # frames we wrote ourselves (the graceful GOAWAY)
         self._wake_writer = trio.Event()
         self._drained = trio.Event()
+        self._writing = False  # the writer is in a send (our output is backed up)
         self._nursery: trio.Nursery | None = None
         self._read_scope = trio.CancelScope()  # the reader's current wait
         self._reading = False  # the reader waits in it (registered with the drain)
@@ -476,11 +479,14 @@ class Http2Connection:
                 if not data:
                     break
                 with trio.move_on_after(send_timeout) as sending:
+                    self._writing = True
                     try:
                         await stream.send_all(data)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         self._closing = self._closing or "client closed the connection"
                         sending.cancel()
+                    finally:
+                        self._writing = False
                 if sending.cancelled_caught:
                     self._closing = self._closing or "client did not read for send_timeout"
                     assert self._nursery is not None
@@ -808,7 +814,7 @@ class Http2Connection:
                     await self._send_data(stream, held, end=True)
                 else:
                     self._end_stream(stream)
-            await self._wait_sent(stream)
+            await self._hand_over(stream)
         except HttpRefusal as failure:
             ending = exchange.upstream_failed(failure)
             assert isinstance(ending, Cut)
@@ -855,7 +861,7 @@ class Http2Connection:
         self._send_headers(stream, headers, end=not body)
         if body:
             await self._send_data(stream, body, end=True)
-        await self._wait_sent(stream)
+        await self._hand_over(stream)
 
     # --- frames out -----------------------------------------------------------------------
 
@@ -909,6 +915,17 @@ class Http2Connection:
         send_timeout bounds it; the stream's deadline says so too)."""
         self._bound(stream, Wait.CLIENT_SEND)
         await self._wait_drained()
+
+    async def _hand_over(self, stream: _Stream) -> None:
+        """The stream's response is queued whole: the writer sends it. The stream waits for
+        that only while our output is backed up (the writer is in a send it had to wait for:
+        a client that does not read then holds every stream that ends, which keeps what is
+        queued within a frame and a head per stream allowed at once) or the connection is
+        ending (GOAWAY: its last responses get send_timeout, not GOAWAY_SEND_TIMEOUT)."""
+        if self._writing or self._goaway:
+            await self._wait_sent(stream)
+        else:
+            self._wake_writer.set()
 
     def _reset(self, stream_id: int, code: h2.errors.ErrorCodes) -> None:
         with contextlib.suppress(h2.exceptions.ProtocolError):  # closed already: nothing to do
