@@ -10,19 +10,23 @@ and the upstream side, its pool and the retry rule are HTTP/1.1's, unchanged.
 Tasks, all in the connection's nursery:
 
 - the **reader** (`serve` itself) reads the TLS stream, feeds h2, and handles its events:
-  a new stream gets a task (after every event of the same read is handled, so a request
-  that came whole starts with its whole body known); DATA go to their stream's buffer; a
-  reset cancels the stream's task; every frame that costs us work for nothing is charged to
-  the `h2limits.FloodGuard`, whose verdict ends the connection with GOAWAY
+  a new stream goes to a stream task (after every event of the same read is handled, so a
+  request that came whole starts with its whole body known); DATA go to their stream's
+  buffer; a reset cancels the stream's scope; every frame that costs us work for nothing is
+  charged to the `h2limits.FloodGuard`, whose verdict ends the connection with GOAWAY
   ENHANCE_YOUR_CALM. It never waits on a send: what h2 queued is handed to the writer.
 - the **writer** sends what h2 queued, in order, each send within send_timeout (a client
   that does not read at all for that long loses the connection: its streams could not go
   on anyway). Only the writer sends, so a stream's cancellation never cuts a TLS record.
-- one **stream task** per request, the exchange's driver: route, relay (request body from
-  the stream's buffer, response body into DATA frames as flow control allows) or answer
-  locally, or refuse. It waits for the writer to drain what it queued before queuing more;
-  once its whole response is queued it ends at once, unless our output is backed up (the
-  writer is in a send it had to wait for) or the connection is ending (`_hand_over`).
+- a **stream task** per stream in flight, the exchange's driver: route, relay (request body
+  from the stream's buffer, response body into DATA frames as flow control allows) or
+  answer locally, or refuse. It waits for the writer to drain what it queued before queuing
+  more; once its whole response is queued the stream ends at once, unless our output is
+  backed up (the writer is in a send it had to wait for) or the connection is ending
+  (`_hand_over`). The task then waits for the connection's next stream, in the same cancel
+  scope (a task started and a scope entered per stream cost more than the stream's waits);
+  a stream whose scope is cancelled (its reset, an expired wait) ends its task with it, and
+  at most IDLE_STREAM_TASKS tasks wait (`_stream_task`).
 
 Bounded buffers. A request body is taken from the client no faster than the stream task
 hands it to the upstream: we acknowledge DATA (WINDOW_UPDATE) only once forwarded, so a
@@ -33,10 +37,10 @@ RST_STREAM after send_timeout), not the connection, and the upstream connection 
 further than one receive ahead.
 
 Waits, as `exchange.Wait` says: each wait of a stream is bounded by its setting and an
-expiry means what `exchange.expired` says (408, 504, a cut: RST_STREAM). A stream task runs
-in one cancel scope, which the client's reset cancels and whose deadline each wait moves to
-its own bound (`_bound`, lazily, as relay.py does per connection: a scope per wait costs more
-than the rest of the wait). The connection waits for its first stream for
+expiry means what `exchange.expired` says (408, 504, a cut: RST_STREAM). A stream is served
+in one cancel scope (its task's), which the client's reset cancels and whose deadline each
+wait moves to its own bound (`_bound`, lazily, as relay.py does per connection: a scope per
+wait costs more than the rest of the wait). The connection waits for its first stream for
 request_header_timeout, between streams for keepalive_timeout, then says GOAWAY and closes.
 
 Ending. GOAWAY (NO_ERROR, the last stream we took) on the drain, after
@@ -97,6 +101,7 @@ __all__ = [
     "ALPN_H2",
     "CONNECTION_WINDOW",
     "GOAWAY_SEND_TIMEOUT",
+    "IDLE_STREAM_TASKS",
     "STREAM_WINDOW",
     "Http2Connection",
     "LocalOnly",
@@ -113,6 +118,11 @@ STREAM_WINDOW: Final = 64 * 1024
 CONNECTION_WINDOW: Final = 1024 * 1024
 # The window the protocol starts a connection with, before our WINDOW_UPDATE (RFC 9113 §6.9.2).
 _PROTOCOL_WINDOW: Final = 65535
+# Stream tasks that wait for the connection's next stream once theirs ended, rather than end:
+# handing a stream to a waiting task costs about half of starting one (docs/performance.md).
+# A waiting task holds a few KiB; 16 cover the streams an app or a browser has in flight at
+# once on a connection (and h2load's -m10), and bound what an idle connection keeps.
+IDLE_STREAM_TASKS: Final = 16
 # How long we try to get a GOAWAY out before closing a connection we end (a client that does
 # not read may not hold the close up): the server's close_notify wait, as closing.py's.
 GOAWAY_SEND_TIMEOUT: Final = 1.0
@@ -199,16 +209,45 @@ class _Stream:
         self.reset = False  # the client reset it
         self.responded = False  # our response ended (END_STREAM sent)
         self.exchange: Exchange | None = None
-        # The stream task's one cancel scope: a reset cancels it, and `_bound` moves its
-        # deadline to each wait's own and records which wait it is (`wait`), so that an
-        # expiry is answered as that wait's (exchange.expired), as relay.py does per connection.
-        self.scope = trio.CancelScope()
+        # The cancel scope it is served in (its task's, once it has one): a reset cancels it,
+        # and `_bound` moves its deadline to each wait's own and records which wait it is
+        # (`wait`), so that an expiry is answered as that wait's (exchange.expired), as
+        # relay.py does per connection.
+        self.scope: trio.CancelScope | None = None
         self.deadline = math.inf  # the scope's, mirrored
         self.wait = Wait.UPSTREAM_SEND
         self.limits: Limits | None = None  # what the stream is served with, once it started
         self.bounds: tuple[float, ...] = ()  # their wait_bounds
         self.wake: trio.Event | None = None  # set when body bytes or the end arrive
         self.window: trio.Event | None = None  # set when its send window may have opened
+
+
+class _IdleTask:
+    """A stream task waiting for its next stream (Http2Connection._stream_task), in its
+    cancel scope (with no deadline), which the stream it is given is served in."""
+
+    __slots__ = ("_given", "_scope", "_stream")
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self._scope = scope
+        self._given = trio.Event()
+        self._stream: _Stream | None = None
+
+    @property
+    def usable(self) -> bool:
+        """False once its scope was cancelled: the task ends instead of taking a stream."""
+        return not self._scope.cancel_called
+
+    def give(self, stream: _Stream) -> None:
+        stream.scope = self._scope
+        stream.deadline = math.inf
+        self._stream = stream
+        self._given.set()
+
+    async def wait_stream(self) -> _Stream:
+        await self._given.wait()
+        assert self._stream is not None
+        return self._stream
 
 
 class _StreamCut(Exception):
@@ -271,6 +310,7 @@ class Http2Connection:
         # the HPACK bomb is bounded while decoding (h2 raises, GOAWAY ENHANCE_YOUR_CALM).
         self._h2.decoder.max_header_list_size = limits.max_header_bytes
         self._streams: dict[int, _Stream] = {}  # those with a task running
+        self._idle_tasks: list[_IdleTask] = []  # stream tasks waiting for their next stream
         self._started = 0  # streams taken (their tasks started)
         self._last_taken = 0  # the highest stream ID taken
         self._goaway = False  # our graceful GOAWAY went (or is queued): no new streams
@@ -394,7 +434,8 @@ class Http2Connection:
             if reset is None or reset.responded:
                 return None
             reset.reset = True
-            reset.scope.cancel()
+            if reset.scope is not None:  # else it has not started: it will not (_start_stream)
+                reset.scope.cancel()
             return guard.charge_reset(self._now())
         if isinstance(event, h2.events.PingReceived):
             return guard.charge_owed()
@@ -436,10 +477,22 @@ class Http2Connection:
             del self._streams[stream.id]
             self._stream_gone()
             self._log_stream(stream, _CLIENT_RESET)
+        elif (idle := self._idle_task()) is not None:
+            idle.give(stream)
         else:
-            self._nursery.start_soon(self._serve_stream, stream)
+            stream.scope = trio.CancelScope()
+            self._nursery.start_soon(self._stream_task, stream)
         if self._started >= MAX_REQUESTS_PER_CONNECTION:
             self._say_goaway()  # as an HTTP/1.1 connection's last request says close
+
+    def _idle_task(self) -> _IdleTask | None:
+        """A stream task waiting for a stream, if one is (not one whose scope was cancelled
+        meanwhile, which ends: see _stream_task)."""
+        while self._idle_tasks:  # bounded: IDLE_STREAM_TASKS
+            idle = self._idle_tasks.pop()
+            if idle.usable:
+                return idle
+        return None
 
     def _say_goaway(self) -> None:
         """Queue our graceful GOAWAY (once): streams up to the last one taken finish."""
@@ -504,33 +557,70 @@ class Http2Connection:
 
     # --- one stream -------------------------------------------------------------------
 
-    async def _serve_stream(self, stream: _Stream) -> None:
-        """Drive one stream's exchange (the stream task); never raises but for the
-        connection's own end."""
-        problem: str | None = None
-        finished = False
+    async def _stream_task(self, stream: _Stream) -> None:
+        """Serve `stream`, then the streams the reader hands this task while it waits among
+        the idle ones (at most IDLE_STREAM_TASKS wait; the others end), all in one cancel
+        scope until it is cancelled for one of them (its reset, or the deadline of its wait),
+        which ends the task once that stream is answered: starting a task and entering a scope
+        per stream would cost more than the rest of its waits (docs/performance.md)."""
+        current: _Stream | None = stream
+        scope = stream.scope
+        assert scope is not None  # given with it
         try:
-            scope = stream.scope
             with scope:
-                ending = await self._exchange(stream)
-                finished = True
-            if scope.cancelled_caught and not stream.reset:  # a wait outlasted its bound
-                ending = self._expired(stream)
-                finished = True
-            if ending is not None and not stream.reset:
-                problem = await self._end_badly(stream, ending)
+                while current is not None:  # bounded: MAX_REQUESTS_PER_CONNECTION in all
+                    await self._serve_stream(current)
+                    current = None
+                    if self._goaway or len(self._idle_tasks) >= IDLE_STREAM_TASKS:
+                        return
+                    # No deadline while it waits: then only the reset of a stream handed to
+                    # it cancels the scope, and that stream is served (and its reset seen).
+                    scope.deadline = math.inf
+                    idle = _IdleTask(scope)
+                    self._idle_tasks.append(idle)
+                    current = await idle.wait_stream()
+            # The scope was cancelled for `current` (its reset, or its wait's deadline); or,
+            # with `current` None, for the stream it served last, the deadline of whose wait
+            # came after that wait was over: the task ends (its _IdleTask is not usable).
+            if current is not None:
+                await self._serve_cancelled(current)
+                current = None
         finally:
-            del self._streams[stream.id]
-            self._stream_gone()
-            if stream.unacked:  # what it sent and we did not forward frees the connection window
-                self._acknowledge(stream.id, stream.unacked)
-                stream.unacked = 0
-            if not stream.responded and not stream.reset:
-                self._reset(stream.id, _CANCEL)  # cancelled (the connection ends), or a bug
-            if not finished:
-                problem = _CLIENT_RESET if stream.reset else "the connection ended first"
-            self._wake_writer.set()
-            self._log_stream(stream, problem)
+            if current is not None:  # the connection ends: its nursery was cancelled
+                self._stream_over(
+                    current, _CLIENT_RESET if current.reset else "the connection ended first"
+                )
+
+    async def _serve_stream(self, stream: _Stream) -> None:
+        """Drive one stream's exchange in its task's cancel scope; a cancellation of the
+        scope goes to the task (`_serve_cancelled`)."""
+        ending = await self._exchange(stream)
+        problem = None
+        if ending is not None and not stream.reset:
+            problem = await self._end_badly(stream, ending)
+        self._stream_over(stream, problem)
+
+    async def _serve_cancelled(self, stream: _Stream) -> None:
+        """The stream's scope was cancelled: by its reset (nothing to answer), or by the
+        deadline of the wait it was in (what that means, answered: `_expired`)."""
+        problem = _CLIENT_RESET
+        if not stream.reset:
+            problem = await self._end_badly(stream, self._expired(stream))
+        self._stream_over(stream, problem)
+
+    def _stream_over(self, stream: _Stream, problem: str | None) -> None:
+        """The stream's exchange is over (`problem`: why, when not well): it leaves, its
+        unforwarded body frees the connection window, a stream we did not end is reset, and
+        its line goes to the access log."""
+        del self._streams[stream.id]
+        self._stream_gone()
+        if stream.unacked:  # what it sent and we did not forward frees the connection window
+            self._acknowledge(stream.id, stream.unacked)
+            stream.unacked = 0
+        if not stream.responded and not stream.reset:
+            self._reset(stream.id, _CANCEL)  # cancelled (the connection ends), or a bug
+        self._wake_writer.set()
+        self._log_stream(stream, problem)
 
     async def _end_badly(self, stream: _Stream, ending: HttpRefusal | Cut) -> str:
         """A refusal answered on the stream, or RST_STREAM for a cut; the problem, for the
@@ -568,7 +658,9 @@ class Http2Connection:
         deadline = now + stream.bounds[wait]
         current = stream.deadline
         if deadline < current or deadline - current > DEADLINE_SLACK:
-            stream.scope.deadline = stream.deadline = deadline
+            scope = stream.scope
+            assert scope is not None  # a stream waits only once started
+            scope.deadline = stream.deadline = deadline
         return now
 
     def _log_stream(self, stream: _Stream, ended: str | None) -> None:
