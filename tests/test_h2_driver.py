@@ -360,18 +360,19 @@ async def test_a_deadline_that_comes_as_a_stream_ends_ends_its_task_not_the_next
     assert client.record.ended == [(b"/wait", 200, None), (b"/", 200, None)]
 
 
-async def test_a_task_waits_for_its_next_stream_past_the_bounds_of_its_last_streams_waits(
+async def test_a_task_waits_for_its_next_stream_until_its_last_streams_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Its scope has no deadline while it waits (the idle connection's own bound is the
-    reader's: keepalive_timeout, longer here)."""
-    assert LIMITS.keepalive_timeout > SHORT * 3
+    """It waits with the deadline its scope kept from the last stream's last wait (within
+    send_timeout here: an answer sent); then it ends, and the next stream gets a new task."""
     async with connection() as client:
         client.start()
         await client.send()
         await client.until_ended(1)
-        await trio.sleep(SHORT * 3)
+        await trio.sleep(SHORT / 2)
         assert client.stream_tasks() == 1
+        await trio.sleep(SHORT)
+        assert client.stream_tasks() == 0
         client.start()
         await client.send()
         await client.until_ended(2)

@@ -224,7 +224,7 @@ class _Stream:
 
 class _IdleTask:
     """A stream task waiting for its next stream (Http2Connection._stream_task), in its
-    cancel scope (with no deadline), which the stream it is given is served in."""
+    cancel scope, which the stream it is given is served in (its deadline mirrored)."""
 
     __slots__ = ("_given", "_scope", "_stream")
 
@@ -240,7 +240,7 @@ class _IdleTask:
 
     def give(self, stream: _Stream) -> None:
         stream.scope = self._scope
-        stream.deadline = math.inf
+        stream.deadline = self._scope.deadline
         self._stream = stream
         self._given.set()
 
@@ -479,6 +479,10 @@ class Http2Connection:
             self._log_stream(stream, _CLIENT_RESET)
         elif (idle := self._idle_task()) is not None:
             idle.give(stream)
+            # The deadline its task's scope kept from the last stream's last wait (if still
+            # near enough) bounds its first: the connection's settings until its own are read.
+            stream.bounds = self._bounds
+            self._bound(stream, Wait.UPSTREAM_SEND)
         else:
             stream.scope = trio.CancelScope()
             self._nursery.start_soon(self._stream_task, stream)
@@ -573,15 +577,14 @@ class Http2Connection:
                     current = None
                     if self._goaway or len(self._idle_tasks) >= IDLE_STREAM_TASKS:
                         return
-                    # No deadline while it waits: then only the reset of a stream handed to
-                    # it cancels the scope, and that stream is served (and its reset seen).
-                    scope.deadline = math.inf
+                    # It waits with the deadline of the last stream's last wait (moving it
+                    # would cost more than the wait): when that comes first, the task ends.
                     idle = _IdleTask(scope)
                     self._idle_tasks.append(idle)
                     current = await idle.wait_stream()
             # The scope was cancelled for `current` (its reset, or its wait's deadline); or,
-            # with `current` None, for the stream it served last, the deadline of whose wait
-            # came after that wait was over: the task ends (its _IdleTask is not usable).
+            # with `current` None, by the deadline it kept while it waited for a stream: the
+            # task ends (its _IdleTask is not usable).
             if current is not None:
                 await self._serve_cancelled(current)
                 current = None
