@@ -380,7 +380,7 @@ _VALUES: Final = [
     b"API.example.com:443", b"5", b"0", b"100-continue", b"trailers", b"a=1", b"v a l",
     b"caf\xe9", b"\r", b"\n", b"\x00", b"\x7f", b"\x0b", b"\r\n", b"x\ny", b" x", b"x ",
 ]  # fmt: skip
-_BASE_START: Final = st.sampled_from([BASE, BASE[:3], [BASE[0], *BASE[2:]], []])
+_BASE_START: Final = st.permutations(BASE) | st.sampled_from([BASE[:3], [BASE[0], *BASE[2:]], []])
 _field_lists = st.tuples(
     _BASE_START,
     st.lists(

@@ -36,8 +36,8 @@ from what the driver knows of the body: a Content-Length field, else the body's 
 the stream ended before the exchange started (a request in one read: the upstream gets a
 Content-Length), else a chunked body for the upstream.
 
-The fields are read one by one, in order, as the list above says. The usual request
-(pseudo-headers, then fields that go on as they are) is checked instead with whole-list
+The fields are read one by one, in order, as the list above says. The usual request (its
+four pseudo-headers, then fields that go on as they are) is checked instead with whole-list
 operations and does not go through that loop (`_fields_checked_whole`: what it cannot vouch
 for is read one by one, which names the first problem); test_h2fields.py holds the two to the
 same result on generated field lists (docs/performance.md has the figures).
@@ -45,6 +45,7 @@ same result on generated field lists (docs/performance.md has the figures).
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Sequence
 from http import HTTPStatus
@@ -78,6 +79,8 @@ _TOKEN_DELETE: Final = REQUEST_NAME_CHARS + b"_"
 # A control character other than HT and LF (fields.CONTROL without LF: the whole-list check
 # joins the values with LF, and counts them).
 _CONTROL_BUT_LF: Final = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
+_NAME: Final = operator.itemgetter(0)
+_VALUE: Final = operator.itemgetter(1)
 # The regular fields the one-by-one reading sorts out (or refuses).
 _SORTED_OUT: Final = CONNECTION_SPECIFIC | {b"te", b"cookie", b"host", b"content-length", b"expect"}
 _BAD_REQUEST: Final = HTTPStatus.BAD_REQUEST.value
@@ -89,18 +92,19 @@ def stream_request_head(
     """The RequestHead of an HTTP/2 request with these decoded `fields` (pseudo-headers first);
     `body_length`: the whole body's length when the stream already ended, else None. Raises
     HttpRefusal (the client's fault) for every rule in the module docstring."""
-    pseudo = _fields_checked_whole(fields)
+    checked = _fields_checked_whole(fields)
     hosts: list[bytes] = []
     lengths: list[bytes] = []
     expect: list[bytes] = []
-    if pseudo is not None and _SORTED_OUT.isdisjoint([name for name, _ in fields]):
+    if checked is not None and checked[1]:
         # Pseudo-headers, then regular fields that go on as they are.
-        headers = list(fields[len(pseudo) :])
+        pseudo = checked[0]
+        headers = list(fields[4:])
         if len(headers) > limits.max_header_count:
             raise _too_many_fields(limits)
     else:  # a field to sort out (Host, Cookie, Content-Length, ...), or to refuse
         pseudo, headers, hosts, lengths, expect = _fields_read_one_by_one(
-            fields, limits, checked=pseudo is not None
+            fields, limits, checked=checked is not None
         )
     method = pseudo.get(b":method")
     if not method:
@@ -134,28 +138,28 @@ def stream_request_head(
     )
 
 
-def _fields_checked_whole(fields: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes] | None:
-    """The usual request's pseudo-headers, when every field passes `_check_field` (checked
-    with whole-list operations: one translate for the names, one search and a few finds for
-    the values) and they come first, each known and once, as the one-by-one reading wants
-    them. None for anything else, which the one-by-one reading then refuses, naming the first
-    problem as it finds it (or accepts: a lone empty value)."""
-    pseudo: dict[bytes, bytes] = {}
-    for name, value in fields:  # bounded: h2 decoded at most SETTINGS_MAX_HEADER_LIST_SIZE
-        if name[:1] != b":":
-            break
-        if name not in _PSEUDO_HEADERS or name in pseudo:
-            return None
-        pseudo[name] = value
-    names = [name for name, _ in fields[len(pseudo) :]]
-    values = b"\n".join([value for _, value in fields])
+def _fields_checked_whole(
+    fields: Sequence[tuple[bytes, bytes]],
+) -> tuple[dict[bytes, bytes], bool] | None:
+    """The usual request's fields checked with whole-list operations (one translate for the
+    names, one search and a few finds for the values), as `_check_field` checks each: its
+    four pseudo-headers first, each once, then regular fields. (The pseudo-headers, whether
+    no regular field needs sorting out: Host, Cookie, Content-Length, Expect, TE, a
+    connection-specific one.) None for anything else, which the one-by-one reading then
+    refuses, naming the first problem as it finds it, or accepts (no :authority, a lone
+    empty value, ...)."""
+    pseudo = dict(fields[:4])
+    if pseudo.keys() != _PSEUDO_HEADERS:
+        return None
+    names = list(map(_NAME, fields[4:]))
+    values = b"\n".join(map(_VALUE, fields))
     if (
         not all(names)
         # An uppercase letter, "_", ":" (a pseudo-header among these), any non-token byte:
         or b"".join(names).translate(None, _NAME_DELETE)
         or _CONTROL_BUT_LF.search(values) is not None
         or values.count(b"\n") != len(fields) - 1  # an LF in a value
-        or values[:1] in OWS  # (b"" too: a lone empty value, which is fine, read one by one)
+        or values[:1] in OWS
         or values[-1:] in OWS
         or b"\n " in values
         or b" \n" in values
@@ -163,7 +167,7 @@ def _fields_checked_whole(fields: Sequence[tuple[bytes, bytes]]) -> dict[bytes, 
         or b"\t\n" in values
     ):
         return None
-    return pseudo
+    return pseudo, _SORTED_OUT.isdisjoint(names)
 
 
 def _fields_read_one_by_one(
