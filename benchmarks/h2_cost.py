@@ -216,7 +216,12 @@ async def main(requests: int) -> float:
             client_stream, served = TcpStream(ours), TcpStream(theirs)
             tally = Tally()
             server = Http2Connection(
-                served, peer=PEER, settings=lambda: settings, limits=limits, drain=drain, tally=tally
+                served,
+                peer=PEER,
+                settings=lambda: settings,
+                limits=limits,
+                drain=drain,
+                tally=tally,
             )
             async with trio.open_nursery() as connection:
                 connection.start_soon(server.serve)
