@@ -34,6 +34,7 @@ from helpers.upstream_server import (
     Behaviour,
     UpstreamServer,
     closed_port,
+    in_turn,
     pattern_bytes,
     serve_upstream,
 )
@@ -367,6 +368,39 @@ async def test_an_upstream_that_fails_mid_body_resets_the_stream(
         assert reply.reset == h2.errors.ErrorCodes.INTERNAL_ERROR
         upstream.behaviour = Behaviour.ECHO
         again = await client.request("GET", "/after")  # the connection goes on
+    assert again.status == 200
+
+
+async def test_an_upstream_that_sends_no_head_gets_504_on_the_stream(
+    key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    upstream.behaviour = in_turn(Behaviour.HANG_BEFORE_HEAD, Behaviour.ECHO)
+    upstream.hang = 30
+    async with (
+        proxy(key, cafile, tmp_path, upstream, upstream_timeout=0.5) as p,
+        p.client() as client,
+    ):
+        reply = await client.request("GET", "/")
+        again = await client.request("GET", "/after")  # the connection goes on
+    assert reply.status == 504
+    assert bytes(reply.body) == b"504 Gateway Timeout\n"
+    assert again.status == 200
+    assert upstream.accepted == 2  # the hung upstream connection was not pooled
+
+
+async def test_an_upstream_that_stalls_mid_body_resets_the_stream(
+    key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    upstream.behaviour = in_turn(Behaviour.HANG_MID_BODY, Behaviour.ECHO)
+    upstream.hang = 30
+    async with (
+        proxy(key, cafile, tmp_path, upstream, upstream_timeout=0.5) as p,
+        p.client() as client,
+    ):
+        reply = await client.request("GET", "/")
+        again = await client.request("GET", "/after")
+    assert reply.status == 200
+    assert reply.reset == h2.errors.ErrorCodes.INTERNAL_ERROR
     assert again.status == 200
 
 

@@ -10,17 +10,23 @@ and the upstream side, its pool and the retry rule are HTTP/1.1's, unchanged.
 Tasks, all in the connection's nursery:
 
 - the **reader** (`serve` itself) reads the TLS stream, feeds h2, and handles its events:
-  a new stream gets a task (after every event of the same read is handled, so a request
-  that came whole starts with its whole body known); DATA go to their stream's buffer; a
-  reset cancels the stream's task; every frame that costs us work for nothing is charged to
-  the `h2limits.FloodGuard`, whose verdict ends the connection with GOAWAY
+  a new stream goes to a stream task (after every event of the same read is handled, so a
+  request that came whole starts with its whole body known); DATA go to their stream's
+  buffer; a reset cancels the stream's scope; every frame that costs us work for nothing is
+  charged to the `h2limits.FloodGuard`, whose verdict ends the connection with GOAWAY
   ENHANCE_YOUR_CALM. It never waits on a send: what h2 queued is handed to the writer.
 - the **writer** sends what h2 queued, in order, each send within send_timeout (a client
   that does not read at all for that long loses the connection: its streams could not go
   on anyway). Only the writer sends, so a stream's cancellation never cuts a TLS record.
-- one **stream task** per request, the exchange's driver: route, relay (request body from
-  the stream's buffer, response body into DATA frames as flow control allows) or answer
-  locally, or refuse. It waits for the writer to drain what it queued before queuing more.
+- a **stream task** per stream in flight, the exchange's driver: route, relay (request body
+  from the stream's buffer, response body into DATA frames as flow control allows) or
+  answer locally, or refuse. It waits for the writer to drain what it queued before queuing
+  more; once its whole response is queued the stream ends at once, unless our output is
+  backed up (the writer is in a send it had to wait for) or the connection is ending
+  (`_hand_over`). The task then waits for the connection's next stream, in the same cancel
+  scope (a task started and a scope entered per stream cost more than the stream's waits);
+  a stream whose scope is cancelled (its reset, an expired wait) ends its task with it, and
+  at most IDLE_STREAM_TASKS tasks wait (`_stream_task`).
 
 Bounded buffers. A request body is taken from the client no faster than the stream task
 hands it to the upstream: we acknowledge DATA (WINDOW_UPDATE) only once forwarded, so a
@@ -31,9 +37,11 @@ RST_STREAM after send_timeout), not the connection, and the upstream connection 
 further than one receive ahead.
 
 Waits, as `exchange.Wait` says: each wait of a stream is bounded by its setting and an
-expiry means what `exchange.expired` says (408, 504, a cut: RST_STREAM). The connection
-waits for its first stream for request_header_timeout, between streams for
-keepalive_timeout, then says GOAWAY and closes.
+expiry means what `exchange.expired` says (408, 504, a cut: RST_STREAM). A stream is served
+in one cancel scope (its task's), which the client's reset cancels and whose deadline each
+wait moves to its own bound (`_bound`, lazily, as relay.py does per connection: a scope per
+wait costs more than the rest of the wait). The connection waits for its first stream for
+request_header_timeout, between streams for keepalive_timeout, then says GOAWAY and closes.
 
 Ending. GOAWAY (NO_ERROR, the last stream we took) on the drain, after
 limits.keepalive_requests streams and when idle: streams in flight finish, new ones are
@@ -72,12 +80,14 @@ from dualproxy.http.exchange import (
     Wait,
     expired,
     refusal_response,
+    wait_bounds,
 )
 from dualproxy.http.h2fields import stream_request_head
 from dualproxy.http.h2limits import FloodGuard
 from dualproxy.http.heads import HeadLimits, ResponseHead
 from dualproxy.http.lifecycle import Drain
 from dualproxy.http.local import Endpoint, LocalRequest, LocalRoutes
+from dualproxy.http.relay import DEADLINE_SLACK
 from dualproxy.http.rewrite import ClientPeer, ForwardingRules, client_response_headers
 from dualproxy.http.upstream import UpstreamConnection, UpstreamPool
 from dualproxy.tls.streams import RECEIVE_SIZE
@@ -90,6 +100,7 @@ __all__ = [
     "ALPN_H2",
     "CONNECTION_WINDOW",
     "GOAWAY_SEND_TIMEOUT",
+    "IDLE_STREAM_TASKS",
     "STREAM_WINDOW",
     "Http2Connection",
     "LocalOnly",
@@ -106,6 +117,11 @@ STREAM_WINDOW: Final = 64 * 1024
 CONNECTION_WINDOW: Final = 1024 * 1024
 # The window the protocol starts a connection with, before our WINDOW_UPDATE (RFC 9113 §6.9.2).
 _PROTOCOL_WINDOW: Final = 65535
+# Stream tasks that wait for the connection's next stream once theirs ended, rather than end:
+# handing a stream to a waiting task costs about half of starting one (docs/performance.md).
+# A waiting task holds a few KiB; 16 cover the streams an app or a browser has in flight at
+# once on a connection (and h2load's -m10), and bound what an idle connection keeps.
+IDLE_STREAM_TASKS: Final = 16
 # How long we try to get a GOAWAY out before closing a connection we end (a client that does
 # not read may not hold the close up): the server's close_notify wait, as closing.py's.
 GOAWAY_SEND_TIMEOUT: Final = 1.0
@@ -126,10 +142,11 @@ class LocalOnly:
     """Exchange settings that answer every request locally (`routes`): how a server without an
     upstream (the placeholder) serves HTTP/2 streams."""
 
-    __slots__ = ("head_limits", "limits", "local", "rules")
+    __slots__ = ("bounds", "head_limits", "limits", "local", "rules")
 
     def __init__(self, limits: Limits, routes: LocalRoutes) -> None:
         self.limits = limits
+        self.bounds = wait_bounds(limits)
         self.head_limits = HeadLimits.from_limits(limits)
         self.local: LocalRoutes | None = routes
         self.rules = ForwardingRules(b"", "rewrite", (), ())
@@ -140,6 +157,8 @@ class StreamSettings(Protocol):
 
     @property
     def limits(self) -> Limits: ...
+    @property
+    def bounds(self) -> tuple[float, ...]: ...
     @property
     def head_limits(self) -> HeadLimits: ...
     @property
@@ -152,12 +171,15 @@ class _Stream:
     """One request stream as the connection sees it."""
 
     __slots__ = (
+        "bounds",
         "bytes_out",
         "data",
+        "deadline",
         "ended",
         "exchange",
         "fields",
         "id",
+        "limits",
         "opened",
         "reset",
         "responded",
@@ -165,6 +187,7 @@ class _Stream:
         "status",
         "unacked",
         "upstream_seconds",
+        "wait",
         "wake",
         "window",
     )
@@ -185,9 +208,45 @@ class _Stream:
         self.reset = False  # the client reset it
         self.responded = False  # our response ended (END_STREAM sent)
         self.exchange: Exchange | None = None
-        self.scope = trio.CancelScope()
+        # The cancel scope it is served in (its task's, once it has one): a reset cancels it,
+        # and `_bound` moves its deadline to each wait's own and records which wait it is
+        # (`wait`), so that an expiry is answered as that wait's (exchange.expired), as
+        # relay.py does per connection.
+        self.scope: trio.CancelScope | None = None
+        self.deadline = math.inf  # the scope's, mirrored
+        self.wait = Wait.UPSTREAM_SEND
+        self.limits: Limits | None = None  # what the stream is served with, once it started
+        self.bounds: tuple[float, ...] = ()  # their wait_bounds
         self.wake: trio.Event | None = None  # set when body bytes or the end arrive
         self.window: trio.Event | None = None  # set when its send window may have opened
+
+
+class _IdleTask:
+    """A stream task waiting for its next stream (Http2Connection._stream_task), in its
+    cancel scope, which the stream it is given is served in (its deadline mirrored)."""
+
+    __slots__ = ("_given", "_scope", "_stream")
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self._scope = scope
+        self._given = trio.Event()
+        self._stream: _Stream | None = None
+
+    @property
+    def usable(self) -> bool:
+        """False once its scope was cancelled: the task ends instead of taking a stream."""
+        return not self._scope.cancel_called
+
+    def give(self, stream: _Stream) -> None:
+        stream.scope = self._scope
+        stream.deadline = self._scope.deadline
+        self._stream = stream
+        self._given.set()
+
+    async def wait_stream(self) -> _Stream:
+        await self._given.wait()
+        assert self._stream is not None
+        return self._stream
 
 
 class _StreamCut(Exception):
@@ -219,6 +278,7 @@ class Http2Connection:
         self._stream = stream
         self._settings = settings
         self._limits = limits
+        self._bounds = wait_bounds(limits)  # for streams served without settings
         self._drain = drain
         self._tally = tally
         self._client = ClientSide(
@@ -249,6 +309,7 @@ class Http2Connection:
         # the HPACK bomb is bounded while decoding (h2 raises, GOAWAY ENHANCE_YOUR_CALM).
         self._h2.decoder.max_header_list_size = limits.max_header_bytes
         self._streams: dict[int, _Stream] = {}  # those with a task running
+        self._idle_tasks: list[_IdleTask] = []  # stream tasks waiting for their next stream
         self._started = 0  # streams taken (their tasks started)
         self._last_taken = 0  # the highest stream ID taken
         self._goaway = False  # our graceful GOAWAY went (or is queued): no new streams
@@ -256,6 +317,7 @@ class Http2Connection:
         self._raw_out = bytearray()  # frames we wrote ourselves (the graceful GOAWAY)
         self._wake_writer = trio.Event()
         self._drained = trio.Event()
+        self._writing = False  # the writer is in a send (our output is backed up)
         self._nursery: trio.Nursery | None = None
         self._read_scope = trio.CancelScope()  # the reader's current wait
         self._reading = False  # the reader waits in it (registered with the drain)
@@ -371,7 +433,8 @@ class Http2Connection:
             if reset is None or reset.responded:
                 return None
             reset.reset = True
-            reset.scope.cancel()
+            if reset.scope is not None:  # else it has not started: it will not (_start_stream)
+                reset.scope.cancel()
             return guard.charge_reset(self._now())
         if isinstance(event, h2.events.PingReceived):
             return guard.charge_owed()
@@ -413,10 +476,26 @@ class Http2Connection:
             del self._streams[stream.id]
             self._stream_gone()
             self._log_stream(stream, _CLIENT_RESET)
+        elif (idle := self._idle_task()) is not None:
+            idle.give(stream)
+            # The deadline its task's scope kept from the last stream's last wait (if still
+            # near enough) bounds its first: the connection's settings until its own are read.
+            stream.bounds = self._bounds
+            self._bound(stream, Wait.UPSTREAM_SEND)
         else:
-            self._nursery.start_soon(self._serve_stream, stream)
+            stream.scope = trio.CancelScope()
+            self._nursery.start_soon(self._stream_task, stream)
         if self._started >= self._limits.keepalive_requests:
             self._say_goaway()  # as an HTTP/1.1 connection's last request says close
+
+    def _idle_task(self) -> _IdleTask | None:
+        """A stream task waiting for a stream, if one is (not one whose scope was cancelled
+        meanwhile, which ends: see _stream_task)."""
+        while self._idle_tasks:  # bounded: IDLE_STREAM_TASKS
+            idle = self._idle_tasks.pop()
+            if idle.usable:
+                return idle
+        return None
 
     def _say_goaway(self) -> None:
         """Queue our graceful GOAWAY (once): streams up to the last one taken finish."""
@@ -456,11 +535,14 @@ class Http2Connection:
                 if not data:
                     break
                 with trio.move_on_after(send_timeout) as sending:
+                    self._writing = True
                     try:
                         await stream.send_all(data)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         self._closing = self._closing or "client closed the connection"
                         sending.cancel()
+                    finally:
+                        self._writing = False
                 if sending.cancelled_caught:
                     self._closing = self._closing or "client did not read for send_timeout"
                     assert self._nursery is not None
@@ -478,36 +560,110 @@ class Http2Connection:
 
     # --- one stream -------------------------------------------------------------------
 
-    async def _serve_stream(self, stream: _Stream) -> None:
-        """Drive one stream's exchange (the stream task); never raises but for the
-        connection's own end."""
-        problem: str | None = None
-        finished = False
+    async def _stream_task(self, stream: _Stream) -> None:
+        """Serve `stream`, then the streams the reader hands this task while it waits among
+        the idle ones (at most IDLE_STREAM_TASKS wait; the others end), all in one cancel
+        scope until it is cancelled for one of them (its reset, or the deadline of its wait),
+        which ends the task once that stream is answered: starting a task and entering a scope
+        per stream would cost more than the rest of its waits (docs/performance.md)."""
+        current: _Stream | None = stream
+        scope = stream.scope
+        assert scope is not None  # given with it
         try:
-            with stream.scope:
-                ending = await self._exchange(stream)
-                finished = True
-                if isinstance(ending, HttpRefusal):
-                    problem = f"{ending.status} {ending.problem}"
-                    await self._refuse(stream, ending)
-                elif isinstance(ending, Cut):
-                    problem = ending.problem
-                    self._tally.note(ending.problem)
-                    self._reset(
-                        stream.id, _INTERNAL_ERROR if ending.fault == "upstream" else _CANCEL
-                    )
+            with scope:
+                while current is not None:  # bounded: limits.keepalive_requests in all
+                    await self._serve_stream(current)
+                    current = None
+                    if self._goaway or len(self._idle_tasks) >= IDLE_STREAM_TASKS:
+                        return
+                    # It waits with the deadline of the last stream's last wait (moving it
+                    # would cost more than the wait): when that comes first, the task ends.
+                    idle = _IdleTask(scope)
+                    self._idle_tasks.append(idle)
+                    current = await idle.wait_stream()
+            # The scope was cancelled for `current` (its reset, or its wait's deadline); or,
+            # with `current` None, by the deadline it kept while it waited for a stream: the
+            # task ends (its _IdleTask is not usable).
+            if current is not None:
+                await self._serve_cancelled(current)
+                current = None
         finally:
-            del self._streams[stream.id]
-            self._stream_gone()
-            if stream.unacked:  # what it sent and we did not forward frees the connection window
-                self._acknowledge(stream.id, stream.unacked)
-                stream.unacked = 0
-            if not stream.responded and not stream.reset:
-                self._reset(stream.id, _CANCEL)  # cancelled (the connection ends), or a bug
-            if not finished:
-                problem = _CLIENT_RESET if stream.reset else "the connection ended first"
-            self._wake_writer.set()
-            self._log_stream(stream, problem)
+            if current is not None:  # the connection ends: its nursery was cancelled
+                self._stream_over(
+                    current, _CLIENT_RESET if current.reset else "the connection ended first"
+                )
+
+    async def _serve_stream(self, stream: _Stream) -> None:
+        """Drive one stream's exchange in its task's cancel scope; a cancellation of the
+        scope goes to the task (`_serve_cancelled`)."""
+        ending = await self._exchange(stream)
+        problem = None
+        if ending is not None and not stream.reset:
+            problem = await self._end_badly(stream, ending)
+        self._stream_over(stream, problem)
+
+    async def _serve_cancelled(self, stream: _Stream) -> None:
+        """The stream's scope was cancelled: by its reset (nothing to answer), or by the
+        deadline of the wait it was in (what that means, answered: `_expired`)."""
+        problem = _CLIENT_RESET
+        if not stream.reset:
+            problem = await self._end_badly(stream, self._expired(stream))
+        self._stream_over(stream, problem)
+
+    def _stream_over(self, stream: _Stream, problem: str | None) -> None:
+        """The stream's exchange is over (`problem`: why, when not well): it leaves, its
+        unforwarded body frees the connection window, a stream we did not end is reset, and
+        its line goes to the access log."""
+        del self._streams[stream.id]
+        self._stream_gone()
+        if stream.unacked:  # what it sent and we did not forward frees the connection window
+            self._acknowledge(stream.id, stream.unacked)
+            stream.unacked = 0
+        if not stream.responded and not stream.reset:
+            self._reset(stream.id, _CANCEL)  # cancelled (the connection ends), or a bug
+        self._wake_writer.set()
+        self._log_stream(stream, problem)
+
+    async def _end_badly(self, stream: _Stream, ending: HttpRefusal | Cut) -> str:
+        """A refusal answered on the stream, or RST_STREAM for a cut; the problem, for the
+        stream's log line."""
+        if isinstance(ending, Cut):
+            self._tally.note(ending.problem)
+            self._reset(stream.id, _INTERNAL_ERROR if ending.fault == "upstream" else _CANCEL)
+            return ending.problem
+        # In a scope of its own (the exchange's may have expired), which a reset cancels too;
+        # a client that does not take the answer within send_timeout gets RST_STREAM instead
+        # (the stream task's end, since the answer did not end the stream).
+        scope = stream.scope = trio.CancelScope()
+        stream.deadline = math.inf
+        with scope, contextlib.suppress(_StreamCut):  # the stream closed meanwhile
+            await self._refuse(stream, ending)
+        return f"{ending.status} {ending.problem}"
+
+    def _expired(self, stream: _Stream) -> HttpRefusal | Cut:
+        """What it means that the stream's scope ended on its deadline, by the wait it was in:
+        exchange.expired's answer, a cut once the response started."""
+        assert stream.limits is not None  # bounds are set once limits are
+        ending = expired(stream.wait, stream.limits)
+        assert ending is not None  # a stream's waits are never a connection's idle ones
+        exchange = stream.exchange
+        if isinstance(ending, HttpRefusal) and exchange is not None and exchange.response_started:
+            return Cut(ending.problem, ending.fault)
+        return ending
+
+    def _bound(self, stream: _Stream, wait: Wait) -> float:
+        """Bound `wait`, about to start, by its timeout from now, moving the stream scope's
+        deadline (not pushed back by less than DEADLINE_SLACK: relay.py's `_bound`); the
+        time it read."""
+        stream.wait = wait
+        now = self._now()
+        deadline = now + stream.bounds[wait]
+        current = stream.deadline
+        if deadline < current or deadline - current > DEADLINE_SLACK:
+            scope = stream.scope
+            assert scope is not None  # a stream waits only once started
+            scope.deadline = stream.deadline = deadline
+        return now
 
     def _log_stream(self, stream: _Stream, ended: str | None) -> None:
         """The stream's exchange is over: its line for the access log (through the Tally)."""
@@ -545,14 +701,21 @@ class Http2Connection:
                     self._drain.enter_idle(scope, reclaimable=True)
 
     async def _exchange(self, stream: _Stream) -> HttpRefusal | Cut | None:
-        """The stream's request and its response; how it ended, when not well."""
+        """The stream's request and its response; how it ended, when not well (an expired
+        wait ends it by cancelling its scope: `_expired`)."""
         exchange = None
         try:
             current = self._settings()
-            limits = current.limits if current is not None else self._limits
-            head_limits = (
-                current.head_limits if current is not None else HeadLimits.from_limits(limits)
-            )
+            if current is not None:
+                limits, stream.bounds, head_limits = (
+                    current.limits,
+                    current.bounds,
+                    current.head_limits,
+                )
+            else:
+                limits, stream.bounds = self._limits, self._bounds
+                head_limits = HeadLimits.from_limits(limits)
+            stream.limits = limits
             head = stream_request_head(
                 stream.fields, head_limits, body_length=len(stream.data) if stream.ended else None
             )
@@ -560,12 +723,12 @@ class Http2Connection:
             exchange = stream.exchange = Exchange(head, self._client, 1)
             endpoint = exchange.route(current)
             if endpoint is not None:
-                await self._answer_locally(stream, exchange, endpoint, limits)
+                await self._answer_locally(stream, exchange, endpoint)
                 return None
             pool = getattr(current, "pool", None)
             assert current is not None  # route refused the request otherwise
             assert pool is not None  # LocalOnly answers every request locally
-            return await self._relay(stream, exchange, current, pool)
+            return await self._relay(stream, exchange, pool)
         except HttpRefusal as refusal:
             if exchange is not None and exchange.response_started:
                 return Cut(refusal.problem, refusal.fault)
@@ -586,23 +749,21 @@ class Http2Connection:
         stream.unacked = 0
         return piece
 
-    async def _wait_body(self, stream: _Stream, limits: Limits) -> None:
+    async def _wait_body(self, stream: _Stream) -> None:
         """Until more of the body, or its end, arrived: 408 after body_timeout."""
         if stream.data or stream.ended:  # it came while we sent the previous piece upstream
             return
         stream.wake = wake = trio.Event()
-        with trio.move_on_after(limits.body_timeout) as waiting:
-            await wake.wait()
-        if waiting.cancelled_caught:
-            raise _expiry(Wait.CLIENT_BODY, limits)
+        self._bound(stream, Wait.CLIENT_BODY)
+        await wake.wait()
 
     async def _continue(self, stream: _Stream, exchange: Exchange) -> None:
         """100 Continue, when asked for, before the body is read (RFC 9110 §10.1.1)."""
         if exchange.continue_first and not stream.ended:
             self._send_headers(stream, _CONTINUE_HEADERS, end=False)
-            await self._wait_drained()
+            await self._wait_sent(stream)
 
-    async def _read_body(self, stream: _Stream, exchange: Exchange, limits: Limits) -> bytes:
+    async def _read_body(self, stream: _Stream, exchange: Exchange) -> bytes:
         await self._continue(stream, exchange)
         content = bytearray()
         while True:  # bounded: the exchange's cap, and body_timeout for each wait
@@ -612,38 +773,33 @@ class Http2Connection:
                 exchange.request_end()
                 return bytes(content)
             else:
-                await self._wait_body(stream, limits)
+                await self._wait_body(stream)
 
     async def _relay(
-        self, stream: _Stream, exchange: Exchange, settings: StreamSettings, pool: UpstreamPool
+        self, stream: _Stream, exchange: Exchange, pool: UpstreamPool
     ) -> HttpRefusal | Cut | None:
         """Relay one routed request and its response (relay.py's `_relay`, over a stream)."""
-        limits = settings.limits
         request = exchange.upstream_request()
         method = exchange.head.method
         for attempt in range(2):  # the second only for the stale-connection retry
             check = attempt > 0 or not exchange.replayable
+            now = self._bound(stream, Wait.UPSTREAM_SEND)
             try:
-                with trio.fail_after(limits.upstream_timeout):
-                    upstream = await pool.acquire(check=check)
-            except trio.TooSlowError:
-                raise _expiry(Wait.UPSTREAM_SEND, limits) from None
+                upstream = await pool.acquire(now, check=check)
             except HttpRefusal as failure:
                 return exchange.upstream_failed(failure)
             finished = False
             try:
                 early = None
                 if exchange.has_body:
-                    early = await self._forward_body(stream, upstream, request, exchange, limits)
+                    early = await self._forward_body(stream, upstream, request, exchange)
                 else:
-                    await upstream.send_request(request)
-                sent = self._now()
-                response = early or await upstream.receive_head(
-                    timeout=limits.upstream_timeout, request_method=method
-                )
+                    await upstream.send_request(request, bounded=False)
+                sent = self._bound(stream, Wait.UPSTREAM_HEAD)
+                response = early or await upstream.receive_head(timeout=None, request_method=method)
                 upstream_seconds = stream.upstream_seconds = self._now() - sent
                 self._tally.response_relayed(response.status, upstream_seconds)
-                ending = await self._respond(stream, upstream, response, exchange, limits)
+                ending = await self._respond(stream, upstream, response, exchange)
                 finished = ending is None
                 return ending
             except HttpRefusal as failure:
@@ -662,12 +818,7 @@ class Http2Connection:
         raise AssertionError("unreachable: the second attempt is never replayed")
 
     async def _forward_body(
-        self,
-        stream: _Stream,
-        upstream: UpstreamConnection,
-        request: bytes,
-        exchange: Exchange,
-        limits: Limits,
+        self, stream: _Stream, upstream: UpstreamConnection, request: bytes, exchange: Exchange
     ) -> ResponseHead | None:
         """Send the request head and stream the body after it; None once all of it went, or
         the upstream's early answer (relay.py's `_forward_body`)."""
@@ -683,23 +834,34 @@ class Http2Connection:
                 if stream.ended:
                     if end := exchange.request_end():
                         out.append(end)
-                    await _send_upstream(upstream, out, first)
+                    await self._send_upstream(stream, upstream, out, first)
                     return None
                 if out:
-                    await _send_upstream(upstream, out, first)
+                    await self._send_upstream(stream, upstream, out, first)
                     out, first = [], False
-                await self._wait_body(stream, limits)
+                await self._wait_body(stream)
         except HttpRefusal as failure:
             if failure.fault != "upstream":
                 raise
+            self._bound(stream, Wait.UPSTREAM_HEAD)
             try:
                 response = await upstream.receive_head(
-                    timeout=limits.upstream_timeout, request_method=exchange.head.method
+                    timeout=None, request_method=exchange.head.method
                 )
             except HttpRefusal:
                 raise failure from None
             self._tally.note(EARLY_ANSWER)
             return response
+
+    async def _send_upstream(
+        self, stream: _Stream, upstream: UpstreamConnection, out: list[bytes], first: bool
+    ) -> None:
+        self._bound(stream, Wait.UPSTREAM_SEND)
+        data = b"".join(out) if len(out) > 1 else out[0]
+        if first:
+            await upstream.send_request(data, bounded=False)
+        else:
+            await upstream.send(data, bounded=False)
 
     # --- the response -------------------------------------------------------------------
 
@@ -709,7 +871,6 @@ class Http2Connection:
         upstream: UpstreamConnection,
         response: ResponseHead,
         exchange: Exchange,
-        limits: Limits,
     ) -> Cut | None:
         """The upstream's response on the stream: HEADERS, then DATA as the windows allow."""
         status, _, _, fields, framing, _ = exchange.respond(response, draining=False)
@@ -731,22 +892,23 @@ class Http2Connection:
                 ):  # bounded: the upstream's framing, upstream_timeout per read
                     if piece is None:
                         if held is not None:
-                            await self._send_data(stream, held, limits)
+                            await self._send_data(stream, held)
                             held = None
-                        await self._wait_drained()
-                        piece = await upstream.receive_body(timeout=limits.upstream_timeout)
+                        await self._wait_sent(stream)
+                        self._bound(stream, Wait.UPSTREAM_BODY)
+                        piece = await upstream.receive_body(timeout=None)
                         continue
                     assert isinstance(piece, bytes)
                     if piece and not no_body:
                         if held is not None:
-                            await self._send_data(stream, held, limits)
+                            await self._send_data(stream, held)
                         held = piece
                     piece = upstream.buffered_body()
                 if held is not None:
-                    await self._send_data(stream, held, limits, end=True)
+                    await self._send_data(stream, held, end=True)
                 else:
                     self._end_stream(stream)
-            await self._wait_drained()
+            await self._hand_over(stream)
         except HttpRefusal as failure:
             ending = exchange.upstream_failed(failure)
             assert isinstance(ending, Cut)
@@ -754,23 +916,22 @@ class Http2Connection:
         return None
 
     async def _answer_locally(
-        self, stream: _Stream, exchange: Exchange, endpoint: Endpoint, limits: Limits
+        self, stream: _Stream, exchange: Exchange, endpoint: Endpoint
     ) -> None:
         content = b""
         if exchange.has_body:
-            content = await self._read_body(stream, exchange, limits)
+            content = await self._read_body(stream, exchange)
         head = exchange.head
         peer = self._client.peer
         request = LocalRequest(
             head.method, head.target, head.headers, peer.address if peer else None, content
         )
-        with trio.move_on_after(limits.send_timeout) as answering:
-            answer = await endpoint.answer(request)
-        if answering.cancelled_caught:
-            raise _expiry(Wait.CLIENT_SEND, limits)
+        # Bounded like a send: the endpoint may write to disk in a worker thread.
+        self._bound(stream, Wait.CLIENT_SEND)
+        answer = await endpoint.answer(request)
         self._tally.response_generated(answer.status)
         start, body = exchange.answer_locally(answer, draining=False)
-        await self._send_whole(stream, start, body, limits)
+        await self._send_whole(stream, start, body)
 
     async def _refuse(self, stream: _Stream, refusal: HttpRefusal) -> None:
         """Answer `refusal` on the stream (its response had not started); a body the client
@@ -782,21 +943,19 @@ class Http2Connection:
         start, body = refusal_response(
             refusal, head_only=head_only, upstream_detail=self._client.upstream_detail
         )
-        await self._send_whole(stream, start, body, self._limits)
+        await self._send_whole(stream, start, body)
         if not stream.ended:
             self._reset(stream.id, _NO_ERROR)
 
-    async def _send_whole(
-        self, stream: _Stream, start: ResponseStart, body: bytes, limits: Limits
-    ) -> None:
+    async def _send_whole(self, stream: _Stream, start: ResponseStart, body: bytes) -> None:
         status, _, _, fields, _, _ = start
         stream.status = status
         headers = [(b":status", b"%d" % status)]
         headers += [field for field in fields if field[0] not in _NOT_IN_H2]
         self._send_headers(stream, headers, end=not body)
         if body:
-            await self._send_data(stream, body, limits, end=True)
-        await self._wait_drained()
+            await self._send_data(stream, body, end=True)
+        await self._hand_over(stream)
 
     # --- frames out -----------------------------------------------------------------------
 
@@ -817,9 +976,7 @@ class Http2Connection:
             raise _StreamCut(Cut(f"stream closed: {exc}", "client")) from None
         stream.responded = True
 
-    async def _send_data(
-        self, stream: _Stream, data: bytes, limits: Limits, *, end: bool = False
-    ) -> None:
+    async def _send_data(self, stream: _Stream, data: bytes, *, end: bool = False) -> None:
         """Queue `data` as DATA frames as the windows allow, waiting for the writer between
         frames; a window that stays shut for send_timeout cuts the stream. `end`: the last
         frame ends the stream."""
@@ -831,10 +988,8 @@ class Http2Connection:
                 raise _StreamCut(Cut(f"stream closed: {exc}", "client")) from None
             if window <= 0:
                 stream.window = opened = trio.Event()
-                with trio.move_on_after(limits.send_timeout) as waiting:
-                    await opened.wait()
-                if waiting.cancelled_caught:
-                    raise _expiry(Wait.CLIENT_SEND, limits)
+                self._bound(stream, Wait.CLIENT_SEND)
+                await opened.wait()
                 continue
             size = min(window, h2conn.max_outbound_frame_size, len(data))
             last = end and size == len(data)
@@ -847,7 +1002,24 @@ class Http2Connection:
             stream.responded = last
             data = data[size:]
             if data:
-                await self._wait_drained()
+                await self._wait_sent(stream)
+
+    async def _wait_sent(self, stream: _Stream) -> None:
+        """Hand what is queued to the writer and wait until it went (the writer's own
+        send_timeout bounds it; the stream's deadline says so too)."""
+        self._bound(stream, Wait.CLIENT_SEND)
+        await self._wait_drained()
+
+    async def _hand_over(self, stream: _Stream) -> None:
+        """The stream's response is queued whole: the writer sends it. The stream waits for
+        that only while our output is backed up (the writer is in a send it had to wait for:
+        a client that does not read then holds every stream that ends, which keeps what is
+        queued within a frame and a head per stream allowed at once) or the connection is
+        ending (GOAWAY: its last responses get send_timeout, not GOAWAY_SEND_TIMEOUT)."""
+        if self._writing or self._goaway:
+            await self._wait_sent(stream)
+        else:
+            self._wake_writer.set()
 
     def _reset(self, stream_id: int, code: h2.errors.ErrorCodes) -> None:
         with contextlib.suppress(h2.exceptions.ProtocolError):  # closed already: nothing to do
@@ -857,23 +1029,6 @@ class Http2Connection:
     def _acknowledge(self, stream_id: int, length: int) -> None:
         with contextlib.suppress(h2.exceptions.ProtocolError):  # the connection is closing
             self._h2.acknowledge_received_data(length, stream_id)
-
-
-async def _send_upstream(upstream: UpstreamConnection, out: list[bytes], first: bool) -> None:
-    data = b"".join(out) if len(out) > 1 else out[0]
-    if first:
-        await upstream.send_request(data)
-    else:
-        await upstream.send(data)
-
-
-def _expiry(wait: Wait, limits: Limits) -> HttpRefusal | _StreamCut:
-    """What `wait` running out means, as an exception to raise."""
-    ending = expired(wait, limits)
-    if isinstance(ending, HttpRefusal):
-        return ending
-    assert ending is not None
-    return _StreamCut(ending)
 
 
 def _set(event: trio.Event | None) -> None:
