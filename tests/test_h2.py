@@ -13,7 +13,7 @@ import logging
 import shutil
 import ssl
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +110,18 @@ async def well_behaved(other: H2Client) -> None:
     reply = await other.request("GET", "/still-fine")
     assert reply.status == 200
     assert echo(reply.body)["target"] == "/still-fine"
+
+
+async def calmed(proxied: Proxy, abuse: Callable[[H2Client], Awaitable[None]]) -> None:
+    """`abuse` on one connection ends it with GOAWAY ENHANCE_YOUR_CALM, and a second
+    connection, open all along, still gets its answer (well_behaved)."""
+    async with proxied.client() as bystander:
+        async with proxied.client() as client:
+            await abuse(client)
+            await client.until_closed()
+        assert client.goaway is not None
+        assert client.goaway.error_code == ENHANCE_YOUR_CALM
+        await well_behaved(bystander)
 
 
 # --- the happy path ------------------------------------------------------------------------
@@ -630,16 +642,14 @@ async def test_a_header_list_within_the_limit_passes(
 async def test_control_frames_unread_end_the_connection(
     key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer, flood: Any
 ) -> None:
-    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as bystander:
-        async with p.client() as client:
-            # Sent at once, more than we answer while our output does not drain.
-            await client.send_raw(
-                frames(*[flood() for _ in range(h2limits.MAX_OWED_CONTROL_FRAMES + 100)])
-            )
-            await client.until_closed()
-        assert client.goaway is not None
-        assert client.goaway.error_code == ENHANCE_YOUR_CALM
-        await well_behaved(bystander)
+    async def abuse(client: H2Client) -> None:
+        # Sent at once, more than we answer while our output does not drain.
+        await client.send_raw(
+            frames(*[flood() for _ in range(h2limits.MAX_OWED_CONTROL_FRAMES + 100)])
+        )
+
+    async with proxy(key, cafile, tmp_path, upstream) as p:
+        await calmed(p, abuse)
 
 
 async def test_pings_that_are_read_are_answered(
@@ -659,45 +669,39 @@ async def test_pings_that_are_read_are_answered(
 async def test_empty_data_frames_end_the_connection(
     key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
 ) -> None:
-    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as bystander:
-        async with p.client() as client:
-            stream_id = client.start_request("POST", "/", end=False)
-            await client.flush()
-            await client.send_raw(frames(*[DataFrame(stream_id, data=b"") for _ in range(10)]))
-            await client.until_closed()
-        assert client.goaway is not None
-        assert client.goaway.error_code == ENHANCE_YOUR_CALM
-        await well_behaved(bystander)
+    async def abuse(client: H2Client) -> None:
+        stream_id = client.start_request("POST", "/", end=False)
+        await client.flush()
+        await client.send_raw(frames(*[DataFrame(stream_id, data=b"") for _ in range(10)]))
+
+    async with proxy(key, cafile, tmp_path, upstream) as p:
+        await calmed(p, abuse)
 
 
 async def test_priority_flood_ends_the_connection(
     key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
 ) -> None:
-    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as bystander:
-        async with p.client() as client:
-            count = h2limits.PRIORITY_FRAMES_PER_STREAM * 2 + 10
-            await client.send_raw(
-                frames(*[PriorityFrame(1 + 2 * n, depends_on=0) for n in range(count)])
-            )
-            await client.until_closed()
-        assert client.goaway is not None
-        assert client.goaway.error_code == ENHANCE_YOUR_CALM
-        await well_behaved(bystander)
+    async def abuse(client: H2Client) -> None:
+        count = h2limits.PRIORITY_FRAMES_PER_STREAM * 2 + 10
+        await client.send_raw(
+            frames(*[PriorityFrame(1 + 2 * n, depends_on=0) for n in range(count)])
+        )
+
+    async with proxy(key, cafile, tmp_path, upstream) as p:
+        await calmed(p, abuse)
 
 
 async def test_window_update_trickle_ends_the_connection(
     key: KeyFiles, cafile: Path, tmp_path: Path, upstream: UpstreamServer
 ) -> None:
-    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as bystander:
-        async with p.client() as client:
-            count = h2limits.WINDOW_UPDATES_PER_DATA_FRAME * 2 + 10
-            await client.send_raw(
-                frames(*[WindowUpdateFrame(0, window_increment=1) for _ in range(count)])
-            )
-            await client.until_closed()
-        assert client.goaway is not None
-        assert client.goaway.error_code == ENHANCE_YOUR_CALM
-        await well_behaved(bystander)
+    async def abuse(client: H2Client) -> None:
+        count = h2limits.WINDOW_UPDATES_PER_DATA_FRAME * 2 + 10
+        await client.send_raw(
+            frames(*[WindowUpdateFrame(0, window_increment=1) for _ in range(count)])
+        )
+
+    async with proxy(key, cafile, tmp_path, upstream) as p:
+        await calmed(p, abuse)
 
 
 async def test_streams_beyond_the_advertised_limit_end_the_connection(
