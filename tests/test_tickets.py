@@ -31,6 +31,7 @@ from dualproxy.config.errors import OperatorError
 from dualproxy.config.loader import parse
 from dualproxy.config.schema import TICKET_KEY_ROTATION_RANGE, TlsSettings
 from dualproxy.tls.tickets import (
+    CLOCK_SKEW,
     ROTATION_MIN_SLEEP,
     TicketKey,
     TicketKeys,
@@ -511,22 +512,51 @@ def test_a_process_due_to_rotate_waits_for_the_key_file_and_adopts_what_it_holds
 ) -> None:
     """Processes sharing a key file (workers, replicas) starting or rotating at once: while
     one holds the file's lock, another waits, then adopts the key the first wrote instead of
-    making its own (which the first would not know)."""
+    making its own (which the first would not know), though that key was made after the
+    second began to wait (it once judged the key by the time it started waiting, found it
+    made in its future, and made its own: replicas started together then resumed nothing
+    of each other's)."""
     path, elsewhere = tmp_path / "ticket.keys", tmp_path / "elsewhere.keys"
-    first = TicketKeys(TlsSettings(ticket_key_file=elsewhere)).valid_keys()
     lock = os.open(tmp_path / "ticket.keys.lock", os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)  # as the process writing the file holds it
     adopted: list[tuple[TicketKey, ...]] = []
+    clock = FakeClock()  # START when the second starts waiting
     second = threading.Thread(
-        target=lambda: adopted.append(TicketKeys(TlsSettings(ticket_key_file=path)).valid_keys())
+        target=lambda: adopted.append(
+            TicketKeys(TlsSettings(ticket_key_file=path), clock=clock).valid_keys()
+        )
     )
     second.start()
     try:
         second.join(0.5)  # it waits for the lock (or, were there none, is done long before)
+        made = START + CLOCK_SKEW + 1  # the first makes its key while the second waits
+        first = TicketKeys(TlsSettings(ticket_key_file=elsewhere), clock=lambda: made)
+        first_keys = first.valid_keys()
+        clock.now = made
         path.write_bytes(elsewhere.read_bytes())
         path.chmod(0o600)
     finally:
         os.close(lock)
     second.join(CLIENT_TIMEOUT)
-    assert adopted == [first]
+    assert adopted == [first_keys]
     assert stat.S_IMODE((tmp_path / "ticket.keys.lock").stat().st_mode) == 0o600
+
+
+def test_replicas_whose_clocks_differ_adopt_each_other_s_keys(tmp_path: Path) -> None:
+    """Replicas on other machines share the key file: a key stamped by a clock up to
+    CLOCK_SKEW ahead of this one's is adopted (as made now, rotated on its own schedule),
+    one further ahead is not trusted."""
+    path = tmp_path / "ticket.keys"
+    settings = TlsSettings(ticket_key_rotation=ROTATION, ticket_key_file=path)
+    ahead = FakeClock()
+    ahead.now = START + CLOCK_SKEW
+    made_ahead = TicketKeys(settings, clock=ahead).valid_keys()
+    behind = FakeClock()
+    assert TicketKeys(settings, clock=behind).valid_keys() == made_ahead
+    # Further ahead than that: this replica makes its own key, and the file takes it.
+    path.unlink()
+    ahead.now = START + CLOCK_SKEW + 1
+    made_further = TicketKeys(settings, clock=ahead).valid_keys()
+    own = TicketKeys(settings, clock=behind).valid_keys()
+    assert [key.created for key in own] == [START]
+    assert not set(own) & set(made_further)

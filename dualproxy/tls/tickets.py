@@ -20,9 +20,11 @@ shorter still: OpenSSL's session timeout (7200 s, the lifetime hint it sends) en
 The key file (`[tls] ticket_key_file`, optional): the ring is read from it at start and
 written to it (atomically, mode 0600) at every rotation, so tickets survive a restart and
 processes that share the file share the keys: a process due to rotate first reads the file,
-under an flock on a `.lock` file beside it, and adopts a rotation another process made. A
-file others may read is refused, as a private key file is. The file and key bytes never reach
-a log or an error message.
+under an flock on a `.lock` file beside it, and adopts a rotation another process made. Keys
+carry the time they were made, by the clock of the process that made them: one up to
+`CLOCK_SKEW` in this machine's future counts as made now, so replicas whose clocks differ
+still agree. A file others may read is refused, as a private key file is. The file and key
+bytes never reach a log or an error message.
 
 How OpenSSL is reached. The stdlib `ssl` module has no ticket-key API. OpenSSL 3.0's
 `SSL_CTX_set_tlsext_ticket_key_evp_cb` installs a callback that names, encrypts and
@@ -90,6 +92,7 @@ from dualproxy.files import locked, write_atomically
 from dualproxy.tls.keystore import KeySnapshot, key_file_permission_problem
 
 __all__ = [
+    "CLOCK_SKEW",
     "ROTATION_MIN_SLEEP",
     "TICKET_KEY_FILE_MAX_BYTES",
     "TicketKey",
@@ -114,6 +117,12 @@ _KEY_FILE_VERSION: Final = 1
 # keep_rotating never sleeps less than this, in seconds: a clock that went back, or a sleep
 # that woke a moment early, must not turn it into a busy loop.
 ROTATION_MIN_SLEEP: Final = 1.0
+# Processes on other machines (replicas sharing the key file) stamp their keys with their own
+# clocks: a key made up to this many seconds in this machine's future is taken as made now,
+# not refused (refusing it, each replica would make a key of its own, and none would resume
+# the others' tickets). NTP keeps clocks milliseconds apart; a minute covers a host whose
+# sync lapsed. A key further ahead is ignored, as one past its window is.
+CLOCK_SKEW: Final = 60.0
 # A session-id context is at most 32 bytes (SSL_MAX_SID_CTX_LENGTH): a SHA-256 digest.
 _SID_CTX_LABEL: Final = b"dualproxy session-id context v1"
 # The TLS 1.3 ticket count set while checking a context pointer (any value Python would not
@@ -183,9 +192,8 @@ class TicketKeys:
             )
             self.enabled = False
             return
-        now = clock()
         if settings.ticket_key_file is None:
-            self._rotate(now)
+            self._rotate(clock())
             return
         # Its folder (a state folder a first start meets empty) made first, so that the lock
         # beside the file holds from the first start on; a folder that cannot be made is
@@ -193,6 +201,9 @@ class TicketKeys:
         with contextlib.suppress(OSError):
             settings.ticket_key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with locked(settings.ticket_key_file):
+            # The time once the lock is held: a key another process made while this one
+            # waited for the lock was made before it, not in its future.
+            now = clock()
             self._keys = self._read_file(settings.ticket_key_file, now)
             if not self._current_valid(now):
                 self._rotate(now)
@@ -236,6 +247,7 @@ class TicketKeys:
         # Another process sharing the file may have rotated already: adopt its keys. Under the
         # file's lock, so that processes due at the same moment make one new key, not one each.
         with locked(path):
+            now = max(now, self._clock())  # as in __init__: the time once the lock is held
             try:
                 self._keys = self._read_file(path, now)
             except OperatorError as exc:
@@ -247,9 +259,10 @@ class TicketKeys:
         return True
 
     def _current_valid(self, now: float) -> bool:
-        return bool(self._keys) and self._keys[0].created <= now < self._keys[0].created + (
-            self._rotation
-        )
+        if not self._keys:
+            return False
+        created = self._keys[0].created
+        return created - CLOCK_SKEW <= now < created + self._rotation
 
     def _rotate(self, now: float) -> None:
         self._keys.insert(0, TicketKey.generate(now))
@@ -268,7 +281,7 @@ class TicketKeys:
         self._keys = keep
 
     def _decrypts(self, key: TicketKey, now: float) -> bool:
-        return key.created <= now < key.created + 2 * self._rotation
+        return key.created - CLOCK_SKEW <= now < key.created + 2 * self._rotation
 
     # --- the key file --------------------------------------------------------------------
 
