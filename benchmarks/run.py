@@ -165,9 +165,14 @@ IDLE_CONNECTIONS: Final = 1000
 # both servers close a keep-alive connection idle for 60 s (dualproxy's keepalive_timeout,
 # nginx's in this script's config), so the first ones must still be open when it ends.
 IDLE_OPEN_TIMEOUT: Final = 40.0
-# After the last connection's response, before the "after" sample: the servers finish
-# writing (dualproxy's access line, nginx's buffered log) and settle.
+# Before the "before" sample: the server finishes writing its first connection's lines.
 IDLE_SETTLE_SECONDS: Final = 1.0
+# After the last connection's response, before the "after" sample: the servers finish
+# writing (dualproxy's access line, nginx's buffered log) and the connections are idle, as
+# the load means them: dualproxy parks a kept-alive connection (serve/parking.py) between 1
+# and 2 s after its response (PARK_AFTER, PARK_SWEEP), so a sample taken sooner would count
+# the last connections opened as busy ones.
+IDLE_AFTER_SECONDS: Final = 3.0
 # The share measurements: sessions per measurement, and the bound on each one's time.
 SHARE_SESSIONS: Final = 200
 SHARE_TIMEOUT: Final = 120.0
@@ -1390,7 +1395,7 @@ def measure_idle(lab: Lab, bench: Bench, proxy: ProxyName, round_: int) -> Run:
         def load() -> LoadResult:
             nonlocal after
             result = open_idle_connections(server.port, context, lab.args.idle_connections, held)
-            time.sleep(IDLE_SETTLE_SECONDS)
+            time.sleep(IDLE_AFTER_SECONDS)
             after = tree_memory_kb(server.pid)
             return result
 

@@ -265,3 +265,66 @@ def test_refusals_are_logged_once_per_interval_per_client(
     assert len(lines) == 2
     assert lines[1].endswith("(and 4 more since the last such line)")
     assert admission.refused == 6
+
+
+class Entry:
+    """A drain entry (a cancel scope, or a parked connection) that notes its closing."""
+
+    def __init__(self, name: str, closed: list[str]) -> None:
+        self.name = name
+        self._closed = closed
+
+    def cancel(self) -> None:
+        self._closed.append(self.name)
+
+
+class Idler:
+    """A connection that may park: what Drain.to_park reads of it."""
+
+    def __init__(self, idle_since: float) -> None:
+        self.idle_since = idle_since
+        self.asked = False
+
+    def request_park(self) -> None:
+        self.asked = True
+
+
+def test_the_drain_names_the_connections_idle_long_enough_to_park_longest_idle_first() -> None:
+    drain, closed = Drain(), list[str]()
+    idlers = [Idler(since) for since in (1.0, 2.0, 3.0)]
+    for number, idler in enumerate(idlers):
+        drain.enter_idle(Entry(f"relay{number}", closed), reclaimable=True, parkable=idler)
+    drain.enter_idle(Entry("h2", closed), reclaimable=True)  # idle, but cannot park
+    drain.enter_idle(Entry("first-request", closed))  # not kept-alive: never parks
+    assert drain.to_park(idle_before=2.5) == idlers[:2]
+    assert drain.to_park(idle_before=1.0) == []
+    assert closed == []
+
+
+def test_parked_connections_are_reclaimed_first_and_drained_with_the_idle_ones() -> None:
+    drain, closed = Drain(), list[str]()
+    waiting = Entry("waiting", closed)
+    drain.enter_idle(waiting, reclaimable=True)
+    parked = [Entry(f"parked{number}", closed) for number in range(2)]
+    for entry in parked:
+        drain.enter_parked(entry)
+    assert drain.idle_connections == 3
+    assert drain.reclaim(2) == 2
+    assert closed == ["parked0", "parked1"]  # they have idled longest
+    assert drain.reclaim(2) == 1
+    assert closed[2:] == ["waiting"]
+    assert drain.reclaimed == 3
+    # The drain closes those parked since, and any that parks after it began, at once.
+    drain.enter_parked(Entry("late", closed))
+    drain.leave_parked(parked[0])  # gone already: no-op
+    drain.start()
+    drain.enter_parked(Entry("later", closed))
+    assert closed[3:] == ["late", "later"]
+    assert drain.idle_connections == 0
+
+
+def test_a_connection_that_parks_while_a_client_waits_for_a_slot_is_reclaimed_at_once() -> None:
+    drain, closed = Drain(), list[str]()
+    drain.starved = True
+    drain.enter_parked(Entry("parked", closed))
+    assert (closed, drain.reclaimed, drain.idle_connections) == (["parked"], 1, 0)

@@ -47,9 +47,10 @@ from helpers.upstream_server import (
 
 from dualproxy.config.errors import OperatorError
 from dualproxy.http.exchange import ALLOWED_METHODS
-from dualproxy.http.relay import DEPARTURE_CHECK_SECONDS, Departures
+from dualproxy.http.relay import DEADLINE_SLACK, DEPARTURE_CHECK_SECONDS, Departures
 from dualproxy.serve import closing
 from dualproxy.serve import server as server_module
+from dualproxy.serve.parking import PARK_AFTER, PARK_SWEEP
 from dualproxy.serve.server import Server
 from dualproxy.tls.streams import TcpStream, TlsStream
 
@@ -1586,6 +1587,157 @@ async def test_sigterm_drains_and_a_second_sigterm_stops_at_once(
     assert "SIGTERM: stopping, after the requests in flight" in messages(caplog)
     assert "SIGTERM again: stopping now" in messages(caplog)
     assert "drained: cancelled the connections still busy after the grace" in messages(caplog)
+
+
+# --- parking: idle keep-alive connections without a task ----------------------------------------
+
+
+def connection_tasks() -> int:
+    """The server's tasks that hold a client connection (a new one's, or a resumed one's)."""
+    names = {"_connection_task", "_resume_connection"}
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    tasks, count = [root], 0
+    while tasks:  # bounded: the task tree
+        task = tasks.pop()
+        code = getattr(task.coro, "cr_code", None)
+        count += code is not None and code.co_name in names
+        tasks += [child for nursery in task.child_nurseries for child in nursery.child_tasks]
+    return count
+
+
+async def idle_until_parked(p: Proxy, count: int = 1) -> None:
+    """Idle (the mock clock jumps) until `count` connections are parked."""
+    with trio.fail_after(PARK_AFTER + PARK_SWEEP * 2):
+        while p.server.parked_connections < count:
+            await trio.sleep(PARK_SWEEP / 4)
+
+
+async def test_an_idle_connection_parks_without_a_task_and_is_served_on_when_it_returns(
+    key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    upstream: UpstreamServer,
+    mock_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="dualproxy")
+    async with proxy(key, cafile, tmp_path, upstream, keepalive_timeout=SHORT * 4) as p:
+        async with p.client() as client:
+            assert (await client.request("GET", "/first")).status == 200
+            assert connection_tasks() == 1
+            await idle_until_parked(p)
+            assert connection_tasks() == 0  # nothing but its objects holds it now
+            second = await client.request("GET", "/second")
+            assert p.server.parked_connections == 0
+            await idle_until_parked(p)  # and again: a connection parks as often as it idles
+            third = await client.request("POST", "/third", body=b"x" * 1000)
+        await wait_until(lambda: len(conn_lines(caplog)) == 1)
+    assert (second.status, second.echo()["target"]) == (200, "/second")
+    assert third.echo()["body_sha256"] == hashlib.sha256(b"x" * 1000).hexdigest()
+    # One connection (one handshake, one conn line) served the three; the upstream connection
+    # was reused from the pool.
+    [line] = conn_lines(caplog)
+    assert (line["outcome"], line["requests"]) == ("ok", "3")
+    assert upstream.accepted == 1
+
+
+async def test_a_parked_connection_closes_at_its_keepalive_timeout_as_an_idle_one_does(
+    key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    upstream: UpstreamServer,
+    mock_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Parked, the keep-alive wait keeps its deadline: counted from the last response, neither
+    cut short nor pushed back by parking (or by a wake-up that brought no request)."""
+    caplog.set_level(logging.INFO, logger="dualproxy")
+    async with (
+        proxy(key, cafile, tmp_path, upstream, keepalive_timeout=SHORT) as p,
+        p.client() as client,
+    ):
+        assert (await client.request()).status == 200
+        idle_from = trio.current_time()
+        await idle_until_parked(p)
+        await trio.sleep(SHORT * 0.8 - (trio.current_time() - idle_from))
+        assert (await client.request()).status == 200  # still open, served
+        idle_from = trio.current_time()
+        await idle_until_parked(p)
+        with trio.fail_after(SHORT + DEADLINE_SLACK - (trio.current_time() - idle_from)):
+            answer, clean = await client.read_until_closed()
+    assert (answer, clean) == (b"", True)  # quietly, with a close_notify
+    await wait_until(lambda: len(conn_lines(caplog)) == 1)
+    [line] = conn_lines(caplog)
+    assert (line["outcome"], line["requests"]) == ("ok", "2")
+
+
+async def test_a_client_that_closes_while_parked_is_logged_once_and_gives_back_its_slot(
+    key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    upstream: UpstreamServer,
+    mock_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="dualproxy")
+    async with proxy(key, cafile, tmp_path, upstream, keepalive_timeout=SHORT * 4) as p:
+        async with p.client() as client:
+            assert (await client.request()).status == 200
+            await idle_until_parked(p)
+        await wait_until(lambda: p.server.active_connections == 0)
+        await wait_until(lambda: len(conn_lines(caplog)) == 1)
+    assert p.server.parked_connections == 0
+    [line] = conn_lines(caplog)
+    assert (line["outcome"], line["requests"]) == ("ok", "1")
+
+
+async def test_the_drain_closes_parked_connections_at_once(
+    key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    upstream: UpstreamServer,
+    mock_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="dualproxy")
+    limits = {"keepalive_timeout": SHORT * 4, "shutdown_grace": SHORT * 8}
+    async with proxy(key, cafile, tmp_path, upstream, **limits) as p:
+        async with p.client() as first, p.client() as second:
+            for client in (first, second):
+                assert (await client.request()).status == 200
+            await idle_until_parked(p, 2)
+            drained_at = trio.current_time()
+            p.server.drain()
+            for client in (first, second):
+                assert await client.read_until_closed() == (b"", True)
+            assert trio.current_time() - drained_at < SHORT  # at once, not after the grace
+        await wait_until(lambda: "drained: every connection finished" in messages(caplog))
+    assert [x["outcome"] for x in conn_lines(caplog)] == ["ok", "ok"]
+
+
+async def test_parked_connections_of_a_cancelled_server_are_closed_and_logged_as_shutdown(
+    key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    upstream: UpstreamServer,
+    mock_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server cancelled outright (its run's nursery, as the end of the grace does) cancels
+    every connection task: parked connections, which have none, are closed and logged all
+    the same."""
+    caplog.set_level(logging.INFO, logger="dualproxy")
+    async with contextlib.AsyncExitStack() as stack:
+        async with proxy(key, cafile, tmp_path, upstream, keepalive_timeout=SHORT * 4) as p:
+            client = await stack.enter_async_context(p.client())
+            assert (await client.request()).status == 200
+            await idle_until_parked(p)
+        # The server is gone; its client is still connected.
+        assert await client.read_until_closed() == (b"", False)  # closed, no close_notify
+    [line] = conn_lines(caplog)
+    assert (line["outcome"], line["requests"]) == ("shutdown", "1")
+    assert p.server.parked_connections == 0
 
 
 # --- reloads -------------------------------------------------------------------------------------

@@ -14,13 +14,38 @@ from typing import Final, Protocol
 
 import trio
 
-__all__ = ["DEPARTURE_CHECK_SECONDS", "Departures", "Drain", "IdleWait", "Leaver"]
+__all__ = [
+    "DEPARTURE_CHECK_SECONDS",
+    "Closable",
+    "Departures",
+    "Drain",
+    "IdleWait",
+    "Leaver",
+    "Parkable",
+]
 
 
 class Leaver(Protocol):
     """What Departures tells about a client that left (a ClientConnection)."""
 
     def client_left(self) -> None: ...
+
+
+class Closable(Protocol):
+    """What the drain closes: an idle connection's cancel scope, or a parked connection
+    (serve.parking), which its `cancel` closes."""
+
+    def cancel(self) -> None: ...
+
+
+class Parkable(Protocol):
+    """A kept-alive connection waiting for its next request in a task of its own, which it
+    can give up (a ClientConnection: see serve.parking)."""
+
+    @property
+    def idle_since(self) -> float: ...
+
+    def request_park(self) -> None: ...
 
 
 # How often the clients waiting for an upstream's response are looked at for having left: a
@@ -76,16 +101,22 @@ class Drain:
     connections are kept in the order they began to wait (a dict keeps insertion order), a
     connection in the middle of a request is never among them. While `starved` (a client waits
     for a slot and none was idle), a connection that becomes idle is reclaimed at once.
+
+    Parked connections (serve.parking: kept-alive ones idle long enough to have given up their
+    task) are idle connections too, kept apart in the order they parked: they have idled
+    longest, so a reclaim takes them first, and the drain closes them with the rest.
     """
 
     def __init__(self) -> None:
         self.draining = False
-        # Scopes of the connections waiting for a request (the drain closes them all), and of
-        # those among them that have served one (keep-alive: reclaimable), the longest idle
-        # first. A new connection waiting for its first request is not reclaimed: its
-        # client has only just been admitted.
-        self._idle: set[trio.CancelScope] = set()
-        self._reclaimable: dict[trio.CancelScope, None] = {}
+        # Scopes of the connections waiting for a request in their task (the drain closes
+        # them all), and of those among them that have served one (keep-alive: reclaimable),
+        # the longest idle first, each with the connection if it may park (else None). A new
+        # connection waiting for its first request is not reclaimed: its client has only
+        # just been admitted.
+        self._idle: set[Closable] = set()
+        self._reclaimable: dict[Closable, Parkable | None] = {}
+        self._parked: dict[Closable, None] = {}  # parked connections, in the order they parked
         self.reclaimed = 0  # connections closed by a reclaim so far
         self.starved = False  # a client waits for a slot: the next idle connection gives it
 
@@ -93,15 +124,21 @@ class Drain:
         self.draining = True
         for scope in self._idle:
             scope.cancel()
+        parked, self._parked = list(self._parked), {}
+        for entry in parked:
+            entry.cancel()
 
     @property
     def idle_connections(self) -> int:
-        return len(self._idle)
+        return len(self._idle) + len(self._parked)
 
-    def enter_idle(self, scope: trio.CancelScope, *, reclaimable: bool = False) -> None:
+    def enter_idle(
+        self, scope: Closable, *, reclaimable: bool = False, parkable: Parkable | None = None
+    ) -> None:
         """`scope` waits for a request: the drain cancels it (at once, if it has started).
         `reclaimable` (it has served a request, a keep-alive connection): a reclaim may cancel
-        it too (at once, while a client waits for a slot)."""
+        it too (at once, while a client waits for a slot); `parkable`: the connection, which
+        `to_park` may name once it has idled long enough."""
         if self.draining:
             scope.cancel()
         elif reclaimable and self.starved:
@@ -110,23 +147,54 @@ class Drain:
             return
         self._idle.add(scope)
         if reclaimable:
-            self._reclaimable[scope] = None
+            self._reclaimable[scope] = parkable
 
-    def leave_idle(self, scope: trio.CancelScope) -> None:
+    def leave_idle(self, scope: Closable) -> None:
         self._idle.discard(scope)
         self._reclaimable.pop(scope, None)
 
+    def enter_parked(self, parked: Closable) -> None:
+        """A kept-alive connection parked: closed (`cancel`) by the drain and by reclaims, at
+        once if either is under way."""
+        if self.draining:
+            parked.cancel()
+        elif self.starved:
+            parked.cancel()
+            self.reclaimed += 1
+        else:
+            self._parked[parked] = None
+
+    def leave_parked(self, parked: Closable) -> None:
+        self._parked.pop(parked, None)
+
+    def to_park(self, idle_before: float) -> list[Parkable]:
+        """The connections that may park and have waited for a request since before
+        `idle_before` (trio's clock), the longest idle first."""
+        due = []
+        for parkable in self._reclaimable.values():  # bounded: the idle connections
+            if parkable is None:
+                continue
+            if parkable.idle_since >= idle_before:  # the rest began to wait later still
+                break
+            due.append(parkable)
+        return due
+
     def reclaim(self, count: int) -> int:
-        """Close up to `count` of the longest-idle keep-alive connections (their waits are
-        cancelled; each closes quietly, as at its keep-alive timeout); how many."""
+        """Close up to `count` of the longest-idle keep-alive connections (parked ones first;
+        the waits of the others are cancelled; each closes quietly, as at its keep-alive
+        timeout); how many."""
+        parked = [entry for entry, _ in zip(self._parked, range(count), strict=False)]
+        for entry in parked:
+            del self._parked[entry]
+            entry.cancel()
         reclaimable = self._reclaimable
-        oldest = [scope for scope, _ in zip(reclaimable, range(count), strict=False)]
+        oldest = [scope for scope, _ in zip(reclaimable, range(count - len(parked)), strict=False)]
         for scope in oldest:
             del reclaimable[scope]
             self._idle.discard(scope)
             scope.cancel()
-        self.reclaimed += len(oldest)
-        return len(oldest)
+        self.reclaimed += len(parked) + len(oldest)
+        return len(parked) + len(oldest)
 
     def idle(self, timeout: float, *, reclaimable: bool = False) -> IdleWait:
         """A cancel scope for waiting on a quiet connection: it ends after `timeout`, or as

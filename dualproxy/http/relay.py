@@ -128,7 +128,43 @@ class _Restart(Exception):
 
 
 class ClientConnection:
-    """Serves one client connection until it ends; see the module docstring."""
+    """Serves one client connection until it ends; see the module docstring. Slotted: a
+    parked connection (serve.parking) is mostly this object, which a dict would double."""
+
+    __slots__ = (
+        "_bounds",
+        "_buffer",
+        "_bytes_out",
+        "_client",
+        "_client_left",
+        "_deadline",
+        "_departures",
+        "_drain",
+        "_eof",
+        "_exchange",
+        "_fd",
+        "_head_at",
+        "_idle_until",
+        "_keep_alive",
+        "_limits",
+        "_now",
+        "_park_requested",
+        "_read_at",
+        "_request_read",
+        "_requests",
+        "_scope",
+        "_settings",
+        "_status",
+        "_stream",
+        "_tally",
+        "_tls",
+        "_tunneled",
+        "_upstream_seconds",
+        "_wait",
+        "client_may_be_sending",
+        "idle_since",
+        "parked",
+    )
 
     def __init__(
         self,
@@ -188,6 +224,14 @@ class ClientConnection:
         self._status = self._bytes_out = 0
         self._upstream_seconds: float | None = None
         self._tunneled: TunnelResult | None = None  # a WebSocket's, once it ended
+        # Parking (serve.parking): when the current kept-alive wait began; whether the
+        # parking lot asked for the task to be given up; set by `serve` when it was (the
+        # caller then parks the connection); the parked wait's deadline, which a resumed
+        # `serve` keeps (0: none).
+        self.idle_since = 0.0
+        self._park_requested = False
+        self.parked = False
+        self._idle_until = 0.0
 
     async def serve(self) -> None:
         """Relay requests until the client leaves, asks to close, or something fails.
@@ -196,20 +240,34 @@ class ClientConnection:
         which closes it here at once; when `client_may_be_sending` is then set, with a
         lingering close (see the module docstring). Raises trio.BrokenResourceError and
         trio.ClosedResourceError when the client disappears.
+
+        Or, when the parking lot asked for it (`request_park`) while the connection waited for
+        its next request, it returns with `parked` set, the stream open: the caller parks it,
+        and a later `serve` (in another task) goes on with that wait.
         """
         ending: HttpRefusal | Cut | None = None
+        self.parked = False
         # Bounded: each round but the last serves a request (see _Restart).
         for _ in range(MAX_REQUESTS_PER_CONNECTION):
             # Made with the deadline of the wait that comes first, for the next request's head,
             # which then keeps it (DEADLINE_SLACK).
-            self._deadline = self._idle_deadline()
+            self._deadline = self._idle_until or self._idle_deadline()
             self._scope = trio.CancelScope(deadline=self._deadline)
+            self._park_requested = False
             try:
                 with self._scope:
                     ending = await self._serve_requests()
             except _Restart:
                 continue
             if self._scope.cancelled_caught:
+                if self._park_requested and self._now() < self._deadline:
+                    assert self._tls is not None  # request_park says so
+                    if self._tls.pending():  # bytes came as the wait was cancelled
+                        continue
+                    self.parked = True
+                    self._idle_until = self._deadline
+                    self._exchange = None  # the last request's, no longer needed
+                    return
                 ending = self._expired()
             break
         if isinstance(ending, HttpRefusal):
@@ -277,8 +335,16 @@ class ClientConnection:
             # The first request's wait counts towards its header timeout; a kept-alive
             # connection may idle longer, and its next head's clock starts at its first byte.
             first = self._requests == 0
-            waited_from = self._bound(self._idle_wait())
-            self._drain.enter_idle(self._scope, reclaimable=not first)
+            if self._idle_until:  # resumed from the parking lot: the wait goes on, as bound
+                self._wait, self._idle_until = Wait.NEXT_REQUEST, 0.0
+                waited_from = self._now()
+            else:
+                waited_from = self.idle_since = self._bound(self._idle_wait())
+            self._drain.enter_idle(
+                self._scope,
+                reclaimable=not first,
+                parkable=self if self._tls is not None and not first else None,
+            )
             try:
                 chunk = await self._stream.receive_some(RECEIVE_SIZE)
             finally:
@@ -623,6 +689,23 @@ class ClientConnection:
 
     def _set_deadline(self, deadline: float) -> None:
         self._scope.deadline = self._deadline = deadline
+
+    @property
+    def tls_stream(self) -> TlsStream | None:
+        """The client's stream, when it is TLS (only such connections park)."""
+        return self._tls
+
+    @property
+    def parked_until(self) -> float:
+        """When the wait that parked ends (its keep-alive deadline, trio's clock)."""
+        return self._idle_until
+
+    def request_park(self) -> None:
+        """The parking lot's request, while the connection waits for its next request (the
+        drain names it then: `Drain.to_park`): end that wait, and `serve` with it, so that
+        the connection idles without a task."""
+        self._park_requested = True
+        self._scope.cancel()
 
     def client_left(self) -> None:
         """The client closed while it waited for the upstream's response head (Departures):

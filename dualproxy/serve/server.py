@@ -41,7 +41,7 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from functools import partial
 from typing import Final, Protocol
@@ -71,6 +71,7 @@ from dualproxy.serve.listeners import (
     describe_bound,
     open_listeners,
 )
+from dualproxy.serve.parking import Parked, ParkingLot
 from dualproxy.serve.proxied import receive_proxy_header
 from dualproxy.serve.sharedhalt import SharedHalt
 from dualproxy.tls import keystore, proxy_protocol
@@ -155,6 +156,8 @@ class Server:
         self._unkeyed_counters = self.evidence.counters_for(NONE_LABEL, NONE_LABEL)
         self._drain = Drain()
         self._departures = Departures()  # relayed clients waiting for a response head
+        # Kept-alive connections idle without a task (parking.py).
+        self._lot = ParkingLot(self._drain, self._resume_connection, self._abandon_connection)
         self._shutdown = lifecycle.Shutdown(self._drain, self._slots)
         # The reclaim at max_connections and the per-client limit (admission.py).
         self._admission = Admission(self._drain)
@@ -224,6 +227,11 @@ class Server:
     def idle_connections(self) -> int:
         """Connections open now that wait for a request (reclaimable at the limit)."""
         return self._drain.idle_connections
+
+    @property
+    def parked_connections(self) -> int:
+        """Idle connections among those that wait without a task (parking.py)."""
+        return len(self._lot)
 
     @property
     def reclaimed_connections(self) -> int:
@@ -305,6 +313,7 @@ class Server:
                     announce.watch_window, self, self._clock, lambda: self.evidence.window.closed
                 )
                 services.start_soon(keep_rotating, self.tickets)
+                services.start_soon(self._lot.sweep_forever)
                 if self.access_log is not None:
                     services.start_soon(self.access_log.run)
                 if self._handle_signals:
@@ -330,29 +339,34 @@ class Server:
         """The accept loops, then (drained) the grace for the connections still open."""
         accepting = self._shutdown.accepting
         assert accepting is not None
-        async with trio.open_nursery() as connections:
-            self._shutdown.connections = connections.cancel_scope
-            with accepting:
-                async with trio.open_nursery() as acceptors:
-                    for listener in listeners:
-                        acceptors.start_soon(
-                            partial(accept_loop, at_limit=self._at_limit),
-                            listener,
-                            self._slots,
-                            connections,
-                            self._connection_task,
-                            name=_CONNECTION_TASK_NAME,
-                        )
-                    log.info("listening on %s", describe_bound(bound))
-                    self._bound = bound
-                    self._listening.set()
-                    task_status.started(bound)
-            # Only drain() gets here: the listeners are closed, and the connections still
-            # open get shutdown_grace to finish (a deadline, not a sleep).
-            grace = self.config.limits.shutdown_grace
-            connections.cancel_scope.deadline = min(
-                connections.cancel_scope.deadline, trio.current_time() + grace
-            )
+        try:
+            async with trio.open_nursery() as connections:
+                self._shutdown.connections = connections.cancel_scope
+                self._lot.nursery = connections
+                with accepting:
+                    async with trio.open_nursery() as acceptors:
+                        for listener in listeners:
+                            acceptors.start_soon(
+                                partial(accept_loop, at_limit=self._at_limit),
+                                listener,
+                                self._slots,
+                                connections,
+                                self._connection_task,
+                                name=_CONNECTION_TASK_NAME,
+                            )
+                        log.info("listening on %s", describe_bound(bound))
+                        self._bound = bound
+                        self._listening.set()
+                        task_status.started(bound)
+                # Only drain() gets here: the listeners are closed, and the connections still
+                # open get shutdown_grace to finish (a deadline, not a sleep).
+                grace = self.config.limits.shutdown_grace
+                connections.cancel_scope.deadline = min(
+                    connections.cancel_scope.deadline, trio.current_time() + grace
+                )
+        finally:
+            self._lot.nursery = None
+            self._lot.close()
         if connections.cancel_scope.cancelled_caught:
             log.warning("drained: cancelled the connections still busy after the grace")
         else:
@@ -452,8 +466,32 @@ class Server:
             sock.close()
             self._slots.release_on_behalf_of(token)
             return
+        await self._own(record, stream, token, partial(self.handle_connection, stream, record))
+
+    async def _resume_connection(self, parked: Parked, serve: bool) -> None:
+        """The parking lot's handler: a parked connection's new task, which serves it on (its
+        next request, or the client's close) or, not `serve`, closes it."""
+        stream = parked.tls.transport_stream
+        await self._own(
+            parked.record,
+            stream,
+            parked.token,
+            partial(self._serve_on, parked.relay, parked.tls, stream, serve=serve),
+        )
+
+    async def _own(
+        self,
+        record: ConnectionRecord,
+        stream: TcpStream,
+        token: object,
+        serve: Callable[[], Awaitable[ClientConnection | None]],
+    ) -> None:
+        """Run `serve` as the connection's owner: whatever happens, close the socket and give
+        back the slot after it; unless it returns a relay that parked, which the parking lot
+        then owns."""
+        parked: ClientConnection | None = None
         try:
-            await self.handle_connection(stream, record)
+            parked = await serve()
         except trio.Cancelled:
             record.outcome = Outcome.SHUTDOWN
             raise
@@ -462,27 +500,43 @@ class Server:
             record.outcome = Outcome.INTERNAL_ERROR
             log.exception("internal error on the connection from %s", record.peer)
         finally:
-            # Closed synchronously, without the scheduler round trip of an aclose: usually
-            # the TLS stream's aclose closed it already, and closing again is a no-op.
-            stream.close()
-            self._slots.release_on_behalf_of(token)
-            if record.client is not None:
-                self._admission.release(record.client)
-            record.end()
-            self.evidence.connection_ended(record, self.config.rotation)
-            # A CA's validation connections are logged by the challenge board, once per
-            # challenge and with its name; their conn lines only at debug level. An exchange
-            # the upstream failed (a 502, 503 or 504 of ours) is a warning.
-            level = logging.INFO
-            if record.outcome is Outcome.ACME_CHALLENGE:
-                level = logging.DEBUG
-            elif record.outcome is Outcome.UPSTREAM_ERROR:
-                level = logging.WARNING
-            log_event(log, record, level)
+            if parked is not None and self._lot.nursery is not None:
+                self._lot.park(parked, record, token)
+            else:
+                self._finish(record, stream, token)
 
-    async def handle_connection(self, stream: TcpStream, record: ConnectionRecord) -> None:
+    def _abandon_connection(self, parked: Parked) -> None:
+        """A parked connection the server stops without a task for it (the grace ran out)."""
+        parked.record.outcome = Outcome.SHUTDOWN
+        self._finish(parked.record, parked.tls.transport_stream, parked.token)
+
+    def _finish(self, record: ConnectionRecord, stream: TcpStream, token: object) -> None:
+        """A connection ended: its socket closed, its slot back, its record counted and
+        logged."""
+        # Closed synchronously, without the scheduler round trip of an aclose: usually the
+        # TLS stream's aclose closed it already, and closing again is a no-op.
+        stream.close()
+        self._slots.release_on_behalf_of(token)
+        if record.client is not None:
+            self._admission.release(record.client)
+        record.end()
+        self.evidence.connection_ended(record, self.config.rotation)
+        # A CA's validation connections are logged by the challenge board, once per challenge
+        # and with its name; their conn lines only at debug level. An exchange the upstream
+        # failed (a 502, 503 or 504 of ours) is a warning.
+        level = logging.INFO
+        if record.outcome is Outcome.ACME_CHALLENGE:
+            level = logging.DEBUG
+        elif record.outcome is Outcome.UPSTREAM_ERROR:
+            level = logging.WARNING
+        log_event(log, record, level)
+
+    async def handle_connection(
+        self, stream: TcpStream, record: ConnectionRecord
+    ) -> ClientConnection | None:
         """Peek, choose, handshake, serve. Fills `record` (its peer already set); the caller
-        closes the socket."""
+        closes the socket, unless this returns the connection's relay, which parked (see
+        parking.py): the caller then parks it."""
         peer_ip = record.peer_ip
         # One config and its snapshot for the whole handshake, whatever reloads do meanwhile:
         # a reload swaps both at once, and the plan must name identities this snapshot has.
@@ -497,21 +551,21 @@ class Server:
             with trio.move_on_after(config.limits.proxy_header_timeout):
                 after = await receive_proxy_header(stream, expect, record)
                 if after is None:
-                    return
+                    return None
                 received, peer_ip = after, record.peer_ip
             if after is None:  # the timeout
                 record.outcome, record.detail = Outcome.PROXY_REFUSED, "PROXY header timeout"
-                return
+                return None
         limit = config.limits.max_connections_per_client
         record.client = self._admission.admit(peer_ip, limit, record.peer)
         if record.client is None:
             record.outcome = Outcome.CLIENT_LIMIT
             record.detail = f"the client holds limits.max_connections_per_client ({limit})"
-            return
+            return None
         with trio.move_on_after(config.limits.handshake_timeout) as handshake_scope:
             peeked = await self._peek(stream, record, received)
             if peeked is None:
-                return
+                return None
             # An ACME CA validating tls-alpn-01 gets the challenge certificate instead of ours
             # (RFC 8737); checked without a wait for everyone else.
             responder = self.tls_alpn_responder
@@ -520,7 +574,7 @@ class Server:
                 if context is not None:
                     record.outcome = Outcome.ACME_CHALLENGE
                     record.detail = await responder.answer_challenge(stream, peeked, context)
-                    return
+                    return None
             evidence = self.evidence
             record.choice = policy.choose(
                 config.rotation,
@@ -544,26 +598,44 @@ class Server:
                 await tls.do_handshake()
             except trio.BrokenResourceError as exc:
                 record.outcome, record.detail = classify_handshake_failure(exc)
-                return
+                return None
             record.tls_version = tls.version()
         if handshake_scope.cancelled_caught:
             record.outcome = Outcome.TIMEOUT
             record.detail = "handshake" if record.choice else "hello"
-            return
+            return None
         record.outcome = Outcome.NO_REQUEST
+        if self._relay is not None and tls.selected_alpn_protocol() != ALPN_H2:
+            return await self._serve_on(self._client_connection(tls, record), tls, stream)
         linger_after = False
         try:
             linger_after = await self.respond(tls, record)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; the record already says how far it got
         finally:
-            if linger_after:
-                await lingering_close(tls, stream)
-            elif tls.close_notify_sent:  # with the last response: nothing left to send
-                tls.close()
-            else:
-                with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
-                    await tls.aclose()
+            await _close(tls, stream, linger_after=linger_after)
+        return None
+
+    async def _serve_on(
+        self, relay: ClientConnection, tls: TlsStream, stream: TcpStream, *, serve: bool = True
+    ) -> ClientConnection | None:
+        """Relay the connection's requests (HTTP/1.1), then close it; or, if it parked,
+        return the relay, the connection open. `serve` False: only close it (a parked
+        connection whose keep-alive wait ended)."""
+        linger_after = parked = False
+        try:
+            if serve:
+                await relay.serve()
+                if relay.parked:
+                    parked = True
+                    return relay
+                linger_after = relay.client_may_be_sending
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away; the record already says how far it got
+        finally:
+            if not parked:
+                await _close(tls, stream, linger_after=linger_after)
+        return None
 
     async def _peek(
         self, stream: TcpStream, record: ConnectionRecord, received: bytes = b""
@@ -604,22 +676,25 @@ class Server:
                 return data
 
     async def respond(self, tls: TlsStream, record: ConnectionRecord) -> bool:
-        """Serve HTTP/2 or HTTP/1.1, as ALPN chose, on the established TLS stream: relay to
-        the upstream when the config has one (see h2.py, relay.py), otherwise answer every
-        request ourselves (placeholder.py). True when the connection should end with a
-        lingering close (the client may still be sending)."""
+        """Serve HTTP/2, as ALPN chose, on the established TLS stream, relayed to the
+        upstream when the config has one (h2.py); or HTTP/1.1 without one, every request
+        answered here (placeholder.py). (HTTP/1.1 relayed goes through `_serve_on`: it may
+        park.) True when the connection should end with a lingering close (the client may
+        still be sending)."""
         if tls.selected_alpn_protocol() == ALPN_H2:
             return await self._respond_h2(tls, record)
-        if self._relay is None:
-            return await placeholder.respond(
-                tls,
-                record,
-                limits=self.config.limits,
-                drain=self._drain,
-                local=self._local_endpoints,
-                response_headers=self._dev_response_headers(record),
-            )
-        relay = ClientConnection(
+        return await placeholder.respond(
+            tls,
+            record,
+            limits=self.config.limits,
+            drain=self._drain,
+            local=self._local_endpoints,
+            response_headers=self._dev_response_headers(record),
+        )
+
+    def _client_connection(self, tls: TlsStream, record: ConnectionRecord) -> ClientConnection:
+        """The HTTP/1.1 relay of one client connection."""
+        return ClientConnection(
             tls,
             peer=record.peer_ip,
             settings=self._relay_settings,
@@ -630,8 +705,6 @@ class Server:
             response_headers=self._dev_response_headers(record),
             upstream_detail=self._dev_headers,
         )
-        await relay.serve()
-        return relay.client_may_be_sending
 
     async def _respond_h2(self, tls: TlsStream, record: ConnectionRecord) -> bool:
         """Serve the connection's HTTP/2 streams (http.h2): relayed, or without an upstream
@@ -697,6 +770,19 @@ _PLAIN_HTTP_REFUSAL: Final = (
     b"\r\n"
     b"This port speaks HTTPS; use https:// .\r\n"
 )
+
+
+async def _close(tls: TlsStream, stream: TcpStream, *, linger_after: bool) -> None:
+    """End a connection whose handshake completed: a lingering close after a refusal whose
+    client may still be sending, else with our close_notify (unless it went with the last
+    response)."""
+    if linger_after:
+        await lingering_close(tls, stream)
+    elif tls.close_notify_sent:  # with the last response: nothing left to send
+        tls.close()
+    else:
+        with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
+            await tls.aclose()
 
 
 async def _send_plain_http_refusal(stream: TcpStream) -> None:
