@@ -48,7 +48,7 @@ from helpers.upstream_server import (
 from dualproxy.config.errors import OperatorError
 from dualproxy.http.exchange import ALLOWED_METHODS
 from dualproxy.http.relay import DEADLINE_SLACK, DEPARTURE_CHECK_SECONDS, Departures
-from dualproxy.serve import closing
+from dualproxy.serve import closing, parking
 from dualproxy.serve import server as server_module
 from dualproxy.serve.parking import PARK_AFTER, PARK_SWEEP
 from dualproxy.serve.server import Server
@@ -1640,6 +1640,34 @@ async def test_an_idle_connection_parks_without_a_task_and_is_served_on_when_it_
     [line] = conn_lines(caplog)
     assert (line["outcome"], line["requests"]) == ("ok", "3")
     assert upstream.accepted == 1
+
+
+async def test_among_many_idle_connections_a_kept_alive_one_parks_as_soon_as_it_waits(
+    key: KeyFiles,
+    cafile: Path,
+    tmp_path: Path,
+    upstream: UpstreamServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """From PARK_AT_ONCE idle connections on (here 1: the other client's), no wait for the
+    sweep: PARK_AFTER is an hour here, so only parking at once can park."""
+    caplog.set_level(logging.INFO, logger="dualproxy")
+    monkeypatch.setattr(parking, "PARK_AT_ONCE", 1)
+    monkeypatch.setattr(parking, "PARK_AFTER", 3600)
+    async with proxy(key, cafile, tmp_path, upstream) as p, p.client() as other:
+        assert (await other.request()).status == 200  # none idle yet: it keeps its task
+        async with p.client() as client:
+            assert (await client.request()).status == 200  # one idle: it parks at once
+            await wait_until(lambda: p.server.parked_connections == 1)
+            assert connection_tasks() == 1  # the other's
+            for number in range(3):  # parks after each request, and is served on each time
+                reply = await client.request("GET", f"/again/{number}")
+                assert reply.echo()["target"] == f"/again/{number}"
+                await wait_until(lambda: p.server.parked_connections == 1)
+        await wait_until(lambda: len(conn_lines(caplog)) == 1)
+        [line] = conn_lines(caplog)
+    assert (line["outcome"], line["requests"]) == ("ok", "4")
 
 
 async def test_a_parked_connection_closes_at_its_keepalive_timeout_as_an_idle_one_does(

@@ -8,6 +8,7 @@ DEPARTURE_CHECK_SECONDS) and relay.py's `ClientConnection` registers with them.
 
 from __future__ import annotations
 
+import math
 import select
 from types import TracebackType
 from typing import Final, Protocol
@@ -119,6 +120,9 @@ class Drain:
         self._parked: dict[Closable, None] = {}  # parked connections, in the order they parked
         self.reclaimed = 0  # connections closed by a reclaim so far
         self.starved = False  # a client waits for a slot: the next idle connection gives it
+        # Idle connections from which on a kept-alive connection parks as soon as it begins
+        # to wait, not after a while (serve.parking sets it; without a parking lot, never).
+        self.park_at_once = math.inf
 
     def start(self) -> None:
         self.draining = True
@@ -131,6 +135,11 @@ class Drain:
     @property
     def idle_connections(self) -> int:
         return len(self._idle) + len(self._parked)
+
+    @property
+    def crowded(self) -> bool:
+        """Whether so many connections idle that a kept-alive one should park at once."""
+        return len(self._idle) + len(self._parked) >= self.park_at_once
 
     def enter_idle(
         self, scope: Closable, *, reclaimable: bool = False, parkable: Parkable | None = None

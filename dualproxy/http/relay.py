@@ -127,6 +127,11 @@ class _Restart(Exception):
     request is served in a new scope (a cancelled scope cannot be used again)."""
 
 
+class _Park(Exception):
+    """The connection parks as soon as it is idle (the server holds many idle connections:
+    `Drain.crowded`)."""
+
+
 class ClientConnection:
     """Serves one client connection until it ends; see the module docstring. Slotted: a
     parked connection (serve.parking) is mostly this object, which a dict would double."""
@@ -242,8 +247,9 @@ class ClientConnection:
         trio.ClosedResourceError when the client disappears.
 
         Or, when the parking lot asked for it (`request_park`) while the connection waited for
-        its next request, it returns with `parked` set, the stream open: the caller parks it,
-        and a later `serve` (in another task) goes on with that wait.
+        its next request, or at the start of that wait when the server holds many idle
+        connections (`Drain.crowded`), it returns with `parked` set, the stream open: the
+        caller parks it, and a later `serve` (in another task) goes on with that wait.
         """
         ending: HttpRefusal | Cut | None = None
         self.parked = False
@@ -259,6 +265,10 @@ class ClientConnection:
                     ending = await self._serve_requests()
             except _Restart:
                 continue
+            except _Park:
+                self.parked = True
+                self._exchange = None
+                return
             if self._scope.cancelled_caught:
                 if self._park_requested and self._now() < self._deadline:
                     assert self._tls is not None  # request_park says so
@@ -340,6 +350,14 @@ class ClientConnection:
                 waited_from = self._now()
             else:
                 waited_from = self.idle_since = self._bound(self._idle_wait())
+                if (
+                    not first
+                    and self._tls is not None
+                    and self._drain.crowded
+                    and not self._tls.pending()
+                ):
+                    self._idle_until = self._deadline  # the wait, as bound, goes on parked
+                    raise _Park
             self._drain.enter_idle(
                 self._scope,
                 reclaimable=not first,

@@ -17,7 +17,8 @@ How.
   their task (`ClientConnection.request_park`): the wait is cancelled, `serve` returns with
   `parked` set, and the server's task hands the connection to `park` instead of closing it.
   Connections that are not idle that long never park, so a busy kept-alive connection pays
-  nothing: the sweep touches only idle ones, once.
+  nothing: the sweep touches only idle ones, once. From PARK_AT_ONCE idle connections on
+  (`Drain.crowded`), a kept-alive connection parks as soon as its wait begins instead.
 - **Waiting.** The lot registers the socket for readability in an epoll set of its own, and
   one task (`_run`, alive while anything is parked) waits for that set's descriptor to become
   readable in trio's loop, and for the earliest keep-alive deadline of the parked connections.
@@ -64,6 +65,13 @@ PARK_AFTER: Final = 1.0
 # How often idle connections are looked at for parking: a connection parks between
 # PARK_AFTER and PARK_AFTER + PARK_SWEEP after its last response.
 PARK_SWEEP: Final = 1.0
+# From this many idle connections on (a server holding many phones between their calls), a
+# kept-alive connection parks as soon as it begins to wait. Memory is then what idle
+# connections cost, and a burst of them must not first grow the heap by a task's stack
+# each: CPython keeps the freed frames' memory, so the peak would stay in the RSS. A server
+# this busy with idle clients pays one task start per request on those connections; a
+# server with fewer idle connections (32 busy keep-alive clients, say) pays nothing.
+PARK_AT_ONCE: Final = 100
 # epoll events that resume a parked connection: bytes, or the client's close or reset.
 _READY: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
@@ -109,6 +117,7 @@ class ParkingLot:
         abandon: Callable[[Parked], None],
     ) -> None:
         self._drain = drain
+        drain.park_at_once = PARK_AT_ONCE
         self._resume = resume
         self._abandon = abandon
         self.nursery: trio.Nursery | None = None  # set while the server accepts
