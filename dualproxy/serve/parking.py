@@ -142,15 +142,22 @@ class ParkingLot:
             for relay in self._drain.to_park(trio.current_time() - PARK_AFTER):
                 relay.request_park()
 
-    def park(self, relay: ClientConnection, record: ConnectionRecord, token: object) -> None:
-        """Take the connection whose `serve` just returned `parked`."""
+    def park(self, relay: ClientConnection, record: ConnectionRecord, token: object) -> bool:
+        """Take the connection whose `serve` just returned `parked`; False when it cannot
+        (the server stops, or the kernel refused the registration): the caller then closes
+        it."""
         tls = relay.tls_stream
         assert tls is not None
-        assert self.nursery is not None
-        if self._epoll is None:
-            self._epoll = select.epoll()
-        parked = Parked(self, relay, tls, record, token)
-        self._epoll.register(parked.fd, _READY)
+        if self.nursery is None:
+            return False
+        try:
+            if self._epoll is None:
+                self._epoll = select.epoll()
+            parked = Parked(self, relay, tls, record, token)
+            self._epoll.register(parked.fd, _READY)
+        except OSError as exc:  # out of memory or descriptors: this connection ends
+            log.warning("closing an idle connection that could not be parked: %s", exc)
+            return False
         self._parked[parked.fd] = parked
         self.parked_total += 1
         heapq.heappush(self._deadlines, (parked.deadline, next(self._order), parked))
@@ -160,6 +167,7 @@ class ParkingLot:
         elif self._wait is not None and parked.deadline < self._wait.deadline:
             self._wait.deadline = parked.deadline
         self._drain.enter_parked(parked)  # last: a drain under way closes it at once
+        return True
 
     def release(self, parked: Parked, *, serve: bool) -> None:
         """Give `parked` a task again (see the module docstring); a no-op if it left."""

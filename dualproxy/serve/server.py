@@ -500,9 +500,7 @@ class Server:
             record.outcome = Outcome.INTERNAL_ERROR
             log.exception("internal error on the connection from %s", record.peer)
         finally:
-            if parked is not None and self._lot.nursery is not None:
-                self._lot.park(parked, record, token)
-            else:
+            if parked is None or not self._lot.park(parked, record, token):
                 self._finish(record, stream, token)
 
     def _abandon_connection(self, parked: Parked) -> None:
