@@ -52,15 +52,14 @@ from dualproxy.http.relay import ClientConnection
 from dualproxy.serve.connection import ConnectionRecord
 from dualproxy.tls.streams import TlsStream
 
-__all__ = ["PARK_AFTER", "PARK_SWEEP", "Parked", "ParkingLot"]
+__all__ = ["PARK_AFTER", "PARK_AT_ONCE", "PARK_SWEEP", "Parked", "ParkingLot"]
 
 log = logging.getLogger("dualproxy.serve")
 
 # A kept-alive connection that has waited this long (seconds) for its next request gives up
 # its task. A client that comes back sooner (a busy connection, a page's burst of requests)
-# pays nothing; one that idles longer pays one task start when it comes back (a few
-# microseconds, against the network round trip it is about to wait for) and holds some 7 kB
-# less for as long as it idles.
+# pays nothing; one that idles longer pays one task start and two epoll registrations when
+# it comes back, and holds some 7 kB less for as long as it idles.
 PARK_AFTER: Final = 1.0
 # How often idle connections are looked at for parking: a connection parks between
 # PARK_AFTER and PARK_AFTER + PARK_SWEEP after its last response.
