@@ -22,7 +22,6 @@ Without valgrind, it prints the wall time per request, which is only a rough gui
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import socket
 import struct
 import time
@@ -33,15 +32,11 @@ import h2.connection
 import h2.settings
 import trio
 import trio.testing
+from relay_cost import PEER, Tally, upstream_behind
 
-from dualproxy.config.schema import Limits, UpstreamConfig
-from dualproxy.http import upstream as upstream_module
+from dualproxy.config.schema import Limits
 from dualproxy.http.h2 import Http2Connection
-from dualproxy.http.heads import HeadLimits
 from dualproxy.http.lifecycle import Drain
-from dualproxy.http.relay import RelaySettings
-from dualproxy.http.rewrite import ForwardingRules
-from dualproxy.http.upstream import UpstreamPool
 from dualproxy.tls.streams import TcpStream
 
 # A request as a mobile app sends it (relay_cost.py's, in HTTP/2).
@@ -56,12 +51,6 @@ REQUEST: Final = [
     (b"accept-encoding", b"br;q=1.0, gzip;q=0.9, deflate;q=0.8"),
     (b"authorization", b"Bearer abcdefghijklmnopqrstuvwxyz0123456789"),
 ]
-BODY: Final = b"dualproxy-bench upstream ok"
-RESPONSE: Final = (
-    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\n"
-    b"Content-Length: %d\r\n\r\n%b" % (len(BODY), BODY)
-)
-PEER: Final = ipaddress.ip_address("192.0.2.7")
 # Streams in flight per connection (h2load -m10, as benchmarks/run.py), and requests per
 # connection: below MAX_REQUESTS_PER_CONNECTION, a multiple of STREAMS.
 STREAMS: Final = 10
@@ -71,50 +60,6 @@ _DATA: Final = 0x0
 _END_STREAM: Final = 0x1
 _END_HEADERS: Final = 0x4
 _FRAME_HEADER: Final = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, id
-
-
-class Tally:
-    """The server's ConnectionRecord, reduced to what the driver calls."""
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.statuses = [0] * 6
-        self.detail = ""
-
-    def request_received(self) -> None:
-        self.requests += 1
-
-    def note(self, detail: str) -> None:
-        self.detail = detail
-
-    def response_relayed(self, status: int, upstream_seconds: float) -> None:
-        self.statuses[status // 100] += 1
-
-    def response_generated(self, status: int) -> None:
-        self.statuses[status // 100] += 1
-
-    def exchange_ended(self, *fields: object) -> None:
-        """The access log's line: not this benchmark's."""
-
-    def check(self, requests: int) -> None:
-        if self.statuses[2] != requests:
-            raise RuntimeError(f"not every response was a 200: {self.statuses} {self.detail}")
-
-
-async def upstream(connections: trio.MemoryReceiveChannel[TcpStream]) -> None:
-    """Answer every request on every connection with RESPONSE (bodiless requests only)."""
-
-    async def serve(stream: TcpStream) -> None:
-        buffer = b""
-        while data := await stream.receive_some(65536):
-            buffer += data
-            while (end := buffer.find(b"\r\n\r\n")) >= 0:
-                buffer = buffer[end + 4 :]
-                await stream.send_all(RESPONSE)
-
-    async with trio.open_nursery() as nursery:
-        async for stream in connections:
-            nursery.start_soon(serve, stream)
 
 
 class Client:
@@ -190,25 +135,7 @@ class Client:
 
 async def main(requests: int) -> float:
     limits = Limits()
-    opened, accepted = trio.open_memory_channel[TcpStream](STREAMS)
-
-    async def connect(host: str, port: int) -> TcpStream:
-        ours, theirs = socket.socketpair()
-        await opened.send(TcpStream(theirs))
-        return TcpStream(ours)
-
-    upstream_module._connect = connect
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(upstream, accepted)
-        config = UpstreamConfig(
-            url="http://upstream.test", scheme="http", host="upstream.test", port=80
-        )
-        settings = RelaySettings(
-            limits=limits,
-            head_limits=HeadLimits.from_limits(limits),
-            rules=ForwardingRules.from_config(config),
-            pool=UpstreamPool(config, limits),
-        )
+    async with upstream_behind(limits, STREAMS) as settings:
         drain = Drain()
         started = time.perf_counter()
         for first in range(0, requests, CONNECTION_REQUESTS):
@@ -236,7 +163,6 @@ async def main(requests: int) -> float:
             client_stream.close()
             served.close()
         elapsed = time.perf_counter() - started
-        nursery.cancel_scope.cancel()
     return elapsed
 
 

@@ -32,6 +32,8 @@ import argparse
 import ipaddress
 import socket
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Final
 
 import trio
@@ -97,6 +99,11 @@ class Tally:
     def exchange_ended(self, *fields: object) -> None:
         """The access log's line: not this benchmark's (the whole-path one counts it)."""
 
+    def check(self, requests: int) -> None:
+        """Raise unless `requests` responses were all 200s."""
+        if self.statuses[2] != requests:
+            raise RuntimeError(f"not every response was a 200: {self.statuses} {self.detail}")
+
 
 async def upstream(connections: trio.MemoryReceiveChannel[TcpStream]) -> None:
     """Answer every request on every connection with RESPONSE (bodiless requests only)."""
@@ -132,9 +139,11 @@ def relay_for(settings: RelaySettings, stream: TcpStream, drain: Drain) -> Clien
     )
 
 
-async def main(requests: int, mode: str) -> float:
-    limits = Limits()
-    opened, accepted = trio.open_memory_channel[TcpStream](1)
+@asynccontextmanager
+async def upstream_behind(limits: Limits, capacity: int) -> AsyncIterator[RelaySettings]:
+    """The relay's settings for the block, its pool's connections socketpairs to `upstream`
+    (at most `capacity` of them opening at once)."""
+    opened, accepted = trio.open_memory_channel[TcpStream](capacity)
 
     async def connect(host: str, port: int) -> TcpStream:
         ours, theirs = socket.socketpair()
@@ -147,12 +156,17 @@ async def main(requests: int, mode: str) -> float:
         config = UpstreamConfig(
             url="http://upstream.test", scheme="http", host="upstream.test", port=80
         )
-        settings = RelaySettings(
+        yield RelaySettings(
             limits=limits,
             head_limits=HeadLimits.from_limits(limits),
             rules=ForwardingRules.from_config(config),
             pool=UpstreamPool(config, limits),
         )
+        nursery.cancel_scope.cancel()
+
+
+async def main(requests: int, mode: str) -> float:
+    async with upstream_behind(Limits(), 1) as settings:
         drain = Drain()
         # Keep-alive connections carry KEEPALIVE_REQUESTS each (below the relay's cap), a
         # new connection one request.
@@ -171,7 +185,6 @@ async def main(requests: int, mode: str) -> float:
                 client.close()
             served.close()
         elapsed = time.perf_counter() - started
-        nursery.cancel_scope.cancel()
     return elapsed
 
 
