@@ -279,6 +279,13 @@ def conn_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, str]]:
     return [dict(re.findall(r"(\w+)=(\S+)", m)) for m in lines if m.startswith("conn ")]
 
 
+async def the_conn_line(caplog: pytest.LogCaptureFixture) -> tuple[str, str]:
+    """(outcome, requests) of the one connection the test made, once its line is written."""
+    await wait_until(lambda: len(conn_lines(caplog)) == 1)
+    [line] = conn_lines(caplog)
+    return line["outcome"], line["requests"]
+
+
 def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "dualproxy"]
 
@@ -1632,13 +1639,12 @@ async def test_an_idle_connection_parks_without_a_task_and_is_served_on_when_it_
             assert p.server.parked_connections == 0
             await idle_until_parked(p)  # and again: a connection parks as often as it idles
             third = await client.request("POST", "/third", body=b"x" * 1000)
-        await wait_until(lambda: len(conn_lines(caplog)) == 1)
+        line = await the_conn_line(caplog)
     assert (second.status, second.echo()["target"]) == (200, "/second")
     assert third.echo()["body_sha256"] == hashlib.sha256(b"x" * 1000).hexdigest()
     # One connection (one handshake, one conn line) served the three; the upstream connection
     # was reused from the pool.
-    [line] = conn_lines(caplog)
-    assert (line["outcome"], line["requests"]) == ("ok", "3")
+    assert line == ("ok", "3")
     assert upstream.accepted == 1
 
 
@@ -1665,9 +1671,8 @@ async def test_among_many_idle_connections_a_kept_alive_one_parks_as_soon_as_it_
                 reply = await client.request("GET", f"/again/{number}")
                 assert reply.echo()["target"] == f"/again/{number}"
                 await wait_until(lambda: p.server.parked_connections == 1)
-        await wait_until(lambda: len(conn_lines(caplog)) == 1)
-        [line] = conn_lines(caplog)
-    assert (line["outcome"], line["requests"]) == ("ok", "4")
+        line = await the_conn_line(caplog)
+    assert line == ("ok", "4")
 
 
 async def test_a_parked_connection_closes_at_its_keepalive_timeout_as_an_idle_one_does(
@@ -1695,9 +1700,7 @@ async def test_a_parked_connection_closes_at_its_keepalive_timeout_as_an_idle_on
         with trio.fail_after(SHORT + DEADLINE_SLACK - (trio.current_time() - idle_from)):
             answer, clean = await client.read_until_closed()
     assert (answer, clean) == (b"", True)  # quietly, with a close_notify
-    await wait_until(lambda: len(conn_lines(caplog)) == 1)
-    [line] = conn_lines(caplog)
-    assert (line["outcome"], line["requests"]) == ("ok", "2")
+    assert await the_conn_line(caplog) == ("ok", "2")
 
 
 async def test_a_client_that_closes_while_parked_is_logged_once_and_gives_back_its_slot(
@@ -1714,10 +1717,9 @@ async def test_a_client_that_closes_while_parked_is_logged_once_and_gives_back_i
             assert (await client.request()).status == 200
             await idle_until_parked(p)
         await wait_until(lambda: p.server.active_connections == 0)
-        await wait_until(lambda: len(conn_lines(caplog)) == 1)
+        line = await the_conn_line(caplog)
     assert p.server.parked_connections == 0
-    [line] = conn_lines(caplog)
-    assert (line["outcome"], line["requests"]) == ("ok", "1")
+    assert line == ("ok", "1")
 
 
 async def test_the_drain_closes_parked_connections_at_once(
@@ -1763,8 +1765,8 @@ async def test_parked_connections_of_a_cancelled_server_are_closed_and_logged_as
             await idle_until_parked(p)
         # The server is gone; its client is still connected.
         assert await client.read_until_closed() == (b"", False)  # closed, no close_notify
-    [line] = conn_lines(caplog)
-    assert (line["outcome"], line["requests"]) == ("shutdown", "1")
+        line = await the_conn_line(caplog)
+    assert line == ("shutdown", "1")
     assert p.server.parked_connections == 0
 
 
