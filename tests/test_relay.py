@@ -46,8 +46,8 @@ from helpers.upstream_server import (
 )
 
 from dualproxy.config.errors import OperatorError
-from dualproxy.http.exchange import ALLOWED_METHODS
-from dualproxy.http.relay import DEADLINE_SLACK, DEPARTURE_CHECK_SECONDS, Departures
+from dualproxy.http.exchange import ALLOWED_METHODS, DEADLINE_SLACK
+from dualproxy.http.relay import DEPARTURE_CHECK_SECONDS, Departures
 from dualproxy.serve import closing, parking
 from dualproxy.serve import server as server_module
 from dualproxy.serve.parking import PARK_AFTER, PARK_SWEEP

@@ -124,6 +124,7 @@ __all__ = [
     "ALLOWED_METHODS",
     "CLIENT_CLOSED_MID_REQUEST",
     "CLIENT_LEFT",
+    "DEADLINE_SLACK",
     "EARLY_ANSWER",
     "MAX_REQUESTS_PER_CONNECTION",
     "REPLAYABLE_METHODS",
@@ -193,6 +194,11 @@ class Wait(enum.IntEnum):
     UPSTREAM_BODY = 7  # each read of the response body
 
 
+# How much later than its deadline a wait may be allowed to end, in seconds, so that a wait
+# following another within this long keeps the deadline already set (both drivers' `_bound`;
+# see docs/performance.md). So an inactivity timeout may end a wait up to this much early,
+# never late; nginx does the same with its timers (NGX_TIMER_LAZY_DELAY, 300 ms).
+DEADLINE_SLACK: Final = 0.3
 # The setting (a `config.Limits` field) that bounds each wait.
 WAIT_BOUNDS: Final[Mapping[Wait, str]] = MappingProxyType(
     {

@@ -71,6 +71,7 @@ from dualproxy.config.names import IPAddress
 from dualproxy.http.body import END
 from dualproxy.http.errors import HttpRefusal
 from dualproxy.http.exchange import (
+    DEADLINE_SLACK,
     EARLY_ANSWER,
     ClientSide,
     Cut,
@@ -87,7 +88,6 @@ from dualproxy.http.h2limits import FloodGuard
 from dualproxy.http.heads import HeadLimits, ResponseHead
 from dualproxy.http.lifecycle import Drain
 from dualproxy.http.local import Endpoint, LocalRequest, LocalRoutes
-from dualproxy.http.relay import DEADLINE_SLACK
 from dualproxy.http.rewrite import ClientPeer, ForwardingRules, client_response_headers
 from dualproxy.http.upstream import UpstreamConnection, UpstreamPool
 from dualproxy.tls.streams import RECEIVE_SIZE

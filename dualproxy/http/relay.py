@@ -67,6 +67,7 @@ from dualproxy.http.errors import HttpRefusal
 from dualproxy.http.exchange import (
     CLIENT_CLOSED_MID_REQUEST,
     CLIENT_LEFT,
+    DEADLINE_SLACK,
     EARLY_ANSWER,
     MAX_REQUESTS_PER_CONNECTION,
     ClientSide,
@@ -100,7 +101,6 @@ if TYPE_CHECKING:
 # What the server uses: the connection, its settings and record, and (from lifecycle) what
 # all connections share.
 __all__ = [
-    "DEADLINE_SLACK",
     "DEPARTURE_CHECK_SECONDS",
     "ClientConnection",
     "Departures",
@@ -109,11 +109,6 @@ __all__ = [
     "Tally",
 ]
 
-# How much later than its deadline a wait may be allowed to end, in seconds, so that a wait
-# following another within this long keeps the deadline already set (see
-# docs/performance.md). So an inactivity timeout may end a wait up to this much early, never
-# late; nginx does the same with its timers (NGX_TIMER_LAZY_DELAY, 300 ms).
-DEADLINE_SLACK: Final = 0.3
 # The interim answer to Expect: 100-continue, sent when we start reading the body.
 _CONTINUE: Final = response_head(HTTPStatus.CONTINUE, b"Continue", [])
 
